@@ -1,0 +1,121 @@
+"""Benchmarks (figures for the README, not tests).
+
+    python benchmark.py ssd        # ssd_chunked vs ssd_recurrent vs ssd_quadratic: time and peak memory over the
+                                   # length, on the CPU (or --device cuda)
+
+Peak memory on the CPU is read from the operating system (ru_maxrss) in a fresh subprocess per measurement, minus
+what the process held before the call, so each number is the working memory of that one computation.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import ssd as S
+
+
+def _ssd_inputs(l, b, h, p, g, n, device):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, l, h, p, generator=gen)
+    dt = torch.nn.functional.softplus(torch.randn(b, l, h, generator=gen) - 2)
+    A = -torch.rand(h, generator=gen) - 0.5
+    B = torch.randn(b, l, g, n, generator=gen)
+    C = torch.randn(b, l, g, n, generator=gen)
+    return [t.to(device) for t in (x, dt, A, B, C)]
+
+
+def _measure_ssd_once(method, l, b, h, p, g, n, chunk, device, repeats):
+    """Runs in a subprocess: prints {"seconds", "peak_mb"} as JSON."""
+    torch.set_num_threads(torch.get_num_threads())
+    inputs = _ssd_inputs(l, b, h, p, g, n, device)
+    fn = {"chunked": lambda: S.ssd_chunked(*inputs, chunk),
+          "recurrent": lambda: S.ssd_recurrent(*inputs),
+          "quadratic": lambda: S.ssd_quadratic(*inputs)}[method]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        fn()
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps({"seconds": min(times), "peak_mb": max(peak, 0) / 2 ** 20}))
+
+
+def bench_ssd(args):
+    shape = dict(b=1, h=args.heads, p=args.headdim, g=1, n=args.d_state, chunk=args.chunk_size)
+    print(f"SSD on {args.device} ({torch.get_num_threads()} threads): b=1, h={args.heads}, p={args.headdim}, "
+          f"n={args.d_state}, chunk={args.chunk_size}, fp32; best of {args.repeats} (recurrent: 1 run)")
+    print(f"| l | chunked s | recurrent s | quadratic s | chunked MB | recurrent MB | quadratic MB | "
+          f"recurrent / chunked |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = {}
+    for l in args.lengths:
+        row = {}
+        for method in ("chunked", "recurrent", "quadratic"):
+            if method == "quadratic" and l > args.max_quadratic:
+                continue
+            repeats = 1 if method == "recurrent" else args.repeats
+            cmd = [sys.executable, __file__, "_ssd_once", method, str(l), json.dumps(shape), args.device,
+                   str(repeats)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                row[method] = None
+                print(f"  ({method} at l={l} failed: {out.stderr.strip().splitlines()[-1]})", file=sys.stderr)
+                continue
+            row[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows[l] = row
+
+        def cell(m, k, fmt):
+            return format(row[m][k], fmt) if row.get(m) else "-"
+        ratio = (f"{row['recurrent']['seconds'] / row['chunked']['seconds']:.0f}x"
+                 if row.get("recurrent") and row.get("chunked") else "-")
+        print(f"| {l} | {cell('chunked', 'seconds', '.4f')} | {cell('recurrent', 'seconds', '.3f')} | "
+              f"{cell('quadratic', 'seconds', '.4f')} | {cell('chunked', 'peak_mb', '.0f')} | "
+              f"{cell('recurrent', 'peak_mb', '.0f')} | {cell('quadratic', 'peak_mb', '.0f')} | {ratio} |",
+              flush=True)
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_ssd_once":  # internal: one measurement in a fresh process
+        method, l, shape, device, repeats = argv[1:]
+        shape = json.loads(shape)
+        chunk = shape.pop("chunk")
+        return _measure_ssd_once(method, int(l), **shape, chunk=chunk, device=device, repeats=int(repeats))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("ssd", help="the three SSD forms: time and peak memory against the length")
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--max-quadratic", type=int, default=4096, help="skip the quadratic form above this length")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--d-state", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.what == "ssd":
+        bench_ssd(args)
+
+
+if __name__ == "__main__":
+    main()

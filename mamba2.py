@@ -1,0 +1,475 @@
+"""The Mamba-2 language model: config, block, LM head, fixed-size decoding cache, generation, public checkpoints.
+
+The Mamba-2 block (Mamba-2 paper, Fig. 2 left; ML-Mamba section 3.1):
+    in_proj(u) -> z, xBC, dt                     one projection, split
+    xBC = SiLU(causal depthwise conv1d(xBC))      kernel d_conv, over time
+    x, B, C = split(xBC)                          B, C shared by the heads of a group
+    dt = softplus(dt + dt_bias),  A = -exp(A_log) fp32
+    y = SSD(x, dt, A, B, C) + D x                 ssd.py (eq. 3 with A_bar = exp(dt A), B_bar = dt B)
+    y = RMSNorm(y * SiLU(z))                      gated norm, per group
+    out_proj(y)
+Blocks are pre-norm residual (x + mixer(RMSNorm(x))), the residual stream in fp32; a final RMSNorm and the LM head
+(tied to the embedding in the public checkpoints) give the logits.
+
+Decoding keeps, per layer, the last d_conv - 1 conv inputs and the SSM state (h, p, n): a fixed size whatever the
+length, so each new token costs O(1) time and memory.
+
+Checkpoints: `Mamba2LMHeadModel.from_pretrained` reads both public layouts, state-spaces/mamba2-* (mamba_ssm names)
+and HF transformers' Mamba2; `checkpoint_key_map` spells out where every tensor lands.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ssd import ssd, ssd_step
+from weights import (CheckpointError, match_tensors, read_config, read_tensors, resolve_folder, save_safetensors,
+                     write_json)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Mamba2Config:
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277  # GPT-NeoX-20B's tokenizer
+    d_state: int = 128  # n
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64  # p
+    ngroups: int = 1  # g
+    chunk_size: int = 256
+    norm_eps: float = 1e-5
+    pad_vocab_size_multiple: int = 16  # the embedding has vocab_size rounded up to this
+    tie_embeddings: bool = True
+    residual_in_fp32: bool = True
+    bias: bool = False  # in_proj / out_proj bias
+    conv_bias: bool = True
+    dt_limit: tuple = (0.0, float("inf"))
+    # initialisation of a fresh model (as mamba_ssm)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple = (1.0, 16.0)
+
+    @property
+    def d_inner(self):
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self):
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self):  # channels of the causal conv: x, B and C
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @property
+    def padded_vocab_size(self):
+        m = self.pad_vocab_size_multiple
+        return math.ceil(self.vocab_size / m) * m
+
+    def __post_init__(self):
+        self.dt_limit = tuple(self.dt_limit)
+        self.A_init_range = tuple(self.A_init_range)
+        if self.d_inner % self.headdim:
+            raise ValueError(f"expand * d_model ({self.d_inner}) must be a multiple of headdim ({self.headdim})")
+        if self.nheads % self.ngroups:
+            raise ValueError(f"nheads ({self.nheads}) must be a multiple of ngroups ({self.ngroups})")
+
+    def to_dict(self):
+        d = asdict(self)
+        d["dt_limit"] = list(self.dt_limit)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown Mamba2Config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+# The public state-spaces/mamba2-* sizes (Mamba-2 paper, Table 10; d_state 128, headdim 64, expand 2, ngroups 1).
+MAMBA2_PRESETS = {
+    "130m": dict(d_model=768, n_layer=24),
+    "370m": dict(d_model=1024, n_layer=48),
+    "780m": dict(d_model=1536, n_layer=48),
+    "1.3b": dict(d_model=2048, n_layer=48),
+    "2.7b": dict(d_model=2560, n_layer=64),
+}
+
+
+def mamba2_preset(name, **overrides):
+    if name not in MAMBA2_PRESETS:
+        raise ValueError(f"unknown Mamba-2 size {name!r}: choose one of {', '.join(MAMBA2_PRESETS)}")
+    return Mamba2Config(**{**MAMBA2_PRESETS[name], **overrides})
+
+
+def _json_float(v):
+    """transformers >= 5 writes non-finite floats as {"__float__": "Infinity"}; older versions as Infinity."""
+    return float(v["__float__"]) if isinstance(v, dict) else float(v)
+
+
+def config_from_checkpoint(cfg):
+    """(Mamba2Config, layout) from a checkpoint's config.json; layout is "state-spaces" or "hf"."""
+    if "d_model" in cfg and "n_layer" in cfg:  # mamba_ssm's MambaConfig
+        ssm = cfg.get("ssm_cfg", {})
+        if ssm.get("layer", "Mamba1") != "Mamba2":
+            raise CheckpointError("this is a Mamba-1 checkpoint (ssm_cfg.layer is not 'Mamba2'); use a mamba2-* one")
+        if cfg.get("d_intermediate", 0) or cfg.get("attn_layer_idx") or not cfg.get("rms_norm", True):
+            raise CheckpointError("hybrid checkpoints (MLP or attention layers, or LayerNorm) are not supported: "
+                                  "d_intermediate must be 0, attn_layer_idx empty, rms_norm true")
+        if ssm.get("D_has_hdim") or not ssm.get("rmsnorm", True) or ssm.get("norm_before_gate"):
+            raise CheckpointError("unsupported Mamba2 options in ssm_cfg (D_has_hdim, rmsnorm=false or "
+                                  "norm_before_gate=true)")
+        config = Mamba2Config(
+            d_model=cfg["d_model"], n_layer=cfg["n_layer"], vocab_size=cfg["vocab_size"],
+            pad_vocab_size_multiple=cfg.get("pad_vocab_size_multiple", 8),
+            tie_embeddings=cfg.get("tie_embeddings", True), residual_in_fp32=cfg.get("residual_in_fp32", True),
+            d_state=ssm.get("d_state", 128), d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2),
+            headdim=ssm.get("headdim", 64), ngroups=ssm.get("ngroups", 1), chunk_size=ssm.get("chunk_size", 256),
+            bias=ssm.get("bias", False), conv_bias=ssm.get("conv_bias", True),
+            dt_limit=tuple(_json_float(v) for v in ssm.get("dt_limit", (0.0, float("inf")))))
+        return config, "state-spaces"
+    if cfg.get("model_type") == "mamba2" or "num_heads" in cfg:  # transformers' Mamba2Config
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+        if cfg["num_heads"] * cfg["head_dim"] != cfg["expand"] * cfg["hidden_size"]:
+            raise CheckpointError(f"config.json: num_heads * head_dim ({cfg['num_heads'] * cfg['head_dim']}) must "
+                                  f"equal expand * hidden_size ({cfg['expand'] * cfg['hidden_size']})")
+        config = Mamba2Config(
+            d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"], vocab_size=cfg["vocab_size"],
+            pad_vocab_size_multiple=1,  # HF's vocab_size is already the embedding's size
+            tie_embeddings=cfg.get("tie_word_embeddings", False), residual_in_fp32=cfg.get("residual_in_fp32", True),
+            d_state=cfg["state_size"], d_conv=cfg["conv_kernel"], expand=cfg["expand"], headdim=cfg["head_dim"],
+            ngroups=cfg["n_groups"], chunk_size=cfg.get("chunk_size", 256), norm_eps=cfg["layer_norm_epsilon"],
+            bias=cfg.get("use_bias", False), conv_bias=cfg.get("use_conv_bias", True),
+            dt_limit=tuple(_json_float(v) for v in cfg.get("time_step_limit", (0.0, float("inf")))))
+        return config, "hf"
+    raise CheckpointError("config.json is neither a state-spaces Mamba-2 config (d_model, n_layer, ssm_cfg) nor a "
+                          "transformers Mamba2 config (model_type 'mamba2')")
+
+
+def checkpoint_key_map(config, layout):
+    """Our parameter name -> the checkpoint's name of the same tensor, for every tensor of the model.
+
+    The two public layouts differ only in the embedding's name; mixer tensors keep their names:
+      in_proj.weight  (2 d_inner + 2 g n + h, d_model)  rows in the order [z, x, B, C, dt]
+      conv1d.weight   (conv_dim, 1, d_conv), conv1d.bias (conv_dim,)
+      dt_bias, A_log, D  (h,)
+      norm.weight     (d_inner,)  the gated RMSNorm
+      out_proj.weight (d_model, d_inner)
+    """
+    embedding = {"state-spaces": "backbone.embedding.weight", "hf": "backbone.embeddings.weight"}[layout]
+    names = {"embedding.weight": embedding, "norm_f.weight": "backbone.norm_f.weight"}
+    mixer = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"]
+    if config.conv_bias:
+        mixer.append("conv1d.bias")
+    if config.bias:
+        mixer += ["in_proj.bias", "out_proj.bias"]
+    for i in range(config.n_layer):
+        names[f"layers.{i}.norm.weight"] = f"backbone.layers.{i}.norm.weight"
+        for t in mixer:
+            names[f"layers.{i}.mixer.{t}"] = f"backbone.layers.{i}.mixer.{t}"
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in the weight's dtype.
+
+    group_size < dim normalizes each group of that many channels on its own (Mamba-2's gated norm, one per group,
+    so the norm splits along heads like the rest of the block). With `gate`, the input is x * SiLU(gate) first.
+    """
+
+    def __init__(self, dim, eps=1e-5, group_size=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.group_size = group_size or dim
+
+    def forward(self, x, gate=None):
+        x = x.float()
+        if gate is not None:
+            x = x * F.silu(gate.float())
+        xg = x.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xg.flatten(-2) * self.weight.float()).to(self.weight.dtype)
+
+
+@dataclass
+class LayerCache:
+    """One layer's decoding state; its size does not depend on the sequence length."""
+    conv_state: torch.Tensor  # (b, conv_dim, d_conv - 1): the last conv inputs, in the model's dtype
+    ssm_state: torch.Tensor  # (b, h, p, n), fp32
+
+
+@dataclass
+class Mamba2Cache:
+    layers: list = field(default_factory=list)
+    seqlen_offset: int = 0  # tokens consumed so far
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 block's mixer (Fig. 2 left), mapping (b, l, d_model) -> (b, l, d_model).
+
+    With a `LayerCache` it continues from the cached conv inputs and SSM state and updates them in place: a
+    prompt of any length (chunked scan from the cached state) or one token (`ssd_step`).
+    """
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        c = self.config = config
+        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + c.nheads, bias=c.bias)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(c.nheads))
+        self.A_log = nn.Parameter(torch.empty(c.nheads))
+        self.D = nn.Parameter(torch.empty(c.nheads))
+        self.norm = RMSNorm(c.d_inner, eps=c.norm_eps, group_size=c.d_inner // c.ngroups)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """mamba_ssm's init: dt log-uniform in [dt_min, dt_max] stored as softplus^-1(dt); A uniform in
+        A_init_range stored as log; D = 1."""
+        c = self.config
+        if self.dt_bias.is_meta:
+            return
+        dt = torch.exp(torch.rand(c.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
+        self.A_log.copy_(torch.log(torch.empty(c.nheads).uniform_(*c.A_init_range)))
+        self.D.fill_(1.0)
+
+    def causal_conv(self, xBC, cache):
+        """Depthwise causal conv over time + SiLU. xBC (b, l, conv_dim) -> (b, l, conv_dim)."""
+        k = self.config.d_conv
+        xBC = xBC.transpose(1, 2)  # (b, conv_dim, l)
+        past = cache.conv_state if cache is not None else xBC.new_zeros(xBC.shape[0], xBC.shape[1], k - 1)
+        window = torch.cat([past.to(xBC.dtype), xBC], dim=-1)  # (b, conv_dim, k - 1 + l)
+        if cache is not None:
+            cache.conv_state.copy_(window[..., -(k - 1):])
+        out = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.config.conv_dim)
+        return F.silu(out).transpose(1, 2)
+
+    def forward(self, u, cache=None):
+        c = self.config
+        b, l, _ = u.shape
+        z, xBC, dt = self.in_proj(u).split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
+        xBC = self.causal_conv(xBC, cache)
+        x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        x = x.unflatten(-1, (c.nheads, c.headdim))  # (b, l, h, p)
+        B = B.unflatten(-1, (c.ngroups, c.d_state))  # (b, l, g, n)
+        C = C.unflatten(-1, (c.ngroups, c.d_state))
+        # dt and A in fp32 on purpose: exp(dt A) of small steps loses everything in bf16
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
+        if c.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(*c.dt_limit)
+        A = -torch.exp(self.A_log.float())  # (h,)
+        D = self.D.float()
+
+        if cache is not None and l == 1:
+            y, new_state = ssd_step(cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+            y = y[:, None]
+        else:
+            y, new_state = ssd(x, dt, A, B, C, c.chunk_size, D,
+                               initial_state=cache.ssm_state if cache is not None else None)
+        if cache is not None:
+            cache.ssm_state.copy_(new_state)
+        y = self.norm(y.flatten(-2), gate=z)  # RMSNorm(y * SiLU(z)), (b, l, d_inner)
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+
+class Mamba2Block(nn.Module):
+    """Pre-norm residual block: x + Mixer(RMSNorm(x)); the residual stream stays in fp32 if configured."""
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer = Mamba2Mixer(config)
+
+    def forward(self, residual, cache=None):
+        return residual + self.mixer(self.norm(residual), cache)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """logits (b, vocab) -> token ids (b,). temperature <= 0 is greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The language model
+# ----------------------------------------------------------------------------------------------------------------
+
+class Mamba2LMHeadModel(nn.Module):
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList([Mamba2Block(config) for _ in range(config.n_layer)])
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self._init_weights()
+
+    def tie_weights(self):
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    @torch.no_grad()
+    def _init_weights(self):
+        self.tie_weights()
+        if self.embedding.weight.is_meta:
+            return
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        for layer in self.layers:  # GPT-2 style: keep the residual stream's variance from growing with depth
+            layer.mixer.out_proj.weight.mul_(1 / math.sqrt(self.config.n_layer))
+
+    def allocate_cache(self, batch_size, device=None, dtype=None):
+        c = self.config
+        w = self.embedding.weight
+        device, dtype = device or w.device, dtype or w.dtype
+        layers = [LayerCache(torch.zeros(batch_size, c.conv_dim, c.d_conv - 1, device=device, dtype=dtype),
+                             torch.zeros(batch_size, c.nheads, c.headdim, c.d_state, device=device,
+                                         dtype=torch.float32))
+                  for _ in range(c.n_layer)]
+        return Mamba2Cache(layers)
+
+    def forward(self, input_ids=None, inputs_embeds=None, cache=None, num_last_tokens=0):
+        """input_ids (b, l) or inputs_embeds (b, l, d_model) -> logits (b, l, padded_vocab) in fp32.
+
+        cache: a Mamba2Cache to continue from and update (decoding). num_last_tokens > 0 computes the logits of
+        only the last positions (a prefill needs one).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = x.float() if self.config.residual_in_fp32 else x
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and cache is None:
+                residual = checkpoint(layer, residual, use_reentrant=False)
+            else:
+                residual = layer(residual, layer_cache)
+        if cache is not None:
+            cache.seqlen_offset += x.shape[1]
+        if num_last_tokens > 0:
+            residual = residual[:, -num_last_tokens:]
+        return self.lm_head(self.norm_f(residual)).float()
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
+                 eos_token_id=None, generator=None, on_token=None):
+        """Prefill the prompt once, then decode one token per step from the fixed-size cache.
+
+        Returns the new tokens (b, <= max_new_tokens); a sequence that emitted eos_token_id is padded with it and
+        generation stops when all have. on_token(tokens (b,)) is called after each step (streaming).
+        """
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        cache = self.allocate_cache(prompt.shape[0], device=prompt.device)
+        logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, num_last_tokens=1)[:, -1]
+        finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        out = []
+        for _ in range(max_new_tokens):
+            logits = logits[:, :self.config.vocab_size]  # never sample the padding rows of the vocabulary
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if eos_token_id is not None and finished.all():
+                break
+            logits = self(input_ids=token[:, None], cache=cache)[:, -1]
+        return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0, dtype=torch.long)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """Load a public Mamba-2 checkpoint: a local folder (config.json + model.safetensors, shards, or
+        pytorch_model.bin) in the state-spaces or the transformers layout, or a hub repo id (needs huggingface_hub
+        and the network)."""
+        folder = resolve_folder(path, allow_patterns=["config.json", "*.safetensors", "*.json", "*.bin"])
+        config, layout = config_from_checkpoint(read_config(folder))
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight" or
+                    not config.tie_embeddings}
+        state = match_tensors(expected, read_tensors(folder), checkpoint_key_map(config, layout),
+                              ignore={"lm_head.weight"} if config.tie_embeddings else (),
+                              source=f"Mamba-2 checkpoint {folder} ({layout} layout)")
+        model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
+        model.tie_weights()
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, folder):
+        """Save in the state-spaces layout (config.json + model.safetensors with mamba_ssm's names)."""
+        c = self.config
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        key_map = checkpoint_key_map(c, "state-spaces")
+        state = self.state_dict()
+        save_safetensors({ck: state[ours] for ours, ck in key_map.items()}, folder / "model.safetensors")
+        ssm_cfg = dict(layer="Mamba2", d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, headdim=c.headdim,
+                       ngroups=c.ngroups, chunk_size=c.chunk_size, bias=c.bias, conv_bias=c.conv_bias)
+        if c.dt_limit != (0.0, float("inf")):
+            ssm_cfg["dt_limit"] = list(c.dt_limit)
+        write_json(dict(d_model=c.d_model, d_intermediate=0, n_layer=c.n_layer, vocab_size=c.vocab_size,
+                        ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
+                        residual_in_fp32=c.residual_in_fp32, fused_add_norm=True,
+                        pad_vocab_size_multiple=c.pad_vocab_size_multiple, tie_embeddings=c.tie_embeddings),
+                   folder / "config.json")
+
+
+def load_tokenizer(path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or a folder holding one.
+
+    The public Mamba-2 checkpoints use GPT-NeoX-20B's tokenizer, which their repos do not ship: take tokenizer.json
+    from EleutherAI/gpt-neox-20b.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}; Mamba-2 uses GPT-NeoX-20B's tokenizer: put "
+                                "EleutherAI/gpt-neox-20b's tokenizer.json there")
+    return Tokenizer.from_file(str(file))

@@ -1,0 +1,284 @@
+"""State space models and the SSD layer of Mamba-2, in plain PyTorch.
+
+What is here, in reading order (ML-Mamba paper, arXiv 2407.19832, section 3.1; Mamba-2 paper, arXiv 2405.21060):
+
+1. The continuous SSM (eq. 1)     h'(t) = A h(t) + B x(t),  y(t) = C h(t)
+   and its zero-order-hold discretization (eq. 2)
+        A_bar = exp(dA),  B_bar = (dA)^-1 (exp(dA) - I) dB          (d = the step size delta)
+   giving the recurrence (eq. 3)  h_t = A_bar h_{t-1} + B_bar x_t,  y_t = C h_t.
+2. For a time-invariant SSM the recurrence is a causal convolution (eq. 4)
+        K = (C B_bar, C A_bar B_bar, ..., C A_bar^(L-1) B_bar),  y = x * K.
+3. The selective SSM of Mamba-2 (SSD): A is a scalar per head, dt, B, C depend on the input,
+        h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T,   y_t = C_t h_t + D x_t          (state h: (p, n) per head)
+   computed three ways that must agree:
+   - `ssd_recurrent`: the loop above (the reference; one `ssd_step` per token),
+   - `ssd_quadratic`: the dual, attention-like form y = (L o C B^T) (dt x), L the 1-semiseparable decay mask,
+   - `ssd_chunked`:   the chunked SSD algorithm (Mamba-2 paper, listing 1, "ssd_minimal"): quadratic inside each
+                      chunk, a recurrence over chunk states between chunks. Linear in the length.
+4. `ssd_step`: one decoding step, O(1) in the length; `ssd`: what the model calls, which picks mamba-ssm's Triton
+   kernel when it is installed and the tensors are on CUDA, and `ssd_chunked` otherwise.
+
+Shapes follow mamba-ssm: x (b, l, h, p), dt (b, l, h) already positive, A (h,) negative, B and C (b, l, g, n) with
+h % g == 0 (head i reads group i // (h // g)), D (h,), state (b, h, p, n).
+Numerics: dt, A, the segment sums, the exponentials and the state are computed in fp32 (fp64 inputs stay fp64).
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Zero-order-hold discretization (eq. 2)
+# ----------------------------------------------------------------------------------------------------------------
+
+def zoh_discretize(A, B, delta):
+    """Paper eq. 2: A_bar = exp(delta A),  B_bar = (delta A)^-1 (exp(delta A) - I) delta B.
+
+    A: a full (N, N) matrix, a diagonal given as its (N,) entries, or a scalar (0-d tensor or float).
+    B: (N,) or (N, M).  delta: a positive scalar.
+    Returns (A_bar, B_bar) with A_bar shaped like A and B_bar shaped like B.
+
+    Stable as delta A -> 0: the factor phi(z) = (exp(z) - 1) / z tends to 1 (diagonal case: expm1(z) / z, with the
+    limit used where |z| is tiny; full case: its Taylor series when ||delta A|| is small, a linear solve otherwise).
+
+    Mamba-2 keeps A_bar = exp(dt A) exactly but replaces B_bar by the first-order approximation dt B
+    (phi(dt A) ~ 1), which is what `ssd_step` and the SSD functions below use.
+    """
+    A = torch.as_tensor(A)
+    B = torch.as_tensor(B, dtype=A.dtype if A.is_floating_point() else None)
+    dtype = torch.promote_types(A.dtype, B.dtype)
+    A, B = A.to(dtype), B.to(dtype)
+    dA, dB = delta * A, delta * B
+
+    if A.dim() == 2:  # full matrix: phi(dA) = (dA)^-1 (exp(dA) - I)
+        N = A.shape[0]
+        eye = torch.eye(N, dtype=dtype)
+        A_bar = torch.linalg.matrix_exp(dA)
+        if torch.linalg.matrix_norm(dA, ord=1) < 1e-2:
+            # Taylor series phi(z) = sum_k z^k / (k+1)!  (avoids solving with a nearly singular dA)
+            phi, term = eye.clone(), eye.clone()
+            for k in range(1, 12):
+                term = term @ dA / (k + 1)
+                phi = phi + term
+        else:
+            phi = torch.linalg.solve(dA, A_bar - eye)
+        return A_bar, phi @ dB
+
+    # diagonal (N,) or scalar (): everything is elementwise
+    A_bar = torch.exp(dA)
+    tiny = dA.abs() < 1e-8
+    phi = torch.where(tiny, 1.0 + dA / 2, torch.expm1(dA) / torch.where(tiny, torch.ones_like(dA), dA))
+    if B.dim() == 2 and phi.dim() == 1:
+        phi = phi[:, None]  # (N, 1) scales each row of the (N, M) input matrix
+    return A_bar, phi * dB
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The SSM convolution kernel (eq. 4) of a time-invariant, single-input single-output SSM
+# ----------------------------------------------------------------------------------------------------------------
+
+def ssm_conv_kernel(A_bar, B_bar, C, length):
+    """Eq. 4: K = (C B_bar, C A_bar B_bar, ..., C A_bar^(length-1) B_bar), shape (length,).
+
+    A_bar: (N, N) or its diagonal (N,); B_bar, C: (N,).
+    """
+    K = []
+    v = B_bar  # A_bar^k B_bar, (N,)
+    for _ in range(length):
+        K.append(C @ v)
+        v = A_bar @ v if A_bar.dim() == 2 else A_bar * v
+    return torch.stack(K)
+
+
+def ssm_conv(x, K):
+    """Causal convolution y_t = sum_{k=0..t} K_k x_{t-k}, along the last axis of x (..., L); K (L,).
+
+    Computed with the FFT (zero-padded to 2L so the circular convolution is the linear one), as S4 does.
+    """
+    L = x.shape[-1]
+    n = 2 * L
+    y = torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(K, n=n), n=n)
+    return y[..., :L]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Selective SSD
+# ----------------------------------------------------------------------------------------------------------------
+
+def _compute_dtype(x):
+    """fp32 inside, or fp64 when the inputs are fp64 (the float64 reference in the tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _heads_from_groups(B, nheads):
+    """(..., g, n) -> (..., h, n): head i reads group i // (h // g), as in mamba-ssm."""
+    g = B.shape[-2]
+    if nheads % g:
+        raise ValueError(f"the number of heads ({nheads}) must be a multiple of the number of groups ({g})")
+    return B.repeat_interleave(nheads // g, dim=-2)
+
+
+def segsum(x):
+    """Segment sums: x (..., T) -> (..., T, T) with out[..., i, j] = x_{j+1} + ... + x_i for i >= j, -inf above.
+
+    exp(segsum(dt A)) is the 1-semiseparable mask L of the dual form: L[i, j] = prod_{k=j+1..i} exp(dt_k A).
+    Built by a masked cumulative sum rather than cumsum[i] - cumsum[j], which would lose precision to cancellation.
+    """
+    T = x.shape[-1]
+    x = x[..., None].expand(*x.shape, T)  # (..., T, T): x[..., i, j] = x_i
+    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~strictly_lower, 0)
+    out = torch.cumsum(x, dim=-2)  # out[i, j] = sum_{j < k <= i} x_k
+    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
+    return out.masked_fill(~lower, float("-inf"))
+
+
+def ssd_step(state, x, dt, A, B, C, D=None):
+    """One step of the selective SSM (the recurrence, eq. 3 with Mamba-2's A_bar = exp(dt A), B_bar = dt B).
+
+    state (b, h, p, n); x (b, h, p); dt (b, h) positive; A (h,); B, C (b, g, n); D (h,) or None.
+    Returns (y (b, h, p) in x's dtype, new_state (b, h, p, n) in state's dtype).
+    """
+    f = torch.promote_types(_compute_dtype(x), state.dtype)
+    h = x.shape[1]
+    xf, dtf = x.to(f), dt.to(f)
+    Bh, Ch = _heads_from_groups(B, h).to(f), _heads_from_groups(C, h).to(f)  # (b, h, n)
+    dA = torch.exp(dtf * A.to(f))  # (b, h)  A_bar = exp(dt A)
+    new_state = state.to(f) * dA[:, :, None, None] + (dtf[:, :, None] * xf)[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)  # y_t = C_t h_t
+    if D is not None:
+        y = y + D.to(f)[:, None] * xf
+    return y.to(x.dtype), new_state.to(state.dtype)
+
+
+def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None):
+    """The sequential recurrence, one `ssd_step` per position: the reference the other forms must equal.
+
+    Returns (y (b, l, h, p), final_state (b, h, p, n) in fp32, or fp64 for fp64 inputs).
+    """
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    f = _compute_dtype(x)
+    state = torch.zeros(b, h, p, n, dtype=f, device=x.device) if initial_state is None else initial_state.to(f)
+    ys = []
+    for t in range(l):
+        y_t, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y_t)
+    return torch.stack(ys, dim=1), state
+
+
+def ssd_quadratic(x, dt, A, B, C, D=None):
+    """The dual (attention-like) form: y = (L o C B^T) (dt x) + D x, with zero initial state.
+
+    L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t, 0 above the diagonal (1-semiseparable).
+    Quadratic in the length: (b, h, l, l) scores. Returns y (b, l, h, p).
+    """
+    h = x.shape[2]
+    f = _compute_dtype(x)
+    xf, dtf = x.to(f), dt.to(f)
+    Bh, Ch = _heads_from_groups(B, h).to(f), _heads_from_groups(C, h).to(f)  # (b, l, h, n)
+    L = torch.exp(segsum((dtf * A.to(f)).transpose(1, 2)))  # (b, h, l, l)
+    scores = torch.einsum("bthn,bshn->bhts", Ch, Bh)  # C_t . B_s  (b, h, l, l)
+    y = torch.einsum("bhts,bshp->bthp", L * scores, xf * dtf[..., None])
+    if D is not None:
+        y = y + D.to(f)[:, None] * xf
+    return y.to(x.dtype)
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """The chunked SSD algorithm (Mamba-2 paper, listing 1), for any length l.
+
+    The sequence is cut into chunks of Q = chunk_size positions (the last one zero-padded: dt = 0 there, so the
+    padding neither decays nor feeds the state). Then, with c chunks:
+      1. diagonal blocks: inside each chunk, the quadratic form (L o C B^T) (dt x);
+      2. chunk states: the state each chunk would leave behind starting from zero;
+      3. inter-chunk recurrence: a scan over the c chunk states (itself a tiny SSD of length c + 1);
+      4. state -> output: each chunk's incoming state read out by C, decayed to every position.
+    Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32, or fp64 for fp64 inputs).
+    """
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    f = _compute_dtype(x)
+    Q = chunk_size
+    pad = (-l) % Q
+    c = (l + pad) // Q
+
+    xf, dtf = x.to(f), dt.to(f)
+    Bh, Ch = _heads_from_groups(B, h).to(f), _heads_from_groups(C, h).to(f)  # (b, l, h, n)
+    if pad:
+        xf, Bh, Ch = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bh, Ch))
+        dtf = F.pad(dtf, (0, 0, 0, pad))
+
+    # head-major chunks, so that every product below is a plain batched matmul over (b, h, c)
+    def chunks(t):  # (b, l, h, k) -> (b, h, c, Q, k)
+        return t.reshape(b, c, Q, h, -1).permute(0, 3, 1, 2, 4).contiguous()
+    X = chunks(xf * dtf[..., None])  # dt_s x_s  (b, h, c, Q, p)
+    Bc, Cc = chunks(Bh), chunks(Ch)  # (b, h, c, Q, n)
+    logA = (dtf * A.to(f)).reshape(b, c, Q, h).permute(0, 3, 1, 2)  # log A_bar_t = dt_t A  (b, h, c, Q)
+    logA_cs = torch.cumsum(logA, dim=-1)  # (b, h, c, Q)
+
+    # 1. diagonal blocks (intra-chunk outputs): (L o C B^T) X inside each chunk
+    L = torch.exp(segsum(logA))  # (b, h, c, Q, Q)
+    Y_diag = (L * (Cc @ Bc.transpose(-1, -2))) @ X  # (b, h, c, Q, p)
+
+    # 2. chunk states: sum_s exp(A over (s, end of chunk]) (dt_s x_s) B_s^T
+    decay_to_end = torch.exp(logA_cs[..., -1:] - logA_cs)  # (b, h, c, Q)
+    states = X.transpose(-1, -2) @ (Bc * decay_to_end[..., None])  # (b, h, c, p, n)
+
+    # 3. inter-chunk recurrence over chunk boundaries (state in fp32)
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, n, dtype=f, device=x.device)
+    states = torch.cat([initial_state.to(f)[:, :, None], states], dim=2)  # (b, h, c+1, p, n)
+    chunk_decay = torch.exp(segsum(F.pad(logA_cs[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    states = (chunk_decay @ states.flatten(-2)).unflatten(-1, (p, n))  # state entering each chunk, and the last
+    states, final_state = states[:, :, :-1], states[:, :, -1]
+
+    # 4. state -> output: C_t exp(A over (chunk start, t]) h_chunk_start
+    decay_from_start = torch.exp(logA_cs)  # (b, h, c, Q)
+    Y_off = (Cc @ states.transpose(-1, -2)) * decay_from_start[..., None]  # (b, h, c, Q, p)
+
+    y = (Y_diag + Y_off).reshape(b, h, c * Q, p).transpose(1, 2)[:, :l]  # (b, l, h, p)
+    if D is not None:
+        y = y + D.to(f)[:, None] * xf[:, :l]
+    return y.to(x.dtype), final_state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. The entry point the model calls: mamba-ssm's Triton kernel on CUDA when installed, ssd_chunked otherwise
+# ----------------------------------------------------------------------------------------------------------------
+
+# "auto" (default), "torch" (always ssd_chunked) or "mamba_ssm" (always the kernel; an error if it cannot run).
+# Set it here, per call with `backend=`, or with the environment variable MLMAMBA_SSD_BACKEND.
+SSD_BACKEND = os.environ.get("MLMAMBA_SSD_BACKEND", "auto")
+
+
+def _mamba_chunk_scan_combined():
+    """mamba-ssm's fused chunked scan, or None when mamba-ssm (and its Triton kernels) cannot be imported."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # ImportError, or a broken CUDA/Triton install
+        return None
+    return mamba_chunk_scan_combined
+
+
+def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, backend=None):
+    """The selective SSD over a whole sequence: returns (y (b, l, h, p), final_state (b, h, p, n), fp32).
+
+    backend: "auto" -> mamba-ssm's `mamba_chunk_scan_combined` if importable and x is on CUDA, else `ssd_chunked`;
+    "torch" -> `ssd_chunked`; "mamba_ssm" -> the kernel, or an error saying why it cannot run.
+    """
+    backend = backend or SSD_BACKEND
+    if backend not in ("auto", "torch", "mamba_ssm"):
+        raise ValueError(f"unknown SSD backend {backend!r}: use 'auto', 'torch' or 'mamba_ssm'")
+    kernel = None if backend == "torch" else _mamba_chunk_scan_combined()
+    if backend == "mamba_ssm" and (kernel is None or not x.is_cuda):
+        raise RuntimeError("SSD backend 'mamba_ssm' needs the mamba-ssm package importable and CUDA tensors "
+                           f"(mamba-ssm importable: {kernel is not None}, tensors on: {x.device}); "
+                           "use backend='torch' or 'auto'")
+    if kernel is not None and x.is_cuda:
+        y, final_state = kernel(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state,
+                                return_final_states=True)
+        return y, final_state.float()
+    return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)

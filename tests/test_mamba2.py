@@ -1,0 +1,250 @@
+"""The Mamba-2 LM: parity with transformers on tiny public-format checkpoints, cached decoding, loading errors."""
+
+import json
+
+import pytest
+import torch
+
+from mamba2 import (Mamba2Config, Mamba2LMHeadModel, checkpoint_key_map, load_tokenizer, mamba2_preset,
+                    sample_next_token)
+from weights import CheckpointError
+
+TINY = dict(d_model=32, n_layer=2, vocab_size=100, d_state=16, headdim=8, ngroups=2, chunk_size=16,
+            pad_vocab_size_multiple=16)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Mamba2LMHeadModel(Mamba2Config(**{**TINY, **kw})).eval()
+
+
+# ---------------------------------------------------------------- parity with transformers
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A tiny random transformers Mamba2ForCausalLM saved with save_pretrained (safetensors)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Mamba2Config(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_heads=8, head_dim=8,
+                                    expand=2, state_size=16, n_groups=2, conv_kernel=4, chunk_size=16,
+                                    tie_word_embeddings=False)
+    hf = transformers.Mamba2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial values for the tensors that init leaves at 1 or 0
+        for name, p in hf.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", "conv1d.bias", ".D")):
+                p.add_(0.3 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("hf_mamba2")
+    hf.save_pretrained(folder, safe_serialization=True)
+    return hf, folder
+
+
+def test_hf_checkpoint_loads_with_identical_logits(hf_checkpoint):
+    hf, folder = hf_checkpoint
+    assert (folder / "model.safetensors").is_file()
+    ours = Mamba2LMHeadModel.from_pretrained(folder).eval()
+    ids = torch.randint(0, 96, (2, 37))  # 37: not a multiple of chunk_size 16
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_state_spaces_layout_as_pytorch_model_bin_loads(hf_checkpoint, tmp_path):
+    """The same weights renamed to mamba_ssm's names, saved as pytorch_model.bin with a state-spaces config.json."""
+    hf, _ = hf_checkpoint
+    c = hf.config
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        d_model=c.hidden_size, d_intermediate=0, n_layer=c.num_hidden_layers, vocab_size=c.vocab_size,
+        ssm_cfg=dict(layer="Mamba2", d_state=c.state_size, d_conv=c.conv_kernel, expand=c.expand,
+                     headdim=c.head_dim, ngroups=c.n_groups, chunk_size=c.chunk_size),
+        attn_layer_idx=[], attn_cfg={}, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+        pad_vocab_size_multiple=16, tie_embeddings=False)))
+    ours = Mamba2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 96, (1, 21))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_cached_generation_matches(hf_checkpoint):
+    hf, folder = hf_checkpoint
+    ours = Mamba2LMHeadModel.from_pretrained(folder).eval()
+    ids = torch.randint(0, 96, (1, 19))
+    ref = hf.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, eos_token_id=None,
+                      pad_token_id=0)[:, 19:]
+    assert torch.equal(ours.generate(ids, max_new_tokens=12), ref)
+
+
+# ---------------------------------------------------------------- our own save / load and the state-spaces layout
+
+def test_save_pretrained_round_trip_in_state_spaces_layout(tmp_path):
+    model = tiny_model(seed=3, vocab_size=90)  # padded to 96 in the embedding
+    assert model.embedding.weight.shape == (96, 32)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["ssm_cfg"]["layer"] == "Mamba2" and cfg["vocab_size"] == 90 and cfg["tie_embeddings"]
+    loaded = Mamba2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight is loaded.embedding.weight  # tied again
+    ids = torch.randint(0, 90, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_key_map_lists_every_tensor():
+    model = tiny_model()
+    key_map = checkpoint_key_map(model.config, "state-spaces")
+    assert set(key_map) == set(model.state_dict()) - {"lm_head.weight"}  # tied: lm_head is the embedding
+    assert key_map["layers.1.mixer.A_log"] == "backbone.layers.1.mixer.A_log"
+    assert checkpoint_key_map(model.config, "hf")["embedding.weight"] == "backbone.embeddings.weight"
+
+
+def test_bad_checkpoints_fail_clearly(tmp_path):
+    model = tiny_model()
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(good / "model.safetensors"))
+
+    def variant(name, tensors):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((good / "config.json").read_text())
+        save_file(tensors, str(folder / "model.safetensors"))
+        return folder
+
+    missing = variant("missing", {k: v for k, v in sd.items() if k != "backbone.layers.1.mixer.D"})
+    with pytest.raises(CheckpointError, match=r"missing tensors: backbone\.layers\.1\.mixer\.D"):
+        Mamba2LMHeadModel.from_pretrained(missing)
+    extra = variant("extra", {**sd, "backbone.layers.7.mixer.D": torch.zeros(8)})
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: backbone\.layers\.7\.mixer\.D"):
+        Mamba2LMHeadModel.from_pretrained(extra)
+    shape = variant("shape", {**sd, "backbone.norm_f.weight": torch.ones(31)})
+    with pytest.raises(CheckpointError, match=r"backbone\.norm_f\.weight: expected \(32,\), found \(31,\)"):
+        Mamba2LMHeadModel.from_pretrained(shape)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_text((good / "config.json").read_text())
+    data = (good / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        Mamba2LMHeadModel.from_pretrained(truncated)
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        Mamba2LMHeadModel.from_pretrained(tmp_path / "nope")
+    (tmp_path / "mamba1").mkdir()
+    (tmp_path / "mamba1" / "config.json").write_text(json.dumps({"d_model": 8, "n_layer": 1, "vocab_size": 10,
+                                                                 "ssm_cfg": {}}))
+    with pytest.raises(CheckpointError, match="Mamba-1 checkpoint"):
+        Mamba2LMHeadModel.from_pretrained(tmp_path / "mamba1")
+
+
+def test_repo_id_without_network_says_how_to_download(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach for the network in a test
+    with pytest.raises(CheckpointError, match="state-spaces/mamba2-130m"):
+        Mamba2LMHeadModel.from_pretrained("state-spaces/mamba2-130m")
+
+
+# ---------------------------------------------------------------- decoding with the fixed-size cache
+
+def test_cached_decode_logits_equal_the_full_forward():
+    model = tiny_model(seed=1)
+    ids = torch.randint(0, 100, (2, 40))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(2)
+        pieces = [model(ids[:, :23], cache=cache)]  # prefill (not a multiple of chunk_size)
+        pieces.append(model(ids[:, 23:30], cache=cache))  # a second multi-token piece from the cached state
+        for t in range(30, 40):  # then one token at a time
+            pieces.append(model(ids[:, t:t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.seqlen_offset == 40
+    # the cache does not grow: the same tensors, the same size, whatever the length
+    assert cache.layers[0].ssm_state.shape == (2, 8, 8, 16) and cache.layers[0].conv_state.shape == (2, 128, 3)
+
+
+def test_inputs_embeds_equal_input_ids():
+    model = tiny_model()
+    ids = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=model.embedding(ids)), model(ids))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+
+
+def test_greedy_generate_equals_repeated_full_forward():
+    model = tiny_model(seed=2)
+    ids = torch.randint(0, 100, (1, 7))
+    new = model.generate(ids, max_new_tokens=10)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(10):
+            nxt = model(seq)[:, -1, :100].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(new, seq[:, 7:])
+
+
+def test_generate_stops_on_eos_and_streams():
+    model = tiny_model(seed=2)
+    ids = torch.randint(0, 100, (1, 7))
+    first = model.generate(ids, max_new_tokens=10)
+    eos = int(first[0, 3])
+    streamed = []
+    out = model.generate(ids, max_new_tokens=10, eos_token_id=eos, on_token=lambda t: streamed.append(int(t[0])))
+    stop = first[0].tolist().index(eos)
+    assert out[0].tolist() == first[0, :stop + 1].tolist() == streamed
+
+
+def test_sampling_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = [int(sample_next_token(logits, 1.0, top_p=0.7, generator=g)) for _ in range(300)]
+    assert set(draws) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: tokens 2 and 3 are cut
+    draws = [int(sample_next_token(logits, 1.0, top_k=1, generator=g)) for _ in range(20)]
+    assert set(draws) == {0}
+    draws = [int(sample_next_token(logits, 1.0, generator=g)) for _ in range(2000)]
+    assert abs(draws.count(0) / 2000 - 0.5) < 0.05
+    assert int(sample_next_token(logits, 0.0)) == 0
+
+
+def test_presets_and_tokenizer(tmp_path):
+    c = mamba2_preset("2.7b")
+    assert (c.d_model, c.n_layer, c.nheads, c.padded_vocab_size) == (2560, 64, 80, 50288)
+    with pytest.raises(ValueError, match="unknown Mamba-2 size"):
+        mamba2_preset("3b")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(tmp_path).encode("a b c").ids == [0, 1, 2]
+    with pytest.raises(FileNotFoundError, match="gpt-neox-20b"):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_parameter_counts_of_the_public_sizes():
+    """Meta-device models (no memory): the counts the names promise."""
+    counts = {}
+    for name in ("130m", "780m", "2.7b"):
+        with torch.device("meta"):
+            m = Mamba2LMHeadModel(mamba2_preset(name))
+        counts[name] = sum(p.numel() for p in m.parameters()) / 1e6
+    assert 120 < counts["130m"] < 135 and 760 < counts["780m"] < 800 and 2650 < counts["2.7b"] < 2750
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_lm_same_logits_with_either_ssd_backend_and_cached_decode(monkeypatch):
+    """On the GPU: the LM gives the same logits through mamba-ssm's kernel and through ssd_chunked, and the
+    cached decode (prefill + ssd_step) equals the full forward."""
+    import ssd as S
+    model = tiny_model(seed=4, chunk_size=64).cuda()
+    ids = torch.randint(0, 100, (2, 150), device="cuda")
+    with torch.no_grad():
+        monkeypatch.setattr(S, "SSD_BACKEND", "torch")
+        ref = model(ids)
+        cache = model.allocate_cache(2)
+        steps = [model(ids[:, :140], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(140, 150)]
+        torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=1e-4, atol=1e-4)
+        if S._mamba_chunk_scan_combined() is None:
+            pytest.skip("mamba-ssm not installed: only the torch path was checked")
+        monkeypatch.setattr(S, "SSD_BACKEND", "mamba_ssm")
+        torch.testing.assert_close(model(ids), ref, rtol=2e-3, atol=2e-3)

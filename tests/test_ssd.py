@@ -1,0 +1,236 @@
+"""Equation-level tests of ssd.py: each form checked against an independent computation."""
+
+import math
+
+import pytest
+import torch
+
+from ssd import (segsum, ssd, ssd_chunked, ssd_quadratic, ssd_recurrent, ssd_step, ssm_conv, ssm_conv_kernel,
+                 zoh_discretize)
+
+f64 = torch.float64
+
+
+# ---------------------------------------------------------------- eq. 2: zero-order hold
+
+def zoh_by_block_exponential(A, B, delta):
+    """Independent ZOH: exp(delta [[A, B], [0, 0]]) = [[A_bar, B_bar], [0, I]] (Van Loan's block matrix)."""
+    N, M = B.shape
+    block = torch.zeros(N + M, N + M, dtype=f64)
+    block[:N, :N] = A
+    block[:N, N:] = B
+    E = torch.linalg.matrix_exp(delta * block)
+    return E[:N, :N], E[:N, N:]
+
+
+def test_zoh_full_matrix_matches_block_exponential():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, generator=g, dtype=f64) - 2 * torch.eye(5, dtype=f64)
+    B = torch.randn(5, 3, generator=g, dtype=f64)
+    for delta in (0.5, 0.05, 1e-4):
+        A_bar, B_bar = zoh_discretize(A, B, delta)
+        A_ref, B_ref = zoh_by_block_exponential(A, B, delta)
+        torch.testing.assert_close(A_bar, A_ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(B_bar, B_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_zoh_diagonal_and_scalar_match_block_exponential():
+    a = -torch.tensor([0.5, 1.0, 3.0, 10.0], dtype=f64)
+    B = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=f64)
+    for delta in (0.3, 1e-3):
+        A_bar, B_bar = zoh_discretize(a, B, delta)  # diagonal given as (N,), B as (N,)
+        A_ref, B_ref = zoh_by_block_exponential(torch.diag(a), B[:, None], delta)
+        torch.testing.assert_close(A_bar, torch.diagonal(A_ref), rtol=1e-13, atol=0)
+        torch.testing.assert_close(B_bar, B_ref[:, 0], rtol=1e-10, atol=0)
+        # the same diagonal with a (N, M) input matrix
+        B2 = torch.stack([B, 2 * B], dim=1)
+        _, B_bar2 = zoh_discretize(a, B2, delta)
+        torch.testing.assert_close(B_bar2, zoh_by_block_exponential(torch.diag(a), B2, delta)[1], rtol=1e-10, atol=0)
+    # scalar A
+    A_bar, B_bar = zoh_discretize(torch.tensor(-2.0, dtype=f64), B, 0.1)
+    A_ref, B_ref = zoh_by_block_exponential(-2.0 * torch.eye(4, dtype=f64), B[:, None], 0.1)
+    torch.testing.assert_close(A_bar, A_ref[0, 0])
+    torch.testing.assert_close(B_bar, B_ref[:, 0])
+
+
+def test_zoh_small_delta_is_stable():
+    """As delta A -> 0, B_bar -> delta B (Mamba-2's approximation) without 0/0, also for a singular full A."""
+    a = -torch.tensor([1.0, 2.0, 0.0], dtype=f64)  # includes A = 0 exactly
+    B = torch.tensor([1.0, 1.0, 1.0], dtype=f64)
+    for delta in (1e-6, 1e-10, 1e-14):
+        _, B_bar = zoh_discretize(a, B, delta)
+        torch.testing.assert_close(B_bar, delta * B * (1 + delta * a / 2), rtol=1e-9, atol=0)
+    A_sing = torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=f64)  # singular: (delta A)^-1 does not exist
+    _, B_bar = zoh_discretize(A_sing, torch.eye(2, dtype=f64), 1e-3)
+    torch.testing.assert_close(B_bar, zoh_by_block_exponential(A_sing, torch.eye(2, dtype=f64), 1e-3)[1])
+    # float32: still finite and close
+    _, B32 = zoh_discretize(torch.tensor([-1.0, 0.0]), torch.ones(2), 1e-7)
+    assert torch.isfinite(B32).all()
+    torch.testing.assert_close(B32, torch.full((2,), 1e-7), rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------- eq. 4: convolution kernel
+
+def lti_recurrence(A_bar, B_bar, C, x):
+    h = torch.zeros(A_bar.shape[0], dtype=f64)
+    ys = []
+    for x_t in x:
+        h = A_bar @ h + B_bar * x_t
+        ys.append(C @ h)
+    return torch.stack(ys)
+
+
+def test_convolution_with_K_equals_the_recurrence():
+    g = torch.Generator().manual_seed(1)
+    N, L = 6, 37
+    A = torch.randn(N, N, generator=g, dtype=f64) * 0.3 - torch.eye(N, dtype=f64)
+    A_bar, B_bar = zoh_discretize(A, torch.randn(N, generator=g, dtype=f64), 0.2)
+    C = torch.randn(N, generator=g, dtype=f64)
+    x = torch.randn(L, generator=g, dtype=f64)
+    K = ssm_conv_kernel(A_bar, B_bar, C, L)
+    # K_k = C A_bar^k B_bar, spelled out with matrix powers
+    torch.testing.assert_close(K[5], C @ torch.linalg.matrix_power(A_bar, 5) @ B_bar)
+    torch.testing.assert_close(ssm_conv(x, K), lti_recurrence(A_bar, B_bar, C, x), rtol=1e-10, atol=1e-12)
+    # diagonal A as (N,): same kernel as the dense diagonal matrix
+    a = -torch.rand(N, generator=g, dtype=f64) - 0.1
+    Ad, Bd = zoh_discretize(a, torch.randn(N, generator=g, dtype=f64), 0.5)
+    torch.testing.assert_close(ssm_conv_kernel(Ad, Bd, C, L), ssm_conv_kernel(torch.diag(Ad), Bd, C, L))
+    torch.testing.assert_close(ssm_conv(x, ssm_conv_kernel(Ad, Bd, C, L)), lti_recurrence(torch.diag(Ad), Bd, C, x),
+                               rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- selective SSD: the three forms
+
+def random_ssd_inputs(b=2, l=37, h=4, p=3, g=2, n=5, seed=0, dtype=f64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, h, p, generator=gen, dtype=dtype)
+    dt = torch.nn.functional.softplus(torch.randn(b, l, h, generator=gen, dtype=dtype) - 1)
+    A = -torch.rand(h, generator=gen, dtype=dtype) * 2 - 0.1
+    B = torch.randn(b, l, g, n, generator=gen, dtype=dtype)
+    C = torch.randn(b, l, g, n, generator=gen, dtype=dtype)
+    D = torch.randn(h, generator=gen, dtype=dtype)
+    state0 = torch.randn(b, h, p, n, generator=gen, dtype=dtype)
+    return x, dt, A, B, C, D, state0
+
+
+def brute_force_ssd(x, dt, A, B, C, D, state0):
+    """Scalar loops over every index, float64: h[i, j] += ..., straight from the recurrence."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    y = torch.zeros(b, l, h, p, dtype=f64)
+    st = state0.clone()
+    for bi in range(b):
+        for hi in range(h):
+            gi = hi // (h // g)
+            for t in range(l):
+                a = math.exp(float(dt[bi, t, hi] * A[hi]))
+                for pi in range(p):
+                    for ni in range(n):
+                        st[bi, hi, pi, ni] = a * st[bi, hi, pi, ni] + dt[bi, t, hi] * B[bi, t, gi, ni] * x[bi, t, hi, pi]
+                    y[bi, t, hi, pi] = (st[bi, hi, pi] * C[bi, t, gi]).sum() + D[hi] * x[bi, t, hi, pi]
+    return y, st
+
+
+def test_segsum_is_the_sum_over_the_segment():
+    x = torch.randn(7, dtype=f64)
+    S = segsum(x)
+    for i in range(7):
+        for j in range(7):
+            expected = x[j + 1:i + 1].sum() if i >= j else -math.inf
+            assert S[i, j].item() == pytest.approx(float(expected), abs=1e-14)
+
+
+def test_recurrent_matches_brute_force_loops():
+    x, dt, A, B, C, D, s0 = random_ssd_inputs(b=1, l=9, h=4, p=2, g=2, n=3)
+    y, st = ssd_recurrent(x, dt, A, B, C, D, initial_state=s0)
+    y_ref, st_ref = brute_force_ssd(x, dt, A, B, C, D, s0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st, st_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("l", [1, 16, 37, 64])
+@pytest.mark.parametrize("h,g", [(4, 1), (4, 2), (6, 6)])
+@pytest.mark.parametrize("use_D", [False, True])
+def test_quadratic_and_chunked_equal_the_recurrence(l, h, g, use_D):
+    x, dt, A, B, C, D, _ = random_ssd_inputs(l=l, h=h, g=g)
+    D = D if use_D else None
+    y_rec, st_rec = ssd_recurrent(x, dt, A, B, C, D)
+    torch.testing.assert_close(ssd_quadratic(x, dt, A, B, C, D), y_rec, rtol=1e-10, atol=1e-10)
+    for chunk in (1, 8, 16, 64):  # l is a multiple of some of these, not of others
+        y, st = ssd_chunked(x, dt, A, B, C, chunk, D)
+        torch.testing.assert_close(y, y_rec, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(st, st_rec, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("l,chunk", [(37, 8), (40, 8), (5, 16)])
+def test_chunked_with_initial_state(l, chunk):
+    x, dt, A, B, C, D, s0 = random_ssd_inputs(l=l)
+    y_rec, st_rec = ssd_recurrent(x, dt, A, B, C, D, initial_state=s0)
+    y, st = ssd_chunked(x, dt, A, B, C, chunk, D, initial_state=s0)
+    torch.testing.assert_close(y, y_rec, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(st, st_rec, rtol=1e-10, atol=1e-10)
+    # splitting the sequence and carrying the state is the same as one pass
+    k = l // 3
+    y1, s1 = ssd_chunked(x[:, :k], dt[:, :k], A, B[:, :k], C[:, :k], chunk, D, initial_state=s0)
+    y2, s2 = ssd_chunked(x[:, k:], dt[:, k:], A, B[:, k:], C[:, k:], chunk, D, initial_state=s1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_rec, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s2, st_rec, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_float32_keeps_fp32_state_and_is_accurate():
+    x, dt, A, B, C, D, s0 = random_ssd_inputs(l=300, h=4, g=1, n=16, p=8)
+    y64, st64 = ssd_recurrent(x, dt, A, B, C, D, initial_state=s0)
+    y, st = ssd_chunked(*(t.float() for t in (x, dt, A, B, C)), 64, D.float(), initial_state=s0.float())
+    assert y.dtype == torch.float32 and st.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(st.double(), st64, rtol=1e-4, atol=1e-4)
+    # bf16 inputs: output in bf16, state still fp32
+    yb, stb = ssd_chunked(*(t.bfloat16() for t in (x, dt, A, B, C)), 64, D.bfloat16())
+    assert yb.dtype == torch.bfloat16 and stb.dtype == torch.float32
+
+
+def test_chunked_gradients_equal_recurrent_gradients():
+    inputs = random_ssd_inputs(b=1, l=13, h=2, p=2, g=1, n=3)
+    grads = []
+    for fn in (lambda *a: ssd_recurrent(*a[:6], initial_state=a[6]),
+               lambda *a: ssd_chunked(*a[:5], 4, a[5], initial_state=a[6])):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y, st = fn(*leaves)
+        ((y ** 2).sum() + (st * 0.5).sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for g_rec, g_chunk in zip(*grads):
+        torch.testing.assert_close(g_chunk, g_rec, rtol=1e-9, atol=1e-10)
+
+
+def test_prefill_then_steps_equals_the_full_scan():
+    x, dt, A, B, C, D, _ = random_ssd_inputs(l=29)
+    y_full, st_full = ssd_chunked(x, dt, A, B, C, 8, D)
+    k = 11
+    y_pre, state = ssd_chunked(x[:, :k], dt[:, :k], A, B[:, :k], C[:, :k], 8, D)
+    ys = [y_pre]
+    for t in range(k, 29):
+        y_t, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y_t[:, None])
+    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, st_full, rtol=1e-10, atol=1e-10)
+
+
+def test_ssd_entry_point_on_cpu_uses_the_chunked_scan():
+    x, dt, A, B, C, D, s0 = random_ssd_inputs(l=20)
+    y, st = ssd(x, dt, A, B, C, 8, D, initial_state=s0)
+    y_ref, st_ref = ssd_chunked(x, dt, A, B, C, 8, D, initial_state=s0)
+    assert torch.equal(y, y_ref) and torch.equal(st, st_ref)
+    with pytest.raises(RuntimeError, match="mamba_ssm"):
+        ssd(x, dt, A, B, C, 8, D, backend="mamba_ssm")
+    with pytest.raises(ValueError, match="unknown SSD backend"):
+        ssd(x, dt, A, B, C, 8, D, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
+    pytest.importorskip("mamba_ssm")
+    x, dt, A, B, C, D, s0 = (t.float().cuda() for t in random_ssd_inputs(b=2, l=300, h=8, p=16, g=2, n=32))
+    y_k, st_k = ssd(x, dt, A, B, C, 64, D, initial_state=s0, backend="mamba_ssm")
+    y_t, st_t = ssd(x, dt, A, B, C, 64, D, initial_state=s0, backend="torch")
+    torch.testing.assert_close(y_k, y_t, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(st_k, st_t, rtol=2e-3, atol=2e-3)

@@ -1,0 +1,132 @@
+"""Reading and writing checkpoints: the plumbing shared by every loader (mamba2.py, vision.py, model.py).
+
+- `resolve_folder`: a local folder, or a Hugging Face repo id downloaded with huggingface_hub when it is installed.
+- `read_tensors`: every tensor of a checkpoint folder: model.safetensors, sharded safetensors (an index json), or
+  pytorch_model.bin read with `torch.load(weights_only=True)` (no pickled code runs).
+- `match_tensors`: apply a loader's explicit name map (our name -> checkpoint name) and check it both ways: missing
+  tensors, unexpected tensors and shape conflicts are all reported together, and nothing is loaded half-way.
+- `save_safetensors`: write atomically (temp file + rename), so a crash never leaves a torn file.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
+
+
+def resolve_folder(path_or_repo_id, allow_patterns=None):
+    """Return a local folder for `path_or_repo_id`: the folder itself, or a download of the hub repo with that id."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; give the folder that holds config.json and the weights")
+    looks_like_repo_id = str(path_or_repo_id).count("/") == 1 and not str(path_or_repo_id).startswith((".", "/", "~"))
+    if not looks_like_repo_id:
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{path_or_repo_id!r} is not a local folder. To download the repo with that id: pip install "
+            f"huggingface_hub, or fetch it elsewhere with `hf download {path_or_repo_id} --local-dir DIR` "
+            f"and pass DIR") from None
+    try:
+        return Path(snapshot_download(str(path_or_repo_id), allow_patterns=allow_patterns))
+    except Exception as e:
+        raise CheckpointError(f"could not download {path_or_repo_id!r} from the hub ({type(e).__name__}: {e}); "
+                              "download it where the network is reachable and pass the local folder") from None
+
+
+def read_config(folder):
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"no config.json in {folder}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+
+
+def _read_one(file):
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        return torch.load(str(file), map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"could not read {file}: {type(e).__name__}: {e}. The file is truncated or corrupt: "
+                              "download it again") from None
+
+
+def read_tensors(folder):
+    """All tensors of a checkpoint folder as {name: tensor}, whichever of the public file layouts it uses."""
+    folder = Path(folder)
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return _read_one(folder / single)
+        if (folder / index).is_file():  # sharded: the index maps each tensor to its shard file
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            tensors = {}
+            for shard in shards:
+                tensors.update(_read_one(folder / shard))
+            return tensors
+    raise CheckpointError(f"no weights in {folder}: expected model.safetensors (or shards with "
+                          "model.safetensors.index.json) or pytorch_model.bin")
+
+
+def _listing(names, limit=12):
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def match_tensors(expected_shapes, tensors, key_map, ignore=(), source="checkpoint"):
+    """Build a state dict {our name: tensor} from checkpoint `tensors` through `key_map` {our name: checkpoint name}.
+
+    expected_shapes: {our name: shape} (from the model's state_dict). Every one of our names must be in key_map,
+    every mapped checkpoint tensor must exist with the right shape, and every checkpoint tensor must be used
+    (except the names in `ignore`, e.g. a text tower we do not build). Any failure lists all problems at once.
+    """
+    unmapped = set(expected_shapes) - set(key_map)
+    if unmapped:  # a bug in a loader's map, not in the checkpoint
+        raise CheckpointError(f"the name map misses model tensors: {_listing(unmapped)}")
+    missing = [f"{ck} (for {ours})" for ours, ck in key_map.items() if ck not in tensors]
+    used = set(key_map.values())
+    unexpected = [k for k in tensors if k not in used and k not in ignore]
+    conflicts = [f"{ck}: expected {tuple(expected_shapes[ours])}, found {tuple(tensors[ck].shape)}"
+                 for ours, ck in key_map.items() if ck in tensors and tensors[ck].shape != expected_shapes[ours]]
+    if missing or unexpected or conflicts:
+        lines = [f"{source} does not match the model:"]
+        if missing:
+            lines.append(f"  missing tensors: {_listing(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected tensors: {_listing(unexpected)}")
+        if conflicts:
+            lines.append(f"  shape conflicts: {_listing(conflicts)}")
+        lines.append("  Nothing was loaded. Check that config.json belongs to these weights.")
+        raise CheckpointError("\n".join(lines))
+    return {ours: tensors[ck] for ours, ck in key_map.items()}
+
+
+def save_safetensors(tensors, file, metadata=None):
+    """Write {name: tensor} to `file` atomically: a temp file in the same folder, then a rename."""
+    file = Path(file)
+    tmp = file.with_name(file.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, file)
+
+
+def write_json(obj, file):
+    """Write JSON atomically, like `save_safetensors`."""
+    file = Path(file)
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, file)
