@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import ssd as S
 from ssd import (segsum, ssd, ssd_chunked, ssd_quadratic, ssd_recurrent, ssd_step, ssm_conv, ssm_conv_kernel,
                  zoh_discretize)
 
@@ -228,9 +229,19 @@ def test_ssd_entry_point_on_cpu_uses_the_chunked_scan():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
-    pytest.importorskip("mamba_ssm")
-    x, dt, A, B, C, D, s0 = (t.float().cuda() for t in random_ssd_inputs(b=2, l=300, h=8, p=16, g=2, n=32))
-    y_k, st_k = ssd(x, dt, A, B, C, 64, D, initial_state=s0, backend="mamba_ssm")
-    y_t, st_t = ssd(x, dt, A, B, C, 64, D, initial_state=s0, backend="torch")
-    torch.testing.assert_close(y_k, y_t, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(st_k, st_t, rtol=2e-3, atol=2e-3)
+    """Both GPU paths against the float64 recurrence, errors relative to max |y|. mamba-ssm's Triton kernel
+    multiplies fp32 in TF32 (10-bit mantissa) inside tl.dot, so it is held to 5e-3; ssd_chunked (fp32) to 1e-5."""
+    if S._mamba_chunk_scan_combined() is None:
+        pytest.skip("mamba-ssm is not installed")
+    inputs = random_ssd_inputs(b=2, l=300, h=8, p=16, g=2, n=32)
+    x, dt, A, B, C, D, s0 = inputs
+    y_ref, st_ref = ssd_recurrent(x, dt, A, B, C, D, initial_state=s0)
+    x, dt, A, B, C, D, s0 = (t.float().cuda() for t in inputs)
+    errors = {}
+    for backend in ("mamba_ssm", "torch"):
+        y, st = ssd(x, dt, A, B, C, 64, D, initial_state=s0, backend=backend)
+        errors[backend] = (float((y.double().cpu() - y_ref).abs().max() / y_ref.abs().max()),
+                           float((st.double().cpu() - st_ref).abs().max() / st_ref.abs().max()))
+    print("relative max error (y, final state) vs float64 recurrence:", errors)
+    assert max(errors["torch"]) < 1e-5
+    assert max(errors["mamba_ssm"]) < 5e-3
