@@ -53,6 +53,16 @@ def test_hf_checkpoint_loads_with_identical_logits(hf_checkpoint):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_sharded_safetensors_load(hf_checkpoint, tmp_path):
+    hf, _ = hf_checkpoint
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    ours = Mamba2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 96, (1, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_state_spaces_layout_as_pytorch_model_bin_loads(hf_checkpoint, tmp_path):
     """The same weights renamed to mamba_ssm's names, saved as pytorch_model.bin with a state-spaces config.json."""
     hf, _ = hf_checkpoint
