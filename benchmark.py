@@ -2,6 +2,8 @@
 
     python benchmark.py ssd        # ssd_chunked vs ssd_recurrent vs ssd_quadratic: time and peak memory over the
                                    # length, on the CPU (or --device cuda)
+    python benchmark.py vision     # SigLIP so400m and DINOv2-L at 384 px: parameters, forward time, ours vs
+                                   # transformers' implementation with the same (random) weights, in one run
 
 Peak memory on the CPU is read from the operating system (ru_maxrss) in a fresh subprocess per measurement, minus
 what the process held before the call, so each number is the working memory of that one computation.
@@ -13,6 +15,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -102,6 +105,56 @@ def bench_ssd(args):
     return rows
 
 
+def bench_vision(args):
+    """Our ViTs against transformers' at the public configs, same random weights, same inputs, in one run."""
+    import transformers
+    from vision import ViT
+
+    device, dtype = args.device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    hf_configs = {
+        "siglip": transformers.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                                  num_attention_heads=16, image_size=384, patch_size=14),
+        "dinov2": transformers.Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                            image_size=518, patch_size=14),
+    }
+    print(f"vision encoders at 384 px on {device} ({dtype}), batch {args.batch}, best of {args.repeats}")
+    print("| encoder | parameters | ours s | transformers s | ours / transformers | max diff at layer -2 |")
+    print("|---|---|---|---|---|---|")
+    for name, hf_cfg in hf_configs.items():
+        torch.manual_seed(0)
+        hf_model = (transformers.SiglipVisionModel if name == "siglip" else transformers.Dinov2Model)(hf_cfg)
+        hf_model = hf_model.to(device=device, dtype=dtype).eval()
+        with tempfile.TemporaryDirectory() as tmp:  # through the public format, as a user would load it
+            hf_model.save_pretrained(tmp, safe_serialization=True)
+            ours = ViT.from_pretrained(tmp, input_size=384, dtype=dtype, device=device).eval()
+        config = ours.config
+        params = sum(p.numel() for p in ours.parameters())
+        pixels = torch.randn(args.batch, 3, 384, 384, device=device, dtype=dtype)
+
+        def timed(fn):
+            with torch.no_grad():
+                fn()
+                best = float("inf")
+                for _ in range(args.repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    out = fn()
+                    sync()
+                    best = min(best, time.perf_counter() - t0)
+            return best, out
+        # both run every block (ours with layer=None; the VLM's layer=-2 skips the last one)
+        t_ours, _ = timed(lambda: ours(pixels, layer=None))
+        t_hf, out_hf = timed(lambda: hf_model(pixels, output_hidden_states=True).hidden_states[-2])
+        with torch.no_grad():
+            out_ours = ours(pixels, layer=-2)
+        out_hf = out_hf[:, config.num_prefix_tokens:]  # hidden_states[-2]: the second-to-last block's output
+        diff = (out_ours.float() - out_hf.float()).abs().max().item()
+        print(f"| {name} | {params / 1e6:.1f}M | {t_ours:.3f} | {t_hf:.3f} | {t_ours / t_hf:.2f} | {diff:.1e} |",
+              flush=True)
+        del hf_model, ours
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_ssd_once":  # internal: one measurement in a fresh process
@@ -121,9 +174,16 @@ def main(argv=None):
                    help="64 suits a CPU; the checkpoints' 256 suits the GPU kernels")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p = sub.add_parser("vision", help="SigLIP and DINOv2 at 384 px: ours vs transformers, same weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if args.what == "ssd":
         bench_ssd(args)
+    elif args.what == "vision":
+        bench_vision(args)
 
 
 if __name__ == "__main__":

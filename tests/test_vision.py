@@ -1,0 +1,212 @@
+"""Vision encoders: parity with transformers on tiny checkpoints, preprocessing, the dual encoder."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vision import (DINOV2_LARGE, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_SO400M_384, DualEncoder, ImageError, ViT,
+                    ViTConfig, load_image, preprocess)
+from weights import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, patch_size=14)
+
+
+def randomize(model):
+    """Non-trivial values for tensors that init leaves constant (norms, LayerScale, tokens)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("norm", "lambda1", "token", "position")):
+                p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def save(model, folder):
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def siglip(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = randomize(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(image_size=42, **SMALL)))
+    return hf, save(hf, tmp_path_factory.mktemp("siglip"))
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory):
+    torch.manual_seed(1)
+    hf = randomize(transformers.Dinov2Model(transformers.Dinov2Config(image_size=42, mlp_ratio=2, **{
+        k: v for k, v in SMALL.items() if k != "intermediate_size"})))
+    return hf, save(hf, tmp_path_factory.mktemp("dinov2"))
+
+
+def check_parity(hf_outputs, ours, pixels, prefix):
+    with torch.no_grad():
+        for layer, hidden in ((-2, hf_outputs.hidden_states[-2]), (0, hf_outputs.hidden_states[1]),
+                              (None, hf_outputs.last_hidden_state)):
+            torch.testing.assert_close(ours(pixels, layer=layer), hidden[:, prefix:], rtol=1e-5, atol=1e-5)
+
+
+def test_siglip_vision_model_parity(siglip):
+    hf, folder = siglip
+    ours = ViT.from_pretrained(folder, input_size=42).eval()
+    assert ours.config.kind == "siglip" and ours.config.num_patches == 9
+    pixels = torch.randn(2, 3, 42, 42)
+    with torch.no_grad():
+        check_parity(hf(pixels, output_hidden_states=True), ours, pixels, prefix=0)
+
+
+def test_full_siglip_model_loads_the_vision_tower_only(tmp_path):
+    torch.manual_seed(2)
+    cfg = transformers.SiglipConfig(
+        vision_config=dict(image_size=42, **SMALL),
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=50, max_position_embeddings=8))
+    hf = randomize(transformers.SiglipModel(cfg))
+    ours = ViT.from_pretrained(save(hf, tmp_path), input_size=42).eval()
+    pixels = torch.randn(1, 3, 42, 42)
+    with torch.no_grad():
+        check_parity(hf.vision_model(pixels, output_hidden_states=True), ours, pixels, prefix=0)
+
+
+def test_dinov2_parity_with_position_interpolation(dinov2):
+    hf, folder = dinov2
+    ours = ViT.from_pretrained(folder, input_size=56).eval()  # trained for 42 px (3 x 3), run at 56 px (4 x 4)
+    assert ours.config.num_prefix_tokens == 1 and ours.config.num_patches == 16
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        check_parity(hf(pixels, output_hidden_states=True), ours, pixels, prefix=1)
+    # at the native size too (no interpolation)
+    pixels = torch.randn(1, 3, 42, 42)
+    with torch.no_grad():
+        check_parity(hf(pixels, output_hidden_states=True), ViT.from_pretrained(folder, input_size=42).eval(),
+                     pixels, prefix=1)
+
+
+def test_dinov2_with_registers_parity(tmp_path):
+    torch.manual_seed(3)
+    cfg = transformers.Dinov2WithRegistersConfig(image_size=42, num_register_tokens=4, mlp_ratio=2,
+                                                 **{k: v for k, v in SMALL.items() if k != "intermediate_size"})
+    hf = randomize(transformers.Dinov2WithRegistersModel(cfg))
+    ours = ViT.from_pretrained(save(hf, tmp_path), input_size=70).eval()
+    assert ours.config.num_prefix_tokens == 5
+    pixels = torch.randn(2, 3, 70, 70)
+    with torch.no_grad():
+        check_parity(hf(pixels, output_hidden_states=True), ours, pixels, prefix=5)
+
+
+def test_bad_vision_checkpoints(dinov2, tmp_path):
+    _, folder = dinov2
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(folder / "model.safetensors"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((folder / "config.json").read_text())
+    sd.pop("encoder.layer.2.layer_scale2.lambda1")
+    sd["encoder.layer.0.norm1.weight"] = torch.ones(31)
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained(bad)
+    assert "missing tensors: encoder.layer.2.layer_scale2.lambda1" in str(e.value)
+    assert "encoder.layer.0.norm1.weight: expected (32,), found (31,)" in str(e.value)
+    (bad / "config.json").write_text('{"model_type": "clip_vision_model"}')
+    with pytest.raises(CheckpointError, match="not a SigLIP or DINOv2"):
+        ViT.from_pretrained(bad)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def test_preprocess_known_values():
+    img = Image.fromarray(np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 255]]], dtype=np.uint8))
+    x = preprocess(img, 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # same size: no resampling
+    torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+    torch.testing.assert_close(x[:, 1, 1], torch.tensor([1.0, 1.0, 1.0]))
+    y = preprocess(img, 2, IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(y[:, 1, 0], torch.tensor([(0 - 0.485) / 0.229, (0 - 0.456) / 0.224,
+                                                        (1 - 0.406) / 0.225]))
+
+
+def test_preprocess_matches_transformers_image_processors():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (61, 47, 3), dtype=np.uint8))
+    hf = transformers.SiglipImageProcessor(size={"height": 42, "width": 42})
+    expected = torch.as_tensor(np.asarray(hf(img, return_tensors="np")["pixel_values"][0]))
+    torch.testing.assert_close(preprocess(img, 42, (0.5,) * 3, (0.5,) * 3), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_odd_image_modes(tmp_path):
+    gray = Image.fromarray(np.full((3, 5), 100, dtype=np.uint8), mode="L")
+    assert load_image(gray).getpixel((0, 0)) == (100, 100, 100)
+    rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 255))
+    rgba.putpixel((1, 1), (0, 0, 0, 0))  # transparent -> white background
+    out = load_image(rgba)
+    assert out.getpixel((0, 0)) == (10, 20, 30) and out.getpixel((1, 1)) == (255, 255, 255)
+    pal = Image.new("P", (2, 2))
+    pal.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    pal.putpixel((0, 0), 1)
+    assert load_image(pal).getpixel((0, 0)) == (200, 100, 50)
+    # EXIF orientation 6 (rotate 90 degrees clockwise to display): a 4 x 2 file is a 2 x 4 image
+    img = Image.new("RGB", (4, 2), (0, 0, 0))
+    img.putpixel((0, 0), (255, 255, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=100)
+    rotated = load_image(tmp_path / "rot.jpg")
+    assert rotated.size == (2, 4)
+    assert sum(rotated.getpixel((1, 0))) > 600  # the white corner moved to the top right
+
+
+def test_bad_image_files_name_the_file(tmp_path):
+    with pytest.raises(ImageError, match="image not found: .*missing.png"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(ImageError, match="cannot read image .*junk.jpg"):
+        load_image(tmp_path / "junk.jpg")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:60])
+    with pytest.raises(ImageError, match="cut.png"):
+        load_image(tmp_path / "cut.png")
+
+
+# ---------------------------------------------------------------- dual encoder
+
+def test_dual_encoder_concatenates_in_order(siglip, dinov2):
+    dino = ViT.from_pretrained(dinov2[1], input_size=42)
+    sig = ViT.from_pretrained(siglip[1], input_size=42)
+    enc = DualEncoder({"dinov2": dino, "siglip": sig}).freeze()
+    assert enc.num_patches == 9 and enc.feature_dim == 64
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 60, 3), dtype=np.uint8))
+    px = {k: v[None] for k, v in enc.preprocess(img).items()}
+    feats = enc(px)
+    assert feats.shape == (1, 9, 64) and feats.grad_fn is None
+    with torch.no_grad():
+        torch.testing.assert_close(feats[..., :32], dino(px["dinov2"], layer=-2))
+        torch.testing.assert_close(feats[..., 32:], sig(px["siglip"], layer=-2))
+    # frozen: no gradients, and eval mode survives .train()
+    enc.train()
+    assert not any(p.requires_grad for p in enc.parameters()) and not enc.encoders["dinov2"].training
+    with pytest.raises(KeyError, match="siglip"):
+        enc({"dinov2": px["dinov2"]})
+
+
+def test_paper_configuration_shapes_and_sizes():
+    """DINOv2-L/14 + SigLIP so400m/14 at 384 px: 729 tokens of 1024 + 1152 features (meta tensors: no memory)."""
+    with torch.device("meta"):
+        dino, sig = ViT(DINOV2_LARGE), ViT(SIGLIP_SO400M_384)
+        enc = DualEncoder({"dinov2": dino, "siglip": sig})
+        out = enc({"dinov2": torch.empty(2, 3, 384, 384), "siglip": torch.empty(2, 3, 384, 384)})
+    assert (enc.num_patches, enc.feature_dim, tuple(out.shape)) == (729, 2176, (2, 729, 2176))
+    n_dino = sum(p.numel() for p in dino.parameters()) / 1e6
+    n_sig = sum(p.numel() for p in sig.parameters()) / 1e6
+    assert 303 < n_dino < 305 and 411 < n_sig < 414, (n_dino, n_sig)
+    with pytest.raises(ValueError, match="different numbers of patches"):
+        DualEncoder({"a": ViT(ViTConfig("siglip", image_size=28, hidden_size=8, intermediate_size=8, num_layers=1,
+                                        num_heads=2, input_size=28)),
+                     "b": ViT(ViTConfig("siglip", image_size=42, hidden_size=8, intermediate_size=8, num_layers=1,
+                                        num_heads=2, input_size=42))})

@@ -1,0 +1,351 @@
+"""The vision encoders: one readable ViT covering SigLIP and DINOv2, their public checkpoints, image preprocessing,
+and the dual encoder of ML-Mamba (paper eq. 5: V_img = [DINOv2(X); SigLIP(X)], concatenated along features).
+
+A ViT: the image is cut into patch x patch squares (a Conv2d with stride = patch), each becomes a token; position
+embeddings are added; pre-norm blocks  x + LS1 * Attn(LN(x)),  x + LS2 * MLP(LN(x))  follow; a final LayerNorm.
+Where the two variants differ:
+- SigLIP: no class token, GELU (tanh approximation) in the MLP, no LayerScale, "post_layernorm" at the end.
+- DINOv2: a class token (and optionally register tokens, inserted after it), exact GELU, LayerScale (a learned
+  per-channel factor on each residual branch), and position embeddings for 518 px (37 x 37) that are interpolated
+  bicubically to the input's grid (27 x 27 at 384 px), as DINOv2 does.
+ML-Mamba takes the patch tokens of the second-to-last block (`layer=-2`), without class/register tokens and without
+the final norm, as Prismatic-style VLMs do.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from weights import CheckpointError, match_tensors, read_config, read_tensors, resolve_folder
+
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ViTConfig:
+    kind: str = "siglip"  # "siglip" or "dinov2"
+    image_size: int = 384  # the size the position embeddings were trained for
+    patch_size: int = 14
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-6
+    num_register_tokens: int = 0  # DINOv2 with registers: 4
+    interpolate_antialias: bool = False  # DINOv2-with-registers interpolates with antialiasing, DINOv2 without
+    input_size: int = 384  # the size images are resized to before encoding
+
+    def __post_init__(self):
+        if self.kind not in ("siglip", "dinov2"):
+            raise ValueError(f"ViTConfig.kind must be 'siglip' or 'dinov2', not {self.kind!r}")
+        if self.kind == "siglip" and self.num_register_tokens:
+            raise ValueError("SigLIP has no register tokens")
+
+    @property
+    def has_class_token(self):
+        return self.kind == "dinov2"
+
+    @property
+    def num_prefix_tokens(self):  # class + register tokens, removed from the output
+        return int(self.has_class_token) + self.num_register_tokens
+
+    @property
+    def grid(self):  # patches per side of the input
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self):
+        return self.grid ** 2
+
+    @property
+    def mean_std(self):
+        return (SIGLIP_MEAN, SIGLIP_STD) if self.kind == "siglip" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+# The public checkpoints ML-Mamba uses, at the paper's 384 px input.
+SIGLIP_SO400M_384 = ViTConfig("siglip", image_size=384, hidden_size=1152, intermediate_size=4304, num_layers=27,
+                              num_heads=16)
+DINOV2_LARGE = ViTConfig("dinov2", image_size=518, hidden_size=1024, intermediate_size=4096, num_layers=24,
+                         num_heads=16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The ViT
+# ----------------------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (b, t, d)
+        b, t, d = x.shape
+        q, k, v = (f(x).view(b, t, self.num_heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, (b, heads, t, head_dim)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.attn = Attention(c.hidden_size, c.num_heads)
+        self.norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.gelu_approximate = "tanh" if c.kind == "siglip" else "none"
+        # LayerScale (DINOv2 only): learned per-channel scales of the two residual branches
+        self.ls1 = nn.Parameter(torch.ones(c.hidden_size)) if c.kind == "dinov2" else None
+        self.ls2 = nn.Parameter(torch.ones(c.hidden_size)) if c.kind == "dinov2" else None
+
+    def forward(self, x):
+        a = self.attn(self.norm1(x))
+        x = x + (a * self.ls1 if self.ls1 is not None else a)
+        m = self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate=self.gelu_approximate))
+        return x + (m * self.ls2 if self.ls2 is not None else m)
+
+
+def interpolate_pos_embed(pos_embed, grid, antialias=False):
+    """Bicubic resize of a square grid of position embeddings (1, n*n, d) to (1, grid*grid, d), in fp32."""
+    n = math.isqrt(pos_embed.shape[1])
+    if n == grid:
+        return pos_embed
+    d = pos_embed.shape[-1]
+    p = pos_embed.reshape(1, n, n, d).permute(0, 3, 1, 2).float()  # (1, d, n, n)
+    p = F.interpolate(p, size=(grid, grid), mode="bicubic", align_corners=False, antialias=antialias)
+    return p.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos_embed.dtype)
+
+
+class ViT(nn.Module):
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        c = self.config = config
+        self.patch_embed = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size)
+        n_pos = (c.image_size // c.patch_size) ** 2 + int(c.has_class_token)
+        self.pos_embed = nn.Parameter(torch.randn(1, n_pos, c.hidden_size) * 0.02)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size)) if c.has_class_token else None
+        self.register_tokens = (nn.Parameter(torch.zeros(1, c.num_register_tokens, c.hidden_size))
+                                if c.num_register_tokens else None)
+        self.blocks = nn.ModuleList([ViTBlock(c) for _ in range(c.num_layers)])
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def embed(self, pixel_values):
+        """(b, 3, H, W) -> tokens (b, prefix + H/patch * W/patch, d) with position embeddings."""
+        c = self.config
+        x = self.patch_embed(pixel_values)  # (b, d, H/p, W/p)
+        gh, gw = x.shape[-2:]
+        if gh != gw:
+            raise ValueError(f"square inputs only (found a {gh} x {gw} patch grid)")
+        x = x.flatten(2).transpose(1, 2)  # (b, N, d), patches in row-major order
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            pos = torch.cat([self.pos_embed[:, :1], interpolate_pos_embed(self.pos_embed[:, 1:], gh,
+                                                                           c.interpolate_antialias)], dim=1)
+        else:
+            pos = interpolate_pos_embed(self.pos_embed, gh, c.interpolate_antialias)
+        x = x + pos
+        if self.register_tokens is not None:  # registers go after the class token and get no position
+            x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def forward(self, pixel_values, layer=-2):
+        """Patch tokens (b, N, d). layer: the block whose output to return (python indexing: -2 is the
+        second-to-last), without the final norm; None runs every block and applies the final norm.
+        Class and register tokens are removed either way."""
+        x = self.embed(pixel_values)
+        last = len(self.blocks) - 1 if layer is None else range(len(self.blocks))[layer]
+        for block in self.blocks[:last + 1]:  # blocks after `layer` are not run at all
+            x = block(x)
+        if layer is None:
+            x = self.norm(x)
+        return x[:, self.config.num_prefix_tokens:]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Public checkpoints (transformers format: config.json + model.safetensors)
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, input_size=384, dtype=torch.float32, device="cpu"):
+        """google/siglip-so400m-patch14-384 (a full SigLIP: the text tower is ignored), a SigLIP vision model,
+        facebook/dinov2-large, or a DINOv2 with registers. input_size: the resolution images are encoded at."""
+        folder = resolve_folder(path, allow_patterns=["config.json", "*.safetensors", "*.json", "*.bin"])
+        cfg = read_config(folder)
+        tensors = read_tensors(folder)
+        config, key_map, ignore = vit_checkpoint_layout(cfg, tensors, input_size)
+        with torch.device("meta"):
+            model = cls(config)
+        if config.kind == "siglip":  # nn.Embedding (N, d) in the checkpoint; ours carries a batch axis (1, N, d)
+            name = key_map["pos_embed"]
+            if name in tensors:
+                tensors[name] = tensors[name][None]
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        state = match_tensors(expected, tensors, key_map, ignore=ignore,
+                              source=f"{config.kind} checkpoint {folder}")
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device=device, dtype=dtype)
+
+
+def vit_checkpoint_layout(cfg, tensors, input_size):
+    """(ViTConfig, key map {our name: checkpoint name}, names to ignore) for a transformers-format checkpoint."""
+    model_type = cfg.get("model_type")
+    if model_type in ("siglip", "siglip_vision_model"):
+        vc = cfg.get("vision_config", {}) if model_type == "siglip" else cfg
+        # A full SigLIP and older vision-only saves put the vision tower under "vision_model."; newer ones don't.
+        prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
+        if vc.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise CheckpointError(f"SigLIP hidden_act {vc['hidden_act']!r} is not supported")
+        config = ViTConfig("siglip", image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 16),
+                           hidden_size=vc.get("hidden_size", 768), intermediate_size=vc.get("intermediate_size", 3072),
+                           num_layers=vc.get("num_hidden_layers", 12), num_heads=vc.get("num_attention_heads", 12),
+                           layer_norm_eps=vc.get("layer_norm_eps", 1e-6), input_size=input_size)
+        p = prefix
+        key_map = {"patch_embed.weight": p + "embeddings.patch_embedding.weight",
+                   "patch_embed.bias": p + "embeddings.patch_embedding.bias",
+                   "pos_embed": p + "embeddings.position_embedding.weight",
+                   "norm.weight": p + "post_layernorm.weight", "norm.bias": p + "post_layernorm.bias"}
+        block = {"norm1": "layer_norm1", "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
+                 "attn.v": "self_attn.v_proj", "attn.proj": "self_attn.out_proj", "norm2": "layer_norm2",
+                 "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+        for i in range(config.num_layers):
+            for ours, theirs in block.items():
+                for t in ("weight", "bias"):
+                    key_map[f"blocks.{i}.{ours}.{t}"] = f"{p}encoder.layers.{i}.{theirs}.{t}"
+        # not used: the attention-pooling head, the text tower, the contrastive logit scale and bias
+        ignore = {k for k in tensors if k.startswith((p + "head.", "text_model.", "logit_"))}
+        return config, key_map, ignore
+    if model_type in ("dinov2", "dinov2_with_registers"):
+        if cfg.get("use_swiglu_ffn"):
+            raise CheckpointError("DINOv2 with a SwiGLU MLP (the giant model) is not supported")
+        if cfg.get("hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"DINOv2 hidden_act {cfg['hidden_act']!r} is not supported")
+        hidden = cfg.get("hidden_size", 768)
+        config = ViTConfig("dinov2", image_size=cfg.get("image_size", 518), patch_size=cfg.get("patch_size", 14),
+                           hidden_size=hidden, intermediate_size=int(hidden * cfg.get("mlp_ratio", 4)),
+                           num_layers=cfg.get("num_hidden_layers", 12), num_heads=cfg.get("num_attention_heads", 12),
+                           layer_norm_eps=cfg.get("layer_norm_eps", 1e-6),
+                           num_register_tokens=cfg.get("num_register_tokens", 0) if model_type != "dinov2" else 0,
+                           interpolate_antialias=model_type == "dinov2_with_registers", input_size=input_size)
+        key_map = {"patch_embed.weight": "embeddings.patch_embeddings.projection.weight",
+                   "patch_embed.bias": "embeddings.patch_embeddings.projection.bias",
+                   "pos_embed": "embeddings.position_embeddings", "cls_token": "embeddings.cls_token",
+                   "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+        if config.num_register_tokens:
+            key_map["register_tokens"] = "embeddings.register_tokens"
+        block = {"norm1": "norm1", "attn.q": "attention.attention.query", "attn.k": "attention.attention.key",
+                 "attn.v": "attention.attention.value", "attn.proj": "attention.output.dense", "norm2": "norm2",
+                 "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+        for i in range(config.num_layers):
+            for ours, theirs in block.items():
+                for t in ("weight", "bias"):
+                    key_map[f"blocks.{i}.{ours}.{t}"] = f"encoder.layer.{i}.{theirs}.{t}"
+            key_map[f"blocks.{i}.ls1"] = f"encoder.layer.{i}.layer_scale1.lambda1"
+            key_map[f"blocks.{i}.ls2"] = f"encoder.layer.{i}.layer_scale2.lambda1"
+        ignore = {"embeddings.mask_token"}  # used only by DINOv2's masked pre-training
+        return config, key_map, ignore
+    raise CheckpointError(f"config.json model_type {model_type!r} is not a SigLIP or DINOv2 checkpoint (expected "
+                          "'siglip', 'siglip_vision_model', 'dinov2' or 'dinov2_with_registers')")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file."""
+
+
+def load_image(image):
+    """A file path or a PIL image -> an RGB PIL image, EXIF rotation applied, transparency composited on white."""
+    name = "<PIL image>"
+    if not isinstance(image, Image.Image):
+        name = str(image)
+        if not Path(image).is_file():
+            raise ImageError(f"image not found: {name}")
+        try:
+            with Image.open(image) as f:
+                f.load()  # decode now, so that a truncated file fails here, naming the file
+                image = f.copy()  # keeps .info (EXIF, transparency)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"cannot read image {name}: {e}") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not lose the image
+        pass
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def preprocess(image, size, mean, std):
+    """RGB PIL image -> (3, size, size) float tensor: bicubic resize to size x size (no crop, the aspect ratio is
+    not kept, as Prismatic's "resize-naive"), scale to [0, 1], then (x - mean) / std per channel."""
+    image = image.resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dual encoder (paper eq. 5)
+# ----------------------------------------------------------------------------------------------------------------
+
+class DualEncoder(nn.Module):
+    """Several ViTs on the same image, patch features concatenated along the feature axis (paper eq. 5).
+
+    encoders: {name: ViT}; the concatenation follows this order. The paper's choice is DINOv2 then SigLIP
+    (Prismatic/Cobra's "dinosiglip" order): at 384 px, (b, 729, 1024 + 1152). A single encoder works the same way.
+    Every encoder must produce the same number of patches (same input grid).
+    """
+
+    def __init__(self, encoders, layer=-2):
+        super().__init__()
+        if not encoders:
+            raise ValueError("DualEncoder needs at least one encoder")
+        self.encoders = nn.ModuleDict(encoders)
+        self.layer = layer
+        grids = {name: e.config.num_patches for name, e in encoders.items()}
+        if len(set(grids.values())) != 1:
+            raise ValueError(f"the encoders give different numbers of patches: {grids}; use the same input_size "
+                             "and a patch size that divides it the same way")
+        self.num_patches = next(iter(grids.values()))
+        self.feature_dim = sum(e.config.hidden_size for e in encoders.values())
+        self.frozen = False
+
+    def freeze(self, frozen=True):
+        """Frozen: eval mode and no gradients (both of ML-Mamba's training stages keep the encoders frozen)."""
+        self.frozen = frozen
+        self.requires_grad_(not frozen)
+        self.train(self.training)
+        return self
+
+    def train(self, mode=True):
+        super().train(mode and not self.frozen)  # a frozen encoder stays in eval mode
+        self.training = mode
+        return self
+
+    def preprocess(self, image):
+        """A path or PIL image -> {name: (3, size, size)} with each encoder's own size and normalization."""
+        image = load_image(image)
+        return {name: preprocess(image, e.config.input_size, *e.config.mean_std) for name, e in self.encoders.items()}
+
+    def forward(self, pixel_values):
+        """pixel_values: {name: (b, 3, size, size)} -> (b, num_patches, feature_dim)."""
+        feats = []
+        for name, encoder in self.encoders.items():
+            if name not in pixel_values:
+                raise KeyError(f"no pixel values for encoder {name!r} (got {sorted(pixel_values)})")
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+                feats.append(encoder(pixel_values[name], layer=self.layer))
+        return torch.cat(feats, dim=-1)
