@@ -1,0 +1,110 @@
+"""Talk to an ML-Mamba model about an image.
+
+    python generate.py --model DIR --image cat.jpg --prompt "What is in the picture?"
+    python generate.py --model DIR --image cat.jpg --interactive        # multi-turn; the image is encoded once
+
+The answer is printed as it is generated, then the paper's speed measure: the time from image encoding to the last
+token (T_total) and Eval_avg = new tokens / T_total.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a folder written by MLMamba.save_pretrained / train.py")
+    p.add_argument("--image", help="the image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", help="the question; omit with --interactive")
+    p.add_argument("--interactive", action="store_true", help="keep the image and the conversation, ask in turn")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.interactive and not args.prompt:
+        p.error("give --prompt, or --interactive")
+    return args
+
+
+def answer(model, image_tokens, prompt, history, args, generator):
+    """Generate one reply, streaming it to stdout; returns (text, new token count, seconds)."""
+    tok = model.tokenizer
+    new_ids, printed = [], ""
+
+    def on_token(t):
+        nonlocal printed
+        if t == model.eos_token_id:
+            return
+        new_ids.append(t)
+        text = tok.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    t0 = time.perf_counter()
+    ids = model.generate(None, prompt, history=history, image_tokens=image_tokens, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, on_token=on_token,
+                         generator=generator)
+    return tok.decode(ids), len(ids), time.perf_counter() - t0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from model import MLMamba  # imported here so that --help is instant
+    from vision import ImageError
+    from weights import CheckpointError
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+             "auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32}[args.dtype]
+    try:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but CUDA is not available here: use --device cpu")
+        model = MLMamba.from_pretrained(args.model, dtype=dtype, device=args.device).eval()
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer.json")
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        t0 = time.perf_counter()
+        image_tokens = model.encode_image(args.image) if args.image else None  # once, for every turn
+        t_image = time.perf_counter() - t0
+        history = []
+        prompts = [args.prompt] if args.prompt else []
+        while True:
+            if not prompts:
+                if not args.interactive:
+                    break
+                try:
+                    line = input("\nyou> ").strip()
+                except EOFError:
+                    break
+                if line in ("", "exit", "quit"):
+                    break
+                prompts.append(line)
+            prompt = prompts.pop(0)
+            if args.interactive:
+                sys.stdout.write("ml-mamba> ")
+            text, n_new, seconds = answer(model, image_tokens, prompt, history, args, generator)
+            total = seconds + (t_image if not history else 0.0)  # the first turn pays for the image
+            print(f"\n[image encoding to last token: {total:.2f} s, {n_new} new tokens, "
+                  f"Eval_avg {n_new / total:.1f} tokens/s]", file=sys.stderr)
+            history += [("human", prompt), ("gpt", text)]
+            if not args.interactive:
+                break
+    except (CheckpointError, ImageError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)  # one line
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""ML-Mamba: vision encoders -> connector -> image tokens spliced into the text -> the Mamba-2 LM (paper eq. 9).
+
+    V = [DINOv2(X); SigLIP(X)]        (b, N, d_v)      vision.py, eq. 5 (frozen)
+    F = Connector(V)                   (b, N, D)        connector.py, eqs. 6-8
+    E = text embeddings with F put where the "<image>" placeholder token is (prepended when there is none)
+    p(answer | X, prompt) = Mamba2LM(E)                 mamba2.py, eq. 9
+
+The prompt format (the authors' Mamba prompter), one image, any number of turns:
+    "In: <image>\\nWhat is in the picture?\\nOut: A cat.<|endoftext|>\\nIn: What color?\\nOut: Grey.<|endoftext|>"
+Each segment is tokenized on its own (so training and inference cut the text the same way); training labels cover
+only the replies and their stop token "<|endoftext|>", never the image, the prompts or the padding.
+Batches are padded on the right: the LM is causal, so padding after the real tokens cannot change them.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from connector import Connector, ConnectorConfig
+from mamba2 import Mamba2Config, Mamba2LMHeadModel, load_tokenizer
+from vision import DualEncoder, ViT, ViTConfig, load_image
+from weights import CheckpointError, match_tensors, read_tensors, save_safetensors, write_json
+
+IMAGE_TOKEN = "<image>"
+EOS_TOKEN = "<|endoftext|>"  # GPT-NeoX-20B's end of text, the stop token
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MLMambaConfig:
+    lm: Mamba2Config = field(default_factory=Mamba2Config)
+    vision: dict = field(default_factory=dict)  # {name: ViTConfig}, in concatenation order
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    vision_layer: int = -2  # the ViT block whose patch tokens are used
+    max_length: int = 2048  # the longest prompt accepted, image tokens included
+
+    def to_dict(self):
+        return {"lm": self.lm.to_dict(), "vision": {k: asdict(v) for k, v in self.vision.items()},
+                "connector": {**asdict(self.connector), "grid": list(self.connector.grid)},
+                "vision_layer": self.vision_layer, "max_length": self.max_length}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(lm=Mamba2Config.from_dict(d["lm"]), vision={k: ViTConfig(**v) for k, v in d["vision"].items()},
+                   connector=ConnectorConfig(**d["connector"]), vision_layer=d.get("vision_layer", -2),
+                   max_length=d.get("max_length", 2048))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt format and labels
+# ----------------------------------------------------------------------------------------------------------------
+
+def conversation_segments(turns):
+    """turns: [(role, text)] alternating "human" / "gpt" (LLaVA's names), starting with "human".
+    Returns [(text, is_reply)]: the strings to tokenize in order, and whether each is trained on."""
+    segments = []
+    for i, (role, text) in enumerate(turns):
+        expected = "human" if i % 2 == 0 else "gpt"
+        if role != expected:
+            raise ValueError(f"turn {i} is from {role!r}, expected {expected!r} (turns alternate human / gpt)")
+        if role == "human":
+            segments.append((("\n" if i else "") + f"In: {text.strip()}\nOut: ", False))
+        else:
+            segments.append((f"{text.strip()}{EOS_TOKEN}", True))
+    return segments
+
+
+def encode_conversation(tokenizer, turns, image_token_id=None):
+    """Token ids and labels of a conversation; labels are IGNORE_INDEX except on replies and their stop token.
+
+    With image_token_id, the sample has an image: if the text holds no placeholder, one is prepended."""
+    ids, labels = [], []
+    for text, is_reply in conversation_segments(turns):
+        seg = tokenizer.encode(text, add_special_tokens=False).ids
+        ids += seg
+        labels += seg if is_reply else [IGNORE_INDEX] * len(seg)
+    if image_token_id is not None and image_token_id not in ids:
+        ids, labels = [image_token_id] + ids, [IGNORE_INDEX] + labels
+    # the placeholder is never a target, wherever it sits
+    labels = [IGNORE_INDEX if t == image_token_id else l for t, l in zip(ids, labels)]
+    return ids, labels
+
+
+def prepare_tokenizer(tokenizer):
+    """Make "<image>" and "<|endoftext|>" single special tokens (added if missing); returns their ids."""
+    tokenizer.add_special_tokens([IMAGE_TOKEN, EOS_TOKEN])
+    return tokenizer.token_to_id(IMAGE_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+
+class MLMamba(nn.Module):
+    def __init__(self, config: MLMambaConfig, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.vision = DualEncoder({name: ViT(c) for name, c in config.vision.items()}, layer=config.vision_layer)
+        self.vision.freeze()  # frozen in both training stages
+        self.connector = Connector(config.connector)
+        self.lm = Mamba2LMHeadModel(config.lm)
+        self.set_tokenizer(tokenizer)
+
+    def set_tokenizer(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.image_token_id = self.eos_token_id = None
+        if tokenizer is not None:
+            self.image_token_id, self.eos_token_id = prepare_tokenizer(tokenizer)
+            if self.eos_token_id >= self.config.lm.vocab_size:
+                raise ValueError(f"the stop token {EOS_TOKEN} has id {self.eos_token_id}, outside the LM's "
+                                 f"vocabulary of {self.config.lm.vocab_size}: use the LM's own tokenizer")
+
+    # ------------------------------------------------------------------------------------------------ training
+    def set_stage(self, stage):
+        """Which parameters train: "align" -> connector (MSC + projector); "finetune" -> connector + LM.
+        The vision encoders stay frozen. Returns the names of the trainable parameters."""
+        if stage not in ("align", "finetune"):
+            raise ValueError(f"unknown stage {stage!r}: use 'align' or 'finetune'")
+        self.vision.freeze()
+        self.connector.requires_grad_(True)
+        self.lm.requires_grad_(stage == "finetune")
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def preprocess(self, image):
+        """A path or PIL image -> {encoder name: (1, 3, S, S)} on the model's device."""
+        device = next(self.parameters()).device
+        return {k: v[None].to(device) for k, v in self.vision.preprocess(image).items()}
+
+    def image_tokens(self, pixel_values):
+        """{name: (b, 3, S, S)} -> image tokens (b, N, D) in the LM's dtype."""
+        feats = self.vision(pixel_values)  # (b, N, d_v), eq. 5
+        return self.connector(feats).to(self.lm.embedding.weight.dtype)  # (b, N, D), eqs. 6-8
+
+    def splice(self, input_ids, image_tokens=None, labels=None):
+        """Text ids (b, L) + image tokens (b, N, D) -> embeddings (b, L', D) and labels (b, L').
+
+        Each sample's "<image>" placeholder is replaced by its N image tokens; a sample without a placeholder is
+        text-only. Samples are right-padded (zeros, IGNORE_INDEX labels) to the longest."""
+        b, L = input_ids.shape
+        is_image = input_ids == self.image_token_id if self.image_token_id is not None else torch.zeros_like(
+            input_ids, dtype=torch.bool)
+        embeds = self.lm.embedding(input_ids.masked_fill(is_image, 0))  # (b, L, D); placeholder rows replaced below
+        if labels is None:
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+        rows, row_labels = [], []
+        for i in range(b):
+            where = is_image[i].nonzero().flatten().tolist()
+            if len(where) > 1:
+                raise ValueError(f"sample {i} has {len(where)} {IMAGE_TOKEN} tokens; one image per sample")
+            if where and image_tokens is None:
+                raise ValueError(f"sample {i} has an {IMAGE_TOKEN} placeholder but no image was given")
+            if not where:
+                rows.append(embeds[i])
+                row_labels.append(labels[i])
+                continue
+            p, img = where[0], image_tokens[i]
+            rows.append(torch.cat([embeds[i, :p], img, embeds[i, p + 1:]]))
+            row_labels.append(torch.cat([labels[i, :p], labels.new_full((img.shape[0],), IGNORE_INDEX),
+                                         labels[i, p + 1:]]))
+        longest = max(r.shape[0] for r in rows)
+        embeds = torch.stack([F.pad(r, (0, 0, 0, longest - r.shape[0])) for r in rows])
+        labels = torch.stack([F.pad(r, (0, longest - r.shape[0]), value=IGNORE_INDEX) for r in row_labels])
+        return embeds, labels
+
+    def forward(self, pixel_values, input_ids, labels=None):
+        """pixel_values {name: (b, 3, S, S)} or None (text only); input_ids, labels (b, L), right-padded.
+        Returns (logits (b, L', vocab), loss or None); L' counts the image tokens."""
+        image_tokens = self.image_tokens(pixel_values) if pixel_values is not None else None
+        embeds, labels = self.splice(input_ids, image_tokens, labels)
+        logits = self.lm(inputs_embeds=embeds)
+        loss = None
+        if (labels != IGNORE_INDEX).any():  # next-token prediction: position t predicts token t + 1
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, image, prompt, history=(), max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
+                 image_tokens=None, on_token=None, generator=None):
+        """Answer `prompt` about `image` (a path, a PIL image, or None for text only).
+
+        history: earlier turns [(role, text)]. image_tokens: reuse tokens from `encode_image` (multi-turn chat
+        encodes the image once). on_token(token id) streams. Returns the new token ids (list), stop token excluded.
+        """
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; give one to MLMamba(config, tokenizer)")
+        if image_tokens is None and image is not None:
+            image_tokens = self.encode_image(image)
+        turns = list(history) + [("human", prompt)]
+        ids, _ = encode_conversation(self.tokenizer, turns, self.image_token_id if image_tokens is not None else None)
+        n_prompt = len(ids) - 1 + (image_tokens.shape[1] if image_tokens is not None else 1)
+        if n_prompt > self.config.max_length:
+            raise ValueError(f"the prompt is {n_prompt} tokens with the image; the limit is {self.config.max_length}")
+        device = self.lm.embedding.weight.device
+        embeds, _ = self.splice(torch.tensor([ids], device=device), image_tokens)
+        new = self.lm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, eos_token_id=self.eos_token_id, generator=generator,
+                               on_token=(lambda t: on_token(int(t[0]))) if on_token else None)[0].tolist()
+        return new[:new.index(self.eos_token_id)] if self.eos_token_id in new else new
+
+    @torch.no_grad()
+    def encode_image(self, image):
+        """A path or PIL image -> image tokens (1, N, D), ready for `generate(image_tokens=...)`."""
+        return self.image_tokens(self.preprocess(load_image(image)))
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, folder):
+        """config.json + model.safetensors (our parameter names) + tokenizer.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        if self.config.lm.tie_embeddings:
+            state.pop("lm.lm_head.weight")  # the same tensor as lm.embedding.weight
+        save_safetensors(state, folder / "model.safetensors")
+        write_json(self.config.to_dict(), folder / "config.json")
+        if self.tokenizer is not None:
+            self.tokenizer.save(str(folder / "tokenizer.json"))
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"no ML-Mamba model at {folder} (config.json missing)")
+        config = MLMambaConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+        with torch.device("meta"):
+            model = cls(config)
+        tied = config.lm.tie_embeddings
+        expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm.lm_head.weight")}
+        state = match_tensors(expected, read_tensors(folder), {k: k for k in expected},
+                              source=f"ML-Mamba checkpoint {folder}")
+        model.load_state_dict(state, strict=not tied, assign=True)
+        model.lm.tie_weights()
+        model.set_tokenizer(tokenizer)
+        return model.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_components(cls, lm, vision, tokenizer, connector=None, input_size=384, vision_layer=-2,
+                        dtype=torch.float32, device="cpu"):
+        """A new ML-Mamba from public checkpoints: lm a Mamba-2 folder (or repo id), vision {name: SigLIP or DINOv2
+        folder} in concatenation order (the paper: {"dinov2": ..., "siglip": ...}), tokenizer a tokenizer.json or
+        its folder. connector: ConnectorConfig fields (kind, scan, init, ...); the connector is new, as in the paper."""
+        lm_model = Mamba2LMHeadModel.from_pretrained(lm)
+        encoders = {name: ViT.from_pretrained(path, input_size=input_size) for name, path in vision.items()}
+        first = next(iter(encoders.values())).config
+        cc = ConnectorConfig.for_lm(lm_model.config, vision_dim=sum(e.config.hidden_size for e in encoders.values()),
+                                    grid=(first.grid, first.grid), **(connector or {}))
+        config = MLMambaConfig(lm=lm_model.config, vision={n: e.config for n, e in encoders.items()}, connector=cc,
+                               vision_layer=vision_layer)
+        with torch.device("meta"):
+            model = cls(config)
+        model.lm = lm_model
+        model.vision = DualEncoder(encoders, layer=vision_layer).freeze()
+        model.connector = Connector(cc)
+        if cc.init == "lm" and cc.kind != "mlp":
+            model.connector.msc.init_from_lm(lm_model)
+        model.set_tokenizer(load_tokenizer(tokenizer))
+        return model.to(device=device, dtype=dtype)

@@ -1,0 +1,38 @@
+"""Helpers shared by the tests: a tiny byte-level BPE tokenizer and a tiny ML-Mamba configuration."""
+
+import pytest
+
+
+def make_tokenizer(texts, vocab_size=300):
+    """A byte-level BPE trained on `texts` (seconds), with the project's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+TEXTS = ["What is in the picture? A red circle and a blue square.", "Is the circle left of the square? Yes.",
+         "How many triangles are there? Two.", "What color is the triangle? Green."] * 20
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer(TEXTS)
+
+
+def tiny_config(kind="msc-advanced", scan="bsm"):
+    from connector import ConnectorConfig
+    from mamba2 import Mamba2Config
+    from model import MLMambaConfig
+    from vision import ViTConfig
+    lm = Mamba2Config(d_model=32, n_layer=2, vocab_size=300, d_state=16, headdim=8, chunk_size=16)
+    vision = {"dinov2": ViTConfig("dinov2", image_size=28, patch_size=14, hidden_size=24, intermediate_size=48,
+                                  num_layers=2, num_heads=2, input_size=42),
+              "siglip": ViTConfig("siglip", image_size=42, patch_size=14, hidden_size=16, intermediate_size=32,
+                                  num_layers=2, num_heads=2, input_size=42)}
+    connector = ConnectorConfig.for_lm(lm, vision_dim=40, grid=(3, 3), kind=kind, scan=scan, drop_path=0.0)
+    return MLMambaConfig(lm=lm, vision=vision, connector=connector, max_length=200)

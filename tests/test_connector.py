@@ -1,0 +1,130 @@
+"""The Mamba-2 Scan Connector: scan orders and inverses, the merge, directional causality, the variants."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from connector import (MLP, MSC, Connector, ConnectorConfig, SwiGLU, column_major, scan, scan_orders, unscan)
+from mamba2 import Mamba2Config, Mamba2LMHeadModel
+
+MIXER = Mamba2Config(d_model=16, n_layer=1, vocab_size=1, d_state=8, headdim=8, chunk_size=4)
+
+
+def test_scan_orders_on_a_non_square_grid():
+    H, W = 2, 3  # patches 0 1 2 / 3 4 5
+    assert column_major(H, W).tolist() == [0, 3, 1, 4, 2, 5]
+    bsm = scan_orders("bsm", H, W)
+    assert [o.tolist() for o in bsm] == [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]
+    csm = scan_orders("csm", H, W)
+    assert [o.tolist() for o in csm] == [[0, 1, 2, 3, 4, 5], [0, 3, 1, 4, 2, 5], [5, 4, 3, 2, 1, 0],
+                                         [5, 2, 4, 1, 3, 0]]
+    with pytest.raises(ValueError, match="unknown scan"):
+        scan_orders("zigzag", H, W)
+
+
+@pytest.mark.parametrize("kind", ["bsm", "csm"])
+def test_every_scan_has_an_exact_inverse(kind):
+    x = torch.randn(2, 4 * 5, 3)
+    for order in scan_orders(kind, 4, 5):
+        assert torch.equal(unscan(scan(x, order), order), x)
+    # BSM's backward scan is the reversed sequence
+    assert torch.equal(scan(x, scan_orders("bsm", 4, 5)[1]), x.flip(1))
+
+
+def test_msc_block_is_the_sum_of_the_reordered_directions():
+    torch.manual_seed(0)
+    msc = MSC(MIXER, grid=(2, 3), scan="bsm", n_layers=1, drop_path_rate=0.0).eval()
+    x = torch.randn(2, 6, 16)
+    block = msc.blocks[0]
+    with torch.no_grad():
+        h = block.norm(x)
+        forward = block.mixers[0](h)
+        backward = block.mixers[1](h.flip(1)).flip(1)
+        expected = msc.norm(x + forward + backward)
+        torch.testing.assert_close(msc(x), expected)
+
+
+@pytest.mark.parametrize("direction", range(4))
+def test_each_csm_direction_is_causal_in_its_own_order(direction):
+    """With only one direction's mixer switched on, changing patch p changes exactly the outputs of the patches at
+    or after p in that direction's reading order (the patch itself through the residual)."""
+    torch.manual_seed(1)
+    H, W = 3, 4
+    msc = MSC(MIXER, grid=(H, W), scan="csm", n_layers=1, drop_path_rate=0.0).eval()
+    with torch.no_grad():
+        for k, mixer in enumerate(msc.blocks[0].mixers):
+            if k != direction:
+                mixer.out_proj.weight.zero_()
+    order = scan_orders("csm", H, W)[direction]
+    rank = torch.argsort(order)  # position of each patch in the reading order
+    x = torch.randn(1, H * W, 16)
+    p = 5
+    x2 = x.clone()
+    x2[0, p] += 1.0
+    with torch.no_grad():
+        changed = (msc(x) - msc(x2)).abs().amax(-1)[0] > 1e-6
+    assert changed.tolist() == (rank >= rank[p]).tolist()
+
+
+def test_drop_path_only_in_training():
+    torch.manual_seed(2)
+    msc = MSC(MIXER, grid=(2, 2), scan="bsm", n_layers=2, drop_path_rate=0.5)
+    x = torch.randn(8, 4, 16)
+    msc.eval()
+    with torch.no_grad():
+        assert torch.equal(msc(x), msc(x))
+        msc.train()
+        assert not torch.equal(msc(x), msc(x))
+
+
+def test_mlp_and_swiglu_formulas():
+    torch.manual_seed(3)
+    mlp, glu = MLP(10, 6), SwiGLU(6)
+    x = torch.randn(2, 5, 10)
+    with torch.no_grad():
+        expected = F.linear(F.gelu(F.linear(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight,
+                                                   mlp.fc2.bias)), mlp.fc3.weight, mlp.fc3.bias)
+        torch.testing.assert_close(mlp(x), expected)
+        assert mlp.fc1.weight.shape == (24, 10) and torch.all(mlp.fc1.bias == 0)
+        y = torch.randn(3, 6)
+        torch.testing.assert_close(glu(y), glu.w2(F.silu(glu.w1(y)) * glu.w3(y)))
+        assert glu.w1.out_features == 64  # 8/3 * 6 = 16, rounded up to a multiple of 64
+
+
+@pytest.mark.parametrize("kind", ["mlp", "msc-basic", "msc-advanced"])
+@pytest.mark.parametrize("scan_kind", ["bsm", "csm"])
+def test_connector_variants(kind, scan_kind):
+    torch.manual_seed(4)
+    cfg = ConnectorConfig(kind=kind, scan=scan_kind, vision_dim=12, llm_dim=16, grid=(2, 3), d_state=8, headdim=8,
+                          chunk_size=4, drop_path=0.0)
+    conn = Connector(cfg).eval()
+    v = torch.randn(2, 6, 12)
+    with torch.no_grad():
+        out = conn(v)
+        assert out.shape == (2, 6, 16)
+        if kind == "mlp":
+            torch.testing.assert_close(out, conn.projector(v))
+        else:
+            x = conn.msc(F.gelu(conn.lift(v)))
+            if kind == "msc-advanced":
+                x = conn.swiglu(x)
+            torch.testing.assert_close(out, conn.projector(x))
+            assert len(conn.msc.blocks[0].mixers) == (2 if scan_kind == "bsm" else 4)
+    if kind != "mlp":
+        with pytest.raises(ValueError, match="expects 2 x 3 = 6 patch tokens"):
+            conn(torch.randn(1, 5, 12))
+
+
+def test_init_from_the_lm_copies_its_first_layers():
+    torch.manual_seed(5)
+    lm = Mamba2LMHeadModel(Mamba2Config(d_model=16, n_layer=3, vocab_size=50, d_state=8, headdim=8, chunk_size=4))
+    cfg = ConnectorConfig.for_lm(lm.config, vision_dim=12, grid=(2, 2), scan="csm", init="lm")
+    conn = Connector(cfg)
+    conn.msc.init_from_lm(lm)
+    for i, block in enumerate(conn.msc.blocks):
+        assert torch.equal(block.norm.weight, lm.layers[i].norm.weight)
+        for mixer in block.mixers:
+            for name, p in mixer.state_dict().items():
+                assert torch.equal(p, lm.layers[i].mixer.state_dict()[name])
+    with pytest.raises(ValueError, match="unknown connector kind"):
+        ConnectorConfig(kind="qformer")

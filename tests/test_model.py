@@ -1,0 +1,205 @@
+"""The assembled ML-Mamba: splicing, causality, labels, padding, cached generation, save/load, stages, the CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import TEXTS, make_tokenizer, tiny_config
+from model import IGNORE_INDEX, MLMamba, encode_conversation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def model(tokenizer):
+    torch.manual_seed(0)
+    return MLMamba(tiny_config(), tokenizer).eval()
+
+
+def random_image(seed=0, size=(50, 40)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+
+
+def test_prompt_format_and_label_masking(tokenizer):
+    turns = [("human", "<image>\nWhat color is the triangle?"), ("gpt", "Green."), ("human", "How many?"),
+             ("gpt", "Two.")]
+    ids, labels = encode_conversation(tokenizer, turns, image_token_id=tokenizer.token_to_id("<image>"))
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    assert text == ("<image>\nWhat color is the triangle?\nOut: Green.<|endoftext|>\nIn: How many?\nOut: "
+                    "Two.<|endoftext|>").replace("<image>", "In: <image>", 1)
+    # the labelled tokens are exactly the replies and their stop tokens
+    trained = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained == "Green.<|endoftext|>Two.<|endoftext|>"
+    # no placeholder in the text: one is prepended, and it is not a target
+    ids2, labels2 = encode_conversation(tokenizer, [("human", "Hi"), ("gpt", "Yes.")], image_token_id=300 - 299)
+    assert ids2[0] == 1 and labels2[0] == IGNORE_INDEX
+    with pytest.raises(ValueError, match="expected 'gpt'"):
+        encode_conversation(tokenizer, [("human", "a"), ("human", "b")])
+
+
+def batch_of(model, conversations, image_seeds):
+    rows = [encode_conversation(model.tokenizer, c, model.image_token_id) for c in conversations]
+    L = max(len(r[0]) for r in rows)
+    ids = torch.tensor([r[0] + [0] * (L - len(r[0])) for r in rows])
+    labels = torch.tensor([r[1] + [IGNORE_INDEX] * (L - len(r[1])) for r in rows])
+    px = [model.preprocess(random_image(s)) for s in image_seeds]
+    pixels = {k: torch.cat([p[k] for p in px]) for k in px[0]}
+    return pixels, ids, labels
+
+
+def test_loss_counts_exactly_the_reply_tokens(model):
+    conv = [("human", "<image>\nIs the circle left of the square?"), ("gpt", "Yes.")]
+    pixels, ids, labels = batch_of(model, [conv], [0])
+    with torch.no_grad():
+        logits, loss = model(pixels, ids, labels)
+    N = model.vision.num_patches
+    assert logits.shape[1] == ids.shape[1] - 1 + N
+    # by hand: the reply tokens sit after the image tokens, at text index t -> sequence index t - 1 + N
+    p = ids[0].tolist().index(model.image_token_id)
+    targets = [(t if t < p else t - 1 + N, int(ids[0, t])) for t in range(ids.shape[1]) if labels[0, t] != -100]
+    manual = torch.stack([F.cross_entropy(logits[0, s - 1], torch.tensor(tok)) for s, tok in targets]).mean()
+    torch.testing.assert_close(loss, manual)
+    assert len(targets) == len(model.tokenizer.encode("Yes.<|endoftext|>").ids)
+
+
+def test_padding_changes_no_loss_and_no_logit(model):
+    short = [("human", "<image>\nHow many?"), ("gpt", "Two.")]
+    long = [("human", "<image>\nWhat is in the picture? Tell me everything."), ("gpt", "A red circle.")]
+    pixels, ids, labels = batch_of(model, [short], [1])
+    with torch.no_grad():
+        logits_alone, loss_alone = model(pixels, ids, labels)
+        # the same sample padded with 7 more pad tokens: same loss
+        pad_ids = F.pad(ids, (0, 7), value=5)
+        pad_labels = F.pad(labels, (0, 7), value=IGNORE_INDEX)
+        _, loss_padded = model(pixels, pad_ids, pad_labels)
+        torch.testing.assert_close(loss_padded, loss_alone)
+        # in a batch with a longer sample: its real positions keep their logits
+        pixels2, ids2, labels2 = batch_of(model, [short, long], [1, 2])
+        logits_batch, _ = model(pixels2, ids2, labels2)
+    n = logits_alone.shape[1]
+    torch.testing.assert_close(logits_batch[0, :n], logits_alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_causality_over_the_spliced_sequence(model):
+    conv = [("human", "<image>\nWhat color is the triangle?"), ("gpt", "Green and blue.")]
+    pixels, ids, _ = batch_of(model, [conv], [3])
+    N = model.vision.num_patches
+    t = ids.shape[1] - 4  # change a late text token
+    ids2 = ids.clone()
+    ids2[0, t] = (ids2[0, t] + 7) % 250
+    with torch.no_grad():
+        a, _ = model(pixels, ids)
+        b, _ = model(pixels, ids2)
+    s = t - 1 + N  # its position in the spliced sequence
+    torch.testing.assert_close(a[:, :s], b[:, :s], rtol=0, atol=0)
+    assert not torch.allclose(a[:, s], b[:, s])
+
+
+def test_cached_generation_equals_greedy_full_forward(model):
+    img = random_image(4)
+    new = model.generate(img, "What is in the picture?", max_new_tokens=12)
+    ids, _ = encode_conversation(model.tokenizer, [("human", "What is in the picture?")], model.image_token_id)
+    pixels = model.preprocess(img)
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = model(pixels, torch.tensor([seq]))
+            nxt = int(logits[0, -1, :model.config.lm.vocab_size].argmax())
+            if nxt == model.eos_token_id:
+                break
+            seq.append(nxt)
+    assert new == seq[len(ids):]
+    assert len(new) > 0
+
+
+def test_stage_switch_trains_the_right_parameters(model):
+    align = model.set_stage("align")
+    assert align and all(n.startswith("connector.") for n in align)
+    finetune = model.set_stage("finetune")
+    assert {n.split(".")[0] for n in finetune} == {"connector", "lm"}
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    with pytest.raises(ValueError, match="unknown stage"):
+        model.set_stage("full")
+
+
+def test_save_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = MLMamba.from_pretrained(tmp_path).eval()
+    pixels, ids, labels = batch_of(model, [[("human", "<image>\nHow many?"), ("gpt", "Two.")]], [5])
+    with torch.no_grad():
+        a, la = model(pixels, ids, labels)
+        b, lb = loaded(pixels, ids, labels)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    img = random_image(6)
+    assert loaded.generate(img, "How many?", max_new_tokens=6) == model.generate(img, "How many?", max_new_tokens=6)
+
+
+# ---------------------------------------------------------------- from public-format components, through the CLI
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny ML-Mamba assembled from tiny checkpoints in the public formats, saved with save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("components")
+    torch.manual_seed(0)
+    tok = make_tokenizer(TEXTS)
+    tok.save(str(root / "tokenizer.json"))
+    transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, state_size=16, n_groups=1,
+        chunk_size=16, tie_word_embeddings=True)).save_pretrained(root / "lm")
+    transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+        mlp_ratio=2)).save_pretrained(root / "dinov2")
+    transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=42,
+        patch_size=14)).save_pretrained(root / "siglip")
+    model = MLMamba.from_components(root / "lm", {"dinov2": root / "dinov2", "siglip": root / "siglip"},
+                                    root / "tokenizer.json", connector={"kind": "msc-advanced", "init": "lm"},
+                                    input_size=42)
+    assert model.vision.num_patches == 9 and model.vision.feature_dim == 40
+    model.config.max_length = 100
+    model.save_pretrained(root / "mlmamba")
+    random_image(7).save(root / "image.png")
+    return root
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_generate_cli_end_to_end(cli_model):
+    out = run_cli("--model", cli_model / "mlmamba", "--image", cli_model / "image.png", "--prompt",
+                  "What is in the picture?", "--max-new-tokens", "5", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "Eval_avg" in out.stderr and "image encoding to last token" in out.stderr
+    # the printed answer is what the model generates
+    model = MLMamba.from_pretrained(cli_model / "mlmamba").eval()
+    ids = model.generate(cli_model / "image.png", "What is in the picture?", max_new_tokens=5)
+    assert out.stdout.strip() == model.tokenizer.decode(ids).strip()
+
+
+def test_generate_cli_interactive(cli_model):
+    out = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(cli_model / "mlmamba"),
+                          "--image", str(cli_model / "image.png"), "--interactive", "--max-new-tokens", "3"],
+                         input="How many?\nWhat color?\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("ml-mamba>") == 2 and out.stderr.count("Eval_avg") == 2
+
+
+@pytest.mark.parametrize("case", ["no_model", "bad_image", "long_prompt"])
+def test_generate_cli_bad_input_is_one_line(cli_model, case):
+    args = {"no_model": ["--model", cli_model / "nope", "--prompt", "hi"],
+            "bad_image": ["--model", cli_model / "mlmamba", "--image", cli_model / "missing.jpg", "--prompt", "hi"],
+            "long_prompt": ["--model", cli_model / "mlmamba", "--image", cli_model / "image.png", "--prompt",
+                            "What is in the picture? " * 20]}[case]
+    out = run_cli(*args, "--device", "cpu")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert {"no_model": "nope", "bad_image": "missing.jpg", "long_prompt": "the limit is 100"}[case] in out.stderr
