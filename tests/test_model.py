@@ -203,3 +203,17 @@ def test_generate_cli_bad_input_is_one_line(cli_model, case):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert {"no_model": "nope", "bad_image": "missing.jpg", "long_prompt": "the limit is 100"}[case] in out.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_matches_cpu_and_bf16_generates(model):
+    pixels, ids, labels = batch_of(model, [[("human", "<image>\nHow many?"), ("gpt", "Two.")]], [9])
+    with torch.no_grad():
+        cpu_logits, cpu_loss = model(pixels, ids, labels)
+        model.cuda()
+        gpu_logits, gpu_loss = model({k: v.cuda() for k, v in pixels.items()}, ids.cuda(), labels.cuda())
+    torch.testing.assert_close(gpu_logits.cpu(), cpu_logits, rtol=2e-3, atol=2e-3)  # cuDNN convs may use TF32
+    torch.testing.assert_close(gpu_loss.cpu(), cpu_loss, rtol=2e-3, atol=2e-3)
+    model.to(torch.bfloat16)
+    out = model.generate(random_image(9), "How many?", max_new_tokens=6)
+    assert 0 < len(out) <= 6 and all(0 <= t < model.config.lm.vocab_size for t in out)
