@@ -347,5 +347,6 @@ class DualEncoder(nn.Module):
             if name not in pixel_values:
                 raise KeyError(f"no pixel values for encoder {name!r} (got {sorted(pixel_values)})")
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-                feats.append(encoder(pixel_values[name], layer=self.layer))
+                pixels = pixel_values[name].to(encoder.patch_embed.weight.dtype)  # e.g. fp32 pixels, bf16 model
+                feats.append(encoder(pixels, layer=self.layer))
         return torch.cat(feats, dim=-1)

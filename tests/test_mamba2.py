@@ -1,6 +1,7 @@
 """The Mamba-2 LM: parity with transformers on tiny public-format checkpoints, cached decoding, loading errors."""
 
 import importlib.util
+import inspect
 import json
 
 import pytest
@@ -21,25 +22,33 @@ def tiny_model(seed=0, **kw):
 
 # ---------------------------------------------------------------- parity with transformers
 
-@pytest.fixture(scope="module")
-def hf_checkpoint(tmp_path_factory):
+def tiny_hf_mamba2(tmp_path_factory, n_groups):
     """A tiny random transformers Mamba2ForCausalLM saved with save_pretrained (safetensors)."""
     transformers = pytest.importorskip("transformers")
     if importlib.util.find_spec("mamba_ssm") is not None:  # e.g. on a GPU machine
         pytest.skip("with mamba-ssm installed, transformers runs its CPU reference through mamba-ssm's Triton "
                     "kernels, which need CUDA tensors")
+    from transformers.models.mamba2 import modeling_mamba2
+    if n_groups > 1 and "group_size" not in inspect.signature(modeling_mamba2.MambaRMSNormGated).parameters:
+        pytest.skip("this transformers version normalizes Mamba2's gated RMSNorm over all groups at once; "
+                    "mamba-ssm (and so the public checkpoints) normalize each group, as newer transformers do")
     torch.manual_seed(0)
     cfg = transformers.Mamba2Config(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_heads=8, head_dim=8,
-                                    expand=2, state_size=16, n_groups=2, conv_kernel=4, chunk_size=16,
+                                    expand=2, state_size=16, n_groups=n_groups, conv_kernel=4, chunk_size=16,
                                     tie_word_embeddings=False)
     hf = transformers.Mamba2ForCausalLM(cfg).eval()
     with torch.no_grad():  # non-trivial values for the tensors that init leaves at 1 or 0
         for name, p in hf.named_parameters():
             if name.endswith(("norm.weight", "norm_f.weight", "conv1d.bias", ".D")):
                 p.add_(0.3 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("hf_mamba2")
+    folder = tmp_path_factory.mktemp(f"hf_mamba2_g{n_groups}")
     hf.save_pretrained(folder, safe_serialization=True)
     return hf, folder
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1group", "2groups"])
+def hf_checkpoint(tmp_path_factory, request):
+    return tiny_hf_mamba2(tmp_path_factory, request.param)
 
 
 def test_hf_checkpoint_loads_with_identical_logits(hf_checkpoint):

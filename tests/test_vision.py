@@ -136,7 +136,11 @@ def test_preprocess_matches_transformers_image_processors():
     img = Image.fromarray(rng.integers(0, 256, (61, 47, 3), dtype=np.uint8))
     hf = transformers.SiglipImageProcessor(size={"height": 42, "width": 42})
     expected = torch.as_tensor(np.asarray(hf(img, return_tensors="np")["pixel_values"][0]))
-    torch.testing.assert_close(preprocess(img, 42, (0.5,) * 3, (0.5,) * 3), expected, rtol=1e-5, atol=1e-5)
+    ours = preprocess(img, 42, (0.5,) * 3, (0.5,) * 3)
+    # transformers 5.23 resizes with Pillow too (identical); some versions resize with torchvision, whose bicubic
+    # rounds a few pixels to the next gray level: allow one level (2/255 in SigLIP's units), and only rarely
+    torch.testing.assert_close(ours, expected, rtol=0, atol=2 / 255 + 1e-6)
+    assert (ours - expected).abs().gt(1e-5).float().mean() < 0.01
 
 
 def test_odd_image_modes(tmp_path):
