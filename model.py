@@ -167,15 +167,17 @@ class MLMamba(nn.Module):
         labels = torch.stack([F.pad(r, (0, longest - r.shape[0]), value=IGNORE_INDEX) for r in row_labels])
         return embeds, labels
 
-    def forward(self, pixel_values, input_ids, labels=None):
+    def forward(self, pixel_values, input_ids, labels=None, loss_reduction="mean"):
         """pixel_values {name: (b, 3, S, S)} or None (text only); input_ids, labels (b, L), right-padded.
-        Returns (logits (b, L', vocab), loss or None); L' counts the image tokens."""
+        Returns (logits (b, L', vocab), loss or None); L' counts the image tokens. loss_reduction "sum" gives the
+        summed loss over the target tokens (a trainer divides by the count over the whole global batch)."""
         image_tokens = self.image_tokens(pixel_values) if pixel_values is not None else None
         embeds, labels = self.splice(input_ids, image_tokens, labels)
         logits = self.lm(inputs_embeds=embeds)
         loss = None
         if (labels != IGNORE_INDEX).any():  # next-token prediction: position t predicts token t + 1
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction=loss_reduction)
         return logits, loss
 
     # ------------------------------------------------------------------------------------------------ generation

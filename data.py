@@ -1,0 +1,250 @@
+"""Data: a synthetic visual-question world (the default training data), the LLaVA-format loader, batching, and the
+tokenizer trained on the fly.
+
+The synthetic world: small images of coloured shapes on a 3 x 3 grid (one shape per cell, 1 to 4 shapes), drawn
+with Pillow, deterministic from a seed. Four question families mirror the paper's benchmarks:
+    existence  "Is there a red circle?"                     yes/no, balanced; negatives drawn at random or from
+                                                             objects that share a shape or a colour with one in the
+                                                             picture (POPE's "random" / "adversarial" negatives)
+    attribute  "What color is the triangle?" / "What shape is the red object?"       (GQA / VQA-like)
+    spatial    "Is the blue square left of the red circle?"  yes/no, left/right/above/below  (VSR-like)
+    counting   "How many circles are there?"                 0 to 4
+It is written in the standard LLaVA layout (an image folder + a JSON list of {"id", "image", "conversations"}), so
+training goes through the same loader real data uses. Splits are disjoint: no scene appears in two splits.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from model import IGNORE_INDEX, encode_conversation
+from vision import ImageError
+
+SHAPES = ["circle", "square", "triangle"]
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
+FAMILIES = ["existence", "attribute", "spatial", "counting"]
+GRID = 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scenes and questions
+# ----------------------------------------------------------------------------------------------------------------
+
+def random_scene(rng):
+    """[(row, col, shape, color)] for 1 to 4 objects in distinct cells."""
+    cells = rng.sample(range(GRID * GRID), rng.randint(1, 4))
+    return sorted((c // GRID, c % GRID, rng.choice(SHAPES), rng.choice(list(COLORS))) for c in cells)
+
+
+def draw_scene(scene, cell=16, seed=0):
+    """The scene as an RGB image of (GRID * cell) pixels a side; sizes and offsets jitter with the seed."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", (GRID * cell, GRID * cell), (245, 245, 240))
+    d = ImageDraw.Draw(img)
+    for r, c, shape, color in scene:
+        m = rng.randint(2, 3)
+        x0, y0, x1, y1 = c * cell + m, r * cell + m, (c + 1) * cell - m - 1, (r + 1) * cell - m - 1
+        if shape == "circle":
+            d.ellipse((x0, y0, x1, y1), fill=COLORS[color])
+        elif shape == "square":
+            d.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=COLORS[color])
+        else:
+            d.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=COLORS[color])
+    return img
+
+
+def _yes_no(flag):
+    return "yes" if flag else "no"
+
+
+def make_question(scene, family, rng):
+    """(question, answer) of one family about the scene, or None when the scene cannot pose it."""
+    objects = [(s, c) for _, _, s, c in scene]
+    if family == "existence":
+        if rng.random() < 0.5:  # positive
+            s, c = rng.choice(objects)
+            return f"Is there a {c} {s}?", "yes"
+        absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in objects]
+        co_occurring = [(s, c) for s, c in absent if any(s == s2 or c == c2 for s2, c2 in objects)]
+        pool = co_occurring if co_occurring and rng.random() < 0.5 else absent  # adversarial or random negative
+        s, c = rng.choice(pool)
+        return f"Is there a {c} {s}?", "no"
+    if family == "attribute":
+        unique_shapes = [s for s in SHAPES if sum(o[0] == s for o in objects) == 1]
+        unique_colors = [c for c in COLORS if sum(o[1] == c for o in objects) == 1]
+        if unique_shapes and (not unique_colors or rng.random() < 0.5):
+            s = rng.choice(unique_shapes)
+            return f"What color is the {s}?", next(c for s2, c in objects if s2 == s)
+        if unique_colors:
+            c = rng.choice(unique_colors)
+            return f"What shape is the {c} object?", next(s2 for s2, c2 in objects if c2 == c)
+        return None
+    if family == "spatial":
+        unique = [o for o in scene if objects.count((o[2], o[3])) == 1]
+        pairs = [(a, b) for a in unique for b in unique if a != b]
+        relations = [(a, b, rel) for a, b in pairs for rel in ("left of", "right of", "above", "below")
+                     if (rel in ("left of", "right of") and a[1] != b[1]) or (rel in ("above", "below") and a[0] != b[0])]
+        if not relations:
+            return None
+        a, b, rel = rng.choice(relations)
+        truth = {"left of": a[1] < b[1], "right of": a[1] > b[1], "above": a[0] < b[0], "below": a[0] > b[0]}[rel]
+        return f"Is the {a[3]} {a[2]} {rel} the {b[3]} {b[2]}?", _yes_no(truth)
+    if family == "counting":
+        s = rng.choice(SHAPES)
+        return f"How many {s}s are there?", str(sum(o[0] == s for o in objects))
+    raise ValueError(f"unknown question family {family!r}")
+
+
+def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, cell=16):
+    """Write images/ and train.json, val.json, test.json (LLaVA layout) under root; returns the json paths.
+
+    Train samples are multi-turn: one question of each family the scene allows, in random order. Val and test
+    samples hold one question each (every family for every image), with a "family" field for scoring."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    seen = set()
+    paths, scenes = {}, {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        samples = []
+        i = 0
+        while i < n:
+            scene = random_scene(rng)
+            key = tuple(scene)
+            if key in seen:  # disjoint splits: every scene is drawn once, in one split
+                continue
+            seen.add(key)
+            name = f"{split}_{i:05d}.png"
+            draw_scene(scene, cell, seed=rng.randrange(1 << 30)).save(root / "images" / name)
+            scenes[f"images/{name}"] = scene
+            qas = [(f, make_question(scene, f, rng)) for f in FAMILIES]
+            qas = [(f, qa) for f, qa in qas if qa is not None]
+            if split == "train":
+                rng.shuffle(qas)
+                conv = []
+                for j, (_, (q, a)) in enumerate(qas):
+                    conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
+                samples.append({"id": f"{split}-{i}", "image": f"images/{name}", "conversations": conv})
+            else:
+                for f, (q, a) in qas:
+                    samples.append({"id": f"{split}-{i}-{f}", "image": f"images/{name}", "family": f, "conversations": [
+                        {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+            i += 1
+        paths[split] = root / f"{split}.json"
+        paths[split].write_text(json.dumps(samples, indent=0))
+    (root / "scenes.json").write_text(json.dumps(scenes))  # the ground truth of every image, for checking
+    (root / "DONE").write_text(json.dumps({"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test}))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaVA-format data
+# ----------------------------------------------------------------------------------------------------------------
+
+def conversation_turns(sample):
+    """LLaVA's {"from": "human"/"gpt", "value"} list -> [(role, text)]."""
+    return [(t["from"], t["value"]) for t in sample["conversations"]]
+
+
+def train_tokenizer(texts, vocab_size=512):
+    """A byte-level BPE tokenizer trained on `texts`, with "<|endoftext|>" and "<image>" as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+class LLaVADataset(torch.utils.data.Dataset):
+    """A LLaVA-format JSON list. Samples with an "image" get pixels (from image_root); others are text-only.
+
+    A sample whose image is missing or unreadable, or whose text holds several "<image>" placeholders, is
+    reported once and skipped (it yields None; `collate` drops it); `skipped` lists them."""
+
+    def __init__(self, json_path, image_root, model):
+        self.json_path = Path(json_path)
+        if not self.json_path.is_file():
+            raise FileNotFoundError(f"data file not found: {self.json_path}")
+        try:
+            self.samples = json.loads(self.json_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.json_path} is not valid JSON: {e}") from None
+        self.image_root = Path(image_root) if image_root else self.json_path.parent
+        self.model = model  # for the tokenizer, the placeholder id and each encoder's preprocessing
+        self.skipped = {}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _skip(self, i, reason):
+        if i not in self.skipped:
+            self.skipped[i] = reason
+            print(f"skipping sample {i} ({self.samples[i].get('id', '?')}): {reason}", flush=True)
+        return None
+
+    def __getitem__(self, i):
+        sample = self.samples[i]
+        turns = conversation_turns(sample)
+        has_image = "image" in sample
+        text = " ".join(t for _, t in turns)
+        if text.count("<image>") > 1:
+            return self._skip(i, "more than one <image> placeholder")
+        try:
+            ids, labels = encode_conversation(self.model.tokenizer, turns,
+                                              self.model.image_token_id if has_image else None)
+        except ValueError as e:
+            return self._skip(i, str(e))
+        pixels = None
+        if has_image:
+            try:
+                pixels = self.model.vision.preprocess(self.image_root / sample["image"])
+            except ImageError as e:
+                return self._skip(i, str(e))
+        else:  # text-only: no placeholder may stay in the text
+            keep = [k for k, t in enumerate(ids) if t != self.model.image_token_id]
+            ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
+        return {"input_ids": ids, "labels": labels, "pixels": pixels}
+
+
+def collate(items, encoder_inputs):
+    """Right-pad a list of dataset items into a batch; drops skipped (None) items.
+    encoder_inputs: {name: (3, S, S) shape} so text-only rows get zero pixels (never used: no placeholder)."""
+    items = [x for x in items if x is not None]
+    if not items:
+        return None
+    L = max(len(x["input_ids"]) for x in items)
+    ids = torch.tensor([x["input_ids"] + [0] * (L - len(x["input_ids"])) for x in items])
+    labels = torch.tensor([x["labels"] + [IGNORE_INDEX] * (L - len(x["labels"])) for x in items])
+    pixels = None
+    if any(x["pixels"] is not None for x in items):
+        pixels = {name: torch.stack([x["pixels"][name] if x["pixels"] is not None else torch.zeros(shape)
+                                     for x in items]) for name, shape in encoder_inputs.items()}
+    return {"pixel_values": pixels, "input_ids": ids, "labels": labels}
+
+
+@dataclass
+class Batches:
+    """A deterministic order of batches over a dataset: epoch e shuffles with seed + e, so a resumed run sees
+    exactly the batches the interrupted one would have. Rank r of a world of w takes every w-th sample of
+    each global batch."""
+    n: int
+    batch_size: int  # global batch, all ranks together
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+
+    def steps_per_epoch(self):
+        return self.n // self.batch_size
+
+    def indices(self, epoch, step):
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.n, generator=g)
+        batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+        return batch[self.rank::self.world].tolist()

@@ -1,0 +1,180 @@
+"""Score a checkpoint on a LLaVA-style question file.
+
+    python evaluate.py --model runs/synthetic/final --questions data/synthetic/test.json
+    python evaluate.py --model DIR --questions pope.jsonl --image-root coco/val2014 --metric pope
+    python evaluate.py --model DIR --questions vqav2.json --image-root coco/val2014 --metric vqa
+
+Metrics:
+- family accuracy: exact match after normalization, per "family" field (the synthetic world's four families);
+- POPE: accuracy, precision, recall, F1 and the yes-ratio, "yes" as the positive class (answers are read as yes/no
+  by their first word, as the POPE scripts do);
+- VQA-v2 soft accuracy: min(#humans who gave the answer / 3, 1), averaged over the 10 choose 9 subsets of the ten
+  human answers, after the standard normalization (lower case, punctuation, articles, number words, contractions).
+
+Question files: a JSON list (LLaVA conversations, or {"question"/"text", "answer"/"label"/"answers", "image"}),
+or JSON lines (POPE's {"question_id", "image", "text", "label"}).
+"""
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------------------------
+# Answer normalization (the VQA evaluation's rules)
+# ----------------------------------------------------------------------------------------------------------------
+
+_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
+                 "wont": "won't", "im": "i'm", "ive": "i've", "its": "it's", "thats": "that's", "whats": "what's",
+                 "wasnt": "wasn't", "werent": "weren't", "hasnt": "hasn't", "havent": "haven't", "didnt": "didn't",
+                 "couldnt": "couldn't", "shouldnt": "shouldn't", "wouldnt": "wouldn't", "youre": "you're",
+                 "theyre": "they're", "theres": "there's", "hes": "he's", "shes": "she's", "lets": "let's"}
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = r";/[]\"{}()=+\_-><@`,?!*#%^&$|~:"
+
+
+def normalize_answer(text):
+    """VQA-style: lower case, punctuation removed (a period only where it is not a decimal point), number words
+    to digits, articles dropped, contractions restored."""
+    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+    for p in _PUNCT:
+        text = text.replace(p, "" if p == "'" else " " if p in ",;/" else "")
+    text = re.sub(r"(?<!\d)\.(?!\d)", "", text)  # periods that are not decimal points
+    words = []
+    for w in text.split():
+        w = _NUMBERS.get(w, w)
+        if w in _ARTICLES:
+            continue
+        words.append(_CONTRACTIONS.get(w, w))
+    return " ".join(words)
+
+
+def vqa_soft_accuracy(prediction, human_answers):
+    """VQA-v2: for each of the 10 leave-one-out subsets of 9 human answers, min(matches / 3, 1); the mean."""
+    pred = normalize_answer(prediction)
+    gts = [normalize_answer(a) for a in human_answers]
+    if len(gts) < 2:
+        return float(gts == [pred])
+    scores = []
+    for i in range(len(gts)):
+        others = gts[:i] + gts[i + 1:]
+        scores.append(min(sum(g == pred for g in others) / 3.0, 1.0))
+    return sum(scores) / len(scores)
+
+
+def yes_no(text):
+    """POPE's reading of an answer: "yes" if it starts with yes, else "no"."""
+    words = normalize_answer(text).split()
+    return "yes" if words and words[0] == "yes" else "no"
+
+
+def pope_metrics(predictions, labels):
+    """Accuracy, precision, recall, F1 and the ratio of "yes" answers; "yes" is the positive class."""
+    preds = [yes_no(p) for p in predictions]
+    gold = [yes_no(l) for l in labels]
+    tp = sum(p == g == "yes" for p, g in zip(preds, gold))
+    tn = sum(p == g == "no" for p, g in zip(preds, gold))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(preds, gold))
+    fn = sum(p == "no" and g == "yes" for p, g in zip(preds, gold))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / len(preds), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": preds.count("yes") / len(preds), "n": len(preds)}
+
+
+def family_accuracy(predictions, answers, families):
+    """Exact match after normalization, per family and overall."""
+    per = defaultdict(list)
+    for p, a, f in zip(predictions, answers, families):
+        per[f].append(normalize_answer(p) == normalize_answer(a))
+    out = {f: sum(v) / len(v) for f, v in sorted(per.items())}
+    out["overall"] = sum(sum(v) for v in per.values()) / max(1, sum(len(v) for v in per.values()))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Question files and answering
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_questions(path):
+    """[{"question", "answer" (str or list of human answers), "image" or None, "family"}] from a question file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"question file not found: {path}")
+    text = path.read_text()
+    try:
+        records = json.loads(text)
+        if isinstance(records, dict):
+            records = records.get("questions") or records.get("data") or list(records.values())
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON lines (POPE)
+    out = []
+    for r in records:
+        if "conversations" in r:
+            q = r["conversations"][0]["value"].replace("<image>", "").strip()
+            a = r["conversations"][1]["value"]
+        else:
+            q = r.get("question", r.get("text"))
+            a = r.get("answers", r.get("answer", r.get("label")))
+            if isinstance(a, list) and a and isinstance(a[0], dict):  # VQA-v2: [{"answer": ...}, ...]
+                a = [x["answer"] for x in a]
+        out.append({"question": q, "answer": a, "image": r.get("image"), "family": r.get("family", "all")})
+    return out
+
+
+def answer_questions(model, questions, image_root, max_new_tokens=10, progress=True):
+    """Greedy answers, one question at a time (the image encoded once per question)."""
+    answers = []
+    for i, q in enumerate(questions):
+        image = Path(image_root) / q["image"] if q["image"] else None
+        ids = model.generate(image, q["question"], max_new_tokens=max_new_tokens)
+        answers.append(model.tokenizer.decode(ids).strip())
+        if progress and (i + 1) % 200 == 0:
+            print(f"  answered {i + 1}/{len(questions)}", flush=True)
+    return answers
+
+
+def evaluate(model, question_file, image_root=None, metric="family", max_new_tokens=10):
+    import torch
+    questions = load_questions(question_file)
+    root = image_root or Path(question_file).parent
+    model.eval()
+    with torch.no_grad():
+        preds = answer_questions(model, questions, root, max_new_tokens)
+    if metric == "pope":
+        return pope_metrics(preds, [q["answer"] for q in questions])
+    if metric == "vqa":
+        scores = [vqa_soft_accuracy(p, q["answer"] if isinstance(q["answer"], list) else [q["answer"]])
+                  for p, q in zip(preds, questions)]
+        return {"vqa_accuracy": sum(scores) / len(scores), "n": len(scores)}
+    return family_accuracy(preds, [q["answer"] for q in questions], [q["family"] for q in questions])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--questions", required=True)
+    p.add_argument("--image-root", default=None, help="default: the question file's folder")
+    p.add_argument("--metric", default="family", choices=["family", "pope", "vqa"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=10)
+    args = p.parse_args(argv)
+    from model import MLMamba
+    try:
+        model = MLMamba.from_pretrained(args.model, device=args.device)
+        result = evaluate(model, args.questions, args.image_root, args.metric, args.max_new_tokens)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    for k, v in result.items():
+        print(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Training: the synthetic world, the LLaVA loader, stages, checkpoints and resume, NaN stop, 2-process DDP,
+and the evaluation metrics."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import train as T
+from data import FAMILIES, LLaVADataset, build_synthetic_dataset, collate, make_question
+from evaluate import family_accuracy, load_questions, normalize_answer, pope_metrics, vqa_soft_accuracy
+from model import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    build_synthetic_dataset(root, n_train=48, n_val=4, n_test=12, seed=3)
+    return root
+
+
+def args_for(world, out, *extra):
+    return T.parse_args(["--synthetic-dir", str(world), "--out", str(out), "--global-batch", "8", "--no-eval",
+                         "--log-every", "1000", "--device", "cpu", *extra])
+
+
+# ---------------------------------------------------------------- the synthetic world
+
+def test_generator_is_deterministic_and_splits_are_disjoint(world, tmp_path):
+    build_synthetic_dataset(tmp_path, n_train=48, n_val=4, n_test=12, seed=3)
+    for name in ("train.json", "test.json", "scenes.json"):
+        assert (tmp_path / name).read_text() == (world / name).read_text()
+    assert (tmp_path / "images/test_00005.png").read_bytes() == (world / "images/test_00005.png").read_bytes()
+    scenes = json.loads((world / "scenes.json").read_text())
+    by_split = {s: {json.dumps(v) for k, v in scenes.items() if k.startswith(f"images/{s}_")}
+                for s in ("train", "val", "test")}
+    assert len(by_split["train"]) == 48 and len(by_split["test"]) == 12
+    assert not (by_split["train"] & by_split["test"]) and not (by_split["train"] & by_split["val"])
+    # test questions: one per family the scene allows, answers true to the scene
+    test = json.loads((world / "test.json").read_text())
+    assert {s["family"] for s in test} == set(FAMILIES)
+    for s in test:
+        scene = scenes[s["image"]]
+        q, a = s["conversations"][0]["value"], s["conversations"][1]["value"]
+        if s["family"] == "counting":
+            shape = q.split("How many ")[1].split("s are")[0]
+            assert a == str(sum(o[2] == shape for o in scene))
+        if s["family"] == "existence":
+            color, shape = q[len("<image>\nIs there a "):-1].split(" ")
+            assert a == ("yes" if [color, shape] in [[o[3], o[2]] for o in scene] else "no")
+
+
+def test_existence_is_balanced_with_co_occurring_negatives():
+    import random
+    rng = random.Random(0)
+    scene = [(0, 0, "circle", "red"), (1, 1, "square", "blue")]
+    answers = [make_question(scene, "existence", rng) for _ in range(400)]
+    yes = sum(a == "yes" for _, a in answers)
+    assert 160 < yes < 240
+    negatives = [q for q, a in answers if a == "no"]
+    co = [q for q in negatives if "circle" in q or "red" in q or "square" in q or "blue" in q]
+    assert 0.4 < len(co) / len(negatives) < 0.95
+
+
+# ---------------------------------------------------------------- the LLaVA loader
+
+def test_loader_edge_cases(world, tmp_path, capsys):
+    from conftest import tiny_config
+    from data import train_tokenizer
+    from model import MLMamba
+    tok = train_tokenizer(["In: hello\nOut: yes", "Was ist das? Ünïcødé ✓"], vocab_size=300)
+    model = MLMamba(tiny_config(), tok)
+    Image.new("RGB", (30, 20), (0, 200, 0)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    samples = [
+        {"id": "text", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "multi", "image": "ok.png", "conversations": [
+            {"from": "human", "value": "<image>\nhello"}, {"from": "gpt", "value": "yes"},
+            {"from": "human", "value": "again?"}, {"from": "gpt", "value": "no"}]},
+        {"id": "odd", "image": "ok.png", "conversations": [
+            {"from": "human", "value": "hello\n<image>"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "unicode", "image": "ok.png", "conversations": [
+            {"from": "human", "value": "Was ist das? Ünïcødé ✓"}, {"from": "gpt", "value": "Ünïcødé ✓"}]},
+        {"id": "broken", "image": "broken.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nhello"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "missing", "image": "nope.png", "conversations": [
+            {"from": "human", "value": "<image>\nhello"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "two", "image": "ok.png", "conversations": [
+            {"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "yes"}]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(samples, ensure_ascii=False))
+    ds = LLaVADataset(tmp_path / "data.json", tmp_path, model)
+    items = [ds[i] for i in range(len(ds))]
+    assert [x is None for x in items] == [False, False, False, False, True, True, True]
+    assert set(ds.skipped) == {4, 5, 6} and "broken.jpg" in ds.skipped[4] and "nope.png" in ds.skipped[5]
+    assert "skipping sample 4 (broken)" in capsys.readouterr().out
+    img = model.image_token_id
+    assert items[0]["pixels"] is None and img not in items[0]["input_ids"]
+    assert items[1]["input_ids"].count(img) == 1 and len([l for l in items[1]["labels"] if l != -100]) > 2
+    odd = items[2]["input_ids"]
+    assert odd.index(img) > 3  # the placeholder stays where the text put it
+    assert items[3]["input_ids"][0] == img  # none in the text: prepended
+    assert tok.decode([t for t, l in zip(items[3]["input_ids"], items[3]["labels"]) if l != -100]) == "Ünïcødé ✓"
+    batch = collate(items, {n: (3, 42, 42) for n in model.vision.encoders})
+    assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"]["siglip"].shape == (4, 3, 42, 42)
+    assert torch.all(batch["pixel_values"]["siglip"][0] == 0)  # the text-only row
+    assert (batch["labels"][0, len(items[0]["labels"]):] == IGNORE_INDEX).all()
+    with torch.no_grad():
+        _, loss = model(batch["pixel_values"], batch["input_ids"], batch["labels"])
+    assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- stages, checkpoints, resume, NaN
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("stage", ["align", "finetune"])
+def test_one_step_changes_exactly_the_stage_parameters(world, tmp_path, stage):
+    args = args_for(world, tmp_path, "--stage", stage, "--max-steps", "1")
+    args.train_json = world / "train.json"
+    model = T.build_model(args, 0)
+    dataset = LLaVADataset(args.train_json, world, model)
+    before = params(model)
+    T.run_stage(stage, model, dataset, args, 0, 1)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    prefixes = {"align": ("connector.",), "finetune": ("connector.", "lm.")}[stage]
+    assert changed and all(n.startswith(prefixes) for n in changed)
+    expected = {n for n in before if n.startswith(prefixes)}
+    assert len(changed) >= 0.9 * len(expected)  # (a few may get no gradient in one step, e.g. unused vocab rows)
+    assert not any(n.startswith("vision.") for n in changed)
+    if stage == "finetune":
+        assert any(n.startswith("lm.") for n in changed)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(world, tmp_path):
+    common = ["--stage", "finetune", "--max-steps", "6", "--save-every", "2"]  # drop-path: the RNG matters too
+    full = T.train(args_for(world, tmp_path / "a", *common))
+    with pytest.raises(KeyboardInterrupt):  # "killed" after step 5: the last checkpoint is step 4
+        T.train(args_for(world, tmp_path / "b", *common, "--stop-after", "5"))
+    assert (tmp_path / "b/finetune/latest").read_text() == "checkpoint-4"
+    resumed = T.train(args_for(world, tmp_path / "b", *common, "--resume"))
+    a, b = params(full), params(resumed)
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=0, atol=0, msg=n)
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(world, tmp_path, monkeypatch):
+    common = ["--stage", "align", "--max-steps", "4", "--save-every", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        T.train(args_for(world, tmp_path, *common, "--stop-after", "2"))
+    assert (tmp_path / "align/latest").read_text() == "checkpoint-2"
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError("killed while writing")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        T.train(args_for(world, tmp_path, *common, "--resume"))  # dies while writing checkpoint-4
+    monkeypatch.undo()
+    assert (tmp_path / "align/latest").read_text() == "checkpoint-2"  # the pointer never moved
+    from model import MLMamba
+    MLMamba.from_pretrained(tmp_path / "align/checkpoint-2")  # and it still loads
+
+
+def test_nan_loss_stops_and_names_the_step(world, tmp_path, capsys):
+    args = args_for(world, tmp_path, "--stage", "finetune", "--max-steps", "3")
+    args.train_json = world / "train.json"
+    model = T.build_model(args, 0)
+    with torch.no_grad():
+        model.lm.norm_f.weight.fill_(float("nan"))
+    with pytest.raises(SystemExit):
+        T.run_stage("finetune", model, LLaVADataset(args.train_json, world, model), args, 0, 1)
+    assert "loss is nan at step 1" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- two processes (gloo) vs one
+
+def _worker(rank, world, port, argv, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = T.train(T.parse_args(argv))
+    torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}/rank{rank}.pt")
+
+
+def test_two_process_gloo_matches_one_process(world, tmp_path):
+    argv = ["--synthetic-dir", str(world), "--global-batch", "8", "--no-eval", "--log-every", "1000",
+            "--device", "cpu", "--max-steps", "3", "--stage", "finetune",
+            "--drop-path", "0"]  # stochastic depth draws different masks when the batch is split over ranks
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, argv + ["--out", str(tmp_path / "ddp")], str(tmp_path)), nprocs=2)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    single = params(T.train(T.parse_args(argv + ["--out", str(tmp_path / "single")])))
+    for n in r0:
+        assert torch.equal(r0[n], r1[n]), f"replicas differ at {n}"
+        torch.testing.assert_close(r0[n], single[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+# ---------------------------------------------------------------- evaluation metrics
+
+def test_answer_normalization_and_vqa_soft_accuracy():
+    assert normalize_answer("Two.") == "2"
+    assert normalize_answer("The Red, circle!") == "red circle"
+    assert normalize_answer("dont know") == "don't know"
+    assert normalize_answer("3.5") == "3.5"
+    humans = ["2"] * 3 + ["two"] + ["3"] * 6  # "2" given by 4 people (after normalization)
+    assert vqa_soft_accuracy("two", humans) == pytest.approx(1.0)
+    humans = ["2"] * 2 + ["3"] * 8
+    # leave-one-out: 2 subsets drop a "2" (1 match -> 1/3), 8 keep both (2 matches -> 2/3)
+    assert vqa_soft_accuracy("2", humans) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)
+    assert vqa_soft_accuracy("4", humans) == 0.0
+
+
+def test_pope_metrics_by_hand():
+    preds = ["Yes, there is.", "no", "yes", "No.", "yes", "no"]
+    gold = ["yes", "yes", "no", "no", "yes", "no"]
+    m = pope_metrics(preds, gold)  # tp 2, fn 1, fp 1, tn 2
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
+    assert m["yes_ratio"] == pytest.approx(0.5)
+
+
+def test_question_file_formats_and_family_accuracy(tmp_path):
+    (tmp_path / "pope.jsonl").write_text('{"question_id": 1, "image": "a.jpg", "text": "Is there a dog?", '
+                                         '"label": "yes"}\n{"question_id": 2, "image": "b.jpg", "text": "Is there '
+                                         'a cat?", "label": "no"}\n')
+    qs = load_questions(tmp_path / "pope.jsonl")
+    assert [q["answer"] for q in qs] == ["yes", "no"] and qs[0]["image"] == "a.jpg"
+    (tmp_path / "vqa.json").write_text(json.dumps([{"question": "How many?", "image": "c.jpg",
+                                                    "answers": [{"answer": "2"}] * 10}]))
+    assert load_questions(tmp_path / "vqa.json")[0]["answer"] == ["2"] * 10
+    acc = family_accuracy(["yes", "Red.", "2", "no"], ["yes", "red", "3", "no"],
+                          ["existence", "attribute", "counting", "existence"])
+    assert acc == {"attribute": 1.0, "counting": 0.0, "existence": 1.0, "overall": 0.75}

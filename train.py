@@ -1,0 +1,343 @@
+"""Train ML-Mamba: stage 1 "align" (connector only), stage 2 "finetune" (connector + LM); vision always frozen.
+
+    python train.py                      # no download: builds the synthetic shapes world and a tiny ML-Mamba, runs
+                                         # both stages, prints held-out accuracy per question family
+    python train.py --stage finetune --data llava_v1_5_mix665k.json --image-root DIR \\
+        --llm mamba2-2.7b --dinov2 dinov2-large --siglip siglip-so400m-patch14-384 --tokenizer gpt-neox-20b
+    torchrun --nproc_per_node=8 train.py ...        # data parallel (DDP), one process per GPU
+
+The paper's recipe (Table 1): AdamW, cosine decay after a linear warmup over 3% of the steps, lr 2e-5, weight decay
+0.1, 2 epochs, global batch = per-device batch x gradient accumulation x devices, bf16 autocast on fp32 master
+weights, gradient clipping at 1.0.
+
+Checkpoints: runs/NAME/STAGE/checkpoint-STEP/ (model + optimizer + scheduler + RNG + step), then the file
+STAGE/latest is switched to it with an atomic rename: a crash mid-write leaves the previous checkpoint in charge.
+`--resume` continues from there with the same batches in the same order, so it ends where an uninterrupted run
+would. A NaN or infinite loss stops the run naming the step; the last good checkpoint stays.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data import (Batches, LLaVADataset, build_synthetic_dataset, collate, conversation_turns, train_tokenizer)
+from model import IGNORE_INDEX, MLMamba, MLMambaConfig, conversation_segments
+
+STAGES = ("align", "finetune")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", default="both", choices=["align", "finetune", "both"])
+    p.add_argument("--data", help="LLaVA-format JSON; default: the synthetic world (built if missing)")
+    p.add_argument("--image-root", help="folder the samples' image paths are relative to (default: the JSON's)")
+    p.add_argument("--synthetic-dir", default="data/synthetic")
+    p.add_argument("--llm", help="Mamba-2 checkpoint folder or repo id (real runs)")
+    p.add_argument("--siglip", help="SigLIP checkpoint folder or repo id")
+    p.add_argument("--dinov2", help="DINOv2 checkpoint folder or repo id")
+    p.add_argument("--tokenizer", help="tokenizer.json or its folder (real runs: GPT-NeoX-20B's)")
+    p.add_argument("--init-from", help="an ML-Mamba folder to start from (e.g. the align stage's output)")
+    p.add_argument("--connector", default="msc-advanced", choices=["mlp", "msc-basic", "msc-advanced"])
+    p.add_argument("--scan", default="bsm", choices=["bsm", "csm"])
+    p.add_argument("--drop-path", type=float, default=0.1, help="the MSC blocks' stochastic depth")
+    p.add_argument("--image-size", type=int, default=384, help="encoder input size (real runs)")
+    p.add_argument("--out", default="runs/synthetic")
+    p.add_argument("--epochs", type=float, default=None, help="per stage (default: 2, synthetic: see below)")
+    p.add_argument("--align-epochs", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="finetune lr (default 2e-5; synthetic 3e-3)")
+    p.add_argument("--align-lr", type=float, default=None, help="align lr (default 1e-3; synthetic 3e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--global-batch", type=int, default=None, help="default 64 (synthetic 32)")
+    p.add_argument("--per-device-batch", type=int, default=None, help="default: the global batch / devices")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each stage after this many steps (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: a crash after N steps
+    args = p.parse_args(argv)
+    synthetic = args.data is None
+    args.epochs = args.epochs if args.epochs is not None else (14 if synthetic else 2)
+    args.align_epochs = args.align_epochs if args.align_epochs is not None else (1 if synthetic else 1)
+    args.lr = args.lr if args.lr is not None else (3e-3 if synthetic else 2e-5)
+    args.align_lr = args.align_lr if args.align_lr is not None else (3e-3 if synthetic else 1e-3)
+    args.global_batch = args.global_batch or (32 if synthetic else 64)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up
+# ----------------------------------------------------------------------------------------------------------------
+
+def setup_distributed(args):
+    """(rank, world). Under torchrun: one process per device, NCCL on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    rank = int(os.environ["RANK"])
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return rank, world
+
+
+def log(rank, *msg):
+    if rank == 0:
+        print(*msg, flush=True)
+
+
+def synthetic_model(tokenizer, args):
+    """The tiny default: two small from-scratch encoders (frozen), the MSC connector, a small Mamba-2 LM.
+    Images are 48 px with 16 px patches: a 3 x 3 grid of tokens, one per cell of the synthetic scenes."""
+    from connector import ConnectorConfig
+    from mamba2 import Mamba2Config
+    from vision import ViTConfig
+    lm = Mamba2Config(d_model=96, n_layer=3, vocab_size=tokenizer.get_vocab_size(), d_state=16, headdim=16,
+                      chunk_size=32, pad_vocab_size_multiple=16)
+    vit = dict(image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+               input_size=48)
+    vision = {"dinov2": ViTConfig("dinov2", **vit), "siglip": ViTConfig("siglip", **vit)}
+    cc = ConnectorConfig.for_lm(lm, vision_dim=128, grid=(3, 3), kind=args.connector, scan=args.scan,
+                                drop_path=args.drop_path)
+    return MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=cc, max_length=512), tokenizer)
+
+
+def build_model(args, rank):
+    if args.init_from:
+        return MLMamba.from_pretrained(args.init_from)
+    if args.data is None:  # synthetic: a tokenizer trained on the training conversations, saved with the model
+        samples = json.loads(Path(args.train_json).read_text())
+        texts = [s for x in samples for s, _ in conversation_segments(conversation_turns(x))]
+        torch.manual_seed(args.seed)
+        return synthetic_model(train_tokenizer(texts), args)
+    missing = [n for n in ("llm", "siglip", "dinov2", "tokenizer") if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"training on --data needs --{', --'.join(missing)} (or --init-from an ML-Mamba folder)")
+    torch.manual_seed(args.seed)
+    return MLMamba.from_components(args.llm, {"dinov2": args.dinov2, "siglip": args.siglip}, args.tokenizer,
+                                   connector={"kind": args.connector, "scan": args.scan, "drop_path": args.drop_path},
+                                   input_size=args.image_size)
+
+
+def lr_factor(step, total, warmup):
+    """Linear warmup to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW; no weight decay on biases, norms and the SSM's A_log, D, dt_bias (1-D tensors)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(stage_dir, model, optimizer, scheduler, step, total, done=False, keep=2):
+    """stage_dir/checkpoint-STEP/, then stage_dir/latest -> it, switched atomically."""
+    ckpt = stage_dir / f"checkpoint-{step}"
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    tmp = stage_dir / f".tmp-checkpoint-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "total_steps": total, "done": done}))
+    os.replace(tmp, ckpt)
+    pointer = stage_dir / "latest.tmp"
+    pointer.write_text(ckpt.name)
+    os.replace(pointer, stage_dir / "latest")  # the switch: before it the old checkpoint rules, after it the new
+    for old in sorted(stage_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ckpt
+
+
+def latest_checkpoint(stage_dir):
+    pointer = stage_dir / "latest"
+    if not pointer.is_file():
+        return None
+    ckpt = stage_dir / pointer.read_text().strip()
+    return ckpt if (ckpt / "state.json").is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One stage
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_stage(stage, model, dataset, args, rank, world):
+    """Train one stage; returns the model (unwrapped)."""
+    device = args.device
+    trainable = model.set_stage(stage)
+    log(rank, f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
+              f"parameters in {len({n.split('.')[0] for n in trainable})} parts "
+              f"({', '.join(sorted({n.split('.')[0] for n in trainable}))}); vision frozen")
+    epochs = args.align_epochs if stage == "align" else args.epochs
+    lr = args.align_lr if stage == "align" else args.lr
+    batches = Batches(len(dataset), args.global_batch, seed=args.seed + (0 if stage == "align" else 1000),
+                      rank=rank, world=world)
+    per_epoch = batches.steps_per_epoch()
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} samples are fewer than one global batch of {args.global_batch}")
+    total = max(1, int(epochs * per_epoch))
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    local_batch = args.global_batch // world
+    micro = args.per_device_batch or local_batch
+    if args.global_batch % world or local_batch % micro:
+        raise ValueError(f"global batch {args.global_batch} must split into {world} devices x whole micro-batches "
+                         f"of {micro}")
+    optimizer = make_optimizer(model, lr, args.weight_decay)
+    warmup = max(1, int(args.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+
+    stage_dir = Path(args.out) / stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    start = 0
+    ckpt = latest_checkpoint(stage_dir) if args.resume else None
+    if ckpt is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        loaded = MLMamba.from_pretrained(ckpt)
+        model.load_state_dict(loaded.state_dict())
+        trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(trainer["optimizer"])
+        scheduler.load_state_dict(trainer["scheduler"])
+        torch.set_rng_state(trainer["rng"])
+        start = state["step"]
+        log(rank, f"[{stage}] resumed from {ckpt} at step {start}/{total}")
+        if state["done"]:
+            return model
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
+    encoder_inputs = {n: (3, e.config.input_size, e.config.input_size) for n, e in model.vision.encoders.items()}
+    model.lm.gradient_checkpointing = args.gradient_checkpointing
+    model.train()
+    t0, seen = time.time(), 0
+    last_good = latest_checkpoint(stage_dir)
+    for step in range(start, total):
+        epoch, k = divmod(step, per_epoch)
+        items = [dataset[i] for i in batches.indices(epoch, k)]
+        # the loss is the mean over every target token of the global batch: sum here, divide by the global count
+        n_tokens = torch.tensor(float(sum(sum(l != IGNORE_INDEX for l in x["labels"]) for x in items if x)))
+        if world > 1:
+            dist.all_reduce(n_tokens)
+        step_loss = torch.zeros(())
+        for m in range(0, len(items), micro):
+            batch = collate(items[m:m + micro], encoder_inputs)
+            if batch is None:
+                continue
+            px = {n: v.to(device) for n, v in batch["pixel_values"].items()} if batch["pixel_values"] else None
+            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+                _, loss_sum = ddp_model(px, batch["input_ids"].to(device), batch["labels"].to(device),
+                                        loss_reduction="sum")
+            if loss_sum is None:  # no target token in this micro-batch
+                continue
+            (loss_sum / n_tokens.clamp(min=1) * world).backward()  # DDP averages over ranks: times world
+            step_loss += loss_sum.detach().cpu()
+        if world > 1:
+            dist.all_reduce(step_loss)
+        loss = (step_loss / n_tokens.clamp(min=1)).item()
+        if not math.isfinite(loss):
+            log(rank, f"[{stage}] loss is {loss} at step {step + 1}: stopping. The last good checkpoint is "
+                      f"{last_good or 'none (no checkpoint was written yet)'}")
+            sys.exit(1)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen += args.global_batch
+        done = step + 1 == total
+        if rank == 0 and ((step + 1) % args.log_every == 0 or done or step == start):
+            rate = seen / max(1e-9, time.time() - t0)
+            eta = (total - step - 1) * args.global_batch / max(rate, 1e-9)
+            print(f"[{stage}] step {step + 1}/{total} epoch {epoch + 1} loss {loss:.4f} "
+                  f"grad-norm {float(grad_norm):.2f} lr {scheduler.get_last_lr()[0]:.2e} "
+                  f"{rate:.1f} samples/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+        if rank == 0 and ((step + 1) % args.save_every == 0 or done):
+            last_good = save_checkpoint(stage_dir, model, optimizer, scheduler, step + 1, total, done=done)
+        if world > 1:
+            dist.barrier()
+        if args.stop_after is not None and step + 1 == args.stop_after:
+            raise KeyboardInterrupt(f"stopped after step {step + 1} (--stop-after)")
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(args):
+    """Both stages as asked; returns the trained model (rank 0 also saves it and, on synthetic data, scores it)."""
+    rank, world = setup_distributed(args)
+    torch.manual_seed(args.seed)
+    if args.data is None:
+        root = Path(args.synthetic_dir)
+        if rank == 0 and not (root / "DONE").is_file():
+            print(f"building the synthetic visual-question world in {root} ...", flush=True)
+            build_synthetic_dataset(root, seed=args.seed)
+        if world > 1:
+            dist.barrier()
+        args.train_json, args.test_json = root / "train.json", root / "test.json"
+        image_root = root
+    else:
+        args.train_json, image_root = Path(args.data), args.image_root
+    model = build_model(args, rank).to(args.device)
+    dataset = LLaVADataset(args.train_json, image_root, model)
+    log(rank, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"(connector {args.connector}/{args.scan}); {len(dataset)} training samples; {world} process(es)")
+    stages = STAGES if args.stage == "both" else (args.stage,)
+    t0 = time.time()
+    for stage in stages:
+        model = run_stage(stage, model, dataset, args, rank, world)
+    if dataset.skipped:
+        log(rank, f"skipped {len(dataset.skipped)} sample(s) with a missing or unusable image or text")
+    if rank == 0:
+        final = Path(args.out) / "final"
+        model.save_pretrained(final)
+        print(f"training took {time.time() - t0:.0f} s; model saved to {final}", flush=True)
+        if args.data is None and not args.no_eval:
+            from evaluate import evaluate
+            model.to("cpu")
+            result = evaluate(model, args.test_json)
+            print("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items()), flush=True)
+            (Path(args.out) / "eval.json").write_text(json.dumps(result, indent=2))
+    if world > 1:
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    sys.exit(main())
