@@ -41,8 +41,8 @@ def normalize_answer(text):
     """VQA-style: lower case, punctuation removed (a period only where it is not a decimal point), number words
     to digits, articles dropped, contractions restored."""
     text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    for p in _PUNCT:
-        text = text.replace(p, "" if p == "'" else " " if p in ",;/" else "")
+    for p in _PUNCT:  # separators become spaces, other marks vanish
+        text = text.replace(p, " " if p in ",;/" else "")
     text = re.sub(r"(?<!\d)\.(?!\d)", "", text)  # periods that are not decimal points
     words = []
     for w in text.split():
