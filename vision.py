@@ -196,6 +196,12 @@ class ViT(nn.Module):
         return model.to(device=device, dtype=dtype)
 
 
+def _block_key_map(num_layers, renames, prefix):
+    """blocks.{i}.{ours}.{weight|bias} -> {prefix}{i}.{theirs}.{weight|bias} for every block and every rename."""
+    return {f"blocks.{i}.{ours}.{t}": f"{prefix}{i}.{theirs}.{t}"
+            for i in range(num_layers) for ours, theirs in renames.items() for t in ("weight", "bias")}
+
+
 def vit_checkpoint_layout(cfg, tensors, input_size):
     """(ViTConfig, key map {our name: checkpoint name}, names to ignore) for a transformers-format checkpoint."""
     model_type = cfg.get("model_type")
@@ -217,10 +223,7 @@ def vit_checkpoint_layout(cfg, tensors, input_size):
         block = {"norm1": "layer_norm1", "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
                  "attn.v": "self_attn.v_proj", "attn.proj": "self_attn.out_proj", "norm2": "layer_norm2",
                  "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-        for i in range(config.num_layers):
-            for ours, theirs in block.items():
-                for t in ("weight", "bias"):
-                    key_map[f"blocks.{i}.{ours}.{t}"] = f"{p}encoder.layers.{i}.{theirs}.{t}"
+        key_map.update(_block_key_map(config.num_layers, block, p + "encoder.layers."))
         # not used: the attention-pooling head, the text tower, the contrastive logit scale and bias
         ignore = {k for k in tensors if k.startswith((p + "head.", "text_model.", "logit_"))}
         return config, key_map, ignore
@@ -245,10 +248,8 @@ def vit_checkpoint_layout(cfg, tensors, input_size):
         block = {"norm1": "norm1", "attn.q": "attention.attention.query", "attn.k": "attention.attention.key",
                  "attn.v": "attention.attention.value", "attn.proj": "attention.output.dense", "norm2": "norm2",
                  "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+        key_map.update(_block_key_map(config.num_layers, block, "encoder.layer."))
         for i in range(config.num_layers):
-            for ours, theirs in block.items():
-                for t in ("weight", "bias"):
-                    key_map[f"blocks.{i}.{ours}.{t}"] = f"encoder.layer.{i}.{theirs}.{t}"
             key_map[f"blocks.{i}.ls1"] = f"encoder.layer.{i}.layer_scale1.lambda1"
             key_map[f"blocks.{i}.ls2"] = f"encoder.layer.{i}.layer_scale2.lambda1"
         ignore = {"embeddings.mask_token"}  # used only by DINOv2's masked pre-training

@@ -5,14 +5,8 @@ import pytest
 
 def make_tokenizer(texts, vocab_size=300):
     """A byte-level BPE trained on `texts` (seconds), with the project's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<image>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return tok
+    from data import train_tokenizer
+    return train_tokenizer(texts, vocab_size)
 
 
 TEXTS = ["What is in the picture? A red circle and a blue square.", "Is the circle left of the square? Yes.",
