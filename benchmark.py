@@ -2,6 +2,8 @@
 
     python benchmark.py ssd        # ssd_chunked vs ssd_recurrent vs ssd_quadratic: time and peak memory over the
                                    # length, on the CPU (or --device cuda)
+    python benchmark.py decode     # Mamba-2 LM generation on the GPU: ours eager, ours with the CUDA-graph step,
+                                   # mamba-ssm's generate(cg=True), and the memory-bandwidth bound, in one run
     python benchmark.py vision     # SigLIP so400m and DINOv2-L at 384 px: parameters, forward time, ours vs
                                    # transformers' implementation with the same (random) weights, in one run
 
@@ -155,6 +157,70 @@ def bench_vision(args):
         del hf_model, ours
 
 
+def bench_decode(args):
+    """Batch-1 generation of `new` tokens after a `prompt`-token prompt, random weights (the speed does not depend
+    on the values when the length is forced), bf16, one GPU, every number from this one run."""
+    from mamba2 import Mamba2LMHeadModel, mamba2_preset
+    assert torch.cuda.is_available(), "the decode benchmark needs a GPU"
+    dev, dtype = "cuda", torch.bfloat16
+    cfg = mamba2_preset(args.size)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Mamba2LMHeadModel(cfg).to(dtype).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=dev)
+
+    def timed(fn, repeats=2):
+        fn()  # warm-up (kernel selection; mamba-ssm captures its graph here)
+        best = float("inf")
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    rows = []
+    with torch.no_grad():
+        t_prefill = timed(lambda: model(input_ids=ids, cache=model.allocate_cache(1), num_last_tokens=1))
+        t_eager = timed(lambda: model.generate(ids, max_new_tokens=args.eager_tokens, cuda_graph=False), 1)
+        rows.append(("ours, eager step", args.eager_tokens, t_eager, (t_eager - t_prefill) / args.eager_tokens))
+        t_graph = timed(lambda: model.generate(ids, max_new_tokens=args.new, cuda_graph=True))
+        rows.append(("ours, CUDA-graph step", args.new, t_graph, (t_graph - t_prefill) / args.new))
+        try:
+            from mamba_ssm.models.config_mamba import MambaConfig
+            from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+        except Exception as e:  # not installed, or its CUDA extension missing
+            print(f"(mamba-ssm not measured: {type(e).__name__}: {e})")
+        else:
+            ref = MambaLMHeadModel(MambaConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=cfg.vocab_size,
+                                               ssm_cfg={"layer": "Mamba2"}, rms_norm=True, residual_in_fp32=True,
+                                               fused_add_norm=True, pad_vocab_size_multiple=16),
+                                   device=dev, dtype=dtype).eval()
+            t_ref = timed(lambda: ref.generate(ids, max_length=args.prompt + args.new, cg=True, top_k=1,
+                                               eos_token_id=None))
+            rows.append(("mamba-ssm generate(cg=True)", args.new, t_ref, float("nan")))
+            del ref
+    # copy bandwidth: bytes read + written per second by a device-to-device copy
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    t_copy = timed(lambda: y.copy_(x), 5)
+    bandwidth = 2 * x.numel() / t_copy
+    bound = bandwidth / (n_params * 2)  # tokens/s if each token only reads the bf16 weights once
+    print(f"Mamba-2 {args.size} ({n_params / 1e9:.2f}B parameters, bf16) on {torch.cuda.get_device_name()}: "
+          f"{args.prompt}-token prompt, batch 1; prefill {t_prefill:.3f} s; copy bandwidth {bandwidth / 1e12:.2f} TB/s "
+          f"-> bound {bound:.0f} tokens/s")
+    print("| generation | new tokens | total s | tokens/s (new / total) | decode ms/token | vs mamba-ssm | vs bound |")
+    print("|---|---|---|---|---|---|---|")
+    ref_rate = next((n / t for name, n, t, _ in rows if name.startswith("mamba-ssm")), None)
+    for name, n, t, per in rows:
+        rate = n / t
+        vs_ref = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
+        per_s = f"{per * 1e3:.2f}" if per == per else "-"
+        print(f"| {name} | {n} | {t:.3f} | {rate:.1f} | {per_s} | {vs_ref} | {rate / bound:.0%} |")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_ssd_once":  # internal: one measurement in a fresh process
@@ -174,6 +240,11 @@ def main(argv=None):
                    help="64 suits a CPU; the checkpoints' 256 suits the GPU kernels")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p = sub.add_parser("decode", help="Mamba-2 generation speed on the GPU against mamba-ssm and the bound")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--prompt", type=int, default=745, help="prompt tokens (729 image tokens + a question)")
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--eager-tokens", type=int, default=32, help="tokens for the (slow) eager measurement")
     p = sub.add_parser("vision", help="SigLIP and DINOv2 at 384 px: ours vs transformers, same weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -184,6 +255,8 @@ def main(argv=None):
         bench_ssd(args)
     elif args.what == "vision":
         bench_vision(args)
+    elif args.what == "decode":
+        bench_decode(args)
 
 
 if __name__ == "__main__":

@@ -393,15 +393,20 @@ class Mamba2LMHeadModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
-                 eos_token_id=None, generator=None, on_token=None):
+                 eos_token_id=None, generator=None, on_token=None, cuda_graph=None):
         """Prefill the prompt once, then decode one token per step from the fixed-size cache.
 
         Returns the new tokens (b, <= max_new_tokens); a sequence that emitted eos_token_id is padded with it and
         generation stops when all have. on_token(tokens (b,)) is called after each step (streaming).
+        cuda_graph: replay the one-token step as a captured CUDA graph (default: on for CUDA tensors, off on the
+        CPU): the same kernels, launched at once instead of one by one from Python.
         """
         prompt = input_ids if input_ids is not None else inputs_embeds
         cache = self.allocate_cache(prompt.shape[0], device=prompt.device)
         logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, num_last_tokens=1)[:, -1]
+        use_graph = prompt.is_cuda if cuda_graph is None else cuda_graph
+        step = self._graph_step(cache, prompt.shape[0]) if use_graph else (
+            lambda token: self(input_ids=token[:, None], cache=cache)[:, -1])
         finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         out = []
         for _ in range(max_new_tokens):
@@ -415,8 +420,35 @@ class Mamba2LMHeadModel(nn.Module):
                 on_token(token)
             if eos_token_id is not None and finished.all():
                 break
-            logits = self(input_ids=token[:, None], cache=cache)[:, -1]
+            logits = step(token)
         return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0, dtype=torch.long)
+
+    def _graph_step(self, cache, batch_size):
+        """Capture one decoding step (embedding, every layer's conv + ssd_step on the cache, LM head) as a CUDA
+        graph over static buffers; returns step(token (b,)) -> logits (b, vocab) that replays it. The cache is
+        updated in place by the replay, as by the eager step."""
+        static_token = torch.zeros(batch_size, 1, dtype=torch.long, device=cache.layers[0].ssm_state.device)
+        saved = [(l.conv_state.clone(), l.ssm_state.clone()) for l in cache.layers]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (allocations, kernel selection) off the capture
+            for _ in range(2):
+                self(input_ids=static_token, cache=cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = self(input_ids=static_token, cache=cache)[:, -1]
+        for layer, (conv, ssm) in zip(cache.layers, saved):  # undo the warm-up and capture steps
+            layer.conv_state.copy_(conv)
+            layer.ssm_state.copy_(ssm)
+        cache.seqlen_offset -= 3
+
+        def step(token):
+            static_token.copy_(token[:, None])
+            graph.replay()
+            cache.seqlen_offset += 1
+            return static_logits
+        return step
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints

@@ -271,3 +271,16 @@ def test_cuda_lm_same_logits_with_either_ssd_backend_and_cached_decode(monkeypat
             pytest.skip("mamba-ssm not installed: only the torch path was checked")
         monkeypatch.setattr(S, "SSD_BACKEND", "mamba_ssm")
         torch.testing.assert_close(model(ids), ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_gives_the_same_tokens():
+    model = tiny_model(seed=6).cuda()
+    ids = torch.randint(0, 100, (3, 21), device="cuda")
+    eager = model.generate(ids, max_new_tokens=20, cuda_graph=False)
+    graph = model.generate(ids, max_new_tokens=20, cuda_graph=True)
+    assert torch.equal(eager, graph)
+    g = torch.Generator(device="cuda")
+    a = model.generate(ids, max_new_tokens=20, temperature=0.8, top_p=0.9, generator=g.manual_seed(1), cuda_graph=False)
+    b = model.generate(ids, max_new_tokens=20, temperature=0.8, top_p=0.9, generator=g.manual_seed(1), cuda_graph=True)
+    assert torch.equal(a, b)
