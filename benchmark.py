@@ -25,6 +25,21 @@ import torch
 import ssd as S
 
 
+def best_time(fn, repeats, device):
+    """Run fn once to warm up, then `repeats` times; (fastest seconds, last output). Syncs CUDA around each run."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    with torch.no_grad():
+        out = fn()
+        best = float("inf")
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
 def _ssd_inputs(l, b, h, p, g, n, device):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, l, h, p, generator=gen)
@@ -69,8 +84,8 @@ def bench_ssd(args):
     shape = dict(b=1, h=args.heads, p=args.headdim, g=1, n=args.d_state, chunk=args.chunk_size)
     print(f"SSD on {args.device} ({torch.get_num_threads()} threads): b=1, h={args.heads}, p={args.headdim}, "
           f"n={args.d_state}, chunk={args.chunk_size}, fp32; best of {args.repeats} (recurrent: 1 run)")
-    print(f"| l | chunked s | recurrent s | quadratic s | chunked MB | recurrent MB | quadratic MB | "
-          f"recurrent / chunked |")
+    print("| l | chunked s | recurrent s | quadratic s | chunked MB | recurrent MB | quadratic MB | "
+          "recurrent / chunked |")
     print("|---|---|---|---|---|---|---|---|")
     rows = {}
     for l in args.lengths:
@@ -113,7 +128,6 @@ def bench_vision(args):
     from vision import ViT
 
     device, dtype = args.device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     hf_configs = {
         "siglip": transformers.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                                                   num_attention_heads=16, image_size=384, patch_size=14),
@@ -135,16 +149,7 @@ def bench_vision(args):
         pixels = torch.randn(args.batch, 3, 384, 384, device=device, dtype=dtype)
 
         def timed(fn):
-            with torch.no_grad():
-                fn()
-                best = float("inf")
-                for _ in range(args.repeats):
-                    sync()
-                    t0 = time.perf_counter()
-                    out = fn()
-                    sync()
-                    best = min(best, time.perf_counter() - t0)
-            return best, out
+            return best_time(fn, args.repeats, device)
         # both run every block (ours with layer=None; the VLM's layer=-2 skips the last one)
         t_ours, _ = timed(lambda: ours(pixels, layer=None))
         t_hf, out_hf = timed(lambda: hf_model(pixels, output_hidden_states=True).hidden_states[-2])
@@ -170,16 +175,8 @@ def bench_decode(args):
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=dev)
 
-    def timed(fn, repeats=2):
-        fn()  # warm-up (kernel selection; mamba-ssm captures its graph here)
-        best = float("inf")
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        return best
+    def timed(fn, repeats=2):  # the warm-up run also lets mamba-ssm capture its graph
+        return best_time(fn, repeats, dev)[0]
 
     rows = []
     with torch.no_grad():

@@ -429,6 +429,7 @@ class Mamba2LMHeadModel(nn.Module):
         updated in place by the replay, as by the eager step."""
         static_token = torch.zeros(batch_size, 1, dtype=torch.long, device=cache.layers[0].ssm_state.device)
         saved = [(l.conv_state.clone(), l.ssm_state.clone()) for l in cache.layers]
+        offset = cache.seqlen_offset
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (allocations, kernel selection) off the capture
@@ -441,7 +442,7 @@ class Mamba2LMHeadModel(nn.Module):
         for layer, (conv, ssm) in zip(cache.layers, saved):  # undo the warm-up and capture steps
             layer.conv_state.copy_(conv)
             layer.ssm_state.copy_(ssm)
-        cache.seqlen_offset -= 3
+        cache.seqlen_offset = offset
 
         def step(token):
             static_token.copy_(token[:, None])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from connector import Connector, ConnectorConfig
 from mamba2 import Mamba2Config, Mamba2LMHeadModel, load_tokenizer
-from vision import DualEncoder, ViT, ViTConfig, load_image
+from vision import DualEncoder, ViT, ViTConfig
 from weights import CheckpointError, match_tensors, read_tensors, save_safetensors, write_json
 
 IMAGE_TOKEN = "<image>"
@@ -208,7 +208,7 @@ class MLMamba(nn.Module):
     @torch.no_grad()
     def encode_image(self, image):
         """A path or PIL image -> image tokens (1, N, D), ready for `generate(image_tokens=...)`."""
-        return self.image_tokens(self.preprocess(load_image(image)))
+        return self.image_tokens(self.preprocess(image))
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save_pretrained(self, folder):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from data import (Batches, LLaVADataset, build_synthetic_dataset, collate, conversation_turns, train_tokenizer)
 from model import IGNORE_INDEX, MLMamba, MLMambaConfig, conversation_segments
+from weights import CheckpointError
 
 STAGES = ("align", "finetune")
 
@@ -191,10 +192,9 @@ def latest_checkpoint(stage_dir):
 def run_stage(stage, model, dataset, args, rank, world):
     """Train one stage; returns the model (unwrapped)."""
     device = args.device
-    trainable = model.set_stage(stage)
+    parts = sorted({n.split(".")[0] for n in model.set_stage(stage)})
     log(rank, f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
-              f"parameters in {len({n.split('.')[0] for n in trainable})} parts "
-              f"({', '.join(sorted({n.split('.')[0] for n in trainable}))}); vision frozen")
+              f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
     epochs = args.align_epochs if stage == "align" else args.epochs
     lr = args.align_lr if stage == "align" else args.lr
     batches = Batches(len(dataset), args.global_batch, seed=args.seed + (0 if stage == "align" else 1000),
@@ -293,8 +293,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:  # bad data, checkpoint or image: one line
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     return 0
 
