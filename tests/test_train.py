@@ -138,6 +138,28 @@ def test_one_step_changes_exactly_the_stage_parameters(world, tmp_path, stage):
         assert any(n.startswith("lm.") for n in changed)
 
 
+def test_connector_has_its_own_learning_rate(world, tmp_path):
+    args = args_for(world, tmp_path)
+    assert (args.lr, args.connector_lr, args.align_lr) == (1e-3, 1e-4, 1e-4)  # the synthetic defaults
+    real = T.parse_args(["--data", "x.json", "--lr", "3e-5"])
+    assert real.connector_lr == 3e-5  # real runs: one lr unless asked
+    args.train_json = world / "train.json"
+    model = T.build_model(args, 0)
+    model.set_stage("finetune")
+    opt = T.make_optimizer(model, 1e-3, 0.1, connector_lr=1e-4)
+    connector = {id(p) for p in model.connector.parameters()}
+    seen = set()
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert g["lr"] == (1e-4 if id(p) in connector else 1e-3)
+            assert g["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+            seen.add(id(p))
+    assert seen == {id(p) for p in model.parameters() if p.requires_grad}
+    # the schedule scales each group from its own lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    assert sorted({round(x, 12) for x in sched.get_last_lr()}) == [5e-5, 5e-4]
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(world, tmp_path):
     common = ["--stage", "finetune", "--max-steps", "6", "--save-every", "2"]  # drop-path: the RNG matters too
     full = T.train(args_for(world, tmp_path / "a", *common))
