@@ -223,6 +223,14 @@ class MLMamba(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save(str(folder / "tokenizer.json"))
 
+    def checkpoint_state(self, folder):
+        """The tensors of the ML-Mamba checkpoint in `folder`, checked against this model's names and shapes (a
+        tied lm_head is not stored). Used by from_pretrained and by train.py's --resume (loads in place)."""
+        tied = self.config.lm.tie_embeddings
+        expected = {k: v.shape for k, v in self.state_dict().items() if not (tied and k == "lm.lm_head.weight")}
+        return match_tensors(expected, read_tensors(folder), {k: k for k in expected},
+                             source=f"ML-Mamba checkpoint {folder}")
+
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
         folder = Path(folder)
@@ -232,11 +240,7 @@ class MLMamba(nn.Module):
         tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         with torch.device("meta"):
             model = cls(config)
-        tied = config.lm.tie_embeddings
-        expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm.lm_head.weight")}
-        state = match_tensors(expected, read_tensors(folder), {k: k for k in expected},
-                              source=f"ML-Mamba checkpoint {folder}")
-        model.load_state_dict(state, strict=not tied, assign=True)
+        model.load_state_dict(model.checkpoint_state(folder), strict=not config.lm.tie_embeddings, assign=True)
         model.lm.tie_weights()
         model.set_tokenizer(tokenizer)
         return model.to(device=device, dtype=dtype)

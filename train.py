@@ -222,7 +222,8 @@ def run_stage(stage, model, dataset, args, rank, world):
     if args.global_batch % world or local_batch % micro:
         raise ValueError(f"global batch {args.global_batch} must split into {world} devices x whole micro-batches "
                          f"of {micro}")
-    optimizer = make_optimizer(model, lr, args.weight_decay, connector_lr=None if stage == "align" else args.connector_lr)
+    optimizer = make_optimizer(model, lr, args.weight_decay,
+                               connector_lr=None if stage == "align" else args.connector_lr)
     warmup = max(1, int(args.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
 
@@ -232,8 +233,7 @@ def run_stage(stage, model, dataset, args, rank, world):
     ckpt = latest_checkpoint(stage_dir) if args.resume else None
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
-        loaded = MLMamba.from_pretrained(ckpt)
-        model.load_state_dict(loaded.state_dict())
+        model.load_state_dict(model.checkpoint_state(ckpt), strict=not model.config.lm.tie_embeddings)
         trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
