@@ -152,8 +152,8 @@ def make_optimizer(model, lr, weight_decay, connector_lr=None):
     connector_lr: the connector's own lr (default: lr). The image tokens feed the LM's pre-norm blocks, which
     divide out their scale, so nothing holds the connector's output norm in place: at too high an lr it grows by
     orders of magnitude and learning stalls. On the synthetic world, lr 3e-3 everywhere sent the MSC's image tokens
-    from norm ~1 to ~1000 and every family stayed at chance; the connector at 1e-4 (LM at 1e-3) keeps them near 5
-    (README, "The synthetic world"). LLaVA's trainer has the same option (mm_projector_lr)."""
+    from norm ~1 to several hundred and more, and every family stayed at chance; the connector at 1e-4 (LM at 1e-3)
+    keeps them near 5 (README, "The synthetic world"). LLaVA's trainer has the same option (mm_projector_lr)."""
     connector = {id(p) for p in model.connector.parameters()}
     groups = []
     for is_connector in (False, True):
