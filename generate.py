@@ -28,6 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eager-decode", action="store_true",
+                   help="decode step by step from Python (default on CUDA: the step compiled and replayed as a CUDA "
+                        "graph; the CPU always decodes eagerly)")
     args = p.parse_args(argv)
     if not args.interactive and not args.prompt:
         p.error("give --prompt, or --interactive")
@@ -53,7 +56,7 @@ def answer(model, image_tokens, prompt, history, args, generator):
     t0 = time.perf_counter()
     ids = model.generate(None, prompt, history=history, image_tokens=image_tokens, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, on_token=on_token,
-                         generator=generator)
+                         generator=generator, cuda_graph=False if args.eager_decode else None)
     return tok.decode(ids), len(ids), time.perf_counter() - t0
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mamba2 import (Mamba2Config, Mamba2LMHeadModel, checkpoint_key_map, load_tokenizer, mamba2_preset,
+from mamba2 import (Mamba2Block, Mamba2Config, Mamba2LMHeadModel, checkpoint_key_map, load_tokenizer, mamba2_preset,
                     sample_next_token)
 from weights import CheckpointError
 
@@ -274,13 +274,57 @@ def test_cuda_lm_same_logits_with_either_ssd_backend_and_cached_decode(monkeypat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_gives_the_same_tokens():
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decode_gives_the_same_tokens(compile):
     model = tiny_model(seed=6).cuda()
     ids = torch.randint(0, 100, (3, 21), device="cuda")
     eager = model.generate(ids, max_new_tokens=20, cuda_graph=False)
-    graph = model.generate(ids, max_new_tokens=20, cuda_graph=True)
+    graph = model.generate(ids, max_new_tokens=20, cuda_graph=True, compile=compile)
     assert torch.equal(eager, graph)
+    kept = model._kept_graph
     g = torch.Generator(device="cuda")
     a = model.generate(ids, max_new_tokens=20, temperature=0.8, top_p=0.9, generator=g.manual_seed(1), cuda_graph=False)
-    b = model.generate(ids, max_new_tokens=20, temperature=0.8, top_p=0.9, generator=g.manual_seed(1), cuda_graph=True)
+    b = model.generate(ids, max_new_tokens=20, temperature=0.8, top_p=0.9, generator=g.manual_seed(1), cuda_graph=True,
+                       compile=compile)
     assert torch.equal(a, b)
+    assert model._kept_graph is kept  # the second call replayed the same capture, from a zeroed cache
+    model.generate(ids[:2], max_new_tokens=2, cuda_graph=True, compile=compile)
+    assert model._kept_graph is not kept  # another batch size: captured again
+
+
+def test_compiled_block_step_is_one_graph_for_all_layers():
+    """The decoding loop compiles `Mamba2Block.step` once: every layer (and every model of the same shapes) reuses
+    it, and its result equals the plain step. (Dynamo with the eager backend, so no compiler is needed here.)"""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(seed=8)
+    compiled = torch.compile(Mamba2Block.step, backend="eager", fullgraph=True, dynamic=False)
+    ids = torch.randint(0, 100, (2, 13))
+    with torch.no_grad():
+        plain, fused = model.allocate_cache(2), model.allocate_cache(2)
+        model(ids[:, :12], cache=plain)
+        model(ids[:, :12], cache=fused)
+        for _ in range(2):
+            expected = model.step(ids[:, 12], plain)
+            got = model.step(ids[:, 12], fused, compiled)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        for a, b in zip(plain.layers, fused.layers):
+            torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(b.conv_state, a.conv_state, rtol=0, atol=0)
+    assert model.config.n_layer > 1 and counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("ngroups,bias", [(1, False), (2, False), (1, True)])
+def test_one_token_step_equals_the_full_forward(ngroups, bias):
+    """`step` (the decoding path; with one group and no bias it applies the gated norm's scale after out_proj)
+    gives, token by token from an empty cache, the logits of the full forward (fp32: the norms compute in fp32)."""
+    model = tiny_model(seed=9, ngroups=ngroups, bias=bias)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(2)
+        steps = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
+    assert full.abs().max() > 0.1
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-6)
+    assert cache.seqlen_offset == ids.shape[1]
