@@ -6,6 +6,12 @@
                                    # mamba-ssm's generate(cg=True), and the memory-bandwidth bound, in one run
     python benchmark.py vision     # SigLIP so400m and DINOv2-L at 384 px: parameters, forward time, ours vs
                                    # transformers' implementation with the same (random) weights, in one run
+    python benchmark.py pipeline   # the whole ML-Mamba answer at the paper's configuration on the GPU (vision,
+                                   # connector, prefill, 256 tokens), our LM alone, mamba-ssm, the bound
+    python benchmark.py scaling    # prefill and decoding time and memory against the number of image tokens,
+                                   # ours against a Transformer LM of the same size (Phi-2 architecture)
+    python benchmark.py train      # a stage-2 training step at the paper's configuration (ssd_chunked and the
+                                   # mamba-ssm kernel); the SSD forward + backward at l=2048, h=80, p=64, n=128
 
 Peak memory on the CPU is read from the operating system (ru_maxrss) in a fresh subprocess per measurement, minus
 what the process held before the call, so each number is the working memory of that one computation.
@@ -183,8 +189,14 @@ def bench_decode(args):
         t_prefill = timed(lambda: model(input_ids=ids, cache=model.allocate_cache(1), num_last_tokens=1))
         t_eager = timed(lambda: model.generate(ids, max_new_tokens=args.eager_tokens, cuda_graph=False), 1)
         rows.append(("ours, eager step", args.eager_tokens, t_eager, (t_eager - t_prefill) / args.eager_tokens))
-        t_graph = timed(lambda: model.generate(ids, max_new_tokens=args.new, cuda_graph=True))
-        rows.append(("ours, CUDA-graph step", args.new, t_graph, (t_graph - t_prefill) / args.new))
+        for name, compile in (("ours, CUDA-graph step", False), ("ours, compiled step in a CUDA graph", True)):
+            t0 = time.perf_counter()  # the first call captures the graph (and compiles): reported, not timed below
+            model.generate(ids, max_new_tokens=1, cuda_graph=True, compile=compile)
+            torch.cuda.synchronize()
+            print(f"({name}: first call, capture{' and compilation' if compile else ''}: "
+                  f"{time.perf_counter() - t0:.1f} s)", flush=True)
+            t_graph = timed(lambda: model.generate(ids, max_new_tokens=args.new, cuda_graph=True, compile=compile))
+            rows.append((name, args.new, t_graph, (t_graph - t_prefill) / args.new))
         try:
             from mamba_ssm.models.config_mamba import MambaConfig
             from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -218,6 +230,292 @@ def bench_decode(args):
         print(f"| {name} | {n} | {t:.3f} | {rate:.1f} | {per_s} | {vs_ref} | {rate / bound:.0%} |")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's configuration: DINOv2-L + SigLIP so400m at 384 px, MSC (advanced, BSM), Mamba-2 2.7B; random weights
+# ----------------------------------------------------------------------------------------------------------------
+
+def paper_model(size="2.7b", device="cuda"):
+    from connector import ConnectorConfig
+    from mamba2 import mamba2_preset
+    from model import MLMamba, MLMambaConfig
+    from vision import ViTConfig
+    lm = mamba2_preset(size)
+    vision = {"dinov2": ViTConfig("dinov2", image_size=518, hidden_size=1024, intermediate_size=4096, num_layers=24,
+                                  num_heads=16),
+              "siglip": ViTConfig("siglip")}  # the defaults are so400m-patch14-384
+    connector = ConnectorConfig.for_lm(lm, vision_dim=1024 + 1152, grid=(27, 27), kind="msc-advanced", scan="bsm")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=connector))
+    model.image_token_id = lm.vocab_size  # a padding row of the embedding stands for "<image>" (no tokenizer here)
+    return model
+
+
+def _prompt_ids(model, n_text, device):
+    """3 text tokens ("In: "), the image placeholder, then the rest of a n_text-token question."""
+    ids = torch.randint(0, model.config.lm.vocab_size, (1, n_text), device=device)
+    return torch.cat([ids[:, :3], torch.full_like(ids[:, :1], model.image_token_id), ids[:, 3:]], dim=1)
+
+
+def bench_pipeline(args):
+    """The whole ML-Mamba answer at the paper's configuration, bf16, batch 1, 256 new tokens forced, in one run:
+    image encoding, connector, prefill, decoding; our LM alone on the same prompt length; mamba-ssm's
+    generate(cg=True) on the same LM config; the device's copy bandwidth and the tokens/s bound."""
+    assert torch.cuda.is_available(), "the pipeline benchmark needs a GPU"
+    dev, dtype = "cuda", torch.bfloat16
+    model = paper_model(args.size, dev).to(dtype).eval()
+    lm = model.lm
+    n_params = {name: sum(p.numel() for p in part.parameters()) for name, part in
+                (("vision", model.vision), ("connector", model.connector), ("lm", lm))}
+    pixels = {name: torch.randn(1, 3, 384, 384, device=dev, dtype=dtype) for name in model.config.vision}
+    ids = _prompt_ids(model, args.text_tokens, dev)
+
+    def timed(fn, repeats=3):
+        return best_time(fn, repeats, dev)[0]
+
+    def answer(new):  # pixels -> image tokens -> spliced prompt -> prefill + `new` tokens
+        embeds, _ = model.splice(ids, model.image_tokens(pixels))
+        return lm.generate(inputs_embeds=embeds, max_new_tokens=new)
+
+    with torch.no_grad():
+        feats = model.vision(pixels)
+        image_tokens = model.connector(feats).to(dtype)
+        embeds, _ = model.splice(ids, image_tokens)
+        n_prompt = embeds.shape[1]
+        t0 = time.perf_counter()
+        answer(1)  # captures (and compiles) the decoding step: reported, not timed below
+        torch.cuda.synchronize()
+        print(f"(first call: graph capture and compilation {time.perf_counter() - t0:.1f} s)", flush=True)
+        t_vision = timed(lambda: model.vision(pixels))
+        t_connector = timed(lambda: model.connector(feats))
+        t_prefill = timed(lambda: lm(inputs_embeds=embeds, cache=lm.allocate_cache(1), num_last_tokens=1))
+        t_one = timed(lambda: answer(1))
+        t_total = timed(lambda: answer(args.new))
+        t_decode = (t_total - t_one) / (args.new - 1)
+        lm_ids = torch.randint(0, lm.config.vocab_size, (1, n_prompt), device=dev)
+        t_lm = timed(lambda: lm.generate(lm_ids, max_new_tokens=args.new))
+        rows = [("ML-Mamba: image -> 256 tokens", t_total), ("our Mamba-2 LM alone", t_lm)]
+        try:
+            from mamba_ssm.models.config_mamba import MambaConfig
+            from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+        except Exception as e:
+            print(f"(mamba-ssm not measured: {type(e).__name__}: {e})")
+        else:
+            c = lm.config
+            ref = MambaLMHeadModel(MambaConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size,
+                                               ssm_cfg={"layer": "Mamba2"}, rms_norm=True, residual_in_fp32=True,
+                                               fused_add_norm=True, pad_vocab_size_multiple=16),
+                                   device=dev, dtype=dtype).eval()
+            t_ref = timed(lambda: ref.generate(lm_ids, max_length=n_prompt + args.new, cg=True, top_k=1,
+                                               eos_token_id=None), 2)
+            rows.append(("mamba-ssm generate(cg=True), LM alone", t_ref))
+            del ref
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    t_copy = timed(lambda: x.clone(), 5)
+    del x
+    bandwidth = 2 * 2 ** 30 / t_copy
+    bound = bandwidth / (n_params["lm"] * 2)
+    print(f"ML-Mamba at the paper's configuration on {torch.cuda.get_device_name()}, bf16, random weights: vision "
+          f"{n_params['vision'] / 1e6:.0f}M (DINOv2-L + SigLIP so400m, 384 px), connector "
+          f"{n_params['connector'] / 1e6:.0f}M (MSC advanced, BSM), LM {n_params['lm'] / 1e9:.2f}B (Mamba-2 "
+          f"{args.size}); prompt {n_prompt} tokens (729 image + {n_prompt - 729} text), {args.new} new tokens forced")
+    print(f"stages: vision {t_vision * 1e3:.1f} ms, connector {t_connector * 1e3:.1f} ms, prefill "
+          f"{t_prefill * 1e3:.1f} ms, decoding {t_decode * 1e3:.2f} ms/token; copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s -> bound {bound:.0f} tokens/s (the LM's bf16 weights read once per token)")
+    print("| run | total s | Eval_avg tokens/s (new / total) | vs mamba-ssm | vs bound | vs paper (171, A100) |")
+    print("|---|---|---|---|---|---|")
+    ref_rate = next((args.new / t for name, t in rows if name.startswith("mamba-ssm")), None)
+    for name, t in rows:
+        rate = args.new / t
+        vs_ref = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
+        print(f"| {name} | {t:.3f} | {rate:.1f} | {vs_ref} | {rate / bound:.0%} | {rate / 171.0:.2f}x |", flush=True)
+
+
+def bench_scaling(args):
+    """Prefill and decoding against the number of image tokens: our Mamba-2 LM and a Transformer LM of the same
+    size (transformers' Phi-2 architecture, 2.7B, sdpa attention; TinyLLaVA's LM) in one run, bf16, batch 1,
+    random weights. The prompt is the image tokens + 16 text tokens (random embeddings)."""
+    import transformers
+    from mamba2 import Mamba2LMHeadModel, mamba2_preset
+    assert torch.cuda.is_available(), "the scaling benchmark needs a GPU"
+    dev, dtype = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(dev):
+        ours = Mamba2LMHeadModel(mamba2_preset(args.size)).to(dtype).eval()
+    phi_cfg = transformers.PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240,
+                                     num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=16384,
+                                     attn_implementation="sdpa")
+    with torch.device(dev):
+        phi = transformers.PhiForCausalLM(phi_cfg).to(dtype).eval()
+    phi.generation_config.eos_token_id = phi.generation_config.pad_token_id = None
+    params = {"ours": sum(p.numel() for p in ours.parameters()), "phi": sum(p.numel() for p in phi.parameters())}
+    d = ours.config.d_model
+    k, k_ours = args.decode_tokens, args.our_decode_tokens  # ours is fast: more tokens for the same precision
+
+    def timed(fn, repeats=2):
+        return best_time(fn, repeats, dev)[0]
+
+    def peak_mb(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+    print(f"scaling with the image tokens on {torch.cuda.get_device_name()}, bf16, batch 1: ours = Mamba-2 "
+          f"{args.size} ({params['ours'] / 1e9:.2f}B, CUDA-graph compiled decoding), Transformer = Phi-2 "
+          f"architecture ({params['phi'] / 1e9:.2f}B, transformers {transformers.__version__}, sdpa, its default "
+          f"dynamic KV cache); decoding ms/token from {k_ours} new tokens (ours) and {k} (Transformer), minus the "
+          f"prefill; peak = memory above the weights")
+    print("| image tokens | ours prefill ms | ours prefill peak MB | ours decode ms/token | ours state MB | "
+          "Transformer prefill ms | Transformer prefill peak MB | Transformer decode ms/token | KV cache MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    cache_mb = sum(t.numel() * t.element_size() for l in ours.allocate_cache(1).layers
+                   for t in (l.conv_state, l.ssm_state)) / 2 ** 20
+    for n in args.image_tokens:
+        emb = torch.randn(1, n + 16, d, device=dev, dtype=dtype) * 0.02
+        mask = torch.ones(1, n + 16, dtype=torch.long, device=dev)
+        with torch.no_grad():
+            ours.generate(inputs_embeds=emb, max_new_tokens=2)  # capture / compile once
+            o_pre = timed(lambda: ours(inputs_embeds=emb, cache=ours.allocate_cache(1), num_last_tokens=1))
+            o_mem = peak_mb(lambda: ours(inputs_embeds=emb, cache=ours.allocate_cache(1),
+                                                    num_last_tokens=1))
+            o_dec = (timed(lambda: ours.generate(inputs_embeds=emb, max_new_tokens=k_ours + 1)) -
+                     timed(lambda: ours.generate(inputs_embeds=emb, max_new_tokens=1))) / k_ours
+
+            def phi_gen(new):
+                return phi.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                    do_sample=False)
+            p_pre = timed(lambda: phi(inputs_embeds=emb, attention_mask=mask, use_cache=True,
+                                      logits_to_keep=1))
+            p_mem = peak_mb(lambda: phi(inputs_embeds=emb, attention_mask=mask, use_cache=True, logits_to_keep=1))
+            p_dec = (timed(lambda: phi_gen(k + 1)) - timed(lambda: phi_gen(1))) / k
+        kv_mb = 2 * phi_cfg.num_hidden_layers * (n + 16 + k) * phi_cfg.hidden_size * 2 / 2 ** 20
+        rows.append((n, o_pre, o_mem, o_dec, p_pre, p_mem, p_dec, kv_mb))
+        print(f"| {n} | {o_pre * 1e3:.1f} | {o_mem:.0f} | {o_dec * 1e3:.2f} | {cache_mb:.0f} | {p_pre * 1e3:.1f} | "
+              f"{p_mem:.0f} | {p_dec * 1e3:.2f} | {kv_mb:.0f} |", flush=True)
+    first, last = rows[0], rows[-1]
+    print(f"decode ms/token from {first[0]} to {last[0]} image tokens: ours x{last[3] / first[3]:.2f}, "
+          f"Transformer x{last[6] / first[6]:.2f}")
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("(matplotlib is not installed: no plot)")
+            return rows
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        xs = [r[0] for r in rows]
+        for ax, (i, j, title) in zip(axes, ((1, 4, "prefill (ms)"), (3, 6, "decode (ms / token)"))):
+            ax.plot(xs, [r[i] * 1e3 for r in rows], "o-", label=f"Mamba-2 {args.size} (ours)")
+            ax.plot(xs, [r[j] * 1e3 for r in rows], "s-", label="Transformer (Phi-2 architecture)")
+            ax.set_xscale("log")
+            ax.set_xlabel("image tokens")
+            ax.set_title(title)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"(plot written to {args.plot})")
+    return rows
+
+
+def bench_train(args):
+    """One stage-2 (finetune) training step at the paper's configuration on one GPU: bf16 autocast on fp32 master
+    weights, AdamW, gradient checkpointing of the LM blocks, the vision frozen; with ssd_chunked and with the
+    mamba-ssm kernel. Then the SSD alone, forward + backward, at l=2048, h=80, p=64, n=128."""
+    import ssd as S
+    import train as T
+    assert torch.cuda.is_available(), "the training benchmark needs a GPU"
+    dev = "cuda"
+    model = paper_model(args.size, dev)
+    model.set_stage("finetune")
+    model.lm.gradient_checkpointing = True
+    model.train()
+    opt = T.make_optimizer(model, 2e-5, 0.1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"training step at the paper's configuration on {torch.cuda.get_device_name()}: "
+          f"{sum(p.numel() for p in trainable) / 1e9:.2f}B trainable (connector + LM), fp32 master weights, AdamW, "
+          f"bf16 autocast, LM gradient checkpointing; per sample 729 image + {args.text_tokens} text tokens")
+    print("| SSD path | per-device batch | s / step | samples/s | peak GB |")
+    print("|---|---|---|---|---|")
+    backends = ["torch"] + (["mamba_ssm"] if S._mamba_chunk_scan_combined() is not None else [])
+    for backend in backends:
+        S.SSD_BACKEND = backend
+        batch = args.batch
+        while batch >= 1:
+            try:
+                pixels = {name: torch.randn(batch, 3, 384, 384, device=dev) for name in model.config.vision}
+                ids = torch.cat([_prompt_ids(model, args.text_tokens, dev) for _ in range(batch)])
+                labels = ids.masked_fill(torch.arange(ids.shape[1], device=dev) < ids.shape[1] // 2, -100)
+
+                def step():
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        _, loss = model(pixels, ids, labels)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                step()  # warm-up: optimizer state, kernel selection
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                torch.cuda.synchronize()
+                t = (time.perf_counter() - t0) / args.steps
+                print(f"| {'ssd_chunked (torch)' if backend == 'torch' else 'mamba_chunk_scan_combined'} | {batch} | "
+                      f"{t:.3f} | {batch / t:.1f} | {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} |", flush=True)
+                break
+            except torch.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                print(f"(batch {batch} ran out of memory with {backend}; trying {batch // 2})")
+                batch //= 2
+    S.SSD_BACKEND = "auto"
+    del model, opt, trainable
+    torch.cuda.empty_cache()
+
+    # the SSD alone, forward + backward
+    b, l, h, p, n, chunk = 1, 2048, 80, 64, 128, 256
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(b, l, h, p, device=dev, generator=gen, dtype=torch.bfloat16).requires_grad_()
+    dt = torch.nn.functional.softplus(torch.randn(b, l, h, device=dev, generator=gen) - 2).requires_grad_()
+    A = (-torch.rand(h, device=dev, generator=gen) - 0.5).requires_grad_()
+    Bm = torch.randn(b, l, 1, n, device=dev, generator=gen, dtype=torch.bfloat16).requires_grad_()
+    Cm = torch.randn(b, l, 1, n, device=dev, generator=gen, dtype=torch.bfloat16).requires_grad_()
+    D = torch.ones(h, device=dev).requires_grad_()
+    dy = torch.randn(b, l, h, p, device=dev, generator=gen)
+
+    def fwd_bwd(backend):
+        def run():
+            y, _ = S.ssd(x, dt, A, Bm, Cm, chunk, D=D, backend=backend)
+            torch.autograd.backward(y, dy.to(y.dtype))
+            for t in (x, dt, A, Bm, Cm, D):
+                t.grad = None
+        return run
+    rows = {}
+    for backend in backends:
+        with torch.enable_grad():
+            run = fwd_bwd(backend)
+            run()
+            torch.cuda.synchronize()
+            best = float("inf")
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run()
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+        rows[backend] = best
+    print(f"SSD forward + backward, b={b}, l={l}, h={h}, p={p}, n={n}, g=1, chunk {chunk}, x/B/C bf16: " +
+          ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in rows.items()) +
+          (f"; ssd_chunked / kernel = {rows['torch'] / rows['mamba_ssm']:.1f}x" if len(rows) == 2 else ""))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_ssd_once":  # internal: one measurement in a fresh process
@@ -247,6 +545,21 @@ def main(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("pipeline", help="the whole ML-Mamba answer at the paper's configuration, vs mamba-ssm")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--text-tokens", type=int, default=15, help="text tokens around the image (729 + 15 = 744)")
+    p.add_argument("--new", type=int, default=256)
+    p = sub.add_parser("scaling", help="prefill and decoding against the number of image tokens, vs a Transformer")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--image-tokens", type=int, nargs="+", default=[144, 576, 729, 2304, 9216])
+    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens timed for the Transformer")
+    p.add_argument("--our-decode-tokens", type=int, default=256, help="new tokens timed for ours")
+    p.add_argument("--plot", help="write a plot here (needs matplotlib)")
+    p = sub.add_parser("train", help="a stage-2 training step at the paper's configuration; the SSD fwd + bwd")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--batch", type=int, default=8, help="per-device batch (halved on out-of-memory)")
+    p.add_argument("--text-tokens", type=int, default=96)
+    p.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
     if args.what == "ssd":
         bench_ssd(args)
@@ -254,6 +567,12 @@ def main(argv=None):
         bench_vision(args)
     elif args.what == "decode":
         bench_decode(args)
+    elif args.what == "pipeline":
+        bench_pipeline(args)
+    elif args.what == "scaling":
+        bench_scaling(args)
+    elif args.what == "train":
+        bench_train(args)
 
 
 if __name__ == "__main__":
