@@ -476,6 +476,9 @@ class Mamba2LMHeadModel(nn.Module):
         prompt = input_ids if input_ids is not None else inputs_embeds
         batch_size = prompt.shape[0]
         use_graph = prompt.is_cuda if cuda_graph is None else cuda_graph
+        if use_graph and not prompt.is_cuda:
+            raise ValueError(f"cuda_graph=True needs the model and prompt on CUDA (the prompt is on {prompt.device}); "
+                             "leave cuda_graph=None to decode eagerly on the CPU")
         if use_graph:
             use_compile = _triton_available() if compile is None else compile
             cache, step = self._graph_decoder(batch_size, use_compile)

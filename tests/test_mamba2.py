@@ -328,3 +328,9 @@ def test_one_token_step_equals_the_full_forward(ngroups, bias):
     assert full.abs().max() > 0.1
     torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-6)
     assert cache.seqlen_offset == ids.shape[1]
+
+
+def test_cuda_graph_on_the_cpu_is_a_clear_error():
+    model = tiny_model(seed=2)
+    with pytest.raises(ValueError, match="needs the model and prompt on CUDA"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, cuda_graph=True)
