@@ -7,7 +7,8 @@ with Pillow, deterministic from a seed. Four question families mirror the paper'
                                                              objects that share a shape or a colour with one in the
                                                              picture (POPE's "random" / "adversarial" negatives)
     attribute  "What color is the triangle?" / "What shape is the red object?"       (GQA / VQA-like)
-    spatial    "Is the blue square left of the red circle?"  yes/no, left/right/above/below  (VSR-like)
+    spatial    "Is the circle left of the square?"           yes/no, left/right/above/below, about two objects whose
+                                                             shapes are unique in the picture  (VSR-like)
     counting   "How many circles are there?"                 0 to 4
 It is written in the standard LLaVA layout (an image folder + a JSON list of {"id", "image", "conversations"}), so
 training goes through the same loader real data uses. Splits are disjoint: no scene appears in two splits.
@@ -28,6 +29,7 @@ SHAPES = ["circle", "square", "triangle"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
 FAMILIES = ["existence", "attribute", "spatial", "counting"]
 GRID = 3
+WORLD_VERSION = 2  # bump when the generator's output changes (2: spatial questions name the shapes alone)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,7 +86,7 @@ def make_question(scene, family, rng):
             return f"What shape is the {c} object?", next(s2 for s2, c2 in objects if c2 == c)
         return None
     if family == "spatial":
-        unique = [o for o in scene if objects.count((o[2], o[3])) == 1]
+        unique = [o for o in scene if sum(o2[2] == o[2] for o2 in scene) == 1]  # named by the shape alone
         pairs = [(a, b) for a in unique for b in unique if a != b]
         relations = [(a, b, rel) for a, b in pairs for rel in ("left of", "right of", "above", "below")
                      if (rel in ("left of", "right of") and a[1] != b[1]) or (rel in ("above", "below") and a[0] != b[0])]
@@ -92,11 +94,25 @@ def make_question(scene, family, rng):
             return None
         a, b, rel = rng.choice(relations)
         truth = {"left of": a[1] < b[1], "right of": a[1] > b[1], "above": a[0] < b[0], "below": a[0] > b[0]}[rel]
-        return f"Is the {a[3]} {a[2]} {rel} the {b[3]} {b[2]}?", _yes_no(truth)
+        return f"Is the {a[2]} {rel} the {b[2]}?", _yes_no(truth)
     if family == "counting":
         s = rng.choice(SHAPES)
         return f"How many {s}s are there?", str(sum(o[0] == s for o in objects))
     raise ValueError(f"unknown question family {family!r}")
+
+
+def _world_stamp(seed, n_train, n_val, n_test, cell):
+    return {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
+            "cell": cell}
+
+
+def synthetic_dataset_is_built(root, seed=0, n_train=3000, n_val=200, n_test=300, cell=16):
+    """True when root holds a finished build of this generator version with these settings (its DONE stamp)."""
+    done = Path(root) / "DONE"
+    try:
+        return json.loads(done.read_text()) == _world_stamp(seed, n_train, n_val, n_test, cell)
+    except (OSError, ValueError):
+        return False
 
 
 def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, cell=16):
@@ -137,7 +153,7 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
         paths[split] = root / f"{split}.json"
         paths[split].write_text(json.dumps(samples, indent=0))
     (root / "scenes.json").write_text(json.dumps(scenes))  # the ground truth of every image, for checking
-    (root / "DONE").write_text(json.dumps({"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test}))
+    (root / "DONE").write_text(json.dumps(_world_stamp(seed, n_train, n_val, n_test, cell)))
     return paths
 
 

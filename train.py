@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data import (Batches, LLaVADataset, build_synthetic_dataset, collate, conversation_turns, train_tokenizer)
+from data import (Batches, LLaVADataset, build_synthetic_dataset, collate, conversation_turns,
+                  synthetic_dataset_is_built, train_tokenizer)
 from model import IGNORE_INDEX, MLMamba, MLMambaConfig, conversation_segments
 from weights import CheckpointError
 
@@ -317,7 +318,7 @@ def train(args):
     torch.manual_seed(args.seed)
     if args.data is None:
         root = Path(args.synthetic_dir)
-        if rank == 0 and not (root / "DONE").is_file():
+        if rank == 0 and not synthetic_dataset_is_built(root, seed=args.seed):  # missing, or another seed/version
             print(f"building the synthetic visual-question world in {root} ...", flush=True)
             build_synthetic_dataset(root, seed=args.seed)
         if world > 1:

@@ -3,6 +3,7 @@ and the evaluation metrics."""
 
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -11,7 +12,8 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import train as T
-from data import FAMILIES, LLaVADataset, build_synthetic_dataset, collate, make_question
+from data import (FAMILIES, LLaVADataset, build_synthetic_dataset, collate, make_question, random_scene,
+                  synthetic_dataset_is_built)
 from evaluate import family_accuracy, load_questions, normalize_answer, pope_metrics, vqa_soft_accuracy
 from model import IGNORE_INDEX
 
@@ -35,6 +37,10 @@ def test_generator_is_deterministic_and_splits_are_disjoint(world, tmp_path):
     for name in ("train.json", "test.json", "scenes.json"):
         assert (tmp_path / name).read_text() == (world / name).read_text()
     assert (tmp_path / "images/test_00005.png").read_bytes() == (world / "images/test_00005.png").read_bytes()
+    # the DONE stamp says which build this is: train.py rebuilds for another seed or generator version
+    assert synthetic_dataset_is_built(world, seed=3, n_train=48, n_val=4, n_test=12)
+    assert not synthetic_dataset_is_built(world, seed=4, n_train=48, n_val=4, n_test=12)
+    assert not synthetic_dataset_is_built(tmp_path / "nowhere")
     scenes = json.loads((world / "scenes.json").read_text())
     by_split = {s: {json.dumps(v) for k, v in scenes.items() if k.startswith(f"images/{s}_")}
                 for s in ("train", "val", "test")}
@@ -64,6 +70,32 @@ def test_existence_is_balanced_with_co_occurring_negatives():
     negatives = [q for q, a in answers if a == "no"]
     co = [q for q in negatives if "circle" in q or "red" in q or "square" in q or "blue" in q]
     assert 0.4 < len(co) / len(negatives) < 0.95
+
+
+
+def test_spatial_questions_name_unique_shapes_and_answer_from_the_grid():
+    """Every spatial question names two objects by shape alone, both the only one of their shape in the scene, and
+    its answer equals the relation read off their grid cells (row, col)."""
+    import random
+    rng = random.Random(1)
+    checked = {"yes": 0, "no": 0}
+    for _ in range(300):
+        scene = random_scene(rng)
+        qa = make_question(scene, "spatial", rng)
+        shapes = [s for _, _, s, _ in scene]
+        if qa is None:  # only when fewer than two shapes occur exactly once
+            assert sum(shapes.count(s) == 1 for s in set(shapes)) < 2
+            continue
+        q, a = qa
+        m = re.fullmatch(r"Is the (\w+) (left of|right of|above|below) the (\w+)\?", q)
+        assert m, q
+        first, rel, second = m.groups()
+        assert shapes.count(first) == 1 and shapes.count(second) == 1 and first != second
+        (r1, c1), (r2, c2) = [next((r, c) for r, c, s, _ in scene if s == name) for name in (first, second)]
+        truth = {"left of": c1 < c2, "right of": c1 > c2, "above": r1 < r2, "below": r1 > r2}[rel]
+        assert a == ("yes" if truth else "no")
+        checked[a] += 1
+    assert checked["yes"] > 30 and checked["no"] > 30
 
 
 # ---------------------------------------------------------------- the LLaVA loader
