@@ -168,6 +168,32 @@ def bench_vision(args):
         del hf_model, ours
 
 
+def time_mamba_ssm_generate(config, ids, new, repeats=2):
+    """Seconds of mamba-ssm's MambaLMHeadModel.generate(cg=True) for `new` tokens after `ids`, on a random model of
+    the same Mamba-2 config (bf16; the warm-up run captures its graph); None when mamba-ssm cannot be imported."""
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except Exception as e:  # not installed, or its CUDA extension missing
+        print(f"(mamba-ssm not measured: {type(e).__name__}: {e})")
+        return None
+    ref = MambaLMHeadModel(MambaConfig(d_model=config.d_model, n_layer=config.n_layer, vocab_size=config.vocab_size,
+                                       ssm_cfg={"layer": "Mamba2"}, rms_norm=True, residual_in_fp32=True,
+                                       fused_add_norm=True, pad_vocab_size_multiple=16),
+                           device=ids.device, dtype=torch.bfloat16).eval()
+    seconds = best_time(lambda: ref.generate(ids, max_length=ids.shape[1] + new, cg=True, top_k=1,
+                                             eos_token_id=None), repeats, ids.device)[0]
+    del ref
+    return seconds
+
+
+def copy_bandwidth(device):
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / best_time(lambda: y.copy_(x), 5, device)[0]
+
+
 def bench_decode(args):
     """Batch-1 generation of `new` tokens after a `prompt`-token prompt, random weights (the speed does not depend
     on the values when the length is forced), bf16, one GPU, every number from this one run."""
@@ -197,25 +223,10 @@ def bench_decode(args):
                   f"{time.perf_counter() - t0:.1f} s)", flush=True)
             t_graph = timed(lambda: model.generate(ids, max_new_tokens=args.new, cuda_graph=True, compile=compile))
             rows.append((name, args.new, t_graph, (t_graph - t_prefill) / args.new))
-        try:
-            from mamba_ssm.models.config_mamba import MambaConfig
-            from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-        except Exception as e:  # not installed, or its CUDA extension missing
-            print(f"(mamba-ssm not measured: {type(e).__name__}: {e})")
-        else:
-            ref = MambaLMHeadModel(MambaConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=cfg.vocab_size,
-                                               ssm_cfg={"layer": "Mamba2"}, rms_norm=True, residual_in_fp32=True,
-                                               fused_add_norm=True, pad_vocab_size_multiple=16),
-                                   device=dev, dtype=dtype).eval()
-            t_ref = timed(lambda: ref.generate(ids, max_length=args.prompt + args.new, cg=True, top_k=1,
-                                               eos_token_id=None))
+        t_ref = time_mamba_ssm_generate(cfg, ids, args.new)
+        if t_ref is not None:
             rows.append(("mamba-ssm generate(cg=True)", args.new, t_ref, float("nan")))
-            del ref
-    # copy bandwidth: bytes read + written per second by a device-to-device copy
-    x = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    t_copy = timed(lambda: y.copy_(x), 5)
-    bandwidth = 2 * x.numel() / t_copy
+    bandwidth = copy_bandwidth(dev)
     bound = bandwidth / (n_params * 2)  # tokens/s if each token only reads the bf16 weights once
     print(f"Mamba-2 {args.size} ({n_params / 1e9:.2f}B parameters, bf16) on {torch.cuda.get_device_name()}: "
           f"{args.prompt}-token prompt, batch 1; prefill {t_prefill:.3f} s; copy bandwidth {bandwidth / 1e12:.2f} TB/s "
@@ -295,25 +306,10 @@ def bench_pipeline(args):
         lm_ids = torch.randint(0, lm.config.vocab_size, (1, n_prompt), device=dev)
         t_lm = timed(lambda: lm.generate(lm_ids, max_new_tokens=args.new))
         rows = [("ML-Mamba: image -> 256 tokens", t_total), ("our Mamba-2 LM alone", t_lm)]
-        try:
-            from mamba_ssm.models.config_mamba import MambaConfig
-            from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-        except Exception as e:
-            print(f"(mamba-ssm not measured: {type(e).__name__}: {e})")
-        else:
-            c = lm.config
-            ref = MambaLMHeadModel(MambaConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size,
-                                               ssm_cfg={"layer": "Mamba2"}, rms_norm=True, residual_in_fp32=True,
-                                               fused_add_norm=True, pad_vocab_size_multiple=16),
-                                   device=dev, dtype=dtype).eval()
-            t_ref = timed(lambda: ref.generate(lm_ids, max_length=n_prompt + args.new, cg=True, top_k=1,
-                                               eos_token_id=None), 2)
+        t_ref = time_mamba_ssm_generate(lm.config, lm_ids, args.new)
+        if t_ref is not None:
             rows.append(("mamba-ssm generate(cg=True), LM alone", t_ref))
-            del ref
-    x = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
-    t_copy = timed(lambda: x.clone(), 5)
-    del x
-    bandwidth = 2 * 2 ** 30 / t_copy
+    bandwidth = copy_bandwidth(dev)
     bound = bandwidth / (n_params["lm"] * 2)
     print(f"ML-Mamba at the paper's configuration on {torch.cuda.get_device_name()}, bf16, random weights: vision "
           f"{n_params['vision'] / 1e6:.0f}M (DINOv2-L + SigLIP so400m, 384 px), connector "
@@ -561,18 +557,8 @@ def main(argv=None):
     p.add_argument("--text-tokens", type=int, default=96)
     p.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
-    if args.what == "ssd":
-        bench_ssd(args)
-    elif args.what == "vision":
-        bench_vision(args)
-    elif args.what == "decode":
-        bench_decode(args)
-    elif args.what == "pipeline":
-        bench_pipeline(args)
-    elif args.what == "scaling":
-        bench_scaling(args)
-    elif args.what == "train":
-        bench_train(args)
+    {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "pipeline": bench_pipeline,
+     "scaling": bench_scaling, "train": bench_train}[args.what](args)
 
 
 if __name__ == "__main__":
