@@ -182,9 +182,11 @@ class LLaVADataset(torch.utils.data.Dataset):
     """A LLaVA-format JSON list. Samples with an "image" get pixels (from image_root); others are text-only.
 
     A sample whose image is missing or unreadable, or whose text holds several "<image>" placeholders, is
-    reported once and skipped (it yields None; `collate` drops it); `skipped` lists them."""
+    reported once and skipped (it yields None; `collate` drops it); `skipped` lists them.
+    cache_images: keep each image's preprocessed pixels in memory after its first read (the synthetic world: 3000
+    images of 48 px, ~170 MB; reading the PNGs was ~15% of a training step on 2 CPU cores). Off for real data."""
 
-    def __init__(self, json_path, image_root, model):
+    def __init__(self, json_path, image_root, model, cache_images=False):
         self.json_path = Path(json_path)
         if not self.json_path.is_file():
             raise FileNotFoundError(f"data file not found: {self.json_path}")
@@ -195,6 +197,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.image_root = Path(image_root) if image_root else self.json_path.parent
         self.model = model  # for the tokenizer, the placeholder id and each encoder's preprocessing
         self.skipped = {}
+        self.pixel_cache = {} if cache_images else None
 
     def __len__(self):
         return len(self.samples)
@@ -218,11 +221,15 @@ class LLaVADataset(torch.utils.data.Dataset):
         except ValueError as e:
             return self._skip(i, str(e))
         pixels = None
-        if has_image:
+        if has_image and self.pixel_cache is not None and i in self.pixel_cache:
+            pixels = self.pixel_cache[i]
+        elif has_image:
             try:
                 pixels = self.model.vision.preprocess(self.image_root / sample["image"])
             except ImageError as e:
                 return self._skip(i, str(e))
+            if self.pixel_cache is not None:
+                self.pixel_cache[i] = pixels
         else:  # text-only: no placeholder may stay in the text
             keep = [k for k, t in enumerate(ids) if t != self.model.image_token_id]
             ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]

@@ -146,6 +146,25 @@ def test_loader_edge_cases(world, tmp_path, capsys):
     assert torch.isfinite(loss)
 
 
+def test_pixel_cache_gives_the_same_pixels_without_rereading(world, tmp_path):
+    import shutil
+    args = args_for(world, tmp_path)
+    args.train_json = world / "train.json"
+    model = T.build_model(args, 0)
+    root = tmp_path / "copy"
+    shutil.copytree(world, root)
+    plain = LLaVADataset(root / "train.json", root, model)
+    cached = LLaVADataset(root / "train.json", root, model, cache_images=True)
+    first = [cached[i] for i in range(3)]
+    for i in range(3):  # the cached pixels are the file's, for each encoder
+        for name, px in plain[i]["pixels"].items():
+            assert torch.equal(first[i]["pixels"][name], px)
+    shutil.rmtree(root / "images")  # a second read comes from memory: no file needed, nothing skipped
+    again = [cached[i] for i in range(3)]
+    assert all(torch.equal(a["pixels"]["siglip"], b["pixels"]["siglip"]) for a, b in zip(first, again))
+    assert not cached.skipped and plain[0] is None and 0 in plain.skipped
+
+
 # ---------------------------------------------------------------- stages, checkpoints, resume, NaN
 
 def params(model):
