@@ -72,7 +72,6 @@ def test_existence_is_balanced_with_co_occurring_negatives():
     assert 0.4 < len(co) / len(negatives) < 0.95
 
 
-
 def test_spatial_questions_name_unique_shapes_and_answer_from_the_grid():
     """Every spatial question names two objects by shape alone, both the only one of their shape in the scene, and
     its answer equals the relation read off their grid cells (row, col)."""
@@ -163,6 +162,10 @@ def test_pixel_cache_gives_the_same_pixels_without_rereading(world, tmp_path):
     again = [cached[i] for i in range(3)]
     assert all(torch.equal(a["pixels"]["siglip"], b["pixels"]["siglip"]) for a, b in zip(first, again))
     assert not cached.skipped and plain[0] is None and 0 in plain.skipped
+    # keyed by the image, not the sample: a second sample on the same picture reads it from memory too
+    cached.samples.append(dict(cached.samples[1], id="same-image"))
+    assert torch.equal(cached[len(cached) - 1]["pixels"]["dinov2"], first[1]["pixels"]["dinov2"])
+    assert len(cached.pixel_cache) == 3
 
 
 # ---------------------------------------------------------------- stages, checkpoints, resume, NaN
