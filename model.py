@@ -2,7 +2,7 @@
 
     V = [DINOv2(X); SigLIP(X)]        (b, N, d_v)      vision.py, eq. 5 (frozen)
     F = Connector(V)                   (b, N, D)        connector.py, eqs. 6-8
-    E = text embeddings with F put where the "<image>" placeholder token is (prepended when there is none)
+    E = text embeddings with F put where the "<image>" placeholder token is (see encode_conversation)
     p(answer | X, prompt) = Mamba2LM(E)                 mamba2.py, eq. 9
 
 The prompt format (the authors' Mamba prompter), one image, any number of turns:
@@ -72,14 +72,16 @@ def conversation_segments(turns):
 def encode_conversation(tokenizer, turns, image_token_id=None):
     """Token ids and labels of a conversation; labels are IGNORE_INDEX except on replies and their stop token.
 
-    With image_token_id, the sample has an image: if the text holds no placeholder, one is prepended."""
+    With image_token_id, the sample has an image: if the text holds no placeholder, "<image>\n" is put at the start
+    of the first human turn, as LLaVA's data has it. So `generate(image, "What is this?")` sees the image exactly
+    where training put it ("In: <image>\nWhat is this?\nOut: ")."""
+    if image_token_id is not None and turns and not any(IMAGE_TOKEN in text for _, text in turns):
+        turns = [(turns[0][0], f"{IMAGE_TOKEN}\n{turns[0][1]}")] + list(turns[1:])
     ids, labels = [], []
     for text, is_reply in conversation_segments(turns):
         seg = tokenizer.encode(text, add_special_tokens=False).ids
         ids += seg
         labels += seg if is_reply else [IGNORE_INDEX] * len(seg)
-    if image_token_id is not None and image_token_id not in ids:
-        ids, labels = [image_token_id] + ids, [IGNORE_INDEX] + labels
     # the placeholder is never a target, wherever it sits
     labels = [IGNORE_INDEX if t == image_token_id else l for t, l in zip(ids, labels)]
     return ids, labels

@@ -36,9 +36,11 @@ def test_prompt_format_and_label_masking(tokenizer):
     # the labelled tokens are exactly the replies and their stop tokens
     trained = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX], skip_special_tokens=False)
     assert trained == "Green.<|endoftext|>Two.<|endoftext|>"
-    # no placeholder in the text: one is prepended, and it is not a target
-    ids2, labels2 = encode_conversation(tokenizer, [("human", "Hi"), ("gpt", "Yes.")], image_token_id=300 - 299)
-    assert ids2[0] == 1 and labels2[0] == IGNORE_INDEX
+    # no placeholder in the text: "<image>\n" opens the first human turn, as in LLaVA's data, and is not a target
+    img = tokenizer.token_to_id("<image>")
+    ids2, labels2 = encode_conversation(tokenizer, [("human", "Hi"), ("gpt", "Yes."), ("human", "And?")], img)
+    ids3, labels3 = encode_conversation(tokenizer, [("human", "<image>\nHi"), ("gpt", "Yes."), ("human", "And?")], img)
+    assert (ids2, labels2) == (ids3, labels3) and ids2.count(img) == 1 and labels2[ids2.index(img)] == IGNORE_INDEX
     with pytest.raises(ValueError, match="expected 'gpt'"):
         encode_conversation(tokenizer, [("human", "a"), ("human", "b")])
 

@@ -134,7 +134,7 @@ def test_loader_edge_cases(world, tmp_path, capsys):
     assert items[1]["input_ids"].count(img) == 1 and len([l for l in items[1]["labels"] if l != -100]) > 2
     odd = items[2]["input_ids"]
     assert odd.index(img) > 3  # the placeholder stays where the text put it
-    assert items[3]["input_ids"][0] == img  # none in the text: prepended
+    assert tok.decode(items[3]["input_ids"][:6], skip_special_tokens=False).startswith("In: <image>\n")  # none: added
     assert tok.decode([t for t, l in zip(items[3]["input_ids"], items[3]["labels"]) if l != -100]) == "Ünïcødé ✓"
     batch = collate(items, {n: (3, 42, 42) for n in model.vision.encoders})
     assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"]["siglip"].shape == (4, 3, 42, 42)
