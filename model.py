@@ -216,13 +216,14 @@ class MLMamba(nn.Module):
         return self.image_tokens(self.preprocess(image))
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, folder):
-        """config.json + model.safetensors (our parameter names) + tokenizer.json."""
+    def save_pretrained(self, folder, state=None):
+        """config.json + model.safetensors (our parameter names) + tokenizer.json. state: the tensors to write
+        (default: this model's state_dict(); train.py passes the whole tensors it gathered from FSDP's shards)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
+        state = dict(self.state_dict() if state is None else state)
         if self.config.lm.tie_embeddings:
-            state.pop("lm.lm_head.weight")  # the same tensor as lm.embedding.weight
+            state.pop("lm.lm_head.weight", None)  # the same tensor as lm.embedding.weight
         save_safetensors(state, folder / "model.safetensors")
         write_json(self.config.to_dict(), folder / "config.json")
         if self.tokenizer is not None:

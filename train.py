@@ -4,7 +4,8 @@
                                          # both stages, prints held-out accuracy per question family
     python train.py --stage finetune --data llava_v1_5_mix665k.json --image-root DIR \\
         --llm mamba2-2.7b --dinov2 dinov2-large --siglip siglip-so400m-patch14-384 --tokenizer gpt-neox-20b
-    torchrun --nproc_per_node=8 train.py ...        # data parallel (DDP), one process per GPU
+    torchrun --nproc_per_node=8 train.py ...        # one process per GPU, the model sharded over them (FSDP)
+    torchrun --nproc_per_node=8 train.py --parallel ddp ...   # or replicated on each (DDP)
 
 The paper's recipe (Table 1): AdamW, cosine decay after a linear warmup over 3% of the steps, lr 2e-5, weight decay
 0.1, 2 epochs, global batch = per-device batch x gradient accumulation x devices, bf16 autocast on fp32 master
@@ -13,7 +14,12 @@ weights, gradient clipping at 1.0.
 Checkpoints: runs/NAME/STAGE/checkpoint-STEP/ (model + optimizer + scheduler + RNG + step), then the file
 STAGE/latest is switched to it with an atomic rename: a crash mid-write leaves the previous checkpoint in charge.
 `--resume` continues from there with the same batches in the same order, so it ends where an uninterrupted run
-would. A NaN or infinite loss stops the run naming the step; the last good checkpoint stays.
+would. A NaN or infinite loss stops the run naming the step; the last good checkpoint stays. The optimizer state is
+stored keyed by parameter name (whole tensors), so a run may resume with another number of processes or DDP <-> FSDP.
+
+Several processes (torchrun): each takes its slice of every global batch. FSDP (the paper's choice, default) splits
+every parameter, gradient and optimizer state over the processes, so each holds 1/N of them; a block's whole weights
+are gathered just for its forward and its backward. DDP keeps a whole copy on each and averages the gradients.
 """
 
 import argparse
@@ -23,10 +29,14 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from data import (Batches, LLaVADataset, build_synthetic_dataset, collate, conversation_turns,
                   synthetic_dataset_is_built, train_tokenizer)
@@ -65,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp"],
+                   help="under torchrun: shard the model over the processes (FSDP) or replicate it (DDP)")
     p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--resume", action="store_true")
@@ -89,7 +101,8 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 def setup_distributed(args):
-    """(rank, world). Under torchrun: one process per device, NCCL on CUDA, gloo on the CPU."""
+    """(rank, world). Under torchrun: one process per device; NCCL for CUDA tensors, gloo for CPU tensors (the token
+    and loss counts are summed on the CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
@@ -97,8 +110,24 @@ def setup_distributed(args):
     if args.device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         args.device = f"cuda:{torch.cuda.current_device()}"
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if args.device.startswith("cuda") else "gloo")
     return rank, world
+
+
+def shard(model):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): every LM block, the connector, then the rest (embeddings, head,
+    vision encoders) each become one unit whose parameters are split over the processes (DTensors). Before a unit's
+    forward and backward its whole weights are all-gathered; after the backward its gradients are reduce-scattered
+    (averaged), so each process updates only its own shard. The tied embedding and head stay in one unit."""
+    from torch.distributed.fsdp import fully_shard
+    # FSDP warns when a unit returns a view; the connector's output is the (b, N, D) view nn.Linear gives for 3-D
+    # inputs, and nothing writes into it in place (splice copies it into a new tensor)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPConnector\) returned a view tensor")
+    for block in model.lm.layers:
+        fully_shard(block)
+    fully_shard(model.connector)
+    fully_shard(model)
+    return model
 
 
 def log(rank, *msg):
@@ -171,16 +200,32 @@ def make_optimizer(model, lr, weight_decay, connector_lr=None):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(stage_dir, model, optimizer, scheduler, step, total, done=False, keep=2):
-    """stage_dir/checkpoint-STEP/, then stage_dir/latest -> it, switched atomically."""
+def full_state(model, optimizer):
+    """(model state, optimizer state) as whole tensors on the CPU, the optimizer's keyed by parameter name. Under FSDP
+    each process holds a shard and this gathers them (a collective: every process must call it; rank 0 gets them)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state):
+    """The inverse of full_state, on every process (each keeps its own shard under FSDP)."""
+    options = StateDictOptions(full_state_dict=True, strict=not model.config.lm.tie_embeddings)
+    set_model_state_dict(model, model_state, options=options)  # a tied lm_head is not stored
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def save_checkpoint(stage_dir, model, state, optimizer_state, scheduler, step, total, done=False, keep=2):
+    """stage_dir/checkpoint-STEP/, then stage_dir/latest -> it, switched atomically. state, optimizer_state: from
+    full_state."""
     ckpt = stage_dir / f"checkpoint-{step}"
     if ckpt.exists():
         shutil.rmtree(ckpt)
     tmp = stage_dir / f".tmp-checkpoint-{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    model.save_pretrained(tmp, state)
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state()}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "total_steps": total, "done": done}))
     os.replace(tmp, ckpt)
@@ -225,7 +270,7 @@ def run_stage(stage, model, dataset, args, rank, world):
     if args.global_batch % world or local_batch % micro:
         raise ValueError(f"global batch {args.global_batch} must split into {world} devices x whole micro-batches "
                          f"of {micro}")
-    optimizer = make_optimizer(model, lr, args.weight_decay,
+    optimizer = make_optimizer(model, lr, args.weight_decay,  # after shard(): FSDP's parameters are the shards
                                connector_lr=None if stage == "align" else args.connector_lr)
     warmup = max(1, int(args.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
@@ -236,9 +281,8 @@ def run_stage(stage, model, dataset, args, rank, world):
     ckpt = latest_checkpoint(stage_dir) if args.resume else None
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
-        model.load_state_dict(model.checkpoint_state(ckpt), strict=not model.config.lm.tie_embeddings)
         trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(trainer["optimizer"])
+        load_full_state(model, optimizer, model.checkpoint_state(ckpt), trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["rng"])
         start = state["step"]
@@ -246,9 +290,9 @@ def run_stage(stage, model, dataset, args, rank, world):
         if state["done"]:
             return model
 
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
+    wrapped = model  # what the forward goes through: FSDP's model is sharded in place (train()), DDP wraps it
+    if world > 1 and args.parallel == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
     encoder_inputs = {n: (3, e.config.input_size, e.config.input_size) for n, e in model.vision.encoders.items()}
     model.lm.gradient_checkpointing = args.gradient_checkpointing
@@ -269,11 +313,11 @@ def run_stage(stage, model, dataset, args, rank, world):
                 continue
             px = {n: v.to(device) for n, v in batch["pixel_values"].items()} if batch["pixel_values"] else None
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                _, loss_sum = ddp_model(px, batch["input_ids"].to(device), batch["labels"].to(device),
+                _, loss_sum = wrapped(px, batch["input_ids"].to(device), batch["labels"].to(device),
                                         loss_reduction="sum")
             if loss_sum is None:  # no target token in this micro-batch
                 continue
-            (loss_sum / n_tokens.clamp(min=1) * world).backward()  # DDP averages over ranks: times world
+            (loss_sum / n_tokens.clamp(min=1) * world).backward()  # DDP and FSDP average over ranks: times world
             step_loss += loss_sum.detach().cpu()
         if world > 1:
             dist.all_reduce(step_loss)
@@ -283,7 +327,9 @@ def run_stage(stage, model, dataset, args, rank, world):
                       f"{last_good or 'none (no checkpoint was written yet)'}")
             sys.exit(1)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   args.max_grad_norm)
+                                                   args.max_grad_norm)  # the norm of the whole gradient, also under FSDP
+        if isinstance(grad_norm, torch.distributed.tensor.DTensor):
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -295,8 +341,11 @@ def run_stage(stage, model, dataset, args, rank, world):
             print(f"[{stage}] step {step + 1}/{total} epoch {epoch + 1} loss {loss:.4f} "
                   f"grad-norm {float(grad_norm):.2f} lr {scheduler.get_last_lr()[0]:.2e} "
                   f"{rate:.1f} samples/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
-        if rank == 0 and ((step + 1) % args.save_every == 0 or done):
-            last_good = save_checkpoint(stage_dir, model, optimizer, scheduler, step + 1, total, done=done)
+        if (step + 1) % args.save_every == 0 or done:
+            state, optimizer_state = full_state(model, optimizer)  # every process: gathers FSDP's shards
+            if rank == 0:
+                last_good = save_checkpoint(stage_dir, model, state, optimizer_state, scheduler, step + 1, total,
+                                            done=done)
         if world > 1:
             dist.barrier()
         if args.stop_after is not None and step + 1 == args.stop_after:
@@ -330,6 +379,8 @@ def train(args):
     else:
         args.train_json, image_root = Path(args.data), args.image_root
     model = build_model(args, rank).to(args.device)
+    if world > 1 and args.parallel == "fsdp":
+        shard(model)
     dataset = LLaVADataset(args.train_json, image_root, model, cache_images=args.data is None)
     log(rank, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
               f"(connector {args.connector}/{args.scan}); {len(dataset)} training samples; {world} process(es)")
@@ -339,14 +390,14 @@ def train(args):
         model = run_stage(stage, model, dataset, args, rank, world)
     if dataset.skipped:
         log(rank, f"skipped {len(dataset.skipped)} sample(s) with a missing or unusable image or text")
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         final = Path(args.out) / "final"
-        model.save_pretrained(final)
+        model.save_pretrained(final, state)
         print(f"training took {time.time() - t0:.0f} s; model saved to {final}", flush=True)
         if args.data is None and not args.no_eval:
             from evaluate import evaluate
-            model.to("cpu")
-            result = evaluate(model, args.test_json)
+            result = evaluate(MLMamba.from_pretrained(final), args.test_json)  # the saved model, on the CPU
             print("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items()), flush=True)
             (Path(args.out) / "eval.json").write_text(json.dumps(result, indent=2))
     if world > 1:

@@ -1,5 +1,5 @@
-"""Training: the synthetic world, the LLaVA loader, stages, checkpoints and resume, NaN stop, 2-process DDP,
-and the evaluation metrics."""
+"""Training: the synthetic world, the LLaVA loader, stages, checkpoints and resume, NaN stop, 2-process DDP and
+FSDP, and the evaluation metrics."""
 
 import json
 import os
@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from torch.distributed.tensor import DTensor
 
 import train as T
 from data import (FAMILIES, LLaVADataset, build_synthetic_dataset, collate, make_question, random_scene,
                   synthetic_dataset_is_built)
 from evaluate import family_accuracy, load_questions, normalize_answer, pope_metrics, vqa_soft_accuracy
 from model import IGNORE_INDEX
+from weights import read_tensors
 
 
 @pytest.fixture(scope="module")
@@ -263,22 +265,61 @@ def _worker(rank, world, port, argv, out):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     model = T.train(T.parse_args(argv))
-    torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}/rank{rank}.pt")
+    # DDP: this process's whole replica; FSDP: its shard of each parameter (rows rank*k ... of dim 0)
+    torch.save({n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()},
+               f"{out}/rank{rank}.pt")
 
 
-def test_two_process_gloo_matches_one_process(world, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_gloo_matches_one_process(world, tmp_path, parallel):
     argv = ["--synthetic-dir", str(world), "--global-batch", "8", "--no-eval", "--log-every", "1000",
             "--device", "cpu", "--max-steps", "3", "--stage", "finetune",
             "--drop-path", "0"]  # stochastic depth draws different masks when the batch is split over ranks
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, argv + ["--out", str(tmp_path / "ddp")], str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(2, port, argv + ["--out", str(tmp_path / parallel), "--parallel", parallel],
+                            str(tmp_path)), nprocs=2)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     single = params(T.train(T.parse_args(argv + ["--out", str(tmp_path / "single")])))
-    for n in r0:
-        assert torch.equal(r0[n], r1[n]), f"replicas differ at {n}"
-        torch.testing.assert_close(r0[n], single[n], rtol=1e-4, atol=1e-5, msg=n)
+    for n in single:
+        if parallel == "ddp":
+            assert torch.equal(r0[n], r1[n]), f"replicas differ at {n}"
+            whole = r0[n]
+        else:  # each process held about half of every parameter; together they make the whole
+            assert r0[n].shape[0] == -(-single[n].shape[0] // 2), f"{n} not sharded: {tuple(r0[n].shape)}"
+            whole = torch.cat([r0[n], r1[n]])
+        torch.testing.assert_close(whole, single[n], rtol=1e-4, atol=1e-5, msg=n)
+    # the final checkpoint, written by rank 0 from the gathered shards, is the same model
+    saved = read_tensors(tmp_path / parallel / "final")
+    assert set(saved) == set(single) - {"lm.lm_head.weight"}
+    for n, v in saved.items():
+        torch.testing.assert_close(v, single[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def _interrupted_worker(rank, world, port, argv, out):
+    try:
+        _worker(rank, world, port, argv, out)
+    except KeyboardInterrupt:
+        pass
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(world, tmp_path):
+    """2-process FSDP stops after step 2 (checkpoint-2 was gathered from the shards); one process resumes it and ends
+    where an uninterrupted one-process run does: the optimizer state is stored whole, keyed by parameter name."""
+    argv = ["--synthetic-dir", str(world), "--global-batch", "8", "--no-eval", "--log-every", "1000", "--device",
+            "cpu", "--max-steps", "4", "--save-every", "2", "--stage", "finetune", "--drop-path", "0"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = ["--out", str(tmp_path / "run")]
+    mp.spawn(_interrupted_worker, args=(2, port, argv + out + ["--parallel", "fsdp", "--stop-after", "2"],
+                                        str(tmp_path)), nprocs=2)
+    assert (tmp_path / "run/finetune/latest").read_text() == "checkpoint-2"
+    resumed = params(T.train(T.parse_args(argv + out + ["--resume"])))
+    straight = params(T.train(T.parse_args(argv + ["--out", str(tmp_path / "straight")])))
+    for n in straight:
+        torch.testing.assert_close(resumed[n], straight[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 # ---------------------------------------------------------------- evaluation metrics
