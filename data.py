@@ -15,7 +15,9 @@ training goes through the same loader real data uses. Splits are disjoint: no sc
 """
 
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,9 +121,14 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     """Write images/ and train.json, val.json, test.json (LLaVA layout) under root; returns the json paths.
 
     Train samples are multi-turn: one question of each family the scene allows, in random order. Val and test
-    samples hold one question each (every family for every image), with a "family" field for scoring."""
-    root = Path(root)
-    (root / "images").mkdir(parents=True, exist_ok=True)
+    samples hold one question each (every family for every image), with a "family" field for scoring.
+    The world is written into a new folder beside root and then renamed to root (a world already there is moved
+    aside and deleted), so no reader ever sees half a world, nor images of one world under another's questions."""
+    final = Path(root)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    root = final.parent / f".{final.name}.building-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "images").mkdir(parents=True)
     rng = random.Random(seed)
     seen = set()
     paths, scenes = {}, {}
@@ -150,10 +157,15 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
                     samples.append({"id": f"{split}-{i}-{f}", "image": f"images/{name}", "family": f, "conversations": [
                         {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
             i += 1
-        paths[split] = root / f"{split}.json"
-        paths[split].write_text(json.dumps(samples, indent=0))
+        (root / f"{split}.json").write_text(json.dumps(samples, indent=0))
+        paths[split] = final / f"{split}.json"
     (root / "scenes.json").write_text(json.dumps(scenes))  # the ground truth of every image, for checking
     (root / "DONE").write_text(json.dumps(_world_stamp(seed, n_train, n_val, n_test, cell)))
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(root, final)
+    shutil.rmtree(old, ignore_errors=True)
     return paths
 
 

@@ -81,7 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-steps", type=int, default=None, help="stop each stage after this many steps (tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialization, batch order, stochastic depth")
+    p.add_argument("--world-seed", type=int, default=0,
+                   help="the synthetic world's seed (apart from --seed: runs that differ in --seed share one world)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: a crash after N steps
@@ -369,9 +371,9 @@ def train(args):
     torch.manual_seed(args.seed)
     if args.data is None:
         root = Path(args.synthetic_dir)
-        if rank == 0 and not synthetic_dataset_is_built(root, seed=args.seed):  # missing, or another seed/version
+        if rank == 0 and not synthetic_dataset_is_built(root, seed=args.world_seed):  # missing, other seed/version
             print(f"building the synthetic visual-question world in {root} ...", flush=True)
-            build_synthetic_dataset(root, seed=args.seed)
+            build_synthetic_dataset(root, seed=args.world_seed)
         if world > 1:
             dist.barrier()
         args.train_json, args.test_json = root / "train.json", root / "test.json"

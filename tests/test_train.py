@@ -62,6 +62,17 @@ def test_generator_is_deterministic_and_splits_are_disjoint(world, tmp_path):
             assert a == ("yes" if [color, shape] in [[o[3], o[2]] for o in scene] else "no")
 
 
+def test_a_rebuilt_world_replaces_the_old_one_whole(tmp_path):
+    root = tmp_path / "world"
+    build_synthetic_dataset(root, n_train=20, n_val=2, n_test=3, seed=1)
+    old_train = (root / "train.json").read_text()
+    paths = build_synthetic_dataset(root, n_train=6, n_val=2, n_test=3, seed=2)
+    assert paths["train"] == root / "train.json" and (root / "train.json").read_text() != old_train
+    assert len(list((root / "images").iterdir())) == 6 + 2 + 3  # none of the first world's 20 training images left
+    assert synthetic_dataset_is_built(root, seed=2, n_train=6, n_val=2, n_test=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]  # no half-built or old folder beside it
+
+
 def test_existence_is_balanced_with_co_occurring_negatives():
     import random
     rng = random.Random(0)
