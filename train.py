@@ -202,12 +202,14 @@ def make_optimizer(model, lr, weight_decay, connector_lr=None):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on the CPU, on rank 0
+
+
 def full_state(model, optimizer):
     """(model state, optimizer state) as whole tensors on the CPU, the optimizer's keyed by parameter name. Under FSDP
     each process holds a shard and this gathers them (a collective: every process must call it; rank 0 gets them)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
+    return (get_model_state_dict(model, options=FULL_STATE),
+            get_optimizer_state_dict(model, optimizer, options=FULL_STATE))
 
 
 def load_full_state(model, optimizer, model_state, optimizer_state):
@@ -344,10 +346,10 @@ def run_stage(stage, model, dataset, args, rank, world):
                   f"grad-norm {float(grad_norm):.2f} lr {scheduler.get_last_lr()[0]:.2e} "
                   f"{rate:.1f} samples/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
         if (step + 1) % args.save_every == 0 or done:
-            state, optimizer_state = full_state(model, optimizer)  # every process: gathers FSDP's shards
+            model_state, optimizer_state = full_state(model, optimizer)  # every process: gathers FSDP's shards
             if rank == 0:
-                last_good = save_checkpoint(stage_dir, model, state, optimizer_state, scheduler, step + 1, total,
-                                            done=done)
+                last_good = save_checkpoint(stage_dir, model, model_state, optimizer_state, scheduler, step + 1,
+                                            total, done=done)
         if world > 1:
             dist.barrier()
         if args.stop_after is not None and step + 1 == args.stop_after:
@@ -392,10 +394,10 @@ def train(args):
         model = run_stage(stage, model, dataset, args, rank, world)
     if dataset.skipped:
         log(rank, f"skipped {len(dataset.skipped)} sample(s) with a missing or unusable image or text")
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_state = get_model_state_dict(model, options=FULL_STATE)  # every process: gathers FSDP's shards
     if rank == 0:
         final = Path(args.out) / "final"
-        model.save_pretrained(final, state)
+        model.save_pretrained(final, model_state)
         print(f"training took {time.time() - t0:.0f} s; model saved to {final}", flush=True)
         if args.data is None and not args.no_eval:
             from evaluate import evaluate
