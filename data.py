@@ -12,6 +12,9 @@ with Pillow, deterministic from a seed. Four question families mirror the paper'
     counting   "How many circles are there?"                 0 to 4
 It is written in the standard LLaVA layout (an image folder + a JSON list of {"id", "image", "conversations"}), so
 training goes through the same loader real data uses. Splits are disjoint: no scene appears in two splits.
+text.json holds the training conversations once more with the scene written out in words in place of the image
+("red circle top left. blue square center."): text-only data for the LM's pretraining stage (train.py), the stand-in
+for the pretrained Mamba-2 the paper starts from.
 """
 
 import json
@@ -31,7 +34,8 @@ SHAPES = ["circle", "square", "triangle"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
 FAMILIES = ["existence", "attribute", "spatial", "counting"]
 GRID = 3
-WORLD_VERSION = 2  # bump when the generator's output changes (2: spatial questions name the shapes alone)
+POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+WORLD_VERSION = 3  # bump when the generator's output changes (2: spatial questions name the shapes alone; 3: text.json)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,6 +63,11 @@ def draw_scene(scene, cell=16, seed=0):
         else:
             d.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=COLORS[color])
     return img
+
+
+def describe_scene(scene):
+    """The scene in words, in reading order: "red circle top left. blue square center." """
+    return " ".join(f"{color} {shape} {POSITIONS[r * GRID + c]}." for r, c, shape, color in scene)
 
 
 def _yes_no(flag):
@@ -121,7 +130,8 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     """Write images/ and train.json, val.json, test.json (LLaVA layout) under root; returns the json paths.
 
     Train samples are multi-turn: one question of each family the scene allows, in random order. Val and test
-    samples hold one question each (every family for every image), with a "family" field for scoring.
+    samples hold one question each (every family for every image), with a "family" field for scoring. text.json: the
+    training conversations, text-only, with the scene described in words where the image was.
     The world is written into a new folder beside root and then renamed to root (a world already there is moved
     aside and deleted), so no reader ever sees half a world, nor images of one world under another's questions."""
     final = Path(root)
@@ -131,7 +141,7 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     (root / "images").mkdir(parents=True)
     rng = random.Random(seed)
     seen = set()
-    paths, scenes = {}, {}
+    paths, scenes, text = {}, {}, []
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         samples = []
         i = 0
@@ -152,6 +162,8 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
                 for j, (_, (q, a)) in enumerate(qas):
                     conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
                 samples.append({"id": f"{split}-{i}", "image": f"images/{name}", "conversations": conv})
+                words = [dict(t, value=t["value"].replace("<image>", describe_scene(scene))) for t in conv]
+                text.append({"id": f"{split}-{i}-text", "conversations": words})
             else:
                 for f, (q, a) in qas:
                     samples.append({"id": f"{split}-{i}-{f}", "image": f"images/{name}", "family": f, "conversations": [
@@ -159,6 +171,8 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
             i += 1
         (root / f"{split}.json").write_text(json.dumps(samples, indent=0))
         paths[split] = final / f"{split}.json"
+    (root / "text.json").write_text(json.dumps(text, indent=0))
+    paths["text"] = final / "text.json"
     (root / "scenes.json").write_text(json.dumps(scenes))  # the ground truth of every image, for checking
     (root / "DONE").write_text(json.dumps(_world_stamp(seed, n_train, n_val, n_test, cell)))
     old = final.parent / f".{final.name}.old-{os.getpid()}"

@@ -118,13 +118,14 @@ class MLMamba(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ training
     def set_stage(self, stage):
-        """Which parameters train: "align" -> connector (MSC + projector); "finetune" -> connector + LM.
+        """Which parameters train: "pretrain" -> the LM alone (text-only data; the synthetic world's stand-in for a
+        pretrained LM); "align" -> connector (MSC + projector); "finetune" -> connector + LM.
         The vision encoders stay frozen. Returns the names of the trainable parameters."""
-        if stage not in ("align", "finetune"):
-            raise ValueError(f"unknown stage {stage!r}: use 'align' or 'finetune'")
+        if stage not in ("pretrain", "align", "finetune"):
+            raise ValueError(f"unknown stage {stage!r}: use 'pretrain', 'align' or 'finetune'")
         self.vision.freeze()
-        self.connector.requires_grad_(True)
-        self.lm.requires_grad_(stage == "finetune")
+        self.connector.requires_grad_(stage != "pretrain")
+        self.lm.requires_grad_(stage != "align")
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------------ forward

@@ -1,7 +1,10 @@
 """Train ML-Mamba: stage 1 "align" (connector only), stage 2 "finetune" (connector + LM); vision always frozen.
+Before them, a "pretrain" stage can train the LM alone on text-only data (--pretrain-data): the synthetic world has no
+pretrained LM, so its default run first teaches its tiny LM the world's language, with each scene written out in
+words where the image will be; align then has a LM worth aligning to, as in the paper.
 
     python train.py                      # no download: builds the synthetic shapes world and a tiny ML-Mamba, runs
-                                         # both stages, prints held-out accuracy per question family
+                                         # pretrain, align, finetune; prints held-out accuracy per question family
     python train.py --stage finetune --data llava_v1_5_mix665k.json --image-root DIR \\
         --llm mamba2-2.7b --dinov2 dinov2-large --siglip siglip-so400m-patch14-384 --tokenizer gpt-neox-20b
     torchrun --nproc_per_node=8 train.py ...        # one process per GPU, the model sharded over them (FSDP)
@@ -43,14 +46,17 @@ from data import (Batches, LLaVADataset, build_synthetic_dataset, collate, conve
 from model import IGNORE_INDEX, MLMamba, MLMambaConfig, conversation_segments
 from weights import CheckpointError
 
-STAGES = ("align", "finetune")
+STAGES = ("pretrain", "align", "finetune")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="both", choices=["align", "finetune", "both"])
+    p.add_argument("--stage", default="all", choices=["pretrain", "align", "finetune", "both", "all"],
+                   help="all: pretrain (when there is --pretrain-data), align, finetune; both: align, finetune")
     p.add_argument("--data", help="LLaVA-format JSON; default: the synthetic world (built if missing)")
     p.add_argument("--image-root", help="folder the samples' image paths are relative to (default: the JSON's)")
+    p.add_argument("--pretrain-data", help="text-only LLaVA-format JSON for the pretrain stage (LM alone); "
+                                           "default: none, synthetic: the world's text.json")
     p.add_argument("--synthetic-dir", default="data/synthetic")
     p.add_argument("--llm", help="Mamba-2 checkpoint folder or repo id (real runs)")
     p.add_argument("--siglip", help="SigLIP checkpoint folder or repo id")
@@ -64,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/synthetic")
     p.add_argument("--epochs", type=float, default=None, help="per stage (default: 2, synthetic: see below)")
     p.add_argument("--align-epochs", type=float, default=None)
-    p.add_argument("--lr", type=float, default=None, help="finetune lr (default 2e-5; synthetic 1e-3)")
+    p.add_argument("--pretrain-epochs", type=float, default=20)
+    p.add_argument("--lr", type=float, default=None, help="finetune and pretrain lr (default 2e-5; synthetic 1e-3)")
     p.add_argument("--align-lr", type=float, default=None, help="align lr (default 1e-3; synthetic 1e-4)")
     p.add_argument("--connector-lr", type=float, default=None,
                    help="the connector's lr in the finetune stage (default: --lr; synthetic 1e-4, see make_optimizer)")
@@ -159,7 +166,7 @@ def build_model(args, rank):
     if args.init_from:
         return MLMamba.from_pretrained(args.init_from)
     if args.data is None:  # synthetic: a tokenizer trained on the training conversations, saved with the model
-        samples = json.loads(Path(args.train_json).read_text())
+        samples = [x for f in (args.train_json, args.pretrain_data) if f for x in json.loads(Path(f).read_text())]
         texts = [s for x in samples for s, _ in conversation_segments(conversation_turns(x))]
         torch.manual_seed(args.seed)
         return synthetic_model(train_tokenizer(texts), args)
@@ -259,10 +266,10 @@ def run_stage(stage, model, dataset, args, rank, world):
     parts = sorted({n.split(".")[0] for n in model.set_stage(stage)})
     log(rank, f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
               f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
-    epochs = args.align_epochs if stage == "align" else args.epochs
+    epochs = {"pretrain": args.pretrain_epochs, "align": args.align_epochs, "finetune": args.epochs}[stage]
     lr = args.align_lr if stage == "align" else args.lr
-    batches = Batches(len(dataset), args.global_batch, seed=args.seed + (0 if stage == "align" else 1000),
-                      rank=rank, world=world)
+    batches = Batches(len(dataset), args.global_batch, seed=args.seed + 1000 * STAGES.index(stage) - 1000,
+                      rank=rank, world=world)  # align: seed, finetune: seed + 1000 (as before pretrain existed)
     per_epoch = batches.steps_per_epoch()
     if per_epoch == 0:
         raise ValueError(f"{len(dataset)} samples are fewer than one global batch of {args.global_batch}")
@@ -275,7 +282,7 @@ def run_stage(stage, model, dataset, args, rank, world):
         raise ValueError(f"global batch {args.global_batch} must split into {world} devices x whole micro-batches "
                          f"of {micro}")
     optimizer = make_optimizer(model, lr, args.weight_decay,  # after shard(): FSDP's parameters are the shards
-                               connector_lr=None if stage == "align" else args.connector_lr)
+                               connector_lr=args.connector_lr if stage == "finetune" else None)
     warmup = max(1, int(args.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
 
@@ -379,6 +386,7 @@ def train(args):
         if world > 1:
             dist.barrier()
         args.train_json, args.test_json = root / "train.json", root / "test.json"
+        args.pretrain_data = args.pretrain_data or root / "text.json"
         image_root = root
     else:
         args.train_json, image_root = Path(args.data), args.image_root
@@ -386,14 +394,21 @@ def train(args):
     if world > 1 and args.parallel == "fsdp":
         shard(model)
     dataset = LLaVADataset(args.train_json, image_root, model, cache_images=args.data is None)
+    stages = {"all": STAGES, "both": STAGES[1:]}.get(args.stage, (args.stage,))
+    if args.stage == "all" and (not args.pretrain_data or args.pretrain_epochs <= 0):
+        stages = STAGES[1:]  # real data: the LM comes pretrained
+    if "pretrain" in stages and not args.pretrain_data:
+        raise ValueError("--stage pretrain needs --pretrain-data (a text-only LLaVA-format JSON)")
+    text = LLaVADataset(args.pretrain_data, None, model) if "pretrain" in stages else None
     log(rank, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"(connector {args.connector}/{args.scan}); {len(dataset)} training samples; {world} process(es)")
-    stages = STAGES if args.stage == "both" else (args.stage,)
+              f"(connector {args.connector}/{args.scan}); {len(dataset)} training samples"
+              + (f", {len(text)} text-only for pretrain" if text else "") + f"; {world} process(es)")
     t0 = time.time()
     for stage in stages:
-        model = run_stage(stage, model, dataset, args, rank, world)
-    if dataset.skipped:
-        log(rank, f"skipped {len(dataset.skipped)} sample(s) with a missing or unusable image or text")
+        model = run_stage(stage, model, text if stage == "pretrain" else dataset, args, rank, world)
+    skipped = len(dataset.skipped) + (len(text.skipped) if text else 0)
+    if skipped:
+        log(rank, f"skipped {skipped} sample(s) with a missing or unusable image or text")
     model_state = get_model_state_dict(model, options=FULL_STATE)  # every process: gathers FSDP's shards
     if rank == 0:
         final = Path(args.out) / "final"

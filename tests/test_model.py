@@ -125,6 +125,9 @@ def test_stage_switch_trains_the_right_parameters(model):
     assert align and all(n.startswith("connector.") for n in align)
     finetune = model.set_stage("finetune")
     assert {n.split(".")[0] for n in finetune} == {"connector", "lm"}
+    pretrain = model.set_stage("pretrain")
+    assert pretrain and all(n.startswith("lm.") for n in pretrain)
+    assert not any(p.requires_grad for p in model.connector.parameters())
     assert not any(p.requires_grad for p in model.vision.parameters())
     with pytest.raises(ValueError, match="unknown stage"):
         model.set_stage("full")

@@ -62,6 +62,25 @@ def test_generator_is_deterministic_and_splits_are_disjoint(world, tmp_path):
             assert a == ("yes" if [color, shape] in [[o[3], o[2]] for o in scene] else "no")
 
 
+
+def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
+    """text.json (the pretrain stage's data): the same conversations, text-only, the placeholder replaced by every
+    object of the scene as "color shape position." in reading order, positions read off scenes.json's (row, col)."""
+    from data import describe_scene
+    train = json.loads((world / "train.json").read_text())
+    text = json.loads((world / "text.json").read_text())
+    scenes = json.loads((world / "scenes.json").read_text())
+    assert len(text) == len(train) and not any("image" in t for t in text)
+    names = [["top left", "top", "top right"], ["left", "center", "right"], ["bottom left", "bottom", "bottom right"]]
+    for s, t in zip(train, text):
+        scene = scenes[s["image"]]
+        words = " ".join(f"{color} {shape} {names[r][c]}." for r, c, shape, color in sorted(scene))
+        assert describe_scene(scene) == words
+        first = s["conversations"][0]["value"]
+        assert t["conversations"][0]["value"] == first.replace("<image>", words)
+        assert t["conversations"][1:] == s["conversations"][1:]
+
+
 def test_a_rebuilt_world_replaces_the_old_one_whole(tmp_path):
     root = tmp_path / "world"
     build_synthetic_dataset(root, n_train=20, n_val=2, n_test=3, seed=1)
@@ -187,22 +206,35 @@ def params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("stage", ["align", "finetune"])
+@pytest.mark.parametrize("stage", ["pretrain", "align", "finetune"])
 def test_one_step_changes_exactly_the_stage_parameters(world, tmp_path, stage):
     args = args_for(world, tmp_path, "--stage", stage, "--max-steps", "1")
     args.train_json = world / "train.json"
     model = T.build_model(args, 0)
-    dataset = LLaVADataset(args.train_json, world, model)
+    dataset = LLaVADataset(world / ("text.json" if stage == "pretrain" else "train.json"), world, model)
     before = params(model)
     T.run_stage(stage, model, dataset, args, 0, 1)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    prefixes = {"align": ("connector.",), "finetune": ("connector.", "lm.")}[stage]
+    prefixes = {"pretrain": ("lm.",), "align": ("connector.",), "finetune": ("connector.", "lm.")}[stage]
     assert changed and all(n.startswith(prefixes) for n in changed)
     expected = {n for n in before if n.startswith(prefixes)}
     assert len(changed) >= 0.9 * len(expected)  # (a few may get no gradient in one step, e.g. unused vocab rows)
     assert not any(n.startswith("vision.") for n in changed)
     if stage == "finetune":
         assert any(n.startswith("lm.") for n in changed)
+
+
+def test_default_run_pretrains_the_lm_on_text_first_and_real_data_does_not(world, tmp_path, capsys):
+    """Synthetic default: pretrain (the LM alone, on text.json), align, finetune, in that order, each with its own
+    checkpoints. Real data goes straight to align unless given --pretrain-data; --stage pretrain without it fails."""
+    T.train(args_for(tmp_path / "world", tmp_path, "--max-steps", "1"))  # builds the default world there
+    out = capsys.readouterr().out
+    assert out.index("[pretrain] trainable") < out.index("[align] trainable") < out.index("[finetune] trainable")
+    assert "text-only for pretrain" in out
+    assert {d.name for d in tmp_path.iterdir() if (d / "latest").is_file()} == {"pretrain", "align", "finetune"}
+    assert T.main(["--data", str(world / "train.json"), "--init-from", str(tmp_path / "final"), "--stage",
+                   "pretrain", "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "--stage pretrain needs --pretrain-data" in capsys.readouterr().err
 
 
 def test_connector_has_its_own_learning_rate(world, tmp_path):
