@@ -27,6 +27,15 @@ def world(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def default_world(tmp_path_factory):
+    """The world train() builds by default (3000 training images, ~2 s): tests that call train() point it here, so
+    it finds its DONE stamp and leaves the small `world` above alone."""
+    root = tmp_path_factory.mktemp("default-synthetic")
+    build_synthetic_dataset(root)
+    return root
+
+
 def args_for(world, out, *extra):
     return T.parse_args(["--synthetic-dir", str(world), "--out", str(out), "--global-batch", "8", "--no-eval",
                          "--log-every", "1000", "--device", "cpu", *extra])
@@ -224,10 +233,11 @@ def test_one_step_changes_exactly_the_stage_parameters(world, tmp_path, stage):
         assert any(n.startswith("lm.") for n in changed)
 
 
-def test_default_run_pretrains_the_lm_on_text_first_and_real_data_does_not(world, tmp_path, capsys):
+def test_default_run_pretrains_the_lm_on_text_first_and_real_data_does_not(world, default_world, tmp_path,
+                                                                           capsys):
     """Synthetic default: pretrain (the LM alone, on text.json), align, finetune, in that order, each with its own
     checkpoints. Real data goes straight to align unless given --pretrain-data; --stage pretrain without it fails."""
-    T.train(args_for(tmp_path / "world", tmp_path, "--max-steps", "1"))  # builds the default world there
+    T.train(args_for(default_world, tmp_path, "--max-steps", "1"))
     out = capsys.readouterr().out
     assert out.index("[pretrain] trainable") < out.index("[align] trainable") < out.index("[finetune] trainable")
     assert "text-only for pretrain" in out
@@ -259,22 +269,22 @@ def test_connector_has_its_own_learning_rate(world, tmp_path):
     assert sorted({round(x, 12) for x in sched.get_last_lr()}) == [5e-5, 5e-4]
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(world, tmp_path):
+def test_resume_after_interruption_equals_an_uninterrupted_run(default_world, tmp_path):
     common = ["--stage", "finetune", "--max-steps", "6", "--save-every", "2"]  # drop-path: the RNG matters too
-    full = T.train(args_for(world, tmp_path / "a", *common))
+    full = T.train(args_for(default_world, tmp_path / "a", *common))
     with pytest.raises(KeyboardInterrupt):  # "killed" after step 5: the last checkpoint is step 4
-        T.train(args_for(world, tmp_path / "b", *common, "--stop-after", "5"))
+        T.train(args_for(default_world, tmp_path / "b", *common, "--stop-after", "5"))
     assert (tmp_path / "b/finetune/latest").read_text() == "checkpoint-4"
-    resumed = T.train(args_for(world, tmp_path / "b", *common, "--resume"))
+    resumed = T.train(args_for(default_world, tmp_path / "b", *common, "--resume"))
     a, b = params(full), params(resumed)
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=0, atol=0, msg=n)
 
 
-def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(world, tmp_path, monkeypatch):
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(default_world, tmp_path, monkeypatch):
     common = ["--stage", "align", "--max-steps", "4", "--save-every", "2"]
     with pytest.raises(KeyboardInterrupt):
-        T.train(args_for(world, tmp_path, *common, "--stop-after", "2"))
+        T.train(args_for(default_world, tmp_path, *common, "--stop-after", "2"))
     assert (tmp_path / "align/latest").read_text() == "checkpoint-2"
     real_save = torch.save
 
@@ -283,7 +293,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(world, tmp_pa
         raise OSError("killed while writing")
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError):
-        T.train(args_for(world, tmp_path, *common, "--resume"))  # dies while writing checkpoint-4
+        T.train(args_for(default_world, tmp_path, *common, "--resume"))  # dies while writing checkpoint-4
     monkeypatch.undo()
     assert (tmp_path / "align/latest").read_text() == "checkpoint-2"  # the pointer never moved
     from model import MLMamba
@@ -314,8 +324,8 @@ def _worker(rank, world, port, argv, out):
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_process_gloo_matches_one_process(world, tmp_path, parallel):
-    argv = ["--synthetic-dir", str(world), "--global-batch", "8", "--no-eval", "--log-every", "1000",
+def test_two_process_gloo_matches_one_process(default_world, tmp_path, parallel):
+    argv = ["--synthetic-dir", str(default_world), "--global-batch", "8", "--no-eval", "--log-every", "1000",
             "--device", "cpu", "--max-steps", "3", "--stage", "finetune",
             "--drop-path", "0"]  # stochastic depth draws different masks when the batch is split over ranks
     with socket.socket() as s:
@@ -347,10 +357,10 @@ def _interrupted_worker(rank, world, port, argv, out):
         pass
 
 
-def test_fsdp_checkpoint_resumes_in_one_process(world, tmp_path):
+def test_fsdp_checkpoint_resumes_in_one_process(default_world, tmp_path):
     """2-process FSDP stops after step 2 (checkpoint-2 was gathered from the shards); one process resumes it and ends
     where an uninterrupted one-process run does: the optimizer state is stored whole, keyed by parameter name."""
-    argv = ["--synthetic-dir", str(world), "--global-batch", "8", "--no-eval", "--log-every", "1000", "--device",
+    argv = ["--synthetic-dir", str(default_world), "--global-batch", "8", "--no-eval", "--log-every", "1000", "--device",
             "cpu", "--max-steps", "4", "--save-every", "2", "--stage", "finetune", "--drop-path", "0"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
