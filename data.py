@@ -162,8 +162,9 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
                 for j, (_, (q, a)) in enumerate(qas):
                     conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
                 samples.append({"id": f"{split}-{i}", "image": f"images/{name}", "conversations": conv})
-                words = [dict(t, value=t["value"].replace("<image>", describe_scene(scene))) for t in conv]
-                text.append({"id": f"{split}-{i}-text", "conversations": words})
+                words = describe_scene(scene)
+                text.append({"id": f"{split}-{i}-text", "conversations": [
+                    dict(t, value=t["value"].replace("<image>", words)) for t in conv]})
             else:
                 for f, (q, a) in qas:
                     samples.append({"id": f"{split}-{i}-{f}", "image": f"images/{name}", "family": f, "conversations": [

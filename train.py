@@ -268,7 +268,7 @@ def run_stage(stage, model, dataset, args, rank, world):
               f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
     epochs = {"pretrain": args.pretrain_epochs, "align": args.align_epochs, "finetune": args.epochs}[stage]
     lr = args.align_lr if stage == "align" else args.lr
-    batches = Batches(len(dataset), args.global_batch, seed=args.seed + 1000 * STAGES.index(stage) - 1000,
+    batches = Batches(len(dataset), args.global_batch, seed=args.seed + 1000 * (STAGES.index(stage) - 1),
                       rank=rank, world=world)  # align: seed, finetune: seed + 1000 (as before pretrain existed)
     per_epoch = batches.steps_per_epoch()
     if per_epoch == 0:
