@@ -350,7 +350,7 @@ def run_stage(stage, model, dataset, args, rank, world):
             rate = seen / max(1e-9, time.time() - t0)
             eta = (total - step - 1) * args.global_batch / max(rate, 1e-9)
             print(f"[{stage}] step {step + 1}/{total} epoch {epoch + 1} loss {loss:.4f} "
-                  f"grad-norm {float(grad_norm):.2f} lr {scheduler.get_last_lr()[0]:.2e} "
+                  f"grad-norm {float(grad_norm):.3g} lr {scheduler.get_last_lr()[0]:.2e} "
                   f"{rate:.1f} samples/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
         if (step + 1) % args.save_every == 0 or done:
             model_state, optimizer_state = full_state(model, optimizer)  # every process: gathers FSDP's shards
