@@ -71,7 +71,6 @@ def test_generator_is_deterministic_and_splits_are_disjoint(world, tmp_path):
             assert a == ("yes" if [color, shape] in [[o[3], o[2]] for o in scene] else "no")
 
 
-
 def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
     """text.json (the pretrain stage's data): the same conversations, text-only, the placeholder replaced by every
     object of the scene as "color shape position." in reading order, positions read off scenes.json's (row, col)."""
