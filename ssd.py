@@ -196,53 +196,55 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
       2. chunk states: the state each chunk would leave behind starting from zero;
       3. inter-chunk recurrence: a scan over the c chunk states (itself a tiny SSD of length c + 1);
       4. state -> output: each chunk's incoming state read out by C, decayed to every position.
+    B and C belong to groups of r = h / g heads, so C B^T is computed once per group and shared by its heads (as
+    mamba-ssm does), and the products with B and C run over all of a group's heads at once; only the decays
+    (L, and the decays to and from the chunk edges) differ per head.
     Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32, or fp64 for fp64 inputs).
     """
     b, l, h, p = x.shape
-    n = B.shape[-1]
+    g, n = B.shape[-2:]
+    if h % g:
+        raise ValueError(f"the number of heads ({h}) must be a multiple of the number of groups ({g})")
+    r = h // g  # heads per group; head i reads group i // r, as in mamba-ssm
     f = _compute_dtype(x)
     Q = chunk_size
     pad = (-l) % Q
     c = (l + pad) // Q
 
-    xf, dtf = x.to(f), dt.to(f)
-    Bh, Ch = _heads_from_groups(B, h).to(f), _heads_from_groups(C, h).to(f)  # (b, l, h, n)
+    xf, dtf, Bf, Cf = x.to(f), dt.to(f), B.to(f), C.to(f)
     if pad:
-        xf, Bh, Ch = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bh, Ch))
+        xf, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
         dtf = F.pad(dtf, (0, 0, 0, pad))
-
-    # head-major chunks, so that every product below is a plain batched matmul over (b, h, c)
-    def chunks(t):  # (b, l, h, k) -> (b, h, c, Q, k)
-        return t.reshape(b, c, Q, h, -1).permute(0, 3, 1, 2, 4).contiguous()
-    X = chunks(xf * dtf[..., None])  # dt_s x_s  (b, h, c, Q, p)
-    Bc, Cc = chunks(Bh), chunks(Ch)  # (b, h, c, Q, n)
-    logA = (dtf * A.to(f)).reshape(b, c, Q, h).permute(0, 3, 1, 2)  # log A_bar_t = dt_t A  (b, h, c, Q)
-    logA_cs = torch.cumsum(logA, dim=-1)  # (b, h, c, Q)
+    X = (xf * dtf[..., None]).view(b, c, Q, g, r, p)  # dt_s x_s, chunked, heads split into groups
+    Bc, Cc = Bf.view(b, c, Q, g, n), Cf.view(b, c, Q, g, n)
+    logA = (dtf * A.to(f)).view(b, c, Q, g, r).permute(0, 1, 3, 4, 2)  # log A_bar_t = dt_t A  (b, c, g, r, Q)
+    logA_cs = torch.cumsum(logA, dim=-1)  # (b, c, g, r, Q)
 
     # 1. diagonal blocks (intra-chunk outputs): (L o C B^T) X inside each chunk
-    L = torch.exp(segsum(logA))  # (b, h, c, Q, Q)
-    Y_diag = (L * (Cc @ Bc.transpose(-1, -2))) @ X  # (b, h, c, Q, p)
+    L = torch.exp(segsum(logA))  # (b, c, g, r, Q, Q), per head
+    CB = torch.einsum("bcqgn,bcsgn->bcgqs", Cc, Bc)  # C_t . B_s  (b, c, g, Q, Q), per group
+    Y_diag = torch.einsum("bcgrqs,bcsgrp->bcqgrp", L * CB[:, :, :, None], X)  # (b, c, Q, g, r, p)
 
     # 2. chunk states: sum_s exp(A over (s, end of chunk]) (dt_s x_s) B_s^T
-    decay_to_end = torch.exp(logA_cs[..., -1:] - logA_cs)  # (b, h, c, Q)
-    states = X.transpose(-1, -2) @ (Bc * decay_to_end[..., None])  # (b, h, c, p, n)
+    decay_to_end = torch.exp(logA_cs[..., -1:] - logA_cs).permute(0, 1, 4, 2, 3)  # (b, c, Q, g, r)
+    states = torch.einsum("bcsgrp,bcsgn->bcgrpn", X * decay_to_end[..., None], Bc)  # (b, c, g, r, p, n)
 
     # 3. inter-chunk recurrence over chunk boundaries (state in fp32)
     if initial_state is None:
         initial_state = torch.zeros(b, h, p, n, dtype=f, device=x.device)
-    states = torch.cat([initial_state.to(f)[:, :, None], states], dim=2)  # (b, h, c+1, p, n)
-    chunk_decay = torch.exp(segsum(F.pad(logA_cs[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    states = (chunk_decay @ states.flatten(-2)).unflatten(-1, (p, n))  # state entering each chunk, and the last
-    states, final_state = states[:, :, :-1], states[:, :, -1]
+    states = torch.cat([initial_state.to(f).view(b, 1, g, r, p, n), states], dim=1)  # (b, c+1, g, r, p, n)
+    chunk_decay = torch.exp(segsum(F.pad(logA_cs[..., -1].permute(0, 2, 3, 1), (1, 0))))  # (b, g, r, c+1, c+1)
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)  # state entering each chunk, and the last
+    states, final_state = states[:, :-1], states[:, -1]
 
     # 4. state -> output: C_t exp(A over (chunk start, t]) h_chunk_start
-    decay_from_start = torch.exp(logA_cs)  # (b, h, c, Q)
-    Y_off = (Cc @ states.transpose(-1, -2)) * decay_from_start[..., None]  # (b, h, c, Q, p)
+    decay_from_start = torch.exp(logA_cs).permute(0, 1, 4, 2, 3)  # (b, c, Q, g, r)
+    Y_off = torch.einsum("bcqgn,bcgrpn->bcqgrp", Cc, states) * decay_from_start[..., None]  # (b, c, Q, g, r, p)
 
-    y = (Y_diag + Y_off).reshape(b, h, c * Q, p).transpose(1, 2)[:, :l]  # (b, l, h, p)
+    y = (Y_diag + Y_off).reshape(b, c * Q, h, p)[:, :l]  # (b, l, h, p)
     if D is not None:
         y = y + D.to(f)[:, None] * xf[:, :l]
-    return y.to(x.dtype), final_state
+    return y.to(x.dtype), final_state.reshape(b, h, p, n)
 
 
 # ----------------------------------------------------------------------------------------------------------------
