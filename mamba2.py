@@ -443,6 +443,14 @@ class Mamba2LMHeadModel(nn.Module):
         cache: a Mamba2Cache to continue from and update (decoding). num_last_tokens > 0 computes the logits of
         only the last positions (a prefill needs one).
         """
+        hidden = self.hidden_states(input_ids, inputs_embeds, cache)
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]
+        return self.lm_head(hidden).float()
+
+    def hidden_states(self, input_ids=None, inputs_embeds=None, cache=None):
+        """The final normed hidden states (b, l, d_model), what the LM head reads: a trainer that needs the logits
+        of only some positions (the targets) applies `lm_head` to those alone."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
@@ -455,9 +463,7 @@ class Mamba2LMHeadModel(nn.Module):
                 residual = layer(residual, layer_cache)
         if cache is not None:
             cache.seqlen_offset += x.shape[1]
-        if num_last_tokens > 0:
-            residual = residual[:, -num_last_tokens:]
-        return self.lm_head(self.norm_f(residual)).float()
+        return self.norm_f(residual)
 
     def step(self, token, cache, block_step=None):
         """One decoding step: token (b,) -> logits (b, padded_vocab) in fp32, the cache updated in place.

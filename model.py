@@ -170,17 +170,27 @@ class MLMamba(nn.Module):
         labels = torch.stack([F.pad(r, (0, longest - r.shape[0]), value=IGNORE_INDEX) for r in row_labels])
         return embeds, labels
 
-    def forward(self, pixel_values, input_ids, labels=None, loss_reduction="mean"):
+    def forward(self, pixel_values, input_ids, labels=None, loss_reduction="mean", return_logits=True):
         """pixel_values {name: (b, 3, S, S)} or None (text only); input_ids, labels (b, L), right-padded.
         Returns (logits (b, L', vocab), loss or None); L' counts the image tokens. loss_reduction "sum" gives the
-        summed loss over the target tokens (a trainer divides by the count over the whole global batch)."""
+        summed loss over the target tokens (a trainer divides by the count over the whole global batch).
+        return_logits=False (training): the LM head runs only at the positions that predict a target, and the
+        logits returned are None. The loss is the same; the (b, L', vocab) logits, most of them at image and prompt
+        positions, are never made (at a vocabulary of 50K, 8 x 2048 positions would be 3.3 GB in fp32)."""
         image_tokens = self.image_tokens(pixel_values) if pixel_values is not None else None
         embeds, labels = self.splice(input_ids, image_tokens, labels)
-        logits = self.lm(inputs_embeds=embeds)
+        hidden = self.lm.hidden_states(inputs_embeds=embeds)  # (b, L', D)
+        targets = labels[:, 1:]  # next-token prediction: position t predicts token t + 1
+        is_target = targets != IGNORE_INDEX  # (b, L' - 1)
+        if return_logits:
+            logits = self.lm.lm_head(hidden).float()  # (b, L', vocab)
+            target_logits = logits[:, :-1][is_target]
+        else:
+            logits = None
+            target_logits = self.lm.lm_head(hidden[:, :-1][is_target]).float()  # (targets, vocab)
         loss = None
-        if (labels != IGNORE_INDEX).any():  # next-token prediction: position t predicts token t + 1
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction=loss_reduction)
+        if is_target.any():
+            loss = F.cross_entropy(target_logits, targets[is_target], reduction=loss_reduction)
         return logits, loss
 
     # ------------------------------------------------------------------------------------------------ generation

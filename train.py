@@ -325,7 +325,7 @@ def run_stage(stage, model, dataset, args, rank, world):
             px = {n: v.to(device) for n, v in batch["pixel_values"].items()} if batch["pixel_values"] else None
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
                 _, loss_sum = wrapped(px, batch["input_ids"].to(device), batch["labels"].to(device),
-                                        loss_reduction="sum")
+                                      loss_reduction="sum", return_logits=False)
             if loss_sum is None:  # no target token in this micro-batch
                 continue
             (loss_sum / n_tokens.clamp(min=1) * world).backward()  # DDP and FSDP average over ranks: times world

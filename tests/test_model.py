@@ -88,6 +88,25 @@ def test_padding_changes_no_loss_and_no_logit(model):
     torch.testing.assert_close(logits_batch[0, :n], logits_alone[0], rtol=1e-5, atol=1e-5)
 
 
+def test_training_loss_without_logits_equals_the_full_forward(model):
+    """return_logits=False (train.py) runs the LM head only where a target is predicted: same loss, same gradients."""
+    convs = [[("human", "<image>\nHow many?"), ("gpt", "Two."), ("human", "And the colour?"), ("gpt", "Red.")],
+             [("human", "<image>\nWhat is in the picture? Tell me everything."), ("gpt", "A red circle.")]]
+    pixels, ids, labels = batch_of(model, convs, [4, 5])
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(pixels, ids, labels, loss_reduction="sum", return_logits=return_logits)
+        loss.backward()
+        assert (logits is None) == (not return_logits)
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_full, g_full), (loss_targets, g_targets) = grads
+    torch.testing.assert_close(loss_targets, loss_full, rtol=1e-6, atol=0)
+    assert g_full.keys() == g_targets.keys() and "lm.embedding.weight" in g_full and len(g_full) > 20
+    for name in g_full:
+        torch.testing.assert_close(g_targets[name], g_full[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_causality_over_the_spliced_sequence(model):
     conv = [("human", "<image>\nWhat color is the triangle?"), ("gpt", "Green and blue.")]
     pixels, ids, _ = batch_of(model, [conv], [3])
