@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mamba2 import (Mamba2Block, Mamba2Config, Mamba2LMHeadModel, checkpoint_key_map, load_tokenizer, mamba2_preset,
-                    sample_next_token)
+from mamba2 import (LayerCache, Mamba2Block, Mamba2Config, Mamba2LMHeadModel, checkpoint_key_map, load_tokenizer,
+                    mamba2_preset, sample_next_token)
 from weights import CheckpointError
 
 TINY = dict(d_model=32, n_layer=2, vocab_size=100, d_state=16, headdim=8, ngroups=2, chunk_size=16,
@@ -184,6 +185,27 @@ def test_cached_decode_logits_equal_the_full_forward():
     assert cache.seqlen_offset == 40
     # the cache does not grow: the same tensors, the same size, whatever the length
     assert cache.layers[0].ssm_state.shape == (2, 8, 8, 16) and cache.layers[0].conv_state.shape == (2, 128, 3)
+
+
+def test_causal_conv_equals_conv1d_over_a_left_padded_window():
+    """The mixer's shifted multiply-adds are the depthwise causal conv: F.conv1d over the inputs with d_conv - 1
+    zeros (or the cached inputs) in front, then SiLU; the cache keeps the last d_conv - 1 inputs."""
+    mixer = tiny_model(seed=5).layers[0].mixer.double()
+    with torch.no_grad():
+        mixer.conv1d.bias.normal_()
+    w, bias, k = mixer.conv1d.weight, mixer.conv1d.bias, mixer.config.d_conv
+    x = torch.randn(2, 11, mixer.config.conv_dim, dtype=torch.float64)  # (b, l, conv_dim)
+
+    def reference(window):  # (b, conv_dim, k - 1 + l) -> (b, l, conv_dim)
+        return F.silu(F.conv1d(window, w, bias, groups=w.shape[0])).transpose(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(mixer.causal_conv(x, None), reference(F.pad(x.transpose(1, 2), (k - 1, 0))),
+                                   rtol=1e-12, atol=1e-12)
+        past = torch.randn(2, mixer.config.conv_dim, k - 1, dtype=torch.float64)
+        cache = LayerCache(past.clone(), torch.zeros(2, 1, 1, 1, dtype=torch.float64))
+        out = mixer.causal_conv(x, cache)
+        torch.testing.assert_close(out, reference(torch.cat([past, x.transpose(1, 2)], -1)), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cache.conv_state, x[:, -(k - 1):].transpose(1, 2), rtol=0, atol=0)
 
 
 def test_inputs_embeds_equal_input_ids():
