@@ -123,19 +123,23 @@ def setup_distributed(args):
     return rank, world
 
 
-def shard(model):
+def shard(model, device):
     """FSDP2 (torch.distributed.fsdp.fully_shard): every LM block, the connector, then the rest (embeddings, head,
     vision encoders) each become one unit whose parameters are split over the processes (DTensors). Before a unit's
     forward and backward its whole weights are all-gathered; after the backward its gradients are reduce-scattered
-    (averaged), so each process updates only its own shard. The tied embedding and head stay in one unit."""
+    (averaged), so each process updates only its own shard. The tied embedding and head stay in one unit.
+    The device mesh is made for `device` explicitly: left to itself, FSDP puts it on CUDA whenever CUDA exists, so
+    `--device cpu` on a one-GPU machine sent the second process to a "cuda:1" that is not there."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
     # FSDP warns when a unit returns a view; the connector's output is the (b, N, D) view nn.Linear gives for 3-D
     # inputs, and nothing writes into it in place (splice copies it into a new tensor)
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPConnector\) returned a view tensor")
     for block in model.lm.layers:
-        fully_shard(block)
-    fully_shard(model.connector)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model.connector, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -392,7 +396,7 @@ def train(args):
         args.train_json, image_root = Path(args.data), args.image_root
     model = build_model(args, rank).to(args.device)
     if world > 1 and args.parallel == "fsdp":
-        shard(model)
+        shard(model, args.device)
     dataset = LLaVADataset(args.train_json, image_root, model, cache_images=args.data is None)
     stages = {"all": STAGES, "both": STAGES[1:]}.get(args.stage, (args.stage,))
     if args.stage == "all" and (not args.pretrain_data or args.pretrain_epochs <= 0):
