@@ -35,7 +35,8 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "
 FAMILIES = ["existence", "attribute", "spatial", "counting"]
 GRID = 3
 POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
-WORLD_VERSION = 3  # bump when the generator's output changes (2: spatial questions name the shapes alone; 3: text.json)
+WORLD_VERSION = 4  # bump when the generator's output changes (2: spatial questions name the shapes alone; 3: text.json;
+#                   4: extra spatial questions on demand; with none, version 3's world)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,26 +113,31 @@ def make_question(scene, family, rng):
     raise ValueError(f"unknown question family {family!r}")
 
 
-def _world_stamp(seed, n_train, n_val, n_test, cell):
+def _world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial):
     return {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
-            "cell": cell}
+            "cell": cell, "extra_spatial": extra_spatial}
 
 
-def synthetic_dataset_is_built(root, seed=0, n_train=3000, n_val=200, n_test=300, cell=16):
+def synthetic_dataset_is_built(root, seed=0, n_train=3000, n_val=200, n_test=300, cell=16, extra_spatial=0):
     """True when root holds a finished build of this generator version with these settings (its DONE stamp)."""
     done = Path(root) / "DONE"
     try:
-        return json.loads(done.read_text()) == _world_stamp(seed, n_train, n_val, n_test, cell)
+        return json.loads(done.read_text()) == _world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial)
     except (OSError, ValueError):
         return False
 
 
-def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, cell=16):
+def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, cell=16, extra_spatial=0):
     """Write images/ and train.json, val.json, test.json (LLaVA layout) under root; returns the json paths.
 
-    Train samples are multi-turn: one question of each family the scene allows, in random order. Val and test
-    samples hold one question each (every family for every image), with a "family" field for scoring. text.json: the
-    training conversations, text-only, with the scene described in words where the image was.
+    Train samples are multi-turn: one question of each family the scene allows, in random order, and then
+    `extra_spatial` more spatial questions put at random places among them, where the scene can pose one (1256 of
+    the 3000 training scenes at seed 0). Spatial questions need two look-ups and a comparison, which the tiny LM
+    learns last; with one more of them per conversation it learns them in some runs, at a cost to the other families
+    in others (README, "The synthetic world"). They come from a generator of their own, so the scenes and every
+    other question are the same whatever `extra_spatial` is. Val and test samples hold one question each (every family for every image),
+    with a "family" field for scoring. text.json: the training conversations, text-only, with the scene described
+    in words where the image was.
     The world is written into a new folder beside root and then renamed to root (a world already there is moved
     aside and deleted), so no reader ever sees half a world, nor images of one world under another's questions."""
     final = Path(root)
@@ -140,6 +146,7 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     shutil.rmtree(root, ignore_errors=True)
     (root / "images").mkdir(parents=True)
     rng = random.Random(seed)
+    extra_rng = random.Random(seed + 12345)  # the extra spatial questions' own stream
     seen = set()
     paths, scenes, text = {}, {}, []
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
@@ -158,6 +165,11 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
             qas = [(f, qa) for f, qa in qas if qa is not None]
             if split == "train":
                 rng.shuffle(qas)
+                for _ in range(extra_spatial):
+                    qa = make_question(scene, "spatial", extra_rng)
+                    if qa is None:
+                        break
+                    qas.insert(extra_rng.randint(0, len(qas)), ("spatial", qa))
                 conv = []
                 for j, (_, (q, a)) in enumerate(qas):
                     conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
@@ -175,7 +187,7 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     (root / "text.json").write_text(json.dumps(text, indent=0))
     paths["text"] = final / "text.json"
     (root / "scenes.json").write_text(json.dumps(scenes))  # the ground truth of every image, for checking
-    (root / "DONE").write_text(json.dumps(_world_stamp(seed, n_train, n_val, n_test, cell)))
+    (root / "DONE").write_text(json.dumps(_world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial)))
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)

@@ -215,9 +215,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     if pad:
         xf, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
         dtf = F.pad(dtf, (0, 0, 0, pad))
-    X = (xf * dtf[..., None]).view(b, c, Q, g, r, p)  # dt_s x_s, chunked, heads split into groups
-    Bc, Cc = Bf.view(b, c, Q, g, n), Cf.view(b, c, Q, g, n)
-    logA = (dtf * A.to(f)).view(b, c, Q, g, r).permute(0, 1, 3, 4, 2)  # log A_bar_t = dt_t A  (b, c, g, r, Q)
+    X = (xf * dtf[..., None]).reshape(b, c, Q, g, r, p)  # dt_s x_s, chunked, heads split into groups
+    Bc, Cc = Bf.reshape(b, c, Q, g, n), Cf.reshape(b, c, Q, g, n)  # views of the model's split tensors, no copy
+    logA = (dtf * A.to(f)).reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2)  # log A_bar_t = dt_t A  (b, c, g, r, Q)
     logA_cs = torch.cumsum(logA, dim=-1)  # (b, c, g, r, Q)
 
     # 1. diagonal blocks (intra-chunk outputs): (L o C B^T) X inside each chunk
@@ -232,7 +232,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     # 3. inter-chunk recurrence over chunk boundaries (state in fp32)
     if initial_state is None:
         initial_state = torch.zeros(b, h, p, n, dtype=f, device=x.device)
-    states = torch.cat([initial_state.to(f).view(b, 1, g, r, p, n), states], dim=1)  # (b, c+1, g, r, p, n)
+    states = torch.cat([initial_state.to(f).reshape(b, 1, g, r, p, n), states], dim=1)  # (b, c+1, g, r, p, n)
     chunk_decay = torch.exp(segsum(F.pad(logA_cs[..., -1].permute(0, 2, 3, 1), (1, 0))))  # (b, g, r, c+1, c+1)
     states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)  # state entering each chunk, and the last
     states, final_state = states[:, :-1], states[:, -1]

@@ -91,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="initialization, batch order, stochastic depth")
     p.add_argument("--world-seed", type=int, default=0,
                    help="the synthetic world's seed (apart from --seed: runs that differ in --seed share one world)")
+    p.add_argument("--extra-spatial", type=int, default=0,
+                   help="the synthetic world: spatial questions added to each training conversation that can pose one "
+                        "(README: 1 learns spatial with --seed 0, not with seeds 1, 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: a crash after N steps
@@ -385,9 +388,10 @@ def train(args):
     torch.manual_seed(args.seed)
     if args.data is None:
         root = Path(args.synthetic_dir)
-        if rank == 0 and not synthetic_dataset_is_built(root, seed=args.world_seed):  # missing, other seed/version
+        world_settings = dict(seed=args.world_seed, extra_spatial=args.extra_spatial)
+        if rank == 0 and not synthetic_dataset_is_built(root, **world_settings):  # missing, other settings/version
             print(f"building the synthetic visual-question world in {root} ...", flush=True)
-            build_synthetic_dataset(root, seed=args.world_seed)
+            build_synthetic_dataset(root, **world_settings)
         if world > 1:
             dist.barrier()
         args.train_json, args.test_json = root / "train.json", root / "test.json"

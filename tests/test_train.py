@@ -90,6 +90,43 @@ def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
         assert t["conversations"][1:] == s["conversations"][1:]
 
 
+def spatial_truth(question, scene):
+    """The answer to "Is the A left of / right of / above / below the B?" read off the scene's (row, col)."""
+    m = re.fullmatch(r"(?:<image>\n)?Is the (\w+) (left of|right of|above|below) the (\w+)\?", question)
+    (ra, ca), (rb, cb) = [next((r, c) for r, c, shape, _ in scene if shape == name) for name in (m[1], m[3])]
+    return "yes" if {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[m[2]] else "no"
+
+
+def test_extra_spatial_questions_are_true_and_leave_the_rest_of_the_world_alone(tmp_path):
+    """extra_spatial=1 adds one spatial question to each training conversation whose scene can pose one, true to the
+    scene; the scenes, images, val/test questions and the other training questions are those of extra_spatial=0."""
+    build_synthetic_dataset(tmp_path / "plain", n_train=60, n_val=4, n_test=8, seed=5, extra_spatial=0)
+    build_synthetic_dataset(tmp_path / "extra", n_train=60, n_val=4, n_test=8, seed=5, extra_spatial=1)
+    for name in ("scenes.json", "val.json", "test.json"):
+        assert (tmp_path / "plain" / name).read_text() == (tmp_path / "extra" / name).read_text()
+    assert synthetic_dataset_is_built(tmp_path / "plain", seed=5, n_train=60, n_val=4, n_test=8)  # default: none
+    assert not synthetic_dataset_is_built(tmp_path / "extra", seed=5, n_train=60, n_val=4, n_test=8)
+    assert synthetic_dataset_is_built(tmp_path / "extra", seed=5, n_train=60, n_val=4, n_test=8, extra_spatial=1)
+    scenes = json.loads((tmp_path / "plain" / "scenes.json").read_text())
+    plain, extra = (json.loads((tmp_path / w / "train.json").read_text()) for w in ("plain", "extra"))
+    added = 0
+    for p, e in zip(plain, extra):
+        turns = {w: [(c[i]["value"].replace("<image>\n", ""), c[i + 1]["value"])
+                     for i in range(0, len(c), 2)] for w, c in (("plain", p["conversations"]), ("extra", e["conversations"]))}
+        n_spatial = sum(q.startswith("Is the ") for q, _ in turns["plain"])
+        assert n_spatial <= 1
+        rest = list(turns["extra"])
+        for turn in turns["plain"]:  # every turn of the plain conversation is there, and one spatial turn more
+            rest.remove(turn)
+        assert len(rest) == n_spatial and all(q.startswith("Is the ") for q, _ in rest)
+        added += len(rest)
+        scene = scenes[e["image"]]
+        for q, a in turns["extra"]:
+            if q.startswith("Is the "):
+                assert a == spatial_truth(q, scene), q
+    assert 10 < added < 60  # some scenes have no two unique shapes in different rows or columns
+
+
 def test_a_rebuilt_world_replaces_the_old_one_whole(tmp_path):
     root = tmp_path / "world"
     build_synthetic_dataset(root, n_train=20, n_val=2, n_test=3, seed=1)
