@@ -430,8 +430,8 @@ def test_fsdp_checkpoint_resumes_in_one_process(default_world, tmp_path):
     assert (tmp_path / "run/finetune/latest").read_text() == "checkpoint-2"
     resumed = params(T.train(T.parse_args(argv + out + ["--resume"])))
     straight = params(T.train(T.parse_args(argv + ["--out", str(tmp_path / "straight")])))
-    for n in straight:
-        torch.testing.assert_close(resumed[n], straight[n], rtol=1e-4, atol=1e-5, msg=n)
+    for n in straight:  # steps 1-2 ran split over 2 processes: Adam's drift at near-zero gradients, as above
+        torch.testing.assert_close(resumed[n], straight[n], rtol=1e-4, atol=ADAM_ATOL, msg=n)
 
 
 # ---------------------------------------------------------------- evaluation metrics
