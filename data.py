@@ -135,9 +135,9 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     the 3000 training scenes at seed 0). Spatial questions need two look-ups and a comparison, which the tiny LM
     learns last; with one more of them per conversation it learns them in some runs, at a cost to the other families
     in others (README, "The synthetic world"). They come from a generator of their own, so the scenes and every
-    other question are the same whatever `extra_spatial` is. Val and test samples hold one question each (every family for every image),
-    with a "family" field for scoring. text.json: the training conversations, text-only, with the scene described
-    in words where the image was.
+    other question are the same whatever `extra_spatial` is. Val and test samples hold one question each (every
+    family for every image), with a "family" field for scoring. text.json: the training conversations, text-only,
+    with the scene described in words where the image was.
     The world is written into a new folder beside root and then renamed to root (a world already there is moved
     aside and deleted), so no reader ever sees half a world, nor images of one world under another's questions."""
     final = Path(root)

@@ -14,8 +14,8 @@ from PIL import Image
 from torch.distributed.tensor import DTensor
 
 import train as T
-from data import (FAMILIES, LLaVADataset, build_synthetic_dataset, collate, make_question, random_scene,
-                  synthetic_dataset_is_built)
+from data import (FAMILIES, LLaVADataset, build_synthetic_dataset, collate, conversation_turns, make_question,
+                  random_scene, synthetic_dataset_is_built)
 from evaluate import family_accuracy, load_questions, normalize_answer, pope_metrics, vqa_soft_accuracy
 from model import IGNORE_INDEX
 from weights import read_tensors
@@ -109,10 +109,12 @@ def test_extra_spatial_questions_are_true_and_leave_the_rest_of_the_world_alone(
     assert synthetic_dataset_is_built(tmp_path / "extra", seed=5, n_train=60, n_val=4, n_test=8, extra_spatial=1)
     scenes = json.loads((tmp_path / "plain" / "scenes.json").read_text())
     plain, extra = (json.loads((tmp_path / w / "train.json").read_text()) for w in ("plain", "extra"))
+    def question_answer_pairs(sample):
+        turns = [text.replace("<image>\n", "") for _, text in conversation_turns(sample)]
+        return list(zip(turns[0::2], turns[1::2]))
     added = 0
     for p, e in zip(plain, extra):
-        turns = {w: [(c[i]["value"].replace("<image>\n", ""), c[i + 1]["value"])
-                     for i in range(0, len(c), 2)] for w, c in (("plain", p["conversations"]), ("extra", e["conversations"]))}
+        turns = {"plain": question_answer_pairs(p), "extra": question_answer_pairs(e)}
         n_spatial = sum(q.startswith("Is the ") for q, _ in turns["plain"])
         assert n_spatial <= 1
         rest = list(turns["extra"])
