@@ -14,7 +14,9 @@ It is written in the standard LLaVA layout (an image folder + a JSON list of {"i
 training goes through the same loader real data uses. Splits are disjoint: no scene appears in two splits.
 text.json holds the training conversations once more with the scene written out in words in place of the image
 ("red circle top left. blue square center."): text-only data for the LM's pretraining stage (train.py), the stand-in
-for the pretrained Mamba-2 the paper starts from.
+for the pretrained Mamba-2 the paper starts from. test_text.json holds the test questions with the scene in words,
+to score that LM before it has seen an image (`evaluate.py --model runs/synthetic/pretrain/checkpoint-N --questions
+data/synthetic/test_text.json`): the image stages learn a family only where the LM has learned it in words (README).
 """
 
 import json
@@ -35,8 +37,8 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "
 FAMILIES = ["existence", "attribute", "spatial", "counting"]
 GRID = 3
 POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
-WORLD_VERSION = 4  # bump when the generator's output changes (2: spatial questions name the shapes alone; 3: text.json;
-#                   4: extra spatial questions on demand; with none, version 3's world)
+WORLD_VERSION = 5  # bump when the generator's output changes (2: spatial questions name the shapes alone; 3: text.json;
+#                   4: extra spatial questions on demand; with none, version 3's world; 5: test_text.json too)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,7 +139,8 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     in others (README, "The synthetic world"). They come from a generator of their own, so the scenes and every
     other question are the same whatever `extra_spatial` is. Val and test samples hold one question each (every
     family for every image), with a "family" field for scoring. text.json: the training conversations, text-only,
-    with the scene described in words where the image was.
+    with the scene described in words where the image was; test_text.json: the test questions so, to score a LM
+    that has not seen an image yet (the pretrain stage's checkpoints) with evaluate.py.
     The world is written into a new folder beside root and then renamed to root (a world already there is moved
     aside and deleted), so no reader ever sees half a world, nor images of one world under another's questions."""
     final = Path(root)
@@ -148,7 +151,7 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     rng = random.Random(seed)
     extra_rng = random.Random(seed + 12345)  # the extra spatial questions' own stream
     seen = set()
-    paths, scenes, text = {}, {}, []
+    paths, scenes, text, test_text = {}, {}, [], []
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         samples = []
         i = 0
@@ -181,11 +184,16 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
                 for f, (q, a) in qas:
                     samples.append({"id": f"{split}-{i}-{f}", "image": f"images/{name}", "family": f, "conversations": [
                         {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+                    if split == "test":
+                        test_text.append({"id": f"{split}-{i}-{f}-text", "family": f, "conversations": [
+                            {"from": "human", "value": describe_scene(scene) + "\n" + q}, {"from": "gpt", "value": a}]})
             i += 1
         (root / f"{split}.json").write_text(json.dumps(samples, indent=0))
         paths[split] = final / f"{split}.json"
     (root / "text.json").write_text(json.dumps(text, indent=0))
     paths["text"] = final / "text.json"
+    (root / "test_text.json").write_text(json.dumps(test_text, indent=0))
+    paths["test_text"] = final / "test_text.json"
     (root / "scenes.json").write_text(json.dumps(scenes))  # the ground truth of every image, for checking
     (root / "DONE").write_text(json.dumps(_world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial)))
     old = final.parent / f".{final.name}.old-{os.getpid()}"

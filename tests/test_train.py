@@ -90,6 +90,26 @@ def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
         assert t["conversations"][1:] == s["conversations"][1:]
 
 
+def test_test_text_json_is_the_test_questions_with_the_scene_in_words(world):
+    """test_text.json: each test question, family and answer, text-only, the scene in words before the question."""
+    from data import describe_scene
+    test = json.loads((world / "test.json").read_text())
+    test_text = json.loads((world / "test_text.json").read_text())
+    scenes = json.loads((world / "scenes.json").read_text())
+    assert len(test_text) == len(test) and not any("image" in t for t in test_text)
+    for s, t in zip(test, test_text):
+        assert t["id"] == s["id"] + "-text" and t["family"] == s["family"]
+        question = s["conversations"][0]["value"]
+        assert question.startswith("<image>\n")
+        words = describe_scene(scenes[s["image"]])
+        assert t["conversations"][0]["value"] == words + "\n" + question[len("<image>\n"):]
+        assert t["conversations"][1] == s["conversations"][1]
+    # evaluate.py reads it as text-only questions
+    from evaluate import load_questions
+    q = load_questions(world / "test_text.json")[0]
+    assert q["image"] is None and q["question"].startswith(describe_scene(scenes[test[0]["image"]]))
+
+
 def spatial_truth(question, scene):
     """The answer to "Is the A left of / right of / above / below the B?" read off the scene's (row, col)."""
     m = re.fullmatch(r"(?:<image>\n)?Is the (\w+) (left of|right of|above|below) the (\w+)\?", question)
