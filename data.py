@@ -16,7 +16,7 @@ text.json holds the training conversations once more with the scene written out 
 ("red circle top left. blue square center."): text-only data for the LM's pretraining stage (train.py), the stand-in
 for the pretrained Mamba-2 the paper starts from. test_text.json holds the test questions with the scene in words,
 to score that LM before it has seen an image (`evaluate.py --model runs/synthetic/pretrain/checkpoint-N --questions
-data/synthetic/test_text.json`): the image stages learn a family only where the LM has learned it in words (README).
+data/synthetic/test_text.json`): in the README's runs, the image stages learned spatial only where it had in words.
 """
 
 import json
@@ -139,8 +139,8 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     in others (README, "The synthetic world"). They come from a generator of their own, so the scenes and every
     other question are the same whatever `extra_spatial` is. Val and test samples hold one question each (every
     family for every image), with a "family" field for scoring. text.json: the training conversations, text-only,
-    with the scene described in words where the image was; test_text.json: the test questions so, to score a LM
-    that has not seen an image yet (the pretrain stage's checkpoints) with evaluate.py.
+    with the scene described in words where the image was; test_text.json: the test questions written the same way,
+    to score with evaluate.py a LM that has not seen an image yet (the pretrain stage's checkpoints).
     The world is written into a new folder beside root and then renamed to root (a world already there is moved
     aside and deleted), so no reader ever sees half a world, nor images of one world under another's questions."""
     final = Path(root)
