@@ -115,6 +115,11 @@ def make_question(scene, family, rng):
     raise ValueError(f"unknown question family {family!r}")
 
 
+def _in_words(conversation, words):
+    """The conversation text-only: the "<image>" placeholder replaced by the scene in words."""
+    return [dict(turn, value=turn["value"].replace("<image>", words)) for turn in conversation]
+
+
 def _world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial):
     return {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
             "cell": cell, "extra_spatial": extra_spatial}
@@ -166,6 +171,7 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
             scenes[f"images/{name}"] = scene
             qas = [(f, make_question(scene, f, rng)) for f in FAMILIES]
             qas = [(f, qa) for f, qa in qas if qa is not None]
+            words = describe_scene(scene)  # what replaces the image in text.json and test_text.json
             if split == "train":
                 rng.shuffle(qas)
                 for _ in range(extra_spatial):
@@ -177,16 +183,15 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
                 for j, (_, (q, a)) in enumerate(qas):
                     conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
                 samples.append({"id": f"{split}-{i}", "image": f"images/{name}", "conversations": conv})
-                words = describe_scene(scene)
-                text.append({"id": f"{split}-{i}-text", "conversations": [
-                    dict(t, value=t["value"].replace("<image>", words)) for t in conv]})
+                text.append({"id": f"{split}-{i}-text", "conversations": _in_words(conv, words)})
             else:
                 for f, (q, a) in qas:
-                    samples.append({"id": f"{split}-{i}-{f}", "image": f"images/{name}", "family": f, "conversations": [
-                        {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+                    conv = [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]
+                    samples.append({"id": f"{split}-{i}-{f}", "image": f"images/{name}", "family": f,
+                                    "conversations": conv})
                     if split == "test":
-                        test_text.append({"id": f"{split}-{i}-{f}-text", "family": f, "conversations": [
-                            {"from": "human", "value": describe_scene(scene) + "\n" + q}, {"from": "gpt", "value": a}]})
+                        test_text.append({"id": f"{split}-{i}-{f}-text", "family": f,
+                                          "conversations": _in_words(conv, words)})
             i += 1
         (root / f"{split}.json").write_text(json.dumps(samples, indent=0))
         paths[split] = final / f"{split}.json"

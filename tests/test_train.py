@@ -105,7 +105,6 @@ def test_test_text_json_is_the_test_questions_with_the_scene_in_words(world):
         assert t["conversations"][0]["value"] == words + "\n" + question[len("<image>\n"):]
         assert t["conversations"][1] == s["conversations"][1]
     # evaluate.py reads it as text-only questions
-    from evaluate import load_questions
     q = load_questions(world / "test_text.json")[0]
     assert q["image"] is None and q["question"].startswith(describe_scene(scenes[test[0]["image"]]))
 
