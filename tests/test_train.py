@@ -80,7 +80,7 @@ def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
     text = json.loads((world / "text.json").read_text())
     scenes = json.loads((world / "scenes.json").read_text())
     assert len(text) == len(train) and not any("image" in t for t in text)
-    names = [["top left", "top", "top right"], ["left", "center", "right"], ["bottom left", "bottom", "bottom right"]]
+    names = [["northwest", "north", "northeast"], ["west", "middle", "east"], ["southwest", "south", "southeast"]]
     for s, t in zip(train, text):
         scene = scenes[s["image"]]
         words = " ".join(f"{color} {shape} {names[r][c]}." for r, c, shape, color in sorted(scene))
