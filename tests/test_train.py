@@ -90,6 +90,19 @@ def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
         assert t["conversations"][1:] == s["conversations"][1:]
 
 
+def test_each_cell_in_words_is_one_token_of_the_default_worlds_tokenizer(default_world):
+    """The text stage reads every object as "color shape position." with one token per position (data.POSITIONS),
+    with the tokenizer train.py trains on the default world's conversations and their text version."""
+    from data import POSITIONS, train_tokenizer
+    from model import conversation_segments
+    samples = [x for f in ("train.json", "text.json") for x in json.loads((default_world / f).read_text())]
+    tok = train_tokenizer([s for x in samples for s, _ in conversation_segments(conversation_turns(x))])
+    text = json.loads((default_world / "text.json").read_text())[0]["conversations"][0]["value"]
+    scene = text.split("\n")[0]  # "red circle northwest. blue square middle."
+    assert [len(tok.encode(" " + p).ids) for p in POSITIONS] == [1] * 9
+    assert len(tok.encode("In: " + scene).ids) == 2 + 4 * scene.count(".")
+
+
 def test_test_text_json_is_the_test_questions_with_the_scene_in_words(world):
     """test_text.json: each test question, family and answer, text-only, the scene in words before the question."""
     from data import describe_scene
