@@ -95,10 +95,9 @@ def test_each_cell_in_words_is_one_token_of_the_default_worlds_tokenizer(default
     with the tokenizer train.py trains on the default world's conversations and their text version."""
     from data import POSITIONS, train_tokenizer
     from model import conversation_segments
-    samples = [x for f in ("train.json", "text.json") for x in json.loads((default_world / f).read_text())]
-    tok = train_tokenizer([s for x in samples for s, _ in conversation_segments(conversation_turns(x))])
-    text = json.loads((default_world / "text.json").read_text())[0]["conversations"][0]["value"]
-    scene = text.split("\n")[0]  # "red circle northwest. blue square middle."
+    train, text = [json.loads((default_world / f).read_text()) for f in ("train.json", "text.json")]
+    tok = train_tokenizer([s for x in train + text for s, _ in conversation_segments(conversation_turns(x))])
+    scene = text[0]["conversations"][0]["value"].split("\n")[0]  # "red circle northwest. blue square middle."
     assert [len(tok.encode(" " + p).ids) for p in POSITIONS] == [1] * 9
     assert len(tok.encode("In: " + scene).ids) == 2 + 4 * scene.count(".")
 
