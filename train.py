@@ -170,14 +170,19 @@ def synthetic_model(tokenizer, args):
     return MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=cc, max_length=512), tokenizer)
 
 
+def synthetic_tokenizer(json_paths):
+    """A byte-level BPE tokenizer trained on the prompts and replies, as the model reads them, of LLaVA-format files."""
+    samples = [x for f in json_paths if f for x in json.loads(Path(f).read_text())]
+    return train_tokenizer([s for x in samples for s, _ in conversation_segments(conversation_turns(x))])
+
+
 def build_model(args, rank):
     if args.init_from:
         return MLMamba.from_pretrained(args.init_from)
     if args.data is None:  # synthetic: a tokenizer trained on the training conversations, saved with the model
-        samples = [x for f in (args.train_json, args.pretrain_data) if f for x in json.loads(Path(f).read_text())]
-        texts = [s for x in samples for s, _ in conversation_segments(conversation_turns(x))]
+        tokenizer = synthetic_tokenizer([args.train_json, args.pretrain_data])
         torch.manual_seed(args.seed)
-        return synthetic_model(train_tokenizer(texts), args)
+        return synthetic_model(tokenizer, args)
     missing = [n for n in ("llm", "siglip", "dinov2", "tokenizer") if getattr(args, n) is None]
     if missing:
         raise ValueError(f"training on --data needs --{', --'.join(missing)} (or --init-from an ML-Mamba folder)")

@@ -93,10 +93,9 @@ def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
 def test_each_cell_in_words_is_one_token_of_the_default_worlds_tokenizer(default_world):
     """The text stage reads every object as "color shape position." with one token per position (data.POSITIONS),
     with the tokenizer train.py trains on the default world's conversations and their text version."""
-    from data import POSITIONS, train_tokenizer
-    from model import conversation_segments
-    train, text = [json.loads((default_world / f).read_text()) for f in ("train.json", "text.json")]
-    tok = train_tokenizer([s for x in train + text for s, _ in conversation_segments(conversation_turns(x))])
+    from data import POSITIONS
+    tok = T.synthetic_tokenizer([default_world / "train.json", default_world / "text.json"])
+    text = json.loads((default_world / "text.json").read_text())
     scene = text[0]["conversations"][0]["value"].split("\n")[0]  # "red circle northwest. blue square middle."
     assert [len(tok.encode(" " + p).ids) for p in POSITIONS] == [1] * 9
     assert len(tok.encode("In: " + scene).ids) == 2 + 4 * scene.count(".")
