@@ -70,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/synthetic")
     p.add_argument("--epochs", type=float, default=None, help="finetune epochs (default 2; synthetic 20)")
     p.add_argument("--align-epochs", type=float, default=None, help="align epochs (default 1)")
-    p.add_argument("--pretrain-epochs", type=float, default=40, help="text-only pretrain epochs (the synthetic text.json or --pretrain-data)")
+    p.add_argument("--pretrain-epochs", type=float, default=40,
+                   help="text-only pretrain epochs (the synthetic text.json or --pretrain-data)")
     p.add_argument("--lr", type=float, default=None, help="finetune and pretrain lr (default 2e-5; synthetic 1e-3)")
     p.add_argument("--align-lr", type=float, default=None, help="align lr (default 1e-3; synthetic 1e-4)")
     p.add_argument("--connector-lr", type=float, default=None,
