@@ -33,6 +33,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,9 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--siglip", help="SigLIP checkpoint folder or repo id")
     p.add_argument("--dinov2", help="DINOv2 checkpoint folder or repo id")
     p.add_argument("--tokenizer", help="tokenizer.json or its folder (real runs: GPT-NeoX-20B's)")
-    p.add_argument("--init-from", help="an ML-Mamba folder to start from (e.g. the align stage's output)")
-    p.add_argument("--connector", default="msc-advanced", choices=["mlp", "msc-basic", "msc-advanced"])
-    p.add_argument("--scan", default="bsm", choices=["bsm", "csm"])
+    p.add_argument("--init-from", help="an ML-Mamba folder to start from (e.g. the align stage's output); with a "
+                                       "--connector or --scan other than its own, a new connector on its LM")
+    p.add_argument("--connector", choices=["mlp", "msc-basic", "msc-advanced"],
+                   help="default msc-advanced (with --init-from: the folder's)")
+    p.add_argument("--scan", choices=["bsm", "csm"], help="default bsm (with --init-from: the folder's)")
     p.add_argument("--drop-path", type=float, default=0.1, help="the MSC blocks' stochastic depth")
     p.add_argument("--image-size", type=int, default=384, help="encoder input size (real runs)")
     p.add_argument("--out", default="runs/synthetic")
@@ -167,8 +170,7 @@ def synthetic_model(tokenizer, args):
     vit = dict(image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                input_size=48)
     vision = {"dinov2": ViTConfig("dinov2", **vit), "siglip": ViTConfig("siglip", **vit)}
-    cc = ConnectorConfig.for_lm(lm, vision_dim=128, grid=(3, 3), kind=args.connector, scan=args.scan,
-                                drop_path=args.drop_path)
+    cc = ConnectorConfig.for_lm(lm, vision_dim=128, grid=(3, 3), drop_path=args.drop_path, **connector_choice(args))
     return MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=cc, max_length=512), tokenizer)
 
 
@@ -178,9 +180,27 @@ def synthetic_tokenizer(json_paths):
     return train_tokenizer([s for x in samples for s, _ in conversation_segments(conversation_turns(x))])
 
 
+def connector_choice(args):
+    """The connector fields given on the command line (ConnectorConfig's defaults for the others)."""
+    return {k: v for k, v in (("kind", args.connector), ("scan", args.scan)) if v is not None}
+
+
 def build_model(args, rank):
     if args.init_from:
-        return MLMamba.from_pretrained(args.init_from)
+        model = MLMamba.from_pretrained(args.init_from)
+        saved, asked = model.config.connector, connector_choice(args)
+        if any(getattr(saved, k) != v for k, v in asked.items()):
+            # the paper's ablations (Tables 6-7): one pretrained LM, a new connector of each kind; the folder's
+            # LM, encoders and tokenizer are kept, its connector is dropped
+            from connector import Connector
+            torch.manual_seed(args.seed)
+            cc = model.config.connector = replace(saved, drop_path=args.drop_path, **asked)
+            model.connector = Connector(cc)
+            if cc.init == "lm" and cc.kind != "mlp":
+                model.connector.msc.init_from_lm(model.lm)
+            log(rank, f"a new {cc.kind}/{cc.scan} connector on {args.init_from}'s LM (its connector, "
+                      f"{saved.kind}/{saved.scan}, is not used)")
+        return model
     if args.data is None:  # synthetic: a tokenizer trained on the training conversations, saved with the model
         tokenizer = synthetic_tokenizer([args.train_json, args.pretrain_data])
         torch.manual_seed(args.seed)
@@ -190,7 +210,7 @@ def build_model(args, rank):
         raise ValueError(f"training on --data needs --{', --'.join(missing)} (or --init-from an ML-Mamba folder)")
     torch.manual_seed(args.seed)
     return MLMamba.from_components(args.llm, {"dinov2": args.dinov2, "siglip": args.siglip}, args.tokenizer,
-                                   connector={"kind": args.connector, "scan": args.scan, "drop_path": args.drop_path},
+                                   connector={"drop_path": args.drop_path, **connector_choice(args)},
                                    input_size=args.image_size)
 
 
@@ -416,8 +436,9 @@ def train(args):
     if "pretrain" in stages and not args.pretrain_data:
         raise ValueError("--stage pretrain needs --pretrain-data (a text-only LLaVA-format JSON)")
     text = LLaVADataset(args.pretrain_data, None, model) if "pretrain" in stages else None
+    cc = model.config.connector
     log(rank, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"(connector {args.connector}/{args.scan}); {len(dataset)} training samples"
+              f"(connector {cc.kind}/{cc.scan}); {len(dataset)} training samples"
               + (f", {len(text)} text-only for pretrain" if text else "") + f"; {world} process(es)")
     t0 = time.time()
     for stage in stages:

@@ -502,3 +502,37 @@ def test_question_file_formats_and_family_accuracy(tmp_path):
     acc = family_accuracy(["yes", "Red.", "2", "no"], ["yes", "red", "3", "no"],
                           ["existence", "attribute", "counting", "existence"])
     assert acc == {"attribute": 1.0, "counting": 0.0, "existence": 1.0, "overall": 0.75}
+
+
+def test_init_from_with_another_connector_keeps_the_lm_and_builds_a_new_connector(world, tmp_path, capsys):
+    """The ablation set-up (the paper's Tables 6-7): one LM, a new connector of each kind. --init-from alone keeps
+    the folder's connector; --connector / --scan other than its own replace it and keep everything else."""
+    args = args_for(world, tmp_path)
+    args.train_json = world / "train.json"
+    saved = T.build_model(args, 0)
+    saved.save_pretrained(tmp_path / "lm")
+    ref = saved.state_dict()
+    for extra, kind, scan in [((), "msc-advanced", "bsm"), (("--connector", "msc-advanced"), "msc-advanced", "bsm"),
+                              (("--connector", "mlp"), "mlp", "bsm"), (("--scan", "csm"), "msc-advanced", "csm")]:
+        model = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), *extra), 0)
+        state = model.state_dict()
+        assert (model.config.connector.kind, model.config.connector.scan) == (kind, scan)
+        for name, tensor in ref.items():
+            if not name.startswith("connector."):
+                assert torch.equal(state[name], tensor), name
+        new = {n for n in state if n.startswith("connector.")}
+        if (kind, scan) == ("msc-advanced", "bsm"):  # kept, tensor for tensor
+            assert all(torch.equal(state[n], ref[n]) for n in new)
+            assert "new" not in capsys.readouterr().out
+        else:
+            assert any(n not in ref or not torch.equal(state[n], ref[n]) for n in new)
+            assert f"a new {kind}/{scan} connector" in capsys.readouterr().out
+        assert model.tokenizer.encode("red circle").ids == saved.tokenizer.encode("red circle").ids
+    # it trains and saves as the new kind, with the same seed the same new connector
+    T.train(args_for(world, tmp_path / "run", "--init-from", str(tmp_path / "lm"), "--connector", "mlp", "--stage",
+                     "align", "--max-steps", "1"))
+    saved_config = json.loads((tmp_path / "run/final/config.json").read_text())
+    assert saved_config["connector"]["kind"] == "mlp"
+    a = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), "--connector", "mlp"), 0)
+    b = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), "--connector", "mlp"), 0)
+    assert all(torch.equal(x, y) for x, y in zip(a.connector.parameters(), b.connector.parameters()))
