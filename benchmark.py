@@ -450,7 +450,7 @@ def bench_train(args):
 
                 def step():
                     with torch.autocast("cuda", dtype=torch.bfloat16):
-                        _, loss = model(pixels, ids, labels)
+                        _, loss = model(pixels, ids, labels, return_logits=False)  # as train.py: no full logits
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                     opt.step()
