@@ -107,6 +107,14 @@ class MLMamba(nn.Module):
         self.lm = Mamba2LMHeadModel(config.lm)
         self.set_tokenizer(tokenizer)
 
+    def new_connector(self, config: ConnectorConfig):
+        """Replace the connector with a new one (the paper trains it from scratch on a pretrained LM): random, or
+        with init="lm" its Mamba-2 mixers copied from this model's LM."""
+        self.config.connector = config
+        self.connector = Connector(config)
+        if config.init == "lm" and config.kind != "mlp":
+            self.connector.msc.init_from_lm(self.lm)
+
     def set_tokenizer(self, tokenizer):
         self.tokenizer = tokenizer
         self.image_token_id = self.eos_token_id = None
@@ -279,8 +287,6 @@ class MLMamba(nn.Module):
             model = cls(config)
         model.lm = lm_model
         model.vision = DualEncoder(encoders, layer=vision_layer).freeze()
-        model.connector = Connector(cc)
-        if cc.init == "lm" and cc.kind != "mlp":
-            model.connector.msc.init_from_lm(lm_model)
+        model.new_connector(cc)
         model.set_tokenizer(load_tokenizer(tokenizer))
         return model.to(device=device, dtype=dtype)

@@ -192,12 +192,9 @@ def build_model(args, rank):
         if any(getattr(saved, k) != v for k, v in asked.items()):
             # the paper's ablations (Tables 6-7): one pretrained LM, a new connector of each kind; the folder's
             # LM, encoders and tokenizer are kept, its connector is dropped
-            from connector import Connector
             torch.manual_seed(args.seed)
-            cc = model.config.connector = replace(saved, drop_path=args.drop_path, **asked)
-            model.connector = Connector(cc)
-            if cc.init == "lm" and cc.kind != "mlp":
-                model.connector.msc.init_from_lm(model.lm)
+            model.new_connector(replace(saved, drop_path=args.drop_path, **asked))
+            cc = model.config.connector
             log(rank, f"a new {cc.kind}/{cc.scan} connector on {args.init_from}'s LM (its connector, "
                       f"{saved.kind}/{saved.scan}, is not used)")
         return model
