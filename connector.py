@@ -4,22 +4,24 @@ The vision features V (b, H*W, d_v) of the patch grid (row-major) become LLM-wid
     "mlp"          F = MLP(V)                                         eq. 6, Fig. 3(a)
     "msc-basic"    F = MLP(MSC(lift(V)))                              eq. 7
     "msc-advanced" F = MLP(SwiGLU(MSC(lift(V))))                      eq. 8, Fig. 6  (the paper's final choice)
-lift = Linear(d_v, D) + GELU (the authors' code lifts the features to the LLM width before scanning).
+lift = Linear(d_v, D) + GELU: the features are lifted to the LLM width D before scanning, so the MSC's Mamba-2
+mixers have the LM's own shape (the paper leaves the MSC's width unsaid; the authors' release lifts the same way).
 
 MSC, the Mamba-2 Visual Selective Scan (MVSS, Figs. 4-5): a 1D SSM reads a sequence, so the 2D grid is read in
 several orders, each by its own Mamba-2 mixer, and the results are put back in patch order and merged:
     BSM (bidirectional scan): row-major forward, and backward (the reverse);
     CSM (cross scan): row-major, column-major, and each reversed (four directions).
-Merge = sum over directions (as Vim for two and VMamba's cross-merge for four): each direction is causal, so a patch
-sees only the patches before it in that order; the sum gives every patch context from the whole grid while keeping
-the width D, and starts as an average-like mix when the directions are initialised alike.
+Merge = sum over directions: each direction is causal, so a patch sees only the patches before it in that order;
+the sum gives every patch context from the whole grid while keeping the width D.
 
-Norm and residual placement, our reading of Fig. 5 together with the authors' code (Vim-style blocks):
+Norm and residual placement, our reading of Fig. 5:
     for each of n_layers blocks:   x = x + DropPath( sum_k unscan_k( Mixer_k( scan_k( RMSNorm(x) ) ) ) )
     then a final RMSNorm.
 The mixers are Mamba2Mixer from mamba2.py (the LM's own block), one per direction with its own parameters.
-Initialisation: "random" (as the paper says) or "lm" (as the authors' code: each block's mixers and norm copied from
-the corresponding first layers of the pretrained Mamba-2 LM, every direction starting from the same weights).
+Initialisation: "random" (as the paper says) or "lm" (an option of this project: each block's mixers and norm copied
+from the corresponding first layers of the pretrained Mamba-2 LM, every direction starting from the same weights).
+The authors' release builds a different connector (one mixer with a shared projection and per-direction SSM
+parameters, directions averaged, a SwiGLU in every layer, random init): README, "How this differs".
 """
 
 from dataclasses import dataclass
@@ -71,7 +73,7 @@ def unscan(y, order):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _init_linear(m):
-    """The authors' projector init: xavier-normal weights, zero biases."""
+    """xavier-normal weights, zero biases."""
     nn.init.xavier_normal_(m.weight)
     if m.bias is not None:
         nn.init.zeros_(m.bias)
@@ -151,7 +153,7 @@ class MSC(nn.Module):
 
     @torch.no_grad()
     def init_from_lm(self, lm):
-        """The authors' initialisation: block i's norm and every direction's mixer from LM layer i."""
+        """init="lm": block i's norm and every direction's mixer copied from LM layer i."""
         if len(lm.layers) < len(self.blocks):
             raise ValueError(f"the LM has {len(lm.layers)} layers, fewer than the {len(self.blocks)} MSC blocks")
         for block, layer in zip(self.blocks, lm.layers):
@@ -173,7 +175,7 @@ class ConnectorConfig:
     grid: tuple = (27, 27)  # the patch grid (H, W): 27 x 27 at 384 px with patch 14
     n_layers: int = 2  # MSC blocks
     drop_path: float = 0.1
-    init: str = "random"  # "random" (the paper) or "lm" (the authors' code; needs the LM when built)
+    init: str = "random"  # "random" (the paper) or "lm" (mixers copied from the LM's first layers)
     # the Mamba-2 mixers (as the LM's, so that "lm" initialisation fits)
     d_state: int = 128
     d_conv: int = 4

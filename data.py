@@ -16,7 +16,7 @@ text.json holds the training conversations once more with the scene written out 
 ("red circle northwest. blue square middle."): text-only data for the LM's pretraining stage (train.py), the stand-in
 for the pretrained Mamba-2 the paper starts from. test_text.json holds the test questions with the scene in words,
 to score that LM before it has seen an image (`evaluate.py --model runs/synthetic/pretrain/checkpoint-N --questions
-data/synthetic/test_text.json`): in the README's runs, the image stages learned spatial only where it had in words.
+data/synthetic/test_text.json`). docs/synthetic-world.md says why the world is built the way it is.
 """
 
 import json
@@ -36,14 +36,11 @@ SHAPES = ["circle", "square", "triangle"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
 FAMILIES = ["existence", "attribute", "spatial", "counting"]
 GRID = 3
-# The cells in words, one word each, in reading order. Compass words, not "top left", "top", ...: each is one token of
-# the world's tokenizer, so every object reads "color shape position." in 4 tokens and a cell's row and column come
-# from one embedding; and the question's "left of" / "right of" never name a cell. With "top left" ... the text stage
-# learned spatial in words in no seed of 3 at 25 epochs, with these in 4 of 6 (README, "The synthetic world").
+# The cells in words, one word each, in reading order. Each is one token of the world's tokenizer, so every object
+# reads "color shape position." in 4 tokens, a cell's row and column come from one embedding, and the questions'
+# "left of" / "right of" never name a cell.
 POSITIONS = ["northwest", "north", "northeast", "west", "middle", "east", "southwest", "south", "southeast"]
-WORLD_VERSION = 6  # bump when the generator's output changes (2: spatial questions name the shapes alone; 3: text.json;
-#                   4: extra spatial questions on demand; with none, version 3's world; 5: test_text.json too;
-#                   6: compass words for the cells in text.json and test_text.json)
+WORLD_VERSION = 6  # written into the DONE stamp: a world built by a generator of another version is rebuilt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,11 +140,9 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     """Write images/ and train.json, val.json, test.json (LLaVA layout) under root; returns the json paths.
 
     Train samples are multi-turn: one question of each family the scene allows, in random order, and then
-    `extra_spatial` more spatial questions put at random places among them, where the scene can pose one (1256 of
-    the 3000 training scenes at seed 0). Spatial questions need two look-ups and a comparison, which the tiny LM
-    learns last; with one more of them per conversation it learns them in some runs, at a cost to the other families
-    in others (README, "The synthetic world"). They come from a generator of their own, so the scenes and every
-    other question are the same whatever `extra_spatial` is. Val and test samples hold one question each (every
+    `extra_spatial` more spatial questions put at random places among them, where the scene can pose one. They come
+    from a random stream of their own, so the scenes and every other question are the same whatever
+    `extra_spatial` is. Val and test samples hold one question each (every
     family for every image), with a "family" field for scoring. text.json: the training conversations, text-only,
     with the scene described in words where the image was; test_text.json: the test questions written the same way,
     to score with evaluate.py a LM that has not seen an image yet (the pretrain stage's checkpoints).
@@ -241,8 +236,8 @@ class LLaVADataset(torch.utils.data.Dataset):
     A sample whose image is missing or unreadable, or whose text holds several "<image>" placeholders, is
     reported once and skipped (it yields None; `collate` drops it); `skipped` lists them.
     cache_images: keep each image's preprocessed pixels in memory after its first read, keyed by the image path, so
-    samples that share an image share them (the synthetic world: 3000 images of 48 px, ~170 MB; reading the PNGs was
-    ~15% of a training step on 2 CPU cores). Off for real data."""
+    samples that share an image share them (the synthetic world's 3000 images of 48 px take ~170 MB). Off for real
+    data."""
 
     def __init__(self, json_path, image_root, model, cache_images=False):
         self.json_path = Path(json_path)

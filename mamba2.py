@@ -280,8 +280,7 @@ class Mamba2Mixer(nn.Module):
         positions before the first reading zeros (or the cached inputs). xBC (b, l, conv_dim) -> (b, l, conv_dim).
 
         Written as d_conv shifted multiply-adds, summed in fp32 like the decoding step's: the same values as
-        F.conv1d over a left-padded window (a test checks it), ~1.5x faster forward + backward on the CPU than
-        F.conv1d on the transposed tensor, ~3x on the connector's 9-token scans."""
+        F.conv1d over a left-padded window (a test checks it), without transposing the (b, l, channels) tensor."""
         k = self.config.d_conv
         b, l, channels = xBC.shape
         past = cache.conv_state.transpose(1, 2) if cache is not None else xBC.new_zeros(b, k - 1, channels)
@@ -341,8 +340,7 @@ class Mamba2Mixer(nn.Module):
             return self.out_proj(y.to(self.out_proj.weight.dtype))
         # One group: the gated norm's scale 1 / RMS(y * SiLU(z)) is one number per token, and out_proj is linear
         # (no bias), so it is applied after out_proj. The same value (up to rounding); the compiled step then
-        # computes the reduction alongside the matrix-vector product instead of in a kernel of its own (3.4 vs
-        # 3.8 ms a token on the H100, 2.7B).
+        # computes the reduction alongside the matrix-vector product instead of in a kernel of its own.
         weighted, scale = self.norm.weighted_and_scale(y.flatten(-2), gate=z)  # (b, d_inner), (b, 1)
         out = self.out_proj(weighted.to(self.out_proj.weight.dtype))
         return (out.float() * scale).to(out.dtype)
@@ -403,8 +401,7 @@ def compiled_block_step():
     process and shared by every layer and model (the block is an input, not a constant)."""
     global _COMPILED_BLOCK_STEP
     if _COMPILED_BLOCK_STEP is None:
-        # coordinate-descent tuning of the generated kernels' block sizes: on the H100, 2.7B, a step took 3.8 ms
-        # with it and 4.2 ms without (README, "Decoding speed on the GPU")
+        # coordinate-descent tuning: Inductor searches the generated kernels' block sizes (docs/decoding.md)
         _COMPILED_BLOCK_STEP = torch.compile(Mamba2Block.step, fullgraph=True, dynamic=False,
                                              options={"coordinate_descent_tuning": True})
     return _COMPILED_BLOCK_STEP
@@ -499,7 +496,7 @@ class Mamba2LMHeadModel(nn.Module):
         cuda_graph: replay the one-token step as a captured CUDA graph (default: on for CUDA tensors, off on the
         CPU): the same kernels, launched at once instead of one by one from Python. The graph is kept for the next
         call with the same batch size. compile: fuse each layer's step with torch.compile before capturing it
-        (default: on with the CUDA graph when Triton is installed; the first call compiles, for about a minute).
+        (default: on with the CUDA graph when Triton is installed; the first call compiles).
         """
         prompt = input_ids if input_ids is not None else inputs_embeds
         batch_size = prompt.shape[0]

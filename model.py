@@ -5,7 +5,8 @@
     E = text embeddings with F put where the "<image>" placeholder token is (see encode_conversation)
     p(answer | X, prompt) = Mamba2LM(E)                 mamba2.py, eq. 9
 
-The prompt format (the authors' Mamba prompter), one image, any number of turns:
+The prompt format ("In: / Out:", the plain-LM prompt of Cobra and Prismatic's Mamba prompt builder; the authors'
+release uses Zephyr's chat format instead, see the README), one image, any number of turns:
     "In: <image>\\nWhat is in the picture?\\nOut: A cat.<|endoftext|>\\nIn: What color?\\nOut: Grey.<|endoftext|>"
 Each segment is tokenized on its own (so training and inference cut the text the same way); training labels cover
 only the replies and their stop token "<|endoftext|>", never the image, the prompts or the padding.
@@ -144,8 +145,8 @@ class MLMamba(nn.Module):
 
     def image_tokens(self, pixel_values):
         """{name: (b, 3, S, S)} -> image tokens (b, N, D) in the LM's dtype."""
-        feats = self.vision(pixel_values)  # (b, N, d_v), eq. 5
-        return self.connector(feats).to(self.lm.embedding.weight.dtype)  # (b, N, D), eqs. 6-8
+        feats = self.vision(pixel_values)  # eq. 5: V_img = [DINOv2(X); SigLIP(X)], (b, N, d_v)
+        return self.connector(feats).to(self.lm.embedding.weight.dtype)  # eqs. 6-8: V_out, (b, N, D)
 
     def splice(self, input_ids, image_tokens=None, labels=None):
         """Text ids (b, L) + image tokens (b, N, D) -> embeddings (b, L', D) and labels (b, L').
@@ -187,7 +188,7 @@ class MLMamba(nn.Module):
         positions, are never made (at a vocabulary of 50K, 8 x 2048 positions would be 3.3 GB in fp32)."""
         image_tokens = self.image_tokens(pixel_values) if pixel_values is not None else None
         embeds, labels = self.splice(input_ids, image_tokens, labels)
-        hidden = self.lm.hidden_states(inputs_embeds=embeds)  # (b, L', D)
+        hidden = self.lm.hidden_states(inputs_embeds=embeds)  # eq. 9: R = f_L(V_out, f_T(Q)), (b, L', D)
         targets = labels[:, 1:]  # next-token prediction: position t predicts token t + 1
         is_target = targets != IGNORE_INDEX  # (b, L' - 1)
         if return_logits:

@@ -36,6 +36,9 @@ import torch.nn.functional as F
 def zoh_discretize(A, B, delta):
     """Paper eq. 2: A_bar = exp(delta A),  B_bar = (delta A)^-1 (exp(delta A) - I) delta B.
 
+    The exact solution of the continuous SSM of eq. 1 (h' = A h + B x) over one step of length delta, with the input
+    held constant over the step (zero-order hold): h(t + delta) = A_bar h(t) + B_bar x(t).
+
     A: a full (N, N) matrix, a diagonal given as its (N,) entries, or a scalar (0-d tensor or float).
     B: (N,) or (N, M).  delta: a positive scalar.
     Returns (A_bar, B_bar) with A_bar shaped like A and B_bar shaped like B.
@@ -80,7 +83,7 @@ def zoh_discretize(A, B, delta):
 # ----------------------------------------------------------------------------------------------------------------
 
 def ssm_conv_kernel(A_bar, B_bar, C, length):
-    """Eq. 4: K = (C B_bar, C A_bar B_bar, ..., C A_bar^(length-1) B_bar), shape (length,).
+    """Eq. 4: K = (C B_bar, C A_bar B_bar, ..., C A_bar^(length-1) B_bar), shape (length,); then y = x * K (`ssm_conv`).
 
     A_bar: (N, N) or its diagonal (N,); B_bar, C: (N,).
     """
@@ -170,7 +173,7 @@ def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None):
 
 
 def ssd_quadratic(x, dt, A, B, C, D=None):
-    """The dual (attention-like) form: y = (L o C B^T) (dt x) + D x, with zero initial state.
+    """Eq. 3 unrolled, the dual (attention-like) form: y = (L o C B^T) (dt x) + D x, with zero initial state.
 
     L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t, 0 above the diagonal (1-semiseparable).
     Quadratic in the length: (b, h, l, l) scores. Returns y (b, l, h, p).
@@ -188,7 +191,7 @@ def ssd_quadratic(x, dt, A, B, C, D=None):
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
-    """The chunked SSD algorithm (Mamba-2 paper, listing 1), for any length l.
+    """Eq. 3 over a whole sequence by the chunked SSD algorithm (Mamba-2 paper, listing 1), for any length l.
 
     The sequence is cut into chunks of Q = chunk_size positions (the last one zero-padded: dt = 0 there, so the
     padding neither decays nor feeds the state). Then, with c chunks:

@@ -96,15 +96,12 @@ def parse_args(argv=None):
     p.add_argument("--world-seed", type=int, default=0,
                    help="the synthetic world's seed (apart from --seed: runs that differ in --seed share one world)")
     p.add_argument("--extra-spatial", type=int, default=0,
-                   help="the synthetic world: spatial questions added to each training conversation that can pose one "
-                        "(README: 1 learns spatial with --seed 0, not with seeds 1, 2)")
+                   help="the synthetic world: spatial questions added to each training conversation that can pose one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: a crash after N steps
     args = p.parse_args(argv)
     synthetic = args.data is None
-    # synthetic: 40 text epochs (3720 steps), then 20 image epochs (1860 steps), ~8.5 min on 2 CPU cores (README,
-    # "The synthetic world")
     args.epochs = args.epochs if args.epochs is not None else (20 if synthetic else 2)
     args.align_epochs = args.align_epochs if args.align_epochs is not None else 1
     args.lr = args.lr if args.lr is not None else (1e-3 if synthetic else 2e-5)
@@ -138,7 +135,7 @@ def shard(model, device):
     forward and backward its whole weights are all-gathered; after the backward its gradients are reduce-scattered
     (averaged), so each process updates only its own shard. The tied embedding and head stay in one unit.
     The device mesh is made for `device` explicitly: left to itself, FSDP puts it on CUDA whenever CUDA exists, so
-    `--device cpu` on a one-GPU machine sent the second process to a "cuda:1" that is not there."""
+    `--device cpu` on a one-GPU machine would send the second process to a "cuda:1" that is not there."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
@@ -152,9 +149,20 @@ def shard(model, device):
     return model
 
 
-def log(rank, *msg):
-    if rank == 0:
-        print(*msg, flush=True)
+class RunLog:
+    """Prints a line on rank 0 and appends it to OUT/train.log, so a run's progress stays readable (and plottable:
+    `python docs/figures.py`) after the terminal is gone. A resumed run appends to the same file."""
+
+    def __init__(self, rank, file):
+        self.rank, self.file = rank, Path(file)
+
+    def __call__(self, msg):
+        if self.rank != 0:
+            return
+        print(msg, flush=True)
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.file, "a") as f:
+            f.write(msg + "\n")
 
 
 def synthetic_model(tokenizer, args):
@@ -163,8 +171,7 @@ def synthetic_model(tokenizer, args):
     from connector import ConnectorConfig
     from mamba2 import Mamba2Config
     from vision import ViTConfig
-    # chunk 16: the conversations are ~60-100 tokens; a training step on 2 CPU cores takes ~0.12 s with chunks of
-    # 16, ~0.19 s with 32 and ~0.32 s with 64 (the intra-chunk (Q, Q) products grow with Q)
+    # chunk 16: the conversations are ~60-100 tokens, and the intra-chunk (Q, Q) products grow with Q
     lm = Mamba2Config(d_model=96, n_layer=3, vocab_size=tokenizer.get_vocab_size(), d_state=16, headdim=16,
                       chunk_size=16, pad_vocab_size_multiple=16)
     vit = dict(image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -185,7 +192,7 @@ def connector_choice(args):
     return {k: v for k, v in (("kind", args.connector), ("scan", args.scan)) if v is not None}
 
 
-def build_model(args, rank):
+def build_model(args, log=print):
     if args.init_from:
         model = MLMamba.from_pretrained(args.init_from)
         saved, asked = model.config.connector, connector_choice(args)
@@ -195,7 +202,7 @@ def build_model(args, rank):
             torch.manual_seed(args.seed)
             model.new_connector(replace(saved, drop_path=args.drop_path, **asked))
             cc = model.config.connector
-            log(rank, f"a new {cc.kind}/{cc.scan} connector on {args.init_from}'s LM (its connector, "
+            log(f"a new {cc.kind}/{cc.scan} connector on {args.init_from}'s LM (its connector, "
                       f"{saved.kind}/{saved.scan}, is not used)")
         return model
     if args.data is None:  # synthetic: a tokenizer trained on the training conversations, saved with the model
@@ -224,9 +231,8 @@ def make_optimizer(model, lr, weight_decay, connector_lr=None):
 
     connector_lr: the connector's own lr (default: lr). The image tokens feed the LM's pre-norm blocks, which
     divide out their scale, so nothing holds the connector's output norm in place: at too high an lr it grows by
-    orders of magnitude and learning stalls. On the synthetic world, lr 3e-3 everywhere sent the MSC's image tokens
-    from norm ~1 to several hundred and more, and every family stayed at chance; the connector at 1e-4 (LM at 1e-3)
-    keeps them near 5 (README, "The synthetic world"). LLaVA's trainer has the same option (mm_projector_lr)."""
+    orders of magnitude and learning stalls (docs/synthetic-world.md). LLaVA's trainer has the same option
+    (mm_projector_lr)."""
     connector = {id(p) for p in model.connector.parameters()}
     groups = []
     for is_connector in (False, True):
@@ -292,16 +298,16 @@ def latest_checkpoint(stage_dir):
 # One stage
 # ----------------------------------------------------------------------------------------------------------------
 
-def run_stage(stage, model, dataset, args, rank, world):
+def run_stage(stage, model, dataset, args, rank, world, log=print):
     """Train one stage; returns the model (unwrapped)."""
     device = args.device
     parts = sorted({n.split(".")[0] for n in model.set_stage(stage)})
-    log(rank, f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
+    log(f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
               f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
     epochs = {"pretrain": args.pretrain_epochs, "align": args.align_epochs, "finetune": args.epochs}[stage]
     lr = args.align_lr if stage == "align" else args.lr
     batches = Batches(len(dataset), args.global_batch, seed=args.seed + 1000 * (STAGES.index(stage) - 1),
-                      rank=rank, world=world)  # align: seed, finetune: seed + 1000 (as before pretrain existed)
+                      rank=rank, world=world)  # pretrain: seed - 1000, align: seed, finetune: seed + 1000
     per_epoch = batches.steps_per_epoch()
     if per_epoch == 0:
         raise ValueError(f"{len(dataset)} samples are fewer than one global batch of {args.global_batch}")
@@ -329,7 +335,7 @@ def run_stage(stage, model, dataset, args, rank, world):
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["rng"])
         start = state["step"]
-        log(rank, f"[{stage}] resumed from {ckpt} at step {start}/{total}")
+        log(f"[{stage}] resumed from {ckpt} at step {start}/{total}")
         if state["done"]:
             return model
 
@@ -366,7 +372,7 @@ def run_stage(stage, model, dataset, args, rank, world):
             dist.all_reduce(step_loss)
         loss = (step_loss / n_tokens.clamp(min=1)).item()
         if not math.isfinite(loss):
-            log(rank, f"[{stage}] loss is {loss} at step {step + 1}: stopping. The last good checkpoint is "
+            log(f"[{stage}] loss is {loss} at step {step + 1}: stopping. The last good checkpoint is "
                       f"{last_good or 'none (no checkpoint was written yet)'}")
             sys.exit(1)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -381,9 +387,9 @@ def run_stage(stage, model, dataset, args, rank, world):
         if rank == 0 and ((step + 1) % args.log_every == 0 or done or step == start):
             rate = seen / max(1e-9, time.time() - t0)
             eta = (total - step - 1) * args.global_batch / max(rate, 1e-9)
-            print(f"[{stage}] step {step + 1}/{total} epoch {epoch + 1} loss {loss:.4f} "
-                  f"grad-norm {float(grad_norm):.3g} lr {scheduler.get_last_lr()[0]:.2e} "
-                  f"{rate:.1f} samples/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+            log(f"[{stage}] step {step + 1}/{total} epoch {epoch + 1} loss {loss:.4f} "
+                f"grad-norm {float(grad_norm):.3g} lr {scheduler.get_last_lr()[0]:.2e} "
+                f"{rate:.1f} samples/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
         if (step + 1) % args.save_every == 0 or done:
             model_state, optimizer_state = full_state(model, optimizer)  # every process: gathers FSDP's shards
             if rank == 0:
@@ -409,12 +415,13 @@ def main(argv=None):
 def train(args):
     """Both stages as asked; returns the trained model (rank 0 also saves it and, on synthetic data, scores it)."""
     rank, world = setup_distributed(args)
+    log = RunLog(rank, Path(args.out) / "train.log")
     torch.manual_seed(args.seed)
     if args.data is None:
         root = Path(args.synthetic_dir)
         world_settings = dict(seed=args.world_seed, extra_spatial=args.extra_spatial)
         if rank == 0 and not synthetic_dataset_is_built(root, **world_settings):  # missing, other settings/version
-            print(f"building the synthetic visual-question world in {root} ...", flush=True)
+            log(f"building the synthetic visual-question world in {root} ...")
             build_synthetic_dataset(root, **world_settings)
         if world > 1:
             dist.barrier()
@@ -423,7 +430,7 @@ def train(args):
         image_root = root
     else:
         args.train_json, image_root = Path(args.data), args.image_root
-    model = build_model(args, rank).to(args.device)
+    model = build_model(args, log).to(args.device)
     if world > 1 and args.parallel == "fsdp":
         shard(model, args.device)
     dataset = LLaVADataset(args.train_json, image_root, model, cache_images=args.data is None)
@@ -434,24 +441,24 @@ def train(args):
         raise ValueError("--stage pretrain needs --pretrain-data (a text-only LLaVA-format JSON)")
     text = LLaVADataset(args.pretrain_data, None, model) if "pretrain" in stages else None
     cc = model.config.connector
-    log(rank, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
               f"(connector {cc.kind}/{cc.scan}); {len(dataset)} training samples"
               + (f", {len(text)} text-only for pretrain" if text else "") + f"; {world} process(es)")
     t0 = time.time()
     for stage in stages:
-        model = run_stage(stage, model, text if stage == "pretrain" else dataset, args, rank, world)
+        model = run_stage(stage, model, text if stage == "pretrain" else dataset, args, rank, world, log)
     skipped = len(dataset.skipped) + (len(text.skipped) if text else 0)
     if skipped:
-        log(rank, f"skipped {skipped} sample(s) with a missing or unusable image or text")
+        log(f"skipped {skipped} sample(s) with a missing or unusable image or text")
     model_state = get_model_state_dict(model, options=FULL_STATE)  # every process: gathers FSDP's shards
     if rank == 0:
         final = Path(args.out) / "final"
         model.save_pretrained(final, model_state)
-        print(f"training took {time.time() - t0:.0f} s; model saved to {final}", flush=True)
+        log(f"training took {time.time() - t0:.0f} s; model saved to {final}")
         if args.data is None and not args.no_eval:
             from evaluate import evaluate
             result = evaluate(MLMamba.from_pretrained(final), args.test_json)  # the saved model, on the CPU
-            print("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items()), flush=True)
+            log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items()))
             (Path(args.out) / "eval.json").write_text(json.dumps(result, indent=2))
     if world > 1:
         dist.destroy_process_group()

@@ -1,5 +1,5 @@
 """The vision encoders: one readable ViT covering SigLIP and DINOv2, their public checkpoints, image preprocessing,
-and the dual encoder of ML-Mamba (paper eq. 5: V_img = [DINOv2(X); SigLIP(X)], concatenated along features).
+and the dual encoder of ML-Mamba (paper eq. 5: V_img = [SigLIP(X); DINOv2(X)], concatenated along features).
 
 A ViT: the image is cut into patch x patch squares (a Conv2d with stride = patch), each becomes a token; position
 embeddings are added; pre-norm blocks  x + LS1 * Attn(LN(x)),  x + LS2 * MLP(LN(x))  follow; a final LayerNorm.
@@ -305,8 +305,10 @@ def preprocess(image, size, mean, std):
 class DualEncoder(nn.Module):
     """Several ViTs on the same image, patch features concatenated along the feature axis (paper eq. 5).
 
-    encoders: {name: ViT}; the concatenation follows this order. The paper's choice is DINOv2 then SigLIP
-    (Prismatic/Cobra's "dinosiglip" order): at 384 px, (b, 729, 1024 + 1152). A single encoder works the same way.
+    encoders: {name: ViT}; the concatenation follows this order. Eq. 5 writes SigLIP first; the models here put
+    DINOv2 first, as Prismatic's "dinosiglip" backbone (which the authors' release uses) does. The order only permutes
+    the feature axis, which the connector's first layer reads whole: at 384 px, (b, 729, 1024 + 1152). A single
+    encoder works the same way.
     Every encoder must produce the same number of patches (same input grid).
     """
 
@@ -350,4 +352,4 @@ class DualEncoder(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
                 pixels = pixel_values[name].to(encoder.patch_embed.weight.dtype)  # e.g. fp32 pixels, bf16 model
                 feats.append(encoder(pixels, layer=self.layer))
-        return torch.cat(feats, dim=-1)
+        return torch.cat(feats, dim=-1)  # eq. 5, (b, num_patches, feature_dim)

@@ -259,7 +259,7 @@ def test_pixel_cache_gives_the_same_pixels_without_rereading(world, tmp_path):
     import shutil
     args = args_for(world, tmp_path)
     args.train_json = world / "train.json"
-    model = T.build_model(args, 0)
+    model = T.build_model(args)
     root = tmp_path / "copy"
     shutil.copytree(world, root)
     plain = LLaVADataset(root / "train.json", root, model)
@@ -288,7 +288,7 @@ def params(model):
 def test_one_step_changes_exactly_the_stage_parameters(world, tmp_path, stage):
     args = args_for(world, tmp_path, "--stage", stage, "--max-steps", "1")
     args.train_json = world / "train.json"
-    model = T.build_model(args, 0)
+    model = T.build_model(args)
     dataset = LLaVADataset(world / ("text.json" if stage == "pretrain" else "train.json"), world, model)
     before = params(model)
     T.run_stage(stage, model, dataset, args, 0, 1)
@@ -311,6 +311,9 @@ def test_default_run_pretrains_the_lm_on_text_first_and_real_data_does_not(world
     assert out.index("[pretrain] trainable") < out.index("[align] trainable") < out.index("[finetune] trainable")
     assert "text-only for pretrain" in out
     assert {d.name for d in tmp_path.iterdir() if (d / "latest").is_file()} == {"pretrain", "align", "finetune"}
+    logged = (tmp_path / "train.log").read_text().splitlines()  # the run's lines, kept beside its checkpoints
+    assert logged and all(line in out.splitlines() for line in logged)
+    assert [line.split()[0] for line in logged if " step 1/" in line] == ["[pretrain]", "[align]", "[finetune]"]
     assert T.main(["--data", str(world / "train.json"), "--init-from", str(tmp_path / "final"), "--stage",
                    "pretrain", "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "--stage pretrain needs --pretrain-data" in capsys.readouterr().err
@@ -322,7 +325,7 @@ def test_connector_has_its_own_learning_rate(world, tmp_path):
     real = T.parse_args(["--data", "x.json", "--lr", "3e-5"])
     assert real.connector_lr == 3e-5  # real runs: one lr unless asked
     args.train_json = world / "train.json"
-    model = T.build_model(args, 0)
+    model = T.build_model(args)
     model.set_stage("finetune")
     opt = T.make_optimizer(model, 1e-3, 0.1, connector_lr=1e-4)
     connector = {id(p) for p in model.connector.parameters()}
@@ -372,7 +375,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(default_world
 def test_nan_loss_stops_and_names_the_step(world, tmp_path, capsys):
     args = args_for(world, tmp_path, "--stage", "finetune", "--max-steps", "3")
     args.train_json = world / "train.json"
-    model = T.build_model(args, 0)
+    model = T.build_model(args)
     with torch.no_grad():
         model.lm.norm_f.weight.fill_(float("nan"))
     with pytest.raises(SystemExit):
@@ -509,12 +512,12 @@ def test_init_from_with_another_connector_keeps_the_lm_and_builds_a_new_connecto
     the folder's connector; --connector / --scan other than its own replace it and keep everything else."""
     args = args_for(world, tmp_path)
     args.train_json = world / "train.json"
-    saved = T.build_model(args, 0)
+    saved = T.build_model(args)
     saved.save_pretrained(tmp_path / "lm")
     ref = saved.state_dict()
     for extra, kind, scan in [((), "msc-advanced", "bsm"), (("--connector", "msc-advanced"), "msc-advanced", "bsm"),
                               (("--connector", "mlp"), "mlp", "bsm"), (("--scan", "csm"), "msc-advanced", "csm")]:
-        model = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), *extra), 0)
+        model = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), *extra))
         state = model.state_dict()
         assert (model.config.connector.kind, model.config.connector.scan) == (kind, scan)
         for name, tensor in ref.items():
@@ -533,6 +536,6 @@ def test_init_from_with_another_connector_keeps_the_lm_and_builds_a_new_connecto
                      "align", "--max-steps", "1"))
     saved_config = json.loads((tmp_path / "run/final/config.json").read_text())
     assert saved_config["connector"]["kind"] == "mlp"
-    a = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), "--connector", "mlp"), 0)
-    b = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), "--connector", "mlp"), 0)
+    a = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), "--connector", "mlp"))
+    b = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), "--connector", "mlp"))
     assert all(torch.equal(x, y) for x, y in zip(a.connector.parameters(), b.connector.parameters()))
