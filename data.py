@@ -30,7 +30,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from model import IGNORE_INDEX, encode_conversation
-from vision import ImageError
 
 SHAPES = ["circle", "square", "triangle"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
@@ -233,13 +232,16 @@ def train_tokenizer(texts, vocab_size=512):
 class LLaVADataset(torch.utils.data.Dataset):
     """A LLaVA-format JSON list. Samples with an "image" get pixels (from image_root); others are text-only.
 
-    A sample whose image is missing or unreadable, or whose text holds several "<image>" placeholders, is
-    reported once and skipped (it yields None; `collate` drops it); `skipped` lists them.
+    tokenizer, image_token_id, num_image_tokens: as `encode_conversation` takes them (each image becomes that many
+    slots). preprocess: image path -> {encoder name: (3, S, S)} (`DualEncoder.preprocess`).
+    A sample whose image is missing or unreadable, or whose text holds several "<image>" placeholders, becomes a
+    `{"skip": reason}` item that `collate` sets aside, so one bad sample never stops a run.
     cache_images: keep each image's preprocessed pixels in memory after its first read, keyed by the image path, so
     samples that share an image share them (the synthetic world's 3000 images of 48 px take ~170 MB). Off for real
     data."""
 
-    def __init__(self, json_path, image_root, model, cache_images=False):
+    def __init__(self, json_path, image_root, tokenizer, image_token_id, num_image_tokens, preprocess,
+                 cache_images=False):
         self.json_path = Path(json_path)
         if not self.json_path.is_file():
             raise FileNotFoundError(f"data file not found: {self.json_path}")
@@ -248,79 +250,91 @@ class LLaVADataset(torch.utils.data.Dataset):
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.json_path} is not valid JSON: {e}") from None
         self.image_root = Path(image_root) if image_root else self.json_path.parent
-        self.model = model  # for the tokenizer, the placeholder id and each encoder's preprocessing
-        self.skipped = {}
+        self.tokenizer, self.image_token_id, self.num_image_tokens = tokenizer, image_token_id, num_image_tokens
+        self.preprocess = preprocess
         self.pixel_cache = {} if cache_images else None
 
     def __len__(self):
         return len(self.samples)
 
     def _skip(self, i, reason):
-        if i not in self.skipped:
-            self.skipped[i] = reason
-            print(f"skipping sample {i} ({self.samples[i].get('id', '?')}): {reason}", flush=True)
-        return None
+        return {"skip": f"sample {i} ({self.samples[i].get('id', '?')}): {reason}"}
+
+    def _pixels(self, image):
+        if self.pixel_cache is not None and image in self.pixel_cache:
+            return self.pixel_cache[image]
+        pixels = self.preprocess(self.image_root / image)
+        if self.pixel_cache is not None:
+            self.pixel_cache[image] = pixels
+        return pixels
 
     def __getitem__(self, i):
         sample = self.samples[i]
         turns = conversation_turns(sample)
         has_image = "image" in sample
-        text = " ".join(t for _, t in turns)
-        if text.count("<image>") > 1:
-            return self._skip(i, "more than one <image> placeholder")
         try:
-            ids, labels = encode_conversation(self.model.tokenizer, turns,
-                                              self.model.image_token_id if has_image else None)
-        except ValueError as e:
+            ids, labels = encode_conversation(self.tokenizer, turns, self.image_token_id if has_image else None,
+                                              self.num_image_tokens)
+            pixels = self._pixels(sample["image"]) if has_image else None
+        except ValueError as e:  # ImageError is a ValueError
             return self._skip(i, str(e))
-        pixels = None
-        if has_image and self.pixel_cache is not None and sample["image"] in self.pixel_cache:
-            pixels = self.pixel_cache[sample["image"]]
-        elif has_image:
-            try:
-                pixels = self.model.vision.preprocess(self.image_root / sample["image"])
-            except ImageError as e:
-                return self._skip(i, str(e))
-            if self.pixel_cache is not None:
-                self.pixel_cache[sample["image"]] = pixels
-        else:  # text-only: no placeholder may stay in the text
-            keep = [k for k, t in enumerate(ids) if t != self.model.image_token_id]
+        if not has_image:  # text-only: no placeholder may stay in the text
+            keep = [k for k, t in enumerate(ids) if t != self.image_token_id]
             ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
         return {"input_ids": ids, "labels": labels, "pixels": pixels}
 
 
-def collate(items, encoder_inputs):
-    """Right-pad a list of dataset items into a batch; drops skipped (None) items.
-    encoder_inputs: {name: (3, S, S) shape} so text-only rows get zero pixels (never used: no placeholder)."""
-    items = [x for x in items if x is not None]
+def collate(items):
+    """Right-pad a list of dataset items into a batch: {"input_ids", "labels" (b, L), "pixel_values" {name: (b, 3,
+    S, S)} or None, "skipped" [reasons]}; input_ids is None when every item was skipped. Text-only rows get zero
+    pixels (never read: they hold no image slot)."""
+    skipped = [x["skip"] for x in items if "skip" in x]
+    items = [x for x in items if "skip" not in x]
     if not items:
-        return None
+        return {"input_ids": None, "labels": None, "pixel_values": None, "skipped": skipped}
     L = max(len(x["input_ids"]) for x in items)
     ids = torch.tensor([x["input_ids"] + [0] * (L - len(x["input_ids"])) for x in items])
     labels = torch.tensor([x["labels"] + [IGNORE_INDEX] * (L - len(x["labels"])) for x in items])
     pixels = None
-    if any(x["pixels"] is not None for x in items):
-        pixels = {name: torch.stack([x["pixels"][name] if x["pixels"] is not None else torch.zeros(shape)
-                                     for x in items]) for name, shape in encoder_inputs.items()}
-    return {"pixel_values": pixels, "input_ids": ids, "labels": labels}
+    with_image = [x["pixels"] for x in items if x["pixels"] is not None]
+    if with_image:
+        pixels = {name: torch.stack([x["pixels"][name] if x["pixels"] is not None else torch.zeros_like(px)
+                                     for x in items]) for name, px in with_image[0].items()}
+    return {"pixel_values": pixels, "input_ids": ids, "labels": labels, "skipped": skipped}
 
 
 @dataclass
-class Batches:
-    """A deterministic order of batches over a dataset: epoch e shuffles with seed + e, so a resumed run sees
-    exactly the batches the interrupted one would have. Rank r of a world of w takes every w-th sample of
-    each global batch."""
+class StageBatches(torch.utils.data.Sampler):
+    """The micro-batches of one training stage, steps `start` to `total`, in a fixed order (a DataLoader's
+    batch_sampler). Epoch e shuffles with seed + e, so a resumed run sees exactly the batches an uninterrupted one
+    would. Of each global batch, process `rank` of `world_size` takes every world_size-th sample, and yields its
+    share in micro-batches of `micro` samples."""
     n: int
-    batch_size: int  # global batch, all ranks together
-    seed: int = 0
+    global_batch: int
+    micro: int
+    seed: int
+    start: int
+    total: int
     rank: int = 0
-    world: int = 1
+    world_size: int = 1
 
     def steps_per_epoch(self):
-        return self.n // self.batch_size
+        return self.n // self.global_batch
 
-    def indices(self, epoch, step):
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.n, generator=g)
-        batch = order[step * self.batch_size:(step + 1) * self.batch_size]
-        return batch[self.rank::self.world].tolist()
+    def indices(self, step):
+        """This process's sample indices of global step `step` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch())
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return order[k * self.global_batch:(k + 1) * self.global_batch][self.rank::self.world_size].tolist()
+
+    def micro_per_step(self):
+        return -(-self.global_batch // self.world_size // self.micro)
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            share = self.indices(step)
+            for m in range(0, len(share), self.micro):
+                yield share[m:m + self.micro]
+
+    def __len__(self):
+        return (self.total - self.start) * self.micro_per_step()

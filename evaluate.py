@@ -165,12 +165,12 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=10)
     args = p.parse_args(argv)
     from model import MLMamba
+    from weights import USER_ERRORS, report_user_error
     try:
         model = MLMamba.from_pretrained(args.model, device=args.device)
         result = evaluate(model, args.questions, args.image_root, args.metric, args.max_new_tokens)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report_user_error(e)
     for k, v in result.items():
         print(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
     return 0

@@ -63,8 +63,7 @@ def answer(model, image_tokens, prompt, history, args, generator):
 def main(argv=None):
     args = parse_args(argv)
     from model import MLMamba  # imported here so that --help is instant
-    from vision import ImageError
-    from weights import CheckpointError
+    from weights import USER_ERRORS, report_user_error
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32}[args.dtype]
@@ -101,9 +100,8 @@ def main(argv=None):
             history += [("human", prompt), ("gpt", text)]
             if not args.interactive:
                 break
-    except (CheckpointError, ImageError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)  # one line
-        return 2
+    except USER_ERRORS as e:
+        return report_user_error(e)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -2,14 +2,16 @@
 
     V = [DINOv2(X); SigLIP(X)]        (b, N, d_v)      vision.py, eq. 5 (frozen)
     F = Connector(V)                   (b, N, D)        connector.py, eqs. 6-8
-    E = text embeddings with F put where the "<image>" placeholder token is (see encode_conversation)
+    E = text embeddings with F put into the N "<image>" slots          (MLMamba.embed, one masked assignment)
     p(answer | X, prompt) = Mamba2LM(E)                 mamba2.py, eq. 9
 
 The prompt format ("In: / Out:", the plain-LM prompt of Cobra and Prismatic's Mamba prompt builder; the authors'
 release uses Zephyr's chat format instead, see the README), one image, any number of turns:
     "In: <image>\\nWhat is in the picture?\\nOut: A cat.<|endoftext|>\\nIn: What color?\\nOut: Grey.<|endoftext|>"
-Each segment is tokenized on its own (so training and inference cut the text the same way); training labels cover
-only the replies and their stop token "<|endoftext|>", never the image, the prompts or the padding.
+Each segment is tokenized on its own (so training and inference cut the text the same way), and the "<image>"
+placeholder becomes N copies of its token id, one slot per image token: the ids have the length of the sequence the
+LM reads. Training labels cover only the replies and their stop token "<|endoftext|>", never the image, the prompts
+or the padding.
 Batches are padded on the right: the LM is causal, so padding after the real tokens cannot change them.
 """
 
@@ -70,21 +72,25 @@ def conversation_segments(turns):
     return segments
 
 
-def encode_conversation(tokenizer, turns, image_token_id=None):
+def encode_conversation(tokenizer, turns, image_token_id=None, num_image_tokens=1):
     """Token ids and labels of a conversation; labels are IGNORE_INDEX except on replies and their stop token.
 
     With image_token_id, the sample has an image: if the text holds no placeholder, "<image>\n" is put at the start
     of the first human turn, as LLaVA's data has it. So `generate(image, "What is this?")` sees the image exactly
-    where training put it ("In: <image>\nWhat is this?\nOut: ")."""
-    if image_token_id is not None and turns and not any(IMAGE_TOKEN in text for _, text in turns):
+    where training put it ("In: <image>\nWhat is this?\nOut: "). The placeholder becomes num_image_tokens slots
+    (copies of image_token_id), never a target."""
+    placeholders = sum(text.count(IMAGE_TOKEN) for _, text in turns)
+    if placeholders > 1:
+        raise ValueError(f"the conversation holds {placeholders} {IMAGE_TOKEN} placeholders; one image per sample")
+    if image_token_id is not None and turns and not placeholders:
         turns = [(turns[0][0], f"{IMAGE_TOKEN}\n{turns[0][1]}")] + list(turns[1:])
     ids, labels = [], []
     for text, is_reply in conversation_segments(turns):
         seg = tokenizer.encode(text, add_special_tokens=False).ids
-        ids += seg
-        labels += seg if is_reply else [IGNORE_INDEX] * len(seg)
-    # the placeholder is never a target, wherever it sits
-    labels = [IGNORE_INDEX if t == image_token_id else l for t, l in zip(ids, labels)]
+        for t in seg:
+            slots = num_image_tokens if t == image_token_id else 1  # the placeholder -> N image slots
+            ids += [t] * slots
+            labels += [t if is_reply and t != image_token_id else IGNORE_INDEX] * slots
     return ids, labels
 
 
@@ -148,51 +154,49 @@ class MLMamba(nn.Module):
         feats = self.vision(pixel_values)  # eq. 5: V_img = [DINOv2(X); SigLIP(X)], (b, N, d_v)
         return self.connector(feats).to(self.lm.embedding.weight.dtype)  # eqs. 6-8: V_out, (b, N, D)
 
-    def splice(self, input_ids, image_tokens=None, labels=None):
-        """Text ids (b, L) + image tokens (b, N, D) -> embeddings (b, L', D) and labels (b, L').
+    @property
+    def num_image_tokens(self):
+        """N, the image tokens per image: one per patch of the encoders' grid (729 at 384 px, patch 14)."""
+        return self.vision.num_patches
 
-        Each sample's "<image>" placeholder is replaced by its N image tokens; a sample without a placeholder is
-        text-only. Samples are right-padded (zeros, IGNORE_INDEX labels) to the longest."""
-        b, L = input_ids.shape
-        is_image = input_ids == self.image_token_id if self.image_token_id is not None else torch.zeros_like(
-            input_ids, dtype=torch.bool)
-        embeds = self.lm.embedding(input_ids.masked_fill(is_image, 0))  # (b, L, D); placeholder rows replaced below
-        if labels is None:
-            labels = torch.full_like(input_ids, IGNORE_INDEX)
-        rows, row_labels = [], []
-        for i in range(b):
-            where = is_image[i].nonzero().flatten().tolist()
-            if len(where) > 1:
-                raise ValueError(f"sample {i} has {len(where)} {IMAGE_TOKEN} tokens; one image per sample")
-            if where and image_tokens is None:
-                raise ValueError(f"sample {i} has an {IMAGE_TOKEN} placeholder but no image was given")
-            if not where:
-                rows.append(embeds[i])
-                row_labels.append(labels[i])
-                continue
-            p, img = where[0], image_tokens[i]
-            rows.append(torch.cat([embeds[i, :p], img, embeds[i, p + 1:]]))
-            row_labels.append(torch.cat([labels[i, :p], labels.new_full((img.shape[0],), IGNORE_INDEX),
-                                         labels[i, p + 1:]]))
-        longest = max(r.shape[0] for r in rows)
-        embeds = torch.stack([F.pad(r, (0, 0, 0, longest - r.shape[0])) for r in rows])
-        labels = torch.stack([F.pad(r, (0, longest - r.shape[0]), value=IGNORE_INDEX) for r in row_labels])
-        return embeds, labels
+    def embed(self, input_ids, image_tokens=None):
+        """Text ids (b, L) + image tokens (b, N, D) -> the LM's input embeddings (b, L, D).
+
+        A sample with an image holds N "<image>" slots (encode_conversation); the image tokens go into the slots by
+        one masked assignment. Rows without slots (text-only samples) ignore their image tokens."""
+        if self.image_token_id is None:
+            return self.lm.embedding(input_ids)
+        is_image = input_ids == self.image_token_id  # (b, L)
+        embeds = self.lm.embedding(input_ids.masked_fill(is_image, 0))  # (b, L, D); the slots are overwritten below
+        slots = is_image.sum(dim=1)  # (b,)
+        has_image = slots > 0
+        if not has_image.any():
+            return embeds
+        if image_tokens is None:
+            raise ValueError(f"the ids hold {IMAGE_TOKEN} slots but no image was given")
+        N = image_tokens.shape[1]
+        if (slots[has_image] != N).any():
+            raise ValueError(f"a sample with an image needs {N} {IMAGE_TOKEN} slots (encode_conversation with "
+                             f"num_image_tokens={N}); found {sorted(set(slots[has_image].tolist()))}")
+        embeds[is_image] = image_tokens[has_image].flatten(0, 1).to(embeds.dtype)  # (slots, D), in reading order
+        return embeds
 
     def forward(self, pixel_values, input_ids, labels=None, loss_reduction="mean", return_logits=True):
-        """pixel_values {name: (b, 3, S, S)} or None (text only); input_ids, labels (b, L), right-padded.
-        Returns (logits (b, L', vocab), loss or None); L' counts the image tokens. loss_reduction "sum" gives the
+        """pixel_values {name: (b, 3, S, S)} or None (text only); input_ids, labels (b, L), right-padded, with N image
+        slots in each sample that has an image. Returns (logits (b, L, vocab), loss or None). loss_reduction "sum" gives the
         summed loss over the target tokens (a trainer divides by the count over the whole global batch).
         return_logits=False (training): the LM head runs only at the positions that predict a target, and the
         logits returned are None. The loss is the same; the (b, L', vocab) logits, most of them at image and prompt
         positions, are never made (at a vocabulary of 50K, 8 x 2048 positions would be 3.3 GB in fp32)."""
         image_tokens = self.image_tokens(pixel_values) if pixel_values is not None else None
-        embeds, labels = self.splice(input_ids, image_tokens, labels)
-        hidden = self.lm.hidden_states(inputs_embeds=embeds)  # eq. 9: R = f_L(V_out, f_T(Q)), (b, L', D)
+        embeds = self.embed(input_ids, image_tokens)  # (b, L, D)
+        hidden = self.lm.hidden_states(inputs_embeds=embeds)  # eq. 9: R = f_L(V_out, f_T(Q)), (b, L, D)
+        if labels is None:
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
         targets = labels[:, 1:]  # next-token prediction: position t predicts token t + 1
-        is_target = targets != IGNORE_INDEX  # (b, L' - 1)
+        is_target = targets != IGNORE_INDEX  # (b, L - 1)
         if return_logits:
-            logits = self.lm.lm_head(hidden).float()  # (b, L', vocab)
+            logits = self.lm.lm_head(hidden).float()  # (b, L, vocab)
             target_logits = logits[:, :-1][is_target]
         else:
             logits = None
@@ -218,12 +222,12 @@ class MLMamba(nn.Module):
         if image_tokens is None and image is not None:
             image_tokens = self.encode_image(image)
         turns = list(history) + [("human", prompt)]
-        ids, _ = encode_conversation(self.tokenizer, turns, self.image_token_id if image_tokens is not None else None)
-        n_prompt = len(ids) - 1 + (image_tokens.shape[1] if image_tokens is not None else 1)
-        if n_prompt > self.config.max_length:
-            raise ValueError(f"the prompt is {n_prompt} tokens with the image; the limit is {self.config.max_length}")
+        ids, _ = encode_conversation(self.tokenizer, turns, self.image_token_id if image_tokens is not None else None,
+                                     num_image_tokens=image_tokens.shape[1] if image_tokens is not None else 1)
+        if len(ids) > self.config.max_length:
+            raise ValueError(f"the prompt is {len(ids)} tokens with the image; the limit is {self.config.max_length}")
         device = self.lm.embedding.weight.device
-        embeds, _ = self.splice(torch.tensor([ids], device=device), image_tokens)
+        embeds = self.embed(torch.tensor([ids], device=device), image_tokens)
         new = self.lm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, eos_token_id=self.eos_token_id, generator=generator,
                                on_token=(lambda t: on_token(int(t[0]))) if on_token else None,

@@ -5,14 +5,18 @@ words where the image will be; align then has a LM worth aligning to, as in the 
 
     python train.py                      # no download: builds the synthetic shapes world and a tiny ML-Mamba, runs
                                          # pretrain, align, finetune; prints held-out accuracy per question family
+                                         # (preset "synthetic"; with --data the preset is "paper")
     python train.py --stage finetune --data llava_v1_5_mix665k.json --image-root DIR \\
         --llm mamba2-2.7b --dinov2 dinov2-large --siglip siglip-so400m-patch14-384 --tokenizer gpt-neox-20b
     torchrun --nproc_per_node=8 train.py ...        # one process per GPU, the model sharded over them (FSDP)
     torchrun --nproc_per_node=8 train.py --parallel ddp ...   # or replicated on each (DDP)
 
-The paper's recipe (Table 1): AdamW, cosine decay after a linear warmup over 3% of the steps, lr 2e-5, weight decay
-0.1, 2 epochs, global batch = per-device batch x gradient accumulation x devices, bf16 autocast on fp32 master
-weights, gradient clipping at 1.0.
+Presets (PRESETS below; any option given on the command line overrides its preset's value):
+- "paper", the paper's recipe (Table 1, section 4.1): AdamW, cosine decay after a linear warmup over 3% of the
+  steps, lr 2e-5 (align 1e-3), weight decay 0.1, 2 epochs, global batch 64 = per-device batch x gradient
+  accumulation x devices, bf16 autocast on fp32 master weights, gradient clipping at 1.0.
+- "synthetic", the synthetic world's: 40 text epochs, 1 align and 20 finetune epochs, lr 1e-3, the connector at
+  1e-4, global batch 32 (docs/synthetic-world.md says why).
 
 Checkpoints: runs/NAME/STAGE/checkpoint-STEP/ (model + optimizer + scheduler + RNG + step), then the file
 STAGE/latest is switched to it with an atomic rename: a crash mid-write leaves the previous checkpoint in charge.
@@ -33,7 +37,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,23 +46,83 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from data import (Batches, LLaVADataset, build_synthetic_dataset, collate, conversation_turns,
+from data import (LLaVADataset, StageBatches, build_synthetic_dataset, collate, conversation_turns,
                   synthetic_dataset_is_built, train_tokenizer)
 from model import IGNORE_INDEX, MLMamba, MLMambaConfig, conversation_segments
-from weights import CheckpointError
+from weights import USER_ERRORS, atomic_write_text, report_user_error
 
 STAGES = ("pretrain", "align", "finetune")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration: a preset, then the options given on the command line; frozen once parsed
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "synthetic"
+    stage: str = "all"  # "pretrain", "align", "finetune", "both" (align, finetune) or "all"
+    data: str = None  # a LLaVA-format JSON; None: the synthetic world
+    image_root: str = None
+    pretrain_data: str = None  # text-only LLaVA-format JSON for the pretrain stage (synthetic: the world's text.json)
+    synthetic_dir: str = "data/synthetic"
+    llm: str = None
+    siglip: str = None
+    dinov2: str = None
+    tokenizer: str = None
+    init_from: str = None
+    connector: str = None  # None: ConnectorConfig's default, or the --init-from folder's
+    scan: str = None
+    drop_path: float = 0.1
+    image_size: int = 384
+    out: str = "runs/synthetic"
+    pretrain_epochs: float = 40
+    align_epochs: float = 1
+    epochs: float = 20  # finetune epochs
+    lr: float = 1e-3  # finetune and pretrain
+    align_lr: float = 1e-4
+    connector_lr: float = None  # the connector's lr in finetune (None: lr)
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.03
+    global_batch: int = 32
+    per_device_batch: int = None  # None: the global batch / processes
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "fp32" or "bf16"
+    gradient_checkpointing: bool = False
+    parallel: str = "fsdp"
+    workers: int = 0  # DataLoader worker processes
+    save_every: int = 200
+    log_every: int = 25
+    resume: bool = False
+    max_steps: int = None
+    seed: int = 0
+    world_seed: int = 0
+    extra_spatial: int = 0
+    device: str = "cpu"
+    no_eval: bool = False
+
+
+PRESETS = {
+    # the synthetic world: a tiny LM that first learns the world's language from text, then the image stages
+    "synthetic": dict(pretrain_epochs=40, align_epochs=1, epochs=20, lr=1e-3, align_lr=1e-4, connector_lr=1e-4,
+                      global_batch=32, workers=0),
+    # the paper's recipe (Table 1, section 4.1); pretrain runs only when given --pretrain-data
+    "paper": dict(pretrain_epochs=1, align_epochs=1, epochs=2, lr=2e-5, align_lr=1e-3, connector_lr=None,
+                  global_batch=64, workers=4),
+}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="all", choices=["pretrain", "align", "finetune", "both", "all"],
-                   help="all: pretrain (when there is --pretrain-data), align, finetune; both: align, finetune")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)  # an option not given keeps its preset's value
+    p.add_argument("--preset", choices=list(PRESETS), help="default: synthetic, or paper with --data")
+    p.add_argument("--stage", choices=["pretrain", "align", "finetune", "both", "all"],
+                   help="all (default): pretrain (when there is text data), align, finetune; both: align, finetune")
     p.add_argument("--data", help="LLaVA-format JSON; default: the synthetic world (built if missing)")
     p.add_argument("--image-root", help="folder the samples' image paths are relative to (default: the JSON's)")
     p.add_argument("--pretrain-data", help="text-only LLaVA-format JSON for the pretrain stage (LM alone); "
-                                           "default: none, synthetic: the world's text.json")
-    p.add_argument("--synthetic-dir", default="data/synthetic")
+                                           "synthetic: the world's text.json")
+    p.add_argument("--synthetic-dir", help="where the synthetic world is built (default data/synthetic)")
     p.add_argument("--llm", help="Mamba-2 checkpoint folder or repo id (real runs)")
     p.add_argument("--siglip", help="SigLIP checkpoint folder or repo id")
     p.add_argument("--dinov2", help="DINOv2 checkpoint folder or repo id")
@@ -68,65 +132,65 @@ def parse_args(argv=None):
     p.add_argument("--connector", choices=["mlp", "msc-basic", "msc-advanced"],
                    help="default msc-advanced (with --init-from: the folder's)")
     p.add_argument("--scan", choices=["bsm", "csm"], help="default bsm (with --init-from: the folder's)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="the MSC blocks' stochastic depth")
-    p.add_argument("--image-size", type=int, default=384, help="encoder input size (real runs)")
-    p.add_argument("--out", default="runs/synthetic")
-    p.add_argument("--epochs", type=float, default=None, help="finetune epochs (default 2; synthetic 20)")
-    p.add_argument("--align-epochs", type=float, default=None, help="align epochs (default 1)")
-    p.add_argument("--pretrain-epochs", type=float, default=40,
-                   help="text-only pretrain epochs (the synthetic text.json or --pretrain-data)")
-    p.add_argument("--lr", type=float, default=None, help="finetune and pretrain lr (default 2e-5; synthetic 1e-3)")
-    p.add_argument("--align-lr", type=float, default=None, help="align lr (default 1e-3; synthetic 1e-4)")
-    p.add_argument("--connector-lr", type=float, default=None,
-                   help="the connector's lr in the finetune stage (default: --lr; synthetic 1e-4, see make_optimizer)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--global-batch", type=int, default=None, help="default 64 (synthetic 32)")
-    p.add_argument("--per-device-batch", type=int, default=None, help="default: the global batch / devices")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    p.add_argument("--drop-path", type=float, help="the MSC blocks' stochastic depth (default 0.1)")
+    p.add_argument("--image-size", type=int, help="encoder input size (real runs; default 384)")
+    p.add_argument("--out", help="the run folder (default runs/synthetic)")
+    p.add_argument("--pretrain-epochs", type=float, help="text-only pretrain epochs")
+    p.add_argument("--align-epochs", type=float, help="align epochs")
+    p.add_argument("--epochs", type=float, help="finetune epochs")
+    p.add_argument("--lr", type=float, help="finetune and pretrain lr")
+    p.add_argument("--align-lr", type=float, help="align lr")
+    p.add_argument("--connector-lr", type=float, help="the connector's lr in the finetune stage (see make_optimizer)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-ratio", type=float)
+    p.add_argument("--global-batch", type=int)
+    p.add_argument("--per-device-batch", type=int, help="default: the global batch / processes")
+    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 autocast on CUDA")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp"],
-                   help="under torchrun: shard the model over the processes (FSDP) or replicate it (DDP)")
-    p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--parallel", choices=["fsdp", "ddp"],
+                   help="under torchrun: shard the model over the processes (FSDP, default) or replicate it (DDP)")
+    p.add_argument("--workers", type=int, help="data-loading worker processes")
+    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 200)")
+    p.add_argument("--log-every", type=int, help="steps between progress lines (default 25)")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each stage after this many steps (tests)")
-    p.add_argument("--seed", type=int, default=0, help="initialization, batch order, stochastic depth")
-    p.add_argument("--world-seed", type=int, default=0,
+    p.add_argument("--max-steps", type=int, help="stop each stage after this many steps")
+    p.add_argument("--seed", type=int, help="initialization, batch order, stochastic depth (default 0)")
+    p.add_argument("--world-seed", type=int,
                    help="the synthetic world's seed (apart from --seed: runs that differ in --seed share one world)")
-    p.add_argument("--extra-spatial", type=int, default=0,
+    p.add_argument("--extra-spatial", type=int,
                    help="the synthetic world: spatial questions added to each training conversation that can pose one")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--no-eval", action="store_true")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: a crash after N steps
-    args = p.parse_args(argv)
-    synthetic = args.data is None
-    args.epochs = args.epochs if args.epochs is not None else (20 if synthetic else 2)
-    args.align_epochs = args.align_epochs if args.align_epochs is not None else 1
-    args.lr = args.lr if args.lr is not None else (1e-3 if synthetic else 2e-5)
-    args.align_lr = args.align_lr if args.align_lr is not None else (1e-4 if synthetic else 1e-3)
-    args.connector_lr = args.connector_lr if args.connector_lr is not None else (1e-4 if synthetic else args.lr)
-    args.global_batch = args.global_batch or (32 if synthetic else 64)
-    return args
+    given = vars(p.parse_args(argv))
+    preset = given.get("preset") or ("paper" if given.get("data") else "synthetic")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return TrainConfig(**{"device": device, **PRESETS[preset], **given, "preset": preset})
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------------------------
 
-def setup_distributed(args):
-    """(rank, world). Under torchrun: one process per device; NCCL for CUDA tensors, gloo for CPU tensors (the token
-    and loss counts are summed on the CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    rank = int(os.environ["RANK"])
-    if args.device.startswith("cuda"):
+@dataclass(frozen=True)
+class Process:
+    """Where this process runs: its rank among world_size processes (torchrun), and its device."""
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+
+def setup_distributed(cfg):
+    """Under torchrun: one process per device; NCCL for CUDA tensors, gloo for CPU tensors."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Process(device=cfg.device)
+    device = cfg.device
+    if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        args.device = f"cuda:{torch.cuda.current_device()}"
-    dist.init_process_group("cpu:gloo,cuda:nccl" if args.device.startswith("cuda") else "gloo")
-    return rank, world
+        device = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
+    return Process(int(os.environ["RANK"]), world_size, device)
 
 
 def shard(model, device):
@@ -134,13 +198,12 @@ def shard(model, device):
     vision encoders) each become one unit whose parameters are split over the processes (DTensors). Before a unit's
     forward and backward its whole weights are all-gathered; after the backward its gradients are reduce-scattered
     (averaged), so each process updates only its own shard. The tied embedding and head stay in one unit.
-    The device mesh is made for `device` explicitly: left to itself, FSDP puts it on CUDA whenever CUDA exists, so
-    `--device cpu` on a one-GPU machine would send the second process to a "cuda:1" that is not there."""
+    The device mesh is made for `device` explicitly: left to itself, FSDP puts it on CUDA whenever CUDA exists."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
     # FSDP warns when a unit returns a view; the connector's output is the (b, N, D) view nn.Linear gives for 3-D
-    # inputs, and nothing writes into it in place (splice copies it into a new tensor)
+    # inputs, and nothing writes into it in place (MLMamba.embed copies it into the embeddings)
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPConnector\) returned a view tensor")
     for block in model.lm.layers:
         fully_shard(block, mesh=mesh)
@@ -165,7 +228,36 @@ class RunLog:
             f.write(msg + "\n")
 
 
-def synthetic_model(tokenizer, args):
+@dataclass(frozen=True)
+class DataFiles:
+    """The files a run reads: training conversations, their images' folder, text-only conversations for pretrain,
+    and (synthetic) the test questions scored at the end."""
+    train_json: Path
+    image_root: Path = None
+    pretrain_json: Path = None
+    test_json: Path = None
+
+
+def synthetic_files(root):
+    root = Path(root)
+    return DataFiles(root / "train.json", root, root / "text.json", root / "test.json")
+
+
+def prepare_data(cfg, proc, log):
+    """The run's DataFiles; on the synthetic world, built first if missing or built with other settings."""
+    if cfg.data is not None:
+        return DataFiles(Path(cfg.data), cfg.image_root, cfg.pretrain_data)
+    root = Path(cfg.synthetic_dir)
+    settings = dict(seed=cfg.world_seed, extra_spatial=cfg.extra_spatial)
+    if proc.rank == 0 and not synthetic_dataset_is_built(root, **settings):  # missing, other settings or version
+        log(f"building the synthetic visual-question world in {root} ...")
+        build_synthetic_dataset(root, **settings)
+    if proc.world_size > 1:
+        dist.barrier()
+    return replace(synthetic_files(root), pretrain_json=cfg.pretrain_data or root / "text.json")
+
+
+def synthetic_model(tokenizer, cfg):
     """The tiny default: two small from-scratch encoders (frozen), the MSC connector, a small Mamba-2 LM.
     Images are 48 px with 16 px patches: a 3 x 3 grid of tokens, one per cell of the synthetic scenes."""
     from connector import ConnectorConfig
@@ -177,7 +269,7 @@ def synthetic_model(tokenizer, args):
     vit = dict(image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                input_size=48)
     vision = {"dinov2": ViTConfig("dinov2", **vit), "siglip": ViTConfig("siglip", **vit)}
-    cc = ConnectorConfig.for_lm(lm, vision_dim=128, grid=(3, 3), drop_path=args.drop_path, **connector_choice(args))
+    cc = ConnectorConfig.for_lm(lm, vision_dim=128, grid=(3, 3), drop_path=cfg.drop_path, **connector_choice(cfg))
     return MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=cc, max_length=512), tokenizer)
 
 
@@ -187,35 +279,42 @@ def synthetic_tokenizer(json_paths):
     return train_tokenizer([s for x in samples for s, _ in conversation_segments(conversation_turns(x))])
 
 
-def connector_choice(args):
+def connector_choice(cfg):
     """The connector fields given on the command line (ConnectorConfig's defaults for the others)."""
-    return {k: v for k, v in (("kind", args.connector), ("scan", args.scan)) if v is not None}
+    return {k: v for k, v in (("kind", cfg.connector), ("scan", cfg.scan)) if v is not None}
 
 
-def build_model(args, log=print):
-    if args.init_from:
-        model = MLMamba.from_pretrained(args.init_from)
-        saved, asked = model.config.connector, connector_choice(args)
+def build_model(cfg, files, log=print):
+    """The model a run starts from: --init-from's folder (with a new connector if another kind is asked), the
+    synthetic default, or a new ML-Mamba assembled from public checkpoints."""
+    if cfg.init_from:
+        model = MLMamba.from_pretrained(cfg.init_from)
+        saved, asked = model.config.connector, connector_choice(cfg)
         if any(getattr(saved, k) != v for k, v in asked.items()):
             # the paper's ablations (Tables 6-7): one pretrained LM, a new connector of each kind; the folder's
             # LM, encoders and tokenizer are kept, its connector is dropped
-            torch.manual_seed(args.seed)
-            model.new_connector(replace(saved, drop_path=args.drop_path, **asked))
+            torch.manual_seed(cfg.seed)
+            model.new_connector(replace(saved, drop_path=cfg.drop_path, **asked))
             cc = model.config.connector
-            log(f"a new {cc.kind}/{cc.scan} connector on {args.init_from}'s LM (its connector, "
-                      f"{saved.kind}/{saved.scan}, is not used)")
+            log(f"a new {cc.kind}/{cc.scan} connector on {cfg.init_from}'s LM (its connector, "
+                f"{saved.kind}/{saved.scan}, is not used)")
         return model
-    if args.data is None:  # synthetic: a tokenizer trained on the training conversations, saved with the model
-        tokenizer = synthetic_tokenizer([args.train_json, args.pretrain_data])
-        torch.manual_seed(args.seed)
-        return synthetic_model(tokenizer, args)
-    missing = [n for n in ("llm", "siglip", "dinov2", "tokenizer") if getattr(args, n) is None]
+    if cfg.data is None:  # synthetic: a tokenizer trained on the training conversations, saved with the model
+        tokenizer = synthetic_tokenizer([files.train_json, files.pretrain_json])
+        torch.manual_seed(cfg.seed)
+        return synthetic_model(tokenizer, cfg)
+    missing = [n for n in ("llm", "siglip", "dinov2", "tokenizer") if getattr(cfg, n) is None]
     if missing:
         raise ValueError(f"training on --data needs --{', --'.join(missing)} (or --init-from an ML-Mamba folder)")
-    torch.manual_seed(args.seed)
-    return MLMamba.from_components(args.llm, {"dinov2": args.dinov2, "siglip": args.siglip}, args.tokenizer,
-                                   connector={"drop_path": args.drop_path, **connector_choice(args)},
-                                   input_size=args.image_size)
+    torch.manual_seed(cfg.seed)
+    return MLMamba.from_components(cfg.llm, {"dinov2": cfg.dinov2, "siglip": cfg.siglip}, cfg.tokenizer,
+                                   connector={"drop_path": cfg.drop_path, **connector_choice(cfg)},
+                                   input_size=cfg.image_size)
+
+
+def dataset_for(model, json_path, image_root=None, cache_images=False):
+    return LLaVADataset(json_path, image_root, model.tokenizer, model.image_token_id, model.num_image_tokens,
+                        model.vision.preprocess, cache_images=cache_images)
 
 
 def lr_factor(step, total, warmup):
@@ -268,19 +367,15 @@ def save_checkpoint(stage_dir, model, state, optimizer_state, scheduler, step, t
     """stage_dir/checkpoint-STEP/, then stage_dir/latest -> it, switched atomically. state, optimizer_state: from
     full_state."""
     ckpt = stage_dir / f"checkpoint-{step}"
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
     tmp = stage_dir / f".tmp-checkpoint-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for folder in (ckpt, tmp):
+        shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(tmp, state)
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state()}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "total_steps": total, "done": done}))
     os.replace(tmp, ckpt)
-    pointer = stage_dir / "latest.tmp"
-    pointer.write_text(ckpt.name)
-    os.replace(pointer, stage_dir / "latest")  # the switch: before it the old checkpoint rules, after it the new
+    atomic_write_text(stage_dir / "latest", ckpt.name)  # the switch: before it the old checkpoint rules, then the new
     for old in sorted(stage_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return ckpt
@@ -294,173 +389,197 @@ def latest_checkpoint(stage_dir):
     return ckpt if (ckpt / "state.json").is_file() else None
 
 
+def resume_stage(stage_dir, model, optimizer, scheduler, log):
+    """Load the stage's latest checkpoint into model, optimizer, scheduler and the RNG; returns (step, done), or
+    (0, False) when there is none."""
+    ckpt = latest_checkpoint(stage_dir)
+    if ckpt is None:
+        return 0, False
+    state = json.loads((ckpt / "state.json").read_text())
+    trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    load_full_state(model, optimizer, model.checkpoint_state(ckpt), trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    log(f"[{stage_dir.name}] resumed from {ckpt} at step {state['step']}/{state['total_steps']}")
+    return state["step"], state["done"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One stage
 # ----------------------------------------------------------------------------------------------------------------
 
-def run_stage(stage, model, dataset, args, rank, world, log=print):
-    """Train one stage; returns the model (unwrapped)."""
-    device = args.device
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN or infinite loss); the message names the step and the last good checkpoint."""
+
+
+def stage_batches(stage, n, cfg, proc):
+    """The stage's StageBatches from step 0: its epochs, seed, global batch and micro-batches, checked."""
+    epochs = {"pretrain": cfg.pretrain_epochs, "align": cfg.align_epochs, "finetune": cfg.epochs}[stage]
+    per_epoch = n // cfg.global_batch
+    if per_epoch == 0:
+        raise ValueError(f"{n} samples are fewer than one global batch of {cfg.global_batch}")
+    total = max(1, int(epochs * per_epoch))
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    local_batch = cfg.global_batch // proc.world_size
+    micro = cfg.per_device_batch or local_batch
+    if cfg.global_batch % proc.world_size or local_batch % micro:
+        raise ValueError(f"global batch {cfg.global_batch} must split into {proc.world_size} devices x whole "
+                         f"micro-batches of {micro}")
+    return StageBatches(n, cfg.global_batch, micro, seed=cfg.seed + 1000 * (STAGES.index(stage) - 1), start=0,
+                        total=total, rank=proc.rank, world_size=proc.world_size)
+
+
+def to_device(batch, device):
+    px = batch["pixel_values"]
+    return ({n: v.to(device, non_blocking=True) for n, v in px.items()} if px else None,
+            batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True))
+
+
+def train_step(wrapped, model, micro_batches, optimizer, scheduler, cfg, proc):
+    """One optimizer step over this process's micro-batches of a global batch; returns (loss, grad-norm) as tensors.
+
+    The loss is the mean over every target token of the global batch: each micro-batch's summed loss is divided by
+    the global count, so one process and N processes, one micro-batch or many, compute the same step."""
+    n_tokens = torch.tensor(float(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro_batches if b["labels"]
+                                      is not None)))
+    if proc.world_size > 1:
+        dist.all_reduce(n_tokens)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and proc.device.startswith("cuda"))
+    step_loss = torch.zeros((), device=proc.device)
+    for batch in micro_batches:
+        if batch["input_ids"] is None:  # every sample of this micro-batch was skipped
+            continue
+        pixels, ids, labels = to_device(batch, proc.device)
+        with torch.autocast(device_type=proc.device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+            _, loss_sum = wrapped(pixels, ids, labels, loss_reduction="sum", return_logits=False)
+        if loss_sum is None:  # no target token in this micro-batch
+            continue
+        (loss_sum / n_tokens.clamp(min=1) * proc.world_size).backward()  # DDP and FSDP average over ranks
+        step_loss += loss_sum.detach()
+    if proc.world_size > 1:
+        dist.all_reduce(step_loss)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               cfg.max_grad_norm)  # the norm of the whole gradient, also under FSDP
+    if isinstance(grad_norm, torch.distributed.tensor.DTensor):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss.cpu() / n_tokens.clamp(min=1), grad_norm
+
+
+def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
+    """Train one stage, resuming from its latest checkpoint with --resume; returns the model (unwrapped).
+    on_step(step) is called after every optimizer step (and its checkpoint, if one is due)."""
+    proc = proc or Process(device=cfg.device)
     parts = sorted({n.split(".")[0] for n in model.set_stage(stage)})
     log(f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
-              f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
-    epochs = {"pretrain": args.pretrain_epochs, "align": args.align_epochs, "finetune": args.epochs}[stage]
-    lr = args.align_lr if stage == "align" else args.lr
-    batches = Batches(len(dataset), args.global_batch, seed=args.seed + 1000 * (STAGES.index(stage) - 1),
-                      rank=rank, world=world)  # pretrain: seed - 1000, align: seed, finetune: seed + 1000
-    per_epoch = batches.steps_per_epoch()
-    if per_epoch == 0:
-        raise ValueError(f"{len(dataset)} samples are fewer than one global batch of {args.global_batch}")
-    total = max(1, int(epochs * per_epoch))
-    if args.max_steps:
-        total = min(total, args.max_steps)
-    local_batch = args.global_batch // world
-    micro = args.per_device_batch or local_batch
-    if args.global_batch % world or local_batch % micro:
-        raise ValueError(f"global batch {args.global_batch} must split into {world} devices x whole micro-batches "
-                         f"of {micro}")
-    optimizer = make_optimizer(model, lr, args.weight_decay,  # after shard(): FSDP's parameters are the shards
-                               connector_lr=args.connector_lr if stage == "finetune" else None)
-    warmup = max(1, int(args.warmup_ratio * total))
+        f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
+    batches = stage_batches(stage, len(dataset), cfg, proc)
+    optimizer = make_optimizer(model, cfg.align_lr if stage == "align" else cfg.lr, cfg.weight_decay,
+                               connector_lr=cfg.connector_lr if stage == "finetune" else None)  # after shard()
+    total, warmup = batches.total, max(1, int(cfg.warmup_ratio * batches.total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-
-    stage_dir = Path(args.out) / stage
+    stage_dir = Path(cfg.out) / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
-    start = 0
-    ckpt = latest_checkpoint(stage_dir) if args.resume else None
-    if ckpt is not None:
-        state = json.loads((ckpt / "state.json").read_text())
-        trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-        load_full_state(model, optimizer, model.checkpoint_state(ckpt), trainer["optimizer"])
-        scheduler.load_state_dict(trainer["scheduler"])
-        torch.set_rng_state(trainer["rng"])
-        start = state["step"]
-        log(f"[{stage}] resumed from {ckpt} at step {start}/{total}")
-        if state["done"]:
-            return model
-
+    start, done = resume_stage(stage_dir, model, optimizer, scheduler, log) if cfg.resume else (0, False)
+    if done:
+        return model
     wrapped = model  # what the forward goes through: FSDP's model is sharded in place (train()), DDP wraps it
-    if world > 1 and args.parallel == "ddp":
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
-    encoder_inputs = {n: (3, e.config.input_size, e.config.input_size) for n, e in model.vision.encoders.items()}
-    model.lm.gradient_checkpointing = args.gradient_checkpointing
+    if proc.world_size > 1 and cfg.parallel == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if proc.device == "cpu" else [proc.device])
+    model.lm.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
-    t0, seen = time.time(), 0
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=replace(batches, start=start), collate_fn=collate, num_workers=cfg.workers,
+        pin_memory=proc.device.startswith("cuda"), generator=torch.Generator()))  # its own RNG: the global one
+    t0, seen, skipped = time.time(), 0, set()                                     # draws stochastic depth
     last_good = latest_checkpoint(stage_dir)
     for step in range(start, total):
-        epoch, k = divmod(step, per_epoch)
-        items = [dataset[i] for i in batches.indices(epoch, k)]
-        # the loss is the mean over every target token of the global batch: sum here, divide by the global count
-        n_tokens = torch.tensor(float(sum(sum(l != IGNORE_INDEX for l in x["labels"]) for x in items if x)))
-        if world > 1:
-            dist.all_reduce(n_tokens)
-        step_loss = torch.zeros(())
-        for m in range(0, len(items), micro):
-            batch = collate(items[m:m + micro], encoder_inputs)
-            if batch is None:
-                continue
-            px = {n: v.to(device) for n, v in batch["pixel_values"].items()} if batch["pixel_values"] else None
-            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                _, loss_sum = wrapped(px, batch["input_ids"].to(device), batch["labels"].to(device),
-                                      loss_reduction="sum", return_logits=False)
-            if loss_sum is None:  # no target token in this micro-batch
-                continue
-            (loss_sum / n_tokens.clamp(min=1) * world).backward()  # DDP and FSDP average over ranks: times world
-            step_loss += loss_sum.detach().cpu()
-        if world > 1:
-            dist.all_reduce(step_loss)
-        loss = (step_loss / n_tokens.clamp(min=1)).item()
+        micro_batches = [next(loader) for _ in range(batches.micro_per_step())]
+        for reason in (r for b in micro_batches for r in b["skipped"] if r not in skipped):
+            skipped.add(reason)
+            log(f"[{stage}] skipping {reason}")
+        loss, grad_norm = train_step(wrapped, model, micro_batches, optimizer, scheduler, cfg, proc)
         if not math.isfinite(loss):
-            log(f"[{stage}] loss is {loss} at step {step + 1}: stopping. The last good checkpoint is "
-                      f"{last_good or 'none (no checkpoint was written yet)'}")
-            sys.exit(1)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   args.max_grad_norm)  # the norm of the whole gradient, also under FSDP
-        if isinstance(grad_norm, torch.distributed.tensor.DTensor):
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seen += args.global_batch
+            raise TrainingError(f"[{stage}] loss is {float(loss)} at step {step + 1}: stopping. The last good "
+                                f"checkpoint is {last_good or 'none (no checkpoint was written yet)'}")
+        seen += cfg.global_batch
         done = step + 1 == total
-        if rank == 0 and ((step + 1) % args.log_every == 0 or done or step == start):
+        if (step + 1) % cfg.log_every == 0 or done or step == start:
             rate = seen / max(1e-9, time.time() - t0)
-            eta = (total - step - 1) * args.global_batch / max(rate, 1e-9)
-            log(f"[{stage}] step {step + 1}/{total} epoch {epoch + 1} loss {loss:.4f} "
+            eta = (total - step - 1) * cfg.global_batch / max(rate, 1e-9)
+            log(f"[{stage}] step {step + 1}/{total} epoch {step // batches.steps_per_epoch() + 1} loss {loss:.4f} "
                 f"grad-norm {float(grad_norm):.3g} lr {scheduler.get_last_lr()[0]:.2e} "
                 f"{rate:.1f} samples/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
-        if (step + 1) % args.save_every == 0 or done:
+        if (step + 1) % cfg.save_every == 0 or done:
             model_state, optimizer_state = full_state(model, optimizer)  # every process: gathers FSDP's shards
-            if rank == 0:
+            if proc.rank == 0:
                 last_good = save_checkpoint(stage_dir, model, model_state, optimizer_state, scheduler, step + 1,
                                             total, done=done)
-        if world > 1:
+        if proc.world_size > 1:
             dist.barrier()
-        if args.stop_after is not None and step + 1 == args.stop_after:
-            raise KeyboardInterrupt(f"stopped after step {step + 1} (--stop-after)")
+        if on_step is not None:
+            on_step(step + 1)
+    if skipped:
+        log(f"[{stage}] skipped {len(skipped)} sample(s) with a missing or unusable image or text")
     return model
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+
 def main(argv=None):
-    args = parse_args(argv)
+    cfg = parse_args(argv)
     try:
-        train(args)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:  # bad data, checkpoint or image: one line
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+        train(cfg)
+    except USER_ERRORS as e:  # bad data, checkpoint, image or setting: one line
+        return report_user_error(e)
+    except TrainingError as e:
+        print("error: " + str(e), file=sys.stderr)
+        return 1
     return 0
 
 
-def train(args):
-    """Both stages as asked; returns the trained model (rank 0 also saves it and, on synthetic data, scores it)."""
-    rank, world = setup_distributed(args)
-    log = RunLog(rank, Path(args.out) / "train.log")
-    torch.manual_seed(args.seed)
-    if args.data is None:
-        root = Path(args.synthetic_dir)
-        world_settings = dict(seed=args.world_seed, extra_spatial=args.extra_spatial)
-        if rank == 0 and not synthetic_dataset_is_built(root, **world_settings):  # missing, other settings/version
-            log(f"building the synthetic visual-question world in {root} ...")
-            build_synthetic_dataset(root, **world_settings)
-        if world > 1:
-            dist.barrier()
-        args.train_json, args.test_json = root / "train.json", root / "test.json"
-        args.pretrain_data = args.pretrain_data or root / "text.json"
-        image_root = root
-    else:
-        args.train_json, image_root = Path(args.data), args.image_root
-    model = build_model(args, log).to(args.device)
-    if world > 1 and args.parallel == "fsdp":
-        shard(model, args.device)
-    dataset = LLaVADataset(args.train_json, image_root, model, cache_images=args.data is None)
-    stages = {"all": STAGES, "both": STAGES[1:]}.get(args.stage, (args.stage,))
-    if args.stage == "all" and (not args.pretrain_data or args.pretrain_epochs <= 0):
+def train(cfg, on_step=None):
+    """Every stage asked for; returns the trained model (rank 0 also saves it and, on synthetic data, scores it).
+    on_step(step): called after each optimizer step of each stage."""
+    proc = setup_distributed(cfg)
+    log = RunLog(proc.rank, Path(cfg.out) / "train.log")
+    log(f"preset {cfg.preset}: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in PRESETS[cfg.preset]))
+    torch.manual_seed(cfg.seed)
+    files = prepare_data(cfg, proc, log)
+    model = build_model(cfg, files, log).to(proc.device)
+    if proc.world_size > 1 and cfg.parallel == "fsdp":
+        shard(model, proc.device)
+    stages = {"all": STAGES, "both": STAGES[1:]}.get(cfg.stage, (cfg.stage,))
+    if cfg.stage == "all" and (not files.pretrain_json or cfg.pretrain_epochs <= 0):
         stages = STAGES[1:]  # real data: the LM comes pretrained
-    if "pretrain" in stages and not args.pretrain_data:
+    if "pretrain" in stages and not files.pretrain_json:
         raise ValueError("--stage pretrain needs --pretrain-data (a text-only LLaVA-format JSON)")
-    text = LLaVADataset(args.pretrain_data, None, model) if "pretrain" in stages else None
+    dataset = dataset_for(model, files.train_json, files.image_root, cache_images=cfg.data is None)
+    text = dataset_for(model, files.pretrain_json) if "pretrain" in stages else None
     cc = model.config.connector
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"(connector {cc.kind}/{cc.scan}); {len(dataset)} training samples"
-              + (f", {len(text)} text-only for pretrain" if text else "") + f"; {world} process(es)")
+        f"(connector {cc.kind}/{cc.scan}); {len(dataset)} training samples"
+        + (f", {len(text)} text-only for pretrain" if text else "") + f"; {proc.world_size} process(es)")
     t0 = time.time()
     for stage in stages:
-        model = run_stage(stage, model, text if stage == "pretrain" else dataset, args, rank, world, log)
-    skipped = len(dataset.skipped) + (len(text.skipped) if text else 0)
-    if skipped:
-        log(f"skipped {skipped} sample(s) with a missing or unusable image or text")
+        model = run_stage(stage, model, text if stage == "pretrain" else dataset, cfg, proc, log, on_step)
     model_state = get_model_state_dict(model, options=FULL_STATE)  # every process: gathers FSDP's shards
-    if rank == 0:
-        final = Path(args.out) / "final"
+    if proc.rank == 0:
+        final = Path(cfg.out) / "final"
         model.save_pretrained(final, model_state)
         log(f"training took {time.time() - t0:.0f} s; model saved to {final}")
-        if args.data is None and not args.no_eval:
+        if files.test_json and not cfg.no_eval:
             from evaluate import evaluate
-            result = evaluate(MLMamba.from_pretrained(final), args.test_json)  # the saved model, on the CPU
+            result = evaluate(MLMamba.from_pretrained(final), files.test_json)  # the saved model, on the CPU
             log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items()))
-            (Path(args.out) / "eval.json").write_text(json.dumps(result, indent=2))
-    if world > 1:
+            (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2))
+    if proc.world_size > 1:
         dist.destroy_process_group()
     return model
 

@@ -5,11 +5,13 @@
   pytorch_model.bin read with `torch.load(weights_only=True)` (no pickled code runs).
 - `match_tensors`: apply a loader's explicit name map (our name -> checkpoint name) and check it both ways: missing
   tensors, unexpected tensors and shape conflicts are all reported together, and nothing is loaded half-way.
-- `save_safetensors`: write atomically (temp file + rename), so a crash never leaves a torn file.
+- `atomic_write` (and `save_safetensors`, `write_json`): a temp file + rename, so a crash never leaves a torn file.
+- `USER_ERRORS`, `report_user_error`: how the command lines end on a user's mistake (one line, exit code 2).
 """
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -116,17 +118,39 @@ def match_tensors(expected_shapes, tensors, key_map, ignore=(), source="checkpoi
     return {ours: tensors[ck] for ours, ck in key_map.items()}
 
 
-def save_safetensors(tensors, file, metadata=None):
-    """Write {name: tensor} to `file` atomically: a temp file in the same folder, then a rename."""
+def atomic_write(file, write):
+    """write(tmp) writes the content to a temp file beside `file`, which is then renamed to `file`: a reader sees
+    the old file or the new one, never a torn one."""
     file = Path(file)
     tmp = file.with_name(file.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    write(tmp)
     os.replace(tmp, file)
+
+
+def save_safetensors(tensors, file, metadata=None):
+    """Write {name: tensor} to `file` atomically."""
+    atomic_write(file, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                                             str(tmp), metadata=metadata))
+
+
+def atomic_write_text(file, text):
+    atomic_write(file, lambda tmp: tmp.write_text(text))
 
 
 def write_json(obj, file):
-    """Write JSON atomically, like `save_safetensors`."""
-    file = Path(file)
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, file)
+    atomic_write_text(file, json.dumps(obj, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command lines' report of a user's mistake
+# ----------------------------------------------------------------------------------------------------------------
+
+# A missing or malformed file, checkpoint, image or setting (vision.ImageError is a ValueError): one line, exit code
+# 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (CheckpointError, FileNotFoundError, ValueError)
+
+
+def report_user_error(e):
+    """Print e as one line on stderr; returns the exit code 2."""
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    return 2

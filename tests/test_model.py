@@ -43,10 +43,42 @@ def test_prompt_format_and_label_masking(tokenizer):
     assert (ids2, labels2) == (ids3, labels3) and ids2.count(img) == 1 and labels2[ids2.index(img)] == IGNORE_INDEX
     with pytest.raises(ValueError, match="expected 'gpt'"):
         encode_conversation(tokenizer, [("human", "a"), ("human", "b")])
+    # with N image tokens the placeholder becomes N slots, none a target; everything else is unchanged
+    ids4, labels4 = encode_conversation(tokenizer, turns, image_token_id=img, num_image_tokens=4)
+    p = ids.index(img)
+    assert ids4 == ids[:p] + [img] * 4 + ids[p + 1:] and labels4 == labels[:p] + [IGNORE_INDEX] * 4 + labels[p + 1:]
+    with pytest.raises(ValueError, match="2 <image> placeholders"):
+        encode_conversation(tokenizer, [("human", "<image> and <image>")], img)
+
+
+def test_image_tokens_go_into_the_slots_by_one_masked_assignment(model):
+    """embed: the image tokens fill each sample's N slots in order; every other row is its token's embedding; a
+    text-only sample in the same batch ignores its (zero-pixel) image tokens."""
+    N, D = model.num_image_tokens, model.config.lm.d_model
+    rows = [encode_conversation(model.tokenizer, [("human", "How many?")], model.image_token_id, N)[0],
+            encode_conversation(model.tokenizer, [("human", "Hello there, how are you?")])[0]]
+    L = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (L - len(r)) for r in rows])
+    image_tokens = torch.randn(2, N, D)
+    with torch.no_grad():
+        embeds = model.embed(ids, image_tokens)
+        text = model.lm.embedding(ids)
+    slots = (ids[0] == model.image_token_id).nonzero().flatten()
+    assert len(slots) == N and embeds.shape == (2, L, D)
+    torch.testing.assert_close(embeds[0, slots], image_tokens[0], rtol=0, atol=0)
+    others = torch.ones(L, dtype=torch.bool)
+    others[slots] = False
+    torch.testing.assert_close(embeds[0, others], text[0, others], rtol=0, atol=0)
+    torch.testing.assert_close(embeds[1], text[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"needs {N} <image> slots"):
+        model.embed(ids[:, :slots[0] + 2], image_tokens)
+    with pytest.raises(ValueError, match="no image was given"):
+        model.embed(ids)
 
 
 def batch_of(model, conversations, image_seeds):
-    rows = [encode_conversation(model.tokenizer, c, model.image_token_id) for c in conversations]
+    rows = [encode_conversation(model.tokenizer, c, model.image_token_id, model.num_image_tokens)
+            for c in conversations]
     L = max(len(r[0]) for r in rows)
     ids = torch.tensor([r[0] + [0] * (L - len(r[0])) for r in rows])
     labels = torch.tensor([r[1] + [IGNORE_INDEX] * (L - len(r[1])) for r in rows])
@@ -60,11 +92,9 @@ def test_loss_counts_exactly_the_reply_tokens(model):
     pixels, ids, labels = batch_of(model, [conv], [0])
     with torch.no_grad():
         logits, loss = model(pixels, ids, labels)
-    N = model.vision.num_patches
-    assert logits.shape[1] == ids.shape[1] - 1 + N
-    # by hand: the reply tokens sit after the image tokens, at text index t -> sequence index t - 1 + N
-    p = ids[0].tolist().index(model.image_token_id)
-    targets = [(t if t < p else t - 1 + N, int(ids[0, t])) for t in range(ids.shape[1]) if labels[0, t] != -100]
+    assert logits.shape[1] == ids.shape[1]  # the ids already hold the N image slots
+    # by hand: position s - 1 predicts each reply token s
+    targets = [(t, int(ids[0, t])) for t in range(ids.shape[1]) if labels[0, t] != -100]
     manual = torch.stack([F.cross_entropy(logits[0, s - 1], torch.tensor(tok)) for s, tok in targets]).mean()
     torch.testing.assert_close(loss, manual)
     assert len(targets) == len(model.tokenizer.encode("Yes.<|endoftext|>").ids)
@@ -110,22 +140,21 @@ def test_training_loss_without_logits_equals_the_full_forward(model):
 def test_causality_over_the_spliced_sequence(model):
     conv = [("human", "<image>\nWhat color is the triangle?"), ("gpt", "Green and blue.")]
     pixels, ids, _ = batch_of(model, [conv], [3])
-    N = model.vision.num_patches
     t = ids.shape[1] - 4  # change a late text token
     ids2 = ids.clone()
     ids2[0, t] = (ids2[0, t] + 7) % 250
     with torch.no_grad():
         a, _ = model(pixels, ids)
         b, _ = model(pixels, ids2)
-    s = t - 1 + N  # its position in the spliced sequence
-    torch.testing.assert_close(a[:, :s], b[:, :s], rtol=0, atol=0)
-    assert not torch.allclose(a[:, s], b[:, s])
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    assert not torch.allclose(a[:, t], b[:, t])
 
 
 def test_cached_generation_equals_greedy_full_forward(model):
     img = random_image(4)
     new = model.generate(img, "What is in the picture?", max_new_tokens=12)
-    ids, _ = encode_conversation(model.tokenizer, [("human", "What is in the picture?")], model.image_token_id)
+    ids, _ = encode_conversation(model.tokenizer, [("human", "What is in the picture?")], model.image_token_id,
+                                 model.num_image_tokens)
     pixels = model.preprocess(img)
     seq = list(ids)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.distributed.tensor import DTensor
 
 import train as T
-from data import (FAMILIES, LLaVADataset, build_synthetic_dataset, collate, conversation_turns, make_question,
+from data import (FAMILIES, build_synthetic_dataset, collate, conversation_turns, make_question,
                   random_scene, synthetic_dataset_is_built)
 from evaluate import family_accuracy, load_questions, normalize_answer, pope_metrics, vqa_soft_accuracy
 from model import IGNORE_INDEX
@@ -234,19 +234,20 @@ def test_loader_edge_cases(world, tmp_path, capsys):
             {"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "yes"}]},
     ]
     (tmp_path / "data.json").write_text(json.dumps(samples, ensure_ascii=False))
-    ds = LLaVADataset(tmp_path / "data.json", tmp_path, model)
+    ds = T.dataset_for(model, tmp_path / "data.json", tmp_path)
     items = [ds[i] for i in range(len(ds))]
-    assert [x is None for x in items] == [False, False, False, False, True, True, True]
-    assert set(ds.skipped) == {4, 5, 6} and "broken.jpg" in ds.skipped[4] and "nope.png" in ds.skipped[5]
-    assert "skipping sample 4 (broken)" in capsys.readouterr().out
-    img = model.image_token_id
+    assert ["skip" in x for x in items] == [False, False, False, False, True, True, True]
+    assert "sample 4 (broken)" in items[4]["skip"] and "broken.jpg" in items[4]["skip"]
+    assert "nope.png" in items[5]["skip"] and "2 <image> placeholders" in items[6]["skip"]
+    img, N = model.image_token_id, model.num_image_tokens
     assert items[0]["pixels"] is None and img not in items[0]["input_ids"]
-    assert items[1]["input_ids"].count(img) == 1 and len([l for l in items[1]["labels"] if l != -100]) > 2
+    assert items[1]["input_ids"].count(img) == N and len([l for l in items[1]["labels"] if l != -100]) > 2
     odd = items[2]["input_ids"]
-    assert odd.index(img) > 3  # the placeholder stays where the text put it
-    assert tok.decode(items[3]["input_ids"][:6], skip_special_tokens=False).startswith("In: <image>\n")  # none: added
+    assert odd.index(img) > 3 and odd[odd.index(img):][:N] == [img] * N  # N slots where the text put the image
+    assert tok.decode(items[3]["input_ids"][:6], skip_special_tokens=False).startswith("In: <image>")  # none: added
     assert tok.decode([t for t, l in zip(items[3]["input_ids"], items[3]["labels"]) if l != -100]) == "Ünïcødé ✓"
-    batch = collate(items, {n: (3, 42, 42) for n in model.vision.encoders})
+    batch = collate(items)
+    assert batch["skipped"] == [x["skip"] for x in items[4:]]
     assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"]["siglip"].shape == (4, 3, 42, 42)
     assert torch.all(batch["pixel_values"]["siglip"][0] == 0)  # the text-only row
     assert (batch["labels"][0, len(items[0]["labels"]):] == IGNORE_INDEX).all()
@@ -257,13 +258,11 @@ def test_loader_edge_cases(world, tmp_path, capsys):
 
 def test_pixel_cache_gives_the_same_pixels_without_rereading(world, tmp_path):
     import shutil
-    args = args_for(world, tmp_path)
-    args.train_json = world / "train.json"
-    model = T.build_model(args)
+    model = T.build_model(args_for(world, tmp_path), T.synthetic_files(world))
     root = tmp_path / "copy"
     shutil.copytree(world, root)
-    plain = LLaVADataset(root / "train.json", root, model)
-    cached = LLaVADataset(root / "train.json", root, model, cache_images=True)
+    plain = T.dataset_for(model, root / "train.json", root)
+    cached = T.dataset_for(model, root / "train.json", root, cache_images=True)
     first = [cached[i] for i in range(3)]
     for i in range(3):  # the cached pixels are the file's, for each encoder
         for name, px in plain[i]["pixels"].items():
@@ -271,7 +270,7 @@ def test_pixel_cache_gives_the_same_pixels_without_rereading(world, tmp_path):
     shutil.rmtree(root / "images")  # a second read comes from memory: no file needed, nothing skipped
     again = [cached[i] for i in range(3)]
     assert all(torch.equal(a["pixels"]["siglip"], b["pixels"]["siglip"]) for a, b in zip(first, again))
-    assert not cached.skipped and plain[0] is None and 0 in plain.skipped
+    assert all("skip" not in x for x in again) and "train_00000.png" in plain[0]["skip"]
     # keyed by the image, not the sample: a second sample on the same picture reads it from memory too
     cached.samples.append(dict(cached.samples[1], id="same-image"))
     assert torch.equal(cached[len(cached) - 1]["pixels"]["dinov2"], first[1]["pixels"]["dinov2"])
@@ -286,12 +285,11 @@ def params(model):
 
 @pytest.mark.parametrize("stage", ["pretrain", "align", "finetune"])
 def test_one_step_changes_exactly_the_stage_parameters(world, tmp_path, stage):
-    args = args_for(world, tmp_path, "--stage", stage, "--max-steps", "1")
-    args.train_json = world / "train.json"
-    model = T.build_model(args)
-    dataset = LLaVADataset(world / ("text.json" if stage == "pretrain" else "train.json"), world, model)
+    cfg = args_for(world, tmp_path, "--stage", stage, "--max-steps", "1")
+    model = T.build_model(cfg, T.synthetic_files(world))
+    dataset = T.dataset_for(model, world / ("text.json" if stage == "pretrain" else "train.json"), world)
     before = params(model)
-    T.run_stage(stage, model, dataset, args, 0, 1)
+    T.run_stage(stage, model, dataset, cfg)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     prefixes = {"pretrain": ("lm.",), "align": ("connector.",), "finetune": ("connector.", "lm.")}[stage]
     assert changed and all(n.startswith(prefixes) for n in changed)
@@ -320,12 +318,15 @@ def test_default_run_pretrains_the_lm_on_text_first_and_real_data_does_not(world
 
 
 def test_connector_has_its_own_learning_rate(world, tmp_path):
-    args = args_for(world, tmp_path)
-    assert (args.lr, args.connector_lr, args.align_lr) == (1e-3, 1e-4, 1e-4)  # the synthetic defaults
+    cfg = args_for(world, tmp_path)
+    assert (cfg.preset, cfg.lr, cfg.connector_lr, cfg.align_lr) == ("synthetic", 1e-3, 1e-4, 1e-4)
     real = T.parse_args(["--data", "x.json", "--lr", "3e-5"])
-    assert real.connector_lr == 3e-5  # real runs: one lr unless asked
-    args.train_json = world / "train.json"
-    model = T.build_model(args)
+    assert (real.preset, real.lr, real.align_lr, real.global_batch) == ("paper", 3e-5, 1e-3, 64)
+    assert real.connector_lr is None  # the paper's recipe: one lr unless asked
+    assert T.parse_args(["--data", "x.json", "--preset", "synthetic"]).lr == 1e-3  # a preset is named, not guessed
+    with pytest.raises(Exception):  # frozen once parsed
+        cfg.lr = 1.0
+    model = T.build_model(cfg, T.synthetic_files(world))
     model.set_stage("finetune")
     opt = T.make_optimizer(model, 1e-3, 0.1, connector_lr=1e-4)
     connector = {id(p) for p in model.connector.parameters()}
@@ -345,7 +346,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(default_world, tm
     common = ["--stage", "finetune", "--max-steps", "6", "--save-every", "2"]  # drop-path: the RNG matters too
     full = T.train(args_for(default_world, tmp_path / "a", *common))
     with pytest.raises(KeyboardInterrupt):  # "killed" after step 5: the last checkpoint is step 4
-        T.train(args_for(default_world, tmp_path / "b", *common, "--stop-after", "5"))
+        T.train(args_for(default_world, tmp_path / "b", *common), on_step=stop_after(5))
     assert (tmp_path / "b/finetune/latest").read_text() == "checkpoint-4"
     resumed = T.train(args_for(default_world, tmp_path / "b", *common, "--resume"))
     a, b = params(full), params(resumed)
@@ -356,7 +357,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(default_world, tm
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(default_world, tmp_path, monkeypatch):
     common = ["--stage", "align", "--max-steps", "4", "--save-every", "2"]
     with pytest.raises(KeyboardInterrupt):
-        T.train(args_for(default_world, tmp_path, *common, "--stop-after", "2"))
+        T.train(args_for(default_world, tmp_path, *common), on_step=stop_after(2))
     assert (tmp_path / "align/latest").read_text() == "checkpoint-2"
     real_save = torch.save
 
@@ -373,25 +374,31 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(default_world
 
 
 def test_nan_loss_stops_and_names_the_step(world, tmp_path, capsys):
-    args = args_for(world, tmp_path, "--stage", "finetune", "--max-steps", "3")
-    args.train_json = world / "train.json"
-    model = T.build_model(args)
+    cfg = args_for(world, tmp_path, "--stage", "finetune", "--max-steps", "3")
+    model = T.build_model(cfg, T.synthetic_files(world))
     with torch.no_grad():
         model.lm.norm_f.weight.fill_(float("nan"))
-    with pytest.raises(SystemExit):
-        T.run_stage("finetune", model, LLaVADataset(args.train_json, world, model), args, 0, 1)
-    assert "loss is nan at step 1" in capsys.readouterr().out
+    with pytest.raises(T.TrainingError, match="loss is nan at step 1: stopping. The last good checkpoint is none"):
+        T.run_stage("finetune", model, T.dataset_for(model, world / "train.json", world), cfg)
 
 
 # ---------------------------------------------------------------- two processes (gloo) vs one
 
-def _worker(rank, world, port, argv, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+def stop_after(n):
+    """An on_step callback that interrupts the run after step n, as a kill would."""
+    def on_step(step):
+        if step == n:
+            raise KeyboardInterrupt(f"stopped after step {step}")
+    return on_step
+
+
+def _worker(rank, world_size, port, argv, out, stop=None):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if rank == 0:  # its progress lines (loss, grad-norm per step) go to a file the test reads
         sys.stdout = open(f"{out}/rank0.log", "w")
-    model = T.train(T.parse_args(argv))
+    model = T.train(T.parse_args(argv), on_step=stop_after(stop) if stop else None)
     sys.stdout.flush()
     # DDP: this process's whole replica; FSDP: its shard of each parameter (rows rank*k ... of dim 0)
     torch.save({n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()},
@@ -444,9 +451,9 @@ def test_two_process_gloo_matches_one_process(default_world, tmp_path, parallel,
         torch.testing.assert_close(v, single[n], rtol=1e-4, atol=ADAM_ATOL, msg=n)
 
 
-def _interrupted_worker(rank, world, port, argv, out):
+def _interrupted_worker(rank, world_size, port, argv, out, stop):
     try:
-        _worker(rank, world, port, argv, out)
+        _worker(rank, world_size, port, argv, out, stop)
     except KeyboardInterrupt:
         pass
 
@@ -460,8 +467,7 @@ def test_fsdp_checkpoint_resumes_in_one_process(default_world, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = ["--out", str(tmp_path / "run")]
-    mp.spawn(_interrupted_worker, args=(2, port, argv + out + ["--parallel", "fsdp", "--stop-after", "2"],
-                                        str(tmp_path)), nprocs=2)
+    mp.spawn(_interrupted_worker, args=(2, port, argv + out + ["--parallel", "fsdp"], str(tmp_path), 2), nprocs=2)
     assert (tmp_path / "run/finetune/latest").read_text() == "checkpoint-2"
     resumed = params(T.train(T.parse_args(argv + out + ["--resume"])))
     straight = params(T.train(T.parse_args(argv + ["--out", str(tmp_path / "straight")])))
@@ -510,14 +516,13 @@ def test_question_file_formats_and_family_accuracy(tmp_path):
 def test_init_from_with_another_connector_keeps_the_lm_and_builds_a_new_connector(world, tmp_path, capsys):
     """The ablation set-up (the paper's Tables 6-7): one LM, a new connector of each kind. --init-from alone keeps
     the folder's connector; --connector / --scan other than its own replace it and keep everything else."""
-    args = args_for(world, tmp_path)
-    args.train_json = world / "train.json"
-    saved = T.build_model(args)
+    files = T.synthetic_files(world)
+    saved = T.build_model(args_for(world, tmp_path), files)
     saved.save_pretrained(tmp_path / "lm")
     ref = saved.state_dict()
     for extra, kind, scan in [((), "msc-advanced", "bsm"), (("--connector", "msc-advanced"), "msc-advanced", "bsm"),
                               (("--connector", "mlp"), "mlp", "bsm"), (("--scan", "csm"), "msc-advanced", "csm")]:
-        model = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), *extra))
+        model = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), *extra), files)
         state = model.state_dict()
         assert (model.config.connector.kind, model.config.connector.scan) == (kind, scan)
         for name, tensor in ref.items():
@@ -536,6 +541,6 @@ def test_init_from_with_another_connector_keeps_the_lm_and_builds_a_new_connecto
                      "align", "--max-steps", "1"))
     saved_config = json.loads((tmp_path / "run/final/config.json").read_text())
     assert saved_config["connector"]["kind"] == "mlp"
-    a = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), "--connector", "mlp"))
-    b = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), "--connector", "mlp"))
+    a = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), "--connector", "mlp"), files)
+    b = T.build_model(args_for(world, tmp_path, "--init-from", str(tmp_path / "lm"), "--connector", "mlp"), files)
     assert all(torch.equal(x, y) for x, y in zip(a.connector.parameters(), b.connector.parameters()))
