@@ -25,16 +25,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import torch
 
 import ssd as S
 
 
-def best_time(fn, repeats, device):
-    """Run fn once to warm up, then `repeats` times; (fastest seconds, last output). Syncs CUDA around each run."""
+def seconds(fn, repeats, device, grad=False):
+    """The fastest of `repeats` runs of fn after one warm-up run (see best_time)."""
+    return best_time(fn, repeats, device, grad)[0]
+
+
+def best_time(fn, repeats, device, grad=False):
+    """Run fn once to warm up, then `repeats` times; (fastest seconds, last output). Syncs CUDA around each run.
+    Without grad=True, autograd is off."""
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         out = fn()
         best = float("inf")
         for _ in range(repeats):
@@ -154,11 +161,10 @@ def bench_vision(args):
         params = sum(p.numel() for p in ours.parameters())
         pixels = torch.randn(args.batch, 3, 384, 384, device=device, dtype=dtype)
 
-        def timed(fn):
-            return best_time(fn, args.repeats, device)
         # both run every block (ours with layer=None; the VLM's layer=-2 skips the last one)
-        t_ours, _ = timed(lambda: ours(pixels, layer=None))
-        t_hf, out_hf = timed(lambda: hf_model(pixels, output_hidden_states=True).hidden_states[-2])
+        t_ours = seconds(lambda: ours(pixels, layer=None), args.repeats, device)
+        t_hf, out_hf = best_time(lambda: hf_model(pixels, output_hidden_states=True).hidden_states[-2],
+                                   args.repeats, device)
         with torch.no_grad():
             out_ours = ours(pixels, layer=-2)
         out_hf = out_hf[:, config.num_prefix_tokens:]  # hidden_states[-2]: the second-to-last block's output
@@ -207,13 +213,12 @@ def bench_decode(args):
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=dev)
 
-    def timed(fn, repeats=2):  # the warm-up run also lets mamba-ssm capture its graph
-        return best_time(fn, repeats, dev)[0]
+    timed = partial(seconds, repeats=2, device=dev)  # the warm-up run also lets mamba-ssm capture its graph
 
     rows = []
     with torch.no_grad():
         t_prefill = timed(lambda: model(input_ids=ids, cache=model.allocate_cache(1), num_last_tokens=1))
-        t_eager = timed(lambda: model.generate(ids, max_new_tokens=args.eager_tokens, cuda_graph=False), 1)
+        t_eager = timed(lambda: model.generate(ids, max_new_tokens=args.eager_tokens, cuda_graph=False), repeats=1)
         rows.append(("ours, eager step", args.eager_tokens, t_eager, (t_eager - t_prefill) / args.eager_tokens))
         for name, compile in (("ours, CUDA-graph step", False), ("ours, compiled step in a CUDA graph", True)):
             t0 = time.perf_counter()  # the first call captures the graph (and compiles): reported, not timed below
@@ -263,9 +268,10 @@ def paper_model(size="2.7b", device="cuda"):
 
 
 def _prompt_ids(model, n_text, device):
-    """3 text tokens ("In: "), the image placeholder, then the rest of a n_text-token question."""
+    """3 text tokens ("In: "), the N image slots, then the rest of a n_text-token question."""
     ids = torch.randint(0, model.config.lm.vocab_size, (1, n_text), device=device)
-    return torch.cat([ids[:, :3], torch.full_like(ids[:, :1], model.image_token_id), ids[:, 3:]], dim=1)
+    slots = torch.full((1, model.num_image_tokens), model.image_token_id, device=device)
+    return torch.cat([ids[:, :3], slots, ids[:, 3:]], dim=1)
 
 
 def bench_pipeline(args):
@@ -281,17 +287,16 @@ def bench_pipeline(args):
     pixels = {name: torch.randn(1, 3, 384, 384, device=dev, dtype=dtype) for name in model.config.vision}
     ids = _prompt_ids(model, args.text_tokens, dev)
 
-    def timed(fn, repeats=3):
-        return best_time(fn, repeats, dev)[0]
+    timed = partial(seconds, repeats=3, device=dev)
 
     def answer(new):  # pixels -> image tokens -> spliced prompt -> prefill + `new` tokens
-        embeds, _ = model.splice(ids, model.image_tokens(pixels))
+        embeds = model.embed(ids, model.image_tokens(pixels))
         return lm.generate(inputs_embeds=embeds, max_new_tokens=new)
 
     with torch.no_grad():
         feats = model.vision(pixels)
         image_tokens = model.connector(feats).to(dtype)
-        embeds, _ = model.splice(ids, image_tokens)
+        embeds = model.embed(ids, image_tokens)
         n_prompt = embeds.shape[1]
         t0 = time.perf_counter()
         answer(1)  # captures (and compiles) the decoding step: reported, not timed below
@@ -348,8 +353,7 @@ def bench_scaling(args):
     d = ours.config.d_model
     k, k_ours = args.decode_tokens, args.our_decode_tokens  # ours is fast: more tokens for the same precision
 
-    def timed(fn, repeats=2):
-        return best_time(fn, repeats, dev)[0]
+    timed = partial(seconds, repeats=2, device=dev)
 
     def peak_mb(fn):
         torch.cuda.synchronize()
@@ -446,7 +450,8 @@ def bench_train(args):
             try:
                 pixels = {name: torch.randn(batch, 3, 384, 384, device=dev) for name in model.config.vision}
                 ids = torch.cat([_prompt_ids(model, args.text_tokens, dev) for _ in range(batch)])
-                labels = ids.masked_fill(torch.arange(ids.shape[1], device=dev) < ids.shape[1] // 2, -100)
+                first_target = ids.shape[1] - args.text_tokens // 2 - 1  # the second half of the text is the reply
+                labels = ids.masked_fill(torch.arange(ids.shape[1], device=dev) < first_target, -100)
 
                 def step():
                     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -493,20 +498,7 @@ def bench_train(args):
             for t in (x, dt, A, Bm, Cm, D):
                 t.grad = None
         return run
-    rows = {}
-    for backend in backends:
-        with torch.enable_grad():
-            run = fwd_bwd(backend)
-            run()
-            torch.cuda.synchronize()
-            best = float("inf")
-            for _ in range(5):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                run()
-                torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t0)
-        rows[backend] = best
+    rows = {backend: seconds(fwd_bwd(backend), 5, dev, grad=True) for backend in backends}
     print(f"SSD forward + backward, b={b}, l={l}, h={h}, p={p}, n={n}, g=1, chunk {chunk}, x/B/C bf16: " +
           ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in rows.items()) +
           (f"; ssd_chunked / kernel = {rows['torch'] / rows['mamba_ssm']:.1f}x" if len(rows) == 2 else ""))

@@ -24,7 +24,7 @@ The authors' release builds a different connector (one mixer with a shared proje
 parameters, directions averaged, a SwiGLU in every layer, random init): README, "How this differs".
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -166,23 +166,20 @@ class MSC(nn.Module):
 # The connector
 # ----------------------------------------------------------------------------------------------------------------
 
+def _default_mixer():
+    return Mamba2Config(d_model=2560, n_layer=2, vocab_size=1)  # Mamba-2 2.7B's mixer shape
+
+
 @dataclass
 class ConnectorConfig:
     kind: str = "msc-advanced"  # "mlp", "msc-basic" or "msc-advanced" (Table 6)
     scan: str = "bsm"  # "bsm" or "csm" (Table 7)
     vision_dim: int = 2176  # DINOv2-L + SigLIP so400m
-    llm_dim: int = 2560
     grid: tuple = (27, 27)  # the patch grid (H, W): 27 x 27 at 384 px with patch 14
     n_layers: int = 2  # MSC blocks
     drop_path: float = 0.1
     init: str = "random"  # "random" (the paper) or "lm" (mixers copied from the LM's first layers)
-    # the Mamba-2 mixers (as the LM's, so that "lm" initialisation fits)
-    d_state: int = 128
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 64
-    ngroups: int = 1
-    chunk_size: int = 256
+    mixer: Mamba2Config = field(default_factory=_default_mixer)  # the MSC's mixers; mixer.d_model is the LLM width
 
     def __post_init__(self):
         self.grid = tuple(self.grid)
@@ -193,17 +190,22 @@ class ConnectorConfig:
         if self.init not in ("random", "lm"):
             raise ValueError(f"unknown connector init {self.init!r}: use 'random' or 'lm'")
 
-    def mixer_config(self):
-        return Mamba2Config(d_model=self.llm_dim, n_layer=self.n_layers, vocab_size=1, d_state=self.d_state,
-                            d_conv=self.d_conv, expand=self.expand, headdim=self.headdim, ngroups=self.ngroups,
-                            chunk_size=self.chunk_size)
+    @property
+    def llm_dim(self):
+        return self.mixer.d_model
 
     @classmethod
     def for_lm(cls, lm_config: Mamba2Config, vision_dim, grid, **kw):
-        """Mixers shaped like the LM's, so that init="lm" can copy its layers."""
-        return cls(vision_dim=vision_dim, llm_dim=lm_config.d_model, grid=grid, d_state=lm_config.d_state,
-                   d_conv=lm_config.d_conv, expand=lm_config.expand, headdim=lm_config.headdim,
-                   ngroups=lm_config.ngroups, chunk_size=lm_config.chunk_size, **kw)
+        """Mixers shaped like the LM's (its width, state, heads, conv, chunk), so that init="lm" can copy its layers."""
+        mixer = replace(lm_config, n_layer=kw.get("n_layers", cls.n_layers), vocab_size=1)
+        return cls(vision_dim=vision_dim, grid=grid, mixer=mixer, **kw)
+
+    def to_dict(self):
+        return {**asdict(self), "grid": list(self.grid), "mixer": self.mixer.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{**d, "mixer": Mamba2Config.from_dict(d["mixer"])})
 
 
 class Connector(nn.Module):
@@ -216,7 +218,7 @@ class Connector(nn.Module):
             self.projector = MLP(c.vision_dim, c.llm_dim)  # eq. 6
             return
         self.lift = _init_linear(nn.Linear(c.vision_dim, c.llm_dim))
-        self.msc = MSC(c.mixer_config(), c.grid, c.scan, c.n_layers, c.drop_path)
+        self.msc = MSC(c.mixer, c.grid, c.scan, c.n_layers, c.drop_path)
         self.swiglu = SwiGLU(c.llm_dim) if c.kind == "msc-advanced" else None
         self.projector = MLP(c.llm_dim, c.llm_dim)
 

@@ -294,54 +294,69 @@ class Mamba2Mixer(nn.Module):
             out = out + self.conv1d.bias.to(f)
         return F.silu(out).to(xBC.dtype)
 
-    def forward(self, u, cache=None):
+    def split_projection(self, u):
+        """in_proj(u), (..., d_model) -> z (..., d_inner), xBC (..., conv_dim), dt (..., h) before its softplus."""
         c = self.config
-        b, l, _ = u.shape
-        if cache is not None and l == 1:
-            return self.step(u[:, 0], cache.conv_state, cache.ssm_state)[:, None]
-        z, xBC, dt = self.in_proj(u).split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
-        xBC = self.causal_conv(xBC, cache)
-        x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
-        x = x.unflatten(-1, (c.nheads, c.headdim))  # (b, l, h, p)
-        B = B.unflatten(-1, (c.ngroups, c.d_state))  # (b, l, g, n)
-        C = C.unflatten(-1, (c.ngroups, c.d_state))
-        dt = self.step_size(dt)  # (b, l, h)
-        A = -torch.exp(self.A_log.float())  # (h,), fp32 like dt
-        D = self.D.float()
+        return self.in_proj(u).split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
 
-        y, new_state = ssd(x, dt, A, B, C, c.chunk_size, D,
+    def split_xBC(self, xBC):
+        """The conv's output (..., conv_dim) -> x (..., h, p), B and C (..., g, n)."""
+        c = self.config
+        x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        return (x.unflatten(-1, (c.nheads, c.headdim)), B.unflatten(-1, (c.ngroups, c.d_state)),
+                C.unflatten(-1, (c.ngroups, c.d_state)))
+
+    def A_and_D(self):
+        """A = -exp(A_log) and D, (h,) each, in fp32 like dt."""
+        return -torch.exp(self.A_log.float()), self.D.float()
+
+    def forward(self, u, cache=None):
+        """u (b, l, d_model) -> (b, l, d_model); with a cache, continues from it and updates it in place."""
+        if cache is not None and u.shape[1] == 1:
+            return self.step(u[:, 0], cache.conv_state, cache.ssm_state)[:, None]
+        z, xBC, dt = self.split_projection(u)  # (b, l, d_inner), (b, l, conv_dim), (b, l, h)
+        x, B, C = self.split_xBC(self.causal_conv(xBC, cache))  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
+        A, D = self.A_and_D()
+        # eq. 3 over the sequence (ssd.py): h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t h_t + D x_t
+        y, new_state = ssd(x, self.step_size(dt), A, B, C, self.config.chunk_size, D,
                            initial_state=cache.ssm_state if cache is not None else None)
         if cache is not None:
             cache.ssm_state.copy_(new_state)
         y = self.norm(y.flatten(-2), gate=z)  # RMSNorm(y * SiLU(z)), (b, l, d_inner)
         return self.out_proj(y.to(self.out_proj.weight.dtype))
 
-    def step(self, u, conv_state, ssm_state):
-        """One decoding step: u (b, d_model) -> (b, d_model), updating conv_state (b, conv_dim, d_conv - 1) and
-        ssm_state (b, h, p, n) in place. The same computation as `forward` on one token, written with few,
-        simple ops (the conv is a multiply-add over the cached window) so that torch.compile can fuse it."""
-        c = self.config
-        z, xBC, dt = self.in_proj(u).split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
+    def step_ssm(self, u, conv_state, ssm_state):
+        """One token up to the gated norm: u (b, d_model) -> (y (b, d_inner), z (b, d_inner)), updating conv_state
+        (b, conv_dim, d_conv - 1) and ssm_state (b, h, p, n) in place. The conv is a multiply-add over the cached
+        window, written with few, simple ops so that torch.compile can fuse it."""
+        z, xBC, dt = self.split_projection(u)
         window = torch.cat([conv_state, xBC[:, :, None].to(conv_state.dtype)], dim=-1)  # (b, conv_dim, d_conv)
         conv_state.copy_(window[:, :, 1:])
         xBC = (window.float() * self.conv1d.weight[:, 0].float()).sum(-1)  # the causal conv at the newest position
         if self.conv1d.bias is not None:
             xBC = xBC + self.conv1d.bias.float()
-        xBC = F.silu(xBC).to(u.dtype)
-        x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
-        dt = self.step_size(dt)  # (b, h)
+        x, B, C = self.split_xBC(F.silu(xBC).to(u.dtype))
+        A, D = self.A_and_D()
         # eq. 3 for one token: h_t = exp(dt A) h_{t-1} + dt B_t x_t^T, y_t = C_t h_t + D x_t; state fp32 (b, h, p, n)
-        y, new_state = ssd_step(ssm_state, x.unflatten(-1, (c.nheads, c.headdim)), dt, -torch.exp(self.A_log.float()),
-                                B.unflatten(-1, (c.ngroups, c.d_state)), C.unflatten(-1, (c.ngroups, c.d_state)),
-                                self.D.float())
+        y, new_state = ssd_step(ssm_state, x, self.step_size(dt), A, B, C, D)
         ssm_state.copy_(new_state)
-        if c.ngroups > 1 or c.bias:
-            y = self.norm(y.flatten(-2), gate=z)  # (b, d_inner)
-            return self.out_proj(y.to(self.out_proj.weight.dtype))
-        # One group: the gated norm's scale 1 / RMS(y * SiLU(z)) is one number per token, and out_proj is linear
-        # (no bias), so it is applied after out_proj. The same value (up to rounding); the compiled step then
-        # computes the reduction alongside the matrix-vector product instead of in a kernel of its own.
-        weighted, scale = self.norm.weighted_and_scale(y.flatten(-2), gate=z)  # (b, d_inner), (b, 1)
+        return y.flatten(-2), z
+
+    def step(self, u, conv_state, ssm_state):
+        """One decoding step: u (b, d_model) -> (b, d_model), the states updated in place. The same computation as
+        `forward` on one token, in O(1) time and memory whatever the length so far."""
+        y, z = self.step_ssm(u, conv_state, ssm_state)
+        return self.out_proj(self.norm(y, gate=z).to(self.out_proj.weight.dtype))
+
+    def step_scale_after_proj(self, u, conv_state, ssm_state):
+        """The fast path of `step`, which the compiled decoding step runs (a test checks that they are equal).
+        With one group and no bias, the gated norm's scale 1 / RMS(y * SiLU(z)) is one number per token and out_proj
+        is linear, so the scale is applied after out_proj: the compiled step then computes the reduction alongside
+        the matrix-vector product instead of in a kernel of its own."""
+        if self.config.ngroups > 1 or self.config.bias:
+            return self.step(u, conv_state, ssm_state)
+        y, z = self.step_ssm(u, conv_state, ssm_state)
+        weighted, scale = self.norm.weighted_and_scale(y, gate=z)  # (b, d_inner), (b, 1)
         out = self.out_proj(weighted.to(self.out_proj.weight.dtype))
         return (out.float() * scale).to(out.dtype)
 
@@ -358,8 +373,13 @@ class Mamba2Block(nn.Module):
         return residual + self.mixer(self.norm(residual), cache)
 
     def step(self, residual, conv_state, ssm_state):
-        """One token: residual (b, d_model) -> (b, d_model); what the decoding loop runs (and compiles)."""
+        """One token: residual (b, d_model) -> (b, d_model); what the eager decoding loop runs."""
         return residual + self.mixer.step(self.norm(residual), conv_state, ssm_state)
+
+    def fast_step(self, residual, conv_state, ssm_state):
+        """`step` with the mixer's fast path (`Mamba2Mixer.step_scale_after_proj`); what `compiled_block_step`
+        compiles."""
+        return residual + self.mixer.step_scale_after_proj(self.norm(residual), conv_state, ssm_state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,13 +416,13 @@ _COMPILED_BLOCK_STEP = None
 
 
 def compiled_block_step():
-    """`Mamba2Block.step` through torch.compile (Inductor): per layer, the norm, the conv window, the ssd_step
+    """`Mamba2Block.fast_step` through torch.compile (Inductor): per layer, the norm, the conv window, the ssd_step
     update and the gated norm become a few fused kernels around the two matrix-vector products. Compiled once per
     process and shared by every layer and model (the block is an input, not a constant)."""
     global _COMPILED_BLOCK_STEP
     if _COMPILED_BLOCK_STEP is None:
         # coordinate-descent tuning: Inductor searches the generated kernels' block sizes (docs/decoding.md)
-        _COMPILED_BLOCK_STEP = torch.compile(Mamba2Block.step, fullgraph=True, dynamic=False,
+        _COMPILED_BLOCK_STEP = torch.compile(Mamba2Block.fast_step, fullgraph=True, dynamic=False,
                                              options={"coordinate_descent_tuning": True})
     return _COMPILED_BLOCK_STEP
 
@@ -474,7 +494,7 @@ class Mamba2LMHeadModel(nn.Module):
     def step(self, token, cache, block_step=None):
         """One decoding step: token (b,) -> logits (b, padded_vocab) in fp32, the cache updated in place.
 
-        block_step(block, residual, conv_state, ssm_state) runs one layer: `Mamba2Block.step`, or the same function
+        block_step(block, residual, conv_state, ssm_state) runs one layer: `Mamba2Block.step`, or its fast path
         compiled (`compiled_block_step`), which fuses each layer's elementwise work into a few kernels. One function
         serves all the layers (the weights are its inputs), so it is compiled once.
         """

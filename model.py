@@ -43,13 +43,13 @@ class MLMambaConfig:
 
     def to_dict(self):
         return {"lm": self.lm.to_dict(), "vision": {k: asdict(v) for k, v in self.vision.items()},
-                "connector": {**asdict(self.connector), "grid": list(self.connector.grid)},
+                "connector": self.connector.to_dict(),
                 "vision_layer": self.vision_layer, "max_length": self.max_length}
 
     @classmethod
     def from_dict(cls, d):
         return cls(lm=Mamba2Config.from_dict(d["lm"]), vision={k: ViTConfig(**v) for k, v in d["vision"].items()},
-                   connector=ConnectorConfig(**d["connector"]), vision_layer=d.get("vision_layer", -2),
+                   connector=ConnectorConfig.from_dict(d["connector"]), vision_layer=d.get("vision_layer", -2),
                    max_length=d.get("max_length", 2048))
 
 

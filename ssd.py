@@ -23,6 +23,7 @@ h % g == 0 (head i reads group i // (h // g)), D (h,), state (b, h, p, n).
 Numerics: dt, A, the segment sums, the exponentials and the state are computed in fp32 (fp64 inputs stay fp64).
 """
 
+import functools
 import os
 
 import torch
@@ -259,8 +260,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 SSD_BACKEND = os.environ.get("MLMAMBA_SSD_BACKEND", "auto")
 
 
+@functools.cache
 def _mamba_chunk_scan_combined():
-    """mamba-ssm's fused chunked scan, or None when mamba-ssm (and its Triton kernels) cannot be imported."""
+    """mamba-ssm's fused chunked scan, or None when mamba-ssm (and its Triton kernels) cannot be imported. The answer
+    is kept: a failed import is tried once per process, not on every call."""
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception:  # ImportError, or a broken CUDA/Triton install

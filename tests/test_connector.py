@@ -95,8 +95,7 @@ def test_mlp_and_swiglu_formulas():
 @pytest.mark.parametrize("scan_kind", ["bsm", "csm"])
 def test_connector_variants(kind, scan_kind):
     torch.manual_seed(4)
-    cfg = ConnectorConfig(kind=kind, scan=scan_kind, vision_dim=12, llm_dim=16, grid=(2, 3), d_state=8, headdim=8,
-                          chunk_size=4, drop_path=0.0)
+    cfg = ConnectorConfig(kind=kind, scan=scan_kind, vision_dim=12, grid=(2, 3), drop_path=0.0, mixer=MIXER)
     conn = Connector(cfg).eval()
     v = torch.randn(2, 6, 12)
     with torch.no_grad():

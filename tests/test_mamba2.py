@@ -315,13 +315,13 @@ def test_cuda_graph_decode_gives_the_same_tokens(compile):
 
 
 def test_compiled_block_step_is_one_graph_for_all_layers():
-    """The decoding loop compiles `Mamba2Block.step` once: every layer (and every model of the same shapes) reuses
-    it, and its result equals the plain step. (Dynamo with the eager backend, so no compiler is needed here.)"""
+    """The decoding loop compiles `Mamba2Block.fast_step` once: every layer (and every model of the same shapes)
+    reuses it, and its result equals the plain step. (Dynamo with the eager backend, so no compiler is needed here.)"""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     model = tiny_model(seed=8)
-    compiled = torch.compile(Mamba2Block.step, backend="eager", fullgraph=True, dynamic=False)
+    compiled = torch.compile(Mamba2Block.fast_step, backend="eager", fullgraph=True, dynamic=False)
     ids = torch.randint(0, 100, (2, 13))
     with torch.no_grad():
         plain, fused = model.allocate_cache(2), model.allocate_cache(2)
@@ -339,17 +339,19 @@ def test_compiled_block_step_is_one_graph_for_all_layers():
 
 @pytest.mark.parametrize("ngroups,bias", [(1, False), (2, False), (1, True)])
 def test_one_token_step_equals_the_full_forward(ngroups, bias):
-    """`step` (the decoding path; with one group and no bias it applies the gated norm's scale after out_proj)
-    gives, token by token from an empty cache, the logits of the full forward (fp32: the norms compute in fp32)."""
+    """`step` (eq. 3 one token at a time) and its fast path `fast_step` (with one group and no bias, the gated norm's
+    scale applied after out_proj) give, token by token from an empty cache, the logits of the full forward (fp32:
+    the norms compute in fp32)."""
     model = tiny_model(seed=9, ngroups=ngroups, bias=bias)
     ids = torch.randint(0, 100, (2, 7))
     with torch.no_grad():
         full = model(ids)
-        cache = model.allocate_cache(2)
-        steps = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
+        for block_step in (Mamba2Block.step, Mamba2Block.fast_step):
+            cache = model.allocate_cache(2)
+            steps = torch.stack([model.step(ids[:, t], cache, block_step) for t in range(ids.shape[1])], dim=1)
+            torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-6)
+            assert cache.seqlen_offset == ids.shape[1]
     assert full.abs().max() > 0.1
-    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-6)
-    assert cache.seqlen_offset == ids.shape[1]
 
 
 def test_cuda_graph_on_the_cpu_is_a_clear_error():
