@@ -121,6 +121,28 @@ def _in_words(conversation, words):
     return [dict(turn, value=turn["value"].replace("<image>", words)) for turn in conversation]
 
 
+def _questions(scene, rng):
+    """[(family, (question, answer))]: one question of each family the scene can pose, in FAMILIES order."""
+    qas = [(f, make_question(scene, f, rng)) for f in FAMILIES]
+    return [(f, qa) for f, qa in qas if qa is not None]
+
+
+def _training_conversation(scene, rng, extra_rng, extra_spatial):
+    """A training sample's turns: the scene's questions in random order, then `extra_spatial` more spatial questions
+    put at random places among them (from their own random stream); the image comes with the first question."""
+    qas = _questions(scene, rng)
+    rng.shuffle(qas)
+    for _ in range(extra_spatial):
+        qa = make_question(scene, "spatial", extra_rng)
+        if qa is None:
+            break
+        qas.insert(extra_rng.randint(0, len(qas)), ("spatial", qa))
+    conv = []
+    for j, (_, (q, a)) in enumerate(qas):
+        conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return conv
+
+
 def _world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial):
     return {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
             "cell": cell, "extra_spatial": extra_spatial}
@@ -168,23 +190,13 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
             name = f"{split}_{i:05d}.png"
             draw_scene(scene, cell, seed=rng.randrange(1 << 30)).save(root / "images" / name)
             scenes[f"images/{name}"] = scene
-            qas = [(f, make_question(scene, f, rng)) for f in FAMILIES]
-            qas = [(f, qa) for f, qa in qas if qa is not None]
             words = describe_scene(scene)  # what replaces the image in text.json and test_text.json
             if split == "train":
-                rng.shuffle(qas)
-                for _ in range(extra_spatial):
-                    qa = make_question(scene, "spatial", extra_rng)
-                    if qa is None:
-                        break
-                    qas.insert(extra_rng.randint(0, len(qas)), ("spatial", qa))
-                conv = []
-                for j, (_, (q, a)) in enumerate(qas):
-                    conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
+                conv = _training_conversation(scene, rng, extra_rng, extra_spatial)
                 samples.append({"id": f"{split}-{i}", "image": f"images/{name}", "conversations": conv})
                 text.append({"id": f"{split}-{i}-text", "conversations": _in_words(conv, words)})
             else:
-                for f, (q, a) in qas:
+                for f, (q, a) in _questions(scene, rng):
                     conv = [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]
                     samples.append({"id": f"{split}-{i}-{f}", "image": f"images/{name}", "family": f,
                                     "conversations": conv})
