@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba2 import Mamba2Config, Mamba2Mixer, RMSNorm
+from weights import check_fields
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,6 +183,9 @@ class ConnectorConfig:
     mixer: Mamba2Config = field(default_factory=_default_mixer)  # the MSC's mixers; mixer.d_model is the LLM width
 
     def __post_init__(self):
+        check_fields(self, "ConnectorConfig", positive=("vision_dim", "n_layers"))
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"ConnectorConfig: drop_path must be in [0, 1), not {self.drop_path!r}")
         self.grid = tuple(self.grid)
         if self.kind not in ("mlp", "msc-basic", "msc-advanced"):
             raise ValueError(f"unknown connector kind {self.kind!r}: use 'mlp', 'msc-basic' or 'msc-advanced'")

@@ -160,10 +160,7 @@ def synthetic_dataset_is_built(root, seed=0, n_train=3000, n_val=200, n_test=300
 def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, cell=16, extra_spatial=0):
     """Write images/ and train.json, val.json, test.json (LLaVA layout) under root; returns the json paths.
 
-    Train samples are multi-turn: one question of each family the scene allows, in random order, and then
-    `extra_spatial` more spatial questions put at random places among them, where the scene can pose one. They come
-    from a random stream of their own, so the scenes and every other question are the same whatever
-    `extra_spatial` is. Val and test samples hold one question each (every
+    Train samples are multi-turn (`_training_conversation`); val and test samples hold one question each (every
     family for every image), with a "family" field for scoring. text.json: the training conversations, text-only,
     with the scene described in words where the image was; test_text.json: the test questions written the same way,
     to score with evaluate.py a LM that has not seen an image yet (the pretrain stage's checkpoints).
@@ -229,6 +226,36 @@ def conversation_turns(sample):
     return [(t["from"], t["value"]) for t in sample["conversations"]]
 
 
+def sample_problem(sample, image_root):
+    """Why a LLaVA-format sample cannot be trained on, or None when it can: a JSON object whose "conversations" is a
+    list of turns {"from": "human" / "gpt", "value": text} alternating from "human", with at least one reply that is
+    not empty, one "<image>" at most, and, when it has an "image", a file of that name under image_root."""
+    if not isinstance(sample, dict):
+        return f"a sample must be a JSON object, not {type(sample).__name__}"
+    turns = sample.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return 'no "conversations" list'
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            keys = ", ".join(map(str, turn)) if isinstance(turn, dict) else type(turn).__name__
+            return f'turn {j} is not {{"from", "value"}} (it has: {keys})'
+        if not isinstance(turn["value"], str):
+            return f'turn {j}: "value" must be text, not {turn["value"]!r}'
+        if turn["from"] != ("human" if j % 2 == 0 else "gpt"):
+            return f'turn {j} is from {turn["from"]!r}; turns alternate "human" / "gpt", from "human"'
+    if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
+        return "no reply to train on"
+    if sum(t["value"].count("<image>") for t in turns) > 1:
+        return "more than one <image> placeholder"
+    if "image" in sample:
+        image = sample["image"]
+        if not isinstance(image, str) or not image:
+            return f'"image" must be a file name, not {image!r}'
+        if not (Path(image_root) / image).is_file():
+            return f"image not found: {Path(image_root) / image}"
+    return None
+
+
 def train_tokenizer(texts, vocab_size=512):
     """A byte-level BPE tokenizer trained on `texts`, with "<|endoftext|>" and "<image>" as special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -246,8 +273,9 @@ class LLaVADataset(torch.utils.data.Dataset):
 
     tokenizer, image_token_id, num_image_tokens: as `encode_conversation` takes them (each image becomes that many
     slots). preprocess: image path -> {encoder name: (3, S, S)} (`DualEncoder.preprocess`).
-    A sample whose image is missing or unreadable, or whose text holds several "<image>" placeholders, becomes a
-    `{"skip": reason}` item that `collate` sets aside, so one bad sample never stops a run.
+    Every sample is checked when the file is loaded (`sample_problem`): the malformed ones are set aside with their
+    reason in `problems` {index: reason} and the others kept, in order. An image that fails to decode during
+    training becomes a `{"skip": reason}` item that `collate` sets aside, so one bad sample never stops a run.
     cache_images: keep each image's preprocessed pixels in memory after its first read, keyed by the image path, so
     samples that share an image share them (the synthetic world's 3000 images of 48 px take ~170 MB). Off for real
     data."""
@@ -258,10 +286,15 @@ class LLaVADataset(torch.utils.data.Dataset):
         if not self.json_path.is_file():
             raise FileNotFoundError(f"data file not found: {self.json_path}")
         try:
-            self.samples = json.loads(self.json_path.read_text())
-        except json.JSONDecodeError as e:
+            samples = json.loads(self.json_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.json_path} is not valid JSON: {e}") from None
+        if not isinstance(samples, list):
+            raise ValueError(f"{self.json_path} must hold a JSON list of samples, not a {type(samples).__name__}")
         self.image_root = Path(image_root) if image_root else self.json_path.parent
+        reasons = [sample_problem(x, self.image_root) for x in samples]
+        self.problems = {i: r for i, r in enumerate(reasons) if r is not None}
+        self.samples = [x for x, r in zip(samples, reasons) if r is None]
         self.tokenizer, self.image_token_id, self.num_image_tokens = tokenizer, image_token_id, num_image_tokens
         self.preprocess = preprocess
         self.pixel_cache = {} if cache_images else None
@@ -298,12 +331,12 @@ class LLaVADataset(torch.utils.data.Dataset):
 
 def collate(items):
     """Right-pad a list of dataset items into a batch: {"input_ids", "labels" (b, L), "pixel_values" {name: (b, 3,
-    S, S)} or None, "skipped" [reasons]}; input_ids is None when every item was skipped. Text-only rows get zero
-    pixels (never read: they hold no image slot)."""
+    S, S)} or None, "tokens" (the real ones, padding excluded), "skipped" [reasons]}; input_ids is None when every
+    item was skipped. Text-only rows get zero pixels (never read: they hold no image slot)."""
     skipped = [x["skip"] for x in items if "skip" in x]
     items = [x for x in items if "skip" not in x]
     if not items:
-        return {"input_ids": None, "labels": None, "pixel_values": None, "skipped": skipped}
+        return {"input_ids": None, "labels": None, "pixel_values": None, "tokens": 0, "skipped": skipped}
     L = max(len(x["input_ids"]) for x in items)
     ids = torch.tensor([x["input_ids"] + [0] * (L - len(x["input_ids"])) for x in items])
     labels = torch.tensor([x["labels"] + [IGNORE_INDEX] * (L - len(x["labels"])) for x in items])
@@ -312,7 +345,8 @@ def collate(items):
     if with_image:
         pixels = {name: torch.stack([x["pixels"][name] if x["pixels"] is not None else torch.zeros_like(px)
                                      for x in items]) for name, px in with_image[0].items()}
-    return {"pixel_values": pixels, "input_ids": ids, "labels": labels, "skipped": skipped}
+    return {"pixel_values": pixels, "input_ids": ids, "labels": labels, "tokens": sum(len(x["input_ids"]) for x in items),
+            "skipped": skipped}
 
 
 @dataclass

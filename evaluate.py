@@ -22,6 +22,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from weights import positive_int
+
 # ----------------------------------------------------------------------------------------------------------------
 # Answer normalization (the VQA evaluation's rules)
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,38 +103,85 @@ def family_accuracy(predictions, answers, families):
 # Question files and answering
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_questions(path):
-    """[{"question", "answer" (str or list of human answers), "image" or None, "family"}] from a question file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"question file not found: {path}")
+def read_records(path):
+    """The records of a JSON list (or an object holding one under "questions" / "data") or of JSON lines."""
     text = path.read_text()
     try:
         records = json.loads(text)
-        if isinstance(records, dict):
-            records = records.get("questions") or records.get("data") or list(records.values())
-    except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON lines (POPE)
-    out = []
-    for r in records:
-        if "conversations" in r:
-            q = r["conversations"][0]["value"].replace("<image>", "").strip()
-            a = r["conversations"][1]["value"]
-        else:
-            q = r.get("question", r.get("text"))
-            a = r.get("answers", r.get("answer", r.get("label")))
-            if isinstance(a, list) and a and isinstance(a[0], dict):  # VQA-v2: [{"answer": ...}, ...]
-                a = [x["answer"] for x in a]
-        out.append({"question": q, "answer": a, "image": r.get("image"), "family": r.get("family", "all")})
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):  # JSON lines (POPE)
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(records, dict):  # {"questions": [...]}, {"data": [...]}, or {id: record}
+        key = next((k for k in ("questions", "data") if k in records), None)
+        records = records[key] if key else list(records.values())
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path} holds no questions (expected a JSON list of records, or JSON lines)")
+    return records
+
+
+def parse_record(r):
+    """{"question", "answer", "image", "family"} from one record; a ValueError says what is wrong with it."""
+    if not isinstance(r, dict):
+        raise ValueError(f"a record must be a JSON object, not {type(r).__name__}")
+    if "conversations" in r:
+        turns = r["conversations"]
+        if not (isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) for t in turns[:2])):
+            raise ValueError('"conversations" must hold a question turn and an answer turn')
+        q, a = turns[0].get("value"), turns[1].get("value")
+        q = q.replace("<image>", "").strip() if isinstance(q, str) else q
+    else:
+        q = r.get("question", r.get("text"))
+        a = r.get("answers", r.get("answer", r.get("label")))
+        if isinstance(a, list) and a and all(isinstance(x, dict) for x in a):  # VQA-v2: [{"answer": ...}, ...]
+            a = [x.get("answer") for x in a]
+    if not isinstance(q, str) or not q.strip():
+        raise ValueError(f"no question text (found {q!r})")
+    if not (isinstance(a, str) or (isinstance(a, list) and a and all(isinstance(x, str) for x in a))):
+        raise ValueError(f"the answer must be text or a list of texts, not {a!r}")
+    image = r.get("image")
+    if image is not None and not isinstance(image, str):
+        raise ValueError(f'"image" must be a file name, not {image!r}')
+    return {"question": q, "answer": a, "image": image, "family": str(r.get("family", "all"))}
+
+
+def load_questions(path, shown=5):
+    """[{"question", "answer" (str or list of human answers), "image" or None, "family"}] from a question file,
+    checked whole before any question is asked: malformed records are listed (the first few) in one error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"question file not found: {path}")
+    out, problems = [], []
+    for i, r in enumerate(read_records(path)):
+        try:
+            out.append(parse_record(r))
+        except ValueError as e:
+            problems.append(f"record {i}: {e}")
+    if problems:
+        more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise ValueError(f"{path}: {len(problems)} malformed record(s): {'; '.join(problems[:shown])}{more}")
     return out
 
 
 def answer_questions(model, questions, image_root, max_new_tokens=10, progress=True):
-    """Greedy answers, one question at a time (the image encoded once per question)."""
+    """Greedy answers, one question at a time (the image encoded once per question). A question whose image cannot
+    be read gets the empty answer (a scored miss) and a warning."""
+    from vision import ImageError
     answers = []
     for i, q in enumerate(questions):
         image = Path(image_root) / q["image"] if q["image"] else None
-        ids = model.generate(image, q["question"], max_new_tokens=max_new_tokens)
+        try:
+            ids = model.generate(image, q["question"], max_new_tokens=max_new_tokens)
+        except ImageError as e:
+            print(f"warning: question {i} scored as a miss: {e}", file=sys.stderr, flush=True)
+            ids = []
         answers.append(model.tokenizer.decode(ids).strip())
         if progress and (i + 1) % 200 == 0:
             print(f"  answered {i + 1}/{len(questions)}", flush=True)
@@ -142,6 +191,9 @@ def answer_questions(model, questions, image_root, max_new_tokens=10, progress=T
 def evaluate(model, question_file, image_root=None, metric="family", max_new_tokens=10):
     import torch
     questions = load_questions(question_file)
+    if metric in ("family", "pope") and any(isinstance(q["answer"], list) for q in questions):
+        raise ValueError(f"{question_file}: the {metric} metric needs one answer per question; lists of human answers "
+                         "go with --metric vqa")
     root = image_root or Path(question_file).parent
     model.eval()
     with torch.no_grad():
@@ -162,7 +214,7 @@ def main(argv=None):
     p.add_argument("--image-root", default=None, help="default: the question file's folder")
     p.add_argument("--metric", default="family", choices=["family", "pope", "vqa"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=positive_int, default=10)
     args = p.parse_args(argv)
     from model import MLMamba
     from weights import USER_ERRORS, report_user_error

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from weights import nonnegative_float, nonnegative_int, positive_int, probability
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,14 +22,14 @@ def parse_args(argv=None):
     p.add_argument("--image", help="the image file (omit for a text-only prompt)")
     p.add_argument("--prompt", help="the question; omit with --interactive")
     p.add_argument("--interactive", action="store_true", help="keep the image and the conversation, ask in turn")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling: in (0, 1]; 1 = off")
+    p.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--eager-decode", action="store_true",
                    help="decode step by step from Python (default on CUDA: the step compiled and replayed as a CUDA "
                         "graph; the CPU always decodes eagerly)")

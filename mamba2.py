@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ssd import ssd, ssd_step
-from weights import (CheckpointError, match_tensors, read_config, read_tensors, resolve_folder, save_safetensors,
-                     write_json)
+from weights import (CheckpointError, check_fields, match_tensors, read_config, read_tensors, resolve_folder,
+                     save_safetensors, write_json)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,6 +78,9 @@ class Mamba2Config:
         return math.ceil(self.vocab_size / m) * m
 
     def __post_init__(self):
+        check_fields(self, "Mamba2Config", positive=("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
+                                                     "headdim", "ngroups", "chunk_size", "pad_vocab_size_multiple",
+                                                     "norm_eps", "dt_min", "dt_max"))
         self.dt_limit = tuple(self.dt_limit)
         self.A_init_range = tuple(self.A_init_range)
         if self.d_inner % self.headdim:
@@ -120,10 +123,22 @@ def _json_float(v):
     return float(v["__float__"]) if isinstance(v, dict) else float(v)
 
 
-def config_from_checkpoint(cfg):
-    """(Mamba2Config, layout) from a checkpoint's config.json; layout is "state-spaces" or "hf"."""
+def config_from_checkpoint(cfg, source="config.json"):
+    """(Mamba2Config, layout) from a checkpoint's config.json; layout is "state-spaces" or "hf". A field that is
+    missing or of the wrong type is a CheckpointError naming `source` and the field."""
+    try:
+        return _config_from_checkpoint(cfg)
+    except KeyError as e:
+        raise CheckpointError(f"{source} has no {e.args[0]!r} field") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _config_from_checkpoint(cfg):
     if "d_model" in cfg and "n_layer" in cfg:  # mamba_ssm's MambaConfig
         ssm = cfg.get("ssm_cfg", {})
+        if not isinstance(ssm, dict):
+            raise ValueError(f"ssm_cfg must be an object, not {ssm!r}")
         if ssm.get("layer", "Mamba1") != "Mamba2":
             raise CheckpointError("this is a Mamba-1 checkpoint (ssm_cfg.layer is not 'Mamba2'); use a mamba2-* one")
         if cfg.get("d_intermediate", 0) or cfg.get("attn_layer_idx") or not cfg.get("rms_norm", True):
@@ -596,7 +611,7 @@ class Mamba2LMHeadModel(nn.Module):
         pytorch_model.bin) in the state-spaces or the transformers layout, or a hub repo id (needs huggingface_hub
         and the network)."""
         folder = resolve_folder(path, allow_patterns=["config.json", "*.safetensors", "*.json", "*.bin"])
-        config, layout = config_from_checkpoint(read_config(folder))
+        config, layout = config_from_checkpoint(read_config(folder), source=f"{folder / 'config.json'}")
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight" or
@@ -640,4 +655,7 @@ def load_tokenizer(path):
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {path}; Mamba-2 uses GPT-NeoX-20B's tokenizer: put "
                                 "EleutherAI/gpt-neox-20b's tokenizer.json there")
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise CheckpointError(f"{file} is not a valid tokenizer.json ({e}); take it again from its source") from None

@@ -15,7 +15,6 @@ or the padding.
 Batches are padded on the right: the LM is causal, so padding after the real tokens cannot change them.
 """
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from connector import Connector, ConnectorConfig
 from mamba2 import Mamba2Config, Mamba2LMHeadModel, load_tokenizer
 from vision import DualEncoder, ViT, ViTConfig
-from weights import CheckpointError, match_tensors, read_tensors, save_safetensors, write_json
+from weights import CheckpointError, match_tensors, read_config, read_tensors, save_safetensors, write_json
 
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN = "<|endoftext|>"  # GPT-NeoX-20B's end of text, the stop token
@@ -45,6 +44,16 @@ class MLMambaConfig:
         return {"lm": self.lm.to_dict(), "vision": {k: asdict(v) for k, v in self.vision.items()},
                 "connector": self.connector.to_dict(),
                 "vision_layer": self.vision_layer, "max_length": self.max_length}
+
+    @classmethod
+    def from_file(cls, file):
+        """The config of an ML-Mamba folder; a malformed file is a CheckpointError naming the file and the field."""
+        try:
+            return cls.from_dict(read_config(Path(file).parent))
+        except KeyError as e:
+            raise CheckpointError(f"{file} has no {e.args[0]!r} field") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{file}: {e}") from None
 
     @classmethod
     def from_dict(cls, d):
@@ -266,7 +275,7 @@ class MLMamba(nn.Module):
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"no ML-Mamba model at {folder} (config.json missing)")
-        config = MLMambaConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        config = MLMambaConfig.from_file(folder / "config.json")
         tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         with torch.device("meta"):
             model = cls(config)

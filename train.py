@@ -49,7 +49,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from data import (LLaVADataset, StageBatches, build_synthetic_dataset, collate, conversation_turns,
                   synthetic_dataset_is_built, train_tokenizer)
 from model import IGNORE_INDEX, MLMamba, MLMambaConfig, conversation_segments
-from weights import USER_ERRORS, atomic_write_text, report_user_error
+from weights import (USER_ERRORS, atomic_write_text, fraction, nonnegative_float, nonnegative_int, positive_float,
+                     positive_int, report_user_error)
 
 STAGES = ("pretrain", "align", "finetune")
 
@@ -94,6 +95,7 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 25
     resume: bool = False
+    overwrite: bool = False
     max_steps: int = None
     seed: int = 0
     world_seed: int = 0
@@ -132,37 +134,41 @@ def parse_args(argv=None):
     p.add_argument("--connector", choices=["mlp", "msc-basic", "msc-advanced"],
                    help="default msc-advanced (with --init-from: the folder's)")
     p.add_argument("--scan", choices=["bsm", "csm"], help="default bsm (with --init-from: the folder's)")
-    p.add_argument("--drop-path", type=float, help="the MSC blocks' stochastic depth (default 0.1)")
-    p.add_argument("--image-size", type=int, help="encoder input size (real runs; default 384)")
+    p.add_argument("--drop-path", type=fraction, help="the MSC blocks' stochastic depth (default 0.1)")
+    p.add_argument("--image-size", type=positive_int, help="encoder input size (real runs; default 384)")
     p.add_argument("--out", help="the run folder (default runs/synthetic)")
-    p.add_argument("--pretrain-epochs", type=float, help="text-only pretrain epochs")
-    p.add_argument("--align-epochs", type=float, help="align epochs")
-    p.add_argument("--epochs", type=float, help="finetune epochs")
-    p.add_argument("--lr", type=float, help="finetune and pretrain lr")
-    p.add_argument("--align-lr", type=float, help="align lr")
-    p.add_argument("--connector-lr", type=float, help="the connector's lr in the finetune stage (see make_optimizer)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-ratio", type=float)
-    p.add_argument("--global-batch", type=int)
-    p.add_argument("--per-device-batch", type=int, help="default: the global batch / processes")
-    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--pretrain-epochs", type=nonnegative_float, help="text-only pretrain epochs")
+    p.add_argument("--align-epochs", type=nonnegative_float, help="align epochs")
+    p.add_argument("--epochs", type=nonnegative_float, help="finetune epochs")
+    p.add_argument("--lr", type=positive_float, help="finetune and pretrain lr")
+    p.add_argument("--align-lr", type=positive_float, help="align lr")
+    p.add_argument("--connector-lr", type=positive_float,
+                   help="the connector's lr in the finetune stage (see make_optimizer)")
+    p.add_argument("--weight-decay", type=nonnegative_float)
+    p.add_argument("--warmup-ratio", type=fraction)
+    p.add_argument("--global-batch", type=positive_int)
+    p.add_argument("--per-device-batch", type=positive_int, help="default: the global batch / processes")
+    p.add_argument("--max-grad-norm", type=positive_float)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 autocast on CUDA")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--parallel", choices=["fsdp", "ddp"],
                    help="under torchrun: shard the model over the processes (FSDP, default) or replicate it (DDP)")
-    p.add_argument("--workers", type=int, help="data-loading worker processes")
-    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 200)")
-    p.add_argument("--log-every", type=int, help="steps between progress lines (default 25)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--max-steps", type=int, help="stop each stage after this many steps")
-    p.add_argument("--seed", type=int, help="initialization, batch order, stochastic depth (default 0)")
-    p.add_argument("--world-seed", type=int,
+    p.add_argument("--workers", type=nonnegative_int, help="data-loading worker processes")
+    p.add_argument("--save-every", type=positive_int, help="steps between checkpoints (default 200)")
+    p.add_argument("--log-every", type=positive_int, help="steps between progress lines (default 25)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    p.add_argument("--max-steps", type=positive_int, help="stop each stage after this many steps")
+    p.add_argument("--seed", type=nonnegative_int, help="initialization, batch order, stochastic depth (default 0)")
+    p.add_argument("--world-seed", type=nonnegative_int,
                    help="the synthetic world's seed (apart from --seed: runs that differ in --seed share one world)")
-    p.add_argument("--extra-spatial", type=int,
+    p.add_argument("--extra-spatial", type=nonnegative_int,
                    help="the synthetic world: spatial questions added to each training conversation that can pose one")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--no-eval", action="store_true")
     given = vars(p.parse_args(argv))
+    if given.get("resume") and given.get("overwrite"):
+        p.error("--resume continues the run in --out and --overwrite deletes it: give one")
     preset = given.get("preset") or ("paper" if given.get("data") else "synthetic")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return TrainConfig(**{"device": device, **PRESETS[preset], **given, "preset": preset})
@@ -317,6 +323,16 @@ def dataset_for(model, json_path, image_root=None, cache_images=False):
                         model.vision.preprocess, cache_images=cache_images)
 
 
+def report_problems(dataset, log, shown=5):
+    """One line: how many samples of the file were set aside as malformed, and why (the first few)."""
+    if dataset is None or not dataset.problems:
+        return
+    items = list(dataset.problems.items())
+    listing = "; ".join(f"sample {i}: {reason}" for i, reason in items[:shown])
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    log(f"{dataset.json_path}: {len(items)} of {len(items) + len(dataset)} samples set aside: {listing}{more}")
+
+
 def lr_factor(step, total, warmup):
     """Linear warmup to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -364,8 +380,8 @@ def load_full_state(model, optimizer, model_state, optimizer_state):
 
 
 def save_checkpoint(stage_dir, model, state, optimizer_state, scheduler, step, total, done=False, keep=2):
-    """stage_dir/checkpoint-STEP/, then stage_dir/latest -> it, switched atomically. state, optimizer_state: from
-    full_state."""
+    """stage_dir/checkpoint-STEP/, then stage_dir/latest -> it, switched atomically; then all but the `keep` newest
+    checkpoints are deleted, never the one `latest` names. state, optimizer_state: from full_state."""
     ckpt = stage_dir / f"checkpoint-{step}"
     tmp = stage_dir / f".tmp-checkpoint-{step}"
     for folder in (ckpt, tmp):
@@ -376,7 +392,8 @@ def save_checkpoint(stage_dir, model, state, optimizer_state, scheduler, step, t
     (tmp / "state.json").write_text(json.dumps({"step": step, "total_steps": total, "done": done}))
     os.replace(tmp, ckpt)
     atomic_write_text(stage_dir / "latest", ckpt.name)  # the switch: before it the old checkpoint rules, then the new
-    for old in sorted(stage_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))[:-keep]:
+    others = sorted((d for d in stage_dir.glob("checkpoint-*") if d != ckpt), key=lambda d: int(d.name.split("-")[1]))
+    for old in others[:len(others) - (keep - 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return ckpt
 
@@ -387,6 +404,34 @@ def latest_checkpoint(stage_dir):
         return None
     ckpt = stage_dir / pointer.read_text().strip()
     return ckpt if (ckpt / "state.json").is_file() else None
+
+
+RUN_OUTPUTS = ("final", "train.log", "eval.json")  # beside the stage folders
+
+
+def prepare_run_folder(cfg, proc):
+    """A run folder is never silently mixed or rewound: --resume needs a checkpoint to continue from; a folder that
+    holds a run needs --resume or --overwrite, which deletes that run first. Returns what was deleted."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        for stage in STAGES:
+            pointer = out / stage / "latest"
+            if pointer.is_file() and latest_checkpoint(out / stage) is None:
+                raise ValueError(f"--resume: {pointer} names {pointer.read_text().strip()!r}, which is not a complete "
+                                 f"checkpoint in {out / stage}; point it at one that is, or start over with --overwrite")
+        if not any(latest_checkpoint(out / stage) for stage in STAGES):
+            raise ValueError(f"--resume: {out} holds no checkpoint to continue from; start without --resume")
+        return []
+    held = [out / s for s in STAGES if (out / s).is_dir()] + [out / n for n in RUN_OUTPUTS if (out / n).exists()]
+    if held and not cfg.overwrite:
+        raise ValueError(f"{out} already holds a run ({', '.join(p.name for p in held)}): continue it with --resume, "
+                         "or delete it and start over with --overwrite")
+    if proc.rank == 0:
+        for path in held:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if proc.world_size > 1:
+        dist.barrier()
+    return held
 
 
 def resume_stage(stage_dir, model, optimizer, scheduler, log):
@@ -412,12 +457,14 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a NaN or infinite loss); the message names the step and the last good checkpoint."""
 
 
-def stage_batches(stage, n, cfg, proc):
+def stage_batches(stage, dataset, cfg, proc):
     """The stage's StageBatches from step 0: its epochs, seed, global batch and micro-batches, checked."""
     epochs = {"pretrain": cfg.pretrain_epochs, "align": cfg.align_epochs, "finetune": cfg.epochs}[stage]
+    n = len(dataset)
     per_epoch = n // cfg.global_batch
     if per_epoch == 0:
-        raise ValueError(f"{n} samples are fewer than one global batch of {cfg.global_batch}")
+        raise ValueError(f"{dataset.json_path}: {n} usable samples ({len(dataset.problems)} set aside as malformed) "
+                         f"are fewer than one global batch of {cfg.global_batch}")
     total = max(1, int(epochs * per_epoch))
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -457,6 +504,10 @@ def train_step(wrapped, model, micro_batches, optimizer, scheduler, cfg, proc):
             continue
         (loss_sum / n_tokens.clamp(min=1) * proc.world_size).backward()  # DDP and FSDP average over ranks
         step_loss += loss_sum.detach()
+    if n_tokens == 0:  # every sample of the global batch was skipped: no update, the schedule goes on
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return None, None
     if proc.world_size > 1:
         dist.all_reduce(step_loss)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -469,6 +520,14 @@ def train_step(wrapped, model, micro_batches, optimizer, scheduler, cfg, proc):
     return step_loss.cpu() / n_tokens.clamp(min=1), grad_norm
 
 
+def speed(samples, tokens, seconds, samples_left):
+    """The progress line's rates: samples/s, tokens/s (every token of every sequence, image slots included, over all
+    processes) and the time left at that rate."""
+    rate = samples / max(seconds, 1e-9)
+    eta = samples_left / max(rate, 1e-9)
+    return f"{rate:.1f} samples/s {tokens / max(seconds, 1e-9):.0f} tokens/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s"
+
+
 def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
     """Train one stage, resuming from its latest checkpoint with --resume; returns the model (unwrapped).
     on_step(step) is called after every optimizer step (and its checkpoint, if one is due)."""
@@ -476,7 +535,7 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
     parts = sorted({n.split(".")[0] for n in model.set_stage(stage)})
     log(f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
         f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
-    batches = stage_batches(stage, len(dataset), cfg, proc)
+    batches = stage_batches(stage, dataset, cfg, proc)
     optimizer = make_optimizer(model, cfg.align_lr if stage == "align" else cfg.lr, cfg.weight_decay,
                                connector_lr=cfg.connector_lr if stage == "finetune" else None)  # after shard()
     total, warmup = batches.total, max(1, int(cfg.warmup_ratio * batches.total))
@@ -492,10 +551,11 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
             model, device_ids=None if proc.device == "cpu" else [proc.device])
     model.lm.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
+    # the loader draws its seeds from a generator of its own: the global RNG draws the stochastic depth
     loader = iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=replace(batches, start=start), collate_fn=collate, num_workers=cfg.workers,
-        pin_memory=proc.device.startswith("cuda"), generator=torch.Generator()))  # its own RNG: the global one
-    t0, seen, skipped = time.time(), 0, set()                                     # draws stochastic depth
+        pin_memory=proc.device.startswith("cuda"), generator=torch.Generator()))
+    t0, seen, tokens, skipped = time.time(), 0, 0, set()
     last_good = latest_checkpoint(stage_dir)
     for step in range(start, total):
         micro_batches = [next(loader) for _ in range(batches.micro_per_step())]
@@ -503,17 +563,17 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
             skipped.add(reason)
             log(f"[{stage}] skipping {reason}")
         loss, grad_norm = train_step(wrapped, model, micro_batches, optimizer, scheduler, cfg, proc)
-        if not math.isfinite(loss):
+        if loss is None:
+            log(f"[{stage}] step {step + 1}: every sample of the batch was skipped; no update")
+        elif not math.isfinite(loss):
             raise TrainingError(f"[{stage}] loss is {float(loss)} at step {step + 1}: stopping. The last good "
                                 f"checkpoint is {last_good or 'none (no checkpoint was written yet)'}")
-        seen += cfg.global_batch
+        seen, tokens = seen + cfg.global_batch, tokens + sum(b["tokens"] for b in micro_batches) * proc.world_size
         done = step + 1 == total
-        if (step + 1) % cfg.log_every == 0 or done or step == start:
-            rate = seen / max(1e-9, time.time() - t0)
-            eta = (total - step - 1) * cfg.global_batch / max(rate, 1e-9)
+        if loss is not None and ((step + 1) % cfg.log_every == 0 or done or step == start):
             log(f"[{stage}] step {step + 1}/{total} epoch {step // batches.steps_per_epoch() + 1} loss {loss:.4f} "
                 f"grad-norm {float(grad_norm):.3g} lr {scheduler.get_last_lr()[0]:.2e} "
-                f"{rate:.1f} samples/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
+                + speed(seen, tokens, time.time() - t0, (total - step - 1) * cfg.global_batch))
         if (step + 1) % cfg.save_every == 0 or done:
             model_state, optimizer_state = full_state(model, optimizer)  # every process: gathers FSDP's shards
             if proc.rank == 0:
@@ -548,7 +608,10 @@ def train(cfg, on_step=None):
     """Every stage asked for; returns the trained model (rank 0 also saves it and, on synthetic data, scores it).
     on_step(step): called after each optimizer step of each stage."""
     proc = setup_distributed(cfg)
+    deleted = prepare_run_folder(cfg, proc)
     log = RunLog(proc.rank, Path(cfg.out) / "train.log")
+    if deleted:
+        log(f"--overwrite: deleted {', '.join(str(p) for p in deleted)}")
     log(f"preset {cfg.preset}: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in PRESETS[cfg.preset]))
     torch.manual_seed(cfg.seed)
     files = prepare_data(cfg, proc, log)
@@ -562,6 +625,8 @@ def train(cfg, on_step=None):
         raise ValueError("--stage pretrain needs --pretrain-data (a text-only LLaVA-format JSON)")
     dataset = dataset_for(model, files.train_json, files.image_root, cache_images=cfg.data is None)
     text = dataset_for(model, files.pretrain_json) if "pretrain" in stages else None
+    for ds in (dataset, text):
+        report_problems(ds, log)
     cc = model.config.connector
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
         f"(connector {cc.kind}/{cc.scan}); {len(dataset)} training samples"

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from weights import CheckpointError, match_tensors, read_config, read_tensors, resolve_folder
+from weights import CheckpointError, check_fields, match_tensors, read_config, read_tensors, resolve_folder
 
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -43,6 +43,9 @@ class ViTConfig:
     input_size: int = 384  # the size images are resized to before encoding
 
     def __post_init__(self):
+        check_fields(self, "ViTConfig", positive=("image_size", "patch_size", "hidden_size", "intermediate_size",
+                                                  "num_layers", "num_heads", "layer_norm_eps", "input_size"),
+                     nonnegative=("num_register_tokens",))
         if self.kind not in ("siglip", "dinov2"):
             raise ValueError(f"ViTConfig.kind must be 'siglip' or 'dinov2', not {self.kind!r}")
         if self.kind == "siglip" and self.num_register_tokens:
@@ -271,13 +274,15 @@ def load_image(image):
     name = "<PIL image>"
     if not isinstance(image, Image.Image):
         name = str(image)
+        if Path(image).is_dir():
+            raise ImageError(f"{name} is a folder, not an image file")
         if not Path(image).is_file():
             raise ImageError(f"image not found: {name}")
         try:
             with Image.open(image) as f:
                 f.load()  # decode now, so that a truncated file fails here, naming the file
                 image = f.copy()  # keeps .info (EXIF, transparency)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"cannot read image {name}: {e}") from None
     try:
         image = ImageOps.exif_transpose(image)

@@ -6,12 +6,16 @@
 - `match_tensors`: apply a loader's explicit name map (our name -> checkpoint name) and check it both ways: missing
   tensors, unexpected tensors and shape conflicts are all reported together, and nothing is loaded half-way.
 - `atomic_write` (and `save_safetensors`, `write_json`): a temp file + rename, so a crash never leaves a torn file.
+- `check_fields`, `positive_int`, ...: configs and arguments checked before any work starts.
 - `USER_ERRORS`, `report_user_error`: how the command lines end on a user's mistake (one line, exit code 2).
 """
 
+import argparse
 import json
+import math
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -52,9 +56,12 @@ def read_config(folder):
     if not file.is_file():
         raise CheckpointError(f"no config.json in {folder}")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, not a {type(cfg).__name__}")
+    return cfg
 
 
 def _read_one(file):
@@ -142,8 +149,45 @@ def write_json(obj, file):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The command lines' report of a user's mistake
+# Checking configs and arguments, and the command lines' report of a user's mistake
 # ----------------------------------------------------------------------------------------------------------------
+
+def check_fields(config, source, positive=(), nonnegative=()):
+    """Every field of a config dataclass has its declared type (int, float, bool, str or tuple; an int is a float
+    too), and the named ones are > 0 or >= 0; otherwise a ValueError naming `source` and the field."""
+    for f in fields(config):
+        value, kind = getattr(config, f.name), f.type if isinstance(f.type, type) else None
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {int: isinstance(value, int) and not isinstance(value, bool), float: is_number,
+              bool: isinstance(value, bool), str: isinstance(value, str), tuple: isinstance(value, (tuple, list))}
+        if kind in ok and not ok[kind]:
+            raise ValueError(f"{source}: {f.name} must be {'an' if kind is int else 'a'} {kind.__name__}, "
+                             f"not {value!r}")
+        if (f.name in positive and not value > 0) or (f.name in nonnegative and not value >= 0):
+            raise ValueError(f"{source}: {f.name} must be {'> 0' if f.name in positive else '>= 0'}, not {value!r}")
+
+
+def _number(kind, test, wanted):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+# argparse types: a bad value ends in argparse's one-line usage error (exit code 2) before any work starts
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
+probability = _number(float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
+fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
 
 # A missing or malformed file, checkpoint, image or setting (vision.ImageError is a ValueError): one line, exit code
 # 2. Anything else is a bug and keeps its traceback.

@@ -11,6 +11,7 @@ MIXER = Mamba2Config(d_model=16, n_layer=1, vocab_size=1, d_state=8, headdim=8, 
 
 
 def test_scan_orders_on_a_non_square_grid():
+    """BSM (forward, backward) and CSM (rows, columns, each reversed) reading orders, Fig. 4, written out by hand."""
     H, W = 2, 3  # patches 0 1 2 / 3 4 5
     assert column_major(H, W).tolist() == [0, 3, 1, 4, 2, 5]
     bsm = scan_orders("bsm", H, W)
@@ -24,6 +25,7 @@ def test_scan_orders_on_a_non_square_grid():
 
 @pytest.mark.parametrize("kind", ["bsm", "csm"])
 def test_every_scan_has_an_exact_inverse(kind):
+    """unscan(scan(x)) = x for every direction of BSM and CSM: each output goes back to its patch (Fig. 5)."""
     x = torch.randn(2, 4 * 5, 3)
     for order in scan_orders(kind, 4, 5):
         assert torch.equal(unscan(scan(x, order), order), x)
@@ -32,6 +34,7 @@ def test_every_scan_has_an_exact_inverse(kind):
 
 
 def test_msc_block_is_the_sum_of_the_reordered_directions():
+    """An MSC block (eq. 7's MSC, Fig. 5) is x + the sum over directions of unscan(Mixer(scan(RMSNorm(x)))), recomputed by hand."""
     torch.manual_seed(0)
     msc = MSC(MIXER, grid=(2, 3), scan="bsm", n_layers=1, drop_path_rate=0.0).eval()
     x = torch.randn(2, 6, 16)
@@ -67,6 +70,7 @@ def test_each_csm_direction_is_causal_in_its_own_order(direction):
 
 
 def test_drop_path_only_in_training():
+    """Stochastic depth drops whole samples' residual branches in training, rescaled; identity in eval."""
     torch.manual_seed(2)
     msc = MSC(MIXER, grid=(2, 2), scan="bsm", n_layers=2, drop_path_rate=0.5)
     x = torch.randn(8, 4, 16)
@@ -78,6 +82,7 @@ def test_drop_path_only_in_training():
 
 
 def test_mlp_and_swiglu_formulas():
+    """Eq. 6's 3-layer MLP and eq. 8's SwiGLU (Fig. 6) against their formulas written with the weights."""
     torch.manual_seed(3)
     mlp, glu = MLP(10, 6), SwiGLU(6)
     x = torch.randn(2, 5, 10)
@@ -94,6 +99,7 @@ def test_mlp_and_swiglu_formulas():
 @pytest.mark.parametrize("kind", ["mlp", "msc-basic", "msc-advanced"])
 @pytest.mark.parametrize("scan_kind", ["bsm", "csm"])
 def test_connector_variants(kind, scan_kind):
+    """Eqs. 6-8: each variant of Table 6 (mlp, msc-basic, msc-advanced) with each scan is the composition the equation writes."""
     torch.manual_seed(4)
     cfg = ConnectorConfig(kind=kind, scan=scan_kind, vision_dim=12, grid=(2, 3), drop_path=0.0, mixer=MIXER)
     conn = Connector(cfg).eval()
@@ -115,6 +121,7 @@ def test_connector_variants(kind, scan_kind):
 
 
 def test_init_from_the_lm_copies_its_first_layers():
+    """init="lm": block i's norm and every direction's mixer equal LM layer i's."""
     torch.manual_seed(5)
     lm = Mamba2LMHeadModel(Mamba2Config(d_model=16, n_layer=3, vocab_size=50, d_state=8, headdim=8, chunk_size=4))
     cfg = ConnectorConfig.for_lm(lm.config, vision_dim=12, grid=(2, 2), scan="csm", init="lm")

@@ -27,6 +27,7 @@ def random_image(seed=0, size=(50, 40)):
 
 
 def test_prompt_format_and_label_masking(tokenizer):
+    """The "In: / Out:" prompt of eq. 9's f_T(Q): the text as tokenized, labels on the replies and stop tokens only."""
     turns = [("human", "<image>\nWhat color is the triangle?"), ("gpt", "Green."), ("human", "How many?"),
              ("gpt", "Two.")]
     ids, labels = encode_conversation(tokenizer, turns, image_token_id=tokenizer.token_to_id("<image>"))
@@ -88,6 +89,7 @@ def batch_of(model, conversations, image_seeds):
 
 
 def test_loss_counts_exactly_the_reply_tokens(model):
+    """Eq. 9 in training: the loss is the mean cross-entropy over exactly the reply tokens, recomputed from the logits."""
     conv = [("human", "<image>\nIs the circle left of the square?"), ("gpt", "Yes.")]
     pixels, ids, labels = batch_of(model, [conv], [0])
     with torch.no_grad():
@@ -138,6 +140,7 @@ def test_training_loss_without_logits_equals_the_full_forward(model):
 
 
 def test_causality_over_the_spliced_sequence(model):
+    """Eq. 9's LM is causal over the image + text sequence: a late token changes no earlier logit and changes its own."""
     conv = [("human", "<image>\nWhat color is the triangle?"), ("gpt", "Green and blue.")]
     pixels, ids, _ = batch_of(model, [conv], [3])
     t = ids.shape[1] - 4  # change a late text token
@@ -169,6 +172,7 @@ def test_cached_generation_equals_greedy_full_forward(model):
 
 
 def test_stage_switch_trains_the_right_parameters(model):
+    """The training stages: pretrain trains the LM, align the connector, finetune both; the encoders never."""
     align = model.set_stage("align")
     assert align and all(n.startswith("connector.") for n in align)
     finetune = model.set_stage("finetune")

@@ -12,7 +12,27 @@ from ssd import (segsum, ssd, ssd_chunked, ssd_quadratic, ssd_recurrent, ssd_ste
 f64 = torch.float64
 
 
-# ---------------------------------------------------------------- eq. 2: zero-order hold
+# ---------------------------------------------------------------- eqs. 1-2: the continuous SSM and its zero-order hold
+
+def test_eq1_eq2_zoh_step_equals_integrating_the_continuous_ssm():
+    """Eq. 1 (h' = A h + B x) integrated by classical Runge-Kutta over one step with x held constant lands where
+    eq. 2's ZOH step puts it: h(delta) = A_bar h(0) + B_bar x."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(4, 4, generator=g, dtype=f64) - 1.5 * torch.eye(4, dtype=f64)
+    B, h0, x = (torch.randn(4, 2, generator=g, dtype=f64), torch.randn(4, generator=g, dtype=f64),
+                torch.randn(2, generator=g, dtype=f64))
+    delta, steps = 0.7, 2000
+    f = lambda h: A @ h + B @ x  # noqa: E731  eq. 1 with the input held (zero-order hold)
+    h, dt = h0.clone(), delta / steps
+    for _ in range(steps):
+        k1 = f(h)
+        k2 = f(h + dt / 2 * k1)
+        k3 = f(h + dt / 2 * k2)
+        k4 = f(h + dt * k3)
+        h = h + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    A_bar, B_bar = zoh_discretize(A, B, delta)
+    torch.testing.assert_close(A_bar @ h0 + B_bar @ x, h, rtol=1e-10, atol=1e-12)
+
 
 def zoh_by_block_exponential(A, B, delta):
     """Independent ZOH: exp(delta [[A, B], [0, 0]]) = [[A_bar, B_bar], [0, I]] (Van Loan's block matrix)."""
@@ -25,6 +45,7 @@ def zoh_by_block_exponential(A, B, delta):
 
 
 def test_zoh_full_matrix_matches_block_exponential():
+    """Eq. 2 for a full A against Van Loan's block exponential, down to a tiny step."""
     g = torch.Generator().manual_seed(0)
     A = torch.randn(5, 5, generator=g, dtype=f64) - 2 * torch.eye(5, dtype=f64)
     B = torch.randn(5, 3, generator=g, dtype=f64)
@@ -36,6 +57,7 @@ def test_zoh_full_matrix_matches_block_exponential():
 
 
 def test_zoh_diagonal_and_scalar_match_block_exponential():
+    """Eq. 2 for a diagonal A (as (N,)) and a scalar A against the block exponential."""
     a = -torch.tensor([0.5, 1.0, 3.0, 10.0], dtype=f64)
     B = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=f64)
     for delta in (0.3, 1e-3):
@@ -55,7 +77,7 @@ def test_zoh_diagonal_and_scalar_match_block_exponential():
 
 
 def test_zoh_small_delta_is_stable():
-    """As delta A -> 0, B_bar -> delta B (Mamba-2's approximation) without 0/0, also for a singular full A."""
+    """Eq. 2 as delta A -> 0: B_bar -> delta B (Mamba-2's approximation) without 0/0, also for a singular full A."""
     a = -torch.tensor([1.0, 2.0, 0.0], dtype=f64)  # includes A = 0 exactly
     B = torch.tensor([1.0, 1.0, 1.0], dtype=f64)
     for delta in (1e-6, 1e-10, 1e-14):
@@ -82,6 +104,7 @@ def lti_recurrence(A_bar, B_bar, C, x):
 
 
 def test_convolution_with_K_equals_the_recurrence():
+    """Eq. 4: y = x * K with K = (C B_bar, C A_bar B_bar, ...) equals the recurrence of eq. 3 run step by step."""
     g = torch.Generator().manual_seed(1)
     N, L = 6, 37
     A = torch.randn(N, N, generator=g, dtype=f64) * 0.3 - torch.eye(N, dtype=f64)
@@ -142,6 +165,8 @@ def test_segsum_is_the_sum_over_the_segment():
 
 
 def test_recurrent_matches_brute_force_loops():
+    """Eq. 3 (selective, Mamba-2's A_bar = exp(dt A), B_bar = dt B): ssd_recurrent against scalar float64 loops over
+    every batch, head, channel and state entry, from a non-zero initial state."""
     x, dt, A, B, C, D, s0 = random_ssd_inputs(b=1, l=9, h=4, p=2, g=2, n=3)
     y, st = ssd_recurrent(x, dt, A, B, C, D, initial_state=s0)
     y_ref, st_ref = brute_force_ssd(x, dt, A, B, C, D, s0)
@@ -153,6 +178,7 @@ def test_recurrent_matches_brute_force_loops():
 @pytest.mark.parametrize("h,g", [(4, 1), (4, 2), (6, 6)])
 @pytest.mark.parametrize("use_D", [False, True])
 def test_quadratic_and_chunked_equal_the_recurrence(l, h, g, use_D):
+    """Eq. 3 in its dual (quadratic) and chunked forms equals the recurrence: odd lengths, several heads and groups."""
     x, dt, A, B, C, D, _ = random_ssd_inputs(l=l, h=h, g=g)
     D = D if use_D else None
     y_rec, st_rec = ssd_recurrent(x, dt, A, B, C, D)
@@ -165,6 +191,7 @@ def test_quadratic_and_chunked_equal_the_recurrence(l, h, g, use_D):
 
 @pytest.mark.parametrize("l,chunk", [(37, 8), (40, 8), (5, 16)])
 def test_chunked_with_initial_state(l, chunk):
+    """Eq. 3 chunked from a non-zero initial state: the output and the final state equal the recurrence's."""
     x, dt, A, B, C, D, s0 = random_ssd_inputs(l=l)
     y_rec, st_rec = ssd_recurrent(x, dt, A, B, C, D, initial_state=s0)
     y, st = ssd_chunked(x, dt, A, B, C, chunk, D, initial_state=s0)
@@ -204,6 +231,7 @@ def test_chunked_gradients_equal_recurrent_gradients():
 
 
 def test_prefill_then_steps_equals_the_full_scan():
+    """Eq. 3 split in time: a chunked prefill, then one ssd_step per token, equals one scan over the whole sequence."""
     x, dt, A, B, C, D, _ = random_ssd_inputs(l=29)
     y_full, st_full = ssd_chunked(x, dt, A, B, C, 8, D)
     k = 11

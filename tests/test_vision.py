@@ -181,6 +181,7 @@ def test_bad_image_files_name_the_file(tmp_path):
 # ---------------------------------------------------------------- dual encoder
 
 def test_dual_encoder_concatenates_in_order(siglip, dinov2):
+    """Eq. 5: the dual encoder's output is the encoders' layer -2 patch tokens concatenated on the feature axis, in order."""
     dino = ViT.from_pretrained(dinov2[1], input_size=42)
     sig = ViT.from_pretrained(siglip[1], input_size=42)
     enc = DualEncoder({"dinov2": dino, "siglip": sig}).freeze()

@@ -1,0 +1,355 @@
+"""Bad input gets a clear error before the work starts, and a run never loses its progress (docs/bad-inputs.md lists
+every case these tests try and its outcome)."""
+
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate as E
+import train as T
+from data import LLaVADataset, collate
+from mamba2 import Mamba2Config, Mamba2LMHeadModel, load_tokenizer
+from model import MLMamba
+from weights import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from data import build_synthetic_dataset
+    root = tmp_path_factory.mktemp("synthetic")
+    build_synthetic_dataset(root, n_train=48, n_val=4, n_test=12, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def saved_model(world, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    T.build_model(T.parse_args(["--device", "cpu"]), T.synthetic_files(world)).save_pretrained(folder)
+    return folder
+
+
+def args_for(world, out, *extra):
+    return ["--synthetic-dir", str(world), "--out", str(out), "--global-batch", "8", "--no-eval", "--device", "cpu",
+            "--stage", "align", "--max-steps", "2", *extra]
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+# ---------------------------------------------------------------- the run folder
+
+def test_a_run_folder_is_never_silently_mixed_or_rewound(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert T.main(args_for(world, out)) == 0
+    # a second run into the same folder must say what it means
+    assert T.main(args_for(world, out)) == 2
+    assert "already holds a run (align, final, train.log)" in one_line_error(capsys) and (out / "final").is_dir()
+    # --overwrite deletes the old run first; the new one's latest names a checkpoint that exists
+    (out / "align" / "checkpoint-500").mkdir()  # an older run's higher-numbered checkpoint
+    assert T.main(args_for(world, out, "--overwrite")) == 0
+    assert not (out / "align" / "checkpoint-500").exists()
+    assert T.latest_checkpoint(out / "align") == out / "align" / "checkpoint-2"
+    # --resume of a finished stage continues (nothing left to do); of an empty folder it refuses
+    assert T.main(args_for(world, out, "--resume")) == 0
+    assert T.main(args_for(world, tmp_path / "empty", "--resume")) == 2
+    assert "holds no checkpoint to continue from" in one_line_error(capsys)
+    # a pointer to a checkpoint that is not there is named, never silently restarted from step 1
+    (out / "align" / "latest").write_text("checkpoint-9")
+    assert T.main(args_for(world, out, "--resume")) == 2
+    assert "names 'checkpoint-9', which is not a complete checkpoint" in one_line_error(capsys)
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(args_for(world, out, "--resume", "--overwrite"))
+    assert e.value.code == 2
+
+
+def test_pruning_never_deletes_the_checkpoint_latest_names(world, tmp_path):
+    """Higher-numbered checkpoints of another run in the folder: the new checkpoint-2 stays, and latest names it."""
+    stage = tmp_path / "align"
+    for step in (500, 600):
+        (stage / f"checkpoint-{step}").mkdir(parents=True)
+    saved = T.build_model(T.parse_args(["--device", "cpu"]), T.synthetic_files(world))
+    opt = torch.optim.AdamW(saved.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    T.save_checkpoint(stage, saved, saved.state_dict(), {}, sched, 2, 10)
+    assert (stage / "latest").read_text() == "checkpoint-2"
+    assert sorted(d.name for d in stage.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-600"]
+
+
+# ---------------------------------------------------------------- training data
+
+def write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def good(image="ok.png", reply="yes"):
+    return {"id": "good", "image": image, "conversations": [{"from": "human", "value": "<image>\nhello"},
+                                                            {"from": "gpt", "value": reply}]}
+
+
+def dataset(path, root, model):
+    return LLaVADataset(path, root, model.tokenizer, model.image_token_id, model.num_image_tokens,
+                        model.vision.preprocess)
+
+
+def test_malformed_samples_are_set_aside_with_their_reasons(saved_model, tmp_path):
+    model = MLMamba.from_pretrained(saved_model)
+    Image.new("RGB", (30, 20), (0, 200, 0)).save(tmp_path / "ok.png")
+    (tmp_path / "folder.png").mkdir()
+    bad = {
+        "not a dict": ["a", "list"],
+        "no conversations": {"id": "x", "image": "ok.png"},
+        "role/content": {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]},
+        "null value": {"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "yes"}]},
+        "no reply": {"conversations": [{"from": "human", "value": "hello"}]},
+        "empty reply": {"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": " "}]},
+        "gpt first": {"conversations": [{"from": "gpt", "value": "yes"}, {"from": "human", "value": "hello"}]},
+        "two images": good() | {"conversations": [{"from": "human", "value": "<image> <image>"},
+                                                  {"from": "gpt", "value": "yes"}]},
+        "missing image": good("nope.png"),
+        "image a number": good(7),
+        "image a folder": good("folder.png"),
+    }
+    samples = [good()] + list(bad.values()) + [good(reply="no")]
+    ds = dataset(write(tmp_path / "data.json", samples), tmp_path, model)
+    assert len(ds) == 2 and sorted(ds.problems) == list(range(1, len(bad) + 1))
+    reasons = dict(zip(bad, ds.problems.values()))
+    assert "JSON object" in reasons["not a dict"] and "conversations" in reasons["no conversations"]
+    assert "it has: role, content" in reasons["role/content"] and "None" in reasons["null value"]
+    assert reasons["no reply"] == reasons["empty reply"] == "no reply to train on"
+    assert "'gpt'" in reasons["gpt first"] and "more than one <image>" in reasons["two images"]
+    assert "nope.png" in reasons["missing image"] and "7" in reasons["image a number"]
+    assert "folder.png" in reasons["image a folder"]
+    with pytest.raises(ValueError, match="must hold a JSON list of samples, not a dict"):
+        dataset(write(tmp_path / "object.json", {"samples": samples}), tmp_path, model)
+    (tmp_path / "broken.json").write_text('[{"id": 1,')
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        dataset(tmp_path / "broken.json", tmp_path, model)
+
+
+def test_an_image_that_fails_to_decode_in_training_is_skipped(saved_model, tmp_path, monkeypatch):
+    """A decompression bomb (PIL refuses it) or a corrupt file found only when its batch comes: a skipped item with
+    the file's name, never a crash."""
+    model = MLMamba.from_pretrained(saved_model)
+    Image.new("RGB", (30, 20)).save(tmp_path / "big.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    ds = dataset(write(tmp_path / "d.json", [good("big.png"), good("corrupt.png")]), tmp_path, model)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 600 pixels > 2 x 100: a "bomb"
+    items = [ds[0], ds[1]]
+    assert "big.png" in items[0]["skip"] and "decompression bomb" in items[0]["skip"].lower()
+    assert "corrupt.png" in items[1]["skip"]
+    batch = collate(items)
+    assert batch["input_ids"] is None and len(batch["skipped"]) == 2
+
+
+def test_training_refuses_data_with_too_few_usable_samples(world, saved_model, tmp_path, capsys):
+    """Every sample without a reply: the run stops before training, saying how many were set aside and why."""
+    samples = [{"image": "images/train_00000.png", "conversations": [{"from": "human", "value": "<image>\nhi"}]}] * 20
+    data = write(world / "noreply.json", samples)
+    code = T.main(["--data", str(data), "--image-root", str(world), "--init-from", str(saved_model), "--out",
+                   str(tmp_path / "run"), "--device", "cpu", "--global-batch", "8"])
+    assert code == 2
+    out, err = capsys.readouterr()
+    assert "20 of 20 samples set aside: sample 0: no reply to train on" in out
+    assert "0 usable samples (20 set aside as malformed) are fewer than one global batch of 8" in err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-steps", "0"], "0 is not a positive integer"),
+    (["--max-steps=-1"], "-1 is not a positive integer"),
+    (["--save-every", "0"], "0 is not a positive integer"),
+    (["--global-batch", "0"], "0 is not a positive integer"),
+    (["--lr=-1e-3"], "-1e-3 is not a positive number"),
+    (["--epochs", "x"], "'x' is not a number"),
+    (["--drop-path", "1"], "is not a fraction in [0, 1)"),
+])
+def test_train_settings_are_checked_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-new-tokens=-5"], "-5 is not a positive integer"),
+    (["--temperature=-1"], "-1 is not a non-negative number"),
+    (["--top-k=-3"], "-3 is not a non-negative integer"),
+    (["--top-p", "0"], "0 is not a probability in (0, 1]"),
+    (["--top-p", "1.5"], "1.5 is not a probability in (0, 1]"),
+])
+def test_generation_settings_are_checked_by_the_parser(argv, message, capsys):
+    import generate
+    with pytest.raises(SystemExit) as e:
+        generate.parse_args(["--model", "m", "--prompt", "hi", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- evaluation
+
+class Answerer:
+    """A stand-in model for evaluate(): answers "yes", reads each image as the real one does, counts questions."""
+
+    def __init__(self, model):
+        self.tokenizer, self.asked = model.tokenizer, 0
+
+    def eval(self):
+        return self
+
+    def generate(self, image, question, max_new_tokens):
+        from vision import load_image
+        self.asked += 1
+        if image is not None:
+            load_image(image)
+        return self.tokenizer.encode("yes").ids
+
+
+@pytest.mark.parametrize("content,message", [
+    ("[]", "holds no questions"),
+    ("", "holds no questions"),
+    ('{"questions": []}', "holds no questions"),
+    ('[{"question": "Is it?", "answer": null}]', "record 0: the answer must be text"),
+    ('[{"question": "Is it?"}]', "record 0: the answer must be text"),
+    ('[{"question": "Is it?", "answer": 3}]', "record 0: the answer must be text"),
+    ('[{"question": "Is it?", "answer": "yes"}, {"answer": "no"}]', "record 1: no question text"),
+    ('[{"question": "Is it?", "answer": "yes", "image": 5}]', 'record 0: "image" must be a file name'),
+    ('{"question_id": 1, "text": "a?", "label": "yes"}\n{"question_id": 2, "text": "b?", "label": "no"}\n{"bad',
+     "line 3: not valid JSON"),
+    ('[{"question": "a?", "answer": "yes"},', "is not valid JSON"),
+    ('[5]', "record 0: a record must be a JSON object"),
+])
+def test_a_question_file_is_checked_before_any_question_is_asked(saved_model, tmp_path, content, message):
+    (tmp_path / "q.json").write_text(content)
+    answerer = Answerer(MLMamba.from_pretrained(saved_model))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        E.evaluate(answerer, tmp_path / "q.json", metric="pope")
+    assert answerer.asked == 0
+
+
+def test_lists_of_answers_need_the_vqa_metric_and_a_missing_image_is_a_scored_miss(saved_model, tmp_path, capsys):
+    answerer = Answerer(MLMamba.from_pretrained(saved_model))
+    write(tmp_path / "vqa.json", [{"question": "What?", "answers": ["yes"] * 10}])
+    with pytest.raises(ValueError, match="lists of human answers go with --metric vqa"):
+        E.evaluate(answerer, tmp_path / "vqa.json", metric="family")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    write(tmp_path / "pope.json", [{"question": "Is there a cat?", "answer": "yes", "image": "a.png"},
+                                   {"question": "Is there a dog?", "answer": "yes", "image": "missing.png"}])
+    result = E.evaluate(answerer, tmp_path / "pope.json", metric="pope")
+    assert answerer.asked == 2 and result["accuracy"] == 0.5 and result["n"] == 2
+    assert "question 1 scored as a miss: image not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- configs and tokenizers
+
+def tiny_lm_folder(tmp_path):
+    lm = Mamba2LMHeadModel(Mamba2Config(d_model=16, n_layer=1, vocab_size=50, d_state=8, headdim=8, chunk_size=4))
+    lm.save_pretrained(tmp_path / "lm")
+    return tmp_path / "lm"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"d_model": "96"}, "d_model must be an int, not '96'"),
+    ({"n_layer": None}, "n_layer must be an int, not None"),
+    ({"d_model": -4}, "d_model must be > 0"),
+    ({"ssm_cfg": "x"}, "ssm_cfg must be an object"),
+    ({"vocab_size": None}, "vocab_size must be an int"),
+])
+def test_a_mamba2_config_is_checked_on_load_naming_the_file_and_the_field(tmp_path, change, message):
+    folder = tiny_lm_folder(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(CheckpointError, match=message) as e:
+        Mamba2LMHeadModel.from_pretrained(folder)
+    assert str(folder / "config.json") in str(e.value)
+
+
+def test_hf_config_fields_a_list_and_a_corrupt_tokenizer_are_named(tmp_path):
+    folder = tiny_lm_folder(tmp_path)
+    hf = {"model_type": "mamba2", "num_heads": 4, "head_dim": 8, "expand": 2, "hidden_size": 16,
+          "num_hidden_layers": None, "vocab_size": 50, "state_size": 8, "conv_kernel": 4, "n_groups": 1,
+          "layer_norm_epsilon": 1e-5}
+    (folder / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="n_layer must be an int, not None"):
+        Mamba2LMHeadModel.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps([hf]))
+    with pytest.raises(CheckpointError, match="must hold a JSON object, not a list"):
+        Mamba2LMHeadModel.from_pretrained(folder)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"')
+    with pytest.raises(CheckpointError, match="is not a valid tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_an_ml_mamba_config_is_checked_on_load(saved_model, tmp_path):
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(saved_model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    for section, change, message in [("connector", {"vision_dim": "x"}, "vision_dim must be an int"),
+                                     ("connector", {"drop_path": 2}, "drop_path must be in"),
+                                     ("lm", {"d_state": 0}, "d_state must be > 0")]:
+        (folder / "config.json").write_text(json.dumps({**cfg, section: {**cfg[section], **change}}))
+        with pytest.raises(CheckpointError, match=message) as e:
+            MLMamba.from_pretrained(folder)
+        assert str(folder / "config.json") in str(e.value)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "lm"}))
+    with pytest.raises(CheckpointError, match="has no 'lm' field"):
+        MLMamba.from_pretrained(folder)
+
+
+def test_a_folder_given_as_an_image_is_named_as_a_folder(tmp_path):
+    from vision import ImageError, load_image
+    with pytest.raises(ImageError, match="is a folder, not an image file"):
+        load_image(tmp_path)
+
+
+# ---------------------------------------------------------------- random corruptions
+
+def corruptions(seed, n):
+    """n random corruptions of a valid two-turn LLaVA sample: dropped keys, wrong types, nulls, swapped roles, bad
+    paths, at every level of the structure."""
+    rng = random.Random(seed)
+    junk = [None, 0, 3.5, True, "", "x", [], {}, ["a"], {"from": "human"}, "<image>", "../../etc/passwd"]
+    for _ in range(n):
+        sample = good()
+        sample["conversations"] += [{"from": "human", "value": "again?"}, {"from": "gpt", "value": "no"}]
+        for _ in range(rng.randint(1, 3)):
+            kind = rng.randrange(6)
+            turns = sample.get("conversations")
+            if kind == 0:
+                sample.pop(rng.choice(list(sample) or ["id"]), None)
+            elif kind == 1:
+                sample[rng.choice(["image", "conversations", "id"])] = rng.choice(junk)
+            elif kind == 2 and isinstance(turns, list) and turns:
+                turns[rng.randrange(len(turns))] = rng.choice(junk)
+            elif kind == 3 and isinstance(turns, list) and turns and isinstance(turns[0], dict):
+                turn = rng.choice([t for t in turns if isinstance(t, dict)])
+                turn[rng.choice(["from", "value"])] = rng.choice(junk + ["gpt", "human", "system"])
+            elif kind == 4 and isinstance(turns, list) and len(turns) > 1:
+                i, j = rng.sample(range(len(turns)), 2)
+                turns[i], turns[j] = turns[j], turns[i]
+            elif kind == 5:
+                sample = rng.choice(junk)
+                break
+        yield sample
+
+
+def test_random_corruptions_are_kept_or_set_aside_never_an_exception(saved_model, tmp_path):
+    model = MLMamba.from_pretrained(saved_model)
+    Image.new("RGB", (30, 20), (0, 200, 0)).save(tmp_path / "ok.png")
+    outcomes = {"kept": 0, "set aside": 0}
+    for k, sample in enumerate(corruptions(seed=0, n=300)):
+        ds = dataset(write(tmp_path / "c.json", [sample]), tmp_path, model)
+        if ds.problems:
+            assert len(ds) == 0 and isinstance(ds.problems[0], str) and ds.problems[0], sample
+            outcomes["set aside"] += 1
+            continue
+        item = ds[0]
+        batch = collate([item])
+        assert "skip" in item or (batch["input_ids"].shape[1] > 0 and (batch["labels"] != -100).any()), sample
+        outcomes["kept"] += 1
+    assert outcomes["kept"] > 20 and outcomes["set aside"] > 150, outcomes
