@@ -24,13 +24,15 @@ The authors' release builds a different connector (one mixer with a shared proje
 parameters, directions averaged, a SwiGLU in every layer, random init): README, "How this differs".
 """
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mamba2 import Mamba2Config, Mamba2Mixer, RMSNorm
+from mamba2 import Mamba2Config, Mamba2Mixer, RMSNorm, causal_conv, softplus_step
+from ssd import ssd
 from weights import check_fields
 
 
@@ -73,6 +75,11 @@ def unscan(y, order):
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------
 
+def _zero_bias(m):
+    nn.init.zeros_(m.bias)
+    return m
+
+
 def _init_linear(m):
     """xavier-normal weights, zero biases."""
     nn.init.xavier_normal_(m.weight)
@@ -82,27 +89,31 @@ def _init_linear(m):
 
 
 class MLP(nn.Module):
-    """The 3-layer projector (Fig. 3(a), eq. 6): Linear(in, 4 out) - GELU - Linear(4 out, out) - GELU - Linear(out, out)."""
+    """The 3-layer projector (Fig. 3(a), eq. 6): Linear(in, 4 out) - GELU - Linear(4 out, out) - GELU - Linear(out, out).
+    xavier=False keeps PyTorch's default init (the release's)."""
 
-    def __init__(self, in_dim, out_dim):
+    def __init__(self, in_dim, out_dim, xavier=True):
         super().__init__()
-        self.fc1 = _init_linear(nn.Linear(in_dim, 4 * out_dim))
-        self.fc2 = _init_linear(nn.Linear(4 * out_dim, out_dim))
-        self.fc3 = _init_linear(nn.Linear(out_dim, out_dim))
+        init = _init_linear if xavier else (lambda m: m)
+        self.fc1 = init(nn.Linear(in_dim, 4 * out_dim))
+        self.fc2 = init(nn.Linear(4 * out_dim, out_dim))
+        self.fc3 = init(nn.Linear(out_dim, out_dim))
 
     def forward(self, x):
         return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
 
 
 class SwiGLU(nn.Module):
-    """Fig. 6: SwiGLU(x) = W2 (SiLU(W1 x) * W3 x), hidden width 8/3 D rounded up to a multiple of 64 (LLaMA's)."""
+    """Fig. 6: SwiGLU(x) = W2 (SiLU(W1 x) * W3 x), hidden width 8/3 D rounded up to a multiple of 64 (LLaMA's) unless
+    given. xavier=False: PyTorch's default weights and zero biases (the release's init)."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, hidden=None, xavier=True):
         super().__init__()
-        hidden = -(-int(8 * dim / 3) // 64) * 64
-        self.w1 = _init_linear(nn.Linear(dim, hidden))
-        self.w3 = _init_linear(nn.Linear(dim, hidden))
-        self.w2 = _init_linear(nn.Linear(hidden, dim))
+        hidden = hidden or -(-int(8 * dim / 3) // 64) * 64
+        init = _init_linear if xavier else _zero_bias
+        self.w1 = init(nn.Linear(dim, hidden))
+        self.w3 = init(nn.Linear(dim, hidden))
+        self.w2 = init(nn.Linear(hidden, dim))
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -164,6 +175,76 @@ class MSC(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The authors' release's connector, an option ("msc-release"): where it departs from the paper, see the README
+# ----------------------------------------------------------------------------------------------------------------
+
+class BiMamba2(Mamba2Mixer):
+    """The release's bidirectional Mamba-2 mixer: one in_proj, gated RMSNorm and out_proj shared by the two
+    directions, and a conv, dt_bias, A_log and D per direction (the backward ones *_b, starting as copies of the
+    forward ones, the conv apart). The backward direction reads in_proj's output reversed; the two directions'
+    gated-norm outputs are averaged before out_proj. (b, l, D) -> (b, l, D)."""
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__(config)
+        c = config
+        self.conv1d_b = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
+        self.dt_bias_b = nn.Parameter(self.dt_bias.detach().clone())
+        self.A_log_b = nn.Parameter(self.A_log.detach().clone())
+        self.D_b = nn.Parameter(self.D.detach().clone())
+
+    def scan(self, zxbcdt, conv1d, dt_bias, A_log, D):
+        """One direction over in_proj's output (b, l, ...): causal conv, SSD (eq. 3), gated RMSNorm -> (b, l, d_inner)."""
+        c = self.config
+        z, xBC, dt = zxbcdt.split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
+        x, B, C = self.split_xBC(causal_conv(xBC, conv1d)[0])  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
+        y, _ = ssd(x, softplus_step(dt, dt_bias, c.dt_limit), -torch.exp(A_log.float()), B, C, c.chunk_size,
+                   D.float())
+        return self.norm(y.flatten(-2), gate=z)
+
+    def forward(self, u, cache=None):
+        if cache is not None:
+            raise ValueError("BiMamba2 reads the whole sequence both ways: it has no decoding cache")
+        zxbcdt = self.in_proj(u)  # (b, l, 2 d_inner + 2 g n + h), one projection for both directions
+        forward = self.scan(zxbcdt, self.conv1d, self.dt_bias, self.A_log, self.D)
+        backward = self.scan(zxbcdt.flip(1), self.conv1d_b, self.dt_bias_b, self.A_log_b, self.D_b).flip(1)
+        return self.out_proj(((forward + backward) / 2).to(self.out_proj.weight.dtype))
+
+
+class ReleaseBlock(nn.Module):
+    """The release's block: x + BiMamba2(x), with no norm before the mixer, then x + SwiGLU(LayerNorm(x)) with
+    hidden width D. (Its drop-path schedule gives both of the release's blocks 0.)"""
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.mixer = BiMamba2(config)
+        self.norm = nn.LayerNorm(config.d_model)  # eps 1e-5
+        self.mlp = SwiGLU(config.d_model, hidden=config.d_model, xavier=False)
+
+    def forward(self, x):
+        x = x + self.mixer(x)
+        return x + self.mlp(self.norm(x))
+
+
+class ReleaseMSC(nn.Module):
+    """The release's `Bidirectional_Mamba`: n_layers ReleaseBlocks, then a LayerNorm. Each out_proj starts at PyTorch's
+    default init divided by sqrt(n_layers), as the release's GPT-2-style rescale. (b, N, D) -> (b, N, D)."""
+
+    def __init__(self, config: Mamba2Config, n_layers=2):
+        super().__init__()
+        self.blocks = nn.ModuleList([ReleaseBlock(config) for _ in range(n_layers)])
+        self.norm = nn.LayerNorm(config.d_model)
+        with torch.no_grad():
+            for block in self.blocks:
+                block.mixer.out_proj.weight.div_(math.sqrt(n_layers))
+
+    def forward(self, x):
+        x = x.float()  # the residual stream in fp32, as in the LM
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The connector
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -173,7 +254,7 @@ def _default_mixer():
 
 @dataclass
 class ConnectorConfig:
-    kind: str = "msc-advanced"  # "mlp", "msc-basic" or "msc-advanced" (Table 6)
+    kind: str = "msc-advanced"  # "mlp", "msc-basic", "msc-advanced" (Table 6) or "msc-release" (the authors' code)
     scan: str = "bsm"  # "bsm" or "csm" (Table 7)
     vision_dim: int = 2176  # DINOv2-L + SigLIP so400m
     grid: tuple = (27, 27)  # the patch grid (H, W): 27 x 27 at 384 px with patch 14
@@ -187,8 +268,12 @@ class ConnectorConfig:
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"ConnectorConfig: drop_path must be in [0, 1), not {self.drop_path!r}")
         self.grid = tuple(self.grid)
-        if self.kind not in ("mlp", "msc-basic", "msc-advanced"):
-            raise ValueError(f"unknown connector kind {self.kind!r}: use 'mlp', 'msc-basic' or 'msc-advanced'")
+        if self.kind not in ("mlp", "msc-basic", "msc-advanced", "msc-release"):
+            raise ValueError(f"unknown connector kind {self.kind!r}: use 'mlp', 'msc-basic', 'msc-advanced' or "
+                             "'msc-release'")
+        if self.kind == "msc-release" and (self.scan != "bsm" or self.init != "random"):
+            raise ValueError("the release's connector scans forward and backward (scan 'bsm') from a random init "
+                             "(init 'random')")
         if self.scan not in ("bsm", "csm"):
             raise ValueError(f"unknown scan {self.scan!r}: use 'bsm' or 'csm'")
         if self.init not in ("random", "lm"):
@@ -213,13 +298,20 @@ class ConnectorConfig:
 
 
 class Connector(nn.Module):
-    """Vision features (b, H*W, vision_dim) -> image tokens (b, H*W, llm_dim): the three variants of Table 6."""
+    """Vision features (b, H*W, vision_dim) -> image tokens (b, H*W, llm_dim): the three variants of Table 6, or the
+    release's connector (lift, its Bidirectional_Mamba, the fused GELU MLP)."""
 
     def __init__(self, config: ConnectorConfig):
         super().__init__()
         c = self.config = config
         if c.kind == "mlp":
             self.projector = MLP(c.vision_dim, c.llm_dim)  # eq. 6
+            return
+        if c.kind == "msc-release":
+            self.lift = nn.Linear(c.vision_dim, c.llm_dim)
+            self.msc = ReleaseMSC(c.mixer, c.n_layers)
+            self.swiglu = None  # inside each block
+            self.projector = MLP(c.llm_dim, c.llm_dim, xavier=False)
             return
         self.lift = _init_linear(nn.Linear(c.vision_dim, c.llm_dim))
         self.msc = MSC(c.mixer, c.grid, c.scan, c.n_layers, c.drop_path)

@@ -239,6 +239,32 @@ class RMSNorm(nn.Module):
         return xg.flatten(-2) * self.weight.float(), inv_rms[..., 0, :]
 
 
+def softplus_step(dt, dt_bias, dt_limit=(0.0, float("inf"))):
+    """The raw dt projection (..., h) -> dt = softplus(dt + dt_bias), clamped to dt_limit. In fp32 on purpose:
+    exp(dt A) of small steps loses everything in bf16."""
+    dt = F.softplus(dt.float() + dt_bias.float())
+    return dt.clamp(*dt_limit) if tuple(dt_limit) != (0.0, float("inf")) else dt
+
+
+def causal_conv(xBC, conv1d, past=None):
+    """Depthwise causal conv over time + SiLU: out_t = SiLU(bias + sum_j w[:, j] xBC_{t - (k - 1) + j}), with the
+    k - 1 inputs before xBC taken from `past` (b, k - 1, channels), zeros when None. conv1d: the nn.Conv1d holding
+    the weight (channels, 1, k) and bias. xBC (b, l, channels) -> (out (b, l, channels), the last k - 1 inputs).
+
+    Written as k shifted multiply-adds, summed in fp32 like the decoding step's: the same values as F.conv1d over a
+    left-padded window (a test checks it), without transposing the (b, l, channels) tensor."""
+    k = conv1d.weight.shape[-1]
+    b, l, channels = xBC.shape
+    past = xBC.new_zeros(b, k - 1, channels) if past is None else past.to(xBC.dtype)
+    window = torch.cat([past, xBC], dim=1)  # (b, k - 1 + l, channels)
+    f = torch.promote_types(xBC.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    weight = conv1d.weight[:, 0].to(f)  # (channels, k)
+    out = sum(window[:, j:j + l].to(f) * weight[:, j] for j in range(k))
+    if conv1d.bias is not None:
+        out = out + conv1d.bias.to(f)
+    return F.silu(out).to(xBC.dtype), window[:, -(k - 1):]
+
+
 @dataclass
 class LayerCache:
     """One layer's decoding state; its size does not depend on the sequence length."""
@@ -285,29 +311,16 @@ class Mamba2Mixer(nn.Module):
         self.D.fill_(1.0)
 
     def step_size(self, dt):
-        """The raw dt projection (..., h) -> dt = softplus(dt + dt_bias), clamped to dt_limit. In fp32 on purpose:
-        exp(dt A) of small steps loses everything in bf16."""
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        return dt.clamp(*self.config.dt_limit) if self.config.dt_limit != (0.0, float("inf")) else dt
+        """The raw dt projection (..., h) -> dt = softplus(dt + dt_bias), clamped to dt_limit (`softplus_step`)."""
+        return softplus_step(dt, self.dt_bias, self.config.dt_limit)
 
     def causal_conv(self, xBC, cache):
-        """Depthwise causal conv over time + SiLU: out_t = SiLU(bias + sum_j w[:, j] xBC_{t - (d_conv - 1) + j}),
-        positions before the first reading zeros (or the cached inputs). xBC (b, l, conv_dim) -> (b, l, conv_dim).
-
-        Written as d_conv shifted multiply-adds, summed in fp32 like the decoding step's: the same values as
-        F.conv1d over a left-padded window (a test checks it), without transposing the (b, l, channels) tensor."""
-        k = self.config.d_conv
-        b, l, channels = xBC.shape
-        past = cache.conv_state.transpose(1, 2) if cache is not None else xBC.new_zeros(b, k - 1, channels)
-        window = torch.cat([past.to(xBC.dtype), xBC], dim=1)  # (b, k - 1 + l, conv_dim)
+        """`causal_conv` with this mixer's conv1d, continuing from the cached inputs and updating them."""
+        past = cache.conv_state.transpose(1, 2) if cache is not None else None
+        out, last = causal_conv(xBC, self.conv1d, past)
         if cache is not None:
-            cache.conv_state.copy_(window[:, -(k - 1):].transpose(1, 2))
-        f = torch.promote_types(xBC.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        weight = self.conv1d.weight[:, 0].to(f)  # (conv_dim, k)
-        out = sum(window[:, j:j + l].to(f) * weight[:, j] for j in range(k))
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.to(f)
-        return F.silu(out).to(xBC.dtype)
+            cache.conv_state.copy_(last.transpose(1, 2))
+        return out
 
     def split_projection(self, u):
         """in_proj(u), (..., d_model) -> z (..., d_inner), xBC (..., conv_dim), dt (..., h) before its softplus."""

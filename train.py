@@ -131,7 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="tokenizer.json or its folder (real runs: GPT-NeoX-20B's)")
     p.add_argument("--init-from", help="an ML-Mamba folder to start from (e.g. the align stage's output); with a "
                                        "--connector or --scan other than its own, a new connector on its LM")
-    p.add_argument("--connector", choices=["mlp", "msc-basic", "msc-advanced"],
+    p.add_argument("--connector", choices=["mlp", "msc-basic", "msc-advanced", "msc-release"],
                    help="default msc-advanced (with --init-from: the folder's)")
     p.add_argument("--scan", choices=["bsm", "csm"], help="default bsm (with --init-from: the folder's)")
     p.add_argument("--drop-path", type=fraction, help="the MSC blocks' stochastic depth (default 0.1)")

@@ -134,3 +134,63 @@ def test_init_from_the_lm_copies_its_first_layers():
                 assert torch.equal(p, lm.layers[i].mixer.state_dict()[name])
     with pytest.raises(ValueError, match="unknown connector kind"):
         ConnectorConfig(kind="qformer")
+
+
+# ---------------------------------------------------------------- the release's connector (msc-release)
+
+def test_release_bimamba2_is_the_mean_of_two_plain_mixers_one_reading_backwards():
+    """BiMamba2 = out_proj((forward + backward) / 2), recomputed with two plain Mamba2Mixers that share in_proj,
+    the gated norm and out_proj (out_proj is linear without bias, so the mean can go after it); the second has the
+    *_b parameters and reads the sequence reversed. Odd length, several heads and groups, float64."""
+    from connector import BiMamba2
+    from mamba2 import Mamba2Mixer
+    cfg = Mamba2Config(d_model=16, n_layer=2, vocab_size=1, d_state=4, headdim=4, ngroups=2, chunk_size=4)
+    torch.manual_seed(0)
+    bi = BiMamba2(cfg).double()
+    with torch.no_grad():  # backward parameters unlike the forward ones, so a mix-up shows
+        for p in (bi.conv1d_b.weight, bi.dt_bias_b, bi.A_log_b, bi.D_b):
+            p.add_(0.3 * torch.randn_like(p))
+    forward, backward = Mamba2Mixer(cfg).double(), Mamba2Mixer(cfg).double()
+    shared = {k: v for k, v in bi.state_dict().items() if k.startswith(("in_proj", "norm", "out_proj"))}
+    forward.load_state_dict({**shared, **{k: v for k, v in bi.state_dict().items() if k in forward.state_dict()}})
+    backward.load_state_dict({**shared, "conv1d.weight": bi.conv1d_b.weight, "conv1d.bias": bi.conv1d_b.bias,
+                              "dt_bias": bi.dt_bias_b, "A_log": bi.A_log_b, "D": bi.D_b})
+    u = torch.randn(2, 11, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = (forward(u) + backward(u.flip(1)).flip(1)) / 2
+        got = bi(u)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # both directions matter: a change at the last position reaches the first
+    u2 = u.clone()
+    u2[:, -1] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(bi(u2)[:, 0], got[:, 0])
+
+
+def test_release_connector_block_structure_and_init():
+    """msc-release: lift + GELU, blocks x + BiMamba2(x) then x + SwiGLU(LayerNorm(x)) (hidden D), a final
+    LayerNorm, the fused MLP D -> 4D -> D -> D, recomputed by hand; the release's init (backward SSM parameters start
+    as the forward ones, out_proj divided by sqrt(2), zero biases in the blocks)."""
+    torch.manual_seed(1)
+    cfg = ConnectorConfig(kind="msc-release", vision_dim=12, grid=(2, 3), drop_path=0.0, mixer=MIXER)
+    conn = Connector(cfg).eval()
+    block = conn.msc.blocks[0]
+    assert torch.equal(block.mixer.A_log_b, block.mixer.A_log) and torch.equal(block.mixer.D_b, block.mixer.D)
+    assert not torch.equal(block.mixer.conv1d_b.weight, block.mixer.conv1d.weight)
+    assert block.mlp.w1.weight.shape == (16, 16) and torch.count_nonzero(block.mlp.w1.bias) == 0
+    assert conn.projector.fc1.weight.shape == (64, 16)
+    bound = 1 / (16 * 2) ** 0.5  # PyTorch's default bound for in_features 2 d_model = 32, divided by sqrt(2) below
+    assert block.mixer.out_proj.weight.abs().max() <= bound / 2 ** 0.5 + 1e-7
+    v = torch.randn(2, 6, 12)
+    with torch.no_grad():
+        x = F.gelu(conn.lift(v))
+        for b in conn.msc.blocks:
+            x = x + b.mixer(x)
+            h = F.layer_norm(x, (16,), b.norm.weight, b.norm.bias, 1e-5)
+            x = x + b.mlp.w2(F.silu(b.mlp.w1(h)) * b.mlp.w3(h))
+        x = F.layer_norm(x, (16,), conn.msc.norm.weight, conn.msc.norm.bias, 1e-5)
+        expected = conn.projector.fc3(F.gelu(conn.projector.fc2(F.gelu(conn.projector.fc1(x)))))
+        torch.testing.assert_close(conn(v), expected, rtol=1e-5, atol=1e-6)
+    for bad in (dict(scan="csm"), dict(init="lm")):
+        with pytest.raises(ValueError, match="release's connector"):
+            ConnectorConfig(kind="msc-release", mixer=MIXER, **bad)
