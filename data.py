@@ -271,8 +271,8 @@ def train_tokenizer(texts, vocab_size=512):
 class LLaVADataset(torch.utils.data.Dataset):
     """A LLaVA-format JSON list. Samples with an "image" get pixels (from image_root); others are text-only.
 
-    tokenizer, image_token_id, num_image_tokens: as `encode_conversation` takes them (each image becomes that many
-    slots). preprocess: image path -> {encoder name: (3, S, S)} (`DualEncoder.preprocess`).
+    tokenizer, image_token_id, num_image_tokens, prompt: as `encode_conversation` takes them (each image becomes
+    that many slots; the prompt format). preprocess: image path -> {encoder name: (3, S, S)} (`DualEncoder.preprocess`).
     Every sample is checked when the file is loaded (`sample_problem`): the malformed ones are set aside with their
     reason in `problems` {index: reason} and the others kept, in order. An image that fails to decode during
     training becomes a `{"skip": reason}` item that `collate` sets aside, so one bad sample never stops a run.
@@ -281,7 +281,7 @@ class LLaVADataset(torch.utils.data.Dataset):
     data."""
 
     def __init__(self, json_path, image_root, tokenizer, image_token_id, num_image_tokens, preprocess,
-                 cache_images=False):
+                 cache_images=False, prompt="in-out"):
         self.json_path = Path(json_path)
         if not self.json_path.is_file():
             raise FileNotFoundError(f"data file not found: {self.json_path}")
@@ -296,6 +296,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.problems = {i: r for i, r in enumerate(reasons) if r is not None}
         self.samples = [x for x, r in zip(samples, reasons) if r is None]
         self.tokenizer, self.image_token_id, self.num_image_tokens = tokenizer, image_token_id, num_image_tokens
+        self.prompt = prompt
         self.preprocess = preprocess
         self.pixel_cache = {} if cache_images else None
 
@@ -319,7 +320,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         has_image = "image" in sample
         try:
             ids, labels = encode_conversation(self.tokenizer, turns, self.image_token_id if has_image else None,
-                                              self.num_image_tokens)
+                                              self.num_image_tokens, self.prompt)
             pixels = self._pixels(sample["image"]) if has_image else None
         except ValueError as e:  # ImageError is a ValueError
             return self._skip(i, str(e))

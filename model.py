@@ -39,11 +39,12 @@ class MLMambaConfig:
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     vision_layer: int = -2  # the ViT block whose patch tokens are used
     max_length: int = 2048  # the longest prompt accepted, image tokens included
+    prompt: str = "in-out"  # the prompt format: "in-out" (this project's) or "zephyr" (the authors' release)
 
     def to_dict(self):
         return {"lm": self.lm.to_dict(), "vision": {k: asdict(v) for k, v in self.vision.items()},
                 "connector": self.connector.to_dict(),
-                "vision_layer": self.vision_layer, "max_length": self.max_length}
+                "vision_layer": self.vision_layer, "max_length": self.max_length, "prompt": self.prompt}
 
     @classmethod
     def from_file(cls, file):
@@ -59,42 +60,59 @@ class MLMambaConfig:
     def from_dict(cls, d):
         return cls(lm=Mamba2Config.from_dict(d["lm"]), vision={k: ViTConfig(**v) for k, v in d["vision"].items()},
                    connector=ConnectorConfig.from_dict(d["connector"]), vision_layer=d.get("vision_layer", -2),
-                   max_length=d.get("max_length", 2048))
+                   max_length=d.get("max_length", 2048), prompt=d.get("prompt", "in-out"))
+
+    def __post_init__(self):
+        if self.prompt not in PROMPTS:
+            raise ValueError(f"unknown prompt format {self.prompt!r}: use {' or '.join(map(repr, PROMPTS))}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompt format and labels
 # ----------------------------------------------------------------------------------------------------------------
 
-def conversation_segments(turns):
+PROMPTS = ("in-out", "zephyr")
+
+
+def conversation_segments(turns, prompt="in-out"):
     """turns: [(role, text)] alternating "human" / "gpt" (LLaVA's names), starting with "human".
-    Returns [(text, is_reply)]: the strings to tokenize in order, and whether each is trained on."""
+    Returns [(text, is_reply)]: the strings to tokenize in order, and whether each is trained on.
+        "in-out":  In: {question}\nOut: {reply}<|endoftext|>, turns joined by "\n"; "<image>" stays where it is
+        "zephyr":  <|user|>\n{question}<|endoftext|>\n<|assistant|>\n{reply}<|endoftext|>, turns joined by "\n";
+                   "<image>" is taken out of the text (the release's format: the image goes before all the text)"""
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown prompt format {prompt!r}: use {' or '.join(map(repr, PROMPTS))}")
     segments = []
     for i, (role, text) in enumerate(turns):
         expected = "human" if i % 2 == 0 else "gpt"
         if role != expected:
             raise ValueError(f"turn {i} is from {role!r}, expected {expected!r} (turns alternate human / gpt)")
-        if role == "human":
-            segments.append((("\n" if i else "") + f"In: {text.strip()}\nOut: ", False))
+        if prompt == "zephyr":
+            text = text.replace(IMAGE_TOKEN, "").strip()
+            human = f"<|user|>\n{text}{EOS_TOKEN}\n<|assistant|>\n"
+            reply = f"{text or ' '}{EOS_TOKEN}"
         else:
-            segments.append((f"{text.strip()}{EOS_TOKEN}", True))
+            human, reply = f"In: {text.strip()}\nOut: ", f"{text.strip()}{EOS_TOKEN}"
+        segments.append((("\n" if i else "") + human, False) if role == "human" else (reply, True))
     return segments
 
 
-def encode_conversation(tokenizer, turns, image_token_id=None, num_image_tokens=1):
+def encode_conversation(tokenizer, turns, image_token_id=None, num_image_tokens=1, prompt="in-out"):
     """Token ids and labels of a conversation; labels are IGNORE_INDEX except on replies and their stop token.
 
     With image_token_id, the sample has an image: if the text holds no placeholder, "<image>\n" is put at the start
     of the first human turn, as LLaVA's data has it. So `generate(image, "What is this?")` sees the image exactly
-    where training put it ("In: <image>\nWhat is this?\nOut: "). The placeholder becomes num_image_tokens slots
-    (copies of image_token_id), never a target."""
+    where training put it ("In: <image>\nWhat is this?\nOut: "); with the "zephyr" prompt the image comes before all
+    the text. The image becomes num_image_tokens slots (copies of image_token_id), never a target."""
     placeholders = sum(text.count(IMAGE_TOKEN) for _, text in turns)
     if placeholders > 1:
         raise ValueError(f"the conversation holds {placeholders} {IMAGE_TOKEN} placeholders; one image per sample")
-    if image_token_id is not None and turns and not placeholders:
+    if image_token_id is not None and prompt == "in-out" and turns and not placeholders:
         turns = [(turns[0][0], f"{IMAGE_TOKEN}\n{turns[0][1]}")] + list(turns[1:])
     ids, labels = [], []
-    for text, is_reply in conversation_segments(turns):
+    if image_token_id is not None and prompt == "zephyr":  # the image's slots before all the text
+        ids, labels = [image_token_id] * num_image_tokens, [IGNORE_INDEX] * num_image_tokens
+    for text, is_reply in conversation_segments(turns, prompt):
         seg = tokenizer.encode(text, add_special_tokens=False).ids
         for t in seg:
             slots = num_image_tokens if t == image_token_id else 1  # the placeholder -> N image slots
@@ -232,7 +250,8 @@ class MLMamba(nn.Module):
             image_tokens = self.encode_image(image)
         turns = list(history) + [("human", prompt)]
         ids, _ = encode_conversation(self.tokenizer, turns, self.image_token_id if image_tokens is not None else None,
-                                     num_image_tokens=image_tokens.shape[1] if image_tokens is not None else 1)
+                                     num_image_tokens=image_tokens.shape[1] if image_tokens is not None else 1,
+                                     prompt=self.config.prompt)
         if len(ids) > self.config.max_length:
             raise ValueError(f"the prompt is {len(ids)} tokens with the image; the limit is {self.config.max_length}")
         device = self.lm.embedding.weight.device
@@ -285,18 +304,21 @@ class MLMamba(nn.Module):
         return model.to(device=device, dtype=dtype)
 
     @classmethod
-    def from_components(cls, lm, vision, tokenizer, connector=None, input_size=384, vision_layer=-2,
+    def from_components(cls, lm, vision, tokenizer, connector=None, input_size=384, vision_layer=-2, prompt="in-out",
                         dtype=torch.float32, device="cpu"):
         """A new ML-Mamba from public checkpoints: lm a Mamba-2 folder (or repo id), vision {name: SigLIP or DINOv2
-        folder} in concatenation order (the paper: {"dinov2": ..., "siglip": ...}), tokenizer a tokenizer.json or
-        its folder. connector: ConnectorConfig fields (kind, scan, init, ...); the connector is new, as in the paper."""
+        folder} in concatenation order (the paper: {"dinov2": ..., "siglip": ...}; one encoder alone is the paper's
+        encoder ablation, Table 5), tokenizer a tokenizer.json or its folder. connector: ConnectorConfig fields (kind,
+        scan, init, ...); the connector is new, as in the paper. prompt: "in-out" or "zephyr"."""
+        if not vision:
+            raise ValueError("ML-Mamba needs at least one vision encoder (SigLIP and / or DINOv2)")
         lm_model = Mamba2LMHeadModel.from_pretrained(lm)
         encoders = {name: ViT.from_pretrained(path, input_size=input_size) for name, path in vision.items()}
         first = next(iter(encoders.values())).config
         cc = ConnectorConfig.for_lm(lm_model.config, vision_dim=sum(e.config.hidden_size for e in encoders.values()),
                                     grid=(first.grid, first.grid), **(connector or {}))
         config = MLMambaConfig(lm=lm_model.config, vision={n: e.config for n, e in encoders.items()}, connector=cc,
-                               vision_layer=vision_layer)
+                               vision_layer=vision_layer, prompt=prompt)
         with torch.device("meta"):
             model = cls(config)
         model.lm = lm_model

@@ -74,6 +74,7 @@ class TrainConfig:
     init_from: str = None
     connector: str = None  # None: ConnectorConfig's default, or the --init-from folder's
     scan: str = None
+    prompt: str = "in-out"  # a new model's prompt format
     drop_path: float = 0.1
     image_size: int = 384
     out: str = "runs/synthetic"
@@ -111,13 +112,18 @@ PRESETS = {
     # the paper's recipe (Table 1, section 4.1); pretrain runs only when given --pretrain-data
     "paper": dict(pretrain_epochs=1, align_epochs=1, epochs=2, lr=2e-5, align_lr=1e-3, connector_lr=None,
                   global_batch=64, workers=4),
+    # the authors' release: one "no-align" stage (connector and LM from the start), its connector and prompt
+    "release": dict(stage="finetune", connector="msc-release", prompt="zephyr", pretrain_epochs=1, align_epochs=1,
+                    epochs=2, lr=2e-5, align_lr=1e-3, connector_lr=None, global_batch=128, workers=4,
+                    gradient_checkpointing=True),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)  # an option not given keeps its preset's value
-    p.add_argument("--preset", choices=list(PRESETS), help="default: synthetic, or paper with --data")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="default: synthetic, or paper with --data; release: the authors' one-stage recipe")
     p.add_argument("--stage", choices=["pretrain", "align", "finetune", "both", "all"],
                    help="all (default): pretrain (when there is text data), align, finetune; both: align, finetune")
     p.add_argument("--data", help="LLaVA-format JSON; default: the synthetic world (built if missing)")
@@ -134,6 +140,8 @@ def parse_args(argv=None):
     p.add_argument("--connector", choices=["mlp", "msc-basic", "msc-advanced", "msc-release"],
                    help="default msc-advanced (with --init-from: the folder's)")
     p.add_argument("--scan", choices=["bsm", "csm"], help="default bsm (with --init-from: the folder's)")
+    p.add_argument("--prompt", choices=["in-out", "zephyr"],
+                   help="a new model's prompt format (default in-out; zephyr: the authors' release's)")
     p.add_argument("--drop-path", type=fraction, help="the MSC blocks' stochastic depth (default 0.1)")
     p.add_argument("--image-size", type=positive_int, help="encoder input size (real runs; default 384)")
     p.add_argument("--out", help="the run folder (default runs/synthetic)")
@@ -276,13 +284,13 @@ def synthetic_model(tokenizer, cfg):
                input_size=48)
     vision = {"dinov2": ViTConfig("dinov2", **vit), "siglip": ViTConfig("siglip", **vit)}
     cc = ConnectorConfig.for_lm(lm, vision_dim=128, grid=(3, 3), drop_path=cfg.drop_path, **connector_choice(cfg))
-    return MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=cc, max_length=512), tokenizer)
+    return MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=cc, max_length=512, prompt=cfg.prompt), tokenizer)
 
 
-def synthetic_tokenizer(json_paths):
+def synthetic_tokenizer(json_paths, prompt="in-out"):
     """A byte-level BPE tokenizer trained on the prompts and replies, as the model reads them, of LLaVA-format files."""
     samples = [x for f in json_paths if f for x in json.loads(Path(f).read_text())]
-    return train_tokenizer([s for x in samples for s, _ in conversation_segments(conversation_turns(x))])
+    return train_tokenizer([s for x in samples for s, _ in conversation_segments(conversation_turns(x), prompt)])
 
 
 def connector_choice(cfg):
@@ -295,6 +303,9 @@ def build_model(cfg, files, log=print):
     synthetic default, or a new ML-Mamba assembled from public checkpoints."""
     if cfg.init_from:
         model = MLMamba.from_pretrained(cfg.init_from)
+        if cfg.prompt != model.config.prompt and cfg.prompt != TrainConfig.prompt:
+            raise ValueError(f"{cfg.init_from} is a model with the {model.config.prompt!r} prompt; a model's prompt "
+                             "format is chosen when it is built (drop --prompt)")
         saved, asked = model.config.connector, connector_choice(cfg)
         if any(getattr(saved, k) != v for k, v in asked.items()):
             # the paper's ablations (Tables 6-7): one pretrained LM, a new connector of each kind; the folder's
@@ -306,21 +317,22 @@ def build_model(cfg, files, log=print):
                 f"{saved.kind}/{saved.scan}, is not used)")
         return model
     if cfg.data is None:  # synthetic: a tokenizer trained on the training conversations, saved with the model
-        tokenizer = synthetic_tokenizer([files.train_json, files.pretrain_json])
+        tokenizer = synthetic_tokenizer([files.train_json, files.pretrain_json], cfg.prompt)
         torch.manual_seed(cfg.seed)
         return synthetic_model(tokenizer, cfg)
-    missing = [n for n in ("llm", "siglip", "dinov2", "tokenizer") if getattr(cfg, n) is None]
+    missing = [n for n in ("llm", "tokenizer") if getattr(cfg, n) is None]
+    missing += ["siglip and / or --dinov2"] if cfg.siglip is None and cfg.dinov2 is None else []
     if missing:
         raise ValueError(f"training on --data needs --{', --'.join(missing)} (or --init-from an ML-Mamba folder)")
     torch.manual_seed(cfg.seed)
-    return MLMamba.from_components(cfg.llm, {"dinov2": cfg.dinov2, "siglip": cfg.siglip}, cfg.tokenizer,
-                                   connector={"drop_path": cfg.drop_path, **connector_choice(cfg)},
-                                   input_size=cfg.image_size)
+    encoders = {name: path for name, path in (("dinov2", cfg.dinov2), ("siglip", cfg.siglip)) if path is not None}
+    return MLMamba.from_components(cfg.llm, encoders, cfg.tokenizer, prompt=cfg.prompt, input_size=cfg.image_size,
+                                   connector={"drop_path": cfg.drop_path, **connector_choice(cfg)})
 
 
 def dataset_for(model, json_path, image_root=None, cache_images=False):
     return LLaVADataset(json_path, image_root, model.tokenizer, model.image_token_id, model.num_image_tokens,
-                        model.vision.preprocess, cache_images=cache_images)
+                        model.vision.preprocess, cache_images=cache_images, prompt=model.config.prompt)
 
 
 def report_problems(dataset, log, shown=5):

@@ -274,3 +274,59 @@ def test_cuda_forward_matches_cpu_and_bf16_generates(model):
     model.to(torch.bfloat16)
     out = model.generate(random_image(9), "How many?", max_new_tokens=6)
     assert 0 < len(out) <= 6 and all(0 <= t < model.config.lm.vocab_size for t in out)
+
+
+def test_the_release_prompt_format_zephyr(tokenizer, tmp_path):
+    """prompt="zephyr" (the authors' release): <|user|>\\n{q}<|endoftext|>\\n<|assistant|>\\n{a}<|endoftext|>, turns joined
+    by "\\n", the image's N slots before all the text wherever the placeholder stood; labels on the replies and their
+    stop tokens; generation follows the model's prompt, which its saved config keeps."""
+    img = tokenizer.token_to_id("<image>")
+    turns = [("human", "<image>\nWhat color is the triangle?"), ("gpt", "Green."), ("human", "How many?"),
+             ("gpt", "Two.")]
+    ids, labels = encode_conversation(tokenizer, turns, img, num_image_tokens=3, prompt="zephyr")
+    assert ids[:3] == [img] * 3 and img not in ids[3:] and labels[:3] == [IGNORE_INDEX] * 3
+    assert tokenizer.decode(ids[3:], skip_special_tokens=False) == (
+        "<|user|>\nWhat color is the triangle?<|endoftext|>\n<|assistant|>\nGreen.<|endoftext|>"
+        "\n<|user|>\nHow many?<|endoftext|>\n<|assistant|>\nTwo.<|endoftext|>")
+    trained = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained == "Green.<|endoftext|>Two.<|endoftext|>"
+    # a text-only sample: no slots, the literal placeholder dropped from the text
+    text_ids, _ = encode_conversation(tokenizer, [("human", "<image> hi"), ("gpt", "yes")], None, prompt="zephyr")
+    assert img not in text_ids
+    config = tiny_config()
+    config.prompt = "zephyr"
+    torch.manual_seed(0)
+    model = MLMamba(config, tokenizer).eval()
+    model.save_pretrained(tmp_path / "z")
+    assert MLMamba.from_pretrained(tmp_path / "z").config.prompt == "zephyr"
+    image = random_image(5)
+    new = model.generate(image, "What is in the picture?", max_new_tokens=8)
+    ids, _ = encode_conversation(model.tokenizer, [("human", "What is in the picture?")], model.image_token_id,
+                                 model.num_image_tokens, prompt="zephyr")
+    pixels, seq = model.preprocess(image), list(ids)
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = int(model(pixels, torch.tensor([seq]))[0][0, -1, :model.config.lm.vocab_size].argmax())
+            if nxt == model.eos_token_id:
+                break
+            seq.append(nxt)
+    assert new == seq[len(ids):] and len(new) > 0
+    with pytest.raises(ValueError, match="unknown prompt format"):
+        encode_conversation(tokenizer, turns, prompt="chatml")
+
+
+def test_one_encoder_and_the_release_recipe_build_from_public_checkpoints(cli_model):
+    """train.py with --siglip alone (the paper's encoder ablation, Table 5) builds an ML-Mamba on that encoder only;
+    --preset release is the authors' one-stage recipe: their connector and prompt, finetune only, batch 128."""
+    import train as T
+    common = ["--data", "x.json", "--llm", str(cli_model / "lm"), "--tokenizer", str(cli_model / "tokenizer.json"),
+              "--image-size", "42", "--device", "cpu"]
+    model = T.build_model(T.parse_args(common + ["--siglip", str(cli_model / "siglip")]), None)
+    assert list(model.vision.encoders) == ["siglip"] and model.config.connector.vision_dim == 16
+    release = T.parse_args(common + ["--dinov2", str(cli_model / "dinov2"), "--preset", "release"])
+    assert (release.stage, release.global_batch, release.lr) == ("finetune", 128, 2e-5)
+    model = T.build_model(release, None)
+    assert list(model.vision.encoders) == ["dinov2"] and model.config.connector.vision_dim == 24
+    assert (model.config.connector.kind, model.config.prompt) == ("msc-release", "zephyr")
+    with pytest.raises(ValueError, match="--siglip and / or --dinov2"):
+        T.build_model(T.parse_args(common), None)
