@@ -326,3 +326,89 @@ class MLMamba(nn.Module):
         model.new_connector(cc)
         model.set_tokenizer(load_tokenizer(tokenizer))
         return model.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The authors' release's checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def release_key_map(config: MLMambaConfig):
+    """Our name -> the release's name ("group.name", the groups of its latest-checkpoint.pt's "model" dict) for every
+    trained tensor of an ML-Mamba with the msc-release connector: the LM (in mamba_ssm's names), the lift ("mlp"),
+    the Bidirectional_Mamba and the fused projector. The release's SwiGLU calls its gate pair w1, w2 and its output
+    w3; ours (LLaMA's names) w1, w3 and w2."""
+    from mamba2 import checkpoint_key_map
+    names = {f"lm.{ours}": f"llm_backbone.{theirs}" for ours, theirs in
+             checkpoint_key_map(config.lm, "state-spaces").items()}
+    names.update({"connector.lift.weight": "mlp.0.weight", "connector.lift.bias": "mlp.0.bias"})
+    for ours, theirs in (("fc1", "0"), ("fc2", "2"), ("fc3", "4")):
+        for t in ("weight", "bias"):
+            names[f"connector.projector.{ours}.{t}"] = f"projector.projector.{theirs}.{t}"
+    c = config.connector.mixer
+    mixer = ["in_proj.weight", "conv1d.weight", "conv1d_b.weight", "dt_bias", "dt_bias_b", "A_log", "A_log_b", "D",
+             "D_b", "norm.weight", "out_proj.weight"]
+    mixer += ["conv1d.bias", "conv1d_b.bias"] if c.conv_bias else []
+    mixer += ["in_proj.bias", "out_proj.bias"] if c.bias else []
+    for i in range(config.connector.n_layers):
+        ours, theirs = f"connector.msc.blocks.{i}", f"bidirectional_mamba.layers.{i}"
+        names.update({f"{ours}.mixer.{t}": f"{theirs}.mixer.{t}" for t in mixer})
+        for t in ("weight", "bias"):
+            names[f"{ours}.norm.{t}"] = f"{theirs}.norm.{t}"
+            for our_w, their_w in (("w1", "w1"), ("w3", "w2"), ("w2", "w3")):
+                names[f"{ours}.mlp.{our_w}.{t}"] = f"{theirs}.mlp.{their_w}.{t}"
+    names.update({f"connector.msc.norm.{t}": f"bidirectional_mamba.norm_f.{t}" for t in ("weight", "bias")})
+    return names
+
+
+def convert_release(checkpoint, lm, vision, tokenizer, out, input_size=384):
+    """The release's latest-checkpoint.pt -> an ML-Mamba folder that generate.py runs. lm, vision, tokenizer: the
+    public checkpoints it was trained from ({"dinov2": ..., "siglip": ...}), which give the architecture and the frozen
+    encoders; the checkpoint gives the LM, the lift, the Bidirectional_Mamba and the projector. Read with
+    torch.load(weights_only=True): no pickled code runs. Missing, unexpected or mis-shaped tensors are all listed."""
+    model = MLMamba.from_components(lm, vision, tokenizer, connector={"kind": "msc-release"}, prompt="zephyr",
+                                    input_size=input_size)
+    try:
+        groups = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as e:
+        raise CheckpointError(f"cannot read {checkpoint} as the release's checkpoint ({{'model': {{...}}}}): "
+                              f"{type(e).__name__}: {e}") from None
+    tensors = {}
+    for group, state in groups.items():
+        if group == "llm_backbone" and all(k.startswith("llm.") for k in state):  # the backbone wrapper's prefix
+            state = {k.removeprefix("llm."): v for k, v in state.items()}
+        tensors.update({f"{group}.{k}": v for k, v in state.items()})
+    tied = model.config.lm.tie_embeddings
+    key_map = release_key_map(model.config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k in key_map}
+    state = match_tensors(expected, tensors, key_map, ignore={"llm_backbone.lm_head.weight"} if tied else (),
+                          source=f"the release's checkpoint {checkpoint}")
+    model.load_state_dict(state, strict=False)
+    model.lm.tie_weights()
+    model.save_pretrained(out)
+    return model
+
+
+def main(argv=None):
+    import argparse
+    from weights import USER_ERRORS, report_user_error
+    p = argparse.ArgumentParser(description="Convert the authors' release's checkpoint into an ML-Mamba folder.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert-release", help="latest-checkpoint.pt -> a folder generate.py runs")
+    c.add_argument("checkpoint")
+    c.add_argument("--llm", required=True, help="the Mamba-2 checkpoint it was trained from (for the config)")
+    c.add_argument("--dinov2", help="the DINOv2 checkpoint (frozen, not in the release's file)")
+    c.add_argument("--siglip", help="the SigLIP checkpoint (frozen, not in the release's file)")
+    c.add_argument("--tokenizer", required=True, help="GPT-NeoX-20B's tokenizer.json or its folder")
+    c.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    vision = {n: path for n, path in (("dinov2", args.dinov2), ("siglip", args.siglip)) if path}
+    try:
+        convert_release(args.checkpoint, args.llm, vision, args.tokenizer, args.out)
+    except USER_ERRORS as e:
+        return report_user_error(e)
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import TEXTS, make_tokenizer, tiny_config
 from model import IGNORE_INDEX, MLMamba, encode_conversation
+from weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -330,3 +331,75 @@ def test_one_encoder_and_the_release_recipe_build_from_public_checkpoints(cli_mo
     assert (model.config.connector.kind, model.config.prompt) == ("msc-release", "zephyr")
     with pytest.raises(ValueError, match="--siglip and / or --dinov2"):
         T.build_model(T.parse_args(common), None)
+
+
+def release_checkpoint(cli_model, tmp_path):
+    """A latest-checkpoint.pt in the release's layout for the tiny public checkpoints: {"model": {group: {name:
+    tensor}}}, the connector's names and shapes written out here (LM width 32, d_inner 64, 8 heads, state 16, conv
+    96 channels, vision 24 + 16), the LM in mamba_ssm's names."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.2
+
+    lm = MLMamba.from_components(cli_model / "lm", {"siglip": cli_model / "siglip"}, cli_model / "tokenizer.json",
+                                 input_size=42).lm
+    lm.save_pretrained(tmp_path / "lm-ss")
+    from weights import read_tensors
+    llm = {k: r(*v.shape) for k, v in read_tensors(tmp_path / "lm-ss").items()}
+    llm["lm_head.weight"] = llm["backbone.embedding.weight"]  # tied, saved anyway
+    mixer = {"in_proj.weight": (168, 32), "conv1d.weight": (96, 1, 4), "conv1d.bias": (96,), "conv1d_b.weight":
+             (96, 1, 4), "conv1d_b.bias": (96,), "dt_bias": (8,), "dt_bias_b": (8,), "A_log": (8,), "A_log_b": (8,),
+             "D": (8,), "D_b": (8,), "norm.weight": (64,), "out_proj.weight": (32, 64)}
+    bi = {"norm_f.weight": r(32) + 1, "norm_f.bias": r(32)}
+    for i in range(2):
+        bi.update({f"layers.{i}.mixer.{k}": r(*shape) for k, shape in mixer.items()})
+        bi.update({f"layers.{i}.norm.weight": r(32) + 1, f"layers.{i}.norm.bias": r(32)})
+        bi.update({f"layers.{i}.mlp.{w}.{t}": r(32, 32) if t == "weight" else r(32)
+                   for w in ("w1", "w2", "w3") for t in ("weight", "bias")})
+    projector = {"projector.0.weight": r(128, 32), "projector.0.bias": r(128), "projector.2.weight": r(32, 128),
+                 "projector.2.bias": r(32), "projector.4.weight": r(32, 32), "projector.4.bias": r(32)}
+    groups = {"llm_backbone": llm, "mlp": {"0.weight": r(32, 40), "0.bias": r(32)}, "bidirectional_mamba": bi,
+              "projector": projector}
+    return groups
+
+
+def test_the_release_checkpoint_converts_into_a_folder_generate_runs(cli_model, tmp_path):
+    """python model.py convert-release: every tensor lands where the release's forward uses it (checked through the
+    connector's output, computed by hand from the release's tensors: its SwiGLU's gate pair is w1, w2); generate.py
+    runs the folder; a checkpoint with a tensor missing and one extra names both."""
+    import model as M
+    groups = release_checkpoint(cli_model, tmp_path)
+    torch.save({"model": groups}, tmp_path / "latest-checkpoint.pt")
+    args = ["convert-release", str(tmp_path / "latest-checkpoint.pt"), "--llm", str(cli_model / "lm"), "--dinov2",
+            str(cli_model / "dinov2"), "--siglip", str(cli_model / "siglip"), "--tokenizer",
+            str(cli_model / "tokenizer.json"), "--out", str(tmp_path / "converted")]
+    assert M.main(args) == 0
+    model = MLMamba.from_pretrained(tmp_path / "converted").eval()
+    assert (model.config.connector.kind, model.config.prompt) == ("msc-release", "zephyr")
+    llm = groups["llm_backbone"]
+    assert torch.equal(model.lm.layers[1].mixer.in_proj.weight, llm["backbone.layers.1.mixer.in_proj.weight"])
+    bi, t = groups["bidirectional_mamba"], lambda name: bi[name]
+    v = torch.randn(2, 9, 40)
+    with torch.no_grad():
+        x = F.gelu(v @ groups["mlp"]["0.weight"].T + groups["mlp"]["0.bias"])
+        for i, block in enumerate(model.connector.msc.blocks):
+            assert torch.equal(block.mixer.conv1d_b.weight, t(f"layers.{i}.mixer.conv1d_b.weight"))
+            x = x + block.mixer(x)
+            h = F.layer_norm(x, (32,), t(f"layers.{i}.norm.weight"), t(f"layers.{i}.norm.bias"), 1e-5)
+            lin = lambda w, z: z @ t(f"layers.{i}.mlp.{w}.weight").T + t(f"layers.{i}.mlp.{w}.bias")  # noqa: E731
+            x = x + lin("w3", F.silu(lin("w1", h)) * lin("w2", h))
+        x = F.layer_norm(x, (32,), t("norm_f.weight"), t("norm_f.bias"), 1e-5)
+        for n, act in (("0", F.gelu), ("2", F.gelu), ("4", lambda z: z)):
+            x = act(x @ groups["projector"][f"projector.{n}.weight"].T + groups["projector"][f"projector.{n}.bias"])
+        torch.testing.assert_close(model.connector(v), x, rtol=1e-5, atol=1e-5)
+    out = run_cli("--model", tmp_path / "converted", "--image", cli_model / "image.png", "--prompt", "What?",
+                  "--max-new-tokens", "3", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    del groups["bidirectional_mamba"]["layers.1.mlp.w2.bias"]
+    groups["projector"]["projector.6.weight"] = torch.zeros(1)
+    torch.save({"model": groups}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"(?s)missing.*bidirectional_mamba.layers.1.mlp.w2.bias.*"
+                                              r"unexpected.*projector.projector.6.weight"):
+        M.convert_release(tmp_path / "bad.pt", cli_model / "lm", {"dinov2": cli_model / "dinov2",
+                          "siglip": cli_model / "siglip"}, cli_model / "tokenizer.json", tmp_path / "x", input_size=42)
