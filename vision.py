@@ -14,6 +14,7 @@ the final norm, as Prismatic-style VLMs do.
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,14 @@ from weights import CheckpointError, check_fields, match_tensors, read_config, r
 
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"),
+               "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}  # CLIP's QuickGELU
 
 
 @dataclass
 class ViTConfig:
-    kind: str = "siglip"  # "siglip" or "dinov2"
+    kind: str = "siglip"  # "siglip", "dinov2" or "clip" (timm's CLIP ViT: a LayerNorm before the blocks, QuickGELU)
     image_size: int = 384  # the size the position embeddings were trained for
     patch_size: int = 14
     hidden_size: int = 1152
@@ -41,19 +45,23 @@ class ViTConfig:
     num_register_tokens: int = 0  # DINOv2 with registers: 4
     interpolate_antialias: bool = False  # DINOv2-with-registers interpolates with antialiasing, DINOv2 without
     input_size: int = 384  # the size images are resized to before encoding
+    no_embed_class: bool = False  # timm's: the position embeddings cover the patches only, not the class token
+    hidden_act: str = "auto"  # the MLP's: "gelu", "gelu_tanh" or "quick_gelu"; auto: SigLIP gelu_tanh, else gelu
 
     def __post_init__(self):
         check_fields(self, "ViTConfig", positive=("image_size", "patch_size", "hidden_size", "intermediate_size",
                                                   "num_layers", "num_heads", "layer_norm_eps", "input_size"),
                      nonnegative=("num_register_tokens",))
-        if self.kind not in ("siglip", "dinov2"):
-            raise ValueError(f"ViTConfig.kind must be 'siglip' or 'dinov2', not {self.kind!r}")
+        if self.kind not in ("siglip", "dinov2", "clip"):
+            raise ValueError(f"ViTConfig.kind must be 'siglip', 'dinov2' or 'clip', not {self.kind!r}")
+        if self.hidden_act not in ACTIVATIONS and self.hidden_act != "auto":
+            raise ValueError(f"ViTConfig.hidden_act must be one of {', '.join(ACTIVATIONS)}, not {self.hidden_act!r}")
         if self.kind == "siglip" and self.num_register_tokens:
             raise ValueError("SigLIP has no register tokens")
 
     @property
     def has_class_token(self):
-        return self.kind == "dinov2"
+        return self.kind != "siglip"
 
     @property
     def num_prefix_tokens(self):  # class + register tokens, removed from the output
@@ -69,7 +77,8 @@ class ViTConfig:
 
     @property
     def mean_std(self):
-        return (SIGLIP_MEAN, SIGLIP_STD) if self.kind == "siglip" else (IMAGENET_MEAN, IMAGENET_STD)
+        return {"siglip": (SIGLIP_MEAN, SIGLIP_STD), "dinov2": (IMAGENET_MEAN, IMAGENET_STD),
+                "clip": (CLIP_MEAN, CLIP_STD)}[self.kind]
 
 
 # The public checkpoints ML-Mamba uses, at the paper's 384 px input.
@@ -107,7 +116,8 @@ class ViTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
         self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
-        self.gelu_approximate = "tanh" if c.kind == "siglip" else "none"
+        act = c.hidden_act if c.hidden_act != "auto" else ("gelu_tanh" if c.kind == "siglip" else "gelu")
+        self.act = ACTIVATIONS[act]
         # LayerScale (DINOv2 only): learned per-channel scales of the two residual branches
         self.ls1 = nn.Parameter(torch.ones(c.hidden_size)) if c.kind == "dinov2" else None
         self.ls2 = nn.Parameter(torch.ones(c.hidden_size)) if c.kind == "dinov2" else None
@@ -115,7 +125,7 @@ class ViTBlock(nn.Module):
     def forward(self, x):
         a = self.attn(self.norm1(x))
         x = x + (a * self.ls1 if self.ls1 is not None else a)
-        m = self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate=self.gelu_approximate))
+        m = self.fc2(self.act(self.fc1(self.norm2(x))))
         return x + (m * self.ls2 if self.ls2 is not None else m)
 
 
@@ -135,11 +145,12 @@ class ViT(nn.Module):
         super().__init__()
         c = self.config = config
         self.patch_embed = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size)
-        n_pos = (c.image_size // c.patch_size) ** 2 + int(c.has_class_token)
+        n_pos = (c.image_size // c.patch_size) ** 2 + int(c.has_class_token and not c.no_embed_class)
         self.pos_embed = nn.Parameter(torch.randn(1, n_pos, c.hidden_size) * 0.02)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size)) if c.has_class_token else None
         self.register_tokens = (nn.Parameter(torch.zeros(1, c.num_register_tokens, c.hidden_size))
                                 if c.num_register_tokens else None)
+        self.norm_pre = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps) if c.kind == "clip" else None
         self.blocks = nn.ModuleList([ViTBlock(c) for _ in range(c.num_layers)])
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
@@ -151,16 +162,17 @@ class ViT(nn.Module):
         if gh != gw:
             raise ValueError(f"square inputs only (found a {gh} x {gw} patch grid)")
         x = x.flatten(2).transpose(1, 2)  # (b, N, d), patches in row-major order
-        if self.cls_token is not None:
+        if self.cls_token is not None and not c.no_embed_class:  # the class token has a position of its own
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-            pos = torch.cat([self.pos_embed[:, :1], interpolate_pos_embed(self.pos_embed[:, 1:], gh,
-                                                                           c.interpolate_antialias)], dim=1)
-        else:
-            pos = interpolate_pos_embed(self.pos_embed, gh, c.interpolate_antialias)
-        x = x + pos
+            x = x + torch.cat([self.pos_embed[:, :1], interpolate_pos_embed(self.pos_embed[:, 1:], gh,
+                                                                             c.interpolate_antialias)], dim=1)
+        else:  # positions for the patches only; the class token (timm's no_embed_class) comes after, without one
+            x = x + interpolate_pos_embed(self.pos_embed, gh, c.interpolate_antialias)
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.register_tokens is not None:  # registers go after the class token and get no position
             x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
-        return x
+        return self.norm_pre(x) if self.norm_pre is not None else x
 
     def forward(self, pixel_values, layer=-2):
         """Patch tokens (b, N, d). layer: the block whose output to return (python indexing: -2 is the
@@ -188,10 +200,6 @@ class ViT(nn.Module):
         config, key_map, ignore = vit_checkpoint_layout(cfg, tensors, input_size)
         with torch.device("meta"):
             model = cls(config)
-        if config.kind == "siglip":  # nn.Embedding (N, d) in the checkpoint; ours carries a batch axis (1, N, d)
-            name = key_map["pos_embed"]
-            if name in tensors:
-                tensors[name] = tensors[name][None]
         expected = {k: v.shape for k, v in model.state_dict().items()}
         state = match_tensors(expected, tensors, key_map, ignore=ignore,
                               source=f"{config.kind} checkpoint {folder}")
@@ -206,7 +214,10 @@ def _block_key_map(num_layers, renames, prefix):
 
 
 def vit_checkpoint_layout(cfg, tensors, input_size):
-    """(ViTConfig, key map {our name: checkpoint name}, names to ignore) for a transformers-format checkpoint."""
+    """(ViTConfig, key map {our name: checkpoint name}, names to ignore) for a transformers-format checkpoint, or a
+    timm-format one (`timm_checkpoint_layout`). `tensors` may be reshaped or split in place to our layout."""
+    if "architecture" in cfg:
+        return timm_checkpoint_layout(cfg, tensors, input_size)
     model_type = cfg.get("model_type")
     if model_type in ("siglip", "siglip_vision_model"):
         vc = cfg.get("vision_config", {}) if model_type == "siglip" else cfg
@@ -229,6 +240,8 @@ def vit_checkpoint_layout(cfg, tensors, input_size):
         key_map.update(_block_key_map(config.num_layers, block, p + "encoder.layers."))
         # not used: the attention-pooling head, the text tower, the contrastive logit scale and bias
         ignore = {k for k in tensors if k.startswith((p + "head.", "text_model.", "logit_"))}
+        if key_map["pos_embed"] in tensors:  # nn.Embedding (N, d) in the checkpoint; ours carries a batch axis
+            tensors[key_map["pos_embed"]] = tensors[key_map["pos_embed"]][None]
         return config, key_map, ignore
     if model_type in ("dinov2", "dinov2_with_registers"):
         if cfg.get("use_swiglu_ffn"):
@@ -259,6 +272,61 @@ def vit_checkpoint_layout(cfg, tensors, input_size):
         return config, key_map, ignore
     raise CheckpointError(f"config.json model_type {model_type!r} is not a SigLIP or DINOv2 checkpoint (expected "
                           "'siglip', 'siglip_vision_model', 'dinov2' or 'dinov2_with_registers')")
+
+
+# timm's names for the encoders the authors' release and its parents (Prismatic, Cobra) use, with the constructor
+# arguments they stand for; a config.json with "model_args" (timm's own) overrides them.
+TIMM_ARCHITECTURES = {
+    "vit_large_patch14_reg4_dinov2": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4, reg_tokens=4,
+                                          no_embed_class=True, img_size=518, patch_size=14, init_values=1e-5),
+    "vit_large_patch14_dinov2": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4, img_size=518, patch_size=14,
+                                     init_values=1e-5),
+    "vit_so400m_patch14_siglip_384": dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, class_token=False,
+                                          img_size=384, patch_size=14),
+    "vit_large_patch14_clip_336": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4, img_size=336,
+                                       patch_size=14, pre_norm=True),
+}
+
+
+def timm_checkpoint_layout(cfg, tensors, input_size):
+    """(ViTConfig, key map, names to ignore) for a timm-format folder: config.json {"architecture": name, optionally
+    "model_args"} + model.safetensors with timm's names. timm fuses q, k and v into one qkv projection: its rows are
+    split here, in place, into three tensors the key map names ("blocks.0.attn.qkv.weight[q]", ...)."""
+    name = cfg["architecture"].split(".")[0]  # "vit_large_patch14_reg4_dinov2.lvd142m" -> the architecture
+    kind = next((k for k in ("dinov2", "siglip", "clip") if k in name), None)
+    args = {**TIMM_ARCHITECTURES.get(name, {}), **cfg.get("model_args", {})}
+    if kind is None or "embed_dim" not in args:
+        raise CheckpointError(f"timm architecture {cfg['architecture']!r} is not one this project reads: "
+                              f"{', '.join(TIMM_ARCHITECTURES)} (or give its model_args in config.json)")
+    d, depth = args["embed_dim"], args["depth"]
+    config = ViTConfig(kind, image_size=args.get("img_size", 224), patch_size=args.get("patch_size", 16),
+                       hidden_size=d, intermediate_size=int(d * args.get("mlp_ratio", 4)), num_layers=depth,
+                       num_heads=args["num_heads"], num_register_tokens=args.get("reg_tokens", 0),
+                       no_embed_class=args.get("no_embed_class", False), input_size=input_size,
+                       hidden_act=args.get("act_layer", "gelu"),  # timm's default is exact GELU, SigLIP's too
+                       layer_norm_eps=1e-5 if kind == "clip" else 1e-6)  # timm's CLIP towers: nn.LayerNorm
+    if config.has_class_token != args.get("class_token", True) or (kind == "clip") != args.get("pre_norm", False):
+        raise CheckpointError(f"timm {name}: a class token / pre-norm other than a {kind} ViT's is not supported")
+    if config.num_register_tokens and not config.no_embed_class:
+        raise CheckpointError(f"timm {name}: register tokens with position embeddings are not supported")
+    key_map = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias",
+               "pos_embed": "pos_embed", "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    key_map.update({"cls_token": "cls_token"} if config.has_class_token else {})
+    key_map.update({"register_tokens": "reg_token"} if config.num_register_tokens else {})
+    key_map.update({f"norm_pre.{t}": f"norm_pre.{t}" for t in ("weight", "bias")} if kind == "clip" else {})
+    block = {"norm1": "norm1", "attn.proj": "attn.proj", "norm2": "norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    key_map.update(_block_key_map(depth, block, "blocks."))
+    for i in range(depth):
+        for t in ("weight", "bias"):
+            fused = f"blocks.{i}.attn.qkv.{t}"
+            if fused in tensors:  # rows [q; k; v], each d
+                for part, rows in zip("qkv", tensors.pop(fused).split(d)):
+                    tensors[f"{fused}[{part}]"] = rows
+            key_map.update({f"blocks.{i}.attn.{part}.{t}": f"{fused}[{part}]" for part in "qkv"})
+        if kind == "dinov2":
+            key_map.update({f"blocks.{i}.ls{j}": f"blocks.{i}.ls{j}.gamma" for j in (1, 2)})
+    ignore = {k for k in tensors if k.startswith(("attn_pool.", "head.", "fc_norm."))}  # pooling / classifier heads
+    return config, key_map, ignore
 
 
 # ----------------------------------------------------------------------------------------------------------------

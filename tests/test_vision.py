@@ -1,6 +1,7 @@
 """Vision encoders: parity with transformers on tiny checkpoints, preprocessing, the dual encoder."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -215,3 +216,62 @@ def test_paper_configuration_shapes_and_sizes():
                                         num_heads=2, input_size=28)),
                      "b": ViT(ViTConfig("siglip", image_size=42, hidden_size=8, intermediate_size=8, num_layers=1,
                                         num_heads=2, input_size=42))})
+
+
+# ---------------------------------------------------------------- timm-format checkpoints (the authors' release's)
+
+TIMM_TINY = {  # architecture name -> tiny constructor arguments of the same family
+    "vit_large_patch14_reg4_dinov2.lvd142m": dict(embed_dim=24, depth=3, num_heads=2, mlp_ratio=2, reg_tokens=4,
+                                                  no_embed_class=True, img_size=42, patch_size=14, init_values=1e-5),
+    "vit_large_patch14_dinov2.lvd142m": dict(embed_dim=24, depth=3, num_heads=2, mlp_ratio=2, img_size=42,
+                                             patch_size=14, init_values=1e-5),
+    "vit_so400m_patch14_siglip_384": dict(embed_dim=16, depth=3, num_heads=2, mlp_ratio=3.7362, class_token=False,
+                                          img_size=42, patch_size=14, global_pool="map", act_layer="gelu_tanh"),
+    "vit_large_patch14_clip_336": dict(embed_dim=16, depth=3, num_heads=2, mlp_ratio=4, img_size=42, patch_size=14,
+                                       pre_norm=True, act_layer="quick_gelu", norm_layer=torch.nn.LayerNorm),
+}
+
+
+@pytest.mark.parametrize("architecture", list(TIMM_TINY))
+def test_timm_format_checkpoints_match_timms_forward(architecture, tmp_path):
+    """A tiny random timm VisionTransformer of each family the release uses, saved as timm saves for the hub
+    (config.json with "architecture" and "model_args", model.safetensors with timm's names, qkv fused): our layer -2
+    patch tokens and final output equal timm's own forward."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+    args = TIMM_TINY[architecture]
+    torch.manual_seed(2)
+    model = timm.models.vision_transformer.VisionTransformer(num_classes=0, **args).eval()
+    with torch.no_grad():  # non-trivial tokens, norms and LayerScale
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("norm", "gamma", "token", "pos_embed")):
+                p.add_(0.2 * torch.randn_like(p))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    model_args = {k: v for k, v in args.items() if k not in ("global_pool", "norm_layer")}  # not timm's JSON
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": architecture, "num_classes": 0,
+                                                      "model_args": model_args}))
+    ours = ViT.from_pretrained(tmp_path, input_size=42).eval()
+    pixels = torch.randn(2, 3, 42, 42)
+    with torch.no_grad():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(pixels)))
+        for block in model.blocks[:-1]:
+            x = block(x)
+        torch.testing.assert_close(ours(pixels, layer=-2), x[:, model.num_prefix_tokens:], rtol=1e-5, atol=1e-5)
+        final = model.forward_features(pixels)[:, model.num_prefix_tokens:]
+        torch.testing.assert_close(ours(pixels, layer=None), final, rtol=1e-5, atol=1e-5)
+
+
+def test_the_timm_architecture_table_matches_timm():
+    """Each name of vision.TIMM_ARCHITECTURES builds, in timm, the shapes our config reads from the table (meta
+    tensors: no memory)."""
+    timm = pytest.importorskip("timm")
+    from vision import TIMM_ARCHITECTURES, timm_checkpoint_layout
+    for name in TIMM_ARCHITECTURES:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+        config, key_map, _ = timm_checkpoint_layout({"architecture": name}, {}, input_size=model.patch_embed.img_size[0])
+        assert (config.hidden_size, config.num_layers, config.num_heads) == (model.embed_dim, len(model.blocks),
+                                                                             model.blocks[0].attn.num_heads), name
+        assert config.intermediate_size == model.blocks[0].mlp.fc1.out_features, name
+        assert (config.num_register_tokens, config.has_class_token) == (model.num_reg_tokens, model.cls_token is not None)
+        assert model.pos_embed.shape[1] == config.num_patches + int(config.has_class_token and not config.no_embed_class)
