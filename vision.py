@@ -144,7 +144,8 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         c = self.config = config
-        self.patch_embed = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size)
+        self.patch_embed = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size,
+                                     bias=c.kind != "clip")  # CLIP's patch projection has no bias
         n_pos = (c.image_size // c.patch_size) ** 2 + int(c.has_class_token and not c.no_embed_class)
         self.pos_embed = nn.Parameter(torch.randn(1, n_pos, c.hidden_size) * 0.02)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size)) if c.has_class_token else None
@@ -309,8 +310,9 @@ def timm_checkpoint_layout(cfg, tensors, input_size):
         raise CheckpointError(f"timm {name}: a class token / pre-norm other than a {kind} ViT's is not supported")
     if config.num_register_tokens and not config.no_embed_class:
         raise CheckpointError(f"timm {name}: register tokens with position embeddings are not supported")
-    key_map = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias",
-               "pos_embed": "pos_embed", "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    key_map = {"patch_embed.weight": "patch_embed.proj.weight", "pos_embed": "pos_embed", "norm.weight": "norm.weight",
+               "norm.bias": "norm.bias"}
+    key_map.update({"patch_embed.bias": "patch_embed.proj.bias"} if kind != "clip" else {})
     key_map.update({"cls_token": "cls_token"} if config.has_class_token else {})
     key_map.update({"register_tokens": "reg_token"} if config.num_register_tokens else {})
     key_map.update({f"norm_pre.{t}": f"norm_pre.{t}" for t in ("weight", "bias")} if kind == "clip" else {})
