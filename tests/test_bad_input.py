@@ -17,14 +17,6 @@ from weights import CheckpointError
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from data import build_synthetic_dataset
-    root = tmp_path_factory.mktemp("synthetic")
-    build_synthetic_dataset(root, n_train=48, n_val=4, n_test=12, seed=3)
-    return root
-
-
-@pytest.fixture(scope="module")
 def saved_model(world, tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     T.build_model(T.parse_args(["--device", "cpu"]), T.synthetic_files(world)).save_pretrained(folder)
@@ -44,8 +36,8 @@ def one_line_error(capsys):
 
 # ---------------------------------------------------------------- the run folder
 
-def test_a_run_folder_is_never_silently_mixed_or_rewound(world, tmp_path, capsys):
-    out = tmp_path / "run"
+def test_a_run_folder_is_never_silently_mixed_or_rewound(default_world, tmp_path, capsys):
+    world, out = default_world, tmp_path / "run"
     assert T.main(args_for(world, out)) == 0
     # a second run into the same folder must say what it means
     assert T.main(args_for(world, out)) == 2

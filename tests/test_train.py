@@ -21,22 +21,6 @@ from model import IGNORE_INDEX
 from weights import read_tensors
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    build_synthetic_dataset(root, n_train=48, n_val=4, n_test=12, seed=3)
-    return root
-
-
-@pytest.fixture(scope="module")
-def default_world(tmp_path_factory):
-    """The world train() builds by default (3000 training images, ~2 s): tests that call train() point it here, so
-    it finds its DONE stamp and leaves the small `world` above alone."""
-    root = tmp_path_factory.mktemp("default-synthetic")
-    build_synthetic_dataset(root)
-    return root
-
-
 def args_for(world, out, *extra):
     return T.parse_args(["--synthetic-dir", str(world), "--out", str(out), "--global-batch", "8", "--no-eval",
                          "--log-every", "1000", "--device", "cpu", *extra])
