@@ -294,7 +294,8 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.image_root = Path(image_root) if image_root else self.json_path.parent
         reasons = [sample_problem(x, self.image_root) for x in samples]
         self.problems = {i: r for i, r in enumerate(reasons) if r is not None}
-        self.samples = [x for x, r in zip(samples, reasons) if r is None]
+        self.file_index = [i for i, r in enumerate(reasons) if r is None]  # kept sample -> its index in the file
+        self.samples = [samples[i] for i in self.file_index]
         self.tokenizer, self.image_token_id, self.num_image_tokens = tokenizer, image_token_id, num_image_tokens
         self.prompt = prompt
         self.preprocess = preprocess
@@ -304,7 +305,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _skip(self, i, reason):
-        return {"skip": f"sample {i} ({self.samples[i].get('id', '?')}): {reason}"}
+        return {"skip": f"sample {self.file_index[i]} ({self.samples[i].get('id', '?')}): {reason}"}
 
     def _pixels(self, image):
         if self.pixel_cache is not None and image in self.pixel_cache:

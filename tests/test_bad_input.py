@@ -138,6 +138,9 @@ def test_an_image_that_fails_to_decode_in_training_is_skipped(saved_model, tmp_p
     assert "corrupt.png" in items[1]["skip"]
     batch = collate(items)
     assert batch["input_ids"] is None and len(batch["skipped"]) == 2
+    # the message names the sample by its index in the file, also after others were set aside at load
+    ds = dataset(write(tmp_path / "e.json", [{"id": "x"}, good("corrupt.png")]), tmp_path, model)
+    assert ds[0]["skip"].startswith("sample 1 (good): ")
 
 
 def test_training_refuses_data_with_too_few_usable_samples(world, saved_model, tmp_path, capsys):

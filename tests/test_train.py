@@ -257,6 +257,7 @@ def test_pixel_cache_gives_the_same_pixels_without_rereading(world, tmp_path):
     assert all("skip" not in x for x in again) and "train_00000.png" in plain[0]["skip"]
     # keyed by the image, not the sample: a second sample on the same picture reads it from memory too
     cached.samples.append(dict(cached.samples[1], id="same-image"))
+    cached.file_index.append(len(cached.file_index))
     assert torch.equal(cached[len(cached) - 1]["pixels"]["dinov2"], first[1]["pixels"]["dinov2"])
     assert len(cached.pixel_cache) == 3
 
