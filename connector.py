@@ -20,8 +20,9 @@ Norm and residual placement, our reading of Fig. 5:
 The mixers are Mamba2Mixer from mamba2.py (the LM's own block), one per direction with its own parameters.
 Initialisation: "random" (as the paper says) or "lm" (an option of this project: each block's mixers and norm copied
 from the corresponding first layers of the pretrained Mamba-2 LM, every direction starting from the same weights).
-The authors' release builds a different connector (one mixer with a shared projection and per-direction SSM
-parameters, directions averaged, a SwiGLU in every layer, random init): README, "How this differs".
+The authors' release builds a different connector, here as the option "msc-release" (BiMamba2, ReleaseBlock,
+ReleaseMSC below): one mixer with a shared projection and per-direction SSM parameters, the directions averaged, a
+SwiGLU in every block, LayerNorms, no drop-path (README, "How this differs").
 """
 
 import math

@@ -2,11 +2,11 @@
 
     V = [DINOv2(X); SigLIP(X)]        (b, N, d_v)      vision.py, eq. 5 (frozen)
     F = Connector(V)                   (b, N, D)        connector.py, eqs. 6-8
-    E = text embeddings with F put into the N "<image>" slots          (MLMamba.embed, one masked assignment)
+    E = text embeddings with F put into the N "<image>" slots          MLMamba.embed, one masked assignment
     p(answer | X, prompt) = Mamba2LM(E)                 mamba2.py, eq. 9
 
-The prompt format ("In: / Out:", the plain-LM prompt of Cobra and Prismatic's Mamba prompt builder; the authors'
-release uses Zephyr's chat format instead, see the README), one image, any number of turns:
+The prompt format (config.prompt "in-out": the plain-LM prompt of Cobra and Prismatic's Mamba prompt builder; "zephyr"
+is the authors' release's chat format, see conversation_segments), one image, any number of turns:
     "In: <image>\\nWhat is in the picture?\\nOut: A cat.<|endoftext|>\\nIn: What color?\\nOut: Grey.<|endoftext|>"
 Each segment is tokenized on its own (so training and inference cut the text the same way), and the "<image>"
 placeholder becomes N copies of its token id, one slot per image token: the ids have the length of the sequence the
