@@ -179,6 +179,11 @@ class MSC(nn.Module):
 # The authors' release's connector, an option ("msc-release"): where it departs from the paper, see the README
 # ----------------------------------------------------------------------------------------------------------------
 
+# Where the release departs from the paper's MSC (Fig. 5) as read here: one mixer for both directions (shared in_proj,
+# gated norm and out_proj), the directions averaged rather than summed, no norm before the mixer, a SwiGLU of width D
+# inside every block (not one of 8/3 D after the MSC), LayerNorms instead of RMSNorms, no drop-path, PyTorch's default
+# init with zero biases and out_proj / sqrt(2), and BSM only.
+
 class BiMamba2(Mamba2Mixer):
     """The release's bidirectional Mamba-2 mixer: one in_proj, gated RMSNorm and out_proj shared by the two
     directions, and a conv, dt_bias, A_log and D per direction (the backward ones *_b, starting as copies of the
