@@ -13,16 +13,16 @@ TEXTS = ["What is in the picture? A red circle and a blue square.", "Is the circ
          "How many triangles are there? Two.", "What color is the triangle? Green."] * 20
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A small synthetic world (48 training images, seed 3), built once for every test that reads one."""
+    """A small synthetic world (48 training images, seed 3), built once per test module that reads one."""
     from data import build_synthetic_dataset
     root = tmp_path_factory.mktemp("synthetic")
     build_synthetic_dataset(root, n_train=48, n_val=4, n_test=12, seed=3)
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def default_world(tmp_path_factory):
     """The world train() builds by default (3000 training images, ~2 s): tests that call train() point it here, so
     it finds its DONE stamp and leaves the small `world` above alone."""
