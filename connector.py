@@ -199,7 +199,8 @@ class BiMamba2(Mamba2Mixer):
         self.D_b = nn.Parameter(self.D.detach().clone())
 
     def scan(self, zxbcdt, conv1d, dt_bias, A_log, D):
-        """One direction over in_proj's output (b, l, ...): causal conv, SSD (eq. 3), gated RMSNorm -> (b, l, d_inner)."""
+        """One direction over in_proj's output (b, l, ...): causal conv, SSD (eq. 3), gated RMSNorm
+        -> (b, l, d_inner)."""
         c = self.config
         z, xBC, dt = zxbcdt.split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
         x, B, C = self.split_xBC(causal_conv(xBC, conv1d)[0])  # (b, l, h, p), (b, l, g, n), (b, l, g, n)

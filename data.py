@@ -347,8 +347,8 @@ def collate(items):
     if with_image:
         pixels = {name: torch.stack([x["pixels"][name] if x["pixels"] is not None else torch.zeros_like(px)
                                      for x in items]) for name, px in with_image[0].items()}
-    return {"pixel_values": pixels, "input_ids": ids, "labels": labels, "tokens": sum(len(x["input_ids"]) for x in items),
-            "skipped": skipped}
+    tokens = sum(len(x["input_ids"]) for x in items)
+    return {"pixel_values": pixels, "input_ids": ids, "labels": labels, "tokens": tokens, "skipped": skipped}
 
 
 @dataclass

@@ -22,7 +22,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from weights import positive_int
+from weights import listing, positive_int
 
 # ----------------------------------------------------------------------------------------------------------------
 # Answer normalization (the VQA evaluation's rules)
@@ -165,8 +165,7 @@ def load_questions(path, shown=5):
         except ValueError as e:
             problems.append(f"record {i}: {e}")
     if problems:
-        more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
-        raise ValueError(f"{path}: {len(problems)} malformed record(s): {'; '.join(problems[:shown])}{more}")
+        raise ValueError(f"{path}: {len(problems)} malformed record(s): {listing(problems, shown, sep='; ')}")
     return out
 
 

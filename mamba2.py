@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ssd import ssd, ssd_step
-from weights import (CheckpointError, check_fields, match_tensors, read_config, read_tensors, resolve_folder,
-                     save_safetensors, write_json)
+from weights import (CheckpointError, check_fields, config_errors, match_tensors, read_config, read_tensors,
+                     resolve_folder, save_safetensors, write_json)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,12 +126,8 @@ def _json_float(v):
 def config_from_checkpoint(cfg, source="config.json"):
     """(Mamba2Config, layout) from a checkpoint's config.json; layout is "state-spaces" or "hf". A field that is
     missing or of the wrong type is a CheckpointError naming `source` and the field."""
-    try:
+    with config_errors(source):
         return _config_from_checkpoint(cfg)
-    except KeyError as e:
-        raise CheckpointError(f"{source} has no {e.args[0]!r} field") from None
-    except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{source}: {e}") from None
 
 
 def _config_from_checkpoint(cfg):

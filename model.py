@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from connector import Connector, ConnectorConfig
 from mamba2 import Mamba2Config, Mamba2LMHeadModel, load_tokenizer
 from vision import DualEncoder, ViT, ViTConfig
-from weights import CheckpointError, match_tensors, read_config, read_tensors, save_safetensors, write_json
+from weights import (CheckpointError, config_errors, match_tensors, read_config, read_tensors, save_safetensors,
+                     write_json)
 
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN = "<|endoftext|>"  # GPT-NeoX-20B's end of text, the stop token
@@ -49,12 +50,8 @@ class MLMambaConfig:
     @classmethod
     def from_file(cls, file):
         """The config of an ML-Mamba folder; a malformed file is a CheckpointError naming the file and the field."""
-        try:
+        with config_errors(file):
             return cls.from_dict(read_config(Path(file).parent))
-        except KeyError as e:
-            raise CheckpointError(f"{file} has no {e.args[0]!r} field") from None
-        except (TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{file}: {e}") from None
 
     @classmethod
     def from_dict(cls, d):
@@ -63,8 +60,7 @@ class MLMambaConfig:
                    max_length=d.get("max_length", 2048), prompt=d.get("prompt", "in-out"))
 
     def __post_init__(self):
-        if self.prompt not in PROMPTS:
-            raise ValueError(f"unknown prompt format {self.prompt!r}: use {' or '.join(map(repr, PROMPTS))}")
+        check_prompt(self.prompt)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,14 +70,18 @@ class MLMambaConfig:
 PROMPTS = ("in-out", "zephyr")
 
 
+def check_prompt(prompt):
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown prompt format {prompt!r}: use {' or '.join(map(repr, PROMPTS))}")
+
+
 def conversation_segments(turns, prompt="in-out"):
     """turns: [(role, text)] alternating "human" / "gpt" (LLaVA's names), starting with "human".
     Returns [(text, is_reply)]: the strings to tokenize in order, and whether each is trained on.
         "in-out":  In: {question}\nOut: {reply}<|endoftext|>, turns joined by "\n"; "<image>" stays where it is
         "zephyr":  <|user|>\n{question}<|endoftext|>\n<|assistant|>\n{reply}<|endoftext|>, turns joined by "\n";
                    "<image>" is taken out of the text (the release's format: the image goes before all the text)"""
-    if prompt not in PROMPTS:
-        raise ValueError(f"unknown prompt format {prompt!r}: use {' or '.join(map(repr, PROMPTS))}")
+    check_prompt(prompt)
     segments = []
     for i, (role, text) in enumerate(turns):
         expected = "human" if i % 2 == 0 else "gpt"
@@ -210,10 +210,10 @@ class MLMamba(nn.Module):
 
     def forward(self, pixel_values, input_ids, labels=None, loss_reduction="mean", return_logits=True):
         """pixel_values {name: (b, 3, S, S)} or None (text only); input_ids, labels (b, L), right-padded, with N image
-        slots in each sample that has an image. Returns (logits (b, L, vocab), loss or None). loss_reduction "sum" gives the
-        summed loss over the target tokens (a trainer divides by the count over the whole global batch).
+        slots in each sample that has an image. Returns (logits (b, L, vocab), loss or None). loss_reduction "sum"
+        gives the summed loss over the target tokens (a trainer divides by the count over the whole global batch).
         return_logits=False (training): the LM head runs only at the positions that predict a target, and the
-        logits returned are None. The loss is the same; the (b, L', vocab) logits, most of them at image and prompt
+        logits returned are None. The loss is the same; the (b, L, vocab) logits, most of them at image and prompt
         positions, are never made (at a vocabulary of 50K, 8 x 2048 positions would be 3.3 GB in fp32)."""
         image_tokens = self.image_tokens(pixel_values) if pixel_values is not None else None
         embeds = self.embed(input_ids, image_tokens)  # (b, L, D)

@@ -49,8 +49,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from data import (LLaVADataset, StageBatches, build_synthetic_dataset, collate, conversation_turns,
                   synthetic_dataset_is_built, train_tokenizer)
 from model import IGNORE_INDEX, MLMamba, MLMambaConfig, conversation_segments
-from weights import (USER_ERRORS, atomic_write_text, fraction, nonnegative_float, nonnegative_int, positive_float,
-                     positive_int, report_user_error)
+from weights import (USER_ERRORS, atomic_write_text, fraction, listing, nonnegative_float, nonnegative_int,
+                     positive_float, positive_int, report_user_error)
 
 STAGES = ("pretrain", "align", "finetune")
 
@@ -339,10 +339,9 @@ def report_problems(dataset, log, shown=5):
     """One line: how many samples of the file were set aside as malformed, and why (the first few)."""
     if dataset is None or not dataset.problems:
         return
-    items = list(dataset.problems.items())
-    listing = "; ".join(f"sample {i}: {reason}" for i, reason in items[:shown])
-    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
-    log(f"{dataset.json_path}: {len(items)} of {len(items) + len(dataset)} samples set aside: {listing}{more}")
+    problems = [f"sample {i}: {reason}" for i, reason in dataset.problems.items()]
+    log(f"{dataset.json_path}: {len(problems)} of {len(problems) + len(dataset)} samples set aside: "
+        + listing(problems, shown, sep="; "))
 
 
 def lr_factor(step, total, warmup):
@@ -430,7 +429,8 @@ def prepare_run_folder(cfg, proc):
             pointer = out / stage / "latest"
             if pointer.is_file() and latest_checkpoint(out / stage) is None:
                 raise ValueError(f"--resume: {pointer} names {pointer.read_text().strip()!r}, which is not a complete "
-                                 f"checkpoint in {out / stage}; point it at one that is, or start over with --overwrite")
+                                 f"checkpoint in {out / stage}; point it at one that is, or start over with "
+                                 "--overwrite")
         if not any(latest_checkpoint(out / stage) for stage in STAGES):
             raise ValueError(f"--resume: {out} holds no checkpoint to continue from; start without --resume")
         return []

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -91,10 +92,22 @@ def read_tensors(folder):
                           "model.safetensors.index.json) or pytorch_model.bin")
 
 
-def _listing(names, limit=12):
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+def listing(items, limit=12, sep=", "):
+    """The first `limit` items joined by sep, then how many there are in all: what an error shows of a long list."""
+    items = list(items)
+    return sep.join(items[:limit]) + (f"{sep}... ({len(items)} in all)" if len(items) > limit else "")
+
+
+@contextmanager
+def config_errors(source):
+    """Inside: a config field that is missing, or of the wrong type or value, becomes a CheckpointError naming
+    `source` and the field (the config classes check their fields in __post_init__)."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{source} has no {e.args[0]!r} field") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def match_tensors(expected_shapes, tensors, key_map, ignore=(), source="checkpoint"):
@@ -106,7 +119,7 @@ def match_tensors(expected_shapes, tensors, key_map, ignore=(), source="checkpoi
     """
     unmapped = set(expected_shapes) - set(key_map)
     if unmapped:  # a bug in a loader's map, not in the checkpoint
-        raise CheckpointError(f"the name map misses model tensors: {_listing(unmapped)}")
+        raise CheckpointError(f"the name map misses model tensors: {listing(sorted(unmapped))}")
     missing = [f"{ck} (for {ours})" for ours, ck in key_map.items() if ck not in tensors]
     used = set(key_map.values())
     unexpected = [k for k in tensors if k not in used and k not in ignore]
@@ -115,11 +128,11 @@ def match_tensors(expected_shapes, tensors, key_map, ignore=(), source="checkpoi
     if missing or unexpected or conflicts:
         lines = [f"{source} does not match the model:"]
         if missing:
-            lines.append(f"  missing tensors: {_listing(missing)}")
+            lines.append(f"  missing tensors: {listing(sorted(missing))}")
         if unexpected:
-            lines.append(f"  unexpected tensors: {_listing(unexpected)}")
+            lines.append(f"  unexpected tensors: {listing(sorted(unexpected))}")
         if conflicts:
-            lines.append(f"  shape conflicts: {_listing(conflicts)}")
+            lines.append(f"  shape conflicts: {listing(sorted(conflicts))}")
         lines.append("  Nothing was loaded. Check that config.json belongs to these weights.")
         raise CheckpointError("\n".join(lines))
     return {ours: tensors[ck] for ours, ck in key_map.items()}

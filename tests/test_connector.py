@@ -99,7 +99,8 @@ def test_mlp_and_swiglu_formulas():
 @pytest.mark.parametrize("kind", ["mlp", "msc-basic", "msc-advanced"])
 @pytest.mark.parametrize("scan_kind", ["bsm", "csm"])
 def test_connector_variants(kind, scan_kind):
-    """Eqs. 6-8: each variant of Table 6 (mlp, msc-basic, msc-advanced) with each scan is the composition the equation writes."""
+    """Eqs. 6-8: each variant of Table 6 (mlp, msc-basic, msc-advanced) with each scan is the composition the
+    equation writes."""
     torch.manual_seed(4)
     cfg = ConnectorConfig(kind=kind, scan=scan_kind, vision_dim=12, grid=(2, 3), drop_path=0.0, mixer=MIXER)
     conn = Connector(cfg).eval()

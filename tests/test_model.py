@@ -90,7 +90,8 @@ def batch_of(model, conversations, image_seeds):
 
 
 def test_loss_counts_exactly_the_reply_tokens(model):
-    """Eq. 9 in training: the loss is the mean cross-entropy over exactly the reply tokens, recomputed from the logits."""
+    """Eq. 9 in training: the loss is the mean cross-entropy over exactly the reply tokens, recomputed from the
+    logits."""
     conv = [("human", "<image>\nIs the circle left of the square?"), ("gpt", "Yes.")]
     pixels, ids, labels = batch_of(model, [conv], [0])
     with torch.no_grad():
@@ -141,7 +142,8 @@ def test_training_loss_without_logits_equals_the_full_forward(model):
 
 
 def test_causality_over_the_spliced_sequence(model):
-    """Eq. 9's LM is causal over the image + text sequence: a late token changes no earlier logit and changes its own."""
+    """Eq. 9's LM is causal over the image + text sequence: a late token changes no earlier logit and changes its
+    own."""
     conv = [("human", "<image>\nWhat color is the triangle?"), ("gpt", "Green and blue.")]
     pixels, ids, _ = batch_of(model, [conv], [3])
     t = ids.shape[1] - 4  # change a late text token
@@ -278,9 +280,9 @@ def test_cuda_forward_matches_cpu_and_bf16_generates(model):
 
 
 def test_the_release_prompt_format_zephyr(tokenizer, tmp_path):
-    """prompt="zephyr" (the authors' release): <|user|>\\n{q}<|endoftext|>\\n<|assistant|>\\n{a}<|endoftext|>, turns joined
-    by "\\n", the image's N slots before all the text wherever the placeholder stood; labels on the replies and their
-    stop tokens; generation follows the model's prompt, which its saved config keeps."""
+    """prompt="zephyr" (the authors' release): <|user|>\\n{q}<|endoftext|>\\n<|assistant|>\\n{a}<|endoftext|>,
+    turns joined by "\\n", the image's N slots before all the text wherever the placeholder stood; labels on the
+    replies and their stop tokens; generation follows the model's prompt, which its saved config keeps."""
     img = tokenizer.token_to_id("<image>")
     turns = [("human", "<image>\nWhat color is the triangle?"), ("gpt", "Green."), ("human", "How many?"),
              ("gpt", "Two.")]

@@ -269,9 +269,12 @@ def test_the_timm_architecture_table_matches_timm():
     for name in TIMM_ARCHITECTURES:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False, num_classes=0)
-        config, key_map, _ = timm_checkpoint_layout({"architecture": name}, {}, input_size=model.patch_embed.img_size[0])
+        size = model.patch_embed.img_size[0]
+        config, key_map, _ = timm_checkpoint_layout({"architecture": name}, {}, input_size=size)
         assert (config.hidden_size, config.num_layers, config.num_heads) == (model.embed_dim, len(model.blocks),
                                                                              model.blocks[0].attn.num_heads), name
         assert config.intermediate_size == model.blocks[0].mlp.fc1.out_features, name
-        assert (config.num_register_tokens, config.has_class_token) == (model.num_reg_tokens, model.cls_token is not None)
-        assert model.pos_embed.shape[1] == config.num_patches + int(config.has_class_token and not config.no_embed_class)
+        assert config.num_register_tokens == model.num_reg_tokens, name
+        assert config.has_class_token == (model.cls_token is not None), name
+        class_position = int(config.has_class_token and not config.no_embed_class)
+        assert model.pos_embed.shape[1] == config.num_patches + class_position, name
