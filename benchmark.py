@@ -10,8 +10,8 @@
                                    # connector, prefill, 256 tokens), our LM alone, mamba-ssm, the bound
     python benchmark.py scaling    # prefill and decoding time and memory against the number of image tokens,
                                    # ours against a Transformer LM of the same size (Phi-2 architecture)
-    python benchmark.py train      # a stage-2 training step at the paper's configuration (ssd_chunked and the
-                                   # mamba-ssm kernel); the SSD forward + backward at l=2048, h=80, p=64, n=128
+    python benchmark.py train      # a stage-2 training step at the paper's configuration with each SSD path, its
+                                   # model FLOPs utilization; the SSD forward + backward at the step's shape
 
 Peak memory on the CPU is read from the operating system (ru_maxrss) in a fresh subprocess per measurement, minus
 what the process held before the call, so each number is the working memory of that one computation.
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -423,11 +424,121 @@ def bench_scaling(args):
     return rows
 
 
+# dense bf16 tensor-core peaks from the data sheets (TFLOP/s), for the model FLOPs utilization
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops():
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def step_flops(model, pixels, ids, labels):
+    """(model FLOPs, recomputed FLOPs) of one training step on this batch, as torch.utils.flop_counter counts them
+    (the matrix products: linear layers, the SSD's einsums with ssd_chunked, attention): the forward, and the backward
+    of what needs a gradient (the frozen encoders run forward only); then the LM blocks' forward again, which gradient
+    checkpointing recomputes during the backward. Counted without checkpointing; the optimizer is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    checkpointing, backend = model.lm.gradient_checkpointing, S.SSD_BACKEND
+    model.lm.gradient_checkpointing, S.SSD_BACKEND = False, "torch"
+    with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = model(pixels, ids, labels, return_logits=False)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as recompute, torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model.lm.hidden_states(inputs_embeds=model.embed(ids, model.image_tokens(pixels)))
+        lm_only = recompute.get_total_flops()
+    with FlopCounterMode(display=False) as vision_and_connector, torch.no_grad(), \
+            torch.autocast("cuda", dtype=torch.bfloat16):
+        model.embed(ids, model.image_tokens(pixels))
+    model.lm.gradient_checkpointing, S.SSD_BACKEND = checkpointing, backend
+    return counter.get_total_flops(), lm_only - vision_and_connector.get_total_flops()
+
+
+def _train_batch(model, batch, text_tokens, dev):
+    pixels = {name: torch.randn(batch, 3, 384, 384, device=dev) for name in model.config.vision}
+    ids = torch.cat([_prompt_ids(model, text_tokens, dev) for _ in range(batch)])
+    first_target = ids.shape[1] - text_tokens // 2 - 1  # the second half of the text is the reply
+    labels = ids.masked_fill(torch.arange(ids.shape[1], device=dev) < first_target, -100)
+    return pixels, ids, labels
+
+
+def _profile_step(step, file):
+    """One step under torch.profiler: the CUDA kernels by total time, to `file`; returns the top rows as text."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    Path(file).write_text(table)
+    return "\n".join(table.splitlines()[:12])
+
+
+SSD_PATHS = {"torch": "ssd_chunked (torch)", "torch-fast": "ssd_chunked_fast (torch)",
+             "torch-compiled": "ssd_chunked_fast compiled (torch)", "mamba_ssm": "mamba_chunk_scan_combined (kernel)"}
+
+
+class compiled_blocks:
+    """with compiled_blocks(True): every Mamba2Block's forward runs through one torch.compile'd function (the block's
+    weights are its inputs, so the 64 blocks share one compilation); mamba-ssm's kernel stays outside the graph."""
+
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        from mamba2 import Mamba2Block
+        self.eager = Mamba2Block.forward
+        if self.on:
+            Mamba2Block.forward = torch.compile(self.eager, dynamic=False)
+
+    def __exit__(self, *exc):
+        from mamba2 import Mamba2Block
+        Mamba2Block.forward = self.eager
+
+
+def _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak, dev):
+    """Seconds per training step with this SSD path, at the largest batch up to args.batch that fits; prints a row."""
+    S.SSD_BACKEND = backend
+    batch = args.batch
+    while batch >= 1:
+        try:
+            pixels, ids, labels = _train_batch(model, batch, args.text_tokens, dev)
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    _, loss = model(pixels, ids, labels, return_logits=False)  # as train.py: no full logits
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            step()  # warm-up: optimizer state, kernel selection, compilation
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+            t = (time.perf_counter() - t0) / args.steps
+            mfu = f"{flops * batch / t / (peak * 1e12):.1%}" if peak else "-"
+            hfu = f"{(flops + recomputed) * batch / t / (peak * 1e12):.1%}" if peak else "-"
+            print(f"| {name} | {batch} | {t:.3f} | {batch / t:.1f} | {mfu} | {hfu} | "
+                  f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} |", flush=True)
+            if args.profile:
+                tag = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+                print(_profile_step(step, Path(args.profile) / f"step_{tag}.txt"), flush=True)
+            return t
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            print(f"(batch {batch} ran out of memory with {name}; trying {batch // 2})")
+            batch //= 2
+    return None
+
+
 def bench_train(args):
     """One stage-2 (finetune) training step at the paper's configuration on one GPU: bf16 autocast on fp32 master
-    weights, AdamW, gradient checkpointing of the LM blocks, the vision frozen; with ssd_chunked and with the
-    mamba-ssm kernel. Then the SSD alone, forward + backward, at l=2048, h=80, p=64, n=128."""
-    import ssd as S
+    weights, fused AdamW, gradient checkpointing of the LM blocks, the vision frozen; with each SSD path, and the
+    model FLOPs utilization (MFU) of each. Then the SSD alone, forward + backward, at the step's shape."""
     import train as T
     assert torch.cuda.is_available(), "the training benchmark needs a GPU"
     dev = "cuda"
@@ -435,53 +546,44 @@ def bench_train(args):
     model.set_stage("finetune")
     model.lm.gradient_checkpointing = True
     model.train()
-    opt = T.make_optimizer(model, 2e-5, 0.1)
+    opt = T.make_optimizer(model, 2e-5, 0.1, fused=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    flops, recomputed = step_flops(model, *_train_batch(model, 1, args.text_tokens, dev))  # per sample
+    peak = peak_tflops()
     print(f"training step at the paper's configuration on {torch.cuda.get_device_name()}: "
-          f"{sum(p.numel() for p in trainable) / 1e9:.2f}B trainable (connector + LM), fp32 master weights, AdamW, "
-          f"bf16 autocast, LM gradient checkpointing; per sample 729 image + {args.text_tokens} text tokens")
-    print("| SSD path | per-device batch | s / step | samples/s | peak GB |")
-    print("|---|---|---|---|---|")
-    backends = ["torch"] + (["mamba_ssm"] if S._mamba_chunk_scan_combined() is not None else [])
+          f"{sum(p.numel() for p in trainable) / 1e9:.2f}B trainable (connector + LM), fp32 master weights, fused "
+          f"AdamW, bf16 autocast, LM gradient checkpointing; per sample 729 image + {args.text_tokens} text tokens, "
+          f"{flops / 1e12:.2f} TFLOP of model FLOPs (forward + backward, matrix products) + {recomputed / 1e12:.2f} "
+          f"TFLOP recomputed; MFU against the {peak} TFLOP/s bf16 peak, recomputation not counted (HFU counts it)")
+    print("| SSD path | per-device batch | s / step | samples/s | MFU | HFU | peak GB |")
+    print("|---|---|---|---|---|---|---|")
+    backends = [b for b in args.backends if b != "mamba_ssm" or S._mamba_chunk_scan_combined() is not None]
+    times = {}
     for backend in backends:
-        S.SSD_BACKEND = backend
-        batch = args.batch
-        while batch >= 1:
+        for compiled in (False, True) if args.compile else (False,):
+            name = SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
             try:
-                pixels = {name: torch.randn(batch, 3, 384, 384, device=dev) for name in model.config.vision}
-                ids = torch.cat([_prompt_ids(model, args.text_tokens, dev) for _ in range(batch)])
-                first_target = ids.shape[1] - args.text_tokens // 2 - 1  # the second half of the text is the reply
-                labels = ids.masked_fill(torch.arange(ids.shape[1], device=dev) < first_target, -100)
-
-                def step():
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        _, loss = model(pixels, ids, labels, return_logits=False)  # as train.py: no full logits
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                step()  # warm-up: optimizer state, kernel selection
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                torch.cuda.synchronize()
-                t = (time.perf_counter() - t0) / args.steps
-                print(f"| {'ssd_chunked (torch)' if backend == 'torch' else 'mamba_chunk_scan_combined'} | {batch} | "
-                      f"{t:.3f} | {batch / t:.1f} | {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} |", flush=True)
-                break
-            except torch.OutOfMemoryError:
+                with compiled_blocks(compiled):
+                    times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed,
+                                                   peak, dev)
+            except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
+                print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |", flush=True)
                 opt.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                print(f"(batch {batch} ran out of memory with {backend}; trying {batch // 2})")
-                batch //= 2
+    base = times.get(SSD_PATHS["mamba_ssm"])
+    if base:
+        print("step time / the kernel path's: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in times.items() if v))
     S.SSD_BACKEND = "auto"
     del model, opt, trainable
     torch.cuda.empty_cache()
+    bench_ssd_backward(args, backends)
 
-    # the SSD alone, forward + backward
-    b, l, h, p, n, chunk = 1, 2048, 80, 64, 128, 256
+
+def bench_ssd_backward(args, backends):
+    """The SSD alone, forward + backward, at the training step's shape (b, 729 + text tokens, Mamba-2 2.7B's heads):
+    each path, and ssd_chunked_fast at other chunk sizes (the same values at any chunk size) and compiled."""
+    from mamba2 import mamba2_preset
+    c, dev = mamba2_preset(args.size), "cuda"
+    b, l, h, p, n, chunk = args.batch, 729 + args.text_tokens, c.nheads, c.headdim, c.d_state, c.chunk_size
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(b, l, h, p, device=dev, generator=gen, dtype=torch.bfloat16).requires_grad_()
     dt = torch.nn.functional.softplus(torch.randn(b, l, h, device=dev, generator=gen) - 2).requires_grad_()
@@ -491,17 +593,28 @@ def bench_train(args):
     D = torch.ones(h, device=dev).requires_grad_()
     dy = torch.randn(b, l, h, p, device=dev, generator=gen)
 
-    def fwd_bwd(backend):
+    def fwd_bwd(fn, q):
         def run():
-            y, _ = S.ssd(x, dt, A, Bm, Cm, chunk, D=D, backend=backend)
+            y, _ = fn(x, dt, A, Bm, Cm, q, D=D)
             torch.autograd.backward(y, dy.to(y.dtype))
             for t in (x, dt, A, Bm, Cm, D):
                 t.grad = None
         return run
-    rows = {backend: seconds(fwd_bwd(backend), 5, dev, grad=True) for backend in backends}
-    print(f"SSD forward + backward, b={b}, l={l}, h={h}, p={p}, n={n}, g=1, chunk {chunk}, x/B/C bf16: " +
-          ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in rows.items()) +
-          (f"; ssd_chunked / kernel = {rows['torch'] / rows['mamba_ssm']:.1f}x" if len(rows) == 2 else ""))
+    print(f"SSD forward + backward, b={b}, l={l}, h={h}, p={p}, n={n}, g=1, model chunk {chunk}, x/B/C bf16:")
+    runs = {SSD_PATHS[k]: (partial(S.ssd, backend=k), chunk) for k in backends}
+    runs.update({f"ssd_chunked_fast, chunk {q}": (S.ssd_chunked_fast, q) for q in args.chunk_sweep})
+    if args.compile:
+        compiled = torch.compile(S.ssd_chunked_fast, dynamic=False)
+        runs.update({f"ssd_chunked_fast compiled, chunk {q}": (compiled, q) for q in args.chunk_sweep})
+    base = None
+    for name, (fn, q) in runs.items():
+        try:
+            t = seconds(fwd_bwd(fn, q), 5, dev, grad=True)
+        except Exception as e:
+            print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}", flush=True)
+            continue
+        base = t if name == SSD_PATHS["mamba_ssm"] else base
+        print(f"  {name}: {t * 1e3:.2f} ms" + (f" ({t / base:.2f}x the kernel)" if base else ""), flush=True)
 
 
 def main(argv=None):
@@ -548,6 +661,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="per-device batch (halved on out-of-memory)")
     p.add_argument("--text-tokens", type=int, default=96)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--backends", nargs="+", default=list(SSD_PATHS), choices=list(SSD_PATHS))
+    p.add_argument("--chunk-sweep", type=int, nargs="*", default=[], help="ssd_chunked_fast at these chunk sizes too")
+    p.add_argument("--compile", action="store_true",
+                   help="each path also with the LM blocks compiled, and torch.compile(ssd_chunked_fast) alone")
+    p.add_argument("--profile", help="a folder: each path's step profiled (CUDA kernels by time) into it")
     args = parser.parse_args(argv)
     {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "pipeline": bench_pipeline,
      "scaling": bench_scaling, "train": bench_train}[args.what](args)

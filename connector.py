@@ -151,6 +151,7 @@ class MSC(nn.Module):
         self.grid = tuple(grid)
         self.scan = scan
         self.orders = scan_orders(scan, *self.grid)  # plain CPU index tensors (not parameters or buffers)
+        self._orders_on = {}  # device -> the orders there
         self.blocks = nn.ModuleList([MSCBlock(mixer_config, len(self.orders), drop_path_rate)
                                      for _ in range(n_layers)])
         self.norm = RMSNorm(mixer_config.d_model, eps=mixer_config.norm_eps)
@@ -160,8 +161,10 @@ class MSC(nn.Module):
             raise ValueError(f"MSC expects {self.grid[0]} x {self.grid[1]} = {self.grid[0] * self.grid[1]} patch "
                              f"tokens, found {x.shape[1]}")
         x = x.float()  # the residual stream in fp32, as in the LM
+        if x.device not in self._orders_on:  # copied once: a CUDA graph cannot record a copy from the host
+            self._orders_on[x.device] = [order.to(x.device) for order in self.orders]
         for block in self.blocks:
-            x = block(x, self.orders)
+            x = block(x, self._orders_on[x.device])
         return self.norm(x)
 
     @torch.no_grad()

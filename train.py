@@ -102,13 +102,15 @@ class TrainConfig:
     world_seed: int = 0
     extra_spatial: int = 0
     device: str = "cpu"
+    fast: str = "auto"  # fast_train.py's path: "auto" (synthetic world on one GPU), "on" or "off"
     no_eval: bool = False
 
 
 PRESETS = {
     # the synthetic world: a tiny LM that first learns the world's language from text, then the image stages
+    # in fp32 on every device: at its size bf16 buys a GPU no time, and its rounding costs accuracy (docs/speed.md)
     "synthetic": dict(pretrain_epochs=40, align_epochs=1, epochs=20, lr=1e-3, align_lr=1e-4, connector_lr=1e-4,
-                      global_batch=32, workers=0),
+                      global_batch=32, workers=0, precision="fp32"),
     # the paper's recipe (Table 1, section 4.1); pretrain runs only when given --pretrain-data
     "paper": dict(pretrain_epochs=1, align_epochs=1, epochs=2, lr=2e-5, align_lr=1e-3, connector_lr=None,
                   global_batch=64, workers=4),
@@ -157,7 +159,8 @@ def parse_args(argv=None):
     p.add_argument("--global-batch", type=positive_int)
     p.add_argument("--per-device-batch", type=positive_int, help="default: the global batch / processes")
     p.add_argument("--max-grad-norm", type=positive_float)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 autocast on CUDA")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="auto (the paper's default): bf16 autocast on CUDA; the synthetic preset: fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--parallel", choices=["fsdp", "ddp"],
                    help="under torchrun: shard the model over the processes (FSDP, default) or replicate it (DDP)")
@@ -173,6 +176,9 @@ def parse_args(argv=None):
     p.add_argument("--extra-spatial", type=nonnegative_int,
                    help="the synthetic world: spatial questions added to each training conversation that can pose one")
     p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--fast", choices=["auto", "on", "off"],
+                   help="the stage loop of fast_train.py (data and encoder features held on the device, each step "
+                        "a CUDA graph); auto (default): on for the synthetic world on one GPU")
     p.add_argument("--no-eval", action="store_true")
     given = vars(p.parse_args(argv))
     if given.get("resume") and given.get("overwrite"):
@@ -352,13 +358,13 @@ def lr_factor(step, total, warmup):
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model, lr, weight_decay, connector_lr=None):
+def make_optimizer(model, lr, weight_decay, connector_lr=None, fused=False):
     """AdamW; no weight decay on biases, norms and the SSM's A_log, D, dt_bias (1-D tensors).
 
     connector_lr: the connector's own lr (default: lr). The image tokens feed the LM's pre-norm blocks, which
     divide out their scale, so nothing holds the connector's output norm in place: at too high an lr it grows by
     orders of magnitude and learning stalls (docs/synthetic-world.md). LLaVA's trainer has the same option
-    (mm_projector_lr)."""
+    (mm_projector_lr). fused: one kernel for the whole update (CUDA; the fast path uses it)."""
     connector = {id(p) for p in model.connector.parameters()}
     groups = []
     for is_connector in (False, True):
@@ -366,7 +372,7 @@ def make_optimizer(model, lr, weight_decay, connector_lr=None):
         group_lr = connector_lr if is_connector and connector_lr is not None else lr
         groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr": group_lr},
                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": group_lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,6 +501,11 @@ def to_device(batch, device):
             batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True))
 
 
+def uses_bf16(cfg, proc):
+    """bf16 autocast on fp32 weights: --precision bf16, or auto on CUDA."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and proc.device.startswith("cuda"))
+
+
 def train_step(wrapped, model, micro_batches, optimizer, scheduler, cfg, proc):
     """One optimizer step over this process's micro-batches of a global batch; returns (loss, grad-norm) as tensors.
 
@@ -504,7 +515,7 @@ def train_step(wrapped, model, micro_batches, optimizer, scheduler, cfg, proc):
                                       is not None)))
     if proc.world_size > 1:
         dist.all_reduce(n_tokens)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and proc.device.startswith("cuda"))
+    use_bf16 = uses_bf16(cfg, proc)
     step_loss = torch.zeros((), device=proc.device)
     for batch in micro_batches:
         if batch["input_ids"] is None:  # every sample of this micro-batch was skipped
@@ -540,22 +551,82 @@ def speed(samples, tokens, seconds, samples_left):
     return f"{rate:.1f} samples/s {tokens / max(seconds, 1e-9):.0f} tokens/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s"
 
 
-def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
-    """Train one stage, resuming from its latest checkpoint with --resume; returns the model (unwrapped).
-    on_step(step) is called after every optimizer step (and its checkpoint, if one is due)."""
-    proc = proc or Process(device=cfg.device)
+@dataclass
+class Stage:
+    """One stage's loop state: its name, batches, optimizer and lr schedule, folder, first step (after --resume),
+    whether it was already done, and its last good checkpoint."""
+    name: str
+    batches: StageBatches
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dir: Path
+    start: int
+    done: bool
+    last_good: Path = None
+
+
+def begin_stage(stage, model, dataset, cfg, proc, log, fused=False):
+    """What a stage's loop starts from: the trainable parts logged, the batches, the optimizer (see make_optimizer)
+    and the lr schedule, and with --resume the stage's latest checkpoint loaded. Returns a Stage."""
     parts = sorted({n.split(".")[0] for n in model.set_stage(stage)})
     log(f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
         f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
     batches = stage_batches(stage, dataset, cfg, proc)
     optimizer = make_optimizer(model, cfg.align_lr if stage == "align" else cfg.lr, cfg.weight_decay,
-                               connector_lr=cfg.connector_lr if stage == "finetune" else None)  # after shard()
+                               connector_lr=cfg.connector_lr if stage == "finetune" else None,
+                               fused=fused)  # after shard()
     total, warmup = batches.total, max(1, int(cfg.warmup_ratio * batches.total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
     stage_dir = Path(cfg.out) / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     start, done = resume_stage(stage_dir, model, optimizer, scheduler, log) if cfg.resume else (0, False)
-    if done:
+    return Stage(stage, batches, optimizer, scheduler, stage_dir, start, done, latest_checkpoint(stage_dir))
+
+
+def log_due(step, st, cfg):
+    return (step + 1) % cfg.log_every == 0 or step + 1 == st.batches.total or step == st.start
+
+
+def log_progress(log, st, step, loss, grad_norm, seen, tokens, seconds, cfg):
+    """The progress line of step `step` (0-based): loss, gradient norm, lr, then speed()."""
+    log(f"[{st.name}] step {step + 1}/{st.batches.total} epoch {step // st.batches.steps_per_epoch() + 1} "
+        f"loss {loss:.4f} grad-norm {float(grad_norm):.3g} lr {st.scheduler.get_last_lr()[0]:.2e} "
+        + speed(seen, tokens, seconds, (st.batches.total - step - 1) * cfg.global_batch))
+
+
+def save_due(step, st, cfg):
+    return (step + 1) % cfg.save_every == 0 or step + 1 == st.batches.total
+
+
+def save_stage_checkpoint(st, model, step, proc):
+    """Checkpoint after step `step` (0-based); every process calls it (gathering FSDP's shards), rank 0 writes."""
+    model_state, optimizer_state = full_state(model, st.optimizer)
+    if proc.rank == 0:
+        st.last_good = save_checkpoint(st.dir, model, model_state, optimizer_state, st.scheduler, step + 1,
+                                       st.batches.total, done=step + 1 == st.batches.total)
+
+
+def use_fast_path(cfg, proc):
+    """--fast auto: the fast path (fast_train.py) for the synthetic world on one CUDA device; on: for any data on one
+    process (the CPU too, without the CUDA graph); off: never."""
+    one_micro_batch = cfg.per_device_batch in (None, cfg.global_batch)
+    if cfg.fast == "on" and (proc.world_size > 1 or not one_micro_batch):
+        raise ValueError("--fast on runs one process with one micro-batch per step; drop --per-device-batch and "
+                         "torchrun, or use --fast off")
+    if cfg.fast == "auto":
+        return cfg.data is None and proc.device.startswith("cuda") and proc.world_size == 1 and one_micro_batch
+    return cfg.fast == "on"
+
+
+def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
+    """Train one stage, resuming from its latest checkpoint with --resume; returns the model (unwrapped).
+    on_step(step) is called after every optimizer step (and its checkpoint, if one is due)."""
+    proc = proc or Process(device=cfg.device)
+    if use_fast_path(cfg, proc):
+        from fast_train import run_stage_fast
+        return run_stage_fast(stage, model, dataset, cfg, proc, log, on_step)
+    st = begin_stage(stage, model, dataset, cfg, proc, log)
+    if st.done:
         return model
     wrapped = model  # what the forward goes through: FSDP's model is sharded in place (train()), DDP wraps it
     if proc.world_size > 1 and cfg.parallel == "ddp":
@@ -565,32 +636,25 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
     model.train()
     # the loader draws its seeds from a generator of its own: the global RNG draws the stochastic depth
     loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=replace(batches, start=start), collate_fn=collate, num_workers=cfg.workers,
+        dataset, batch_sampler=replace(st.batches, start=st.start), collate_fn=collate, num_workers=cfg.workers,
         pin_memory=proc.device.startswith("cuda"), generator=torch.Generator()))
     t0, seen, tokens, skipped = time.time(), 0, 0, set()
-    last_good = latest_checkpoint(stage_dir)
-    for step in range(start, total):
-        micro_batches = [next(loader) for _ in range(batches.micro_per_step())]
+    for step in range(st.start, st.batches.total):
+        micro_batches = [next(loader) for _ in range(st.batches.micro_per_step())]
         for reason in (r for b in micro_batches for r in b["skipped"] if r not in skipped):
             skipped.add(reason)
             log(f"[{stage}] skipping {reason}")
-        loss, grad_norm = train_step(wrapped, model, micro_batches, optimizer, scheduler, cfg, proc)
+        loss, grad_norm = train_step(wrapped, model, micro_batches, st.optimizer, st.scheduler, cfg, proc)
         if loss is None:
             log(f"[{stage}] step {step + 1}: every sample of the batch was skipped; no update")
         elif not math.isfinite(loss):
             raise TrainingError(f"[{stage}] loss is {float(loss)} at step {step + 1}: stopping. The last good "
-                                f"checkpoint is {last_good or 'none (no checkpoint was written yet)'}")
+                                f"checkpoint is {st.last_good or 'none (no checkpoint was written yet)'}")
         seen, tokens = seen + cfg.global_batch, tokens + sum(b["tokens"] for b in micro_batches) * proc.world_size
-        done = step + 1 == total
-        if loss is not None and ((step + 1) % cfg.log_every == 0 or done or step == start):
-            log(f"[{stage}] step {step + 1}/{total} epoch {step // batches.steps_per_epoch() + 1} loss {loss:.4f} "
-                f"grad-norm {float(grad_norm):.3g} lr {scheduler.get_last_lr()[0]:.2e} "
-                + speed(seen, tokens, time.time() - t0, (total - step - 1) * cfg.global_batch))
-        if (step + 1) % cfg.save_every == 0 or done:
-            model_state, optimizer_state = full_state(model, optimizer)  # every process: gathers FSDP's shards
-            if proc.rank == 0:
-                last_good = save_checkpoint(stage_dir, model, model_state, optimizer_state, scheduler, step + 1,
-                                            total, done=done)
+        if loss is not None and log_due(step, st, cfg):
+            log_progress(log, st, step, loss, grad_norm, seen, tokens, time.time() - t0, cfg)
+        if save_due(step, st, cfg):
+            save_stage_checkpoint(st, model, step, proc)
         if proc.world_size > 1:
             dist.barrier()
         if on_step is not None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import ssd as S
-from ssd import (segsum, ssd, ssd_chunked, ssd_quadratic, ssd_recurrent, ssd_step, ssm_conv, ssm_conv_kernel,
+from ssd import (segsum, ssd, ssd_chunked, ssd_chunked_fast, ssd_quadratic, ssd_recurrent, ssd_step, ssm_conv,
+                 ssm_conv_kernel,
                  zoh_discretize)
 
 f64 = torch.float64
@@ -230,6 +231,35 @@ def test_chunked_gradients_equal_recurrent_gradients():
         torch.testing.assert_close(g_chunk, g_rec, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("l,chunk", [(1, 8), (37, 8), (64, 16), (50, 64)])
+@pytest.mark.parametrize("h,g", [(4, 1), (6, 2)])
+def test_eq3_chunked_fast_equals_the_recurrence_values_state_and_gradients(l, chunk, h, g):
+    """Eq. 3 by ssd_chunked_fast (segment sums as cumsum differences, products in the inputs' dtype) equals the
+    float64 recurrence from a non-zero state: outputs, final state and the gradients of every input."""
+    inputs = random_ssd_inputs(l=l, h=h, g=g)
+    grads = []
+    for fn in (lambda *a: ssd_recurrent(*a[:6], initial_state=a[6]),
+               lambda *a: ssd_chunked_fast(*a[:5], chunk, a[5], initial_state=a[6])):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y, st = fn(*leaves)
+        ((y ** 2).sum() + (st * 0.5).sum()).backward()
+        grads.append([y.detach(), st.detach()] + [t.grad for t in leaves])
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_chunked_fast_in_bf16_is_within_bf16_of_the_fp32_scan():
+    """bf16 inputs (what autocast gives the mixer): the products run in bf16, the decays and the state in fp32; the
+    output is within bf16 rounding of the fp32 scan, and the state stays fp32."""
+    x, dt, A, B, C, D, s0 = (t.float() for t in random_ssd_inputs(b=2, l=300, h=8, p=16, g=2, n=32))
+    y32, st32 = ssd_chunked(x, dt, A, B, C, 64, D, initial_state=s0)
+    y, st = ssd_chunked_fast(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), 64, D, initial_state=s0)
+    assert y.dtype == torch.bfloat16 and st.dtype == torch.float32
+    scale_y, scale_st = y32.abs().max(), st32.abs().max()
+    assert (y.float() - y32).abs().max() / scale_y < 2e-2 and (st - st32).abs().max() / scale_st < 2e-2
+    assert (y.float() - y32).abs().mean() / y32.abs().mean() < 1e-2
+
+
 def test_prefill_then_steps_equals_the_full_scan():
     """Eq. 3 split in time: a chunked prefill, then one ssd_step per token, equals one scan over the whole sequence."""
     x, dt, A, B, C, D, _ = random_ssd_inputs(l=29)
@@ -249,6 +279,8 @@ def test_ssd_entry_point_on_cpu_uses_the_chunked_scan():
     y, st = ssd(x, dt, A, B, C, 8, D, initial_state=s0)
     y_ref, st_ref = ssd_chunked(x, dt, A, B, C, 8, D, initial_state=s0)
     assert torch.equal(y, y_ref) and torch.equal(st, st_ref)
+    y_fast, _ = ssd(x, dt, A, B, C, 8, D, initial_state=s0, backend="torch-fast")
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
     with pytest.raises(RuntimeError, match="mamba_ssm"):
         ssd(x, dt, A, B, C, 8, D, backend="mamba_ssm")
     with pytest.raises(ValueError, match="unknown SSD backend"):
@@ -258,7 +290,8 @@ def test_ssd_entry_point_on_cpu_uses_the_chunked_scan():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
     """Both GPU paths against the float64 recurrence, errors relative to max |y|. mamba-ssm's Triton kernel
-    multiplies fp32 in TF32 (10-bit mantissa) inside tl.dot, so it is held to 5e-3; ssd_chunked (fp32) to 1e-5."""
+    multiplies fp32 in TF32 (10-bit mantissa) inside tl.dot, so it is held to 5e-3; ssd_chunked and ssd_chunked_fast
+    (fp32, compiled or not) to 1e-5."""
     if S._mamba_chunk_scan_combined() is None:
         pytest.skip("mamba-ssm is not installed")
     inputs = random_ssd_inputs(b=2, l=300, h=8, p=16, g=2, n=32)
@@ -266,10 +299,10 @@ def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
     y_ref, st_ref = ssd_recurrent(x, dt, A, B, C, D, initial_state=s0)
     x, dt, A, B, C, D, s0 = (t.float().cuda() for t in inputs)
     errors = {}
-    for backend in ("mamba_ssm", "torch"):
+    for backend in ("mamba_ssm", "torch", "torch-fast", "torch-compiled"):
         y, st = ssd(x, dt, A, B, C, 64, D, initial_state=s0, backend=backend)
         errors[backend] = (float((y.double().cpu() - y_ref).abs().max() / y_ref.abs().max()),
                            float((st.double().cpu() - st_ref).abs().max() / st_ref.abs().max()))
     print("relative max error (y, final state) vs float64 recurrence:", errors)
-    assert max(errors["torch"]) < 1e-5
+    assert max(errors["torch"]) < 1e-5 and max(errors["torch-fast"]) < 1e-5 and max(errors["torch-compiled"]) < 1e-5
     assert max(errors["mamba_ssm"]) < 5e-3

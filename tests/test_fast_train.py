@@ -1,0 +1,120 @@
+"""train.py's fast path (fast_train.py): the same loss and the same steps as the plain loop."""
+
+import pytest
+import torch
+
+import fast_train as FT
+import train as T
+from data import collate
+from model import IGNORE_INDEX
+from tests.test_train import ADAM_ATOL, args_for, params, progress
+
+
+def batch_of(model, dataset, rows):
+    return collate([dataset[i] for i in rows])
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_static_loss_equals_the_models_forward(world, tmp_path, stage):
+    """static_loss (features in, fixed shapes, extra right-padding) == MLMamba.forward's summed loss, with and without
+    images: the gather + where puts the image tokens in the slots the masked assignment does."""
+    cfg = args_for(world, tmp_path)
+    model = T.build_model(cfg, T.synthetic_files(world)).eval()
+    dataset = T.dataset_for(model, world / ("text.json" if stage == "pretrain" else "train.json"), world)
+    b = batch_of(model, dataset, [3, 0, 7, 5, 1])
+    _, expected = model(b["pixel_values"], b["input_ids"], b["labels"], loss_reduction="sum", return_logits=False)
+    pad = 21  # the fast path pads every batch to the dataset's longest sample
+    ids = torch.nn.functional.pad(b["input_ids"], (0, pad))
+    labels = torch.nn.functional.pad(b["labels"], (0, pad), value=IGNORE_INDEX)
+    features = model.vision(b["pixel_values"]) if b["pixel_values"] is not None else None
+    with torch.no_grad():
+        got = FT.static_loss(model, ids, labels, features)
+    assert expected.item() > 1.0  # an untrained model: a loss far from 0
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_device_data_holds_each_sample_once_padded_with_its_features(world, tmp_path):
+    cfg = args_for(world, tmp_path)
+    model = T.build_model(cfg, T.synthetic_files(world)).eval()
+    dataset = T.dataset_for(model, world / "train.json", world)
+    data = FT.DeviceData.build(model, dataset, "cpu", use_bf16=False, batch=5)  # several feature batches
+    assert data.ids.shape == data.labels.shape == (len(dataset), max(data.lengths))
+    buffers = data.buffers(3)
+    data.batch(torch.tensor([6, 2, 11]), buffers)
+    for row, i in enumerate([6, 2, 11]):
+        item = dataset[i]
+        n = len(item["input_ids"])
+        assert buffers[0][row, :n].tolist() == item["input_ids"] and not buffers[0][row, n:].any()
+        assert buffers[1][row, :n].tolist() == item["labels"] and (buffers[1][row, n:] == IGNORE_INDEX).all()
+        pixels = {k: v[None] for k, v in item["pixels"].items()}
+        torch.testing.assert_close(buffers[2][row], model.vision(pixels)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "align", "finetune"])
+def test_fast_steps_equal_the_plain_loops(world, tmp_path, stage):
+    """--fast on (on the CPU: DeviceData, static_loss, eager steps) and --fast off take the same steps: the same
+    batches in the same order, the same stochastic-depth draws, the same loss, gradient norm and parameters."""
+    lines, models = {}, {}
+    for fast in ("off", "on"):
+        cfg = args_for(world, tmp_path / fast, "--stage", stage, "--max-steps", "4", "--log-every", "1",
+                       "--fast", fast)
+        model = T.build_model(cfg, T.synthetic_files(world))
+        dataset = T.dataset_for(model, world / ("text.json" if stage == "pretrain" else "train.json"), world)
+        out = []
+        torch.manual_seed(0)
+        models[fast] = params(T.run_stage(stage, model, dataset, cfg, log=out.append))
+        lines[fast] = progress("\n".join(out))
+    assert len(lines["on"]) == len(lines["off"]) == 4
+    for (loss, norm), (loss_plain, norm_plain) in zip(lines["on"], lines["off"]):
+        assert loss == pytest.approx(loss_plain, abs=2e-4) and norm == pytest.approx(norm_plain, rel=1e-2)
+    for n, v in models["off"].items():
+        torch.testing.assert_close(models["on"][n], v, rtol=1e-4, atol=ADAM_ATOL, msg=n)
+    assert (tmp_path / "on" / stage / "latest").read_text() == "checkpoint-4"
+
+
+def test_fast_path_stops_at_a_nan_naming_its_step(world, tmp_path):
+    cfg = args_for(world, tmp_path, "--stage", "finetune", "--max-steps", "3", "--fast", "on")
+    model = T.build_model(cfg, T.synthetic_files(world))
+    with torch.no_grad():
+        model.lm.norm_f.weight.fill_(float("nan"))
+    with pytest.raises(T.TrainingError, match=r"loss is nan at step 1 \(checked after step 1\): stopping. The last "
+                                              "good checkpoint is none"):
+        T.run_stage("finetune", model, T.dataset_for(model, world / "train.json", world), cfg)
+    assert not (tmp_path / "finetune" / "latest").exists()
+
+
+def test_fast_on_refuses_what_it_cannot_run(world, tmp_path):
+    cfg = args_for(world, tmp_path, "--fast", "on", "--per-device-batch", "4")
+    with pytest.raises(ValueError, match="--fast on runs one process with one micro-batch per step"):
+        T.use_fast_path(cfg, T.Process())
+    assert not T.use_fast_path(args_for(world, tmp_path), T.Process())  # auto: not on the CPU
+    assert T.use_fast_path(args_for(world, tmp_path), T.Process(device="cuda"))
+    assert not T.use_fast_path(args_for(world, tmp_path, "--data", "x.json"), T.Process(device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_cuda_graph_steps_equal_eager_steps(world, tmp_path, stage):
+    """On CUDA: the captured graph's steps == the same steps launched one by one == the plain loop (fp32; stochastic
+    depth off: a graph draws its random numbers in another order). Adam moves a weight by ~lr whatever its gradient's
+    size, so a near-zero gradient summed in another order (cuBLAS may pick other algorithms inside a graph) can move
+    a few weights by up to ~lr per step; a graph that replayed stale inputs would move most of them."""
+    results, steps, lr = {}, 4, 1e-3
+    for name, fast, graph in (("graph", "on", True), ("eager", "on", False), ("plain", "off", None)):
+        cfg = args_for(world, tmp_path / name, "--stage", stage, "--max-steps", str(steps), "--log-every", "1",
+                       "--fast", fast, "--device", "cuda", "--drop-path", "0", "--precision", "fp32")
+        model = T.build_model(cfg, T.synthetic_files(world)).cuda()
+        dataset = T.dataset_for(model, world / ("text.json" if stage == "pretrain" else "train.json"), world)
+        out, proc = [], T.Process(device="cuda")
+        if graph is None:
+            T.run_stage(stage, model, dataset, cfg, proc, log=out.append)
+        else:
+            FT.run_stage_fast(stage, model, dataset, cfg, proc, log=out.append, cuda_graph=graph)
+        results[name] = (progress("\n".join(out)), params(model))
+    for other in ("eager", "plain"):
+        assert len(results["graph"][0]) == len(results[other][0]) == steps
+        for (loss, norm), (loss_other, norm_other) in zip(results["graph"][0], results[other][0]):
+            assert loss == pytest.approx(loss_other, abs=2e-4) and norm == pytest.approx(norm_other, rel=1e-2)
+        diff = torch.cat([(results["graph"][1][n] - v).abs().flatten() for n, v in results[other][1].items()])
+        print(other, "max |difference|", float(diff.max()), "share above 1e-4", float((diff > 1e-4).float().mean()))
+        assert diff.max() <= 2 * lr * steps and (diff > 1e-4).float().mean() < 0.01
