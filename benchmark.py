@@ -478,24 +478,6 @@ SSD_PATHS = {"torch": "ssd_chunked (torch)", "torch-fast": "ssd_chunked_fast (to
              "torch-compiled": "ssd_chunked_fast compiled (torch)", "mamba_ssm": "mamba_chunk_scan_combined (kernel)"}
 
 
-class compiled_blocks:
-    """with compiled_blocks(True): every Mamba2Block's forward runs through one torch.compile'd function (the block's
-    weights are its inputs, so the 64 blocks share one compilation); mamba-ssm's kernel stays outside the graph."""
-
-    def __init__(self, on):
-        self.on = on
-
-    def __enter__(self):
-        from mamba2 import Mamba2Block
-        self.eager = Mamba2Block.forward
-        if self.on:
-            Mamba2Block.forward = torch.compile(self.eager, dynamic=False)
-
-    def __exit__(self, *exc):
-        from mamba2 import Mamba2Block
-        Mamba2Block.forward = self.eager
-
-
 def _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak, dev):
     """Seconds per training step with this SSD path, at the largest batch up to args.batch that fits; prints a row."""
     S.SSD_BACKEND = backend
@@ -563,12 +545,13 @@ def bench_train(args):
         for compiled in (False, True) if args.compile else (False,):
             name = SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
             try:
-                with compiled_blocks(compiled):
-                    times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed,
-                                                   peak, dev)
+                model.lm.compile_blocks(compiled)
+                times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak,
+                                               dev)
             except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
                 print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |", flush=True)
                 opt.zero_grad(set_to_none=True)
+    model.lm.compile_blocks(False)
     base = times.get(SSD_PATHS["mamba_ssm"])
     if base:
         print("step time / the kernel path's: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in times.items() if v))

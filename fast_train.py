@@ -7,13 +7,13 @@ optimizer, same loss; the steps are computed in another way:
 2. `static_loss`: MLMamba.forward's summed loss from those features, with no data-dependent shape and no host sync
    (the image tokens go into their slots by a gather and a where instead of a masked assignment).
 3. `CapturedStep`: the forward, the backward and the gradient clipping recorded once as a CUDA graph and replayed at
-   every step, so the few thousand small kernels of a step leave Python as one launch. Fused AdamW and the lr
-   schedule run after it.
+   every step, so the step's many small kernels leave Python as one launch. Fused AdamW and the lr schedule run
+   after it.
 4. The loss stays on the device: it is checked for NaN / inf at each progress line and before each checkpoint, not
    after every step.
 
-Tests (tests/test_train.py, "fast"): static_loss equals MLMamba.forward; steps of this path equal the plain loop's
-on the CPU (without the graph); on CUDA, the graph's steps equal the same steps run eagerly.
+Tests (tests/test_fast_train.py): static_loss equals MLMamba.forward; steps of this path equal the plain loop's on
+the CPU (without the graph); on CUDA, the graph's steps equal the same steps run eagerly and the plain loop's.
 """
 
 import time

@@ -18,7 +18,9 @@ Checkpoints: `Mamba2LMHeadModel.from_pretrained` reads both public layouts, stat
 and HF transformers' Mamba2; `checkpoint_key_map` spells out where every tensor lands.
 """
 
+import functools
 import math
+import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -445,10 +447,19 @@ def compiled_block_step():
     process and shared by every layer and model (the block is an input, not a constant)."""
     global _COMPILED_BLOCK_STEP
     if _COMPILED_BLOCK_STEP is None:
-        # coordinate-descent tuning: Inductor searches the generated kernels' block sizes (docs/decoding.md)
+        # coordinate-descent tuning: Inductor searches the generated kernels' block sizes (docs/speed.md)
         _COMPILED_BLOCK_STEP = torch.compile(Mamba2Block.fast_step, fullgraph=True, dynamic=False,
                                              options={"coordinate_descent_tuning": True})
     return _COMPILED_BLOCK_STEP
+
+
+@functools.cache
+def compiled_block_forward():
+    """`Mamba2Block.forward` through torch.compile, for training at scale (`Mamba2LMHeadModel.compile_blocks`): per
+    block, the norms, the conv, dt, the gated norm, the residual and (with ssd_chunked_fast) the SSD's elementwise work
+    become a few fused kernels around the matrix products. One compilation serves every block (the block is an input);
+    mamba-ssm's kernel, when it runs, stays outside the compiled graph."""
+    return torch.compile(Mamba2Block.forward)
 
 
 class Mamba2LMHeadModel(nn.Module):
@@ -476,6 +487,15 @@ class Mamba2LMHeadModel(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=0.02)
         for layer in self.layers:  # GPT-2 style: keep the residual stream's variance from growing with depth
             layer.mixer.out_proj.weight.mul_(1 / math.sqrt(self.config.n_layer))
+
+    def compile_blocks(self, on=True):
+        """Each block's forward through `compiled_block_forward` (on=False: eager again). The block's own __call__ still
+        runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before."""
+        for block in self.layers:
+            if on:
+                block.forward = types.MethodType(compiled_block_forward(), block)
+            else:
+                block.__dict__.pop("forward", None)
 
     def allocate_cache(self, batch_size, device=None, dtype=None):
         c = self.config

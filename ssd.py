@@ -337,13 +337,19 @@ def _mamba_chunk_scan_combined():
     return torch.compiler.disable(mamba_chunk_scan_combined)  # torch.compile of a caller runs it as it is
 
 
+@torch.compiler.assume_constant_result
+def _kernel_installed():
+    """Whether mamba-ssm's kernel imports: a constant to torch.compile, which then never traces a failing import."""
+    return _mamba_chunk_scan_combined() is not None
+
+
 def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, backend=None):
     """The selective SSD over a whole sequence: returns (y (b, l, h, p), final_state (b, h, p, n), fp32), by the
     backend named (SSD_BACKEND above)."""
     backend = backend or SSD_BACKEND
     if backend not in BACKENDS:
         raise ValueError(f"unknown SSD backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    kernel = None if backend.startswith("torch") else _mamba_chunk_scan_combined()
+    kernel = _mamba_chunk_scan_combined() if not backend.startswith("torch") and _kernel_installed() else None
     if backend == "mamba_ssm" and (kernel is None or not x.is_cuda):
         raise RuntimeError("SSD backend 'mamba_ssm' needs the mamba-ssm package importable and CUDA tensors "
                            f"(mamba-ssm importable: {kernel is not None}, tensors on: {x.device}); "

@@ -91,6 +91,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "fp32" or "bf16"
     gradient_checkpointing: bool = False
+    compile: bool = False  # the LM blocks through torch.compile (Mamba2LMHeadModel.compile_blocks)
     parallel: str = "fsdp"
     workers: int = 0  # DataLoader worker processes
     save_every: int = 200
@@ -162,6 +163,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="auto (the paper's default): bf16 autocast on CUDA; the synthetic preset: fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="the LM blocks through torch.compile: their elementwise work fused (real runs on a GPU; the "
+                        "first steps compile)")
     p.add_argument("--parallel", choices=["fsdp", "ddp"],
                    help="under torchrun: shard the model over the processes (FSDP, default) or replicate it (DDP)")
     p.add_argument("--workers", type=nonnegative_int, help="data-loading worker processes")
@@ -547,8 +551,8 @@ def speed(samples, tokens, seconds, samples_left):
     """The progress line's rates: samples/s, tokens/s (every token of every sequence, image slots included, over all
     processes) and the time left at that rate."""
     rate = samples / max(seconds, 1e-9)
-    eta = samples_left / max(rate, 1e-9)
-    return f"{rate:.1f} samples/s {tokens / max(seconds, 1e-9):.0f} tokens/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s"
+    eta = round(samples_left / max(rate, 1e-9))
+    return f"{rate:.1f} samples/s {tokens / max(seconds, 1e-9):.0f} tokens/s ETA {eta // 60}m{eta % 60:02d}s"
 
 
 @dataclass
@@ -692,6 +696,8 @@ def train(cfg, on_step=None):
     torch.manual_seed(cfg.seed)
     files = prepare_data(cfg, proc, log)
     model = build_model(cfg, files, log).to(proc.device)
+    if cfg.compile:
+        model.lm.compile_blocks()
     if proc.world_size > 1 and cfg.parallel == "fsdp":
         shard(model, proc.device)
     stages = {"all": STAGES, "both": STAGES[1:]}.get(cfg.stage, (cfg.stage,))

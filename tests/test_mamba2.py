@@ -337,6 +337,35 @@ def test_compiled_block_step_is_one_graph_for_all_layers():
     assert model.config.n_layer > 1 and counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_blocks_are_one_graph_and_train_as_the_eager_blocks(monkeypatch, checkpointing):
+    """compile_blocks (train.py --compile): every block's forward runs through one compiled function, whose loss and
+    gradients equal the eager blocks', with and without gradient checkpointing; compile_blocks(False) undoes it.
+    (Dynamo with the eager backend, so no compiler is needed here.)"""
+    import mamba2
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(Mamba2Block.forward, backend="eager")
+    monkeypatch.setattr(mamba2, "compiled_block_forward", lambda: compiled)
+    model = tiny_model(seed=9).train()
+    model.gradient_checkpointing = checkpointing
+    ids = torch.randint(0, 100, (2, 19))
+    results = []
+    for on in (False, True, False):
+        model.compile_blocks(on)
+        model.zero_grad()
+        loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert model.config.n_layer > 1 and counters["stats"]["unique_graphs"] == 1
+    assert all("forward" not in block.__dict__ for block in model.layers)
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-6)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, results[0][1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("ngroups,bias", [(1, False), (2, False), (1, True)])
 def test_one_token_step_equals_the_full_forward(ngroups, bias):
     """`step` (eq. 3 one token at a time) and its fast path `fast_step` (with one group and no bias, the gated norm's
