@@ -259,7 +259,8 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
       kernel computes them): one (Q, Q) tensor, masked and exponentiated in place, instead of the masked cumsum's
       five. The sums are in fp32; within a chunk of up to 256 steps the cancellation costs ~1e-6 of |cs|.
     - The products with x, B and C run in the inputs' dtype (bf16 on tensor cores, fp32 accumulation), as the kernel
-      does; the decays, their sums, the chunk states and the recurrence between chunks stay in fp32.
+      does; the decays, their sums, the chunk states and the recurrence between chunks stay in fp32 (under autocast,
+      torch runs every matrix product in bf16, here as in ssd_chunked).
     Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32)."""
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
