@@ -7,7 +7,7 @@ import fast_train as FT
 import train as T
 from data import collate
 from model import IGNORE_INDEX
-from tests.test_train import ADAM_ATOL, args_for, params, progress
+from tests.test_train import ADAM_ATOL, args_for, params, progress, stop_after
 
 
 def batch_of(model, dataset, rows):
@@ -70,6 +70,19 @@ def test_fast_steps_equal_the_plain_loops(world, tmp_path, stage):
     for n, v in models["off"].items():
         torch.testing.assert_close(models["on"][n], v, rtol=1e-4, atol=ADAM_ATOL, msg=n)
     assert (tmp_path / "on" / stage / "latest").read_text() == "checkpoint-4"
+
+
+def test_fast_path_resumes_after_interruption_as_an_uninterrupted_run(world, tmp_path):
+    """Killed after step 5 with checkpoints every 2 steps, --resume continues from step 4 and ends with the weights of
+    a run that was never stopped, to the bit (the batches, the stochastic depth's draws and Adam's state)."""
+    common = ["--stage", "finetune", "--max-steps", "6", "--save-every", "2", "--fast", "on"]
+    full = params(T.train(args_for(world, tmp_path / "a", *common)))
+    with pytest.raises(KeyboardInterrupt):
+        T.train(args_for(world, tmp_path / "b", *common), on_step=stop_after(5))
+    assert (tmp_path / "b/finetune/latest").read_text() == "checkpoint-4"
+    resumed = params(T.train(args_for(world, tmp_path / "b", *common, "--resume")))
+    for n, v in full.items():
+        torch.testing.assert_close(resumed[n], v, rtol=0, atol=0, msg=n)
 
 
 def test_fast_path_stops_at_a_nan_naming_its_step(world, tmp_path):
