@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from data import collate
 from model import IGNORE_INDEX
-from train import TrainingError, begin_stage, log_due, log_progress, save_due, save_stage_checkpoint, uses_bf16
+from train import begin_stage, log_due, log_progress, nan_stop, save_due, save_stage_checkpoint, uses_bf16
 
 
 @dataclass
@@ -46,9 +47,7 @@ class DeviceData:
         if bad:
             raise ValueError(f"--fast needs every sample usable, and {len(bad)} are not (first: {bad[0]}); "
                              "train with --fast off, which skips them")
-        L = max(len(x["input_ids"]) for x in items)
-        ids = torch.tensor([x["input_ids"] + [0] * (L - len(x["input_ids"])) for x in items])
-        labels = torch.tensor([x["labels"] + [IGNORE_INDEX] * (L - len(x["labels"])) for x in items])
+        text = collate([{**x, "pixels": None} for x in items])  # ids, labels right-padded to the longest sample
         features = None
         with_image = [x for x in items if x["pixels"] is not None]
         if with_image:
@@ -60,7 +59,8 @@ class DeviceData:
                 with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
                     features.append(model.vision(pixels))  # eq. 5, (batch, N, d_v)
             features = torch.cat(features)
-        return cls(ids.to(device), labels.to(device), features, [len(x["input_ids"]) for x in items])
+        return cls(text["input_ids"].to(device), text["labels"].to(device), features,
+                   [len(x["input_ids"]) for x in items])
 
     def batch(self, idx, out):
         """Rows idx (b,) (a device tensor) copied into the static buffers `out` (ids, labels, features)."""
@@ -132,14 +132,12 @@ class CapturedStep:
 
 
 def check_finite(losses, first, st):
-    """losses (k,): the device tensor of steps first + 1 ... first + k, not yet checked; raises TrainingError naming
-    the first NaN / inf one. One host sync."""
+    """losses (k,): the device tensor of steps first + 1 ... first + k, not yet checked; raises train.nan_stop's
+    TrainingError at the first NaN / inf one. One host sync."""
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         k = int(bad[0, 0])
-        raise TrainingError(f"[{st.name}] loss is {float(losses[k])} at step {first + k + 1} (checked after step "
-                            f"{first + len(losses)}): stopping. The last good checkpoint is "
-                            f"{st.last_good or 'none (no checkpoint was written yet)'}")
+        raise nan_stop(st, losses[k], first + k, checked_after=first + len(losses))
 
 
 def run_stage_fast(stage, model, dataset, cfg, proc, log=print, on_step=None, cuda_graph=True):
@@ -150,8 +148,6 @@ def run_stage_fast(stage, model, dataset, cfg, proc, log=print, on_step=None, cu
         return model
     use_bf16 = uses_bf16(cfg, proc)
     data = DeviceData.build(model, dataset, proc.device, use_bf16)
-    model.lm.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
     steps = range(st.start, st.batches.total)
     rows = [st.batches.indices(step) for step in steps]  # the plain loop's batches, in its order
     order = torch.tensor(rows, device=proc.device)  # (steps, b)

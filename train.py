@@ -569,9 +569,18 @@ class Stage:
     last_good: Path = None
 
 
+def nan_stop(st, loss, step, checked_after=None):
+    """The TrainingError for a non-finite loss at step `step` (0-based), naming the last good checkpoint;
+    checked_after: the step at which a loop that checks every few steps found it."""
+    checked = f" (checked after step {checked_after})" if checked_after is not None else ""
+    return TrainingError(f"[{st.name}] loss is {float(loss)} at step {step + 1}{checked}: stopping. The last good "
+                         f"checkpoint is {st.last_good or 'none (no checkpoint was written yet)'}")
+
+
 def begin_stage(stage, model, dataset, cfg, proc, log, fused=False):
     """What a stage's loop starts from: the trainable parts logged, the batches, the optimizer (see make_optimizer)
-    and the lr schedule, and with --resume the stage's latest checkpoint loaded. Returns a Stage."""
+    and the lr schedule, with --resume the stage's latest checkpoint loaded, and the model in training mode.
+    Returns a Stage."""
     parts = sorted({n.split(".")[0] for n in model.set_stage(stage)})
     log(f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
         f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
@@ -584,6 +593,8 @@ def begin_stage(stage, model, dataset, cfg, proc, log, fused=False):
     stage_dir = Path(cfg.out) / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     start, done = resume_stage(stage_dir, model, optimizer, scheduler, log) if cfg.resume else (0, False)
+    model.lm.gradient_checkpointing = cfg.gradient_checkpointing
+    model.train()
     return Stage(stage, batches, optimizer, scheduler, stage_dir, start, done, latest_checkpoint(stage_dir))
 
 
@@ -636,8 +647,6 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
     if proc.world_size > 1 and cfg.parallel == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=None if proc.device == "cpu" else [proc.device])
-    model.lm.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
     # the loader draws its seeds from a generator of its own: the global RNG draws the stochastic depth
     loader = iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=replace(st.batches, start=st.start), collate_fn=collate, num_workers=cfg.workers,
@@ -652,8 +661,7 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
         if loss is None:
             log(f"[{stage}] step {step + 1}: every sample of the batch was skipped; no update")
         elif not math.isfinite(loss):
-            raise TrainingError(f"[{stage}] loss is {float(loss)} at step {step + 1}: stopping. The last good "
-                                f"checkpoint is {st.last_good or 'none (no checkpoint was written yet)'}")
+            raise nan_stop(st, loss, step)
         seen, tokens = seen + cfg.global_batch, tokens + sum(b["tokens"] for b in micro_batches) * proc.world_size
         if loss is not None and log_due(step, st, cfg):
             log_progress(log, st, step, loss, grad_norm, seen, tokens, time.time() - t0, cfg)
