@@ -253,7 +253,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
 
 def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
-    """`ssd_chunked` arranged for a GPU: the same values within the inputs' precision (tests check it), fewer passes
+    """Eq. 3 by `ssd_chunked`'s algorithm, arranged for a GPU: the same values within the inputs' precision (tests
+    check it), fewer passes
     over the (Q, Q) tensors, which dominate its time.
     - The segment sums inside a chunk are differences of the chunk's cumulative sum, cs_t - cs_s (as mamba-ssm's
       kernel computes them): one (Q, Q) tensor, masked and exponentiated in place, instead of the masked cumsum's
