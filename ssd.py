@@ -254,8 +254,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
 def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """Eq. 3 by `ssd_chunked`'s algorithm, arranged for a GPU: the same values within the inputs' precision (tests
-    check it), fewer passes
-    over the (Q, Q) tensors, which dominate its time.
+    check it), fewer passes over the (Q, Q) tensors, which dominate its time.
     - The segment sums inside a chunk are differences of the chunk's cumulative sum, cs_t - cs_s (as mamba-ssm's
       kernel computes them): one (Q, Q) tensor, masked and exponentiated in place, instead of the masked cumsum's
       five. The sums are in fp32; within a chunk of up to 256 steps the cancellation costs ~1e-6 of |cs|.
