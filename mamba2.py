@@ -244,10 +244,11 @@ def softplus_step(dt, dt_bias, dt_limit=(0.0, float("inf"))):
     return dt.clamp(*dt_limit) if tuple(dt_limit) != (0.0, float("inf")) else dt
 
 
-def causal_conv(xBC, conv1d, past=None):
+def causal_conv(xBC, conv1d, past=None, length=None):
     """Depthwise causal conv over time + SiLU: out_t = SiLU(bias + sum_j w[:, j] xBC_{t - (k - 1) + j}), with the
     k - 1 inputs before xBC taken from `past` (b, k - 1, channels), zeros when None. conv1d: the nn.Conv1d holding
-    the weight (channels, 1, k) and bias. xBC (b, l, channels) -> (out (b, l, channels), the last k - 1 inputs).
+    the weight (channels, 1, k) and bias. xBC (b, l, channels) -> (out (b, l, channels), the last k - 1 inputs);
+    with `length` (b,) (a padded batch), the last k - 1 inputs before position length[i] of each sequence.
 
     Written as k shifted multiply-adds, summed in fp32 like the decoding step's: the same values as F.conv1d over a
     left-padded window (a test checks it), without transposing the (b, l, channels) tensor."""
@@ -260,7 +261,10 @@ def causal_conv(xBC, conv1d, past=None):
     out = sum(window[:, j:j + l].to(f) * weight[:, j] for j in range(k))
     if conv1d.bias is not None:
         out = out + conv1d.bias.to(f)
-    return F.silu(out).to(xBC.dtype), window[:, -(k - 1):]
+    if length is None:
+        return F.silu(out).to(xBC.dtype), window[:, -(k - 1):]
+    last = length[:, None] + torch.arange(k - 1, device=xBC.device)  # window index of position t is t + k - 1
+    return F.silu(out).to(xBC.dtype), window.gather(1, last[:, :, None].expand(-1, -1, channels))
 
 
 @dataclass
@@ -280,7 +284,9 @@ class Mamba2Mixer(nn.Module):
     """The Mamba-2 block's mixer (Fig. 2 left), mapping (b, l, d_model) -> (b, l, d_model).
 
     With a `LayerCache` it continues from the cached conv inputs and SSM state and updates them in place: a
-    prompt of any length (chunked scan from the cached state) or one token (`ssd_step`).
+    prompt of any length (chunked scan from the cached state) or one token (`ssd_step`). A padded prompt gives
+    `length` (b,): positions from length[i] on are padding, and the cache is left as it was after position
+    length[i] - 1 (their dt is 0, so exp(dt A) = 1 and dt B x = 0 carry the state through unchanged).
     """
 
     def __init__(self, config: Mamba2Config):
@@ -312,10 +318,10 @@ class Mamba2Mixer(nn.Module):
         """The raw dt projection (..., h) -> dt = softplus(dt + dt_bias), clamped to dt_limit (`softplus_step`)."""
         return softplus_step(dt, self.dt_bias, self.config.dt_limit)
 
-    def causal_conv(self, xBC, cache):
+    def causal_conv(self, xBC, cache, length=None):
         """`causal_conv` with this mixer's conv1d, continuing from the cached inputs and updating them."""
         past = cache.conv_state.transpose(1, 2) if cache is not None else None
-        out, last = causal_conv(xBC, self.conv1d, past)
+        out, last = causal_conv(xBC, self.conv1d, past, length)
         if cache is not None:
             cache.conv_state.copy_(last.transpose(1, 2))
         return out
@@ -336,15 +342,19 @@ class Mamba2Mixer(nn.Module):
         """A = -exp(A_log) and D, (h,) each, in fp32 like dt."""
         return -torch.exp(self.A_log.float()), self.D.float()
 
-    def forward(self, u, cache=None):
-        """u (b, l, d_model) -> (b, l, d_model); with a cache, continues from it and updates it in place."""
-        if cache is not None and u.shape[1] == 1:
+    def forward(self, u, cache=None, length=None):
+        """u (b, l, d_model) -> (b, l, d_model); with a cache, continues from it and updates it in place; length
+        (b,): the real positions of a padded batch (see the class docstring)."""
+        if cache is not None and u.shape[1] == 1 and length is None:
             return self.step(u[:, 0], cache.conv_state, cache.ssm_state)[:, None]
         z, xBC, dt = self.split_projection(u)  # (b, l, d_inner), (b, l, conv_dim), (b, l, h)
-        x, B, C = self.split_xBC(self.causal_conv(xBC, cache))  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
+        x, B, C = self.split_xBC(self.causal_conv(xBC, cache, length))  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
         A, D = self.A_and_D()
+        dt = self.step_size(dt)  # (b, l, h) fp32
+        if length is not None:  # padding: dt = 0 leaves the state as it is
+            dt = dt.masked_fill(torch.arange(u.shape[1], device=u.device)[None, :, None] >= length[:, None, None], 0)
         # eq. 3 over the sequence (ssd.py): h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t h_t + D x_t
-        y, new_state = ssd(x, self.step_size(dt), A, B, C, self.config.chunk_size, D,
+        y, new_state = ssd(x, dt, A, B, C, self.config.chunk_size, D,
                            initial_state=cache.ssm_state if cache is not None else None)
         if cache is not None:
             cache.ssm_state.copy_(new_state)
@@ -395,8 +405,8 @@ class Mamba2Block(nn.Module):
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = Mamba2Mixer(config)
 
-    def forward(self, residual, cache=None):
-        return residual + self.mixer(self.norm(residual), cache)
+    def forward(self, residual, cache=None, length=None):
+        return residual + self.mixer(self.norm(residual), cache, length)
 
     def step(self, residual, conv_state, ssm_state):
         """One token: residual (b, d_model) -> (b, d_model); what the eager decoding loop runs."""
@@ -518,9 +528,10 @@ class Mamba2LMHeadModel(nn.Module):
             hidden = hidden[:, -num_last_tokens:]
         return self.lm_head(hidden).float()
 
-    def hidden_states(self, input_ids=None, inputs_embeds=None, cache=None):
+    def hidden_states(self, input_ids=None, inputs_embeds=None, cache=None, length=None):
         """The final normed hidden states (b, l, d_model), what the LM head reads: a trainer that needs the logits
-        of only some positions (the targets) applies `lm_head` to those alone."""
+        of only some positions (the targets) applies `lm_head` to those alone. length (b,): the real positions of
+        a padded batch (`Mamba2Mixer`); the caller then counts them into the cache's seqlen_offset."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
@@ -530,8 +541,8 @@ class Mamba2LMHeadModel(nn.Module):
             if self.gradient_checkpointing and self.training and cache is None:
                 residual = checkpoint(layer, residual, use_reentrant=False)
             else:
-                residual = layer(residual, layer_cache)
-        if cache is not None:
+                residual = layer(residual, layer_cache, length)
+        if cache is not None and length is None:
             cache.seqlen_offset += x.shape[1]
         return self.norm_f(residual)
 
@@ -552,30 +563,34 @@ class Mamba2LMHeadModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
-                 eos_token_id=None, generator=None, on_token=None, cuda_graph=None, compile=None):
+                 eos_token_id=None, generator=None, on_token=None, cuda_graph=None, kernels=None):
         """Prefill the prompt once, then decode one token per step from the fixed-size cache.
 
         Returns the new tokens (b, <= max_new_tokens); a sequence that emitted eos_token_id is padded with it and
         generation stops when all have. on_token(tokens (b,)) is called after each step (streaming).
-        cuda_graph: replay the one-token step as a captured CUDA graph (default: on for CUDA tensors, off on the
-        CPU): the same kernels, launched at once instead of one by one from Python. The graph is kept for the next
-        call with the same batch size. compile: fuse each layer's step with torch.compile before capturing it
-        (default: on with the CUDA graph when Triton is installed; the first call compiles).
+        cuda_graph: decode on CUDA graphs (fast_decode.py; default: on for CUDA tensors, off on the CPU): the step
+        captured once and replayed per token, the prefill captured per bucket of prompt lengths. kernels: the
+        step's layers, "plain" (`Mamba2Block.step`), "compiled" (its fast path through torch.compile; the first
+        call compiles) or "fused" (fused_step.py, three Triton kernels a layer); default: "fused" on CUDA graphs
+        where Triton is installed, else "plain".
         """
+        import fast_decode
         prompt = input_ids if input_ids is not None else inputs_embeds
         batch_size = prompt.shape[0]
         use_graph = prompt.is_cuda if cuda_graph is None else cuda_graph
         if use_graph and not prompt.is_cuda:
             raise ValueError(f"cuda_graph=True needs the model and prompt on CUDA (the prompt is on {prompt.device}); "
                              "leave cuda_graph=None to decode eagerly on the CPU")
+        kernels = kernels or (fast_decode.default_kernels(self, prompt.device) if use_graph else "plain")
         if use_graph:
-            use_compile = _triton_available() if compile is None else compile
-            cache, step = self._graph_decoder(batch_size, use_compile)
+            decoder = fast_decode.graphed_decoder(self, batch_size, kernels)
+            logits = decoder.prefill(self.embedding(input_ids) if input_ids is not None else inputs_embeds)
+            step = decoder.step
         else:
             cache = self.allocate_cache(batch_size, device=prompt.device)
-            block_step = compiled_block_step() if compile else None
-            step = lambda token: self.step(token, cache, block_step)  # noqa: E731
-        logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, num_last_tokens=1)[:, -1]
+            step_with = fast_decode.step_function(self, kernels)
+            step = lambda token: step_with(token, cache)  # noqa: E731
+            logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, num_last_tokens=1)[:, -1]
         finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt.device)
         out = []
         for _ in range(max_new_tokens):
@@ -591,44 +606,6 @@ class Mamba2LMHeadModel(nn.Module):
                 break
             logits = step(token)
         return torch.stack(out, dim=1) if out else prompt.new_zeros(batch_size, 0, dtype=torch.long)
-
-    def _graph_decoder(self, batch_size, use_compile):
-        """(cache, step): a zeroed cache and step(token (b,)) -> logits (b, vocab) that replays one decoding step
-        (embedding, every layer's conv + ssd_step on the cache, LM head) captured as a CUDA graph over static
-        buffers; the replay updates the cache in place, as the eager step does.
-
-        The capture is kept and reused while the batch size and the parameter tensors stay the same (a graph reads
-        its inputs from fixed addresses: after model.to(...) it must be captured again)."""
-        w = self.embedding.weight
-        key = (batch_size, use_compile, w.dtype, tuple(p.data_ptr() for p in self.parameters()))
-        kept = getattr(self, "_kept_graph", None)
-        if kept is None or kept[0] != key:
-            self._kept_graph = None  # free the previous capture's memory first
-            block_step = compiled_block_step() if use_compile else None
-            cache = self.allocate_cache(batch_size)
-            static_token = torch.zeros(batch_size, dtype=torch.long, device=w.device)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up (compilation, allocations, kernel selection) off the capture
-                for _ in range(3):
-                    self.step(static_token, cache, block_step)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_logits = self.step(static_token, cache, block_step)
-            self._kept_graph = kept = (key, cache, graph, static_token, static_logits)
-        _, cache, graph, static_token, static_logits = kept
-        for layer in cache.layers:  # undo the warm-up and capture steps, or the previous generation
-            layer.conv_state.zero_()
-            layer.ssm_state.zero_()
-        cache.seqlen_offset = 0
-
-        def step(token):
-            static_token.copy_(token)
-            graph.replay()
-            cache.seqlen_offset += 1
-            return static_logits
-        return cache, step
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints
