@@ -2,8 +2,10 @@
 
     python benchmark.py ssd        # ssd_chunked vs ssd_recurrent vs ssd_quadratic: time and peak memory over the
                                    # length, on the CPU (or --device cuda)
-    python benchmark.py decode     # Mamba-2 LM generation on the GPU: ours eager, ours with the CUDA-graph step,
-                                   # mamba-ssm's generate(cg=True), and the memory-bandwidth bound, in one run
+    python benchmark.py decode     # Mamba-2 LM generation on the GPU at batch 1, 8, 32: ours eager and on CUDA
+                                   # graphs with each step form, mamba-ssm's generate(cg=True), the bandwidth bound
+    python benchmark.py tiles      # fused_step's matrix-vector tiles: batch-1 decode time for each candidate
+    python benchmark.py coldstart  # python generate.py on a random paper-size model: load, first token, wall
     python benchmark.py vision     # SigLIP so400m and DINOv2-L at 384 px: parameters, forward time, ours vs
                                    # transformers' implementation with the same (random) weights, in one run
     python benchmark.py pipeline   # the whole ML-Mamba answer at the paper's configuration on the GPU (vision,
@@ -176,8 +178,9 @@ def bench_vision(args):
 
 
 def time_mamba_ssm_generate(config, ids, new, repeats=2):
-    """Seconds of mamba-ssm's MambaLMHeadModel.generate(cg=True) for `new` tokens after `ids`, on a random model of
-    the same Mamba-2 config (bf16; the warm-up run captures its graph); None when mamba-ssm cannot be imported."""
+    """Seconds of mamba-ssm's MambaLMHeadModel.generate(cg=True) for `new` tokens after `ids` (b, l), on a random
+    model of the same Mamba-2 config (bf16; the warm-up run captures its graph); None when mamba-ssm cannot be
+    imported."""
     try:
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -201,9 +204,37 @@ def copy_bandwidth(device):
     return 2 * x.numel() / best_time(lambda: y.copy_(x), 5, device)[0]
 
 
+def kernels_per_step(model, batch, kernels):
+    """CUDA kernels one decoding step launches (counted by the profiler on an eager step)."""
+    import fast_decode
+    from torch.profiler import ProfilerActivity, profile
+    step = fast_decode.step_function(model, kernels)
+    cache = model.allocate_cache(batch)
+    token = torch.zeros(batch, dtype=torch.long, device="cuda")
+    step(token, cache)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(token, cache)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+
+def time_generation(model, ids, new, kernels, timed):
+    """(seconds for 1 token, seconds for `new` tokens, decode seconds per step) of generate on CUDA graphs; the
+    first call (capture, compilation) is reported, not timed."""
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, kernels=kernels)
+    torch.cuda.synchronize()
+    print(f"({kernels} kernels, batch {ids.shape[0]}: first call {time.perf_counter() - t0:.1f} s)", flush=True)
+    t_one = timed(lambda: model.generate(ids, max_new_tokens=1, kernels=kernels))
+    t_all = timed(lambda: model.generate(ids, max_new_tokens=new, kernels=kernels))
+    return t_one, t_all, (t_all - t_one) / (new - 1)
+
+
 def bench_decode(args):
-    """Batch-1 generation of `new` tokens after a `prompt`-token prompt, random weights (the speed does not depend
-    on the values when the length is forced), bf16, one GPU, every number from this one run."""
+    """Generation of `new` tokens after a `prompt`-token prompt, at each batch size, random bf16 weights (the speed
+    does not depend on the values when the length is forced), one GPU, every number from this one run: ours eagerly
+    and on CUDA graphs with each form of the step, mamba-ssm's generate(cg=True), the memory-bandwidth bound."""
     from mamba2 import Mamba2LMHeadModel, mamba2_preset
     assert torch.cuda.is_available(), "the decode benchmark needs a GPU"
     dev, dtype = "cuda", torch.bfloat16
@@ -212,39 +243,102 @@ def bench_decode(args):
     with torch.device(dev):
         model = Mamba2LMHeadModel(cfg).to(dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=dev)
-
-    timed = partial(seconds, repeats=2, device=dev)  # the warm-up run also lets mamba-ssm capture its graph
-
-    rows = []
-    with torch.no_grad():
-        t_prefill = timed(lambda: model(input_ids=ids, cache=model.allocate_cache(1), num_last_tokens=1))
-        t_eager = timed(lambda: model.generate(ids, max_new_tokens=args.eager_tokens, cuda_graph=False), repeats=1)
-        rows.append(("ours, eager step", args.eager_tokens, t_eager, (t_eager - t_prefill) / args.eager_tokens))
-        for name, compile in (("ours, CUDA-graph step", False), ("ours, compiled step in a CUDA graph", True)):
-            t0 = time.perf_counter()  # the first call captures the graph (and compiles): reported, not timed below
-            model.generate(ids, max_new_tokens=1, cuda_graph=True, compile=compile)
-            torch.cuda.synchronize()
-            print(f"({name}: first call, capture{' and compilation' if compile else ''}: "
-                  f"{time.perf_counter() - t0:.1f} s)", flush=True)
-            t_graph = timed(lambda: model.generate(ids, max_new_tokens=args.new, cuda_graph=True, compile=compile))
-            rows.append((name, args.new, t_graph, (t_graph - t_prefill) / args.new))
-        t_ref = time_mamba_ssm_generate(cfg, ids, args.new)
-        if t_ref is not None:
-            rows.append(("mamba-ssm generate(cg=True)", args.new, t_ref, float("nan")))
     bandwidth = copy_bandwidth(dev)
-    bound = bandwidth / (n_params * 2)  # tokens/s if each token only reads the bf16 weights once
+    bound_ms = n_params * 2 / bandwidth * 1e3  # one step reads the bf16 weights once
     print(f"Mamba-2 {args.size} ({n_params / 1e9:.2f}B parameters, bf16) on {torch.cuda.get_device_name()}: "
-          f"{args.prompt}-token prompt, batch 1; prefill {t_prefill:.3f} s; copy bandwidth {bandwidth / 1e12:.2f} TB/s "
-          f"-> bound {bound:.0f} tokens/s")
-    print("| generation | new tokens | total s | tokens/s (new / total) | decode ms/token | vs mamba-ssm | vs bound |")
-    print("|---|---|---|---|---|---|---|")
-    ref_rate = next((n / t for name, n, t, _ in rows if name.startswith("mamba-ssm")), None)
-    for name, n, t, per in rows:
-        rate = n / t
-        vs_ref = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
-        per_s = f"{per * 1e3:.2f}" if per == per else "-"
-        print(f"| {name} | {n} | {t:.3f} | {rate:.1f} | {per_s} | {vs_ref} | {rate / bound:.0%} |")
+          f"{args.prompt}-token prompt, {args.new} new tokens; copy bandwidth {bandwidth / 1e12:.2f} TB/s -> a step "
+          f"reads the weights in {bound_ms:.2f} ms at best", flush=True)
+    timed = partial(seconds, repeats=3, device=dev)
+    with torch.no_grad():
+        for batch in args.batch:
+            ids = torch.randint(0, cfg.vocab_size, (batch, args.prompt), device=dev)
+            rows = []
+            if batch == 1:
+                t_one = timed(lambda: model.generate(ids, max_new_tokens=1, cuda_graph=False), repeats=1)
+                t_all = timed(lambda: model.generate(ids, max_new_tokens=args.eager_tokens, cuda_graph=False),
+                              repeats=1)
+                rows.append(("ours, eager plain step", args.eager_tokens, t_one, t_all,
+                             (t_all - t_one) / (args.eager_tokens - 1), kernels_per_step(model, batch, "plain")))
+            for kernels in args.kernels:
+                t_one, t_all, per = time_generation(model, ids, args.new, kernels, timed)
+                rows.append((f"ours, {kernels} step on CUDA graphs", args.new, t_one, t_all, per,
+                             kernels_per_step(model, batch, kernels)))
+            model._graphed_decoder = None
+            t_ref = time_mamba_ssm_generate(cfg, ids, args.new)
+            if t_ref is not None:
+                rows.append(("mamba-ssm generate(cg=True)", args.new, None, t_ref, None, None))
+            print_decode_table(batch, rows, bound_ms)
+
+
+def print_decode_table(batch, rows, bound_ms):
+    print(f"batch {batch}:")
+    print("| generation | new tokens | first token ms | total s | tokens/s (batch x new / total) | decode ms/step | "
+          "kernels/step | vs mamba-ssm | decode vs bound |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ref = next((n / t for name, n, _, t, _, _ in rows if name.startswith("mamba-ssm")), None)
+    for name, n, t_one, t_all, per, n_kernels in rows:
+        rate = batch * n / t_all
+        vs_ref = f"{n / t_all / ref:.2f}x" if ref else "-"
+        print(f"| {name} | {n} | {f'{t_one * 1e3:.1f}' if t_one else '-'} | {t_all:.3f} | {rate:.1f} | "
+              f"{f'{per * 1e3:.2f}' if per else '-'} | {n_kernels or '-'} | {vs_ref} | "
+              f"{f'{bound_ms / (per * 1e3):.0%}' if per else '-'} |", flush=True)
+
+
+TILES = {"MATVEC_TILE": [(2, 512, 4), (4, 256, 4), (4, 512, 8), (8, 128, 4), (8, 256, 4), (8, 512, 8), (16, 128, 4),
+                         (16, 256, 8)],
+         "GATED_TILE": [(2, 1024, 4), (4, 512, 4), (4, 512, 8), (4, 1024, 8), (8, 256, 4), (8, 512, 8), (8, 1024, 8),
+                        (16, 512, 8)],
+         "DOT_TILE": [(16, 128, 4), (16, 256, 4), (32, 64, 4), (32, 128, 4), (32, 128, 8), (32, 256, 8), (64, 64, 4),
+                      (64, 128, 8)]}
+
+
+def bench_tiles(args):
+    """fused_step's tiles: decode ms/token of the 2.7B model for each (rows, reduction width, warps) of
+    norm_matvec (in_proj, LM head), then of gated_matvec (out_proj) with the best of the first, at batch 1; then of
+    the tensor-core tile at batch 8. Ends with the kernels' times in one batch-1 step (profiled)."""
+    import fused_step as FS
+    from mamba2 import Mamba2LMHeadModel, mamba2_preset
+    cfg = mamba2_preset(args.size)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Mamba2LMHeadModel(cfg).to(torch.bfloat16).eval()
+    timed = partial(seconds, repeats=3, device="cuda")
+    with torch.no_grad():
+        for name, candidates in TILES.items():
+            ids = torch.randint(0, cfg.vocab_size, (8 if name == "DOT_TILE" else 1, 128), device="cuda")
+            results = []
+            for r, k, w in candidates:
+                setattr(FS, name, dict(BLOCK_R=r, BLOCK_K=k, num_warps=w))
+                model._graphed_decoder = None
+                model.generate(ids, max_new_tokens=2, kernels="fused")
+                t_one = timed(lambda: model.generate(ids, max_new_tokens=1, kernels="fused"))
+                per = (timed(lambda: model.generate(ids, max_new_tokens=65, kernels="fused")) - t_one) / 64
+                results.append((per, (r, k, w)))
+                print(f"{name} BLOCK_R={r} BLOCK_K={k} num_warps={w}: {per * 1e3:.3f} ms/step", flush=True)
+            best = min(results)[1]
+            setattr(FS, name, dict(BLOCK_R=best[0], BLOCK_K=best[1], num_warps=best[2]))
+            print(f"best {name}: {best}", flush=True)
+        profile_fused_step(model)
+
+
+def profile_fused_step(model):
+    """Each kernel's GPU time in one batch-1 fused step, summed over the layers."""
+    import fused_step as FS
+    from torch.profiler import ProfilerActivity, profile
+    cache = model.allocate_cache(1)
+    token = torch.zeros(1, dtype=torch.long, device="cuda")
+    FS.model_step(model, token, cache)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        FS.model_step(model, token, cache)
+        torch.cuda.synchronize()
+    totals = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            n, t = totals.get(e.name[:60], (0, 0.0))
+            totals[e.name[:60]] = (n + 1, t + e.device_time)
+    for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name}: {n} launches, {t / 1e3:.3f} ms in all, {t / n:.1f} us each")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,6 +374,7 @@ def bench_pipeline(args):
     image encoding, connector, prefill, decoding; our LM alone on the same prompt length; mamba-ssm's
     generate(cg=True) on the same LM config; the device's copy bandwidth and the tokens/s bound."""
     assert torch.cuda.is_available(), "the pipeline benchmark needs a GPU"
+    import fast_decode
     dev, dtype = "cuda", torch.bfloat16
     model = paper_model(args.size, dev).to(dtype).eval()
     lm = model.lm
@@ -300,12 +395,14 @@ def bench_pipeline(args):
         embeds = model.embed(ids, image_tokens)
         n_prompt = embeds.shape[1]
         t0 = time.perf_counter()
-        answer(1)  # captures (and compiles) the decoding step: reported, not timed below
+        answer(1)  # captures the decoding step (and compiles its kernels): reported, not timed below
         torch.cuda.synchronize()
         print(f"(first call: graph capture and compilation {time.perf_counter() - t0:.1f} s)", flush=True)
         t_vision = timed(lambda: model.vision(pixels))
         t_connector = timed(lambda: model.connector(feats))
         t_prefill = timed(lambda: lm(inputs_embeds=embeds, cache=lm.allocate_cache(1), num_last_tokens=1))
+        decoder = fast_decode.graphed_decoder(lm, 1, fast_decode.default_kernels(lm, dev))
+        t_prefill_graph = timed(lambda: decoder.prefill(embeds))  # the warm-up call captures the bucket
         t_one = timed(lambda: answer(1))
         t_total = timed(lambda: answer(args.new))
         t_decode = (t_total - t_one) / (args.new - 1)
@@ -322,7 +419,9 @@ def bench_pipeline(args):
           f"{n_params['connector'] / 1e6:.0f}M (MSC advanced, BSM), LM {n_params['lm'] / 1e9:.2f}B (Mamba-2 "
           f"{args.size}); prompt {n_prompt} tokens (729 image + {n_prompt - 729} text), {args.new} new tokens forced")
     print(f"stages: vision {t_vision * 1e3:.1f} ms, connector {t_connector * 1e3:.1f} ms, prefill "
-          f"{t_prefill * 1e3:.1f} ms, decoding {t_decode * 1e3:.2f} ms/token; copy bandwidth "
+          f"{t_prefill * 1e3:.1f} ms eager, {t_prefill_graph * 1e3:.1f} ms captured (bucket of "
+          f"{-(-n_prompt // fast_decode.PREFILL_BUCKET) * fast_decode.PREFILL_BUCKET}), first token "
+          f"{t_one * 1e3:.1f} ms, decoding {t_decode * 1e3:.2f} ms/token; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s -> bound {bound:.0f} tokens/s (the LM's bf16 weights read once per token)")
     print("| run | total s | Eval_avg tokens/s (new / total) | vs mamba-ssm | vs bound | vs paper (171, A100) |")
     print("|---|---|---|---|---|---|")
@@ -331,6 +430,46 @@ def bench_pipeline(args):
         rate = args.new / t
         vs_ref = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
         print(f"| {name} | {t:.3f} | {rate:.1f} | {vs_ref} | {rate / bound:.0%} | {rate / 171.0:.2f}x |", flush=True)
+
+
+def word_tokenizer(n_words):
+    """A word-level tokenizer of n_words ("w0", "w1", ...): a stand-in with the LM's vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n_words)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+def bench_coldstart(args):
+    """`python generate.py` answering one question about an image in a fresh process, on a random ML-Mamba at the
+    paper's configuration saved in bf16 (a word-level tokenizer stands in for GPT-NeoX's), `runs` times in a row,
+    the first with Triton's kernel cache empty: what generate.py prints (start-up and load, first token, last
+    token) and the wall time of the whole call seen from outside."""
+    import shutil
+    from PIL import Image
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file():
+        model = paper_model(args.size, "cuda").to(torch.bfloat16)
+        model.set_tokenizer(word_tokenizer(model.config.lm.vocab_size - 100))
+        model.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+    Image.fromarray(torch.randint(0, 255, (384, 384, 3), dtype=torch.uint8).numpy()).save(folder / "image.png")
+    cache = folder / "triton-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = dict(os.environ, TRITON_CACHE_DIR=str(cache))
+    print(f"generate.py on {torch.cuda.get_device_name()}, random ML-Mamba ({args.size}, bf16) in {folder}, 256 new "
+          f"tokens; run 1 with an empty Triton cache")
+    for run in range(1, args.runs + 1):
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, str(Path(__file__).parent / "generate.py"), "--model", str(folder),
+                              "--image", str(folder / "image.png"), "--prompt", "w1 w2 w3 w4 w5",
+                              "--max-new-tokens", "256"], capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        timing = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "(nothing on stderr)"
+        print(f"run {run}: exit {out.returncode}, wall seen from outside {wall:.2f} s; {timing}", flush=True)
+        if out.returncode:
+            print(out.stderr[-3000:])
 
 
 def bench_scaling(args):
@@ -624,6 +763,15 @@ def main(argv=None):
     p.add_argument("--prompt", type=int, default=745, help="prompt tokens (729 image tokens + a question)")
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--eager-tokens", type=int, default=32, help="tokens for the (slow) eager measurement")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--kernels", nargs="+", default=["fused", "compiled", "plain"],
+                   choices=["fused", "compiled", "plain"], help="the step forms timed on CUDA graphs")
+    p = sub.add_parser("tiles", help="fused_step's matrix-vector tiles: decode time for each candidate")
+    p.add_argument("--size", default="2.7b")
+    p = sub.add_parser("coldstart", help="python generate.py on a random paper-size model: load, first token, wall")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--folder", default="/tmp/ml-mamba-random", help="where the random model is written")
+    p.add_argument("--runs", type=int, default=2, help="generate.py runs, one after the other")
     p = sub.add_parser("vision", help="SigLIP and DINOv2 at 384 px: ours vs transformers, same weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -650,7 +798,8 @@ def main(argv=None):
                    help="each path also with the LM blocks compiled, and torch.compile(ssd_chunked_fast) alone")
     p.add_argument("--profile", help="a folder: each path's step profiled (CUDA kernels by time) into it")
     args = parser.parse_args(argv)
-    {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "pipeline": bench_pipeline,
+    {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "tiles": bench_tiles,
+     "coldstart": bench_coldstart, "pipeline": bench_pipeline,
      "scaling": bench_scaling, "train": bench_train}[args.what](args)
 
 

@@ -236,12 +236,12 @@ class MLMamba(nn.Module):
     # ------------------------------------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, image, prompt, history=(), max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-                 image_tokens=None, on_token=None, generator=None, cuda_graph=None, compile=None):
+                 image_tokens=None, on_token=None, generator=None, cuda_graph=None, kernels=None):
         """Answer `prompt` about `image` (a path, a PIL image, or None for text only).
 
         history: earlier turns [(role, text)]. image_tokens: reuse tokens from `encode_image` (multi-turn chat
-        encodes the image once). on_token(token id) streams. cuda_graph, compile: the decoding step's form, as in
-        `Mamba2LMHeadModel.generate` (default: a compiled step in a CUDA graph on CUDA). Returns the new token ids
+        encodes the image once). on_token(token id) streams. cuda_graph, kernels: the decoding step's form, as in
+        `Mamba2LMHeadModel.generate` (default on CUDA: the fused step on CUDA graphs). Returns the new token ids
         (list), stop token excluded.
         """
         if self.tokenizer is None:
@@ -259,7 +259,7 @@ class MLMamba(nn.Module):
         new = self.lm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, eos_token_id=self.eos_token_id, generator=generator,
                                on_token=(lambda t: on_token(int(t[0]))) if on_token else None,
-                               cuda_graph=cuda_graph, compile=compile)[0].tolist()
+                               cuda_graph=cuda_graph, kernels=kernels)[0].tolist()
         return new[:new.index(self.eos_token_id)] if self.eos_token_id in new else new
 
     @torch.no_grad()

@@ -1,6 +1,12 @@
 """Helpers shared by the tests: a tiny byte-level BPE tokenizer and a tiny ML-Mamba configuration."""
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # fused_step.py's Triton kernels then run in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_tokenizer(texts, vocab_size=300):

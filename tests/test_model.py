@@ -238,7 +238,12 @@ def test_generate_cli_end_to_end(cli_model):
     out = run_cli("--model", cli_model / "mlmamba", "--image", cli_model / "image.png", "--prompt",
                   "What is in the picture?", "--max-new-tokens", "5", "--device", "cpu")
     assert out.returncode == 0, out.stderr
-    assert "Eval_avg" in out.stderr and "image encoding to last token" in out.stderr
+    import re
+    times = re.search(r"start-up and load ([\d.]+) s; image encoding to first token ([\d.]+) s, to last token "
+                      r"([\d.]+) s, \d+ new tokens, Eval_avg [\d.]+ tokens/s; wall ([\d.]+) s", out.stderr)
+    assert times, out.stderr
+    load, first, last, wall = map(float, times.groups())
+    assert 0 < first <= last and load + last <= wall
     # the printed answer is what the model generates
     model = MLMamba.from_pretrained(cli_model / "mlmamba").eval()
     ids = model.generate(cli_model / "image.png", "What is in the picture?", max_new_tokens=5)

@@ -1,0 +1,266 @@
+"""The decoding step as three Triton kernels per layer: the fast path of `Mamba2Block.step` (mamba2.py), eq. 3.
+
+A decoding step at batch 1 reads every weight once and does little else: per layer, two matrix-vector products
+(in_proj and out_proj, 80 MB at 2.7B in bf16) around a small state update. Here each layer is three kernels, and
+everything between the products happens in the products' own kernels:
+
+    norm_matvec    in_proj(RMSNorm(residual)), then per output row: z as it is; xBC through the causal conv (the
+                   window shifted in place) and SiLU; dt through softplus(dt + dt_bias), fp32
+    state_update   eq. 3 for one token, per head: h = exp(dt A) h + dt x B^T, y = C h + D x (the state in fp32,
+                   updated in place)
+    gated_matvec   out_proj(RMSNorm(y * SiLU(z))) added to the residual in place; each group's 1 / RMS is summed
+                   alongside its part of the product and applied after it (out_proj is linear)
+
+The LM head is norm_matvec again, with no conv or dt rows. Each program of a matvec kernel computes the norm of
+the whole input row itself (a few KB, read from L2) instead of waiting for a kernel of its own. Values are rounded
+to the model's dtype where the plain step rounds them, so the results equal `Mamba2Block.step`'s within the
+rounding of a different summation order (tests/test_fused_step.py).
+
+Needs Triton (on the CPU, `TRITON_INTERPRET=1` runs the kernels through Triton's interpreter, as the tests do) and
+linear layers without bias (every public Mamba-2 checkpoint); `supports(config)` says whether a model qualifies.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Tiles of the matrix-vector kernels: rows and reduction width per program, and warps; the fastest of
+# `python benchmark.py tiles` on one H200 (docs/speed.md). Up to DOT_MIN_BATCH - 1 sequences, a program multiplies
+# each of them by its weight tile on the CUDA cores; from DOT_MIN_BATCH on (16-bit weights), with tl.dot on the
+# tensor cores, which need 16 rows and 16 sequences (the batch is padded to 16).
+MATVEC_TILE = dict(BLOCK_R=8, BLOCK_K=128, num_warps=4)  # norm_matvec: in_proj and the LM head
+GATED_TILE = dict(BLOCK_R=8, BLOCK_K=512, num_warps=8)  # gated_matvec: out_proj
+DOT_TILE = dict(BLOCK_R=32, BLOCK_K=128, num_warps=4)  # both, with tl.dot
+DOT_MIN_BATCH = 5
+
+
+def supports(config):
+    """Whether the fused step computes this Mamba-2 config's decoding step (linear layers without bias)."""
+    return not config.bias
+
+
+@triton.jit
+def _log1p(t):
+    """log(1 + t) accurate for small t (Goldberg's correction of log(u) by t / (u - 1))."""
+    u = 1.0 + t
+    return tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
+
+
+@triton.jit
+def _norm_input_and_weight(res, inv_rms, norm_w_ptr, w_ptr, rows, row_ok, seq_ok, cols, k, D_IN: tl.constexpr):
+    """One reduction step's operands: u = RMSNorm(res) * weight (B, K) in W's dtype, as the plain step feeds in_proj,
+    and the weight tile W[rows, k:k + K] (R, K)."""
+    k_ok = k + cols < D_IN
+    x = tl.load(res + k, mask=seq_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    g = tl.load(norm_w_ptr + k + cols, mask=k_ok, other=0.0).to(tl.float32)
+    u = (x * inv_rms[:, None] * g[None, :]).to(w_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + rows[:, None] * D_IN + (k + cols)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    return u, w
+
+
+@triton.jit
+def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dt_bias_ptr,
+                        n_rows, n_plain, n_conv, eps, dt_min, dt_max,
+                        D_IN: tl.constexpr, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
+                        WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[:, rows] = RMSNorm(res) . W[rows]^T for every sequence (W read once), rounded to W's dtype as nn.Linear
+    returns it; then by section: rows < n_plain as they are; the next n_conv rows (xBC) through the conv window and
+    SiLU; the rest (dt) through softplus(. + dt_bias), clamped to [dt_min, dt_max]. out (BATCH, n_rows) is fp32."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
+    seqs = tl.arange(0, BLOCK_B)  # (B,)
+    row_ok, seq_ok = rows < n_rows, seqs < BATCH
+    cols = tl.arange(0, BLOCK_K)
+    res = res_ptr + seqs[:, None] * D_IN + cols[None, :]  # (B, K)
+    # 1 / RMS of each residual row, fp32
+    squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    for k in range(0, D_IN, BLOCK_K):
+        x = tl.load(res + k, mask=seq_ok[:, None] & (k + cols < D_IN)[None, :], other=0.0).to(tl.float32)
+        squares += x * x
+    inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / D_IN + eps)  # (B,)
+    # the product RMSNorm(res) . W[rows]^T: on the tensor cores, or as products summed over K once at the end
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+        for k in range(0, D_IN, BLOCK_K):
+            u, w = _norm_input_and_weight(res, inv_rms, norm_w_ptr, w_ptr, rows, row_ok, seq_ok, cols, k, D_IN)
+            acc += tl.dot(u, tl.trans(w))
+    else:
+        products = tl.zeros([BLOCK_B, BLOCK_R, BLOCK_K], dtype=tl.float32)
+        for k in range(0, D_IN, BLOCK_K):
+            u, w = _norm_input_and_weight(res, inv_rms, norm_w_ptr, w_ptr, rows, row_ok, seq_ok, cols, k, D_IN)
+            products += u.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc = tl.sum(products, axis=2)
+    proj = acc.to(w_ptr.dtype.element_ty).to(tl.float32)  # (B, R), rounded as nn.Linear returns it
+
+    # xBC rows: the causal conv over the window [conv_state, proj] + SiLU; the window shifts by one in place
+    is_conv = (rows >= n_plain) & (rows < n_plain + n_conv)
+    c = tl.where(is_conv, rows - n_plain, 0)  # conv channel, (R,)
+    j = tl.arange(0, WINDOW)  # window position; D_CONV - 1 is the newest input
+    conv_ok = seq_ok[:, None, None] & is_conv[None, :, None]
+    state = (conv_state_ptr + (seqs[:, None, None] * n_conv + c[None, :, None]) * (D_CONV - 1)
+             + j[None, None, :])  # (B, R, WINDOW)
+    past = tl.load(state, mask=conv_ok & (j < D_CONV - 1)[None, None, :], other=0.0).to(tl.float32)
+    later = tl.load(state + 1, mask=conv_ok & (j < D_CONV - 2)[None, None, :], other=0.0)
+    window = tl.where((j == D_CONV - 1)[None, None, :], proj[:, :, None], past)
+    conv_w = tl.load(conv_w_ptr + c[:, None] * D_CONV + j[None, :], mask=is_conv[:, None] & (j < D_CONV)[None, :],
+                     other=0.0).to(tl.float32)  # (R, WINDOW)
+    conv = tl.sum(window * conv_w[None, :, :], axis=2)  # (B, R)
+    if HAS_CONV_BIAS:
+        conv += tl.load(conv_b_ptr + c, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    xbc = (conv * tl.sigmoid(conv)).to(w_ptr.dtype.element_ty).to(tl.float32)
+    shifted = tl.where((j == D_CONV - 2)[None, None, :], proj[:, :, None].to(later.dtype), later)
+    tl.store(state, shifted, mask=conv_ok & (j < D_CONV - 1)[None, None, :])
+
+    # dt rows: softplus(dt + dt_bias) as F.softplus computes it (linear above 20), fp32
+    is_dt = (rows >= n_plain + n_conv) & row_ok
+    dt_bias = tl.load(dt_bias_ptr + tl.where(is_dt, rows - n_plain - n_conv, 0), mask=is_dt, other=0.0)
+    v = proj + dt_bias.to(tl.float32)[None, :]
+    dt = tl.where(v > 20.0, v, tl.maximum(v, 0.0) + _log1p(tl.exp(-tl.abs(v))))
+    dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+
+    out = tl.where(is_conv[None, :], xbc, tl.where(is_dt[None, :], dt, proj))
+    tl.store(out_ptr + seqs[:, None] * n_rows + rows[None, :], out, mask=seq_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, y_ptr, n_proj, x_start, b_start, c_start, dt_start,
+                         n_heads, heads_per_group, d_inner,
+                         HEADDIM: tl.constexpr, D_STATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Eq. 3 for one token, heads x (BLOCK_P rows of the state) per program: h = exp(dt A) h + dt x B^T in place
+    (fp32), y = C h + D x written in y's dtype (the model's)."""
+    h, pid_p, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g = h // heads_per_group
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_ok, n_ok = p < HEADDIM, n < D_STATE
+    row = proj_ptr + b * n_proj
+    x = tl.load(row + x_start + h * HEADDIM + p, mask=p_ok, other=0.0)  # (BLOCK_P,)
+    B = tl.load(row + b_start + g * D_STATE + n, mask=n_ok, other=0.0)  # (BLOCK_N,)
+    C = tl.load(row + c_start + g * D_STATE + n, mask=n_ok, other=0.0)
+    dt = tl.load(row + dt_start + h)
+    A = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32))  # A = -exp(A_log), fp32
+    D = tl.load(d_ptr + h).to(tl.float32)
+    state = state_ptr + ((b * n_heads + h) * HEADDIM + p[:, None]) * D_STATE + n[None, :]  # (BLOCK_P, BLOCK_N)
+    s_ok = p_ok[:, None] & n_ok[None, :]
+    s = tl.load(state, mask=s_ok, other=0.0)
+    s = s * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]  # eq. 3: A_bar = exp(dt A), B_bar = dt B
+    tl.store(state, s, mask=s_ok)
+    y = tl.sum(s * C[None, :], axis=1) + D * x  # y = C h + D x
+    tl.store(y_ptr + b * d_inner + h * HEADDIM + p, y, mask=p_ok)
+
+
+@triton.jit
+def _gated_input_and_weight(y_ptr, proj_ptr, norm_w_ptr, w_ptr, rows, row_ok, seqs, seq_ok, cols, k, end, n_proj,
+                            D_IN: tl.constexpr):
+    """One reduction step's operands: v = y * SiLU(z) (B, K) fp32, u = v * weight in W's dtype, and the weight tile
+    W[rows, k:k + K] (R, K)."""
+    k_ok = k + cols < end
+    m = seq_ok[:, None] & k_ok[None, :]
+    y = tl.load(y_ptr + seqs[:, None] * D_IN + (k + cols)[None, :], mask=m, other=0.0).to(tl.float32)
+    z = tl.load(proj_ptr + seqs[:, None] * n_proj + (k + cols)[None, :], mask=m, other=0.0)
+    v = y * (z * tl.sigmoid(z))
+    g = tl.load(norm_w_ptr + k + cols, mask=k_ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rows[:, None] * D_IN + (k + cols)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    return v, (v * g[None, :]).to(w_ptr.dtype.element_ty), w
+
+
+@triton.jit
+def _gated_matvec_kernel(y_ptr, proj_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, n_proj, eps,
+                         D_IN: tl.constexpr, GROUP_SIZE: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """res[:, rows] += RMSNorm(y * SiLU(z)) . W[rows]^T with one norm per group of GROUP_SIZE channels; z is the
+    first D_IN columns of proj. Per group: the product with v * weight (v = y * SiLU(z)) and the sum of v^2 in one
+    pass, the group's 1 / RMS applied after."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    seqs = tl.arange(0, BLOCK_B)
+    row_ok, seq_ok = rows < n_rows, seqs < BATCH
+    cols = tl.arange(0, BLOCK_K)
+    out = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+    for start in range(0, D_IN, GROUP_SIZE):
+        end = start + GROUP_SIZE
+        squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        if USE_DOT:
+            acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+            for k in range(start, end, BLOCK_K):
+                v, u, w = _gated_input_and_weight(y_ptr, proj_ptr, norm_w_ptr, w_ptr, rows, row_ok, seqs, seq_ok,
+                                                  cols, k, end, n_proj, D_IN)
+                squares += v * v
+                acc += tl.dot(u, tl.trans(w))
+        else:
+            products = tl.zeros([BLOCK_B, BLOCK_R, BLOCK_K], dtype=tl.float32)
+            for k in range(start, end, BLOCK_K):
+                v, u, w = _gated_input_and_weight(y_ptr, proj_ptr, norm_w_ptr, w_ptr, rows, row_ok, seqs, seq_ok,
+                                                  cols, k, end, n_proj, D_IN)
+                squares += v * v
+                products += u.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            acc = tl.sum(products, axis=2)
+        out += acc * tl.rsqrt(tl.sum(squares, axis=1) / GROUP_SIZE + eps)[:, None]
+    out = out.to(w_ptr.dtype.element_ty).to(tl.float32)  # out_proj's output in the model's dtype
+    res = res_ptr + seqs[:, None] * n_rows + rows[None, :]
+    ok = seq_ok[:, None] & row_ok[None, :]
+    tl.store(res, tl.load(res, mask=ok, other=0.0).to(tl.float32) + out, mask=ok)
+
+
+def _tiling(batch, weight, tile):
+    """(kernel arguments for the batch and tile, grid over row blocks) for a weight (rows, d_in)."""
+    use_dot = batch >= DOT_MIN_BATCH and weight.element_size() == 2
+    tile = DOT_TILE if use_dot else tile
+    block_b = max(16, triton.next_power_of_2(batch)) if use_dot else triton.next_power_of_2(batch)
+    args = dict(BATCH=batch, USE_DOT=use_dot, BLOCK_B=block_b, **tile)
+    return args, (triton.cdiv(weight.shape[0], tile["BLOCK_R"]),)
+
+
+def norm_matvec(residual, norm, weight, out, conv_state=None, mixer=None):
+    """out (b, rows) fp32 = norm(residual) . weight^T; with a mixer, its in_proj's epilogue as well (the conv on
+    xBC rows, updating conv_state in place; softplus on dt rows)."""
+    b, d_in = residual.shape
+    n_rows = weight.shape[0]
+    if mixer is None:  # the LM head: every row plain (the conv and dt pointers are never read)
+        n_plain, n_conv, d_conv, dt_limit = n_rows, 0, 4, (0.0, float("inf"))
+        conv_state = conv_w = conv_b = dt_bias = weight
+    else:
+        c = mixer.config
+        n_plain, n_conv, d_conv, dt_limit = c.d_inner, c.conv_dim, c.d_conv, c.dt_limit
+        conv_w, conv_b, dt_bias = mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias
+    has_bias = mixer is not None and conv_b is not None
+    args, grid = _tiling(b, weight, MATVEC_TILE)
+    _norm_matvec_kernel[grid](residual, norm.weight, weight, out, conv_state, conv_w, conv_b if has_bias else conv_w,
+                              dt_bias, n_rows, n_plain, n_conv, norm.eps, float(dt_limit[0]), float(dt_limit[1]),
+                              D_IN=d_in, HAS_CONV_BIAS=has_bias, D_CONV=d_conv, WINDOW=triton.next_power_of_2(d_conv),
+                              **args)
+    return out
+
+
+def block_step(block, residual, conv_state, ssm_state):
+    """`Mamba2Block.step` as three kernels: residual (b, d_model) is updated in place and returned, conv_state
+    (b, conv_dim, d_conv - 1) and ssm_state (b, h, p, n) fp32 too."""
+    mixer = block.mixer
+    c = mixer.config
+    b = residual.shape[0]
+    w_in, w_out = mixer.in_proj.weight, mixer.out_proj.weight
+    for t in (residual, conv_state, ssm_state, w_in, w_out):
+        assert t.is_contiguous()
+    proj = norm_matvec(residual, block.norm, w_in, residual.new_empty(b, w_in.shape[0], dtype=torch.float32),
+                       conv_state, mixer)  # (b, z | xBC | dt)
+    y = torch.empty(b, c.d_inner, device=residual.device, dtype=w_in.dtype)
+    block_p = min(32, triton.next_power_of_2(c.headdim))
+    _state_update_kernel[(c.nheads, triton.cdiv(c.headdim, block_p), b)](
+        proj, ssm_state, mixer.A_log, mixer.D, y, proj.shape[1], c.d_inner, c.d_inner + c.d_inner,
+        c.d_inner + c.d_inner + c.ngroups * c.d_state, c.d_inner + c.conv_dim, c.nheads, c.nheads // c.ngroups,
+        c.d_inner, HEADDIM=c.headdim, D_STATE=c.d_state, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(c.d_state))
+    args, grid = _tiling(b, w_out, GATED_TILE)
+    _gated_matvec_kernel[grid](y, proj, mixer.norm.weight, w_out, residual, c.d_model, proj.shape[1], mixer.norm.eps,
+                               D_IN=c.d_inner, GROUP_SIZE=c.d_inner // c.ngroups, **args)
+    return residual
+
+
+def model_step(model, token, cache):
+    """`Mamba2LMHeadModel.step` with `block_step` per layer and the final norm + LM head as one norm_matvec:
+    token (b,) -> logits (b, padded_vocab) fp32, the cache updated in place."""
+    residual = model.embedding(token)  # (b, d_model)
+    residual = residual.float() if model.config.residual_in_fp32 else residual.clone()
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        block_step(layer, residual, layer_cache.conv_state, layer_cache.ssm_state)
+    cache.seqlen_offset += 1
+    logits = residual.new_empty(token.shape[0], model.lm_head.weight.shape[0], dtype=torch.float32)
+    return norm_matvec(residual, model.norm_f, model.lm_head.weight, logits)

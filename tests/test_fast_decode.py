@@ -1,0 +1,144 @@
+"""The fused decoding step (fused_step.py: eq. 3 for one token as three Triton kernels a layer) and decoding on CUDA
+graphs (fast_decode.py), each against the plain step. On the CPU the Triton kernels run in Triton's interpreter
+(TRITON_INTERPRET=1, which conftest.py sets where there is no GPU)."""
+
+import copy
+
+import pytest
+import torch
+
+from mamba2 import Mamba2Config, Mamba2LMHeadModel
+
+pytest.importorskip("triton")
+import fused_step as FS  # noqa: E402  (after the skip: it imports triton)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TINY = dict(d_model=32, n_layer=2, vocab_size=100, d_state=16, headdim=8, ngroups=1, chunk_size=16,
+            pad_vocab_size_multiple=16)
+SHAPES = {
+    "one group": dict(),
+    "two groups, bf16-style residual": dict(ngroups=2, residual_in_fp32=False),
+    "odd sizes, dt_limit": dict(d_model=36, headdim=12, ngroups=3, d_state=10, d_conv=3, dt_limit=(0.01, 0.05)),
+}
+
+
+def fused_model(seed, **kw):
+    """A tiny random LM with norm weights and conv biases away from their init, so that a term left out shows."""
+    torch.manual_seed(seed)
+    model = Mamba2LMHeadModel(Mamba2Config(**{**TINY, **kw})).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.norm.weight.uniform_(0.5, 1.5)
+            layer.mixer.norm.weight.uniform_(0.5, 1.5)
+            layer.mixer.conv1d.bias.normal_(0.0, 0.5)
+        model.norm_f.weight.uniform_(0.5, 1.5)
+    return model.to(DEVICE)
+
+
+def prefilled_caches(model, ids, n):
+    """n caches, each holding the same prompt: the steps start from a non-zero state and conv window."""
+    caches = [model.allocate_cache(ids.shape[0]) for _ in range(n)]
+    for cache in caches:
+        model(ids, cache=cache)
+    return caches
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_step_equals_the_plain_step(shape):
+    """Eq. 3, one token at a time: three fused steps (norm + in_proj + conv + softplus, the state update, the gated
+    norm + out_proj + residual) from a prefilled cache give the plain step's logits, conv windows and SSM states
+    (fp32, several heads and groups, sizes that are not powers of two, a clamped dt)."""
+    model = fused_model(1, **SHAPES[shape])
+    ids = torch.randint(0, 100, (3, 12), device=DEVICE)
+    with torch.no_grad():
+        plain, fused = prefilled_caches(model, ids[:, :9], 2)
+        for t in range(9, 12):
+            expected = model.step(ids[:, t], plain)
+            got = FS.model_step(model, ids[:, t], fused)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(plain.layers, fused.layers):
+        torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.conv_state, a.conv_state, rtol=1e-6, atol=1e-6)
+    assert fused.seqlen_offset == plain.seqlen_offset == 12
+    assert expected.abs().max() > 0.1 and plain.layers[0].ssm_state.abs().max() > 1e-3
+
+
+# Triton's interpreter rounds fp32 to bf16 toward zero (the GPU to nearest), and its tl.dot cannot take bf16: on
+# the CPU the tensor-core path (tl.dot) is checked in fp16.
+DOT_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+@pytest.mark.parametrize("batch,dtype", [(2, torch.bfloat16), (FS.DOT_MIN_BATCH, DOT_DTYPE)])
+def test_fused_step_in_16_bits_rounds_like_the_plain_step(batch, dtype):
+    """16-bit weights: the fused and the plain step are both off the fp32 step of the same weights by rounding,
+    and by as much as each other (the fused step rounds where the plain one does); a batch of DOT_MIN_BATCH takes
+    the tensor-core path."""
+    model16 = fused_model(2, ngroups=2).to(dtype)
+    model32 = copy.deepcopy(model16).float()
+    ids = torch.randint(0, 100, (batch, 10), device=DEVICE)
+    with torch.no_grad():
+        c32, = prefilled_caches(model32, ids[:, :8], 1)
+        plain, fused = prefilled_caches(model16, ids[:, :8], 2)
+        errors = {"plain": 0.0, "fused": 0.0}
+        for t in range(8, 10):
+            exact = model32.step(ids[:, t], c32)
+            errors["plain"] = max(errors["plain"], (model16.step(ids[:, t], plain) - exact).abs().max().item())
+            errors["fused"] = max(errors["fused"], (FS.model_step(model16, ids[:, t], fused) - exact).abs().max().item())
+    factor = 3 if DEVICE == "cpu" and dtype == torch.bfloat16 else 2  # bf16 rounding toward zero doubles it
+    assert 0 < errors["plain"] < 0.03 and errors["fused"] <= factor * errors["plain"], errors
+
+
+def test_fused_kernels_refuse_a_biased_model():
+    import fast_decode
+    model = fused_model(3, bias=True)
+    assert not FS.supports(model.config) and fast_decode.default_kernels(model, "cuda") != "fused"
+    with pytest.raises(ValueError, match="without bias"):
+        fast_decode.step_function(model, "fused")
+
+
+# ---------------------------------------------------------------- decoding on CUDA graphs
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernels", ["plain", "compiled", "fused"])
+def test_graphed_decoding_gives_the_eager_tokens(kernels):
+    """generate on CUDA graphs gives the eager plain loop's tokens, greedy and sampled, for three prompts of one
+    prefill bucket (the first prefilled eagerly, the second captured, the third replayed) and a new batch size."""
+    import fast_decode
+    model = fused_model(6, ngroups=2)
+    g = torch.Generator(device="cuda")
+    for length in (21, 40, 33):
+        ids = torch.randint(0, 100, (3, length), device="cuda")
+        eager = model.generate(ids, max_new_tokens=20, cuda_graph=False)
+        graph = model.generate(ids, max_new_tokens=20, cuda_graph=True, kernels=kernels)
+        assert torch.equal(eager, graph), length
+        a = model.generate(ids, max_new_tokens=20, temperature=0.8, top_p=0.9, generator=g.manual_seed(1),
+                           cuda_graph=False)
+        b = model.generate(ids, max_new_tokens=20, temperature=0.8, top_p=0.9, generator=g.manual_seed(1),
+                           cuda_graph=True, kernels=kernels)
+        assert torch.equal(a, b), length
+    decoder = model._graphed_decoder
+    assert decoder.prefills[fast_decode.PREFILL_BUCKET] is not None  # captured
+    model.generate(ids[:2], max_new_tokens=2, cuda_graph=True, kernels=kernels)
+    assert model._graphed_decoder is not decoder  # another batch size: captured again
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_fused_step_at_the_2_7b_widths_in_bf16(batch):
+    """The fused step at Mamba-2 2.7B's widths (d_model 2560, 80 heads of 64, d_state 128; two layers), bf16: the
+    kernels' tiles over real row counts (batch 8: the tensor-core path), against the plain step within bf16
+    rounding."""
+    torch.manual_seed(0)
+    cfg = Mamba2Config(d_model=2560, n_layer=2, vocab_size=50277)
+    model = Mamba2LMHeadModel(cfg).cuda().to(torch.bfloat16).eval()
+    model32 = copy.deepcopy(model).float()
+    ids = torch.randint(0, cfg.vocab_size, (batch, 40), device="cuda")
+    with torch.no_grad():
+        c32, = prefilled_caches(model32, ids[:, :39], 1)
+        plain, fused = prefilled_caches(model, ids[:, :39], 2)
+        exact = model32.step(ids[:, 39], c32)
+        err_plain = (model.step(ids[:, 39], plain) - exact).abs().max().item()
+        err_fused = (FS.model_step(model, ids[:, 39], fused) - exact).abs().max().item()
+    assert err_fused <= 2 * err_plain + 1e-3, (err_plain, err_fused)
+    for a, b in zip(plain.layers, fused.layers):
+        torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=2e-2, atol=2e-2)
