@@ -26,8 +26,8 @@ import triton.language as tl
 
 # Tiles of the matrix-vector kernels: rows and reduction width per program, and warps; the fastest of
 # `python benchmark.py tiles` on one H200 (docs/speed.md). Up to DOT_MIN_BATCH - 1 sequences, a program multiplies
-# each of them by its weight tile on the CUDA cores; from DOT_MIN_BATCH on (16-bit weights), with tl.dot on the
-# tensor cores, which need 16 rows and 16 sequences (the batch is padded to 16).
+# each of them by its weight tile with broadcast products; from DOT_MIN_BATCH on, with tl.dot (the tensor cores for
+# 16-bit weights; exact fp32 products for fp32 ones), which needs 16 rows and 16 sequences (the batch is padded).
 MATVEC_TILE = dict(BLOCK_R=8, BLOCK_K=128, num_warps=4)  # norm_matvec: in_proj and the LM head
 GATED_TILE = dict(BLOCK_R=8, BLOCK_K=512, num_warps=8)  # gated_matvec: out_proj
 DOT_TILE = dict(BLOCK_R=32, BLOCK_K=128, num_warps=4)  # both, with tl.dot
@@ -62,7 +62,7 @@ def _norm_input_and_weight(res, inv_rms, norm_w_ptr, w_ptr, rows, row_ok, seq_ok
 def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dt_bias_ptr,
                         n_rows, n_plain, n_conv, eps, dt_min, dt_max,
                         D_IN: tl.constexpr, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
-                        WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
+                        WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[:, rows] = RMSNorm(res) . W[rows]^T for every sequence (W read once), rounded to W's dtype as nn.Linear
     returns it; then by section: rows < n_plain as they are; the next n_conv rows (xBC) through the conv window and
@@ -83,7 +83,7 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
         acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
         for k in range(0, D_IN, BLOCK_K):
             u, w = _norm_input_and_weight(res, inv_rms, norm_w_ptr, w_ptr, rows, row_ok, seq_ok, cols, k, D_IN)
-            acc += tl.dot(u, tl.trans(w))
+            acc += tl.dot(u, tl.trans(w), input_precision=DOT_PRECISION)
     else:
         products = tl.zeros([BLOCK_B, BLOCK_R, BLOCK_K], dtype=tl.float32)
         for k in range(0, D_IN, BLOCK_K):
@@ -167,6 +167,7 @@ def _gated_input_and_weight(y_ptr, proj_ptr, norm_w_ptr, w_ptr, rows, row_ok, se
 @triton.jit
 def _gated_matvec_kernel(y_ptr, proj_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, n_proj, eps,
                          D_IN: tl.constexpr, GROUP_SIZE: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """res[:, rows] += RMSNorm(y * SiLU(z)) . W[rows]^T with one norm per group of GROUP_SIZE channels; z is the
     first D_IN columns of proj. Per group: the product with v * weight (v = y * SiLU(z)) and the sum of v^2 in one
@@ -185,7 +186,7 @@ def _gated_matvec_kernel(y_ptr, proj_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, n_
                 v, u, w = _gated_input_and_weight(y_ptr, proj_ptr, norm_w_ptr, w_ptr, rows, row_ok, seqs, seq_ok,
                                                   cols, k, end, n_proj, D_IN)
                 squares += v * v
-                acc += tl.dot(u, tl.trans(w))
+                acc += tl.dot(u, tl.trans(w), input_precision=DOT_PRECISION)
         else:
             products = tl.zeros([BLOCK_B, BLOCK_R, BLOCK_K], dtype=tl.float32)
             for k in range(start, end, BLOCK_K):
@@ -203,10 +204,11 @@ def _gated_matvec_kernel(y_ptr, proj_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, n_
 
 def _tiling(batch, weight, tile):
     """(kernel arguments for the batch and tile, grid over row blocks) for a weight (rows, d_in)."""
-    use_dot = batch >= DOT_MIN_BATCH and weight.element_size() == 2
+    use_dot = batch >= DOT_MIN_BATCH
     tile = DOT_TILE if use_dot else tile
     block_b = max(16, triton.next_power_of_2(batch)) if use_dot else triton.next_power_of_2(batch)
-    args = dict(BATCH=batch, USE_DOT=use_dot, BLOCK_B=block_b, **tile)
+    precision = "ieee" if weight.dtype == torch.float32 else "tf32"  # tf32 applies to fp32 inputs only
+    args = dict(BATCH=batch, USE_DOT=use_dot, DOT_PRECISION=precision, BLOCK_B=block_b, **tile)
     return args, (triton.cdiv(weight.shape[0], tile["BLOCK_R"]),)
 
 

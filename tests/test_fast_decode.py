@@ -43,13 +43,15 @@ def prefilled_caches(model, ids, n):
     return caches
 
 
+@pytest.mark.parametrize("batch", [3, FS.DOT_MIN_BATCH])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fused_step_equals_the_plain_step(shape):
+def test_fused_step_equals_the_plain_step(shape, batch):
     """Eq. 3, one token at a time: three fused steps (norm + in_proj + conv + softplus, the state update, the gated
     norm + out_proj + residual) from a prefilled cache give the plain step's logits, conv windows and SSM states
-    (fp32, several heads and groups, sizes that are not powers of two, a clamped dt)."""
+    (fp32, several heads and groups, sizes that are not powers of two, a clamped dt; broadcast products and, from
+    DOT_MIN_BATCH sequences, tl.dot)."""
     model = fused_model(1, **SHAPES[shape])
-    ids = torch.randint(0, 100, (3, 12), device=DEVICE)
+    ids = torch.randint(0, 100, (batch, 12), device=DEVICE)
     with torch.no_grad():
         plain, fused = prefilled_caches(model, ids[:, :9], 2)
         for t in range(9, 12):
