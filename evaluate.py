@@ -169,21 +169,27 @@ def load_questions(path, shown=5):
     return out
 
 
-def answer_questions(model, questions, image_root, max_new_tokens=10, progress=True):
-    """Greedy answers, one question at a time (the image encoded once per question). A question whose image cannot
-    be read gets the empty answer (a scored miss) and a warning."""
-    from vision import ImageError
-    answers = []
-    for i, q in enumerate(questions):
-        image = Path(image_root) / q["image"] if q["image"] else None
-        try:
-            ids = model.generate(image, q["question"], max_new_tokens=max_new_tokens)
-        except ImageError as e:
-            print(f"warning: question {i} scored as a miss: {e}", file=sys.stderr, flush=True)
-            ids = []
-        answers.append(model.tokenizer.decode(ids).strip())
-        if progress and (i + 1) % 200 == 0:
-            print(f"  answered {i + 1}/{len(questions)}", flush=True)
+def answer_questions(model, questions, image_root, max_new_tokens=10, progress=True, batch_size=32):
+    """Greedy answers, `batch_size` questions at a time (`MLMamba.generate_batch`: the answers one at a time would
+    give). A question whose image cannot be read gets the empty answer (a scored miss) and a warning."""
+    from vision import ImageError, load_image
+    answers = [""] * len(questions)
+    for start in range(0, len(questions), batch_size):
+        asked, images = [], []  # the batch's questions with a readable image (or none), and their images
+        for i in range(start, min(start + batch_size, len(questions))):
+            q = questions[i]
+            try:
+                images.append(load_image(Path(image_root) / q["image"]) if q["image"] else None)
+                asked.append(i)
+            except ImageError as e:
+                print(f"warning: question {i} scored as a miss: {e}", file=sys.stderr, flush=True)
+        if asked:
+            ids = model.generate_batch(images, [questions[i]["question"] for i in asked], max_new_tokens)
+            for i, reply in zip(asked, ids):
+                answers[i] = model.tokenizer.decode(reply).strip()
+        done = min(start + batch_size, len(questions))
+        if progress and done // 200 > start // 200:
+            print(f"  answered {done}/{len(questions)}", flush=True)
     return answers
 
 

@@ -84,21 +84,24 @@ class GraphedDecoder:
             layer.ssm_state.zero_()
         self.cache.seqlen_offset = 0
 
-    def prefill(self, embeds):
-        """embeds (b, l, d_model) -> the last position's logits (b, padded_vocab) fp32, from an empty cache that
-        then holds the prompt."""
+    def prefill(self, embeds, length=None):
+        """embeds (b, l, d_model) -> each row's last real position's logits (b, padded_vocab) fp32, from an empty
+        cache that then holds the prompt; length (b,): the real lengths of right-padded rows (default: all l)."""
         b, l, d = embeds.shape
         bucket = -(-l // PREFILL_BUCKET) * PREFILL_BUCKET
         if bucket not in self.prefills:  # first prompt of this bucket: eagerly, at its own length
             self.prefills[bucket] = None
             self.reset()
-            return self.model(inputs_embeds=embeds, cache=self.cache, num_last_tokens=1)[:, -1]
+            return self.model.prefill(self.cache, inputs_embeds=embeds, length=length)
         if self.prefills[bucket] is None:
             self.prefills[bucket] = self._capture_prefill(bucket, embeds.dtype)
         graph, static_embeds, static_length, logits = self.prefills[bucket]
         static_embeds[:, :l].copy_(embeds)
         static_embeds[:, l:].zero_()
-        static_length.fill_(l)
+        if length is None:
+            static_length.fill_(l)
+        else:
+            static_length.copy_(length)
         graph.replay()
         self.cache.seqlen_offset = l
         return logits
@@ -111,9 +114,7 @@ class GraphedDecoder:
 
         def run():
             self.reset()
-            hidden = model.hidden_states(inputs_embeds=embeds, cache=cache, length=length)  # (b, bucket, d)
-            last = hidden.gather(1, (length - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
-            return model.lm_head(last).float()
+            return model.prefill(cache, inputs_embeds=embeds, length=length)
         graph, logits = capture(run)
         return graph, embeds, length, logits
 

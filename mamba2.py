@@ -277,7 +277,7 @@ class LayerCache:
 @dataclass
 class Mamba2Cache:
     layers: list = field(default_factory=list)
-    seqlen_offset: int = 0  # tokens consumed so far
+    seqlen_offset: int = 0  # positions consumed so far (a padded prompt's padding included)
 
 
 class Mamba2Mixer(nn.Module):
@@ -531,7 +531,7 @@ class Mamba2LMHeadModel(nn.Module):
     def hidden_states(self, input_ids=None, inputs_embeds=None, cache=None, length=None):
         """The final normed hidden states (b, l, d_model), what the LM head reads: a trainer that needs the logits
         of only some positions (the targets) applies `lm_head` to those alone. length (b,): the real positions of
-        a padded batch (`Mamba2Mixer`); the caller then counts them into the cache's seqlen_offset."""
+        a right-padded batch (`Mamba2Mixer`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
@@ -542,9 +542,18 @@ class Mamba2LMHeadModel(nn.Module):
                 residual = checkpoint(layer, residual, use_reentrant=False)
             else:
                 residual = layer(residual, layer_cache, length)
-        if cache is not None and length is None:
+        if cache is not None:
             cache.seqlen_offset += x.shape[1]
         return self.norm_f(residual)
+
+    def prefill(self, cache, input_ids=None, inputs_embeds=None, length=None):
+        """Run a prompt (b, l) into `cache`: the logits (b, padded_vocab) fp32 at each row's last real position.
+        length (b,): the real lengths of a right-padded batch (default: every row is l long)."""
+        hidden = self.hidden_states(input_ids, inputs_embeds, cache, length)  # (b, l, d_model)
+        if length is None:
+            return self.lm_head(hidden[:, -1]).float()
+        last = hidden.gather(1, (length - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
+        return self.lm_head(last).float()
 
     def step(self, token, cache, block_step=None):
         """One decoding step: token (b,) -> logits (b, padded_vocab) in fp32, the cache updated in place.
@@ -563,11 +572,12 @@ class Mamba2LMHeadModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
-                 eos_token_id=None, generator=None, on_token=None, cuda_graph=None, kernels=None):
+                 eos_token_id=None, generator=None, on_token=None, cuda_graph=None, kernels=None, length=None):
         """Prefill the prompt once, then decode one token per step from the fixed-size cache.
 
         Returns the new tokens (b, <= max_new_tokens); a sequence that emitted eos_token_id is padded with it and
-        generation stops when all have. on_token(tokens (b,)) is called after each step (streaming).
+        generation stops when all have. on_token(tokens (b,)) is called after each step (streaming). length (b,):
+        the real lengths of right-padded prompts of different lengths (default: all full).
         cuda_graph: decode on CUDA graphs (fast_decode.py; default: on for CUDA tensors, off on the CPU): the step
         captured once and replayed per token, the prefill captured per bucket of prompt lengths. kernels: the
         step's layers, "plain" (`Mamba2Block.step`), "compiled" (its fast path through torch.compile; the first
@@ -584,13 +594,13 @@ class Mamba2LMHeadModel(nn.Module):
         kernels = kernels or (fast_decode.default_kernels(self, prompt.device) if use_graph else "plain")
         if use_graph:
             decoder = fast_decode.graphed_decoder(self, batch_size, kernels)
-            logits = decoder.prefill(self.embedding(input_ids) if input_ids is not None else inputs_embeds)
+            logits = decoder.prefill(self.embedding(input_ids) if input_ids is not None else inputs_embeds, length)
             step = decoder.step
         else:
             cache = self.allocate_cache(batch_size, device=prompt.device)
             step_with = fast_decode.step_function(self, kernels)
             step = lambda token: step_with(token, cache)  # noqa: E731
-            logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, num_last_tokens=1)[:, -1]
+            logits = self.prefill(cache, input_ids, inputs_embeds, length)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt.device)
         out = []
         for _ in range(max_new_tokens):

@@ -263,6 +263,34 @@ class MLMamba(nn.Module):
         return new[:new.index(self.eos_token_id)] if self.eos_token_id in new else new
 
     @torch.no_grad()
+    def generate_batch(self, images, prompts, max_new_tokens=256, cuda_graph=None, kernels=None):
+        """Greedy answers to several questions at once: images[i] (a path, PIL image or None) with prompts[i]. The
+        images are encoded as one batch, the prompts right-padded to the longest (`length` marks each one's end, so
+        padding changes nothing), then all are decoded together until each has stopped. Returns one id list per
+        question, as `generate` returns it."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; give one to MLMamba(config, tokenizer)")
+        rows = [i for i, image in enumerate(images) if image is not None]
+        image_tokens = None
+        if rows:
+            pixels = [self.preprocess(images[i]) for i in rows]
+            encoded = self.image_tokens({k: torch.cat([p[k] for p in pixels]) for k in pixels[0]})  # (rows, N, D)
+            image_tokens = encoded.new_zeros(len(images), *encoded.shape[1:])  # rows without an image stay zero
+            image_tokens[rows] = encoded
+        n = self.num_image_tokens
+        ids = [encode_conversation(self.tokenizer, [("human", p)], self.image_token_id if image is not None else None,
+                                   num_image_tokens=n, prompt=self.config.prompt)[0] for image, p in zip(images, prompts)]
+        longest = max(map(len, ids))
+        if longest > self.config.max_length:
+            raise ValueError(f"a prompt is {longest} tokens with the image; the limit is {self.config.max_length}")
+        device = self.lm.embedding.weight.device
+        padded = torch.tensor([x + [self.eos_token_id] * (longest - len(x)) for x in ids], device=device)  # (b, L)
+        new = self.lm.generate(inputs_embeds=self.embed(padded, image_tokens), max_new_tokens=max_new_tokens,
+                               eos_token_id=self.eos_token_id, cuda_graph=cuda_graph, kernels=kernels,
+                               length=torch.tensor([len(x) for x in ids], device=device)).tolist()
+        return [row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row for row in new]
+
+    @torch.no_grad()
     def encode_image(self, image):
         """A path or PIL image -> image tokens (1, N, D), ready for `generate(image_tokens=...)`."""
         return self.image_tokens(self.preprocess(image))

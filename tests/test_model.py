@@ -174,6 +174,18 @@ def test_cached_generation_equals_greedy_full_forward(model):
     assert len(new) > 0
 
 
+def test_batched_answers_equal_the_answers_one_at_a_time(model):
+    """generate_batch (images encoded together, prompts of different lengths right-padded, `length` marking their
+    ends) gives each question the greedy answer `generate` gives it alone, text-only questions included."""
+    images = [random_image(1), None, random_image(2, size=(30, 60)), random_image(3), None]
+    prompts = ["What is in the picture?", "Hi", "How many triangles are there in this picture, counting all?",
+               "Color?", "Is the circle left of the square? Answer in one word."]
+    batched = model.generate_batch(images, prompts, max_new_tokens=8)
+    alone = [model.generate(image, prompt, max_new_tokens=8) for image, prompt in zip(images, prompts)]
+    assert batched == alone
+    assert all(alone)  # every question gets a non-empty answer to compare
+
+
 def test_stage_switch_trains_the_right_parameters(model):
     """The training stages: pretrain trains the LM, align the connector, finetune both; the encoders never."""
     align = model.set_stage("align")
