@@ -11,10 +11,11 @@ everything between the products happens in the products' own kernels:
     gated_matvec   out_proj(RMSNorm(y * SiLU(z))) added to the residual in place; each group's 1 / RMS is summed
                    alongside its part of the product and applied after it (out_proj is linear)
 
-The LM head is norm_matvec again, with no conv or dt rows. Each program of a matvec kernel computes the norm of
-the whole input row itself (a few KB, read from L2) instead of waiting for a kernel of its own. Values are rounded
-to the model's dtype where the plain step rounds them, so the results equal `Mamba2Block.step`'s within the
-rounding of a different summation order (tests/test_fused_step.py).
+The LM head is norm_matvec again, with no conv or dt rows. A matvec program takes a block of weight rows and every
+sequence of the batch, so each weight is read once a step; it computes the norm of its input rows itself (a few KB,
+read from L2) instead of waiting for a kernel of its own. Values are rounded to the model's dtype where the plain
+step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of another summation order
+(tests/test_fast_decode.py).
 
 Needs Triton (on the CPU, `TRITON_INTERPRET=1` runs the kernels through Triton's interpreter, as the tests do) and
 linear layers without bias (every public Mamba-2 checkpoint); `supports(config)` says whether a model qualifies.
@@ -246,10 +247,12 @@ def block_step(block, residual, conv_state, ssm_state):
                        conv_state, mixer)  # (b, z | xBC | dt)
     y = torch.empty(b, c.d_inner, device=residual.device, dtype=w_in.dtype)
     block_p = min(32, triton.next_power_of_2(c.headdim))
+    x_start = c.d_inner  # proj's columns: z (d_inner) | x (d_inner), B, C (ngroups * d_state each) | dt (nheads)
     _state_update_kernel[(c.nheads, triton.cdiv(c.headdim, block_p), b)](
-        proj, ssm_state, mixer.A_log, mixer.D, y, proj.shape[1], c.d_inner, c.d_inner + c.d_inner,
-        c.d_inner + c.d_inner + c.ngroups * c.d_state, c.d_inner + c.conv_dim, c.nheads, c.nheads // c.ngroups,
-        c.d_inner, HEADDIM=c.headdim, D_STATE=c.d_state, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(c.d_state))
+        proj, ssm_state, mixer.A_log, mixer.D, y, n_proj=proj.shape[1], x_start=x_start,
+        b_start=x_start + c.d_inner, c_start=x_start + c.d_inner + c.ngroups * c.d_state, dt_start=x_start + c.conv_dim,
+        n_heads=c.nheads, heads_per_group=c.nheads // c.ngroups, d_inner=c.d_inner, HEADDIM=c.headdim,
+        D_STATE=c.d_state, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(c.d_state))
     args, grid = _tiling(b, w_out, GATED_TILE)
     _gated_matvec_kernel[grid](y, proj, mixer.norm.weight, w_out, residual, c.d_model, proj.shape[1], mixer.norm.eps,
                                D_IN=c.d_inner, GROUP_SIZE=c.d_inner // c.ngroups, **args)

@@ -22,6 +22,13 @@ SHAPES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def torch_ssd(monkeypatch):
+    """The prefills here run ssd_chunked: mamba-ssm's kernel, when installed, would autotune for every new shape."""
+    import ssd
+    monkeypatch.setattr(ssd, "SSD_BACKEND", "torch")
+
+
 def fused_model(seed, **kw):
     """A tiny random LM with norm weights and conv biases away from their init, so that a term left out shows."""
     torch.manual_seed(seed)
