@@ -204,8 +204,8 @@ def copy_bandwidth(device):
     return 2 * x.numel() / best_time(lambda: y.copy_(x), 5, device)[0]
 
 
-def kernels_per_step(model, batch, kernels):
-    """CUDA kernels one decoding step launches (counted by the profiler on an eager step)."""
+def step_kernels(model, batch, kernels):
+    """[(name, GPU microseconds)] of the CUDA kernels one eager decoding step launches (profiled)."""
     import fast_decode
     from torch.profiler import ProfilerActivity, profile
     step = fast_decode.step_function(model, kernels)
@@ -216,7 +216,11 @@ def kernels_per_step(model, batch, kernels):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(token, cache)
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    return [(e.name, e.device_time) for e in prof.events() if e.device_type.name == "CUDA"]
+
+
+def kernels_per_step(model, batch, kernels):
+    return len(step_kernels(model, batch, kernels))
 
 
 def time_generation(model, ids, new, kernels, timed):
@@ -323,20 +327,10 @@ def bench_tiles(args):
 
 def profile_fused_step(model):
     """Each kernel's GPU time in one batch-1 fused step, summed over the layers."""
-    import fused_step as FS
-    from torch.profiler import ProfilerActivity, profile
-    cache = model.allocate_cache(1)
-    token = torch.zeros(1, dtype=torch.long, device="cuda")
-    FS.model_step(model, token, cache)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        FS.model_step(model, token, cache)
-        torch.cuda.synchronize()
     totals = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            n, t = totals.get(e.name[:60], (0, 0.0))
-            totals[e.name[:60]] = (n + 1, t + e.device_time)
+    for name, t in step_kernels(model, 1, "fused"):
+        n, total = totals.get(name[:60], (0, 0.0))
+        totals[name[:60]] = (n + 1, total + t)
     for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
         print(f"  {name}: {n} launches, {t / 1e3:.3f} ms in all, {t / n:.1f} us each")
 

@@ -74,7 +74,7 @@ class GraphedDecoder:
         self.key = decoder_key(model, batch_size, kernels)
         self.cache = model.allocate_cache(batch_size)
         step = step_function(model, kernels)
-        self.token = torch.zeros(batch_size, dtype=torch.long, device=self.cache.layers[0].ssm_state.device)
+        self.token = torch.zeros(batch_size, dtype=torch.long, device=model.embedding.weight.device)
         self.step_graph, self.step_logits = capture(lambda: step(self.token, self.cache), warmup=3)
         self.prefills = {}  # bucket length -> None (seen once, ran eagerly) or (graph, embeds, length, logits)
 

@@ -260,7 +260,7 @@ class MLMamba(nn.Module):
                                top_k=top_k, top_p=top_p, eos_token_id=self.eos_token_id, generator=generator,
                                on_token=(lambda t: on_token(int(t[0]))) if on_token else None,
                                cuda_graph=cuda_graph, kernels=kernels)[0].tolist()
-        return new[:new.index(self.eos_token_id)] if self.eos_token_id in new else new
+        return self.until_stop(new)
 
     @torch.no_grad()
     def generate_batch(self, images, prompts, max_new_tokens=256, cuda_graph=None, kernels=None):
@@ -288,7 +288,11 @@ class MLMamba(nn.Module):
         new = self.lm.generate(inputs_embeds=self.embed(padded, image_tokens), max_new_tokens=max_new_tokens,
                                eos_token_id=self.eos_token_id, cuda_graph=cuda_graph, kernels=kernels,
                                length=torch.tensor([len(x) for x in ids], device=device)).tolist()
-        return [row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row for row in new]
+        return [self.until_stop(row) for row in new]
+
+    def until_stop(self, ids):
+        """Generated ids up to the stop token, which is left out."""
+        return ids[:ids.index(self.eos_token_id)] if self.eos_token_id in ids else ids
 
     @torch.no_grad()
     def encode_image(self, image):
