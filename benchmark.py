@@ -34,6 +34,10 @@ import torch
 
 import ssd as S
 
+# Keep Triton's autotuning results on disk (mamba-ssm's SSD kernel autotunes each new shape), so that one benchmark
+# does not tune again what another tuned before it.
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+
 
 def seconds(fn, repeats, device, grad=False):
     """The fastest of `repeats` runs of fn after one warm-up run (see best_time)."""
