@@ -62,6 +62,16 @@ class DeviceData:
         return cls(text["input_ids"].to(device), text["labels"].to(device), features,
                    [len(x["input_ids"]) for x in items])
 
+    @classmethod
+    def cached(cls, model, dataset, device, use_bf16):
+        """`build`, once per dataset and encoders: the align and finetune stages read the same samples through the
+        same frozen encoders. The DeviceData is kept on the dataset object."""
+        key = (model.vision, device, use_bf16)
+        kept = getattr(dataset, "_device_data", None)
+        if kept is None or kept[0][0] is not model.vision or kept[0][1:] != key[1:]:
+            dataset._device_data = kept = (key, cls.build(model, dataset, device, use_bf16))
+        return kept[1]
+
     def batch(self, idx, out):
         """Rows idx (b,) (a device tensor) copied into the static buffers `out` (ids, labels, features)."""
         for source, buffer in zip((self.ids, self.labels, self.features), out):
@@ -147,7 +157,7 @@ def run_stage_fast(stage, model, dataset, cfg, proc, log=print, on_step=None, cu
     if st.done:
         return model
     use_bf16 = uses_bf16(cfg, proc)
-    data = DeviceData.build(model, dataset, proc.device, use_bf16)
+    data = DeviceData.cached(model, dataset, proc.device, use_bf16)
     steps = range(st.start, st.batches.total)
     rows = [st.batches.indices(step) for step in steps]  # the plain loop's batches, in its order
     order = torch.tensor(rows, device=proc.device)  # (steps, b)

@@ -50,6 +50,20 @@ def test_device_data_holds_each_sample_once_padded_with_its_features(world, tmp_
         torch.testing.assert_close(buffers[2][row], model.vision(pixels)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_align_and_finetune_share_one_device_data(world, tmp_path, monkeypatch):
+    """The image stages read the same samples through the same frozen encoders: their features are computed once."""
+    built = []
+    build = FT.DeviceData.build.__func__
+
+    def counted(cls, *args, **kwargs):
+        built.append(1)
+        return build(cls, *args, **kwargs)
+    monkeypatch.setattr(FT.DeviceData, "build", classmethod(counted))
+    cfg = args_for(world, tmp_path, "--stage", "both", "--max-steps", "2", "--fast", "on")
+    T.train(cfg)
+    assert len(built) == 1
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "align", "finetune"])
 def test_fast_steps_equal_the_plain_loops(world, tmp_path, stage):
     """--fast on (on the CPU: DeviceData, static_loss, eager steps) and --fast off take the same steps: the same
