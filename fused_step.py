@@ -60,6 +60,30 @@ def _norm_input_and_weight(res, inv_rms, norm_w_ptr, w_ptr, rows, row_ok, seq_ok
 
 
 @triton.jit
+def _conv_rows(proj, rows, seqs, seq_ok, n_plain, n_conv, conv_state_ptr, conv_w_ptr, conv_b_ptr,
+               HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr, WINDOW: tl.constexpr):
+    """The xBC rows of proj (B, R): SiLU of the causal conv over the window [conv_state, proj] (fp32), the window
+    shifted by one in place. Other rows are left alone and give 0."""
+    is_conv = (rows >= n_plain) & (rows < n_plain + n_conv)
+    c = tl.where(is_conv, rows - n_plain, 0)  # conv channel, (R,)
+    j = tl.arange(0, WINDOW)  # window position; D_CONV - 1 is the newest input
+    conv_ok = seq_ok[:, None, None] & is_conv[None, :, None]
+    state = (conv_state_ptr + (seqs[:, None, None] * n_conv + c[None, :, None]) * (D_CONV - 1)
+             + j[None, None, :])  # (B, R, WINDOW)
+    past = tl.load(state, mask=conv_ok & (j < D_CONV - 1)[None, None, :], other=0.0).to(tl.float32)
+    later = tl.load(state + 1, mask=conv_ok & (j < D_CONV - 2)[None, None, :], other=0.0)
+    window = tl.where((j == D_CONV - 1)[None, None, :], proj[:, :, None], past)
+    conv_w = tl.load(conv_w_ptr + c[:, None] * D_CONV + j[None, :], mask=is_conv[:, None] & (j < D_CONV)[None, :],
+                     other=0.0).to(tl.float32)  # (R, WINDOW)
+    conv = tl.sum(window * conv_w[None, :, :], axis=2)  # (B, R)
+    if HAS_CONV_BIAS:
+        conv += tl.load(conv_b_ptr + c, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    shifted = tl.where((j == D_CONV - 2)[None, None, :], proj[:, :, None].to(later.dtype), later)
+    tl.store(state, shifted, mask=conv_ok & (j < D_CONV - 1)[None, None, :])
+    return conv * tl.sigmoid(conv)
+
+
+@triton.jit
 def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dt_bias_ptr,
                         n_rows, n_plain, n_conv, eps, dt_min, dt_max,
                         D_IN: tl.constexpr, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
@@ -93,24 +117,8 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
         acc = tl.sum(products, axis=2)
     proj = acc.to(w_ptr.dtype.element_ty).to(tl.float32)  # (B, R), rounded as nn.Linear returns it
 
-    # xBC rows: the causal conv over the window [conv_state, proj] + SiLU; the window shifts by one in place
-    is_conv = (rows >= n_plain) & (rows < n_plain + n_conv)
-    c = tl.where(is_conv, rows - n_plain, 0)  # conv channel, (R,)
-    j = tl.arange(0, WINDOW)  # window position; D_CONV - 1 is the newest input
-    conv_ok = seq_ok[:, None, None] & is_conv[None, :, None]
-    state = (conv_state_ptr + (seqs[:, None, None] * n_conv + c[None, :, None]) * (D_CONV - 1)
-             + j[None, None, :])  # (B, R, WINDOW)
-    past = tl.load(state, mask=conv_ok & (j < D_CONV - 1)[None, None, :], other=0.0).to(tl.float32)
-    later = tl.load(state + 1, mask=conv_ok & (j < D_CONV - 2)[None, None, :], other=0.0)
-    window = tl.where((j == D_CONV - 1)[None, None, :], proj[:, :, None], past)
-    conv_w = tl.load(conv_w_ptr + c[:, None] * D_CONV + j[None, :], mask=is_conv[:, None] & (j < D_CONV)[None, :],
-                     other=0.0).to(tl.float32)  # (R, WINDOW)
-    conv = tl.sum(window * conv_w[None, :, :], axis=2)  # (B, R)
-    if HAS_CONV_BIAS:
-        conv += tl.load(conv_b_ptr + c, mask=is_conv, other=0.0).to(tl.float32)[None, :]
-    xbc = (conv * tl.sigmoid(conv)).to(w_ptr.dtype.element_ty).to(tl.float32)
-    shifted = tl.where((j == D_CONV - 2)[None, None, :], proj[:, :, None].to(later.dtype), later)
-    tl.store(state, shifted, mask=conv_ok & (j < D_CONV - 1)[None, None, :])
+    xbc = _conv_rows(proj, rows, seqs, seq_ok, n_plain, n_conv, conv_state_ptr, conv_w_ptr, conv_b_ptr,
+                     HAS_CONV_BIAS, D_CONV, WINDOW).to(w_ptr.dtype.element_ty).to(tl.float32)
 
     # dt rows: softplus(dt + dt_bias) as F.softplus computes it (linear above 20), fp32
     is_dt = (rows >= n_plain + n_conv) & row_ok
@@ -119,6 +127,7 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
     dt = tl.where(v > 20.0, v, tl.maximum(v, 0.0) + _log1p(tl.exp(-tl.abs(v))))
     dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
 
+    is_conv = (rows >= n_plain) & (rows < n_plain + n_conv)
     out = tl.where(is_conv[None, :], xbc, tl.where(is_dt[None, :], dt, proj))
     tl.store(out_ptr + seqs[:, None] * n_rows + rows[None, :], out, mask=seq_ok[:, None] & row_ok[None, :])
 
