@@ -116,7 +116,7 @@ def main(argv=None):
             image = t_image if not history else 0.0  # the first turn pays for the image
             total = seconds + image
             print(f"\n[start-up and load {t_load:.2f} s; image encoding to first token {to_first + image:.3f} s, to last token "
-                  f"{total:.2f} s, {n_new} new tokens, Eval_avg {n_new / total:.1f} tokens/s; wall "
+                  f"{total:.3f} s, {n_new} new tokens, Eval_avg {n_new / total:.1f} tokens/s; wall "
                   f"{time.perf_counter() - T_START:.2f} s]", file=sys.stderr)
             history += [("human", prompt), ("gpt", text)]
             if not args.interactive:

@@ -255,7 +255,7 @@ def test_generate_cli_end_to_end(cli_model):
                       r"([\d.]+) s, \d+ new tokens, Eval_avg [\d.]+ tokens/s; wall ([\d.]+) s", out.stderr)
     assert times, out.stderr
     load, first, last, wall = map(float, times.groups())
-    assert 0 < first <= last and load + last <= wall
+    assert 0 < first <= last and load + last <= wall + 0.02  # printed to 0.01 s (load, wall), 0.001 s
     # the printed answer is what the model generates
     model = MLMamba.from_pretrained(cli_model / "mlmamba").eval()
     ids = model.generate(cli_model / "image.png", "What is in the picture?", max_new_tokens=5)
