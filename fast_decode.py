@@ -10,7 +10,8 @@ Eager decoding launches each of a step's kernels from Python, and at batch 1 the
 - the prefill captured per bucket of prompt lengths (multiples of PREFILL_BUCKET): the prompt is padded to its
   bucket and `length` marks its real positions, so the padding leaves the cache as it was after the last real
   token (`Mamba2Mixer`). A bucket's first prompt runs eagerly, its second is captured and replayed, later ones are
-  replayed: a single answer never pays for a capture it does not reuse.
+  replayed: a single answer never pays for a capture it does not reuse. At most MAX_PREFILL_CAPTURES buckets keep
+  their capture.
 """
 
 import os
@@ -20,6 +21,7 @@ import torch
 from mamba2 import _triton_available, compiled_block_step
 
 PREFILL_BUCKET = 128  # prompt lengths are padded up to a multiple of this in the captured prefill
+MAX_PREFILL_CAPTURES = 4  # captured prefills kept at once (each holds its own activation memory)
 KERNELS = ("fused", "compiled", "plain")
 
 
@@ -94,6 +96,9 @@ class GraphedDecoder:
             self.reset()
             return self.model.prefill(self.cache, inputs_embeds=embeds, length=length)
         if self.prefills[bucket] is None:
+            captured = [k for k, kept in self.prefills.items() if kept is not None]
+            for k in captured[:max(0, len(captured) + 1 - MAX_PREFILL_CAPTURES)]:
+                self.prefills[k] = None  # freed; that bucket is captured again when it comes back
             self.prefills[bucket] = self._capture_prefill(bucket, embeds.dtype)
         graph, static_embeds, static_length, logits = self.prefills[bucket]
         static_embeds[:, :l].copy_(embeds)

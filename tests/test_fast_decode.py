@@ -132,6 +132,21 @@ def test_graphed_decoding_gives_the_eager_tokens(kernels):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_prefills_are_capped_and_recaptured(monkeypatch):
+    """With room for one captured prefill, a second bucket's capture frees the first's; each bucket, captured or
+    captured again, gives the eager tokens."""
+    import fast_decode
+    monkeypatch.setattr(fast_decode, "MAX_PREFILL_CAPTURES", 1)
+    model = fused_model(7)
+    prompts = {n: torch.randint(0, 100, (1, n), device="cuda") for n in (20, 200)}
+    eager = {n: model.generate(ids, max_new_tokens=6, cuda_graph=False) for n, ids in prompts.items()}
+    for n in (20, 20, 200, 200, 20, 20):
+        assert torch.equal(model.generate(prompts[n], max_new_tokens=6, kernels="fused"), eager[n]), n
+    prefills = model._graphed_decoder.prefills
+    assert prefills[128] is not None and prefills[256] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batch", [1, 8])
 def test_fused_step_at_the_2_7b_widths_in_bf16(batch):
     """The fused step at Mamba-2 2.7B's widths (d_model 2560, 80 heads of 64, d_state 128; two layers), bf16: the
