@@ -244,16 +244,11 @@ class MLMamba(nn.Module):
         `Mamba2LMHeadModel.generate` (default on CUDA: the fused step on CUDA graphs). Returns the new token ids
         (list), stop token excluded.
         """
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; give one to MLMamba(config, tokenizer)")
+        with_image = image_tokens is not None or image is not None
+        ids = self.prompt_ids(list(history) + [("human", prompt)], with_image,
+                              image_tokens.shape[1] if image_tokens is not None else self.num_image_tokens)
         if image_tokens is None and image is not None:
             image_tokens = self.encode_image(image)
-        turns = list(history) + [("human", prompt)]
-        ids, _ = encode_conversation(self.tokenizer, turns, self.image_token_id if image_tokens is not None else None,
-                                     num_image_tokens=image_tokens.shape[1] if image_tokens is not None else 1,
-                                     prompt=self.config.prompt)
-        if len(ids) > self.config.max_length:
-            raise ValueError(f"the prompt is {len(ids)} tokens with the image; the limit is {self.config.max_length}")
         device = self.lm.embedding.weight.device
         embeds = self.embed(torch.tensor([ids], device=device), image_tokens)
         new = self.lm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -268,8 +263,8 @@ class MLMamba(nn.Module):
         images are encoded as one batch, the prompts right-padded to the longest (`length` marks each one's end, so
         padding changes nothing), then all are decoded together until each has stopped. Returns one id list per
         question, as `generate` returns it."""
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; give one to MLMamba(config, tokenizer)")
+        ids = [self.prompt_ids([("human", p)], image is not None, self.num_image_tokens)
+               for image, p in zip(images, prompts)]
         rows = [i for i, image in enumerate(images) if image is not None]
         image_tokens = None
         if rows:
@@ -277,18 +272,23 @@ class MLMamba(nn.Module):
             encoded = self.image_tokens({k: torch.cat([p[k] for p in pixels]) for k in pixels[0]})  # (rows, N, D)
             image_tokens = encoded.new_zeros(len(images), *encoded.shape[1:])  # rows without an image stay zero
             image_tokens[rows] = encoded
-        n = self.num_image_tokens
-        ids = [encode_conversation(self.tokenizer, [("human", p)], self.image_token_id if image is not None else None,
-                                   num_image_tokens=n, prompt=self.config.prompt)[0] for image, p in zip(images, prompts)]
         longest = max(map(len, ids))
-        if longest > self.config.max_length:
-            raise ValueError(f"a prompt is {longest} tokens with the image; the limit is {self.config.max_length}")
         device = self.lm.embedding.weight.device
         padded = torch.tensor([x + [self.eos_token_id] * (longest - len(x)) for x in ids], device=device)  # (b, L)
         new = self.lm.generate(inputs_embeds=self.embed(padded, image_tokens), max_new_tokens=max_new_tokens,
                                eos_token_id=self.eos_token_id, cuda_graph=cuda_graph, kernels=kernels,
                                length=torch.tensor([len(x) for x in ids], device=device)).tolist()
         return [self.until_stop(row) for row in new]
+
+    def prompt_ids(self, turns, with_image, num_image_tokens):
+        """The token ids of a conversation ending in the question to answer, checked against max_length."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; give one to MLMamba(config, tokenizer)")
+        ids, _ = encode_conversation(self.tokenizer, turns, self.image_token_id if with_image else None,
+                                     num_image_tokens=num_image_tokens, prompt=self.config.prompt)
+        if len(ids) > self.config.max_length:
+            raise ValueError(f"the prompt is {len(ids)} tokens with the image; the limit is {self.config.max_length}")
+        return ids
 
     def until_stop(self, ids):
         """Generated ids up to the stop token, which is left out."""
