@@ -350,14 +350,15 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, backend=None):
     backend = backend or SSD_BACKEND
     if backend not in BACKENDS:
         raise ValueError(f"unknown SSD backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    kernel = _mamba_chunk_scan_combined() if not backend.startswith("torch") and _kernel_installed() else None
-    if backend == "mamba_ssm" and (kernel is None or not x.is_cuda):
+    # CUDA tensors first: on the CPU, torch.compile of a caller then never looks the kernel up
+    on_kernel = x.is_cuda and not backend.startswith("torch") and _kernel_installed()
+    if backend == "mamba_ssm" and not on_kernel:
         raise RuntimeError("SSD backend 'mamba_ssm' needs the mamba-ssm package importable and CUDA tensors "
-                           f"(mamba-ssm importable: {kernel is not None}, tensors on: {x.device}); "
+                           f"(mamba-ssm importable: {_kernel_installed()}, tensors on: {x.device}); "
                            "use backend='torch' or 'auto'")
-    if kernel is not None and x.is_cuda:
-        y, final_state = kernel(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state,
-                                return_final_states=True)
+    if on_kernel:
+        y, final_state = _mamba_chunk_scan_combined()(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state,
+                                                      return_final_states=True)
         return y, final_state.float()
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)

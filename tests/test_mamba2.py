@@ -3,6 +3,7 @@
 import importlib.util
 import inspect
 import json
+import sys
 
 import pytest
 import torch
@@ -338,13 +339,26 @@ def test_compiled_block_step_is_one_graph_for_all_layers():
     assert model.config.n_layer > 1 and counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_blocks_are_one_graph_and_train_as_the_eager_blocks(monkeypatch, checkpointing):
+@pytest.mark.parametrize("checkpointing,kernel_importable", [(False, False), (True, False), (False, True)])
+def test_compiled_blocks_are_one_graph_and_train_as_the_eager_blocks(monkeypatch, request, checkpointing,
+                                                                     kernel_importable):
     """compile_blocks (train.py --compile): every block's forward runs through one compiled function, whose loss and
-    gradients equal the eager blocks', with and without gradient checkpointing; compile_blocks(False) undoes it.
-    (Dynamo with the eager backend, so no compiler is needed here.)"""
+    gradients equal the eager blocks', with and without gradient checkpointing, and with mamba-ssm importable (CPU
+    tensors never look its kernel up); compile_blocks(False) undoes it. (Dynamo with the eager backend, so no
+    compiler is needed here.)"""
+    import types
+
     import mamba2
+    import ssd
     from torch._dynamo.utils import counters
+    if kernel_importable:  # a stand-in for the installed package
+        request.addfinalizer(ssd._mamba_chunk_scan_combined.cache_clear)
+        ssd._mamba_chunk_scan_combined.cache_clear()
+        fake = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
+        fake.mamba_chunk_scan_combined = lambda *args, **kwargs: None
+        for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, fake.__name__, fake)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(Mamba2Block.forward, backend="eager")
