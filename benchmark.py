@@ -276,6 +276,8 @@ def bench_decode(args):
             if t_ref is not None:
                 rows.append(("mamba-ssm generate(cg=True)", args.new, None, t_ref, None, None))
             print_decode_table(batch, rows, bound_ms)
+        for batch in args.batch if args.profile else []:
+            profile_fused_step(model, batch)
 
 
 def print_decode_table(batch, rows, bound_ms):
@@ -292,12 +294,11 @@ def print_decode_table(batch, rows, bound_ms):
               f"{f'{bound_ms / (per * 1e3):.0%}' if per else '-'} |", flush=True)
 
 
-TILES = {"MATVEC_TILE": [(2, 512, 4), (4, 256, 4), (4, 512, 8), (8, 128, 4), (8, 256, 4), (8, 512, 8), (16, 128, 4),
-                         (16, 256, 8)],
-         "GATED_TILE": [(2, 1024, 4), (4, 512, 4), (4, 512, 8), (4, 1024, 8), (8, 256, 4), (8, 512, 8), (8, 1024, 8),
-                        (16, 512, 8)],
-         "DOT_TILE": [(16, 128, 4), (16, 256, 4), (32, 64, 4), (32, 128, 4), (32, 128, 8), (32, 256, 8), (64, 64, 4),
-                      (64, 128, 8)]}
+TILES = {"MATVEC_TILE": [(8, 128, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 256, 8), (16, 512, 8),
+                         (4, 512, 4), (4, 1024, 8)],
+         "GATED_TILE": [(8, 512, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (2, 1024, 4), (2, 2048, 4), (2, 2048, 8),
+                        (8, 1024, 8)],
+         "DOT_TILE": [(32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (64, 64, 8), (128, 64, 4)]}
 
 
 def bench_tiles(args):
@@ -329,10 +330,11 @@ def bench_tiles(args):
         profile_fused_step(model)
 
 
-def profile_fused_step(model):
-    """Each kernel's GPU time in one batch-1 fused step, summed over the layers."""
+def profile_fused_step(model, batch=1):
+    """Each kernel's GPU time in one fused step, summed over the layers."""
+    print(f"fused step at batch {batch}, profiled:")
     totals = {}
-    for name, t in step_kernels(model, 1, "fused"):
+    for name, t in step_kernels(model, batch, "fused"):
         n, total = totals.get(name[:60], (0, 0.0))
         totals[name[:60]] = (n + 1, total + t)
     for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
@@ -764,6 +766,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--kernels", nargs="+", default=["fused", "compiled", "plain"],
                    choices=["fused", "compiled", "plain"], help="the step forms timed on CUDA graphs")
+    p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")
     p = sub.add_parser("tiles", help="fused_step's matrix-vector tiles: decode time for each candidate")
     p.add_argument("--size", default="2.7b")
     p = sub.add_parser("coldstart", help="python generate.py on a random paper-size model: load, first token, wall")

@@ -7,15 +7,15 @@ everything between the products happens in the products' own kernels:
     norm_matvec    in_proj(RMSNorm(residual)), then per output row: z as it is; xBC through the causal conv (the
                    window shifted in place) and SiLU; dt through softplus(dt + dt_bias), fp32
     state_update   eq. 3 for one token, per head: h = exp(dt A) h + dt x B^T, y = C h + D x (the state in fp32,
-                   updated in place)
-    gated_matvec   out_proj(RMSNorm(y * SiLU(z))) added to the residual in place; each group's 1 / RMS is summed
-                   alongside its part of the product and applied after it (out_proj is linear)
+                   updated in place), then the gate v = y * SiLU(z)
+    gated_matvec   out_proj(RMSNorm(v)) added to the residual in place, one norm per group
 
 The LM head is norm_matvec again, with no conv or dt rows. A matvec program takes a block of weight rows and every
-sequence of the batch, so each weight is read once a step; it computes the norm of its input rows itself (a few KB,
-read from L2) instead of waiting for a kernel of its own. Values are rounded to the model's dtype where the plain
-step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of another summation order
-(tests/test_fast_decode.py).
+sequence of the batch, so each weight is read once a step. It reads its input rows (a few KB, from L2) in the same
+pass as its weight tile: a norm's 1 / RMS is one factor of a sequence's whole row, so the program sums the squares
+alongside the product (x * weight_norm) . W^T and scales the product at the end. Values are rounded to the model's
+dtype where the plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of another
+summation order (tests/test_fast_decode.py).
 
 Needs Triton (on the CPU, `TRITON_INTERPRET=1` runs the kernels through Triton's interpreter, as the tests do) and
 linear layers without bias (every public Mamba-2 checkpoint); `supports(config)` says whether a model qualifies.
@@ -29,10 +29,11 @@ import triton.language as tl
 # `python benchmark.py tiles` on one H200 (docs/speed.md). Up to DOT_MIN_BATCH - 1 sequences, a program multiplies
 # each of them by its weight tile with broadcast products; from DOT_MIN_BATCH on, with tl.dot (the tensor cores for
 # 16-bit weights; exact fp32 products for fp32 ones), which needs 16 rows and 16 sequences (the batch is padded).
-MATVEC_TILE = dict(BLOCK_R=8, BLOCK_K=128, num_warps=4)  # norm_matvec: in_proj and the LM head
-GATED_TILE = dict(BLOCK_R=8, BLOCK_K=512, num_warps=8)  # gated_matvec: out_proj
-DOT_TILE = dict(BLOCK_R=32, BLOCK_K=128, num_warps=4)  # both, with tl.dot
+MATVEC_TILE = dict(BLOCK_R=16, BLOCK_K=256, num_warps=4)  # norm_matvec: in_proj and the LM head
+GATED_TILE = dict(BLOCK_R=4, BLOCK_K=1024, num_warps=4)  # gated_matvec: out_proj
+DOT_TILE = dict(BLOCK_R=64, BLOCK_K=64, num_warps=4)  # both, with tl.dot
 DOT_MIN_BATCH = 5
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def supports(config):
@@ -48,15 +49,37 @@ def _log1p(t):
 
 
 @triton.jit
-def _norm_input_and_weight(res, inv_rms, norm_w_ptr, w_ptr, rows, row_ok, seq_ok, cols, k, D_IN: tl.constexpr):
-    """One reduction step's operands: u = RMSNorm(res) * weight (B, K) in W's dtype, as the plain step feeds in_proj,
-    and the weight tile W[rows, k:k + K] (R, K)."""
-    k_ok = k + cols < D_IN
-    x = tl.load(res + k, mask=seq_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    g = tl.load(norm_w_ptr + k + cols, mask=k_ok, other=0.0).to(tl.float32)
-    u = (x * inv_rms[:, None] * g[None, :]).to(w_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + rows[:, None] * D_IN + (k + cols)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    return u, w
+def _weighted_product(x_ptr, x_stride, norm_w_ptr, w_ptr, w_stride, rows, row_ok, seqs, seq_ok, start, end,
+                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Over the columns [start, end), in one pass: (x * g) . W[rows]^T (B, R) fp32, x * g rounded to W's dtype as a
+    norm's output is, and each sequence's sum of x^2 (B,) fp32. A norm's 1 / RMS is a factor of each sequence's
+    whole row, so the caller applies it to the product afterwards."""
+    cols = tl.arange(0, BLOCK_K)
+    squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    if USE_DOT:  # on the tensor cores, as W . u^T: the weight rows fill the product's M side
+        acc_t = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
+    else:  # products summed over K once at the end
+        products = tl.zeros([BLOCK_B, BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k in range(start, end, BLOCK_K):
+        c = k + cols
+        c_ok = c < end
+        x = tl.load(x_ptr + seqs[:, None] * x_stride + c[None, :], mask=seq_ok[:, None] & c_ok[None, :],
+                    other=0.0).to(tl.float32)  # (B, K)
+        g = tl.load(norm_w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        u = (x * g[None, :]).to(w_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + rows[:, None] * w_stride + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                    other=0.0)  # (R, K)
+        squares += x * x
+        if USE_DOT:
+            acc_t += tl.dot(w, tl.trans(u), input_precision=DOT_PRECISION)
+        else:
+            products += u.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if USE_DOT:
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.sum(products, axis=2)
+    return acc, tl.sum(squares, axis=1)
 
 
 @triton.jit
@@ -95,27 +118,10 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
     seqs = tl.arange(0, BLOCK_B)  # (B,)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
-    cols = tl.arange(0, BLOCK_K)
-    res = res_ptr + seqs[:, None] * D_IN + cols[None, :]  # (B, K)
-    # 1 / RMS of each residual row, fp32
-    squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-    for k in range(0, D_IN, BLOCK_K):
-        x = tl.load(res + k, mask=seq_ok[:, None] & (k + cols < D_IN)[None, :], other=0.0).to(tl.float32)
-        squares += x * x
-    inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / D_IN + eps)  # (B,)
-    # the product RMSNorm(res) . W[rows]^T: on the tensor cores, or as products summed over K once at the end
-    if USE_DOT:
-        acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
-        for k in range(0, D_IN, BLOCK_K):
-            u, w = _norm_input_and_weight(res, inv_rms, norm_w_ptr, w_ptr, rows, row_ok, seq_ok, cols, k, D_IN)
-            acc += tl.dot(u, tl.trans(w), input_precision=DOT_PRECISION)
-    else:
-        products = tl.zeros([BLOCK_B, BLOCK_R, BLOCK_K], dtype=tl.float32)
-        for k in range(0, D_IN, BLOCK_K):
-            u, w = _norm_input_and_weight(res, inv_rms, norm_w_ptr, w_ptr, rows, row_ok, seq_ok, cols, k, D_IN)
-            products += u.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        acc = tl.sum(products, axis=2)
-    proj = acc.to(w_ptr.dtype.element_ty).to(tl.float32)  # (B, R), rounded as nn.Linear returns it
+    acc, squares = _weighted_product(res_ptr, D_IN, norm_w_ptr, w_ptr, D_IN, rows, row_ok, seqs, seq_ok, 0, D_IN,
+                                     USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_R, BLOCK_K)
+    inv_rms = tl.rsqrt(squares / D_IN + eps)  # (B,) fp32
+    proj = (acc * inv_rms[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32)  # (B, R), rounded as nn.Linear
 
     xbc = _conv_rows(proj, rows, seqs, seq_ok, n_plain, n_conv, conv_state_ptr, conv_w_ptr, conv_b_ptr,
                      HAS_CONV_BIAS, D_CONV, WINDOW).to(w_ptr.dtype.element_ty).to(tl.float32)
@@ -133,11 +139,12 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
 
 
 @triton.jit
-def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, y_ptr, n_proj, x_start, b_start, c_start, dt_start,
+def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, x_start, b_start, c_start, dt_start,
                          n_heads, heads_per_group, d_inner,
-                         HEADDIM: tl.constexpr, D_STATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Eq. 3 for one token, heads x (BLOCK_P rows of the state) per program: h = exp(dt A) h + dt x B^T in place
-    (fp32), y = C h + D x written in y's dtype (the model's)."""
+    (fp32), y = C h + D x rounded to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec."""
     h, pid_p, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // heads_per_group
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -155,57 +162,26 @@ def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, y_ptr, n_proj, x
     s = tl.load(state, mask=s_ok, other=0.0)
     s = s * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]  # eq. 3: A_bar = exp(dt A), B_bar = dt B
     tl.store(state, s, mask=s_ok)
-    y = tl.sum(s * C[None, :], axis=1) + D * x  # y = C h + D x
-    tl.store(y_ptr + b * d_inner + h * HEADDIM + p, y, mask=p_ok)
+    y = (tl.sum(s * C[None, :], axis=1) + D * x).to(Y_DTYPE).to(tl.float32)  # y = C h + D x
+    z = tl.load(row + h * HEADDIM + p, mask=p_ok, other=0.0)  # z: proj's first d_inner columns
+    tl.store(v_ptr + b * d_inner + h * HEADDIM + p, y * (z * tl.sigmoid(z)), mask=p_ok)
 
 
 @triton.jit
-def _gated_input_and_weight(y_ptr, proj_ptr, norm_w_ptr, w_ptr, rows, row_ok, seqs, seq_ok, cols, k, end, n_proj,
-                            D_IN: tl.constexpr):
-    """One reduction step's operands: v = y * SiLU(z) (B, K) fp32, u = v * weight in W's dtype, and the weight tile
-    W[rows, k:k + K] (R, K)."""
-    k_ok = k + cols < end
-    m = seq_ok[:, None] & k_ok[None, :]
-    y = tl.load(y_ptr + seqs[:, None] * D_IN + (k + cols)[None, :], mask=m, other=0.0).to(tl.float32)
-    z = tl.load(proj_ptr + seqs[:, None] * n_proj + (k + cols)[None, :], mask=m, other=0.0)
-    v = y * (z * tl.sigmoid(z))
-    g = tl.load(norm_w_ptr + k + cols, mask=k_ok, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + rows[:, None] * D_IN + (k + cols)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    return v, (v * g[None, :]).to(w_ptr.dtype.element_ty), w
-
-
-@triton.jit
-def _gated_matvec_kernel(y_ptr, proj_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, n_proj, eps,
+def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, eps,
                          D_IN: tl.constexpr, GROUP_SIZE: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr,
                          DOT_PRECISION: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """res[:, rows] += RMSNorm(y * SiLU(z)) . W[rows]^T with one norm per group of GROUP_SIZE channels; z is the
-    first D_IN columns of proj. Per group: the product with v * weight (v = y * SiLU(z)) and the sum of v^2 in one
-    pass, the group's 1 / RMS applied after."""
+    """res[:, rows] += RMSNorm(v) . W[rows]^T with one norm per group of GROUP_SIZE channels, v = y * SiLU(z) (B, D_IN)
+    fp32; each group's 1 / RMS applied to its part of the product."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     seqs = tl.arange(0, BLOCK_B)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
-    cols = tl.arange(0, BLOCK_K)
     out = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
     for start in range(0, D_IN, GROUP_SIZE):
-        end = start + GROUP_SIZE
-        squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-        if USE_DOT:
-            acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
-            for k in range(start, end, BLOCK_K):
-                v, u, w = _gated_input_and_weight(y_ptr, proj_ptr, norm_w_ptr, w_ptr, rows, row_ok, seqs, seq_ok,
-                                                  cols, k, end, n_proj, D_IN)
-                squares += v * v
-                acc += tl.dot(u, tl.trans(w), input_precision=DOT_PRECISION)
-        else:
-            products = tl.zeros([BLOCK_B, BLOCK_R, BLOCK_K], dtype=tl.float32)
-            for k in range(start, end, BLOCK_K):
-                v, u, w = _gated_input_and_weight(y_ptr, proj_ptr, norm_w_ptr, w_ptr, rows, row_ok, seqs, seq_ok,
-                                                  cols, k, end, n_proj, D_IN)
-                squares += v * v
-                products += u.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-            acc = tl.sum(products, axis=2)
-        out += acc * tl.rsqrt(tl.sum(squares, axis=1) / GROUP_SIZE + eps)[:, None]
+        acc, squares = _weighted_product(v_ptr, D_IN, norm_w_ptr, w_ptr, D_IN, rows, row_ok, seqs, seq_ok, start,
+                                         start + GROUP_SIZE, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_R, BLOCK_K)
+        out += acc * tl.rsqrt(squares / GROUP_SIZE + eps)[:, None]
     out = out.to(w_ptr.dtype.element_ty).to(tl.float32)  # out_proj's output in the model's dtype
     res = res_ptr + seqs[:, None] * n_rows + rows[None, :]
     ok = seq_ok[:, None] & row_ok[None, :]
@@ -254,16 +230,16 @@ def block_step(block, residual, conv_state, ssm_state):
         assert t.is_contiguous()
     proj = norm_matvec(residual, block.norm, w_in, residual.new_empty(b, w_in.shape[0], dtype=torch.float32),
                        conv_state, mixer)  # (b, z | xBC | dt)
-    y = torch.empty(b, c.d_inner, device=residual.device, dtype=w_in.dtype)
+    v = torch.empty(b, c.d_inner, device=residual.device, dtype=torch.float32)  # y * SiLU(z)
     block_p = min(32, triton.next_power_of_2(c.headdim))
     x_start = c.d_inner  # proj's columns: z (d_inner) | x (d_inner), B, C (ngroups * d_state each) | dt (nheads)
     _state_update_kernel[(c.nheads, triton.cdiv(c.headdim, block_p), b)](
-        proj, ssm_state, mixer.A_log, mixer.D, y, n_proj=proj.shape[1], x_start=x_start,
+        proj, ssm_state, mixer.A_log, mixer.D, v, n_proj=proj.shape[1], x_start=x_start,
         b_start=x_start + c.d_inner, c_start=x_start + c.d_inner + c.ngroups * c.d_state, dt_start=x_start + c.conv_dim,
         n_heads=c.nheads, heads_per_group=c.nheads // c.ngroups, d_inner=c.d_inner, HEADDIM=c.headdim,
-        D_STATE=c.d_state, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(c.d_state))
+        D_STATE=c.d_state, Y_DTYPE=TL_DTYPES[w_out.dtype], BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(c.d_state))
     args, grid = _tiling(b, w_out, GATED_TILE)
-    _gated_matvec_kernel[grid](y, proj, mixer.norm.weight, w_out, residual, c.d_model, proj.shape[1], mixer.norm.eps,
+    _gated_matvec_kernel[grid](v, mixer.norm.weight, w_out, residual, c.d_model, mixer.norm.eps,
                                D_IN=c.d_inner, GROUP_SIZE=c.d_inner // c.ngroups, **args)
     return residual
 
