@@ -102,6 +102,8 @@ class TrainConfig:
     seed: int = 0
     world_seed: int = 0
     extra_spatial: int = 0
+    lm_width: int = 96  # the synthetic world's LM: d_model and layers
+    lm_layers: int = 3
     device: str = "cpu"
     fast: str = "auto"  # fast_train.py's path: "auto" (synthetic world on one GPU), "on" or "off"
     no_eval: bool = False
@@ -179,6 +181,8 @@ def parse_args(argv=None):
                    help="the synthetic world's seed (apart from --seed: runs that differ in --seed share one world)")
     p.add_argument("--extra-spatial", type=nonnegative_int,
                    help="the synthetic world: spatial questions added to each training conversation that can pose one")
+    p.add_argument("--lm-width", type=positive_int, help="the synthetic world's LM: d_model (default 96)")
+    p.add_argument("--lm-layers", type=positive_int, help="the synthetic world's LM: layers (default 3)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--fast", choices=["auto", "on", "off"],
                    help="the stage loop of fast_train.py (data and encoder features held on the device, each step "
@@ -288,8 +292,8 @@ def synthetic_model(tokenizer, cfg):
     from mamba2 import Mamba2Config
     from vision import ViTConfig
     # chunk 16: the conversations are ~60-100 tokens, and the intra-chunk (Q, Q) products grow with Q
-    lm = Mamba2Config(d_model=96, n_layer=3, vocab_size=tokenizer.get_vocab_size(), d_state=16, headdim=16,
-                      chunk_size=16, pad_vocab_size_multiple=16)
+    lm = Mamba2Config(d_model=cfg.lm_width, n_layer=cfg.lm_layers, vocab_size=tokenizer.get_vocab_size(), d_state=16,
+                      headdim=16, chunk_size=16, pad_vocab_size_multiple=16)
     vit = dict(image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                input_size=48)
     vision = {"dinov2": ViTConfig("dinov2", **vit), "siglip": ViTConfig("siglip", **vit)}

@@ -302,6 +302,17 @@ def test_default_run_pretrains_the_lm_on_text_first_and_real_data_does_not(world
     assert "--stage pretrain needs --pretrain-data" in capsys.readouterr().err
 
 
+def test_lm_size_options_build_the_synthetic_lm_at_that_size():
+    """--lm-width and --lm-layers set the synthetic world's LM (d_model 96 and 3 layers by default)."""
+    from data import train_tokenizer
+    tokenizer = train_tokenizer(["In: <image> what colour is the circle? Out: red"])
+    default = T.synthetic_model(tokenizer, T.parse_args([]))
+    wide = T.synthetic_model(tokenizer, T.parse_args(["--lm-width", "48", "--lm-layers", "2"]))
+    assert (default.lm.config.d_model, len(default.lm.layers)) == (96, 3)
+    assert (wide.lm.config.d_model, len(wide.lm.layers)) == (48, 2)
+    assert wide.lm.layers[0].mixer.in_proj.weight.shape[1] == 48
+
+
 def test_connector_has_its_own_learning_rate(world, tmp_path):
     cfg = args_for(world, tmp_path)
     assert (cfg.preset, cfg.lr, cfg.connector_lr, cfg.align_lr) == ("synthetic", 1e-3, 1e-4, 1e-4)
