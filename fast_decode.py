@@ -111,6 +111,12 @@ class GraphedDecoder:
         self.cache.seqlen_offset = l
         return logits
 
+    def extend(self, cache, embeds):
+        """Continue from `cache` (copied in): embeds (b, l, d_model) run eagerly after what it holds -> the last
+        position's logits (b, padded_vocab) fp32. The decoder's cache then holds both."""
+        self.cache.copy_(cache)
+        return self.model.prefill(self.cache, inputs_embeds=embeds)
+
     def _capture_prefill(self, bucket, dtype):
         """The prefill of a prompt padded to `bucket` tokens, from a zeroed cache, as a graph over static buffers."""
         model, cache = self.model, self.cache

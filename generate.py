@@ -1,7 +1,8 @@
 """Talk to an ML-Mamba model about an image.
 
     python generate.py --model DIR --image cat.jpg --prompt "What is in the picture?"
-    python generate.py --model DIR --image cat.jpg --interactive        # multi-turn; the image is encoded once
+    python generate.py --model DIR --image cat.jpg --interactive        # multi-turn: the image is encoded once,
+                                                                         # and each turn reads only its own tokens
 
 The answer is printed as it is generated, then the time to load the model, the time from image encoding to the first
 and to the last token (the paper's T_total), Eval_avg = new tokens / T_total, and the whole call's wall time.
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     return args
 
 
-def answer(model, image_tokens, prompt, history, args, generator):
+def answer(model, image_tokens, prompt, conversation, args, generator):
     """Generate one reply, streaming it to stdout; returns (text, new token count, seconds to the first token,
     seconds to the last)."""
     tok = model.tokenizer
@@ -70,9 +71,10 @@ def answer(model, image_tokens, prompt, history, args, generator):
             printed = text
 
     t0 = time.perf_counter()
-    ids = model.generate(None, prompt, history=history, image_tokens=image_tokens, max_new_tokens=args.max_new_tokens,
+    ids = model.generate(None, prompt, image_tokens=image_tokens, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, on_token=on_token,
-                         generator=generator, cuda_graph=False if args.eager_decode else None, kernels=args.kernels)
+                         generator=generator, cuda_graph=False if args.eager_decode else None, kernels=args.kernels,
+                         conversation=conversation)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     return tok.decode(ids), len(ids), (first or [0.0])[0], time.perf_counter() - t0
@@ -80,7 +82,7 @@ def answer(model, image_tokens, prompt, history, args, generator):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model import MLMamba  # imported here so that --help is instant
+    from model import Conversation, MLMamba  # imported here so that --help is instant
     from weights import USER_ERRORS, report_user_error
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -96,7 +98,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         image_tokens = model.encode_image(args.image) if args.image else None  # once, for every turn
         t_image = time.perf_counter() - t0
-        history = []
+        conversation = Conversation()  # each later turn reads only its own tokens into the LM's state
         prompts = [args.prompt] if args.prompt else []
         while True:
             if not prompts:
@@ -112,13 +114,13 @@ def main(argv=None):
             prompt = prompts.pop(0)
             if args.interactive:
                 sys.stdout.write("ml-mamba> ")
-            text, n_new, to_first, seconds = answer(model, image_tokens, prompt, history, args, generator)
-            image = t_image if not history else 0.0  # the first turn pays for the image
+            first_turn = not conversation.ids
+            _, n_new, to_first, seconds = answer(model, image_tokens, prompt, conversation, args, generator)
+            image = t_image if first_turn else 0.0  # the first turn pays for the image
             total = seconds + image
             print(f"\n[start-up and load {t_load:.2f} s; image encoding to first token {to_first + image:.3f} s, to last token "
                   f"{total:.3f} s, {n_new} new tokens, Eval_avg {n_new / total:.1f} tokens/s; wall "
                   f"{time.perf_counter() - T_START:.2f} s]", file=sys.stderr)
-            history += [("human", prompt), ("gpt", text)]
             if not args.interactive:
                 break
     except USER_ERRORS as e:

@@ -279,6 +279,14 @@ class Mamba2Cache:
     layers: list = field(default_factory=list)
     seqlen_offset: int = 0  # positions consumed so far (a padded prompt's padding included)
 
+    def copy_(self, other):
+        """Take `other`'s state (a cache of the same shapes), in place: the tensors keep their addresses."""
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.conv_state.copy_(theirs.conv_state)
+            mine.ssm_state.copy_(theirs.ssm_state)
+        self.seqlen_offset = other.seqlen_offset
+        return self
+
 
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 block's mixer (Fig. 2 left), mapping (b, l, d_model) -> (b, l, d_model).
@@ -572,12 +580,15 @@ class Mamba2LMHeadModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
-                 eos_token_id=None, generator=None, on_token=None, cuda_graph=None, kernels=None, length=None):
+                 eos_token_id=None, generator=None, on_token=None, cuda_graph=None, kernels=None, length=None,
+                 cache=None):
         """Prefill the prompt once, then decode one token per step from the fixed-size cache.
 
         Returns the new tokens (b, <= max_new_tokens); a sequence that emitted eos_token_id is padded with it and
         generation stops when all have. on_token(tokens (b,)) is called after each step (streaming). length (b,):
-        the real lengths of right-padded prompts of different lengths (default: all full).
+        the real lengths of right-padded prompts of different lengths (default: all full). cache: a Mamba2Cache to
+        continue from (a conversation's earlier turns): the prompt follows what it holds, and on return it holds
+        the prompt and every new token but a final eos_token_id (default: a new cache, from nothing).
         cuda_graph: decode on CUDA graphs (fast_decode.py; default: on for CUDA tensors, off on the CPU): the step
         captured once and replayed per token, the prefill captured per bucket of prompt lengths. kernels: the
         step's layers, "plain" (`Mamba2Block.step`), "compiled" (its fast path through torch.compile; the first
@@ -591,13 +602,17 @@ class Mamba2LMHeadModel(nn.Module):
         if use_graph and not prompt.is_cuda:
             raise ValueError(f"cuda_graph=True needs the model and prompt on CUDA (the prompt is on {prompt.device}); "
                              "leave cuda_graph=None to decode eagerly on the CPU")
+        if cache is not None and length is not None:
+            raise ValueError("generate(cache=...) continues one conversation a row; give prompts without length")
         kernels = kernels or (fast_decode.default_kernels(self, prompt.device) if use_graph else "plain")
         if use_graph:
             decoder = fast_decode.graphed_decoder(self, batch_size, kernels)
-            logits = decoder.prefill(self.embedding(input_ids) if input_ids is not None else inputs_embeds, length)
+            embeds = self.embedding(input_ids) if input_ids is not None else inputs_embeds
+            fresh = cache is None or cache.seqlen_offset == 0
+            logits = decoder.prefill(embeds, length) if fresh else decoder.extend(cache, embeds)
             step = decoder.step
         else:
-            cache = self.allocate_cache(batch_size, device=prompt.device)
+            cache = cache if cache is not None else self.allocate_cache(batch_size, device=prompt.device)
             step_with = fast_decode.step_function(self, kernels)
             step = lambda token: step_with(token, cache)  # noqa: E731
             logits = self.prefill(cache, input_ids, inputs_embeds, length)
@@ -615,6 +630,8 @@ class Mamba2LMHeadModel(nn.Module):
             if eos_token_id is not None and finished.all():
                 break
             logits = step(token)
+        if use_graph and cache is not None:
+            cache.copy_(decoder.cache)
         return torch.stack(out, dim=1) if out else prompt.new_zeros(batch_size, 0, dtype=torch.long)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -127,6 +127,16 @@ def prepare_tokenizer(tokenizer):
     return tokenizer.token_to_id(IMAGE_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
 
 
+@dataclass
+class Conversation:
+    """A chat the LM has read so far (`MLMamba.generate(conversation=...)`): every token of it (prompts, image slots,
+    answers with their stop tokens) and the LM's fixed-size cache, which holds the first `held` of them. A later
+    turn runs only its own tokens through the cache instead of the whole conversation again."""
+    ids: list = field(default_factory=list)
+    cache: object = None  # a Mamba2Cache, or None before the first turn
+    held: int = 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,26 +246,54 @@ class MLMamba(nn.Module):
     # ------------------------------------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, image, prompt, history=(), max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-                 image_tokens=None, on_token=None, generator=None, cuda_graph=None, kernels=None):
+                 image_tokens=None, on_token=None, generator=None, cuda_graph=None, kernels=None, conversation=None):
         """Answer `prompt` about `image` (a path, a PIL image, or None for text only).
 
-        history: earlier turns [(role, text)]. image_tokens: reuse tokens from `encode_image` (multi-turn chat
-        encodes the image once). on_token(token id) streams. cuda_graph, kernels: the decoding step's form, as in
-        `Mamba2LMHeadModel.generate` (default on CUDA: the fused step on CUDA graphs). Returns the new token ids
+        history: earlier turns [(role, text)], read again from the start. conversation: a `Conversation` to
+        continue instead (multi-turn chat): its first call reads the image and the prompt, and each later one only
+        the new turn, after the tokens the model answered with; the conversation is updated. image_tokens: reuse
+        tokens from `encode_image`. on_token(token id) streams. cuda_graph, kernels: the decoding step's form, as
+        in `Mamba2LMHeadModel.generate` (default on CUDA: the fused step on CUDA graphs). Returns the new token ids
         (list), stop token excluded.
         """
-        with_image = image_tokens is not None or image is not None
-        ids = self.prompt_ids(list(history) + [("human", prompt)], with_image,
-                              image_tokens.shape[1] if image_tokens is not None else self.num_image_tokens)
-        if image_tokens is None and image is not None:
-            image_tokens = self.encode_image(image)
         device = self.lm.embedding.weight.device
-        embeds = self.embed(torch.tensor([ids], device=device), image_tokens)
+        if conversation is not None and conversation.ids:
+            if history:
+                raise ValueError("give the earlier turns as history or as a conversation, not both")
+            ids, new_ids = self.next_turn_ids(conversation, prompt)
+            embeds = self.embed(torch.tensor([new_ids], device=device))
+        else:
+            with_image = image_tokens is not None or image is not None
+            ids = self.prompt_ids(list(history) + [("human", prompt)], with_image,
+                                  image_tokens.shape[1] if image_tokens is not None else self.num_image_tokens)
+            if image_tokens is None and image is not None:
+                image_tokens = self.encode_image(image)
+            embeds = self.embed(torch.tensor([ids], device=device), image_tokens)
+            if conversation is not None:
+                conversation.cache = self.lm.allocate_cache(1)
         new = self.lm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, eos_token_id=self.eos_token_id, generator=generator,
                                on_token=(lambda t: on_token(int(t[0]))) if on_token else None,
-                               cuda_graph=cuda_graph, kernels=kernels)[0].tolist()
+                               cuda_graph=cuda_graph, kernels=kernels,
+                               cache=conversation.cache if conversation is not None else None)[0].tolist()
+        if conversation is not None:  # the cache holds the prompt and every new token but a final stop token
+            stopped = bool(new) and new[-1] == self.eos_token_id
+            conversation.ids, conversation.held = ids + new, len(ids) + len(new) - stopped
         return self.until_stop(new)
+
+    def next_turn_ids(self, conversation, prompt):
+        """(every token id of the conversation with the new question, the ids its cache has yet to read): the last
+        answer's stop token (added where the answer was cut short), then the new turn as `encode_conversation`
+        writes a later human turn."""
+        if IMAGE_TOKEN in prompt:
+            raise ValueError(f"a later turn cannot hold {IMAGE_TOKEN}: one image per conversation, in its first turn")
+        text, _ = conversation_segments([("human", ""), ("gpt", ""), ("human", prompt)], self.config.prompt)[-1]
+        stop = [] if conversation.ids[-1] == self.eos_token_id else [self.eos_token_id]
+        ids = conversation.ids + stop + self.tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) > self.config.max_length:
+            raise ValueError(f"the conversation is {len(ids)} tokens with this turn; the limit is "
+                             f"{self.config.max_length}")
+        return ids, ids[conversation.held:]
 
     @torch.no_grad()
     def generate_batch(self, images, prompts, max_new_tokens=256, cuda_graph=None, kernels=None):

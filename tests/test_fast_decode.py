@@ -135,6 +135,22 @@ def test_graphed_decoding_gives_the_eager_tokens(kernels):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_decoding_continues_a_cache_as_the_eager_loop_does():
+    """generate(cache=...) on CUDA graphs (the first turn prefilled from nothing, later ones continued eagerly in the
+    decoder's cache and copied back) gives the eager loop's tokens and leaves the same cache, turn after turn."""
+    model = fused_model(8)
+    eager_cache, graph_cache = model.allocate_cache(1), model.allocate_cache(1)
+    for length in (30, 7, 12):
+        ids = torch.randint(0, 100, (1, length), device="cuda")
+        eager = model.generate(ids, max_new_tokens=9, cuda_graph=False, cache=eager_cache)
+        graph = model.generate(ids, max_new_tokens=9, cuda_graph=True, kernels="fused", cache=graph_cache)
+        assert torch.equal(eager, graph), length
+        for a, b in zip(eager_cache.layers, graph_cache.layers):
+            torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=1e-4, atol=1e-5)
+        assert graph_cache.seqlen_offset == eager_cache.seqlen_offset
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_captured_prefills_are_capped_and_recaptured(monkeypatch):
     """With room for one captured prefill, a second bucket's capture frees the first's; each bucket, captured or
     captured again, gives the eager tokens."""

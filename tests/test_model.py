@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import TEXTS, make_tokenizer, tiny_config
-from model import IGNORE_INDEX, MLMamba, encode_conversation
+from model import IGNORE_INDEX, Conversation, MLMamba, encode_conversation
 from weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,38 @@ def test_batched_answers_equal_the_answers_one_at_a_time(model):
     assert all(alone)  # every question gets a non-empty answer to compare
 
 
+def test_a_conversation_reads_each_later_turn_alone_and_answers_as_a_fresh_read(model, monkeypatch):
+    """Chat from the fixed-size state: a later turn runs only its own tokens through the cache (the stop token,
+    added where the answer was cut short, and the new question), and answers as reading the whole conversation's
+    tokens from the start does; the cache then holds every token but a final stop token."""
+    image, conversation = random_image(1), Conversation()
+    first = model.generate(image, "What is in the picture?", max_new_tokens=6, conversation=conversation)
+    assert first == model.generate(image, "What is in the picture?", max_new_tokens=6)
+    assert len(first) == 6 and conversation.ids[-1] != model.eos_token_id  # cut short: the stop token is added
+    all_ids, unread = model.next_turn_ids(conversation, "And its colour?")
+    assert all_ids[len(conversation.ids)] == model.eos_token_id and 1 < len(unread) < len(all_ids) // 2
+    read, prefill = [], model.lm.prefill
+    monkeypatch.setattr(model.lm, "prefill", lambda cache, input_ids=None, inputs_embeds=None, length=None: (
+        read.append(inputs_embeds.shape[1]) or prefill(cache, input_ids, inputs_embeds, length)))
+    second = model.generate(None, "And its colour?", max_new_tokens=6, conversation=conversation)
+    assert read == [len(unread)]
+    fresh = model.lm.generate(inputs_embeds=model.embed(torch.tensor([all_ids]), model.encode_image(image)),
+                              max_new_tokens=6, eos_token_id=model.eos_token_id)[0].tolist()
+    assert second == model.until_stop(fresh)
+    held = model.lm.allocate_cache(1)
+    model.lm.prefill(held, inputs_embeds=model.embed(torch.tensor([conversation.ids[:conversation.held]]),
+                                                     model.encode_image(image)))
+    for mine, ref in zip(conversation.cache.layers, held.layers):
+        torch.testing.assert_close(mine.ssm_state, ref.ssm_state, rtol=1e-5, atol=1e-5)
+    stopped = Conversation(ids=conversation.ids[:9] + [model.eos_token_id], held=9)  # an answer that stopped
+    ids, unread = model.next_turn_ids(stopped, "Why?")
+    assert ids[:10] == stopped.ids and unread[0] == model.eos_token_id and model.eos_token_id not in unread[1:]
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(None, "Why?", history=[("human", "a"), ("gpt", "b")], conversation=conversation)
+    with pytest.raises(ValueError, match="one image per conversation"):
+        model.generate(None, "<image> and this?", conversation=conversation)
+
+
 def test_stage_switch_trains_the_right_parameters(model):
     """The training stages: pretrain trains the LM, align the connector, finetune both; the encoders never."""
     align = model.set_stage("align")
@@ -268,6 +300,12 @@ def test_generate_cli_interactive(cli_model):
                          input="How many?\nWhat color?\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("ml-mamba>") == 2 and out.stderr.count("Eval_avg") == 2
+    # each turn's answer is the one generate gives with the conversation so far
+    model, conversation = MLMamba.from_pretrained(cli_model / "mlmamba").eval(), Conversation()
+    image_tokens = model.encode_image(cli_model / "image.png")
+    replies = [model.tokenizer.decode(model.generate(None, q, image_tokens=image_tokens, max_new_tokens=3,
+                                                     conversation=conversation)) for q in ("How many?", "What color?")]
+    assert [part[:len(r)] for part, r in zip(out.stdout.split("ml-mamba> ")[1:], replies)] == replies
 
 
 @pytest.mark.parametrize("case", ["no_model", "bad_image", "long_prompt"])
