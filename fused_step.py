@@ -13,9 +13,9 @@ everything between the products happens in the products' own kernels:
 The LM head is norm_matvec again, with no conv or dt rows. A matvec program takes a block of weight rows and every
 sequence of the batch, so each weight is read once a step. It reads its input rows (a few KB, from L2) in the same
 pass as its weight tile: a norm's 1 / RMS is one factor of a sequence's whole row, so the program sums the squares
-alongside the product (x * weight_norm) . W^T and scales the product at the end. Values are rounded to the model's
-dtype where the plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of another
-summation order (tests/test_fast_decode.py).
+alongside the product (x * g) . W^T (g the norm's weight) and scales the product at the end. Values are rounded to
+the model's dtype where the plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of
+another summation order (tests/test_fast_decode.py).
 
 Needs Triton (on the CPU, `TRITON_INTERPRET=1` runs the kernels through Triton's interpreter, as the tests do) and
 linear layers without bias (every public Mamba-2 checkpoint); `supports(config)` says whether a model qualifies.
