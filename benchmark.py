@@ -420,7 +420,7 @@ def bench_pipeline(args):
           f"{args.size}); prompt {n_prompt} tokens (729 image + {n_prompt - 729} text), {args.new} new tokens forced")
     print(f"stages: vision {t_vision * 1e3:.1f} ms, connector {t_connector * 1e3:.1f} ms, prefill "
           f"{t_prefill * 1e3:.1f} ms eager, {t_prefill_graph * 1e3:.1f} ms captured (bucket of "
-          f"{-(-n_prompt // fast_decode.PREFILL_BUCKET) * fast_decode.PREFILL_BUCKET}), first token "
+          f"{fast_decode.prefill_bucket(n_prompt)}), first token "
           f"{t_one * 1e3:.1f} ms, decoding {t_decode * 1e3:.2f} ms/token; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s -> bound {bound:.0f} tokens/s (the LM's bf16 weights read once per token)")
     print("| run | total s | Eval_avg tokens/s (new / total) | vs mamba-ssm | vs bound | vs paper (171, A100) |")

@@ -25,6 +25,11 @@ MAX_PREFILL_CAPTURES = 4  # captured prefills kept at once (each holds its own a
 KERNELS = ("fused", "compiled", "plain")
 
 
+def prefill_bucket(length):
+    """The captured prefill's length for a prompt of `length` tokens: the next multiple of PREFILL_BUCKET."""
+    return -(-length // PREFILL_BUCKET) * PREFILL_BUCKET
+
+
 def default_kernels(model, device):
     """The decoding step's kernels when the caller names none: "fused" on CUDA where Triton is installed and the
     config has no linear bias, else "plain"."""
@@ -80,20 +85,14 @@ class GraphedDecoder:
         self.step_graph, self.step_logits = capture(lambda: step(self.token, self.cache), warmup=3)
         self.prefills = {}  # bucket length -> None (seen once, ran eagerly) or (graph, embeds, length, logits)
 
-    def reset(self):
-        for layer in self.cache.layers:
-            layer.conv_state.zero_()
-            layer.ssm_state.zero_()
-        self.cache.seqlen_offset = 0
-
     def prefill(self, embeds, length=None):
         """embeds (b, l, d_model) -> each row's last real position's logits (b, padded_vocab) fp32, from an empty
         cache that then holds the prompt; length (b,): the real lengths of right-padded rows (default: all l)."""
         b, l, d = embeds.shape
-        bucket = -(-l // PREFILL_BUCKET) * PREFILL_BUCKET
+        bucket = prefill_bucket(l)
         if bucket not in self.prefills:  # first prompt of this bucket: eagerly, at its own length
             self.prefills[bucket] = None
-            self.reset()
+            self.cache.zero_()
             return self.model.prefill(self.cache, inputs_embeds=embeds, length=length)
         if self.prefills[bucket] is None:
             captured = [k for k, kept in self.prefills.items() if kept is not None]
@@ -124,7 +123,7 @@ class GraphedDecoder:
         length = torch.full((self.batch_size,), bucket, dtype=torch.long, device=self.token.device)
 
         def run():
-            self.reset()
+            self.cache.zero_()
             return model.prefill(cache, inputs_embeds=embeds, length=length)
         graph, logits = capture(run)
         return graph, embeds, length, logits

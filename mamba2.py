@@ -279,6 +279,14 @@ class Mamba2Cache:
     layers: list = field(default_factory=list)
     seqlen_offset: int = 0  # positions consumed so far (a padded prompt's padding included)
 
+    def zero_(self):
+        """Empty the cache in place (a new sequence), the tensors keeping their addresses."""
+        for layer in self.layers:
+            layer.conv_state.zero_()
+            layer.ssm_state.zero_()
+        self.seqlen_offset = 0
+        return self
+
     def copy_(self, other):
         """Take `other`'s state (a cache of the same shapes), in place: the tensors keep their addresses."""
         for mine, theirs in zip(self.layers, other.layers):

@@ -208,6 +208,27 @@ def test_padded_prompts_leave_the_cache_of_their_real_tokens():
     assert cache.layers[0].ssm_state.abs().max() > 1e-3
 
 
+def test_cache_copy_and_zero_keep_the_tensors_in_place():
+    """Mamba2Cache.copy_ takes another cache's state and offset, zero_ empties it, both into the same tensors (a
+    CUDA graph reads them from fixed addresses); a step from the copy equals a step from the original."""
+    model = tiny_model(seed=4)
+    ids = torch.randint(0, 100, (2, 23))
+    with torch.no_grad():
+        full = model.allocate_cache(2)
+        model.prefill(full, ids)
+        copy = model.allocate_cache(2)
+        addresses = [(layer.conv_state.data_ptr(), layer.ssm_state.data_ptr()) for layer in copy.layers]
+        copy.copy_(full)
+        assert copy.seqlen_offset == 23
+        token = torch.tensor([3, 7])
+        torch.testing.assert_close(model.step(token, copy), model.step(token, full), rtol=0, atol=0)
+        copy.zero_()
+    assert [(layer.conv_state.data_ptr(), layer.ssm_state.data_ptr()) for layer in copy.layers] == addresses
+    assert copy.seqlen_offset == 0 and all(not layer.ssm_state.any() and not layer.conv_state.any()
+                                           for layer in copy.layers)
+    assert full.layers[0].ssm_state.abs().max() > 1e-3
+
+
 def test_causal_conv_equals_conv1d_over_a_left_padded_window():
     """The mixer's shifted multiply-adds are the depthwise causal conv: F.conv1d over the inputs with d_conv - 1
     zeros (or the cached inputs) in front, then SiLU; the cache keeps the last d_conv - 1 inputs."""
