@@ -130,11 +130,11 @@ def prepare_tokenizer(tokenizer):
 @dataclass
 class Conversation:
     """A chat the LM has read so far (`MLMamba.generate(conversation=...)`): every token of it (prompts, image slots,
-    answers with their stop tokens) and the LM's fixed-size cache, which holds the first `held` of them. A later
-    turn runs only its own tokens through the cache instead of the whole conversation again."""
+    answers with their stop tokens) and the LM's fixed-size cache, which holds all of them but a final stop token
+    (decoding stops there without reading it). A later turn runs only its own tokens through the cache instead of
+    the whole conversation again."""
     ids: list = field(default_factory=list)
     cache: object = None  # a Mamba2Cache, or None before the first turn
-    held: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,9 +276,8 @@ class MLMamba(nn.Module):
                                on_token=(lambda t: on_token(int(t[0]))) if on_token else None,
                                cuda_graph=cuda_graph, kernels=kernels,
                                cache=conversation.cache if conversation is not None else None)[0].tolist()
-        if conversation is not None:  # the cache holds the prompt and every new token but a final stop token
-            stopped = bool(new) and new[-1] == self.eos_token_id
-            conversation.ids, conversation.held = ids + new, len(ids) + len(new) - stopped
+        if conversation is not None:
+            conversation.ids = ids + new
         return self.until_stop(new)
 
     def next_turn_ids(self, conversation, prompt):
@@ -288,12 +287,12 @@ class MLMamba(nn.Module):
         if IMAGE_TOKEN in prompt:
             raise ValueError(f"a later turn cannot hold {IMAGE_TOKEN}: one image per conversation, in its first turn")
         text, _ = conversation_segments([("human", ""), ("gpt", ""), ("human", prompt)], self.config.prompt)[-1]
-        stop = [] if conversation.ids[-1] == self.eos_token_id else [self.eos_token_id]
-        ids = conversation.ids + stop + self.tokenizer.encode(text, add_special_tokens=False).ids
-        if len(ids) > self.config.max_length:
-            raise ValueError(f"the conversation is {len(ids)} tokens with this turn; the limit is "
-                             f"{self.config.max_length}")
-        return ids, ids[conversation.held:]
+        stopped = conversation.ids[-1] == self.eos_token_id  # a stop token the cache has not read
+        held = len(conversation.ids) - stopped
+        stop = [] if stopped else [self.eos_token_id]
+        turn = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.within_max_length(conversation.ids + stop + turn, "the conversation is {} tokens with this turn")
+        return ids, ids[held:]
 
     @torch.no_grad()
     def generate_batch(self, images, prompts, max_new_tokens=256, cuda_graph=None, kernels=None):
@@ -324,8 +323,12 @@ class MLMamba(nn.Module):
             raise ValueError("this model has no tokenizer; give one to MLMamba(config, tokenizer)")
         ids, _ = encode_conversation(self.tokenizer, turns, self.image_token_id if with_image else None,
                                      num_image_tokens=num_image_tokens, prompt=self.config.prompt)
+        return self.within_max_length(ids, "the prompt is {} tokens with the image")
+
+    def within_max_length(self, ids, what):
+        """ids, or a ValueError when they pass max_length: `what` (a format with {} for the length) names them."""
         if len(ids) > self.config.max_length:
-            raise ValueError(f"the prompt is {len(ids)} tokens with the image; the limit is {self.config.max_length}")
+            raise ValueError(f"{what.format(len(ids))}; the limit is {self.config.max_length}")
         return ids
 
     def until_stop(self, ids):

@@ -204,12 +204,12 @@ def test_a_conversation_reads_each_later_turn_alone_and_answers_as_a_fresh_read(
     fresh = model.lm.generate(inputs_embeds=model.embed(torch.tensor([all_ids]), model.encode_image(image)),
                               max_new_tokens=6, eos_token_id=model.eos_token_id)[0].tolist()
     assert second == model.until_stop(fresh)
+    assert conversation.ids[-1] != model.eos_token_id  # cut short again: the cache holds every token
     held = model.lm.allocate_cache(1)
-    model.lm.prefill(held, inputs_embeds=model.embed(torch.tensor([conversation.ids[:conversation.held]]),
-                                                     model.encode_image(image)))
+    model.lm.prefill(held, inputs_embeds=model.embed(torch.tensor([conversation.ids]), model.encode_image(image)))
     for mine, ref in zip(conversation.cache.layers, held.layers):
         torch.testing.assert_close(mine.ssm_state, ref.ssm_state, rtol=1e-5, atol=1e-5)
-    stopped = Conversation(ids=conversation.ids[:9] + [model.eos_token_id], held=9)  # an answer that stopped
+    stopped = Conversation(ids=conversation.ids[:9] + [model.eos_token_id])  # an answer that stopped
     ids, unread = model.next_turn_ids(stopped, "Why?")
     assert ids[:10] == stopped.ids and unread[0] == model.eos_token_id and model.eos_token_id not in unread[1:]
     with pytest.raises(ValueError, match="not both"):
