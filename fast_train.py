@@ -66,9 +66,9 @@ class DeviceData:
     def cached(cls, model, dataset, device, use_bf16):
         """`build`, once per dataset and encoders: the align and finetune stages read the same samples through the
         same frozen encoders. The DeviceData is kept on the dataset object."""
-        key = (model.vision, device, use_bf16)
+        key = (model.vision, device, use_bf16)  # a module compares by identity
         kept = getattr(dataset, "_device_data", None)
-        if kept is None or kept[0][0] is not model.vision or kept[0][1:] != key[1:]:
+        if kept is None or kept[0] != key:
             dataset._device_data = kept = (key, cls.build(model, dataset, device, use_bf16))
         return kept[1]
 

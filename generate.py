@@ -52,8 +52,8 @@ def parse_args(argv=None):
 
 
 def answer(model, image_tokens, prompt, conversation, args, generator):
-    """Generate one reply, streaming it to stdout; returns (text, new token count, seconds to the first token,
-    seconds to the last)."""
+    """Generate one reply, streaming it to stdout; returns (new token count, seconds to the first token, seconds to
+    the last)."""
     tok = model.tokenizer
     new_ids, printed, first = [], "", []
 
@@ -77,7 +77,7 @@ def answer(model, image_tokens, prompt, conversation, args, generator):
                          conversation=conversation)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return tok.decode(ids), len(ids), (first or [0.0])[0], time.perf_counter() - t0
+    return len(ids), (first or [0.0])[0], time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -115,11 +115,11 @@ def main(argv=None):
             if args.interactive:
                 sys.stdout.write("ml-mamba> ")
             first_turn = not conversation.ids
-            _, n_new, to_first, seconds = answer(model, image_tokens, prompt, conversation, args, generator)
+            n_new, to_first, seconds = answer(model, image_tokens, prompt, conversation, args, generator)
             image = t_image if first_turn else 0.0  # the first turn pays for the image
             total = seconds + image
-            print(f"\n[start-up and load {t_load:.2f} s; image encoding to first token {to_first + image:.3f} s, to last token "
-                  f"{total:.3f} s, {n_new} new tokens, Eval_avg {n_new / total:.1f} tokens/s; wall "
+            print(f"\n[start-up and load {t_load:.2f} s; image encoding to first token {to_first + image:.3f} s, "
+                  f"to last token {total:.3f} s, {n_new} new tokens, Eval_avg {n_new / total:.1f} tokens/s; wall "
                   f"{time.perf_counter() - T_START:.2f} s]", file=sys.stderr)
             if not args.interactive:
                 break
