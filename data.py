@@ -38,6 +38,7 @@ GRID = 3
 # The cells in words, one word each, in reading order. Each is one token of the world's tokenizer, so every object
 # reads "color shape position." in 4 tokens, a cell's row and column come from one embedding, and the questions'
 # "left of" / "right of" never name a cell.
+DESCRIBE = "Describe the picture."  # the last training turn with describe=True; its answer is describe_scene
 POSITIONS = ["northwest", "north", "northeast", "west", "middle", "east", "southwest", "south", "southeast"]
 WORLD_VERSION = 6  # written into the DONE stamp: a world built by a generator of another version is rebuilt
 
@@ -127,9 +128,10 @@ def _questions(scene, rng):
     return [(f, qa) for f, qa in qas if qa is not None]
 
 
-def _training_conversation(scene, rng, extra_rng, extra_spatial):
+def _training_conversation(scene, rng, extra_rng, extra_spatial, describe):
     """A training sample's turns: the scene's questions in random order, then `extra_spatial` more spatial questions
-    put at random places among them (from their own random stream); the image comes with the first question."""
+    put at random places among them (from their own random stream); the image comes with the first question. With
+    `describe`, a last turn asks for the whole scene in words (after every question, so no answer can read it)."""
     qas = _questions(scene, rng)
     rng.shuffle(qas)
     for _ in range(extra_spatial):
@@ -140,24 +142,29 @@ def _training_conversation(scene, rng, extra_rng, extra_spatial):
     conv = []
     for j, (_, (q, a)) in enumerate(qas):
         conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
+    if describe:
+        conv += [{"from": "human", "value": DESCRIBE}, {"from": "gpt", "value": describe_scene(scene)}]
     return conv
 
 
-def _world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial):
+def _world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial, describe):
     return {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
-            "cell": cell, "extra_spatial": extra_spatial}
+            "cell": cell, "extra_spatial": extra_spatial, "describe": describe}
 
 
-def synthetic_dataset_is_built(root, seed=0, n_train=3000, n_val=200, n_test=300, cell=16, extra_spatial=0):
+def synthetic_dataset_is_built(root, seed=0, n_train=3000, n_val=200, n_test=300, cell=16, extra_spatial=0,
+                               describe=False):
     """True when root holds a finished build of this generator version with these settings (its DONE stamp)."""
     done = Path(root) / "DONE"
     try:
-        return json.loads(done.read_text()) == _world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial)
+        return json.loads(done.read_text()) == _world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial,
+                                                            describe)
     except (OSError, ValueError):
         return False
 
 
-def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, cell=16, extra_spatial=0):
+def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, cell=16, extra_spatial=0,
+                            describe=False):
     """Write images/ and train.json, val.json, test.json (LLaVA layout) under root; returns the json paths.
 
     Train samples are multi-turn (`_training_conversation`); val and test samples hold one question each (every
@@ -189,7 +196,7 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
             scenes[f"images/{name}"] = scene
             words = describe_scene(scene)  # what replaces the image in text.json and test_text.json
             if split == "train":
-                conv = _training_conversation(scene, rng, extra_rng, extra_spatial)
+                conv = _training_conversation(scene, rng, extra_rng, extra_spatial, describe)
                 samples.append({"id": f"{split}-{i}", "image": f"images/{name}", "conversations": conv})
                 text.append({"id": f"{split}-{i}-text", "conversations": _in_words(conv, words)})
             else:
@@ -208,7 +215,7 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     (root / "test_text.json").write_text(json.dumps(test_text, indent=0))
     paths["test_text"] = final / "test_text.json"
     (root / "scenes.json").write_text(json.dumps(scenes))  # the ground truth of every image, for checking
-    (root / "DONE").write_text(json.dumps(_world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial)))
+    (root / "DONE").write_text(json.dumps(_world_stamp(seed, n_train, n_val, n_test, cell, extra_spatial, describe)))
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)

@@ -14,8 +14,8 @@ from PIL import Image
 from torch.distributed.tensor import DTensor
 
 import train as T
-from data import (FAMILIES, build_synthetic_dataset, collate, conversation_turns, make_question,
-                  random_scene, synthetic_dataset_is_built)
+from data import (FAMILIES, POSITIONS, build_synthetic_dataset, collate, conversation_turns, describe_scene,
+                  make_question, random_scene, synthetic_dataset_is_built)
 from evaluate import family_accuracy, load_questions, normalize_answer, pope_metrics, vqa_soft_accuracy
 from model import IGNORE_INDEX
 from weights import read_tensors
@@ -59,7 +59,6 @@ def test_generator_is_deterministic_and_splits_are_disjoint(world, tmp_path):
 def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
     """text.json (the pretrain stage's data): the same conversations, text-only, the placeholder replaced by every
     object of the scene as "color shape position." in reading order, positions read off scenes.json's (row, col)."""
-    from data import describe_scene
     train = json.loads((world / "train.json").read_text())
     text = json.loads((world / "text.json").read_text())
     scenes = json.loads((world / "scenes.json").read_text())
@@ -77,7 +76,6 @@ def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
 def test_each_cell_in_words_is_one_token_of_the_default_worlds_tokenizer(default_world):
     """The text stage reads every object as "color shape position." with one token per position (data.POSITIONS),
     with the tokenizer train.py trains on the default world's conversations and their text version."""
-    from data import POSITIONS
     tok = T.synthetic_tokenizer([default_world / "train.json", default_world / "text.json"])
     text = json.loads((default_world / "text.json").read_text())
     scene = text[0]["conversations"][0]["value"].split("\n")[0]  # "red circle northwest. blue square middle."
@@ -87,7 +85,6 @@ def test_each_cell_in_words_is_one_token_of_the_default_worlds_tokenizer(default
 
 def test_test_text_json_is_the_test_questions_with_the_scene_in_words(world):
     """test_text.json: each test question, family and answer, text-only, the scene in words before the question."""
-    from data import describe_scene
     test = json.loads((world / "test.json").read_text())
     test_text = json.loads((world / "test_text.json").read_text())
     scenes = json.loads((world / "scenes.json").read_text())
@@ -109,6 +106,28 @@ def spatial_truth(question, scene):
     m = re.fullmatch(r"(?:<image>\n)?Is the (\w+) (left of|right of|above|below) the (\w+)\?", question)
     (ra, ca), (rb, cb) = [next((r, c) for r, c, shape, _ in scene if shape == name) for name in (m[1], m[3])]
     return "yes" if {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[m[2]] else "no"
+
+
+def test_the_describe_turn_ends_each_training_conversation_with_the_scene_in_words(tmp_path):
+    """describe=True appends "Describe the picture." -> describe_scene(scene) to every training conversation (in
+    train.json and, in words, in text.json); everything else is the world of describe=False."""
+    build_synthetic_dataset(tmp_path / "plain", n_train=40, n_val=4, n_test=8, seed=5)
+    build_synthetic_dataset(tmp_path / "desc", n_train=40, n_val=4, n_test=8, seed=5, describe=True)
+    for name in ("scenes.json", "val.json", "test.json", "test_text.json"):
+        assert (tmp_path / "plain" / name).read_text() == (tmp_path / "desc" / name).read_text()
+    assert not synthetic_dataset_is_built(tmp_path / "desc", seed=5, n_train=40, n_val=4, n_test=8)
+    assert synthetic_dataset_is_built(tmp_path / "desc", seed=5, n_train=40, n_val=4, n_test=8, describe=True)
+    scenes = json.loads((tmp_path / "plain" / "scenes.json").read_text())
+    for name in ("train.json", "text.json"):
+        plain, desc = (json.loads((tmp_path / w / name).read_text()) for w in ("plain", "desc"))
+        for p, d in zip(plain, desc, strict=True):
+            *rest, ask, reply = d["conversations"]
+            assert rest == p["conversations"]
+            assert ask == {"from": "human", "value": "Describe the picture."}
+            image = p.get("image") or f"images/train_{int(p['id'].split('-')[1]):05d}.png"
+            r, c, shape, color = scenes[image][0]
+            assert reply["from"] == "gpt" and reply["value"] == describe_scene(scenes[image])
+            assert reply["value"].startswith(f"{color} {shape} {POSITIONS[3 * r + c]}.")
 
 
 def test_extra_spatial_questions_are_true_and_leave_the_rest_of_the_world_alone(tmp_path):
@@ -303,14 +322,29 @@ def test_default_run_pretrains_the_lm_on_text_first_and_real_data_does_not(world
 
 
 def test_lm_size_options_build_the_synthetic_lm_at_that_size():
-    """--lm-width and --lm-layers set the synthetic world's LM (d_model 96 and 3 layers by default)."""
+    """--lm-width and --lm-layers set the synthetic world's LM (d_model 96 and 3 layers by default on the CPU)."""
     from data import train_tokenizer
     tokenizer = train_tokenizer(["In: <image> what colour is the circle? Out: red"])
-    default = T.synthetic_model(tokenizer, T.parse_args([]))
+    default = T.synthetic_model(tokenizer, T.parse_args(["--device", "cpu"]))
     wide = T.synthetic_model(tokenizer, T.parse_args(["--lm-width", "48", "--lm-layers", "2"]))
     assert (default.lm.config.d_model, len(default.lm.layers)) == (96, 3)
     assert (wide.lm.config.d_model, len(wide.lm.layers)) == (48, 2)
     assert wide.lm.layers[0].mixer.in_proj.weight.shape[1] == 48
+
+
+def test_the_synthetic_preset_on_a_gpu_adds_a_wider_lm_and_the_describe_turn():
+    """GPU_PRESETS: on CUDA the synthetic run takes lm_width 192 and describe; the CPU keeps 96 and none; options
+    given on the command line win over both; other presets are the same on every device."""
+    def picked(*argv):
+        cfg = T.parse_args(list(argv))
+        return cfg.lm_width, cfg.describe, cfg.lr
+    assert picked("--device", "cpu") == (96, False, 1e-3)
+    assert picked("--device", "cuda") == (192, True, 1e-3)
+    assert picked("--device", "cuda:1") == (192, True, 1e-3)
+    assert picked("--device", "cuda", "--lm-width", "96", "--no-describe") == (96, False, 1e-3)
+    assert picked("--device", "cpu", "--describe") == (96, True, 1e-3)
+    assert T.parse_args(["--device", "cuda", "--data", "x.json"]).lm_width == 96  # the paper preset: no change
+    assert T.parse_args(["--device", "cuda"]).device == "cuda"
 
 
 def test_connector_has_its_own_learning_rate(world, tmp_path):
