@@ -61,15 +61,15 @@ def _weighted_product(x_ptr, x_stride, norm_w_ptr, w_ptr, w_stride, rows, row_ok
         acc_t = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
     else:  # products summed over K once at the end
         products = tl.zeros([BLOCK_B, BLOCK_R, BLOCK_K], dtype=tl.float32)
+    w_cols = w_ptr + rows[:, None] * w_stride + cols[None, :]  # (R, K) pointers to the tile at column 0
     for k in range(start, end, BLOCK_K):
         c = k + cols
         c_ok = c < end
+        w = tl.load(w_cols + k, mask=row_ok[:, None] & c_ok[None, :], other=0.0)  # (R, K), from memory: issued first
         x = tl.load(x_ptr + seqs[:, None] * x_stride + c[None, :], mask=seq_ok[:, None] & c_ok[None, :],
                     other=0.0).to(tl.float32)  # (B, K)
         g = tl.load(norm_w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
         u = (x * g[None, :]).to(w_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + rows[:, None] * w_stride + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                    other=0.0)  # (R, K)
         squares += x * x
         if USE_DOT:
             acc_t += tl.dot(w, tl.trans(u), input_precision=DOT_PRECISION)

@@ -60,6 +60,18 @@ def test_fused_step_equals_the_plain_step(shape, batch):
     norm + out_proj + residual) from a prefilled cache give the plain step's logits, conv windows and SSM states
     (fp32, several heads and groups, sizes that are not powers of two, a clamped dt; broadcast products and, from
     DOT_MIN_BATCH sequences, tl.dot)."""
+    assert_fused_steps_equal_plain_steps(shape, batch)
+
+
+def test_fused_step_over_several_weight_tiles_equals_the_plain_step(monkeypatch):
+    """Eq. 3 as above with tiles narrower than the rows: 16 columns over 36 (in_proj) and over groups of 24
+    (out_proj), the last tile partial."""
+    monkeypatch.setattr(FS, "MATVEC_TILE", dict(BLOCK_R=4, BLOCK_K=16, num_warps=4))
+    monkeypatch.setattr(FS, "GATED_TILE", dict(BLOCK_R=2, BLOCK_K=16, num_warps=4))
+    assert_fused_steps_equal_plain_steps("odd sizes, dt_limit", 3)
+
+
+def assert_fused_steps_equal_plain_steps(shape, batch):
     model = fused_model(1, **SHAPES[shape])
     ids = torch.randint(0, 100, (batch, 12), device=DEVICE)
     with torch.no_grad():
