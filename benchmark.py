@@ -378,6 +378,8 @@ def bench_pipeline(args):
     dev, dtype = "cuda", torch.bfloat16
     model = paper_model(args.size, dev).to(dtype).eval()
     lm = model.lm
+    if args.compile:
+        lm.compile_blocks()  # the prefill's blocks fused by torch.compile; the decoding step is unchanged
     n_params = {name: sum(p.numel() for p in part.parameters()) for name, part in
                 (("vision", model.vision), ("connector", model.connector), ("lm", lm))}
     pixels = {name: torch.randn(1, 3, 384, 384, device=dev, dtype=dtype) for name in model.config.vision}
@@ -417,7 +419,8 @@ def bench_pipeline(args):
     print(f"ML-Mamba at the paper's configuration on {torch.cuda.get_device_name()}, bf16, random weights: vision "
           f"{n_params['vision'] / 1e6:.0f}M (DINOv2-L + SigLIP so400m, 384 px), connector "
           f"{n_params['connector'] / 1e6:.0f}M (MSC advanced, BSM), LM {n_params['lm'] / 1e9:.2f}B (Mamba-2 "
-          f"{args.size}); prompt {n_prompt} tokens (729 image + {n_prompt - 729} text), {args.new} new tokens forced")
+          f"{args.size}{', compiled blocks' if args.compile else ''}); prompt {n_prompt} tokens (729 image + "
+          f"{n_prompt - 729} text), {args.new} new tokens forced")
     print(f"stages: vision {t_vision * 1e3:.1f} ms, connector {t_connector * 1e3:.1f} ms, prefill "
           f"{t_prefill * 1e3:.1f} ms eager, {t_prefill_graph * 1e3:.1f} ms captured (bucket of "
           f"{fast_decode.prefill_bucket(n_prompt)}), first token "
@@ -505,7 +508,7 @@ def bench_scaling(args):
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
     print(f"scaling with the image tokens on {torch.cuda.get_device_name()}, bf16, batch 1: ours = Mamba-2 "
-          f"{args.size} ({params['ours'] / 1e9:.2f}B, CUDA-graph compiled decoding), Transformer = Phi-2 "
+          f"{args.size} ({params['ours'] / 1e9:.2f}B, decoding on CUDA graphs, the default step), Transformer = Phi-2 "
           f"architecture ({params['phi'] / 1e9:.2f}B, transformers {transformers.__version__}, sdpa, its default "
           f"dynamic KV cache); decoding ms/token from {k_ours} new tokens (ours) and {k} (Transformer), minus the "
           f"prefill; peak = memory above the weights")
@@ -782,6 +785,8 @@ def main(argv=None):
     p.add_argument("--size", default="2.7b")
     p.add_argument("--text-tokens", type=int, default=15, help="text tokens around the image (729 + 15 = 744)")
     p.add_argument("--new", type=int, default=256)
+    p.add_argument("--compile", action="store_true",
+                   help="the LM blocks through torch.compile (compile_blocks) in the prefill; the first call compiles")
     p = sub.add_parser("scaling", help="prefill and decoding against the number of image tokens, vs a Transformer")
     p.add_argument("--size", default="2.7b")
     p.add_argument("--image-tokens", type=int, nargs="+", default=[144, 576, 729, 2304, 9216])
