@@ -294,6 +294,16 @@ def test_generate_cli_end_to_end(cli_model):
     assert out.stdout.strip() == model.tokenizer.decode(ids).strip()
 
 
+@pytest.mark.slow
+def test_generate_cli_with_compiled_blocks_answers_as_without(cli_model):
+    """--compile runs the prefill through compiled blocks: the same answer as the plain blocks."""
+    args = ("--model", cli_model / "mlmamba", "--image", cli_model / "image.png", "--prompt", "How many?",
+            "--max-new-tokens", "5", "--device", "cpu")
+    plain, compiled = run_cli(*args), run_cli(*args, "--compile")
+    assert plain.returncode == compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == plain.stdout and plain.stdout.strip()
+
+
 def test_generate_cli_interactive(cli_model):
     out = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(cli_model / "mlmamba"),
                           "--image", str(cli_model / "image.png"), "--interactive", "--max-new-tokens", "3"],
