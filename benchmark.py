@@ -426,11 +426,16 @@ def bench_pipeline(args):
           f"{fast_decode.prefill_bucket(n_prompt)}), first token "
           f"{t_one * 1e3:.1f} ms, decoding {t_decode * 1e3:.2f} ms/token; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s -> bound {bound:.0f} tokens/s (the LM's bf16 weights read once per token)")
+    print_pipeline_table(rows, args.new, bound)
+
+
+def print_pipeline_table(rows, new, bound):
+    """rows: (run, seconds for `new` tokens); bound: the tokens/s of reading the LM's weights once per token."""
     print("| run | total s | Eval_avg tokens/s (new / total) | vs mamba-ssm | vs bound | vs paper (171, A100) |")
     print("|---|---|---|---|---|---|")
-    ref_rate = next((args.new / t for name, t in rows if name.startswith("mamba-ssm")), None)
+    ref_rate = next((new / t for name, t in rows if name.startswith("mamba-ssm")), None)
     for name, t in rows:
-        rate = args.new / t
+        rate = new / t
         vs_ref = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
         print(f"| {name} | {t:.3f} | {rate:.1f} | {vs_ref} | {rate / bound:.0%} | {rate / 171.0:.2f}x |", flush=True)
 
