@@ -38,8 +38,8 @@ GRID = 3
 # The cells in words, one word each, in reading order. Each is one token of the world's tokenizer, so every object
 # reads "color shape position." in 4 tokens, a cell's row and column come from one embedding, and the questions'
 # "left of" / "right of" never name a cell.
-DESCRIBE = "Describe the picture."  # the last training turn with describe=True; its answer is describe_scene
 POSITIONS = ["northwest", "north", "northeast", "west", "middle", "east", "southwest", "south", "southeast"]
+DESCRIBE = "Describe the picture."  # the last training turn with describe=True; its answer is describe_scene
 WORLD_VERSION = 6  # written into the DONE stamp: a world built by a generator of another version is rebuilt
 
 

@@ -125,8 +125,8 @@ PRESETS = {
                     gradient_checkpointing=True),
 }
 # On a GPU the synthetic preset also takes these: a 192-wide LM and a last turn that asks for the scene in words make
-# every question family learnable with every seed tried, for seconds of GPU time; on a CPU the wider LM would triple
-# the run (docs/synthetic-world.md). --lm-width 96 --no-describe gives a GPU the CPU's recipe.
+# every question family learnable with seeds 0-2, for seconds of GPU time; on a CPU the wider LM would triple the run
+# (docs/synthetic-world.md). --lm-width 96 --no-describe gives a GPU the CPU's recipe.
 GPU_PRESETS = {"synthetic": dict(lm_width=192, describe=True)}
 
 
@@ -189,7 +189,7 @@ def parse_args(argv=None):
                    help="the synthetic world: spatial questions added to each training conversation that can pose one")
     p.add_argument("--describe", action=argparse.BooleanOptionalAction,
                    help="the synthetic world: each training conversation ends by asking for the scene in words")
-    p.add_argument("--lm-width", type=positive_int, help="the synthetic world's LM: d_model (default 96)")
+    p.add_argument("--lm-width", type=positive_int, help="the synthetic world's LM: d_model (default 96; 192 on a GPU)")
     p.add_argument("--lm-layers", type=positive_int, help="the synthetic world's LM: layers (default 3)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--fast", choices=["auto", "on", "off"],
