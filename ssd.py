@@ -335,7 +335,14 @@ def _mamba_chunk_scan_combined():
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception:  # ImportError, or a broken CUDA/Triton install
         return None
-    return torch.compiler.disable(mamba_chunk_scan_combined)  # torch.compile of a caller runs it as it is
+    return mamba_chunk_scan_combined
+
+
+@torch.compiler.disable  # torch.compile of a caller runs the kernel as it is, and never traces the cached look-up
+def _ssd_kernel(x, dt, A, B, C, chunk_size, D, initial_state):
+    y, final_state = _mamba_chunk_scan_combined()(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state,
+                                                  return_final_states=True)
+    return y, final_state.float()
 
 
 @torch.compiler.assume_constant_result
@@ -357,9 +364,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, backend=None):
                            f"(mamba-ssm importable: {_kernel_installed()}, tensors on: {x.device}); "
                            "use backend='torch' or 'auto'")
     if on_kernel:
-        y, final_state = _mamba_chunk_scan_combined()(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state,
-                                                      return_final_states=True)
-        return y, final_state.float()
+        return _ssd_kernel(x, dt, A, B, C, chunk_size, D, initial_state)
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
     fast = _compiled_ssd_chunked_fast() if backend == "torch-compiled" else ssd_chunked_fast

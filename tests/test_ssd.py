@@ -287,6 +287,27 @@ def test_ssd_entry_point_on_cpu_uses_the_chunked_scan():
         ssd(x, dt, A, B, C, 8, D, backend="cuda")
 
 
+def test_the_kernel_call_passes_its_arguments_and_runs_outside_compiled_graphs(monkeypatch):
+    """ssd._ssd_kernel hands mamba-ssm's kernel the inputs, D and the initial state by its names and returns the final
+    state in fp32; a compiled caller runs it as it is, without tracing the cached look-up (no warning)."""
+    import warnings
+    seen = []
+
+    def kernel(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False):
+        seen.append((chunk_size, D, initial_states, return_final_states, torch.compiler.is_compiling()))
+        return x * 2, initial_states.to(torch.bfloat16) + 1
+    monkeypatch.setattr(S, "_mamba_chunk_scan_combined", lambda: kernel)
+    x, dt, A, B, C, D, s0 = random_ssd_inputs(b=1, l=5, h=2, p=3, g=1, n=4)
+    caller = torch.compile(lambda *args: S._ssd_kernel(*args), backend="eager", fullgraph=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for run in (S._ssd_kernel, caller):
+            y, final = run(x, dt, A, B, C, 8, D, s0)
+            torch.testing.assert_close(y, x * 2)
+            assert final.dtype == torch.float32 and torch.equal(final, (s0.to(torch.bfloat16) + 1).float())
+    assert [s[:2] + s[3:] for s in seen] == [(8, D, True, False)] * 2 and all(s[2] is s0 for s in seen)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
     """Both GPU paths against the float64 recurrence, errors relative to max |y|. mamba-ssm's Triton kernel
