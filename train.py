@@ -125,7 +125,7 @@ PRESETS = {
                     gradient_checkpointing=True),
 }
 # On a GPU the synthetic preset also takes these: a 192-wide LM and a last turn that asks for the scene in words make
-# every question family learnable with seeds 0-2, for seconds of GPU time; on a CPU the wider LM would triple the run
+# every question family learnable with seeds 0-2, for seconds of GPU time; on a CPU the wider LM costs many minutes
 # (docs/synthetic-world.md). --lm-width 96 --no-describe gives a GPU the CPU's recipe.
 GPU_PRESETS = {"synthetic": dict(lm_width=192, describe=True)}
 
