@@ -65,7 +65,7 @@ def _weighted_product(x_ptr, x_stride, norm_w_ptr, w_ptr, w_stride, rows, row_ok
     for k in range(start, end, BLOCK_K):
         c = k + cols
         c_ok = c < end
-        w = tl.load(w_cols + k, mask=row_ok[:, None] & c_ok[None, :], other=0.0)  # (R, K), from memory: issued first
+        w = tl.load(w_cols + k, mask=row_ok[:, None] & c_ok[None, :], other=0.0)  # (R, K) from HBM: the long load first
         x = tl.load(x_ptr + seqs[:, None] * x_stride + c[None, :], mask=seq_ok[:, None] & c_ok[None, :],
                     other=0.0).to(tl.float32)  # (B, K)
         g = tl.load(norm_w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
