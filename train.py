@@ -141,7 +141,6 @@ def parse_args(argv=None):
     p.add_argument("--image-root", help="folder the samples' image paths are relative to (default: the JSON's)")
     p.add_argument("--pretrain-data", help="text-only LLaVA-format JSON for the pretrain stage (LM alone); "
                                            "synthetic: the world's text.json")
-    p.add_argument("--synthetic-dir", help="where the synthetic world is built (default data/synthetic)")
     p.add_argument("--llm", help="Mamba-2 checkpoint folder or repo id (real runs)")
     p.add_argument("--siglip", help="SigLIP checkpoint folder or repo id")
     p.add_argument("--dinov2", help="DINOv2 checkpoint folder or repo id")
@@ -183,25 +182,30 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     p.add_argument("--max-steps", type=positive_int, help="stop each stage after this many steps")
     p.add_argument("--seed", type=nonnegative_int, help="initialization, batch order, stochastic depth (default 0)")
-    p.add_argument("--world-seed", type=nonnegative_int,
-                   help="the synthetic world's seed (apart from --seed: runs that differ in --seed share one world)")
-    p.add_argument("--extra-spatial", type=nonnegative_int,
-                   help="the synthetic world: spatial questions added to each training conversation that can pose one")
-    p.add_argument("--describe", action=argparse.BooleanOptionalAction,
-                   help="the synthetic world: each training conversation ends by asking for the scene in words")
-    p.add_argument("--lm-width", type=positive_int, help="the synthetic world's LM: d_model (default 96; 192 on a GPU)")
-    p.add_argument("--lm-layers", type=positive_int, help="the synthetic world's LM: layers (default 3)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--fast", choices=["auto", "on", "off"],
                    help="the stage loop of fast_train.py (data and encoder features held on the device, each step "
                         "a CUDA graph); auto (default): on for the synthetic world on one GPU")
     p.add_argument("--no-eval", action="store_true")
+    add_synthetic_arguments(p.add_argument_group("the synthetic world (when no --data is given)"))
     given = vars(p.parse_args(argv))
     if given.get("resume") and given.get("overwrite"):
         p.error("--resume continues the run in --out and --overwrite deletes it: give one")
     preset = given.get("preset") or ("paper" if given.get("data") else "synthetic")
     device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     return TrainConfig(**{**preset_values(preset, device), **given, "device": device, "preset": preset})
+
+
+def add_synthetic_arguments(g):
+    g.add_argument("--synthetic-dir", help="where the world is built (default data/synthetic)")
+    g.add_argument("--world-seed", type=nonnegative_int,
+                   help="the world's seed (apart from --seed: runs that differ in --seed share one world)")
+    g.add_argument("--extra-spatial", type=nonnegative_int,
+                   help="spatial questions added to each training conversation that can pose one")
+    g.add_argument("--describe", action=argparse.BooleanOptionalAction,
+                   help="each training conversation ends by asking for the scene in words (default: on a GPU)")
+    g.add_argument("--lm-width", type=positive_int, help="the LM's d_model (default 96; 192 on a GPU)")
+    g.add_argument("--lm-layers", type=positive_int, help="the LM's layers (default 3)")
 
 
 def preset_values(preset, device):
