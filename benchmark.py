@@ -754,6 +754,14 @@ def main(argv=None):
         shape = json.loads(shape)
         chunk = shape.pop("chunk")
         return _measure_ssd_once(method, int(l), **shape, chunk=chunk, device=device, repeats=int(repeats))
+    args = make_parser().parse_args(argv)
+    {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "tiles": bench_tiles,
+     "coldstart": bench_coldstart, "pipeline": bench_pipeline,
+     "scaling": bench_scaling, "train": bench_train}[args.what](args)
+
+
+def make_parser():
+    """One subcommand per benchmark, each with its options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("ssd", help="the three SSD forms: time and peak memory against the length")
@@ -808,10 +816,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="each path also with the LM blocks compiled, and torch.compile(ssd_chunked_fast) alone")
     p.add_argument("--profile", help="a folder: each path's step profiled (CUDA kernels by time) into it")
-    args = parser.parse_args(argv)
-    {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "tiles": bench_tiles,
-     "coldstart": bench_coldstart, "pipeline": bench_pipeline,
-     "scaling": bench_scaling, "train": bench_train}[args.what](args)
+    return parser
 
 
 if __name__ == "__main__":
