@@ -210,7 +210,7 @@ def add_synthetic_arguments(g):
 
 def preset_values(preset, device):
     """The preset's settings on this device (GPU_PRESETS added on CUDA)."""
-    return {**PRESETS[preset], **(GPU_PRESETS.get(preset, {}) if str(device).startswith("cuda") else {})}
+    return {**PRESETS[preset], **(GPU_PRESETS.get(preset, {}) if device.startswith("cuda") else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -118,13 +118,13 @@ def test_the_describe_turn_ends_each_training_conversation_with_the_scene_in_wor
     assert not synthetic_dataset_is_built(tmp_path / "desc", seed=5, n_train=40, n_val=4, n_test=8)
     assert synthetic_dataset_is_built(tmp_path / "desc", seed=5, n_train=40, n_val=4, n_test=8, describe=True)
     scenes = json.loads((tmp_path / "plain" / "scenes.json").read_text())
+    images = [s["image"] for s in json.loads((tmp_path / "plain" / "train.json").read_text())]  # text.json's order
     for name in ("train.json", "text.json"):
         plain, desc = (json.loads((tmp_path / w / name).read_text()) for w in ("plain", "desc"))
-        for p, d in zip(plain, desc, strict=True):
+        for image, p, d in zip(images, plain, desc, strict=True):
             *rest, ask, reply = d["conversations"]
             assert rest == p["conversations"]
             assert ask == {"from": "human", "value": "Describe the picture."}
-            image = p.get("image") or f"images/train_{int(p['id'].split('-')[1]):05d}.png"
             r, c, shape, color = scenes[image][0]
             assert reply["from"] == "gpt" and reply["value"] == describe_scene(scenes[image])
             assert reply["value"].startswith(f"{color} {shape} {POSITIONS[3 * r + c]}.")
