@@ -1,4 +1,5 @@
-"""The README's pictures, drawn from the code they show: `python docs/figures.py [--log runs/synthetic/train.log]`.
+"""The README's pictures, drawn from the code they show: `python docs/figures.py [--log runs/synthetic/train.log]`
+writes them next to the run's log (runs/synthetic/figures/); `--assets` refreshes the README's copies in assets/.
 
     assets/architecture.png   the ML-Mamba pipeline (Fig. 2 right) with each box's file and tensor shape
     assets/scan_orders.png    BSM's and CSM's reading orders (Fig. 4) on a 4 x 4 grid, from connector.scan_orders
@@ -7,7 +8,7 @@
                               (rank n, passed through the chunk states)
     assets/loss_curves.png    the loss of each training stage, from a run's train.log (default: the default run)
 
-Needs matplotlib (a dev-only dependency: pip install matplotlib).
+Needs matplotlib (in requirements-dev.txt).
 """
 
 import argparse
@@ -156,12 +157,16 @@ def loss_figure(file, log_file):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False,
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log", default="runs/synthetic/train.log", help="a train.log to plot the loss curves of")
-    p.add_argument("--out", default=str(ROOT / "assets"))
+    p.add_argument("--out", help="the folder to write to (default: figures/ next to the log)")
+    p.add_argument("--assets", action="store_true", help="write to the repository's assets/ (the README's figures)")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
+    if args.assets and args.out:
+        p.error("--assets writes to assets/: give it or --out, not both")
+    out = ROOT / "assets" if args.assets else Path(args.out or Path(args.log).parent / "figures")
+    out.mkdir(parents=True, exist_ok=True)
     architecture(out / "architecture.png")
     scan_order_panels(out / "scan_orders.png")
     ssd_matrix_figure(out / "ssd_matrix.png")
