@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+import fast_decode
+import fast_ssd
 import ssd as S
 
 # Keep Triton's autotuning results on disk (mamba-ssm's SSD kernel autotunes each new shape), so that one benchmark
@@ -210,7 +212,6 @@ def copy_bandwidth(device):
 
 def step_kernels(model, batch, kernels):
     """[(name, GPU microseconds)] of the CUDA kernels one eager decoding step launches (profiled)."""
-    import fast_decode
     from torch.profiler import ProfilerActivity, profile
     step = fast_decode.step_function(model, kernels)
     cache = model.allocate_cache(batch)
@@ -231,11 +232,11 @@ def time_generation(model, ids, new, kernels, timed):
     """(seconds for 1 token, seconds for `new` tokens, decode seconds per step) of generate on CUDA graphs; the
     first call (capture, compilation) is reported, not timed."""
     t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, kernels=kernels)
+    fast_decode.generate(model, ids, max_new_tokens=1, kernels=kernels)
     torch.cuda.synchronize()
     print(f"({kernels} kernels, batch {ids.shape[0]}: first call {time.perf_counter() - t0:.1f} s)", flush=True)
-    t_one = timed(lambda: model.generate(ids, max_new_tokens=1, kernels=kernels))
-    t_all = timed(lambda: model.generate(ids, max_new_tokens=new, kernels=kernels))
+    t_one = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=1, kernels=kernels))
+    t_all = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=new, kernels=kernels))
     return t_one, t_all, (t_all - t_one) / (new - 1)
 
 
@@ -249,7 +250,7 @@ def bench_decode(args):
     cfg = mamba2_preset(args.size)
     torch.manual_seed(0)
     with torch.device(dev):
-        model = Mamba2LMHeadModel(cfg).to(dtype).eval()
+        model = fast_ssd.use_ssd(Mamba2LMHeadModel(cfg).to(dtype).eval())
     n_params = sum(p.numel() for p in model.parameters())
     bandwidth = copy_bandwidth(dev)
     bound_ms = n_params * 2 / bandwidth * 1e3  # one step reads the bf16 weights once
@@ -262,8 +263,8 @@ def bench_decode(args):
             ids = torch.randint(0, cfg.vocab_size, (batch, args.prompt), device=dev)
             rows = []
             if batch == 1:
-                t_one = timed(lambda: model.generate(ids, max_new_tokens=1, cuda_graph=False), repeats=1)
-                t_all = timed(lambda: model.generate(ids, max_new_tokens=args.eager_tokens, cuda_graph=False),
+                t_one = timed(lambda: model.generate(ids, max_new_tokens=1), repeats=1)
+                t_all = timed(lambda: model.generate(ids, max_new_tokens=args.eager_tokens),
                               repeats=1)
                 rows.append(("ours, eager plain step", args.eager_tokens, t_one, t_all,
                              (t_all - t_one) / (args.eager_tokens - 1), kernels_per_step(model, batch, "plain")))
@@ -310,7 +311,7 @@ def bench_tiles(args):
     cfg = mamba2_preset(args.size)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Mamba2LMHeadModel(cfg).to(torch.bfloat16).eval()
+        model = fast_ssd.use_ssd(Mamba2LMHeadModel(cfg).to(torch.bfloat16).eval())
     timed = partial(seconds, repeats=3, device="cuda")
     with torch.no_grad():
         for name, candidates in TILES.items():
@@ -319,9 +320,10 @@ def bench_tiles(args):
             for r, k, w in candidates:
                 setattr(FS, name, dict(BLOCK_R=r, BLOCK_K=k, num_warps=w))
                 model._graphed_decoder = None
-                model.generate(ids, max_new_tokens=2, kernels="fused")
-                t_one = timed(lambda: model.generate(ids, max_new_tokens=1, kernels="fused"))
-                per = (timed(lambda: model.generate(ids, max_new_tokens=65, kernels="fused")) - t_one) / 64
+                fast_decode.generate(model, ids, max_new_tokens=2, kernels="fused")
+                t_one = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=1, kernels="fused"))
+                t_65 = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=65, kernels="fused"))
+                per = (t_65 - t_one) / 64
                 results.append((per, (r, k, w)))
                 print(f"{name} BLOCK_R={r} BLOCK_K={k} num_warps={w}: {per * 1e3:.3f} ms/step", flush=True)
             best = min(results)[1]
@@ -346,20 +348,14 @@ def profile_fused_step(model, batch=1):
 # ----------------------------------------------------------------------------------------------------------------
 
 def paper_model(size="2.7b", device="cuda"):
-    from connector import ConnectorConfig
-    from mamba2 import mamba2_preset
-    from model import MLMamba, MLMambaConfig
-    from vision import ViTConfig
-    lm = mamba2_preset(size)
-    vision = {"dinov2": ViTConfig("dinov2", image_size=518, hidden_size=1024, intermediate_size=4096, num_layers=24,
-                                  num_heads=16),
-              "siglip": ViTConfig("siglip")}  # the defaults are so400m-patch14-384
-    connector = ConnectorConfig.for_lm(lm, vision_dim=1024 + 1152, grid=(27, 27), kind="msc-advanced", scan="bsm")
+    """The paper's ML-Mamba (model.paper_config) with random weights, its SSD arranged for the GPU."""
+    from model import MLMamba, paper_config
+    config = paper_config(size)
     torch.manual_seed(0)
     with torch.device(device):
-        model = MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=connector))
-    model.image_token_id = lm.vocab_size  # a padding row of the embedding stands for "<image>" (no tokenizer here)
-    return model
+        model = MLMamba(config)
+    model.image_token_id = config.lm.vocab_size  # a padding row of the embedding stands for "<image>" (no tokenizer)
+    return fast_ssd.use_ssd(model)
 
 
 def _prompt_ids(model, n_text, device):
@@ -374,12 +370,11 @@ def bench_pipeline(args):
     image encoding, connector, prefill, decoding; our LM alone on the same prompt length; mamba-ssm's
     generate(cg=True) on the same LM config; the device's copy bandwidth and the tokens/s bound."""
     assert torch.cuda.is_available(), "the pipeline benchmark needs a GPU"
-    import fast_decode
     dev, dtype = "cuda", torch.bfloat16
     model = paper_model(args.size, dev).to(dtype).eval()
     lm = model.lm
     if args.compile:
-        lm.compile_blocks()  # the prefill's blocks fused by torch.compile; the decoding step is unchanged
+        fast_decode.compile_blocks(lm)  # the prefill's blocks fused by torch.compile; the decoding step is unchanged
     n_params = {name: sum(p.numel() for p in part.parameters()) for name, part in
                 (("vision", model.vision), ("connector", model.connector), ("lm", lm))}
     pixels = {name: torch.randn(1, 3, 384, 384, device=dev, dtype=dtype) for name in model.config.vision}
@@ -389,7 +384,7 @@ def bench_pipeline(args):
 
     def answer(new):  # pixels -> image tokens -> spliced prompt -> prefill + `new` tokens
         embeds = model.embed(ids, model.image_tokens(pixels))
-        return lm.generate(inputs_embeds=embeds, max_new_tokens=new)
+        return fast_decode.generate(lm, inputs_embeds=embeds, max_new_tokens=new)
 
     with torch.no_grad():
         feats = model.vision(pixels)
@@ -403,13 +398,13 @@ def bench_pipeline(args):
         t_vision = timed(lambda: model.vision(pixels))
         t_connector = timed(lambda: model.connector(feats))
         t_prefill = timed(lambda: lm(inputs_embeds=embeds, cache=lm.allocate_cache(1), num_last_tokens=1))
-        decoder = fast_decode.graphed_decoder(lm, 1, fast_decode.default_kernels(lm, dev))
-        t_prefill_graph = timed(lambda: decoder.prefill(embeds))  # the warm-up call captures the bucket
+        decoder = fast_decode.decoder_for(lm)
+        t_prefill_graph = timed(lambda: decoder.prefill(decoder.allocate_cache(1), embeds))  # warm-up captures it
         t_one = timed(lambda: answer(1))
         t_total = timed(lambda: answer(args.new))
         t_decode = (t_total - t_one) / (args.new - 1)
         lm_ids = torch.randint(0, lm.config.vocab_size, (1, n_prompt), device=dev)
-        t_lm = timed(lambda: lm.generate(lm_ids, max_new_tokens=args.new))
+        t_lm = timed(lambda: fast_decode.generate(lm, lm_ids, max_new_tokens=args.new))
         rows = [("ML-Mamba: image -> 256 tokens", t_total), ("our Mamba-2 LM alone", t_lm)]
         t_ref = time_mamba_ssm_generate(lm.config, lm_ids, args.new)
         if t_ref is not None:
@@ -490,7 +485,7 @@ def bench_scaling(args):
     dev, dtype = "cuda", torch.bfloat16
     torch.manual_seed(0)
     with torch.device(dev):
-        ours = Mamba2LMHeadModel(mamba2_preset(args.size)).to(dtype).eval()
+        ours = fast_ssd.use_ssd(Mamba2LMHeadModel(mamba2_preset(args.size)).to(dtype).eval())
     phi_cfg = transformers.PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240,
                                      num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=16384,
                                      attn_implementation="sdpa")
@@ -527,12 +522,12 @@ def bench_scaling(args):
         emb = torch.randn(1, n + 16, d, device=dev, dtype=dtype) * 0.02
         mask = torch.ones(1, n + 16, dtype=torch.long, device=dev)
         with torch.no_grad():
-            ours.generate(inputs_embeds=emb, max_new_tokens=2)  # capture / compile once
+            fast_decode.generate(ours, inputs_embeds=emb, max_new_tokens=2)  # capture / compile once
             o_pre = timed(lambda: ours(inputs_embeds=emb, cache=ours.allocate_cache(1), num_last_tokens=1))
             o_mem = peak_mb(lambda: ours(inputs_embeds=emb, cache=ours.allocate_cache(1),
                                                     num_last_tokens=1))
-            o_dec = (timed(lambda: ours.generate(inputs_embeds=emb, max_new_tokens=k_ours + 1)) -
-                     timed(lambda: ours.generate(inputs_embeds=emb, max_new_tokens=1))) / k_ours
+            o_dec = (timed(lambda: fast_decode.generate(ours, inputs_embeds=emb, max_new_tokens=k_ours + 1)) -
+                     timed(lambda: fast_decode.generate(ours, inputs_embeds=emb, max_new_tokens=1))) / k_ours
 
             def phi_gen(new):
                 return phi.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
@@ -586,8 +581,9 @@ def step_flops(model, pixels, ids, labels):
     of what needs a gradient (the frozen encoders run forward only); then the LM blocks' forward again, which gradient
     checkpointing recomputes during the backward. Counted without checkpointing; the optimizer is not counted."""
     from torch.utils.flop_counter import FlopCounterMode
-    checkpointing, backend = model.lm.gradient_checkpointing, S.SSD_BACKEND
-    model.lm.gradient_checkpointing, S.SSD_BACKEND = False, "torch"
+    checkpointing = model.lm.gradient_checkpointing
+    model.lm.gradient_checkpointing = False
+    fast_ssd.use_ssd(model, "torch")  # ssd_chunked: its einsums are counted
     with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
         _, loss = model(pixels, ids, labels, return_logits=False)
         loss.backward()
@@ -598,7 +594,8 @@ def step_flops(model, pixels, ids, labels):
     with FlopCounterMode(display=False) as vision_and_connector, torch.no_grad(), \
             torch.autocast("cuda", dtype=torch.bfloat16):
         model.embed(ids, model.image_tokens(pixels))
-    model.lm.gradient_checkpointing, S.SSD_BACKEND = checkpointing, backend
+    model.lm.gradient_checkpointing = checkpointing
+    fast_ssd.use_ssd(model)
     return counter.get_total_flops(), lm_only - vision_and_connector.get_total_flops()
 
 
@@ -627,7 +624,7 @@ SSD_PATHS = {"torch": "ssd_chunked (torch)", "torch-fast": "ssd_chunked_fast (to
 
 def _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak, dev):
     """Seconds per training step with this SSD path, at the largest batch up to args.batch that fits; prints a row."""
-    S.SSD_BACKEND = backend
+    fast_ssd.use_ssd(model, backend)
     batch = args.batch
     while batch >= 1:
         try:
@@ -692,17 +689,16 @@ def bench_train(args):
         for compiled in (False, True) if args.compile else (False,):
             name = SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
             try:
-                model.lm.compile_blocks(compiled)
+                fast_decode.compile_blocks(model.lm, compiled)
                 times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak,
                                                dev)
             except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
                 print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |", flush=True)
                 opt.zero_grad(set_to_none=True)
-    model.lm.compile_blocks(False)
+    fast_decode.compile_blocks(model.lm, False)
     base = times.get(SSD_PATHS["mamba_ssm"])
     if base:
         print("step time / the kernel path's: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in times.items() if v))
-    S.SSD_BACKEND = "auto"
     del model, opt, trainable
     torch.cuda.empty_cache()
     bench_ssd_backward(args, backends)
@@ -731,10 +727,10 @@ def bench_ssd_backward(args, backends):
                 t.grad = None
         return run
     print(f"SSD forward + backward, b={b}, l={l}, h={h}, p={p}, n={n}, g=1, model chunk {chunk}, x/B/C bf16:")
-    runs = {SSD_PATHS[k]: (partial(S.ssd, backend=k), chunk) for k in backends}
-    runs.update({f"ssd_chunked_fast, chunk {q}": (S.ssd_chunked_fast, q) for q in args.chunk_sweep})
+    runs = {SSD_PATHS[k]: (fast_ssd.SSD_FORMS[k], chunk) for k in backends}
+    runs.update({f"ssd_chunked_fast, chunk {q}": (fast_ssd.ssd_chunked_fast, q) for q in args.chunk_sweep})
     if args.compile:
-        compiled = torch.compile(S.ssd_chunked_fast, dynamic=False)
+        compiled = torch.compile(fast_ssd.ssd_chunked_fast, dynamic=False)
         runs.update({f"ssd_chunked_fast compiled, chunk {q}": (compiled, q) for q in args.chunk_sweep})
     base = None
     for name, (fn, q) in runs.items():
@@ -762,9 +758,10 @@ def main(argv=None):
 
 def make_parser():
     """One subcommand per benchmark, each with its options."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("ssd", help="the three SSD forms: time and peak memory against the length")
+    p = sub.add_parser("ssd", allow_abbrev=False, help="the three SSD forms: time and peak memory against the length")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--max-quadratic", type=int, default=4096, help="skip the quadratic form above this length")
     p.add_argument("--heads", type=int, default=8)
@@ -774,7 +771,8 @@ def make_parser():
                    help="64 suits a CPU; the checkpoints' 256 suits the GPU kernels")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p = sub.add_parser("decode", help="Mamba-2 generation speed on the GPU against mamba-ssm and the bound")
+    p = sub.add_parser("decode", allow_abbrev=False,
+                       help="Mamba-2 generation speed on the GPU against mamba-ssm and the bound")
     p.add_argument("--size", default="2.7b")
     p.add_argument("--prompt", type=int, default=745, help="prompt tokens (729 image tokens + a question)")
     p.add_argument("--new", type=int, default=256)
@@ -783,30 +781,36 @@ def make_parser():
     p.add_argument("--kernels", nargs="+", default=["fused", "compiled", "plain"],
                    choices=["fused", "compiled", "plain"], help="the step forms timed on CUDA graphs")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")
-    p = sub.add_parser("tiles", help="fused_step's matrix-vector tiles: decode time for each candidate")
+    p = sub.add_parser("tiles", allow_abbrev=False,
+                       help="fused_step's matrix-vector tiles: decode time for each candidate")
     p.add_argument("--size", default="2.7b")
-    p = sub.add_parser("coldstart", help="python generate.py on a random paper-size model: load, first token, wall")
+    p = sub.add_parser("coldstart", allow_abbrev=False,
+                       help="python generate.py on a random paper-size model: load, first token, wall")
     p.add_argument("--size", default="2.7b")
     p.add_argument("--folder", default="/tmp/ml-mamba-random", help="where the random model is written")
     p.add_argument("--runs", type=int, default=2, help="generate.py runs, one after the other")
-    p = sub.add_parser("vision", help="SigLIP and DINOv2 at 384 px: ours vs transformers, same weights")
+    p = sub.add_parser("vision", allow_abbrev=False,
+                       help="SigLIP and DINOv2 at 384 px: ours vs transformers, same weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p = sub.add_parser("pipeline", help="the whole ML-Mamba answer at the paper's configuration, vs mamba-ssm")
+    p = sub.add_parser("pipeline", allow_abbrev=False,
+                       help="the whole ML-Mamba answer at the paper's configuration, vs mamba-ssm")
     p.add_argument("--size", default="2.7b")
     p.add_argument("--text-tokens", type=int, default=15, help="text tokens around the image (729 + 15 = 744)")
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--compile", action="store_true",
                    help="the LM blocks through torch.compile (compile_blocks) in the prefill; the first call compiles")
-    p = sub.add_parser("scaling", help="prefill and decoding against the number of image tokens, vs a Transformer")
+    p = sub.add_parser("scaling", allow_abbrev=False,
+                       help="prefill and decoding against the number of image tokens, vs a Transformer")
     p.add_argument("--size", default="2.7b")
     p.add_argument("--image-tokens", type=int, nargs="+", default=[144, 576, 729, 2304, 9216])
     p.add_argument("--decode-tokens", type=int, default=32, help="new tokens timed for the Transformer")
     p.add_argument("--our-decode-tokens", type=int, default=256, help="new tokens timed for ours")
     p.add_argument("--plot", help="write a plot here (needs matplotlib)")
-    p = sub.add_parser("train", help="a stage-2 training step at the paper's configuration; the SSD fwd + bwd")
+    p = sub.add_parser("train", allow_abbrev=False,
+                       help="a stage-2 training step at the paper's configuration; the SSD fwd + bwd")
     p.add_argument("--size", default="2.7b")
     p.add_argument("--batch", type=int, default=8, help="per-device batch (halved on out-of-memory)")
     p.add_argument("--text-tokens", type=int, default=96)

@@ -20,20 +20,18 @@ Norm and residual placement, our reading of Fig. 5:
 The mixers are Mamba2Mixer from mamba2.py (the LM's own block), one per direction with its own parameters.
 Initialisation: "random" (as the paper says) or "lm" (an option of this project: each block's mixers and norm copied
 from the corresponding first layers of the pretrained Mamba-2 LM, every direction starting from the same weights).
-The authors' release builds a different connector, here as the option "msc-release" (BiMamba2, ReleaseBlock,
-ReleaseMSC below): one mixer with a shared projection and per-direction SSM parameters, the directions averaged, a
-SwiGLU in every block, LayerNorms, no drop-path (README, "How this differs").
+The authors' release builds a different connector, here as the option "msc-release" (release.py): one mixer with a
+shared projection and per-direction SSM parameters, the directions averaged, a SwiGLU in every block, LayerNorms, no
+drop-path (README, "How this differs").
 """
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mamba2 import Mamba2Config, Mamba2Mixer, RMSNorm, causal_conv, softplus_step
-from ssd import ssd
+from mamba2 import Mamba2Config, Mamba2Mixer, RMSNorm
 from weights import check_fields
 
 
@@ -179,82 +177,6 @@ class MSC(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The authors' release's connector, an option ("msc-release"): where it departs from the paper, see the README
-# ----------------------------------------------------------------------------------------------------------------
-
-# Where the release departs from the paper's MSC (Fig. 5) as read here: one mixer for both directions (shared in_proj,
-# gated norm and out_proj), the directions averaged rather than summed, no norm before the mixer, a SwiGLU of width D
-# inside every block (not one of 8/3 D after the MSC), LayerNorms instead of RMSNorms, no drop-path, PyTorch's default
-# init with zero biases and out_proj / sqrt(2), and BSM only.
-
-class BiMamba2(Mamba2Mixer):
-    """The release's bidirectional Mamba-2 mixer: one in_proj, gated RMSNorm and out_proj shared by the two
-    directions, and a conv, dt_bias, A_log and D per direction (the backward ones *_b, starting as copies of the
-    forward ones, the conv apart). The backward direction reads in_proj's output reversed; the two directions'
-    gated-norm outputs are averaged before out_proj. (b, l, D) -> (b, l, D)."""
-
-    def __init__(self, config: Mamba2Config):
-        super().__init__(config)
-        c = config
-        self.conv1d_b = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
-        self.dt_bias_b = nn.Parameter(self.dt_bias.detach().clone())
-        self.A_log_b = nn.Parameter(self.A_log.detach().clone())
-        self.D_b = nn.Parameter(self.D.detach().clone())
-
-    def scan(self, zxbcdt, conv1d, dt_bias, A_log, D):
-        """One direction over in_proj's output (b, l, ...): causal conv, SSD (eq. 3), gated RMSNorm
-        -> (b, l, d_inner)."""
-        c = self.config
-        z, xBC, dt = zxbcdt.split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
-        x, B, C = self.split_xBC(causal_conv(xBC, conv1d)[0])  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
-        y, _ = ssd(x, softplus_step(dt, dt_bias, c.dt_limit), -torch.exp(A_log.float()), B, C, c.chunk_size,
-                   D.float())
-        return self.norm(y.flatten(-2), gate=z)
-
-    def forward(self, u, cache=None):
-        if cache is not None:
-            raise ValueError("BiMamba2 reads the whole sequence both ways: it has no decoding cache")
-        zxbcdt = self.in_proj(u)  # (b, l, 2 d_inner + 2 g n + h), one projection for both directions
-        forward = self.scan(zxbcdt, self.conv1d, self.dt_bias, self.A_log, self.D)
-        backward = self.scan(zxbcdt.flip(1), self.conv1d_b, self.dt_bias_b, self.A_log_b, self.D_b).flip(1)
-        return self.out_proj(((forward + backward) / 2).to(self.out_proj.weight.dtype))
-
-
-class ReleaseBlock(nn.Module):
-    """The release's block: x + BiMamba2(x), with no norm before the mixer, then x + SwiGLU(LayerNorm(x)) with
-    hidden width D. (Its drop-path schedule gives both of the release's blocks 0.)"""
-
-    def __init__(self, config: Mamba2Config):
-        super().__init__()
-        self.mixer = BiMamba2(config)
-        self.norm = nn.LayerNorm(config.d_model)  # eps 1e-5
-        self.mlp = SwiGLU(config.d_model, hidden=config.d_model, xavier=False)
-
-    def forward(self, x):
-        x = x + self.mixer(x)
-        return x + self.mlp(self.norm(x))
-
-
-class ReleaseMSC(nn.Module):
-    """The release's `Bidirectional_Mamba`: n_layers ReleaseBlocks, then a LayerNorm. Each out_proj starts at PyTorch's
-    default init divided by sqrt(n_layers), as the release's GPT-2-style rescale. (b, N, D) -> (b, N, D)."""
-
-    def __init__(self, config: Mamba2Config, n_layers=2):
-        super().__init__()
-        self.blocks = nn.ModuleList([ReleaseBlock(config) for _ in range(n_layers)])
-        self.norm = nn.LayerNorm(config.d_model)
-        with torch.no_grad():
-            for block in self.blocks:
-                block.mixer.out_proj.weight.div_(math.sqrt(n_layers))
-
-    def forward(self, x):
-        x = x.float()  # the residual stream in fp32, as in the LM
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The connector
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -308,8 +230,8 @@ class ConnectorConfig:
 
 
 class Connector(nn.Module):
-    """Vision features (b, H*W, vision_dim) -> image tokens (b, H*W, llm_dim): the three variants of Table 6, or the
-    release's connector (lift, its Bidirectional_Mamba, the fused GELU MLP)."""
+    """Vision features (b, H*W, vision_dim) -> image tokens (b, H*W, llm_dim): the three variants of Table 6 (the
+    authors' release's connector is release.ReleaseConnector)."""
 
     def __init__(self, config: ConnectorConfig):
         super().__init__()
@@ -318,11 +240,7 @@ class Connector(nn.Module):
             self.projector = MLP(c.vision_dim, c.llm_dim)  # eq. 6
             return
         if c.kind == "msc-release":
-            self.lift = nn.Linear(c.vision_dim, c.llm_dim)
-            self.msc = ReleaseMSC(c.mixer, c.n_layers)
-            self.swiglu = None  # inside each block
-            self.projector = MLP(c.llm_dim, c.llm_dim, xavier=False)
-            return
+            raise ValueError("the release's connector is release.ReleaseConnector (model.make_connector picks it)")
         self.lift = _init_linear(nn.Linear(c.vision_dim, c.llm_dim))
         self.msc = MSC(c.mixer, c.grid, c.scan, c.n_layers, c.drop_path)
         self.swiglu = SwiGLU(c.llm_dim) if c.kind == "msc-advanced" else None

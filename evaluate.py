@@ -20,6 +20,7 @@ import json
 import re
 import sys
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 from weights import listing, positive_int
@@ -169,10 +170,14 @@ def load_questions(path, shown=5):
     return out
 
 
-def answer_questions(model, questions, image_root, max_new_tokens=10, progress=True, batch_size=32):
-    """Greedy answers, `batch_size` questions at a time (`MLMamba.generate_batch`: the answers one at a time would
-    give). A question whose image cannot be read gets the empty answer (a scored miss) and a warning."""
+def answer_questions(model, questions, image_root, max_new_tokens=10, progress=True, batch_size=32,
+                     answer_batch=None):
+    """Greedy answers, `batch_size` questions at a time: answer_batch(images, prompts, max_new_tokens) -> token id
+    lists (default: `fast_decode.generate_batch` with the model, the answers one at a time would give). A question
+    whose image cannot be read gets the empty answer (a scored miss) and a warning."""
+    from fast_decode import generate_batch
     from vision import ImageError, load_image
+    answer_batch = answer_batch or partial(generate_batch, model)
     answers = [""] * len(questions)
     for start in range(0, len(questions), batch_size):
         asked, images = [], []  # the batch's questions with a readable image (or none), and their images
@@ -184,16 +189,18 @@ def answer_questions(model, questions, image_root, max_new_tokens=10, progress=T
             except ImageError as e:
                 print(f"warning: question {i} scored as a miss: {e}", file=sys.stderr, flush=True)
         if asked:
-            ids = model.generate_batch(images, [questions[i]["question"] for i in asked], max_new_tokens)
+            ids = answer_batch(images, [questions[i]["question"] for i in asked], max_new_tokens)
             for i, reply in zip(asked, ids):
                 answers[i] = model.tokenizer.decode(reply).strip()
         done = min(start + batch_size, len(questions))
-        if progress and done // 200 > start // 200:
+        if progress and (done // 200 > start // 200 or done == len(questions)):
             print(f"  answered {done}/{len(questions)}", flush=True)
     return answers
 
 
-def evaluate(model, question_file, image_root=None, metric="family", max_new_tokens=10):
+def evaluate(model, question_file, image_root=None, metric="family", max_new_tokens=10, answer_batch=None):
+    """Score `model` on a question file with a metric (see the module docstring); answer_batch: as in
+    answer_questions."""
     import torch
     questions = load_questions(question_file)
     if metric in ("family", "pope") and any(isinstance(q["answer"], list) for q in questions):
@@ -202,7 +209,7 @@ def evaluate(model, question_file, image_root=None, metric="family", max_new_tok
     root = image_root or Path(question_file).parent
     model.eval()
     with torch.no_grad():
-        preds = answer_questions(model, questions, root, max_new_tokens)
+        preds = answer_questions(model, questions, root, max_new_tokens, answer_batch=answer_batch)
     if metric == "pope":
         return pope_metrics(preds, [q["answer"] for q in questions])
     if metric == "vqa":
@@ -213,7 +220,8 @@ def evaluate(model, question_file, image_root=None, metric="family", max_new_tok
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False,
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--questions", required=True)
     p.add_argument("--image-root", default=None, help="default: the question file's folder")
@@ -221,10 +229,13 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=positive_int, default=10)
     args = p.parse_args(argv)
+    from fast_ssd import use_ssd
     from model import MLMamba
     from weights import USER_ERRORS, report_user_error
     try:
         model = MLMamba.from_pretrained(args.model, device=args.device)
+        if args.device.startswith("cuda"):  # the prefill's SSD arranged for a GPU, or mamba-ssm's kernel
+            use_ssd(model)
         result = evaluate(model, args.questions, args.image_root, args.metric, args.max_new_tokens)
     except USER_ERRORS as e:
         return report_user_error(e)

@@ -1,59 +1,125 @@
-"""Decoding on CUDA graphs: the fast path of `Mamba2LMHeadModel.generate` (mamba2.py).
+"""Fast decoding: the same prefill and steps as `Mamba2LMHeadModel.generate`'s eager loop (mamba2.py), faster.
 
-Eager decoding launches each of a step's kernels from Python, and at batch 1 the GPU waits for the launches. A
-`GraphedDecoder` holds, for one batch size:
+`Mamba2LMHeadModel.generate(decoder=...)` and `MLMamba.generate(decoder=...)` run one loop on every device; a decoder
+gives it `allocate_cache`, `prefill` and `step`. The model itself is the plain decoder. `decoder_for(model)` gives
+this file's:
 
-- a cache (every layer's conv window and SSM state) at fixed addresses;
-- the decoding step (embedding, every layer, LM head) captured once as a CUDA graph and replayed per token. The
-  layers run `kernels`: "plain" (`Mamba2Block.step`, op by op), "compiled" (`compiled_block_step`, torch.compile),
-  or "fused" (fused_step.py: three Triton kernels a layer);
-- the prefill captured per bucket of prompt lengths (multiples of PREFILL_BUCKET): the prompt is padded to its
-  bucket and `length` marks its real positions, so the padding leaves the cache as it was after the last real
-  token (`Mamba2Mixer`). A bucket's first prompt runs eagerly, its second is captured and replayed, later ones are
-  replayed: a single answer never pays for a capture it does not reuse. At most MAX_PREFILL_CAPTURES buckets keep
-  their capture.
+- the step's kernels: "plain" (`Mamba2Block.step`, op by op), "compiled" (`compiled_block_step`: each layer's
+  elementwise work fused by torch.compile, the gated norm's scale applied after out_proj) or "fused" (fused_step.py:
+  three Triton kernels a layer);
+- on CUDA, a `GraphedDecoder`: per batch size, a cache at fixed addresses and the step captured once as a CUDA graph
+  and replayed per token (at batch 1 the GPU would otherwise wait for Python's launches). The prefill is captured per
+  bucket of prompt lengths (multiples of PREFILL_BUCKET): the prompt is padded to its bucket and `length` marks its
+  real positions, so the padding leaves the cache as it was after the last real token (`Mamba2Mixer`). A bucket's
+  first prompt runs eagerly, its second is captured and replayed, later ones are replayed: a single answer never pays
+  for a capture it does not reuse. At most MAX_PREFILL_CAPTURES buckets keep their capture.
+
+Also here: `generate(model, ...)`, a model's generate with its fast decoder in one call; `generate_batch` (several
+questions at once, prompts right-padded); `compile_blocks` (the LM blocks through torch.compile, for training and
+prefills).
+Tests (tests/test_fast_decode.py, tests/test_mamba2.py): each form equals the plain step and the eager loop.
 """
 
+import functools
+import importlib.util
 import os
+import types
+import weakref
 
 import torch
 
-from mamba2 import _triton_available, compiled_block_step
+from mamba2 import LayerCache, Mamba2Block, Mamba2Cache
 
 PREFILL_BUCKET = 128  # prompt lengths are padded up to a multiple of this in the captured prefill
 MAX_PREFILL_CAPTURES = 4  # captured prefills kept at once (each holds its own activation memory)
 KERNELS = ("fused", "compiled", "plain")
 
 
-def prefill_bucket(length):
-    """The captured prefill's length for a prompt of `length` tokens: the next multiple of PREFILL_BUCKET."""
-    return -(-length // PREFILL_BUCKET) * PREFILL_BUCKET
+# ----------------------------------------------------------------------------------------------------------------
+# The step's kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+def block_step_scale_after_proj(block, residual, conv_state, ssm_state):
+    """`Mamba2Block.step` with the gated norm's scale moved after out_proj: with one group and no bias, the scale
+    1 / RMS(y * SiLU(z)) is one number per token and out_proj is linear, so a compiled step computes the reduction
+    alongside the matrix-vector product instead of in a kernel of its own. Equal to the plain step (tested)."""
+    mixer = block.mixer
+    if mixer.config.ngroups > 1 or mixer.config.bias:
+        return block.step(residual, conv_state, ssm_state)
+    y, z = mixer.step_ssm(block.norm(residual), conv_state, ssm_state)  # (b, d_inner) each
+    gated = y.float() * torch.nn.functional.silu(z.float())  # fp32, as RMSNorm computes it
+    scale = torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + mixer.norm.eps)  # (b, 1)
+    out = mixer.out_proj((gated * mixer.norm.weight.float()).to(mixer.out_proj.weight.dtype))
+    return residual + (out.float() * scale).to(out.dtype)
 
 
-def default_kernels(model, device):
-    """The decoding step's kernels when the caller names none: "fused" on CUDA where Triton is installed and the
-    config has no linear bias, else "plain"."""
-    if torch.device(device).type == "cuda" and _triton_available():
-        import fused_step
-        if fused_step.supports(model.config):
-            return "fused"
-    return "plain"
+@functools.cache
+def compiled_block_step():
+    """`block_step_scale_after_proj` through torch.compile (Inductor): per layer, the norm, the conv window, the
+    ssd_step update and the gated norm become a few fused kernels around the two matrix-vector products. Compiled once
+    per process and shared by every layer and model (the block is an input, not a constant); coordinate-descent
+    tuning searches the generated kernels' block sizes."""
+    return torch.compile(block_step_scale_after_proj, fullgraph=True, dynamic=False,
+                         options={"coordinate_descent_tuning": True})
+
+
+def supports_fused(model):
+    """Whether fused_step's kernels can run this model's step here: Triton installed, no linear bias, and CUDA (or
+    Triton's interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import fused_step
+    on_device = model.embedding.weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return fused_step.supports(model.config) and on_device
+
+
+def default_kernels(model):
+    """The step's kernels when the caller names none: "fused" on CUDA where fused_step can run them, else "plain"."""
+    return "fused" if model.embedding.weight.is_cuda and supports_fused(model) else "plain"
 
 
 def step_function(model, kernels):
-    """step(token (b,), cache) -> logits (b, vocab): one decoding step with the named kernels."""
+    """step(token (b,), cache) -> logits (b, padded_vocab): one decoding step with the named kernels."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown decoding kernels {kernels!r}: use one of {', '.join(KERNELS)}")
-    if kernels == "fused":
-        import fused_step
-        if not fused_step.supports(model.config):
-            raise ValueError("kernels='fused' needs linear layers without bias (config.bias=False): use 'compiled'")
-        if not model.embedding.weight.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("kernels='fused' runs Triton kernels, which need CUDA (or TRITON_INTERPRET=1, slowly)")
-        return lambda token, cache: fused_step.model_step(model, token, cache)
-    block_step = compiled_block_step() if kernels == "compiled" else None
-    return lambda token, cache: model.step(token, cache, block_step)
+    if kernels == "plain":
+        return model.step
+    if kernels == "compiled":
+        return functools.partial(layer_by_layer_step, model, compiled_block_step())
+    if model.config.bias:
+        raise ValueError("kernels='fused' needs linear layers without bias (config.bias=False): use 'compiled'")
+    if not supports_fused(model):
+        raise ValueError("kernels='fused' runs Triton kernels, which need Triton and CUDA (or TRITON_INTERPRET=1)")
+    import fused_step
+    return functools.partial(fused_step.model_step, model)
 
+
+def layer_by_layer_step(model, block_step, token, cache):
+    """`Mamba2LMHeadModel.step` with block_step(block, residual, conv_state, ssm_state) running each layer."""
+    residual = model.embedding(token)  # (b, d_model)
+    residual = residual.float() if model.config.residual_in_fp32 else residual
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        residual = block_step(layer, residual, layer_cache.conv_state, layer_cache.ssm_state)
+    cache.seqlen_offset += 1
+    return model.lm_head(model.norm_f(residual)).float()
+
+
+class KernelDecoder:
+    """The eager loop's decoder with another step: the model's cache and prefill, the named kernels' step."""
+
+    def __init__(self, model, kernels):
+        self.model, self.step = model, step_function(model, kernels)
+
+    def allocate_cache(self, batch_size):
+        return self.model.allocate_cache(batch_size)
+
+    def prefill(self, cache, inputs_embeds, length=None):
+        return self.model.prefill(cache, inputs_embeds=inputs_embeds, length=length)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA graphs
+# ----------------------------------------------------------------------------------------------------------------
 
 def capture(fn, warmup=1):
     """(graph, output): fn() captured as a CUDA graph after `warmup` eager calls on a side stream (which compile,
@@ -70,35 +136,57 @@ def capture(fn, warmup=1):
     return graph, output
 
 
-class GraphedDecoder:
-    """One batch size's cache, its captured decoding step, and its captured prefills (see the module docstring).
+def prefill_bucket(length):
+    """The captured prefill's length for a prompt of `length` tokens: the next multiple of PREFILL_BUCKET."""
+    return -(-length // PREFILL_BUCKET) * PREFILL_BUCKET
 
-    A graph reads its inputs from fixed addresses: the decoder is valid while the model's parameter tensors stay
-    where they were (`key` records them; after model.to(...) the model builds a new decoder)."""
 
-    def __init__(self, model, batch_size, kernels):
-        self.model, self.batch_size, self.kernels = model, batch_size, kernels
-        self.key = decoder_key(model, batch_size, kernels)
+def zero_cache(cache):
+    """Empty a cache in place, its tensors keeping their addresses."""
+    for layer in cache.layers:
+        layer.conv_state.zero_()
+        layer.ssm_state.zero_()
+
+
+class CapturedBatch:
+    """One batch size's fixed-address cache, its captured step, and its captured prefills by bucket."""
+
+    def __init__(self, model, batch_size, step):
+        self.model = model
         self.cache = model.allocate_cache(batch_size)
-        step = step_function(model, kernels)
+        self.holder = None  # the caller's cache that the tensors are lent to
         self.token = torch.zeros(batch_size, dtype=torch.long, device=model.embedding.weight.device)
         self.step_graph, self.step_logits = capture(lambda: step(self.token, self.cache), warmup=3)
         self.prefills = {}  # bucket length -> None (seen once, ran eagerly) or (graph, embeds, length, logits)
 
-    def prefill(self, embeds, length=None):
-        """embeds (b, l, d_model) -> each row's last real position's logits (b, padded_vocab) fp32, from an empty
-        cache that then holds the prompt; length (b,): the real lengths of right-padded rows (default: all l)."""
+    def lend(self, cache):
+        """Give `cache` the fixed-address tensors, with its state copied in (none: an empty cache). The cache that
+        held them before gets a copy of its own state, so it can go on later."""
+        if self.holder is cache:
+            return
+        if self.holder is not None:
+            self.holder.layers = [LayerCache(l.conv_state.clone(), l.ssm_state.clone()) for l in self.cache.layers]
+        if cache.layers:
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.conv_state.copy_(theirs.conv_state)
+                mine.ssm_state.copy_(theirs.ssm_state)
+        else:
+            zero_cache(self.cache)
+        cache.layers, self.holder = list(self.cache.layers), cache
+
+    def prefill(self, embeds, length):
+        """The prompt from an empty cache; returns each row's last real position's logits (b, padded_vocab)."""
         b, l, d = embeds.shape
         bucket = prefill_bucket(l)
         if bucket not in self.prefills:  # first prompt of this bucket: eagerly, at its own length
             self.prefills[bucket] = None
-            self.cache.zero_()
+            zero_cache(self.cache)
             return self.model.prefill(self.cache, inputs_embeds=embeds, length=length)
         if self.prefills[bucket] is None:
             captured = [k for k, kept in self.prefills.items() if kept is not None]
             for k in captured[:max(0, len(captured) + 1 - MAX_PREFILL_CAPTURES)]:
                 self.prefills[k] = None  # freed; that bucket is captured again when it comes back
-            self.prefills[bucket] = self._capture_prefill(bucket, embeds.dtype)
+            self.prefills[bucket] = self.capture_prefill(bucket, embeds.dtype)
         graph, static_embeds, static_length, logits = self.prefills[bucket]
         static_embeds[:, :l].copy_(embeds)
         static_embeds[:, l:].zero_()
@@ -107,44 +195,148 @@ class GraphedDecoder:
         else:
             static_length.copy_(length)
         graph.replay()
-        self.cache.seqlen_offset = l
         return logits
 
-    def extend(self, cache, embeds):
-        """Continue from `cache` (copied in): embeds (b, l, d_model) run eagerly after what it holds -> the last
-        position's logits (b, padded_vocab) fp32. The decoder's cache then holds both."""
-        self.cache.copy_(cache)
-        return self.model.prefill(self.cache, inputs_embeds=embeds)
-
-    def _capture_prefill(self, bucket, dtype):
+    def capture_prefill(self, bucket, dtype):
         """The prefill of a prompt padded to `bucket` tokens, from a zeroed cache, as a graph over static buffers."""
-        model, cache = self.model, self.cache
-        embeds = torch.zeros(self.batch_size, bucket, model.config.d_model, dtype=dtype, device=self.token.device)
-        length = torch.full((self.batch_size,), bucket, dtype=torch.long, device=self.token.device)
+        embeds = torch.zeros(len(self.token), bucket, self.model.config.d_model, dtype=dtype, device=self.token.device)
+        length = torch.full((len(self.token),), bucket, dtype=torch.long, device=self.token.device)
 
         def run():
-            self.cache.zero_()
-            return model.prefill(cache, inputs_embeds=embeds, length=length)
+            zero_cache(self.cache)
+            return self.model.prefill(self.cache, inputs_embeds=embeds, length=length)
         graph, logits = capture(run)
         return graph, embeds, length, logits
 
-    def step(self, token):
+
+class GraphedDecoder:
+    """The eager loop's decoder on CUDA graphs (see the module docstring). A graph reads its inputs from fixed
+    addresses: the decoder is valid while the model's parameters stay where they were (`decoder_for` makes a new one
+    after model.to(...)). The caller's caches borrow a batch's fixed-address tensors while they decode."""
+
+    def __init__(self, model, kernels):
+        self.model, self.kernels = model, kernels
+        self.key = decoder_key(model, kernels)
+        self.batches = {}  # batch size -> CapturedBatch
+
+    def batch(self, batch_size):
+        if batch_size not in self.batches:
+            self.batches[batch_size] = CapturedBatch(self.model, batch_size, step_function(self.model, self.kernels))
+        return self.batches[batch_size]
+
+    def allocate_cache(self, batch_size):
+        return Mamba2Cache()  # empty: prefill lends it a batch's tensors
+
+    def prefill(self, cache, inputs_embeds, length=None):
+        """From an empty cache, the captured (or first, eager) prefill; after what a cache holds (a conversation's
+        later turn), the prompt runs eagerly through it."""
+        batch = self.batch(inputs_embeds.shape[0])
+        continuing = cache.seqlen_offset > 0
+        batch.lend(cache)
+        if continuing:
+            return self.model.prefill(cache, inputs_embeds=inputs_embeds, length=length)
+        cache.seqlen_offset = inputs_embeds.shape[1]
+        return batch.prefill(inputs_embeds, length)
+
+    def step(self, token, cache):
         """token (b,) -> logits (b, padded_vocab) fp32: one replay of the captured step, the cache updated."""
-        self.token.copy_(token)
-        self.step_graph.replay()
-        self.cache.seqlen_offset += 1
-        return self.step_logits
+        batch = self.batch(token.shape[0])
+        batch.lend(cache)
+        batch.token.copy_(token)
+        batch.step_graph.replay()
+        cache.seqlen_offset += 1
+        return batch.step_logits
 
 
-def decoder_key(model, batch_size, kernels):
-    return (batch_size, kernels, model.embedding.weight.dtype, tuple(p.data_ptr() for p in model.parameters()))
+def decoder_key(model, kernels):
+    return kernels, model.embedding.weight.dtype, tuple(p.data_ptr() for p in model.parameters())
 
 
-def graphed_decoder(model, batch_size, kernels):
-    """The model's GraphedDecoder for this batch size and kernels: the one it keeps, or a new one (which replaces
-    it, freeing the old captures first)."""
-    kept = getattr(model, "_graphed_decoder", None)
-    if kept is None or kept.key != decoder_key(model, batch_size, kernels):
-        model._graphed_decoder = None
-        model._graphed_decoder = GraphedDecoder(model, batch_size, kernels)
-    return model._graphed_decoder
+_DECODERS = weakref.WeakKeyDictionary()  # model -> its GraphedDecoder
+
+
+def decoder_for(model, kernels=None, cuda_graph=None):
+    """The fast decoder of a Mamba2LMHeadModel (an MLMamba's: model.lm), for generate(decoder=...): on CUDA a
+    GraphedDecoder, with the fused step unless `kernels` names another (kept, and made anew when the model's weights
+    move); elsewhere, or with cuda_graph=False, the eager loop with the named kernels (default plain: then None, the
+    model itself)."""
+    graphs = model.embedding.weight.is_cuda and cuda_graph is not False
+    kernels = kernels or (default_kernels(model) if graphs else "plain")
+    if not graphs:
+        return None if kernels == "plain" else KernelDecoder(model, kernels)
+    kept = _DECODERS.get(model)
+    if kept is None or kept.key != decoder_key(model, kernels):
+        _DECODERS.pop(model, None)  # the old captures are freed first
+        kept = _DECODERS[model] = GraphedDecoder(model, kernels)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A model's generate with the fast decoder; several questions at once; compiled blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+def generate(model, *args, kernels=None, cuda_graph=None, **kwargs):
+    """model.generate(*args, **kwargs) (an MLMamba's or a Mamba2LMHeadModel's) with `decoder_for` its LM."""
+    return model.generate(*args, decoder=decoder_for(getattr(model, "lm", model), kernels, cuda_graph), **kwargs)
+
+
+class PaddedPrompts:
+    """A decoder whose prefill reads right-padded prompts: length (b,) marks each row's real tokens, so the padding
+    changes nothing (`Mamba2Mixer`)."""
+
+    def __init__(self, decoder, length):
+        self.decoder, self.length = decoder, length
+
+    def allocate_cache(self, batch_size):
+        return self.decoder.allocate_cache(batch_size)
+
+    def prefill(self, cache, inputs_embeds):
+        return self.decoder.prefill(cache, inputs_embeds=inputs_embeds, length=self.length)
+
+    def step(self, token, cache):
+        return self.decoder.step(token, cache)
+
+
+@torch.no_grad()
+def generate_batch(model, images, prompts, max_new_tokens=256, kernels=None, cuda_graph=None):
+    """Greedy answers of an MLMamba to several questions at once: images[i] (a path, PIL image or None) with
+    prompts[i]. The images are encoded as one batch, the prompts right-padded to the longest, then all are decoded
+    together until each has stopped. Returns one id list per question, as `MLMamba.generate` returns it."""
+    if len(images) != len(prompts) or not prompts:
+        raise ValueError(f"generate_batch needs one image (or None) per prompt: {len(images)} images, "
+                         f"{len(prompts)} prompts")
+    ids = [model.prompt_ids([("human", p)], image is not None, model.num_image_tokens)
+           for image, p in zip(images, prompts)]
+    rows = [i for i, image in enumerate(images) if image is not None]
+    image_tokens = None
+    if rows:
+        pixels = [model.preprocess(images[i]) for i in rows]
+        encoded = model.image_tokens({k: torch.cat([p[k] for p in pixels]) for k in pixels[0]})  # (rows, N, D)
+        image_tokens = encoded.new_zeros(len(images), *encoded.shape[1:])  # rows without an image stay zero
+        image_tokens[rows] = encoded
+    longest = max(map(len, ids))
+    device = model.lm.embedding.weight.device
+    padded = torch.tensor([x + [model.eos_token_id] * (longest - len(x)) for x in ids], device=device)  # (b, L)
+    length = torch.tensor([len(x) for x in ids], device=device)
+    decoder = PaddedPrompts(decoder_for(model.lm, kernels, cuda_graph) or model.lm, length)
+    new = model.lm.generate(inputs_embeds=model.embed(padded, image_tokens), max_new_tokens=max_new_tokens,
+                            eos_token_id=model.eos_token_id, decoder=decoder).tolist()
+    return [model.until_stop(row) for row in new]
+
+
+@functools.cache
+def compiled_block_forward():
+    """`Mamba2Block.forward` through torch.compile, for training at scale and long prefills: per block, the norms, the
+    conv, dt, the gated norm and the residual become a few fused kernels around the matrix products. One compilation
+    serves every block (the block is an input); mamba-ssm's kernel, when it runs, stays outside the compiled graph."""
+    return torch.compile(Mamba2Block.forward)
+
+
+def compile_blocks(lm, on=True):
+    """Each block of a Mamba2LMHeadModel through `compiled_block_forward` (on=False: eager again). The block's own
+    __call__ still runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before."""
+    for block in lm.layers:
+        if on:
+            block.forward = types.MethodType(compiled_block_forward(), block)
+        else:
+            block.__dict__.pop("forward", None)

@@ -1,6 +1,6 @@
-"""The fast path of train.py's stage loop, for a dataset that fits on the device (the synthetic world): on one GPU,
-`python train.py` runs this; `--fast off` runs the plain loop (train.run_stage) instead. Same batches, same
-optimizer, same loss; the steps are computed in another way:
+"""The fast steps of train.py's stage loop, for a dataset that fits on the device (the synthetic world): on one GPU,
+`python train.py` runs the loop (train.run_stage) with `DeviceSteps`; `--fast off` with train.PlainSteps. Same
+batches, same optimizer, same loss; the steps are computed in another way:
 
 1. `DeviceData`: every sample tokenized once and right-padded to the dataset's longest, and every image's features
    from the frozen encoders (eq. 5) computed once; all held on the device. A batch is one index_select.
@@ -9,14 +9,13 @@ optimizer, same loss; the steps are computed in another way:
 3. `CapturedStep`: the forward, the backward and the gradient clipping recorded once as a CUDA graph and replayed at
    every step, so the step's many small kernels leave Python as one launch. Fused AdamW and the lr schedule run
    after it.
-4. The loss stays on the device: it is checked for NaN / inf at each progress line and before each checkpoint, not
-   after every step.
+4. The loss stays on the device: the loop checks it for NaN / inf at each progress line and before each checkpoint,
+   not after every step.
 
 Tests (tests/test_fast_train.py): static_loss equals MLMamba.forward; steps of this path equal the plain loop's on
 the CPU (without the graph); on CUDA, the graph's steps equal the same steps run eagerly and the plain loop's.
 """
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,6 @@ import torch.nn.functional as F
 
 from data import collate
 from model import IGNORE_INDEX
-from train import begin_stage, log_due, log_progress, nan_stop, save_due, save_stage_checkpoint, uses_bf16
 
 
 @dataclass
@@ -141,51 +139,38 @@ class CapturedStep:
         return self.outputs
 
 
-def check_finite(losses, first, st):
-    """losses (k,): the device tensor of steps first + 1 ... first + k, not yet checked; raises train.nan_stop's
-    TrainingError at the first NaN / inf one. One host sync."""
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        k = int(bad[0, 0])
-        raise nan_stop(st, losses[k], first + k, checked_after=first + len(losses))
+class DeviceSteps:
+    """train.PlainSteps's steps for a dataset that fits on the device (see the module docstring): the same batches in
+    the same order, from DeviceData through static buffers into a CapturedStep, then fused AdamW and the lr schedule.
+    steps(step) returns (loss, grad-norm, tokens), the loss and norm device tensors of their own (never read here: the
+    loop checks them at its progress lines). cuda_graph=False runs each step eagerly on CUDA too (what the tests
+    compare the graph with)."""
 
+    fused_optimizer = True  # on CUDA
 
-def run_stage_fast(stage, model, dataset, cfg, proc, log=print, on_step=None, cuda_graph=True):
-    """train.run_stage's loop on DeviceData with a CapturedStep (see the module docstring). cuda_graph=False runs
-    each step eagerly on CUDA too (what the tests compare the graph with)."""
-    st = begin_stage(stage, model, dataset, cfg, proc, log, fused=proc.device.startswith("cuda"))
-    if st.done:
-        return model
-    use_bf16 = uses_bf16(cfg, proc)
-    data = DeviceData.cached(model, dataset, proc.device, use_bf16)
-    steps = range(st.start, st.batches.total)
-    rows = [st.batches.indices(step) for step in steps]  # the plain loop's batches, in its order
-    order = torch.tensor(rows, device=proc.device)  # (steps, b)
-    buffers = data.buffers(cfg.global_batch)
-    data.batch(order[0], buffers)  # the capture's warm-up runs on real data
-    params = [p for p in model.parameters() if p.requires_grad]
-    step_fn = CapturedStep(model, buffers, params, cfg.max_grad_norm, use_bf16, proc.device, cuda_graph)
-    history = torch.zeros(len(steps), 2, device=proc.device)  # (loss, grad-norm) of each step, read when logged
-    t0, tokens, checked = time.time(), 0, st.start  # steps before `checked` have a finite loss
-    for k, step in enumerate(steps):
-        data.batch(order[k], buffers)
-        loss, grad_norm = step_fn()
-        st.optimizer.step()
-        st.scheduler.step()
-        if step_fn.graph is None:
-            st.optimizer.zero_grad(set_to_none=True)
-        history[k, 0], history[k, 1] = loss, grad_norm
-        tokens += sum(data.lengths[i] for i in rows[k])
-        if log_due(step, st, cfg) or save_due(step, st, cfg):  # a checkpoint only after the loss is checked
-            check_finite(history[checked - st.start:k + 1, 0], checked, st)
-            checked = step + 1
-        if log_due(step, st, cfg):
-            loss, grad_norm = history[k].tolist()
-            log_progress(log, st, step, loss, grad_norm, (k + 1) * cfg.global_batch, tokens, time.time() - t0, cfg)
-        if save_due(step, st, cfg):
-            save_stage_checkpoint(st, model, step, proc)
-        if on_step is not None:
-            on_step(step + 1)
-    for p in params:
-        p.grad = None  # frees the graph's gradients; the next stage captures its own graph
-    return model
+    def __init__(self, model, dataset, st, cfg, proc, log, cuda_graph=True):
+        self.st = st
+        use_bf16 = cfg.uses_bf16(proc.device)
+        self.data = DeviceData.cached(model, dataset, proc.device, use_bf16)
+        self.buffers = self.data.buffers(cfg.global_batch)
+        self.rows = [st.batches.indices(step) for step in range(st.start, st.batches.total)]  # the plain loop's batches
+        self.order = torch.tensor(self.rows, device=proc.device)  # (steps, b): one copy to the device for the stage
+        self.data.batch(self.order[0], self.buffers)  # the capture's warm-up runs on real data
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step = CapturedStep(model, self.buffers, self.params, cfg.max_grad_norm, use_bf16, proc.device,
+                                 cuda_graph)
+
+    def __call__(self, step):
+        k = step - self.st.start
+        self.data.batch(self.order[k], self.buffers)
+        loss, grad_norm = self.step()
+        self.st.optimizer.step()
+        self.st.scheduler.step()
+        if self.step.graph is None:
+            self.st.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(self.data.lengths[i] for i in self.rows[k])
+        return loss.clone(), grad_norm.clone(), tokens  # clones: the next replay rewrites the graph's outputs
+
+    def finish(self):
+        for p in self.params:
+            p.grad = None  # frees the graph's gradients; the next stage captures its own graph

@@ -26,7 +26,8 @@ from weights import nonnegative_float, nonnegative_int, positive_int, probabilit
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False,
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a folder written by MLMamba.save_pretrained / train.py")
     p.add_argument("--image", help="the image file (omit for a text-only prompt)")
     p.add_argument("--prompt", help="the question; omit with --interactive")
@@ -46,7 +47,7 @@ def parse_args(argv=None):
                    help="the decoding step's kernels (default: fused on CUDA where Triton is installed, else plain; "
                         "compiled spends its first call compiling)")
     p.add_argument("--compile", action="store_true",
-                   help="the LM blocks through torch.compile for the prefill (Mamba2LMHeadModel.compile_blocks): each "
+                   help="the LM blocks through torch.compile for the prefill (fast_decode.compile_blocks): each "
                         "prompt reads faster, after a first call that compiles; pays in long chats, not for one answer")
     args = p.parse_args(argv)
     if not args.interactive and not args.prompt:
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     return args
 
 
-def answer(model, image_tokens, prompt, conversation, args, generator):
+def answer(model, image_tokens, prompt, conversation, args, generator, decoder):
     """Generate one reply, streaming it to stdout; returns (new token count, seconds to the first token, seconds to
     the last)."""
     tok = model.tokenizer
@@ -76,16 +77,27 @@ def answer(model, image_tokens, prompt, conversation, args, generator):
     t0 = time.perf_counter()
     ids = model.generate(None, prompt, image_tokens=image_tokens, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, on_token=on_token,
-                         generator=generator, cuda_graph=False if args.eager_decode else None, kernels=args.kernels,
-                         conversation=conversation)
+                         generator=generator, conversation=conversation, decoder=decoder)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     return len(ids), (first or [0.0])[0], time.perf_counter() - t0
 
 
+def timing_line(t_load, t_image, to_first, seconds, n_new):
+    """The turn's timings: from image encoding (t_image seconds, the first turn with an image) or from the prompt
+    (a text-only prompt, or a later turn, which reads only its own tokens) to the first and the last token."""
+    start = "prompt" if t_image is None else "image encoding"
+    total = seconds + (t_image or 0.0)
+    return (f"[start-up and load {t_load:.2f} s; {start} to first token {to_first + (t_image or 0.0):.3f} s, "
+            f"to last token {total:.3f} s, {n_new} new tokens, Eval_avg {n_new / total:.1f} tokens/s; wall "
+            f"{time.perf_counter() - T_START:.2f} s]")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    from model import Conversation, MLMamba  # imported here so that --help is instant
+    import fast_decode  # imported here so that --help is instant
+    import fast_ssd
+    from model import Conversation, MLMamba
     from weights import USER_ERRORS, report_user_error
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -97,8 +109,11 @@ def main(argv=None):
         t_load = time.perf_counter() - T_START
         if model.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json")
+        if args.device.startswith("cuda"):  # the prefill's SSD arranged for a GPU, or mamba-ssm's kernel
+            fast_ssd.use_ssd(model)
+        decoder = fast_decode.decoder_for(model.lm, args.kernels, cuda_graph=not args.eager_decode)  # None: eager
         if args.compile:
-            model.lm.compile_blocks()
+            fast_decode.compile_blocks(model.lm)
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         t0 = time.perf_counter()
         image_tokens = model.encode_image(args.image) if args.image else None  # once, for every turn
@@ -120,12 +135,11 @@ def main(argv=None):
             if args.interactive:
                 sys.stdout.write("ml-mamba> ")
             first_turn = not conversation.ids
-            n_new, to_first, seconds = answer(model, image_tokens, prompt, conversation, args, generator)
-            image = t_image if first_turn else 0.0  # the first turn pays for the image
-            total = seconds + image
-            print(f"\n[start-up and load {t_load:.2f} s; image encoding to first token {to_first + image:.3f} s, "
-                  f"to last token {total:.3f} s, {n_new} new tokens, Eval_avg {n_new / total:.1f} tokens/s; wall "
-                  f"{time.perf_counter() - T_START:.2f} s]", file=sys.stderr)
+            n_new, to_first, seconds = answer(model, image_tokens, prompt, conversation, args, generator, decoder)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print(timing_line(t_load, t_image if first_turn and image_tokens is not None else None, to_first, seconds,
+                              n_new), file=sys.stderr)
             if not args.interactive:
                 break
     except USER_ERRORS as e:

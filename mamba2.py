@@ -15,12 +15,10 @@ Decoding keeps, per layer, the last d_conv - 1 conv inputs and the SSM state (h,
 length, so each new token costs O(1) time and memory.
 
 Checkpoints: `Mamba2LMHeadModel.from_pretrained` reads both public layouts, state-spaces/mamba2-* (mamba_ssm names)
-and HF transformers' Mamba2; `checkpoint_key_map` spells out where every tensor lands.
+and HF transformers' Mamba2; `checkpoints.mamba2_key_map` spells out where every tensor lands.
 """
 
-import functools
 import math
-import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from checkpoints import mamba2_config_fields, mamba2_key_map
 from ssd import ssd, ssd_step
 from weights import (CheckpointError, check_fields, config_errors, match_tensors, read_config, read_tensors,
                      resolve_folder, save_safetensors, write_json)
@@ -120,85 +119,6 @@ def mamba2_preset(name, **overrides):
     return Mamba2Config(**{**MAMBA2_PRESETS[name], **overrides})
 
 
-def _json_float(v):
-    """transformers >= 5 writes non-finite floats as {"__float__": "Infinity"}; older versions as Infinity."""
-    return float(v["__float__"]) if isinstance(v, dict) else float(v)
-
-
-def config_from_checkpoint(cfg, source="config.json"):
-    """(Mamba2Config, layout) from a checkpoint's config.json; layout is "state-spaces" or "hf". A field that is
-    missing or of the wrong type is a CheckpointError naming `source` and the field."""
-    with config_errors(source):
-        return _config_from_checkpoint(cfg)
-
-
-def _config_from_checkpoint(cfg):
-    if "d_model" in cfg and "n_layer" in cfg:  # mamba_ssm's MambaConfig
-        ssm = cfg.get("ssm_cfg", {})
-        if not isinstance(ssm, dict):
-            raise ValueError(f"ssm_cfg must be an object, not {ssm!r}")
-        if ssm.get("layer", "Mamba1") != "Mamba2":
-            raise CheckpointError("this is a Mamba-1 checkpoint (ssm_cfg.layer is not 'Mamba2'); use a mamba2-* one")
-        if cfg.get("d_intermediate", 0) or cfg.get("attn_layer_idx") or not cfg.get("rms_norm", True):
-            raise CheckpointError("hybrid checkpoints (MLP or attention layers, or LayerNorm) are not supported: "
-                                  "d_intermediate must be 0, attn_layer_idx empty, rms_norm true")
-        if ssm.get("D_has_hdim") or not ssm.get("rmsnorm", True) or ssm.get("norm_before_gate"):
-            raise CheckpointError("unsupported Mamba2 options in ssm_cfg (D_has_hdim, rmsnorm=false or "
-                                  "norm_before_gate=true)")
-        config = Mamba2Config(
-            d_model=cfg["d_model"], n_layer=cfg["n_layer"], vocab_size=cfg["vocab_size"],
-            pad_vocab_size_multiple=cfg.get("pad_vocab_size_multiple", 8),
-            tie_embeddings=cfg.get("tie_embeddings", True), residual_in_fp32=cfg.get("residual_in_fp32", True),
-            d_state=ssm.get("d_state", 128), d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2),
-            headdim=ssm.get("headdim", 64), ngroups=ssm.get("ngroups", 1), chunk_size=ssm.get("chunk_size", 256),
-            bias=ssm.get("bias", False), conv_bias=ssm.get("conv_bias", True),
-            dt_limit=tuple(_json_float(v) for v in ssm.get("dt_limit", (0.0, float("inf")))))
-        return config, "state-spaces"
-    if cfg.get("model_type") == "mamba2" or "num_heads" in cfg:  # transformers' Mamba2Config
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
-        if cfg["num_heads"] * cfg["head_dim"] != cfg["expand"] * cfg["hidden_size"]:
-            raise CheckpointError(f"config.json: num_heads * head_dim ({cfg['num_heads'] * cfg['head_dim']}) must "
-                                  f"equal expand * hidden_size ({cfg['expand'] * cfg['hidden_size']})")
-        config = Mamba2Config(
-            d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"], vocab_size=cfg["vocab_size"],
-            pad_vocab_size_multiple=1,  # HF's vocab_size is already the embedding's size
-            tie_embeddings=cfg.get("tie_word_embeddings", False), residual_in_fp32=cfg.get("residual_in_fp32", True),
-            d_state=cfg["state_size"], d_conv=cfg["conv_kernel"], expand=cfg["expand"], headdim=cfg["head_dim"],
-            ngroups=cfg["n_groups"], chunk_size=cfg.get("chunk_size", 256), norm_eps=cfg["layer_norm_epsilon"],
-            bias=cfg.get("use_bias", False), conv_bias=cfg.get("use_conv_bias", True),
-            dt_limit=tuple(_json_float(v) for v in cfg.get("time_step_limit", (0.0, float("inf")))))
-        return config, "hf"
-    raise CheckpointError("config.json is neither a state-spaces Mamba-2 config (d_model, n_layer, ssm_cfg) nor a "
-                          "transformers Mamba2 config (model_type 'mamba2')")
-
-
-def checkpoint_key_map(config, layout):
-    """Our parameter name -> the checkpoint's name of the same tensor, for every tensor of the model.
-
-    The two public layouts differ only in the embedding's name; mixer tensors keep their names:
-      in_proj.weight  (2 d_inner + 2 g n + h, d_model)  rows in the order [z, x, B, C, dt]
-      conv1d.weight   (conv_dim, 1, d_conv), conv1d.bias (conv_dim,)
-      dt_bias, A_log, D  (h,)
-      norm.weight     (d_inner,)  the gated RMSNorm
-      out_proj.weight (d_model, d_inner)
-    """
-    embedding = {"state-spaces": "backbone.embedding.weight", "hf": "backbone.embeddings.weight"}[layout]
-    names = {"embedding.weight": embedding, "norm_f.weight": "backbone.norm_f.weight"}
-    mixer = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"]
-    if config.conv_bias:
-        mixer.append("conv1d.bias")
-    if config.bias:
-        mixer += ["in_proj.bias", "out_proj.bias"]
-    for i in range(config.n_layer):
-        names[f"layers.{i}.norm.weight"] = f"backbone.layers.{i}.norm.weight"
-        for t in mixer:
-            names[f"layers.{i}.mixer.{t}"] = f"backbone.layers.{i}.mixer.{t}"
-    if not config.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    return names
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,25 +136,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.group_size = group_size or dim
 
-    def _gated_groups(self, x, gate):
-        """x * SiLU(gate) in fp32 as groups (..., groups, group_size), and each group's 1 / RMS (..., groups, 1)."""
-        x = x.float()
+    def forward(self, x, gate=None):
+        x = x.float()  # the norm in fp32
         if gate is not None:
             x = x * F.silu(gate.float())
-        xg = x.unflatten(-1, (-1, self.group_size))
-        return xg, torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def forward(self, x, gate=None):
-        xg, inv_rms = self._gated_groups(x, gate)
-        return ((xg * inv_rms).flatten(-2) * self.weight.float()).to(self.weight.dtype)
-
-    def weighted_and_scale(self, x, gate=None):
-        """One group only: (x * SiLU(gate) * weight, 1 / RMS (..., 1)), both fp32; forward is their product (in the
-        weight's dtype). The scale is one number per row, so a caller may apply it after a linear map."""
-        if self.group_size != self.weight.numel():
-            raise ValueError("weighted_and_scale needs a single group (group_size = dim)")
-        xg, inv_rms = self._gated_groups(x, gate)
-        return xg.flatten(-2) * self.weight.float(), inv_rms[..., 0, :]
+        xg = x.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xg.flatten(-2) * self.weight.float()).to(self.weight.dtype)
 
 
 def softplus_step(dt, dt_bias, dt_limit=(0.0, float("inf"))):
@@ -279,22 +187,6 @@ class Mamba2Cache:
     layers: list = field(default_factory=list)
     seqlen_offset: int = 0  # positions consumed so far (a padded prompt's padding included)
 
-    def zero_(self):
-        """Empty the cache in place (a new sequence), the tensors keeping their addresses."""
-        for layer in self.layers:
-            layer.conv_state.zero_()
-            layer.ssm_state.zero_()
-        self.seqlen_offset = 0
-        return self
-
-    def copy_(self, other):
-        """Take `other`'s state (a cache of the same shapes), in place: the tensors keep their addresses."""
-        for mine, theirs in zip(self.layers, other.layers):
-            mine.conv_state.copy_(theirs.conv_state)
-            mine.ssm_state.copy_(theirs.ssm_state)
-        self.seqlen_offset = other.seqlen_offset
-        return self
-
 
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 block's mixer (Fig. 2 left), mapping (b, l, d_model) -> (b, l, d_model).
@@ -315,6 +207,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(c.nheads))
         self.norm = RMSNorm(c.d_inner, eps=c.norm_eps, group_size=c.d_inner // c.ngroups)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        self.ssd = ssd  # eq. 3 over a sequence (ssd.py); fast_ssd.use_ssd gives a mixer another form of it
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -370,8 +263,8 @@ class Mamba2Mixer(nn.Module):
         if length is not None:  # padding: dt = 0 leaves the state as it is
             dt = dt.masked_fill(torch.arange(u.shape[1], device=u.device)[None, :, None] >= length[:, None, None], 0)
         # eq. 3 over the sequence (ssd.py): h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t h_t + D x_t
-        y, new_state = ssd(x, dt, A, B, C, self.config.chunk_size, D,
-                           initial_state=cache.ssm_state if cache is not None else None)
+        y, new_state = self.ssd(x, dt, A, B, C, self.config.chunk_size, D,
+                                initial_state=cache.ssm_state if cache is not None else None)
         if cache is not None:
             cache.ssm_state.copy_(new_state)
         y = self.norm(y.flatten(-2), gate=z)  # RMSNorm(y * SiLU(z)), (b, l, d_inner)
@@ -400,18 +293,6 @@ class Mamba2Mixer(nn.Module):
         y, z = self.step_ssm(u, conv_state, ssm_state)
         return self.out_proj(self.norm(y, gate=z).to(self.out_proj.weight.dtype))
 
-    def step_scale_after_proj(self, u, conv_state, ssm_state):
-        """The fast path of `step`, which the compiled decoding step runs (a test checks that they are equal).
-        With one group and no bias, the gated norm's scale 1 / RMS(y * SiLU(z)) is one number per token and out_proj
-        is linear, so the scale is applied after out_proj: the compiled step then computes the reduction alongside
-        the matrix-vector product instead of in a kernel of its own."""
-        if self.config.ngroups > 1 or self.config.bias:
-            return self.step(u, conv_state, ssm_state)
-        y, z = self.step_ssm(u, conv_state, ssm_state)
-        weighted, scale = self.norm.weighted_and_scale(y, gate=z)  # (b, d_inner), (b, 1)
-        out = self.out_proj(weighted.to(self.out_proj.weight.dtype))
-        return (out.float() * scale).to(out.dtype)
-
 
 class Mamba2Block(nn.Module):
     """Pre-norm residual block: x + Mixer(RMSNorm(x)); the residual stream stays in fp32 if configured."""
@@ -425,13 +306,8 @@ class Mamba2Block(nn.Module):
         return residual + self.mixer(self.norm(residual), cache, length)
 
     def step(self, residual, conv_state, ssm_state):
-        """One token: residual (b, d_model) -> (b, d_model); what the eager decoding loop runs."""
+        """One token: residual (b, d_model) -> (b, d_model); what the decoding loop runs."""
         return residual + self.mixer.step(self.norm(residual), conv_state, ssm_state)
-
-    def fast_step(self, residual, conv_state, ssm_state):
-        """`step` with the mixer's fast path (`Mamba2Mixer.step_scale_after_proj`); what `compiled_block_step`
-        compiles."""
-        return residual + self.mixer.step_scale_after_proj(self.norm(residual), conv_state, ssm_state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,35 +335,6 @@ def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=Non
 # The language model
 # ----------------------------------------------------------------------------------------------------------------
 
-def _triton_available():
-    import importlib.util
-    return importlib.util.find_spec("triton") is not None
-
-
-_COMPILED_BLOCK_STEP = None
-
-
-def compiled_block_step():
-    """`Mamba2Block.fast_step` through torch.compile (Inductor): per layer, the norm, the conv window, the ssd_step
-    update and the gated norm become a few fused kernels around the two matrix-vector products. Compiled once per
-    process and shared by every layer and model (the block is an input, not a constant)."""
-    global _COMPILED_BLOCK_STEP
-    if _COMPILED_BLOCK_STEP is None:
-        # coordinate-descent tuning: Inductor searches the generated kernels' block sizes (docs/speed.md)
-        _COMPILED_BLOCK_STEP = torch.compile(Mamba2Block.fast_step, fullgraph=True, dynamic=False,
-                                             options={"coordinate_descent_tuning": True})
-    return _COMPILED_BLOCK_STEP
-
-
-@functools.cache
-def compiled_block_forward():
-    """`Mamba2Block.forward` through torch.compile, for training at scale (`Mamba2LMHeadModel.compile_blocks`): per
-    block, the norms, the conv, dt, the gated norm, the residual and (with ssd_chunked_fast) the SSD's elementwise work
-    become a few fused kernels around the matrix products. One compilation serves every block (the block is an input);
-    mamba-ssm's kernel, when it runs, stays outside the compiled graph."""
-    return torch.compile(Mamba2Block.forward)
-
-
 class Mamba2LMHeadModel(nn.Module):
     def __init__(self, config: Mamba2Config):
         super().__init__()
@@ -513,15 +360,6 @@ class Mamba2LMHeadModel(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=0.02)
         for layer in self.layers:  # GPT-2 style: keep the residual stream's variance from growing with depth
             layer.mixer.out_proj.weight.mul_(1 / math.sqrt(self.config.n_layer))
-
-    def compile_blocks(self, on=True):
-        """Each block's forward through `compiled_block_forward` (on=False: eager again). The block's own __call__ still
-        runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before."""
-        for block in self.layers:
-            if on:
-                block.forward = types.MethodType(compiled_block_forward(), block)
-            else:
-                block.__dict__.pop("forward", None)
 
     def allocate_cache(self, batch_size, device=None, dtype=None):
         c = self.config
@@ -571,64 +409,36 @@ class Mamba2LMHeadModel(nn.Module):
         last = hidden.gather(1, (length - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
         return self.lm_head(last).float()
 
-    def step(self, token, cache, block_step=None):
-        """One decoding step: token (b,) -> logits (b, padded_vocab) in fp32, the cache updated in place.
-
-        block_step(block, residual, conv_state, ssm_state) runs one layer: `Mamba2Block.step`, or its fast path
-        compiled (`compiled_block_step`), which fuses each layer's elementwise work into a few kernels. One function
-        serves all the layers (the weights are its inputs), so it is compiled once.
-        """
-        block_step = block_step or Mamba2Block.step
+    def step(self, token, cache):
+        """One decoding step: token (b,) -> logits (b, padded_vocab) in fp32, the cache updated in place."""
         residual = self.embedding(token)  # (b, d_model)
         residual = residual.float() if self.config.residual_in_fp32 else residual
         for layer, layer_cache in zip(self.layers, cache.layers):
-            residual = block_step(layer, residual, layer_cache.conv_state, layer_cache.ssm_state)
+            residual = layer.step(residual, layer_cache.conv_state, layer_cache.ssm_state)
         cache.seqlen_offset += 1
         return self.lm_head(self.norm_f(residual)).float()
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
-                 eos_token_id=None, generator=None, on_token=None, cuda_graph=None, kernels=None, length=None,
-                 cache=None):
+                 eos_token_id=None, generator=None, on_token=None, cache=None, decoder=None):
         """Prefill the prompt once, then decode one token per step from the fixed-size cache.
 
         Returns the new tokens (b, <= max_new_tokens); a sequence that emitted eos_token_id is padded with it and
-        generation stops when all have. on_token(tokens (b,)) is called after each step (streaming). length (b,):
-        the real lengths of right-padded prompts of different lengths (default: all full). cache: a Mamba2Cache to
-        continue from (a conversation's earlier turns): the prompt follows what it holds, and on return it holds
-        the prompt and every new token but a final eos_token_id (default: a new cache, from nothing).
-        cuda_graph: decode on CUDA graphs (fast_decode.py; default: on for CUDA tensors, off on the CPU): the step
-        captured once and replayed per token, the prefill captured per bucket of prompt lengths. kernels: the
-        step's layers, "plain" (`Mamba2Block.step`), "compiled" (its fast path through torch.compile; the first
-        call compiles) or "fused" (fused_step.py, three Triton kernels a layer); default: "fused" on CUDA graphs
-        where Triton is installed, else "plain".
-        """
-        import fast_decode
-        prompt = input_ids if input_ids is not None else inputs_embeds
-        batch_size = prompt.shape[0]
-        use_graph = prompt.is_cuda if cuda_graph is None else cuda_graph
-        if use_graph and not prompt.is_cuda:
-            raise ValueError(f"cuda_graph=True needs the model and prompt on CUDA (the prompt is on {prompt.device}); "
-                             "leave cuda_graph=None to decode eagerly on the CPU")
-        if cache is not None and length is not None:
-            raise ValueError("generate(cache=...) continues one conversation a row; give prompts without length")
-        kernels = kernels or (fast_decode.default_kernels(self, prompt.device) if use_graph else "plain")
-        if use_graph:
-            decoder = fast_decode.graphed_decoder(self, batch_size, kernels)
-            embeds = self.embedding(input_ids) if input_ids is not None else inputs_embeds
-            fresh = cache is None or cache.seqlen_offset == 0
-            logits = decoder.prefill(embeds, length) if fresh else decoder.extend(cache, embeds)
-            step = decoder.step
-        else:
-            cache = cache if cache is not None else self.allocate_cache(batch_size, device=prompt.device)
-            step_with = fast_decode.step_function(self, kernels)
-            step = lambda token: step_with(token, cache)  # noqa: E731
-            logits = self.prefill(cache, input_ids, inputs_embeds, length)
-        finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt.device)
+        generation stops when all have. on_token(tokens (b,)) is called after each step (streaming). cache: a
+        Mamba2Cache to continue from (a conversation's earlier turns): the prompt follows what it holds, and on
+        return it holds the prompt and every new token but a final eos_token_id (default: a new, empty cache).
+        decoder: what allocates the cache and runs the prefill and the steps (default: this model, eagerly);
+        `fast_decode.decoder_for(model)` runs the same on CUDA graphs with fused kernels."""
+        decoder = decoder or self
+        embeds = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds  # (b, l, d_model)
+        batch_size = embeds.shape[0]
+        cache = cache if cache is not None else decoder.allocate_cache(batch_size)
+        logits = decoder.prefill(cache, inputs_embeds=embeds)  # (b, padded_vocab) at the last position
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=embeds.device)
         out = []
         for _ in range(max_new_tokens):
             logits = logits[:, :self.config.vocab_size]  # never sample the padding rows of the vocabulary
-            token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (b,)
             if eos_token_id is not None:
                 token = token.masked_fill(finished, eos_token_id)
                 finished |= token == eos_token_id
@@ -637,10 +447,8 @@ class Mamba2LMHeadModel(nn.Module):
                 on_token(token)
             if eos_token_id is not None and finished.all():
                 break
-            logits = step(token)
-        if use_graph and cache is not None:
-            cache.copy_(decoder.cache)
-        return torch.stack(out, dim=1) if out else prompt.new_zeros(batch_size, 0, dtype=torch.long)
+            logits = decoder.step(token, cache)  # eq. 3 for one token, the cache updated in place
+        return torch.stack(out, dim=1) if out else torch.zeros(batch_size, 0, dtype=torch.long, device=embeds.device)
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -652,12 +460,14 @@ class Mamba2LMHeadModel(nn.Module):
         pytorch_model.bin) in the state-spaces or the transformers layout, or a hub repo id (needs huggingface_hub
         and the network)."""
         folder = resolve_folder(path, allow_patterns=["config.json", "*.safetensors", "*.json", "*.bin"])
-        config, layout = config_from_checkpoint(read_config(folder), source=f"{folder / 'config.json'}")
+        with config_errors(folder / "config.json"):
+            fields, layout = mamba2_config_fields(read_config(folder))
+            config = Mamba2Config(**fields)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight" or
                     not config.tie_embeddings}
-        state = match_tensors(expected, read_tensors(folder), checkpoint_key_map(config, layout),
+        state = match_tensors(expected, read_tensors(folder), mamba2_key_map(config, layout),
                               ignore={"lm_head.weight"} if config.tie_embeddings else (),
                               source=f"Mamba-2 checkpoint {folder} ({layout} layout)")
         model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
@@ -669,7 +479,7 @@ class Mamba2LMHeadModel(nn.Module):
         c = self.config
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        key_map = checkpoint_key_map(c, "state-spaces")
+        key_map = mamba2_key_map(c, "state-spaces")
         state = self.state_dict()
         save_safetensors({ck: state[ours] for ours, ck in key_map.items()}, folder / "model.safetensors")
         ssm_cfg = dict(layer="Mamba2", d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, headdim=c.headdim,

@@ -23,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from connector import Connector, ConnectorConfig
-from mamba2 import Mamba2Config, Mamba2LMHeadModel, load_tokenizer
-from vision import DualEncoder, ViT, ViTConfig
+from mamba2 import Mamba2Config, Mamba2LMHeadModel, load_tokenizer, mamba2_preset
+from release import ReleaseConnector
+from vision import DINOV2_LARGE, SIGLIP_SO400M_384, DualEncoder, ViT, ViTConfig
 from weights import (CheckpointError, config_errors, match_tensors, read_config, read_tensors, save_safetensors,
                      write_json)
 
@@ -141,13 +142,18 @@ class Conversation:
 # The model
 # ----------------------------------------------------------------------------------------------------------------
 
+def make_connector(config: ConnectorConfig):
+    """The connector of config.kind: one of the paper's three (connector.py) or the authors' release's (release.py)."""
+    return ReleaseConnector(config) if config.kind == "msc-release" else Connector(config)
+
+
 class MLMamba(nn.Module):
     def __init__(self, config: MLMambaConfig, tokenizer=None):
         super().__init__()
         self.config = config
         self.vision = DualEncoder({name: ViT(c) for name, c in config.vision.items()}, layer=config.vision_layer)
         self.vision.freeze()  # frozen in both training stages
-        self.connector = Connector(config.connector)
+        self.connector = make_connector(config.connector)
         self.lm = Mamba2LMHeadModel(config.lm)
         self.set_tokenizer(tokenizer)
 
@@ -155,7 +161,7 @@ class MLMamba(nn.Module):
         """Replace the connector with a new one (the paper trains it from scratch on a pretrained LM): random, or
         with init="lm" its Mamba-2 mixers copied from this model's LM."""
         self.config.connector = config
-        self.connector = Connector(config)
+        self.connector = make_connector(config)
         if config.init == "lm" and config.kind != "mlp":
             self.connector.msc.init_from_lm(self.lm)
 
@@ -246,15 +252,15 @@ class MLMamba(nn.Module):
     # ------------------------------------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, image, prompt, history=(), max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-                 image_tokens=None, on_token=None, generator=None, cuda_graph=None, kernels=None, conversation=None):
+                 image_tokens=None, on_token=None, generator=None, conversation=None, decoder=None):
         """Answer `prompt` about `image` (a path, a PIL image, or None for text only).
 
         history: earlier turns [(role, text)], read again from the start. conversation: a `Conversation` to
         continue instead (multi-turn chat): its first call reads the image and the prompt, and each later one only
         the new turn, after the tokens the model answered with; the conversation is updated. image_tokens: reuse
-        tokens from `encode_image`. on_token(token id) streams. cuda_graph, kernels: the decoding step's form, as
-        in `Mamba2LMHeadModel.generate` (default on CUDA: the fused step on CUDA graphs). Returns the new token ids
-        (list), stop token excluded.
+        tokens from `encode_image`. on_token(token id) streams. decoder: as in `Mamba2LMHeadModel.generate`
+        (`fast_decode.generate(model, ...)` passes the fast one). Returns the new token ids (list), stop token
+        excluded.
         """
         device = self.lm.embedding.weight.device
         if conversation is not None and conversation.ids:
@@ -268,13 +274,12 @@ class MLMamba(nn.Module):
                                   image_tokens.shape[1] if image_tokens is not None else self.num_image_tokens)
             if image_tokens is None and image is not None:
                 image_tokens = self.encode_image(image)
-            embeds = self.embed(torch.tensor([ids], device=device), image_tokens)
+            embeds = self.embed(torch.tensor([ids], device=device), image_tokens)  # (1, L, D), eq. 9's input
             if conversation is not None:
-                conversation.cache = self.lm.allocate_cache(1)
+                conversation.cache = (decoder or self.lm).allocate_cache(1)
         new = self.lm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, eos_token_id=self.eos_token_id, generator=generator,
-                               on_token=(lambda t: on_token(int(t[0]))) if on_token else None,
-                               cuda_graph=cuda_graph, kernels=kernels,
+                               on_token=(lambda t: on_token(int(t[0]))) if on_token else None, decoder=decoder,
                                cache=conversation.cache if conversation is not None else None)[0].tolist()
         if conversation is not None:
             conversation.ids = ids + new
@@ -293,29 +298,6 @@ class MLMamba(nn.Module):
         turn = self.tokenizer.encode(text, add_special_tokens=False).ids
         ids = self.within_max_length(conversation.ids + stop + turn, "the conversation is {} tokens with this turn")
         return ids, ids[held:]
-
-    @torch.no_grad()
-    def generate_batch(self, images, prompts, max_new_tokens=256, cuda_graph=None, kernels=None):
-        """Greedy answers to several questions at once: images[i] (a path, PIL image or None) with prompts[i]. The
-        images are encoded as one batch, the prompts right-padded to the longest (`length` marks each one's end, so
-        padding changes nothing), then all are decoded together until each has stopped. Returns one id list per
-        question, as `generate` returns it."""
-        ids = [self.prompt_ids([("human", p)], image is not None, self.num_image_tokens)
-               for image, p in zip(images, prompts)]
-        rows = [i for i, image in enumerate(images) if image is not None]
-        image_tokens = None
-        if rows:
-            pixels = [self.preprocess(images[i]) for i in rows]
-            encoded = self.image_tokens({k: torch.cat([p[k] for p in pixels]) for k in pixels[0]})  # (rows, N, D)
-            image_tokens = encoded.new_zeros(len(images), *encoded.shape[1:])  # rows without an image stay zero
-            image_tokens[rows] = encoded
-        longest = max(map(len, ids))
-        device = self.lm.embedding.weight.device
-        padded = torch.tensor([x + [self.eos_token_id] * (longest - len(x)) for x in ids], device=device)  # (b, L)
-        new = self.lm.generate(inputs_embeds=self.embed(padded, image_tokens), max_new_tokens=max_new_tokens,
-                               eos_token_id=self.eos_token_id, cuda_graph=cuda_graph, kernels=kernels,
-                               length=torch.tensor([len(x) for x in ids], device=device)).tolist()
-        return [self.until_stop(row) for row in new]
 
     def prompt_ids(self, turns, with_image, num_image_tokens):
         """The token ids of a conversation ending in the question to answer, checked against max_length."""
@@ -402,86 +384,64 @@ class MLMamba(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The authors' release's checkpoints
+# The paper's configuration, and a tour of its shapes: `python model.py`
 # ----------------------------------------------------------------------------------------------------------------
 
-def release_key_map(config: MLMambaConfig):
-    """Our name -> the release's name ("group.name", the groups of its latest-checkpoint.pt's "model" dict) for every
-    trained tensor of an ML-Mamba with the msc-release connector: the LM (in mamba_ssm's names), the lift ("mlp"),
-    the Bidirectional_Mamba and the fused projector. The release's SwiGLU calls its gate pair w1, w2 and its output
-    w3; ours (LLaMA's names) w1, w3 and w2."""
-    from mamba2 import checkpoint_key_map
-    names = {f"lm.{ours}": f"llm_backbone.{theirs}" for ours, theirs in
-             checkpoint_key_map(config.lm, "state-spaces").items()}
-    names.update({"connector.lift.weight": "mlp.0.weight", "connector.lift.bias": "mlp.0.bias"})
-    for ours, theirs in (("fc1", "0"), ("fc2", "2"), ("fc3", "4")):
-        for t in ("weight", "bias"):
-            names[f"connector.projector.{ours}.{t}"] = f"projector.projector.{theirs}.{t}"
-    c = config.connector.mixer
-    mixer = ["in_proj.weight", "conv1d.weight", "conv1d_b.weight", "dt_bias", "dt_bias_b", "A_log", "A_log_b", "D",
-             "D_b", "norm.weight", "out_proj.weight"]
-    mixer += ["conv1d.bias", "conv1d_b.bias"] if c.conv_bias else []
-    mixer += ["in_proj.bias", "out_proj.bias"] if c.bias else []
-    for i in range(config.connector.n_layers):
-        ours, theirs = f"connector.msc.blocks.{i}", f"bidirectional_mamba.layers.{i}"
-        names.update({f"{ours}.mixer.{t}": f"{theirs}.mixer.{t}" for t in mixer})
-        for t in ("weight", "bias"):
-            names[f"{ours}.norm.{t}"] = f"{theirs}.norm.{t}"
-            for our_w, their_w in (("w1", "w1"), ("w3", "w2"), ("w2", "w3")):
-                names[f"{ours}.mlp.{our_w}.{t}"] = f"{theirs}.mlp.{their_w}.{t}"
-    names.update({f"connector.msc.norm.{t}": f"bidirectional_mamba.norm_f.{t}" for t in ("weight", "bias")})
-    return names
+def paper_config(size="2.7b"):
+    """The paper's ML-Mamba: DINOv2 ViT-L/14 and SigLIP so400m at 384 px (27 x 27 patches), the MSC (msc-advanced,
+    BSM), Mamba-2 of `size` (2.7b: 64 layers, d_model 2560)."""
+    lm = mamba2_preset(size)
+    vision = {"dinov2": DINOV2_LARGE, "siglip": SIGLIP_SO400M_384}
+    cc = ConnectorConfig.for_lm(lm, vision_dim=DINOV2_LARGE.hidden_size + SIGLIP_SO400M_384.hidden_size,
+                                grid=(DINOV2_LARGE.grid, DINOV2_LARGE.grid), kind="msc-advanced", scan="bsm")
+    return MLMambaConfig(lm=lm, vision=vision, connector=cc)
 
 
-def convert_release(checkpoint, lm, vision, tokenizer, out, input_size=384):
-    """The release's latest-checkpoint.pt -> an ML-Mamba folder that generate.py runs. lm, vision, tokenizer: the
-    public checkpoints it was trained from ({"dinov2": ..., "siglip": ...}), which give the architecture and the frozen
-    encoders; the checkpoint gives the LM, the lift, the Bidirectional_Mamba and the projector. Read with
-    torch.load(weights_only=True): no pickled code runs. Missing, unexpected or mis-shaped tensors are all listed."""
-    model = MLMamba.from_components(lm, vision, tokenizer, connector={"kind": "msc-release"}, prompt="zephyr",
-                                    input_size=input_size)
-    try:
-        groups = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as e:
-        raise CheckpointError(f"cannot read {checkpoint} as the release's checkpoint ({{'model': {{...}}}}): "
-                              f"{type(e).__name__}: {e}") from None
-    tensors = {}
-    for group, state in groups.items():
-        if group == "llm_backbone" and all(k.startswith("llm.") for k in state):  # the backbone wrapper's prefix
-            state = {k.removeprefix("llm."): v for k, v in state.items()}
-        tensors.update({f"{group}.{k}": v for k, v in state.items()})
-    tied = model.config.lm.tie_embeddings
-    key_map = release_key_map(model.config)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k in key_map}
-    state = match_tensors(expected, tensors, key_map, ignore={"llm_backbone.lm_head.weight"} if tied else (),
-                          source=f"the release's checkpoint {checkpoint}")
-    model.load_state_dict(state, strict=False)
-    model.lm.tie_weights()
-    model.save_pretrained(out)
-    return model
-
-
-def main(argv=None):
-    import argparse
-    from weights import USER_ERRORS, report_user_error
-    p = argparse.ArgumentParser(description="Convert the authors' release's checkpoint into an ML-Mamba folder.")
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert-release", help="latest-checkpoint.pt -> a folder generate.py runs")
-    c.add_argument("checkpoint")
-    c.add_argument("--llm", required=True, help="the Mamba-2 checkpoint it was trained from (for the config)")
-    c.add_argument("--dinov2", help="the DINOv2 checkpoint (frozen, not in the release's file)")
-    c.add_argument("--siglip", help="the SigLIP checkpoint (frozen, not in the release's file)")
-    c.add_argument("--tokenizer", required=True, help="GPT-NeoX-20B's tokenizer.json or its folder")
-    c.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    vision = {n: path for n, path in (("dinov2", args.dinov2), ("siglip", args.siglip)) if path}
-    try:
-        convert_release(args.checkpoint, args.llm, vision, args.tokenizer, args.out)
-    except USER_ERRORS as e:
-        return report_user_error(e)
-    print(f"saved {args.out}")
-    return 0
+@torch.no_grad()
+def tour(size="2.7b", text_tokens=15):
+    """The path from an image to the answer at the paper's configuration, one line a stage: what it is, where it is
+    computed, the paper's equation or figure, and the tensor's shape. The model is built and run on the meta device:
+    shapes without weights, memory or a download."""
+    config = paper_config(size)
+    with torch.device("meta"):
+        model = MLMamba(config)
+        pixels = {name: torch.empty(1, 3, c.input_size, c.input_size) for name, c in config.vision.items()}
+        per_encoder = {name: encoder(pixels[name], layer=config.vision_layer)
+                       for name, encoder in model.vision.encoders.items()}
+        V = model.vision(pixels)
+        c = model.connector
+        lifted = F.gelu(c.lift(V))
+        scanned = c.msc(lifted)
+        gated = c.swiglu(scanned)
+        tokens = c.projector(gated)
+        L = tokens.shape[1] + text_tokens
+        hidden = model.lm.hidden_states(inputs_embeds=torch.empty(1, L, config.lm.d_model))
+        logits = model.lm.lm_head(hidden[:, -1:])
+        cache = model.lm.allocate_cache(1)
+    n = config.lm.n_layer
+    state_mb = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.conv_state,
+                                                                                    layer.ssm_state)) / 1e6
+    rows = [(f"image, {config.vision['siglip'].input_size} px, normalized per encoder", "vision.py:preprocess", "",
+             pixels["siglip"].shape)]
+    rows += [(f"{name} patch tokens, block {config.vision_layer}", "vision.py:ViT.forward", "", t.shape)
+             for name, t in per_encoder.items()]
+    rows += [("concatenated on the feature axis", "vision.py:DualEncoder.forward", "eq. 5", V.shape),
+             ("lifted to the LM's width: GELU(Linear)", "connector.py:Connector.forward", "eq. 7", lifted.shape),
+             (f"MSC: {config.connector.scan.upper()} scans, {config.connector.n_layers} blocks",
+              "connector.py:MSC.forward", "Figs. 4-5", scanned.shape),
+             ("SwiGLU", "connector.py:SwiGLU.forward", "eq. 8, Fig. 6", gated.shape),
+             ("MLP projector: the image tokens", "connector.py:MLP.forward", "eq. 6", tokens.shape),
+             (f"in the <image> slots among {text_tokens} text tokens", "model.py:MLMamba.embed", "",
+              (1, L, config.lm.d_model)),
+             (f"Mamba-2 LM, {n} blocks of SSD", "mamba2.py:Mamba2Mixer.forward, ssd.py:ssd_chunked", "eqs. 3, 9",
+              hidden.shape),
+             ("next-token logits", "mamba2.py:Mamba2LMHeadModel.forward", "eq. 9", logits.shape),
+             (f"decoding state a layer ({state_mb:.0f} MB for all {n})", "mamba2.py:Mamba2Mixer.step",
+              "eq. 3", cache.layers[0].ssm_state.shape)]
+    print(f"ML-Mamba at the paper's configuration (Mamba-2 {size}), built on the meta device: shapes only")
+    for what, where, eq, shape in rows:
+        print(f"  {what:<44} {where:<53} {eq:<14} {tuple(shape)}")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    tour()

@@ -15,9 +15,8 @@ What is here, in reading order (ML-Mamba paper, arXiv 2407.19832, section 3.1; M
    - `ssd_quadratic`: the dual, attention-like form y = (L o C B^T) (dt x), L the 1-semiseparable decay mask,
    - `ssd_chunked`:   the chunked SSD algorithm (Mamba-2 paper, listing 1, "ssd_minimal"): quadratic inside each
                       chunk, a recurrence over chunk states between chunks. Linear in the length.
-4. `ssd_step`: one decoding step, O(1) in the length; `ssd_chunked_fast`: ssd_chunked arranged for a GPU (tested
-   equal); `ssd`: what the model calls, which picks mamba-ssm's Triton kernel when it is installed and the tensors are
-   on CUDA, `ssd_chunked_fast` on CUDA without it, and `ssd_chunked` on the CPU.
+4. `ssd_step`: one decoding step, O(1) in the length; `ssd`: what the model calls, `ssd_chunked`, or mamba-ssm's
+   Triton kernel for CUDA tensors when mamba-ssm is installed (fast_ssd.py holds ssd_chunked arranged for a GPU).
 
 Shapes follow mamba-ssm: x (b, l, h, p), dt (b, l, h) already positive, A (h,) negative, B and C (b, l, g, n) with
 h % g == 0 (head i reads group i // (h // g)), D (h,), state (b, h, p, n).
@@ -25,7 +24,6 @@ Numerics: dt, A, the segment sums, the exponentials and the state are computed i
 """
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -252,80 +250,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     return y.to(x.dtype), final_state.reshape(b, h, p, n)
 
 
-def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
-    """Eq. 3 by `ssd_chunked`'s algorithm, arranged for a GPU: the same values within the inputs' precision (tests
-    check it), fewer passes over the (Q, Q) tensors, which dominate its time.
-    - The segment sums inside a chunk are differences of the chunk's cumulative sum, cs_t - cs_s (as mamba-ssm's
-      kernel computes them): one (Q, Q) tensor, masked and exponentiated in place, instead of the masked cumsum's
-      five. The sums are in fp32; within a chunk of up to 256 steps the cancellation costs ~1e-6 of |cs|.
-    - The products with x, B and C run in the inputs' dtype (bf16 on tensor cores, fp32 accumulation), as the kernel
-      does; the decays, their sums, the chunk states and the recurrence between chunks stay in fp32 (under autocast,
-      torch runs every matrix product in bf16, here as in ssd_chunked).
-    Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32)."""
-    b, l, h, p = x.shape
-    g, n = B.shape[-2:]
-    if h % g:
-        raise ValueError(f"the number of heads ({h}) must be a multiple of the number of groups ({g})")
-    r, Q = h // g, chunk_size
-    f = _compute_dtype(x)
-    pad = (-l) % Q
-    c = (l + pad) // Q
-    dtf = F.pad(dt.to(f), (0, 0, 0, pad))  # (b, l + pad, h); dt = 0 on the padding: no decay, no input
-    x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
-    X = (x.to(f) * dtf[..., None]).to(x.dtype)  # dt_s x_s (b, l + pad, h, p), in the inputs' dtype
-    X = X.reshape(b, c, Q, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, Q, p)
-    Bc = B.reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
-    Cc = C.reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
-    logA = (dtf * A.to(f)).reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2).contiguous()  # dt_t A, fp32 (b, c, g, r, Q)
-    cs = torch.cumsum(logA, dim=-1)  # (b, c, g, r, Q)
-
-    # 1. diagonal blocks: L[t, s] = exp(cs_t - cs_s) for s <= t, times C_t . B_s, times X
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    L = (cs[..., :, None] - cs[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # (b, c, g, r, Q, Q)
-    CB = Cc @ Bc.transpose(-1, -2)  # (b, c, g, Q, Q)
-    Y = (L * CB[:, :, :, None]).to(x.dtype) @ X  # (b, c, g, r, Q, p)
-
-    # 2. chunk states, from zero: sum_s exp(cs_end - cs_s) X_s B_s^T, in fp32
-    decay_to_end = torch.exp(cs[..., -1:] - cs)  # (b, c, g, r, Q)
-    states = (X.to(f) * decay_to_end[..., None]).transpose(-1, -2) @ Bc[:, :, :, None].to(f)  # (b, c, g, r, p, n)
-
-    # 3. the recurrence between chunks, in fp32 (as in ssd_chunked)
-    if initial_state is None:
-        initial_state = torch.zeros(b, h, p, n, dtype=f, device=x.device)
-    states = torch.cat([initial_state.to(f).reshape(b, 1, g, r, p, n), states], dim=1)  # (b, c+1, g, r, p, n)
-    chunk_decay = torch.exp(segsum(F.pad(cs[..., -1].permute(0, 2, 3, 1), (1, 0))))  # (b, g, r, c+1, c+1)
-    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
-    states, final_state = states[:, :-1], states[:, -1]
-
-    # 4. each chunk's incoming state read out by C, decayed from the chunk's start
-    Y_off = (Cc[:, :, :, None] @ states.to(x.dtype).transpose(-1, -2)).to(f) * torch.exp(cs)[..., None]  # (b,c,g,r,Q,p)
-    y = (Y.to(f) + Y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)[:, :l]  # (b, l, h, p)
-    if D is not None:
-        y = y + D.to(f)[:, None] * x[:, :l].to(f)
-    return y.to(x.dtype), final_state.reshape(b, h, p, n)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# 4. The entry point the model calls: mamba-ssm's Triton kernel on CUDA when installed, else ssd_chunked(_fast)
+# 4. The entry point the model calls: mamba-ssm's Triton kernel on CUDA when installed, else ssd_chunked
 # ----------------------------------------------------------------------------------------------------------------
-
-# "auto" (default): mamba-ssm's kernel on CUDA when it is installed, else `ssd_chunked_fast` on CUDA and
-# `ssd_chunked` on the CPU; "torch": always ssd_chunked; "torch-fast": always ssd_chunked_fast; "torch-compiled":
-# ssd_chunked_fast through torch.compile (its elementwise work fused into a few Triton kernels; the first call of
-# each shape compiles); "mamba_ssm": always the kernel (an error if it cannot run). Set it here, per call with
-# `backend=`, or with the environment variable MLMAMBA_SSD_BACKEND.
-SSD_BACKEND = os.environ.get("MLMAMBA_SSD_BACKEND", "auto")
-BACKENDS = ("auto", "torch", "torch-fast", "torch-compiled", "mamba_ssm")
-# ssd_chunked_fast's chunk, at most (any chunk gives the same values): the (Q, Q) work per position grows with Q, the
-# work between chunks with l / Q; 128 is the fastest at Mamba-2 2.7B's shapes on an H200 (docs/speed.md), and
-# torch.compile (torch 2.11) fails to generate code for a cumsum 256 long
-FAST_CHUNK = 128
-
-
-@functools.cache
-def _compiled_ssd_chunked_fast():
-    return torch.compile(ssd_chunked_fast)
-
 
 @functools.cache
 def _mamba_chunk_scan_combined():
@@ -351,21 +278,10 @@ def _kernel_installed():
     return _mamba_chunk_scan_combined() is not None
 
 
-def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, backend=None):
-    """The selective SSD over a whole sequence: returns (y (b, l, h, p), final_state (b, h, p, n), fp32), by the
-    backend named (SSD_BACKEND above)."""
-    backend = backend or SSD_BACKEND
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown SSD backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    # CUDA tensors first: on the CPU, torch.compile of a caller then never looks the kernel up
-    on_kernel = x.is_cuda and not backend.startswith("torch") and _kernel_installed()
-    if backend == "mamba_ssm" and not on_kernel:
-        raise RuntimeError("SSD backend 'mamba_ssm' needs the mamba-ssm package importable and CUDA tensors "
-                           f"(mamba-ssm importable: {_kernel_installed()}, tensors on: {x.device}); "
-                           "use backend='torch' or 'auto'")
-    if on_kernel:
+def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """The selective SSD over a whole sequence, what the Mamba-2 mixer calls: mamba-ssm's fused kernel for CUDA
+    tensors where mamba-ssm is installed (the optional fast path), else `ssd_chunked`. Returns (y (b, l, h, p),
+    final_state (b, h, p, n) fp32)."""
+    if x.is_cuda and _kernel_installed():  # CUDA first: on the CPU, torch.compile never looks the kernel up
         return _ssd_kernel(x, dt, A, B, C, chunk_size, D, initial_state)
-    if backend == "torch" or (backend == "auto" and not x.is_cuda):
-        return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
-    fast = _compiled_ssd_chunked_fast() if backend == "torch-compiled" else ssd_chunked_fast
-    return fast(x, dt, A, B, C, min(chunk_size, FAST_CHUNK), D=D, initial_state=initial_state)
+    return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)

@@ -19,96 +19,118 @@ Presets (PRESETS below; any option given on the command line overrides its prese
   1e-4, global batch 32; on a GPU also a 192-wide LM and a describe turn in every training conversation
   (GPU_PRESETS; docs/synthetic-world.md says why).
 
-Checkpoints: runs/NAME/STAGE/checkpoint-STEP/ (model + optimizer + scheduler + RNG + step), then the file
-STAGE/latest is switched to it with an atomic rename: a crash mid-write leaves the previous checkpoint in charge.
-`--resume` continues from there with the same batches in the same order, so it ends where an uninterrupted run
-would. A NaN or infinite loss stops the run naming the step; the last good checkpoint stays. The optimizer state is
-stored keyed by parameter name (whole tensors), so a run may resume with another number of processes or DDP <-> FSDP.
-
-Several processes (torchrun): each takes its slice of every global batch. FSDP (the paper's choice, default) splits
-every parameter, gradient and optimizer state over the processes, so each holds 1/N of them; a block's whole weights
-are gathered just for its forward and its backward. DDP keeps a whole copy on each and averages the gradients.
+The run folder (run_folder.py): checkpoints every --save-every steps, switched atomically; `--resume` continues
+with the same batches in the same order, so it ends where an uninterrupted run would. A NaN or infinite loss stops
+the run naming the step; the last good checkpoint stays. Several processes (torchrun, distributed.py): each takes its
+slice of every global batch, the model sharded (FSDP) or replicated (DDP).
 """
 
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 import time
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from data import (LLaVADataset, StageBatches, build_synthetic_dataset, collate, conversation_turns,
-                  synthetic_dataset_is_built, train_tokenizer)
+from data import LLaVADataset, StageBatches, collate, conversation_turns, train_tokenizer
 from model import IGNORE_INDEX, MLMamba, MLMambaConfig, conversation_segments
-from weights import (USER_ERRORS, atomic_write_text, fraction, listing, nonnegative_float, nonnegative_int,
+from distributed import Process, setup_distributed, shard
+from run_folder import (FULL_STATE, STAGES, RunLog, full_state, latest_checkpoint, prepare_run_folder, resume_stage,
+                        save_checkpoint)
+from synthetic import build_synthetic_dataset, synthetic_dataset_is_built
+from weights import (USER_ERRORS, fraction, listing, nonnegative_float, nonnegative_int,
                      positive_float, positive_int, report_user_error)
 
-STAGES = ("pretrain", "align", "finetune")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: a preset, then the options given on the command line; frozen once parsed
 # ----------------------------------------------------------------------------------------------------------------
 
+def option(default, help=None, group=None, **argparse_kwargs):
+    """A TrainConfig field that is also a command-line option: --name-with-dashes, with this help and the argparse
+    arguments given (type, choices, action); group: the --help section it is listed in."""
+    return field(default=default, metadata=dict(help=help, group=group, **argparse_kwargs))
+
+
+SYNTHETIC = "the synthetic world (when no --data is given)"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: str = "synthetic"
-    stage: str = "all"  # "pretrain", "align", "finetune", "both" (align, finetune) or "all"
-    data: str = None  # a LLaVA-format JSON; None: the synthetic world
-    image_root: str = None
-    pretrain_data: str = None  # text-only LLaVA-format JSON for the pretrain stage (synthetic: the world's text.json)
-    synthetic_dir: str = "data/synthetic"
-    llm: str = None
-    siglip: str = None
-    dinov2: str = None
-    tokenizer: str = None
-    init_from: str = None
-    connector: str = None  # None: ConnectorConfig's default, or the --init-from folder's
-    scan: str = None
-    prompt: str = "in-out"  # a new model's prompt format
-    drop_path: float = 0.1
-    image_size: int = 384
-    out: str = "runs/synthetic"
-    pretrain_epochs: float = 40
-    align_epochs: float = 1
-    epochs: float = 20  # finetune epochs
-    lr: float = 1e-3  # finetune and pretrain
-    align_lr: float = 1e-4
-    connector_lr: float = None  # the connector's lr in finetune (None: lr)
-    weight_decay: float = 0.1
-    warmup_ratio: float = 0.03
-    global_batch: int = 32
-    per_device_batch: int = None  # None: the global batch / processes
-    max_grad_norm: float = 1.0
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "fp32" or "bf16"
-    gradient_checkpointing: bool = False
-    compile: bool = False  # the LM blocks through torch.compile (Mamba2LMHeadModel.compile_blocks)
-    parallel: str = "fsdp"
-    workers: int = 0  # DataLoader worker processes
-    save_every: int = 200
-    log_every: int = 25
-    resume: bool = False
-    overwrite: bool = False
-    max_steps: int = None
-    seed: int = 0
-    world_seed: int = 0
-    extra_spatial: int = 0
-    describe: bool = False
-    lm_width: int = 96  # the synthetic world's LM: d_model and layers
-    lm_layers: int = 3
-    device: str = "cpu"
-    fast: str = "auto"  # fast_train.py's path: "auto" (synthetic world on one GPU), "on" or "off"
-    no_eval: bool = False
+    """Every training option, declared once: parse_args builds the command line from these fields. A preset (PRESETS)
+    replaces some defaults, the options given on the command line replace those; frozen from then on."""
+    preset: str = option("synthetic", "default: synthetic, or paper with --data; release: the authors' one-stage "
+                                      "recipe", choices=["synthetic", "paper", "release"])
+    stage: str = option("all", "all: pretrain (when there is text data), align, finetune; both: align, finetune",
+                        choices=["pretrain", "align", "finetune", "both", "all"])
+    data: str = option(None, "LLaVA-format JSON; default: the synthetic world (built if missing)")
+    image_root: str = option(None, "folder the samples' image paths are relative to (default: the JSON's)")
+    pretrain_data: str = option(None, "text-only LLaVA-format JSON for the pretrain stage (LM alone); synthetic: the "
+                                      "world's text.json")
+    llm: str = option(None, "Mamba-2 checkpoint folder or repo id (real runs)")
+    siglip: str = option(None, "SigLIP checkpoint folder or repo id")
+    dinov2: str = option(None, "DINOv2 checkpoint folder or repo id")
+    tokenizer: str = option(None, "tokenizer.json or its folder (real runs: GPT-NeoX-20B's)")
+    init_from: str = option(None, "an ML-Mamba folder to start from (e.g. the align stage's output); with a "
+                                  "--connector or --scan other than its own, a new connector on its LM")
+    connector: str = option(None, "default msc-advanced (with --init-from: the folder's)",
+                            choices=["mlp", "msc-basic", "msc-advanced", "msc-release"])
+    scan: str = option(None, "default bsm (with --init-from: the folder's)", choices=["bsm", "csm"])
+    prompt: str = option("in-out", "a new model's prompt format (zephyr: the authors' release's)",
+                         choices=["in-out", "zephyr"])
+    drop_path: float = option(0.1, "the MSC blocks' stochastic depth", type=fraction)
+    image_size: int = option(384, "encoder input size (real runs)", type=positive_int)
+    out: str = option("runs/synthetic", "the run folder")
+    pretrain_epochs: float = option(40, "text-only pretrain epochs", type=nonnegative_float)
+    align_epochs: float = option(1, "align epochs", type=nonnegative_float)
+    epochs: float = option(20, "finetune epochs", type=nonnegative_float)
+    lr: float = option(1e-3, "finetune and pretrain lr", type=positive_float)
+    align_lr: float = option(1e-4, "align lr", type=positive_float)
+    connector_lr: float = option(None, "the connector's lr in the finetune stage (default: --lr; see make_optimizer)",
+                                 type=positive_float)
+    weight_decay: float = option(0.1, type=nonnegative_float)
+    warmup_ratio: float = option(0.03, type=fraction)
+    global_batch: int = option(32, type=positive_int)
+    per_device_batch: int = option(None, "default: the global batch / processes", type=positive_int)
+    max_grad_norm: float = option(1.0, type=positive_float)
+    precision: str = option("auto", "auto (the paper's default): bf16 autocast on CUDA; the synthetic preset: fp32",
+                            choices=["auto", "fp32", "bf16"])
+    gradient_checkpointing: bool = option(False, action="store_true")
+    compile: bool = option(False, "the LM blocks through torch.compile: their elementwise work fused (real runs on a "
+                                  "GPU; the first steps compile)", action="store_true")
+    parallel: str = option("fsdp", "under torchrun: shard the model over the processes (FSDP) or replicate it (DDP)",
+                           choices=["fsdp", "ddp"])
+    workers: int = option(0, "data-loading worker processes", type=nonnegative_int)
+    save_every: int = option(200, "steps between checkpoints", type=positive_int)
+    log_every: int = option(25, "steps between progress lines", type=positive_int)
+    resume: bool = option(False, "continue the run in --out from its latest checkpoints", action="store_true")
+    overwrite: bool = option(False, "delete the run in --out and start over", action="store_true")
+    max_steps: int = option(None, "stop each stage after this many steps", type=positive_int)
+    seed: int = option(0, "initialization, batch order, stochastic depth", type=nonnegative_int)
+    device: str = option("cpu", "default: cuda when available, else cpu")
+    fast: str = option("auto", "the stage loop of fast_train.py (data and encoder features held on the device, each "
+                               "step a CUDA graph); auto: on for the synthetic world on one GPU",
+                       choices=["auto", "on", "off"])
+    no_eval: bool = option(False, action="store_true")
+    synthetic_dir: str = option("data/synthetic", "where the world is built", group=SYNTHETIC)
+    world_seed: int = option(0, "the world's seed (apart from --seed: runs that differ in --seed share one world)",
+                             group=SYNTHETIC, type=nonnegative_int)
+    extra_spatial: int = option(0, "spatial questions added to each training conversation that can pose one",
+                                group=SYNTHETIC, type=nonnegative_int)
+    describe: bool = option(False, "each training conversation ends by asking for the scene in words (a GPU's preset)",
+                            group=SYNTHETIC, action=argparse.BooleanOptionalAction)
+    lm_width: int = option(96, "the LM's d_model (a GPU's preset: 192)", group=SYNTHETIC, type=positive_int)
+    lm_layers: int = option(3, "the LM's layers", group=SYNTHETIC, type=positive_int)
+
+    def uses_bf16(self, device):
+        """bf16 autocast on fp32 weights: --precision bf16, or auto on CUDA."""
+        return self.precision == "bf16" or (self.precision == "auto" and device.startswith("cuda"))
 
 
 PRESETS = {
@@ -131,63 +153,16 @@ GPU_PRESETS = {"synthetic": dict(lm_width=192, describe=True)}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)  # an option not given keeps its preset's value
-    p.add_argument("--preset", choices=list(PRESETS),
-                   help="default: synthetic, or paper with --data; release: the authors' one-stage recipe")
-    p.add_argument("--stage", choices=["pretrain", "align", "finetune", "both", "all"],
-                   help="all (default): pretrain (when there is text data), align, finetune; both: align, finetune")
-    p.add_argument("--data", help="LLaVA-format JSON; default: the synthetic world (built if missing)")
-    p.add_argument("--image-root", help="folder the samples' image paths are relative to (default: the JSON's)")
-    p.add_argument("--pretrain-data", help="text-only LLaVA-format JSON for the pretrain stage (LM alone); "
-                                           "synthetic: the world's text.json")
-    p.add_argument("--llm", help="Mamba-2 checkpoint folder or repo id (real runs)")
-    p.add_argument("--siglip", help="SigLIP checkpoint folder or repo id")
-    p.add_argument("--dinov2", help="DINOv2 checkpoint folder or repo id")
-    p.add_argument("--tokenizer", help="tokenizer.json or its folder (real runs: GPT-NeoX-20B's)")
-    p.add_argument("--init-from", help="an ML-Mamba folder to start from (e.g. the align stage's output); with a "
-                                       "--connector or --scan other than its own, a new connector on its LM")
-    p.add_argument("--connector", choices=["mlp", "msc-basic", "msc-advanced", "msc-release"],
-                   help="default msc-advanced (with --init-from: the folder's)")
-    p.add_argument("--scan", choices=["bsm", "csm"], help="default bsm (with --init-from: the folder's)")
-    p.add_argument("--prompt", choices=["in-out", "zephyr"],
-                   help="a new model's prompt format (default in-out; zephyr: the authors' release's)")
-    p.add_argument("--drop-path", type=fraction, help="the MSC blocks' stochastic depth (default 0.1)")
-    p.add_argument("--image-size", type=positive_int, help="encoder input size (real runs; default 384)")
-    p.add_argument("--out", help="the run folder (default runs/synthetic)")
-    p.add_argument("--pretrain-epochs", type=nonnegative_float, help="text-only pretrain epochs")
-    p.add_argument("--align-epochs", type=nonnegative_float, help="align epochs")
-    p.add_argument("--epochs", type=nonnegative_float, help="finetune epochs")
-    p.add_argument("--lr", type=positive_float, help="finetune and pretrain lr")
-    p.add_argument("--align-lr", type=positive_float, help="align lr")
-    p.add_argument("--connector-lr", type=positive_float,
-                   help="the connector's lr in the finetune stage (see make_optimizer)")
-    p.add_argument("--weight-decay", type=nonnegative_float)
-    p.add_argument("--warmup-ratio", type=fraction)
-    p.add_argument("--global-batch", type=positive_int)
-    p.add_argument("--per-device-batch", type=positive_int, help="default: the global batch / processes")
-    p.add_argument("--max-grad-norm", type=positive_float)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="auto (the paper's default): bf16 autocast on CUDA; the synthetic preset: fp32")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true",
-                   help="the LM blocks through torch.compile: their elementwise work fused (real runs on a GPU; the "
-                        "first steps compile)")
-    p.add_argument("--parallel", choices=["fsdp", "ddp"],
-                   help="under torchrun: shard the model over the processes (FSDP, default) or replicate it (DDP)")
-    p.add_argument("--workers", type=nonnegative_int, help="data-loading worker processes")
-    p.add_argument("--save-every", type=positive_int, help="steps between checkpoints (default 200)")
-    p.add_argument("--log-every", type=positive_int, help="steps between progress lines (default 25)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoints")
-    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
-    p.add_argument("--max-steps", type=positive_int, help="stop each stage after this many steps")
-    p.add_argument("--seed", type=nonnegative_int, help="initialization, batch order, stochastic depth (default 0)")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--fast", choices=["auto", "on", "off"],
-                   help="the stage loop of fast_train.py (data and encoder features held on the device, each step "
-                        "a CUDA graph); auto (default): on for the synthetic world on one GPU")
-    p.add_argument("--no-eval", action="store_true")
-    add_synthetic_arguments(p.add_argument_group("the synthetic world (when no --data is given)"))
+    groups = {None: p}
+    for f in fields(TrainConfig):
+        kwargs = {k: v for k, v in f.metadata.items() if k not in ("group", "help")}
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = p.add_argument_group(group)
+        groups[group].add_argument("--" + f.name.replace("_", "-"), help=help_text(f), **kwargs)
     given = vars(p.parse_args(argv))
     if given.get("resume") and given.get("overwrite"):
         p.error("--resume continues the run in --out and --overwrite deletes it: give one")
@@ -196,16 +171,13 @@ def parse_args(argv=None):
     return TrainConfig(**{**preset_values(preset, device), **given, "device": device, "preset": preset})
 
 
-def add_synthetic_arguments(g):
-    g.add_argument("--synthetic-dir", help="where the world is built (default data/synthetic)")
-    g.add_argument("--world-seed", type=nonnegative_int,
-                   help="the world's seed (apart from --seed: runs that differ in --seed share one world)")
-    g.add_argument("--extra-spatial", type=nonnegative_int,
-                   help="spatial questions added to each training conversation that can pose one")
-    g.add_argument("--describe", action=argparse.BooleanOptionalAction,
-                   help="each training conversation ends by asking for the scene in words (default: on a GPU)")
-    g.add_argument("--lm-width", type=positive_int, help="the LM's d_model (default 96; 192 on a GPU)")
-    g.add_argument("--lm-layers", type=positive_int, help="the LM's layers (default 3)")
+def help_text(f):
+    """A field's help, with its default where the help does not state it (a preset's, where a preset sets it)."""
+    text = f.metadata["help"] or ""
+    by_preset = any(f.name in values for values in (*PRESETS.values(), *GPU_PRESETS.values()))
+    if "default" in text or (not by_preset and (f.default is None or f.type is bool)):
+        return text or None
+    return f"{text}{'; ' if text else ''}default: {'per preset' if by_preset else f.default}"
 
 
 def preset_values(preset, device):
@@ -216,62 +188,6 @@ def preset_values(preset, device):
 # ----------------------------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Process:
-    """Where this process runs: its rank among world_size processes (torchrun), and its device."""
-    rank: int = 0
-    world_size: int = 1
-    device: str = "cpu"
-
-
-def setup_distributed(cfg):
-    """Under torchrun: one process per device; NCCL for CUDA tensors, gloo for CPU tensors."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Process(device=cfg.device)
-    device = cfg.device
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        device = f"cuda:{torch.cuda.current_device()}"
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
-    return Process(int(os.environ["RANK"]), world_size, device)
-
-
-def shard(model, device):
-    """FSDP2 (torch.distributed.fsdp.fully_shard): every LM block, the connector, then the rest (embeddings, head,
-    vision encoders) each become one unit whose parameters are split over the processes (DTensors). Before a unit's
-    forward and backward its whole weights are all-gathered; after the backward its gradients are reduce-scattered
-    (averaged), so each process updates only its own shard. The tied embedding and head stay in one unit.
-    The device mesh is made for `device` explicitly: left to itself, FSDP puts it on CUDA whenever CUDA exists."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
-    # FSDP warns when a unit returns a view; the connector's output is the (b, N, D) view nn.Linear gives for 3-D
-    # inputs, and nothing writes into it in place (MLMamba.embed copies it into the embeddings)
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPConnector\) returned a view tensor")
-    for block in model.lm.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model.connector, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-class RunLog:
-    """Prints a line on rank 0 and appends it to OUT/train.log, so a run's progress stays readable (and plottable:
-    `python docs/figures.py`) after the terminal is gone. A resumed run appends to the same file."""
-
-    def __init__(self, rank, file):
-        self.rank, self.file = rank, Path(file)
-
-    def __call__(self, msg):
-        if self.rank != 0:
-            return
-        print(msg, flush=True)
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.file, "a") as f:
-            f.write(msg + "\n")
-
 
 @dataclass(frozen=True)
 class DataFiles:
@@ -401,98 +317,6 @@ def make_optimizer(model, lr, weight_decay, connector_lr=None, fused=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on the CPU, on rank 0
-
-
-def full_state(model, optimizer):
-    """(model state, optimizer state) as whole tensors on the CPU, the optimizer's keyed by parameter name. Under FSDP
-    each process holds a shard and this gathers them (a collective: every process must call it; rank 0 gets them)."""
-    return (get_model_state_dict(model, options=FULL_STATE),
-            get_optimizer_state_dict(model, optimizer, options=FULL_STATE))
-
-
-def load_full_state(model, optimizer, model_state, optimizer_state):
-    """The inverse of full_state, on every process (each keeps its own shard under FSDP)."""
-    options = StateDictOptions(full_state_dict=True, strict=not model.config.lm.tie_embeddings)
-    set_model_state_dict(model, model_state, options=options)  # a tied lm_head is not stored
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-
-
-def save_checkpoint(stage_dir, model, state, optimizer_state, scheduler, step, total, done=False, keep=2):
-    """stage_dir/checkpoint-STEP/, then stage_dir/latest -> it, switched atomically; then all but the `keep` newest
-    checkpoints are deleted, never the one `latest` names. state, optimizer_state: from full_state."""
-    ckpt = stage_dir / f"checkpoint-{step}"
-    tmp = stage_dir / f".tmp-checkpoint-{step}"
-    for folder in (ckpt, tmp):
-        shutil.rmtree(folder, ignore_errors=True)
-    model.save_pretrained(tmp, state)
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state()}, tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "total_steps": total, "done": done}))
-    os.replace(tmp, ckpt)
-    atomic_write_text(stage_dir / "latest", ckpt.name)  # the switch: before it the old checkpoint rules, then the new
-    others = sorted((d for d in stage_dir.glob("checkpoint-*") if d != ckpt), key=lambda d: int(d.name.split("-")[1]))
-    for old in others[:len(others) - (keep - 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return ckpt
-
-
-def latest_checkpoint(stage_dir):
-    pointer = stage_dir / "latest"
-    if not pointer.is_file():
-        return None
-    ckpt = stage_dir / pointer.read_text().strip()
-    return ckpt if (ckpt / "state.json").is_file() else None
-
-
-RUN_OUTPUTS = ("final", "train.log", "eval.json")  # beside the stage folders
-
-
-def prepare_run_folder(cfg, proc):
-    """A run folder is never silently mixed or rewound: --resume needs a checkpoint to continue from; a folder that
-    holds a run needs --resume or --overwrite, which deletes that run first. Returns what was deleted."""
-    out = Path(cfg.out)
-    if cfg.resume:
-        for stage in STAGES:
-            pointer = out / stage / "latest"
-            if pointer.is_file() and latest_checkpoint(out / stage) is None:
-                raise ValueError(f"--resume: {pointer} names {pointer.read_text().strip()!r}, which is not a complete "
-                                 f"checkpoint in {out / stage}; point it at one that is, or start over with "
-                                 "--overwrite")
-        if not any(latest_checkpoint(out / stage) for stage in STAGES):
-            raise ValueError(f"--resume: {out} holds no checkpoint to continue from; start without --resume")
-        return []
-    held = [out / s for s in STAGES if (out / s).is_dir()] + [out / n for n in RUN_OUTPUTS if (out / n).exists()]
-    if held and not cfg.overwrite:
-        raise ValueError(f"{out} already holds a run ({', '.join(p.name for p in held)}): continue it with --resume, "
-                         "or delete it and start over with --overwrite")
-    if proc.rank == 0:
-        for path in held:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if proc.world_size > 1:
-        dist.barrier()
-    return held
-
-
-def resume_stage(stage_dir, model, optimizer, scheduler, log):
-    """Load the stage's latest checkpoint into model, optimizer, scheduler and the RNG; returns (step, done), or
-    (0, False) when there is none."""
-    ckpt = latest_checkpoint(stage_dir)
-    if ckpt is None:
-        return 0, False
-    state = json.loads((ckpt / "state.json").read_text())
-    trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-    load_full_state(model, optimizer, model.checkpoint_state(ckpt), trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["rng"])
-    log(f"[{stage_dir.name}] resumed from {ckpt} at step {state['step']}/{state['total_steps']}")
-    return state["step"], state["done"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # One stage
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -520,66 +344,10 @@ def stage_batches(stage, dataset, cfg, proc):
                         total=total, rank=proc.rank, world_size=proc.world_size)
 
 
-def to_device(batch, device):
-    px = batch["pixel_values"]
-    return ({n: v.to(device, non_blocking=True) for n, v in px.items()} if px else None,
-            batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True))
-
-
-def uses_bf16(cfg, proc):
-    """bf16 autocast on fp32 weights: --precision bf16, or auto on CUDA."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and proc.device.startswith("cuda"))
-
-
-def train_step(wrapped, model, micro_batches, optimizer, scheduler, cfg, proc):
-    """One optimizer step over this process's micro-batches of a global batch; returns (loss, grad-norm) as tensors.
-
-    The loss is the mean over every target token of the global batch: each micro-batch's summed loss is divided by
-    the global count, so one process and N processes, one micro-batch or many, compute the same step."""
-    n_tokens = torch.tensor(float(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro_batches if b["labels"]
-                                      is not None)))
-    if proc.world_size > 1:
-        dist.all_reduce(n_tokens)
-    use_bf16 = uses_bf16(cfg, proc)
-    step_loss = torch.zeros((), device=proc.device)
-    for batch in micro_batches:
-        if batch["input_ids"] is None:  # every sample of this micro-batch was skipped
-            continue
-        pixels, ids, labels = to_device(batch, proc.device)
-        with torch.autocast(device_type=proc.device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-            _, loss_sum = wrapped(pixels, ids, labels, loss_reduction="sum", return_logits=False)
-        if loss_sum is None:  # no target token in this micro-batch
-            continue
-        (loss_sum / n_tokens.clamp(min=1) * proc.world_size).backward()  # DDP and FSDP average over ranks
-        step_loss += loss_sum.detach()
-    if n_tokens == 0:  # every sample of the global batch was skipped: no update, the schedule goes on
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return None, None
-    if proc.world_size > 1:
-        dist.all_reduce(step_loss)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               cfg.max_grad_norm)  # the norm of the whole gradient, also under FSDP
-    if isinstance(grad_norm, torch.distributed.tensor.DTensor):
-        grad_norm = grad_norm.full_tensor()
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss.cpu() / n_tokens.clamp(min=1), grad_norm
-
-
-def speed(samples, tokens, seconds, samples_left):
-    """The progress line's rates: samples/s, tokens/s (every token of every sequence, image slots included, over all
-    processes) and the time left at that rate."""
-    rate = samples / max(seconds, 1e-9)
-    eta = round(samples_left / max(rate, 1e-9))
-    return f"{rate:.1f} samples/s {tokens / max(seconds, 1e-9):.0f} tokens/s ETA {eta // 60}m{eta % 60:02d}s"
-
-
 @dataclass
 class Stage:
     """One stage's loop state: its name, batches, optimizer and lr schedule, folder, first step (after --resume),
-    whether it was already done, and its last good checkpoint."""
+    whether it was already done, its last good checkpoint, and the samples of the run's later stages (the ETA)."""
     name: str
     batches: StageBatches
     optimizer: torch.optim.Optimizer
@@ -588,20 +356,100 @@ class Stage:
     start: int
     done: bool
     last_good: Path = None
+    later_samples: int = 0
 
 
-def nan_stop(st, loss, step, checked_after=None):
-    """The TrainingError for a non-finite loss at step `step` (0-based), naming the last good checkpoint;
-    checked_after: the step at which a loop that checks every few steps found it."""
-    checked = f" (checked after step {checked_after})" if checked_after is not None else ""
-    return TrainingError(f"[{st.name}] loss is {float(loss)} at step {step + 1}{checked}: stopping. The last good "
-                         f"checkpoint is {st.last_good or 'none (no checkpoint was written yet)'}")
+class PlainSteps:
+    """The stage's steps as the paper's recipe runs them: micro-batches from a DataLoader (worker processes, pinned
+    memory), each forward and backward under bf16 autocast, gradients summed over micro-batches and processes, then
+    clipping and the optimizer. steps(step) runs step `step` (0-based): (loss, grad-norm, tokens), the loss a CPU
+    tensor, or None when every sample of the batch was skipped."""
+
+    fused_optimizer = False
+
+    def __init__(self, model, dataset, st, cfg, proc, log):
+        self.model, self.st, self.cfg, self.proc, self.log = model, st, cfg, proc, log
+        self.wrapped = model  # what the forward goes through: FSDP's model is sharded in place (train()), DDP wraps it
+        if proc.world_size > 1 and cfg.parallel == "ddp":
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=None if proc.device == "cpu" else [proc.device])
+        # the loader draws its seeds from a generator of its own: the global RNG draws the stochastic depth
+        self.loader = iter(torch.utils.data.DataLoader(
+            dataset, batch_sampler=replace(st.batches, start=st.start), collate_fn=collate, num_workers=cfg.workers,
+            pin_memory=proc.device.startswith("cuda"), generator=torch.Generator()))
+        self.skipped = set()
+
+    def __call__(self, step):
+        micro_batches = [next(self.loader) for _ in range(self.st.batches.micro_per_step())]
+        for reason in (r for b in micro_batches for r in b["skipped"] if r not in self.skipped):
+            self.skipped.add(reason)
+            self.log(f"[{self.st.name}] skipping {reason}")
+        loss, grad_norm = self.train_step(micro_batches)
+        if loss is None:
+            self.log(f"[{self.st.name}] step {step + 1}: every sample of the batch was skipped; no update")
+        return loss, grad_norm, sum(b["tokens"] for b in micro_batches) * self.proc.world_size
+
+    def train_step(self, micro_batches):
+        """One optimizer step over this process's micro-batches of a global batch; (loss, grad-norm) as tensors.
+
+        The loss is the mean over every target token of the global batch: each micro-batch's summed loss is divided
+        by the global count, so one process and N processes, one micro-batch or many, compute the same step."""
+        st, cfg, proc = self.st, self.cfg, self.proc
+        n_tokens = torch.tensor(float(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro_batches
+                                          if b["labels"] is not None)))
+        if proc.world_size > 1:
+            dist.all_reduce(n_tokens)
+        step_loss = torch.zeros((), device=proc.device)
+        for batch in micro_batches:
+            if batch["input_ids"] is None:  # every sample of this micro-batch was skipped
+                continue
+            px = batch["pixel_values"]
+            pixels = {n: v.to(proc.device, non_blocking=True) for n, v in px.items()} if px else None
+            ids, labels = (batch[k].to(proc.device, non_blocking=True) for k in ("input_ids", "labels"))
+            with torch.autocast(proc.device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.uses_bf16(proc.device)):
+                _, loss_sum = self.wrapped(pixels, ids, labels, loss_reduction="sum", return_logits=False)
+            if loss_sum is None:  # no target token in this micro-batch
+                continue
+            (loss_sum / n_tokens.clamp(min=1) * proc.world_size).backward()  # DDP and FSDP average over ranks
+            step_loss += loss_sum.detach()
+        if n_tokens == 0:  # every sample of the global batch was skipped: no update, the schedule goes on
+            st.optimizer.zero_grad(set_to_none=True)
+            st.scheduler.step()
+            return None, None
+        if proc.world_size > 1:
+            dist.all_reduce(step_loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                   cfg.max_grad_norm)  # the whole gradient's norm, also under FSDP
+        if isinstance(grad_norm, torch.distributed.tensor.DTensor):
+            grad_norm = grad_norm.full_tensor()
+        st.optimizer.step()
+        st.scheduler.step()
+        st.optimizer.zero_grad(set_to_none=True)
+        return step_loss.cpu() / n_tokens.clamp(min=1), grad_norm
+
+    def finish(self):
+        if self.skipped:
+            self.log(f"[{self.st.name}] skipped {len(self.skipped)} sample(s) with a missing or unusable image or text")
 
 
-def begin_stage(stage, model, dataset, cfg, proc, log, fused=False):
+def minutes(seconds):
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def speed(samples, tokens, seconds, samples_left, later_samples=0):
+    """The progress line's rates: samples/s, tokens/s (every token of every sequence, image slots included, over all
+    processes), the time left in this stage at that rate, and the time left in the run with the later stages'
+    samples counted at the same rate (an estimate: a stage with images reads its samples slower than the text stage)."""
+    rate = max(samples / max(seconds, 1e-9), 1e-9)
+    return (f"{rate:.1f} samples/s {tokens / max(seconds, 1e-9):.0f} tokens/s ETA {minutes(samples_left / rate)}"
+            + (f" (run ~{minutes((samples_left + later_samples) / rate)})" if later_samples else ""))
+
+
+def begin_stage(stage, model, dataset, cfg, proc, log, fused=False, later_samples=0):
     """What a stage's loop starts from: the trainable parts logged, the batches, the optimizer (see make_optimizer)
     and the lr schedule, with --resume the stage's latest checkpoint loaded, and the model in training mode.
-    Returns a Stage."""
+    later_samples: the samples of the stages that follow in this run. Returns a Stage."""
     parts = sorted({n.split(".")[0] for n in model.set_stage(stage)})
     log(f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
         f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
@@ -616,85 +464,78 @@ def begin_stage(stage, model, dataset, cfg, proc, log, fused=False):
     start, done = resume_stage(stage_dir, model, optimizer, scheduler, log) if cfg.resume else (0, False)
     model.lm.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
-    return Stage(stage, batches, optimizer, scheduler, stage_dir, start, done, latest_checkpoint(stage_dir))
+    return Stage(stage, batches, optimizer, scheduler, stage_dir, start, done, latest_checkpoint(stage_dir),
+                 later_samples)
 
 
-def log_due(step, st, cfg):
-    return (step + 1) % cfg.log_every == 0 or step + 1 == st.batches.total or step == st.start
+def check_finite(unchecked, st):
+    """unchecked: [(step, loss)] not yet checked, losses as tensors (on the device: one host sync for all); raises a
+    TrainingError at the first NaN / inf one, naming the step and the last good checkpoint."""
+    losses = torch.stack([loss for _, loss in unchecked])
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        step, last = unchecked[int(bad[0, 0])][0], unchecked[-1][0]
+        checked = f" (checked after step {last + 1})" if losses.device.type != "cpu" else ""  # not checked at each step
+        raise TrainingError(f"[{st.name}] loss is {float(losses[int(bad[0, 0])])} at step {step + 1}{checked}: "
+                            f"stopping. The last good checkpoint is "
+                            f"{st.last_good or 'none (no checkpoint was written yet)'}")
 
 
-def log_progress(log, st, step, loss, grad_norm, seen, tokens, seconds, cfg):
-    """The progress line of step `step` (0-based): loss, gradient norm, lr, then speed()."""
-    log(f"[{st.name}] step {step + 1}/{st.batches.total} epoch {step // st.batches.steps_per_epoch() + 1} "
-        f"loss {loss:.4f} grad-norm {float(grad_norm):.3g} lr {st.scheduler.get_last_lr()[0]:.2e} "
-        + speed(seen, tokens, seconds, (st.batches.total - step - 1) * cfg.global_batch))
-
-
-def save_due(step, st, cfg):
-    return (step + 1) % cfg.save_every == 0 or step + 1 == st.batches.total
-
-
-def save_stage_checkpoint(st, model, step, proc):
-    """Checkpoint after step `step` (0-based); every process calls it (gathering FSDP's shards), rank 0 writes."""
-    model_state, optimizer_state = full_state(model, st.optimizer)
-    if proc.rank == 0:
-        st.last_good = save_checkpoint(st.dir, model, model_state, optimizer_state, st.scheduler, step + 1,
-                                       st.batches.total, done=step + 1 == st.batches.total)
-
-
-def use_fast_path(cfg, proc):
-    """--fast auto: the fast path (fast_train.py) for the synthetic world on one CUDA device; on: for any data on one
-    process (the CPU too, without the CUDA graph); off: never."""
-    one_micro_batch = cfg.per_device_batch in (None, cfg.global_batch)
-    if cfg.fast == "on" and (proc.world_size > 1 or not one_micro_batch):
-        raise ValueError("--fast on runs one process with one micro-batch per step; drop --per-device-batch and "
-                         "torchrun, or use --fast off")
-    if cfg.fast == "auto":
-        return cfg.data is None and proc.device.startswith("cuda") and proc.world_size == 1 and one_micro_batch
-    return cfg.fast == "on"
-
-
-def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None):
+def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, later_samples=0, steps_for=PlainSteps):
     """Train one stage, resuming from its latest checkpoint with --resume; returns the model (unwrapped).
-    on_step(step) is called after every optimizer step (and its checkpoint, if one is due)."""
+
+    steps_for(model, dataset, st, cfg, proc, log) makes the stage's steps: `PlainSteps`, or fast_train.DeviceSteps
+    (the same steps with the data on the device and each step one CUDA graph). A step's loss is checked at every
+    progress line and before every checkpoint, and at every step when it is on the CPU (no host sync to save).
+    on_step(step) is called after every optimizer step (and its checkpoint, if one is due). later_samples: the
+    samples of the stages that follow in this run (the progress line's run ETA)."""
     proc = proc or Process(device=cfg.device)
-    if use_fast_path(cfg, proc):
-        from fast_train import run_stage_fast
-        return run_stage_fast(stage, model, dataset, cfg, proc, log, on_step)
-    st = begin_stage(stage, model, dataset, cfg, proc, log)
+    st = begin_stage(stage, model, dataset, cfg, proc, log, later_samples=later_samples,
+                     fused=steps_for.fused_optimizer and proc.device.startswith("cuda"))
     if st.done:
         return model
-    wrapped = model  # what the forward goes through: FSDP's model is sharded in place (train()), DDP wraps it
-    if proc.world_size > 1 and cfg.parallel == "ddp":
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=None if proc.device == "cpu" else [proc.device])
-    # the loader draws its seeds from a generator of its own: the global RNG draws the stochastic depth
-    loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=replace(st.batches, start=st.start), collate_fn=collate, num_workers=cfg.workers,
-        pin_memory=proc.device.startswith("cuda"), generator=torch.Generator()))
-    t0, seen, tokens, skipped = time.time(), 0, 0, set()
+    steps = steps_for(model, dataset, st, cfg, proc, log)
+    t0, seen, tokens, unchecked = time.time(), 0, 0, []
     for step in range(st.start, st.batches.total):
-        micro_batches = [next(loader) for _ in range(st.batches.micro_per_step())]
-        for reason in (r for b in micro_batches for r in b["skipped"] if r not in skipped):
-            skipped.add(reason)
-            log(f"[{stage}] skipping {reason}")
-        loss, grad_norm = train_step(wrapped, model, micro_batches, st.optimizer, st.scheduler, cfg, proc)
-        if loss is None:
-            log(f"[{stage}] step {step + 1}: every sample of the batch was skipped; no update")
-        elif not math.isfinite(loss):
-            raise nan_stop(st, loss, step)
-        seen, tokens = seen + cfg.global_batch, tokens + sum(b["tokens"] for b in micro_batches) * proc.world_size
-        if loss is not None and log_due(step, st, cfg):
-            log_progress(log, st, step, loss, grad_norm, seen, tokens, time.time() - t0, cfg)
-        if save_due(step, st, cfg):
-            save_stage_checkpoint(st, model, step, proc)
+        loss, grad_norm, n_tokens = steps(step)
+        seen, tokens = seen + cfg.global_batch, tokens + n_tokens
+        log_due = (step + 1) % cfg.log_every == 0 or step + 1 == st.batches.total or step == st.start
+        save_due = (step + 1) % cfg.save_every == 0 or step + 1 == st.batches.total
+        if loss is not None:
+            unchecked.append((step, loss))
+        if unchecked and (log_due or save_due or unchecked[-1][1].device.type == "cpu"):  # check, then checkpoint
+            check_finite(unchecked, st)
+            unchecked = []
+        if loss is not None and log_due:
+            log(f"[{st.name}] step {step + 1}/{st.batches.total} epoch {step // st.batches.steps_per_epoch() + 1} "
+                f"loss {float(loss):.4f} grad-norm {float(grad_norm):.3g} lr {st.scheduler.get_last_lr()[0]:.2e} "
+                + speed(seen, tokens, time.time() - t0, (st.batches.total - step - 1) * cfg.global_batch,
+                        st.later_samples))
+        if save_due:  # every process gathers FSDP's shards, rank 0 writes
+            model_state, optimizer_state = full_state(model, st.optimizer)
+            if proc.rank == 0:
+                st.last_good = save_checkpoint(st.dir, model, model_state, optimizer_state, st.scheduler, step + 1,
+                                               st.batches.total, done=step + 1 == st.batches.total)
         if proc.world_size > 1:
             dist.barrier()
         if on_step is not None:
             on_step(step + 1)
-    if skipped:
-        log(f"[{stage}] skipped {len(skipped)} sample(s) with a missing or unusable image or text")
+    steps.finish()
     return model
+
+
+def stage_steps(cfg, proc):
+    """The steps a run's stages take: fast_train.DeviceSteps with --fast on, and with auto for the synthetic world on
+    one CUDA device (the data and encoder features held on the device, each step a CUDA graph); else PlainSteps."""
+    one_micro_batch = cfg.per_device_batch in (None, cfg.global_batch)
+    if cfg.fast == "on" and (proc.world_size > 1 or not one_micro_batch):
+        raise ValueError("--fast on runs one process with one micro-batch per step; drop --per-device-batch and "
+                         "torchrun, or use --fast off")
+    auto = cfg.data is None and proc.device.startswith("cuda") and proc.world_size == 1 and one_micro_batch
+    if cfg.fast == "on" or (cfg.fast == "auto" and auto):
+        from fast_train import DeviceSteps
+        return DeviceSteps
+    return PlainSteps
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -725,8 +566,12 @@ def train(cfg, on_step=None):
     torch.manual_seed(cfg.seed)
     files = prepare_data(cfg, proc, log)
     model = build_model(cfg, files, log).to(proc.device)
+    if proc.device.startswith("cuda"):  # the SSD arranged for a GPU, or mamba-ssm's kernel (fast_ssd.py)
+        from fast_ssd import use_ssd
+        use_ssd(model)
     if cfg.compile:
-        model.lm.compile_blocks()
+        from fast_decode import compile_blocks
+        compile_blocks(model.lm)
     if proc.world_size > 1 and cfg.parallel == "fsdp":
         shard(model, proc.device)
     stages = {"all": STAGES, "both": STAGES[1:]}.get(cfg.stage, (cfg.stage,))
@@ -742,9 +587,12 @@ def train(cfg, on_step=None):
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
         f"(connector {cc.kind}/{cc.scan}); {len(dataset)} training samples"
         + (f", {len(text)} text-only for pretrain" if text else "") + f"; {proc.world_size} process(es)")
+    data = {stage: text if stage == "pretrain" else dataset for stage in stages}
+    samples = [stage_batches(stage, data[stage], cfg, proc).total * cfg.global_batch for stage in stages]
     t0 = time.time()
-    for stage in stages:
-        model = run_stage(stage, model, text if stage == "pretrain" else dataset, cfg, proc, log, on_step)
+    steps_for = stage_steps(cfg, proc)
+    for k, stage in enumerate(stages):
+        model = run_stage(stage, model, data[stage], cfg, proc, log, on_step, sum(samples[k + 1:]), steps_for)
     model_state = get_model_state_dict(model, options=FULL_STATE)  # every process: gathers FSDP's shards
     if proc.rank == 0:
         final = Path(cfg.out) / "final"

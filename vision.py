@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from weights import CheckpointError, check_fields, match_tensors, read_config, read_tensors, resolve_folder
+from checkpoints import vit_layout
+from weights import check_fields, config_errors, match_tensors, read_config, read_tensors, resolve_folder
 
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -198,7 +199,9 @@ class ViT(nn.Module):
         folder = resolve_folder(path, allow_patterns=["config.json", "*.safetensors", "*.json", "*.bin"])
         cfg = read_config(folder)
         tensors = read_tensors(folder)
-        config, key_map, ignore = vit_checkpoint_layout(cfg, tensors, input_size)
+        fields, key_map, ignore = vit_layout(cfg, tensors, input_size)  # the key maps: checkpoints.py
+        with config_errors(folder / "config.json"):
+            config = ViTConfig(**fields)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -206,129 +209,6 @@ class ViT(nn.Module):
                               source=f"{config.kind} checkpoint {folder}")
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device=device, dtype=dtype)
-
-
-def _block_key_map(num_layers, renames, prefix):
-    """blocks.{i}.{ours}.{weight|bias} -> {prefix}{i}.{theirs}.{weight|bias} for every block and every rename."""
-    return {f"blocks.{i}.{ours}.{t}": f"{prefix}{i}.{theirs}.{t}"
-            for i in range(num_layers) for ours, theirs in renames.items() for t in ("weight", "bias")}
-
-
-def vit_checkpoint_layout(cfg, tensors, input_size):
-    """(ViTConfig, key map {our name: checkpoint name}, names to ignore) for a transformers-format checkpoint, or a
-    timm-format one (`timm_checkpoint_layout`). `tensors` may be reshaped or split in place to our layout."""
-    if "architecture" in cfg:
-        return timm_checkpoint_layout(cfg, tensors, input_size)
-    model_type = cfg.get("model_type")
-    if model_type in ("siglip", "siglip_vision_model"):
-        vc = cfg.get("vision_config", {}) if model_type == "siglip" else cfg
-        # A full SigLIP and older vision-only saves put the vision tower under "vision_model."; newer ones don't.
-        prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
-        if vc.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-            raise CheckpointError(f"SigLIP hidden_act {vc['hidden_act']!r} is not supported")
-        config = ViTConfig("siglip", image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 16),
-                           hidden_size=vc.get("hidden_size", 768), intermediate_size=vc.get("intermediate_size", 3072),
-                           num_layers=vc.get("num_hidden_layers", 12), num_heads=vc.get("num_attention_heads", 12),
-                           layer_norm_eps=vc.get("layer_norm_eps", 1e-6), input_size=input_size)
-        p = prefix
-        key_map = {"patch_embed.weight": p + "embeddings.patch_embedding.weight",
-                   "patch_embed.bias": p + "embeddings.patch_embedding.bias",
-                   "pos_embed": p + "embeddings.position_embedding.weight",
-                   "norm.weight": p + "post_layernorm.weight", "norm.bias": p + "post_layernorm.bias"}
-        block = {"norm1": "layer_norm1", "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
-                 "attn.v": "self_attn.v_proj", "attn.proj": "self_attn.out_proj", "norm2": "layer_norm2",
-                 "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-        key_map.update(_block_key_map(config.num_layers, block, p + "encoder.layers."))
-        # not used: the attention-pooling head, the text tower, the contrastive logit scale and bias
-        ignore = {k for k in tensors if k.startswith((p + "head.", "text_model.", "logit_"))}
-        if key_map["pos_embed"] in tensors:  # nn.Embedding (N, d) in the checkpoint; ours carries a batch axis
-            tensors[key_map["pos_embed"]] = tensors[key_map["pos_embed"]][None]
-        return config, key_map, ignore
-    if model_type in ("dinov2", "dinov2_with_registers"):
-        if cfg.get("use_swiglu_ffn"):
-            raise CheckpointError("DINOv2 with a SwiGLU MLP (the giant model) is not supported")
-        if cfg.get("hidden_act", "gelu") != "gelu":
-            raise CheckpointError(f"DINOv2 hidden_act {cfg['hidden_act']!r} is not supported")
-        hidden = cfg.get("hidden_size", 768)
-        config = ViTConfig("dinov2", image_size=cfg.get("image_size", 518), patch_size=cfg.get("patch_size", 14),
-                           hidden_size=hidden, intermediate_size=int(hidden * cfg.get("mlp_ratio", 4)),
-                           num_layers=cfg.get("num_hidden_layers", 12), num_heads=cfg.get("num_attention_heads", 12),
-                           layer_norm_eps=cfg.get("layer_norm_eps", 1e-6),
-                           num_register_tokens=cfg.get("num_register_tokens", 0) if model_type != "dinov2" else 0,
-                           interpolate_antialias=model_type == "dinov2_with_registers", input_size=input_size)
-        key_map = {"patch_embed.weight": "embeddings.patch_embeddings.projection.weight",
-                   "patch_embed.bias": "embeddings.patch_embeddings.projection.bias",
-                   "pos_embed": "embeddings.position_embeddings", "cls_token": "embeddings.cls_token",
-                   "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
-        if config.num_register_tokens:
-            key_map["register_tokens"] = "embeddings.register_tokens"
-        block = {"norm1": "norm1", "attn.q": "attention.attention.query", "attn.k": "attention.attention.key",
-                 "attn.v": "attention.attention.value", "attn.proj": "attention.output.dense", "norm2": "norm2",
-                 "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-        key_map.update(_block_key_map(config.num_layers, block, "encoder.layer."))
-        for i in range(config.num_layers):
-            key_map[f"blocks.{i}.ls1"] = f"encoder.layer.{i}.layer_scale1.lambda1"
-            key_map[f"blocks.{i}.ls2"] = f"encoder.layer.{i}.layer_scale2.lambda1"
-        ignore = {"embeddings.mask_token"}  # used only by DINOv2's masked pre-training
-        return config, key_map, ignore
-    raise CheckpointError(f"config.json model_type {model_type!r} is not a SigLIP or DINOv2 checkpoint (expected "
-                          "'siglip', 'siglip_vision_model', 'dinov2' or 'dinov2_with_registers')")
-
-
-# timm's names for the encoders the authors' release and its parents (Prismatic, Cobra) use, with the constructor
-# arguments they stand for; a config.json with "model_args" (timm's own) overrides them.
-TIMM_ARCHITECTURES = {
-    "vit_large_patch14_reg4_dinov2": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4, reg_tokens=4,
-                                          no_embed_class=True, img_size=518, patch_size=14, init_values=1e-5),
-    "vit_large_patch14_dinov2": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4, img_size=518, patch_size=14,
-                                     init_values=1e-5),
-    "vit_so400m_patch14_siglip_384": dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, class_token=False,
-                                          img_size=384, patch_size=14),
-    "vit_large_patch14_clip_336": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4, img_size=336,
-                                       patch_size=14, pre_norm=True),
-}
-
-
-def timm_checkpoint_layout(cfg, tensors, input_size):
-    """(ViTConfig, key map, names to ignore) for a timm-format folder: config.json {"architecture": name, optionally
-    "model_args"} + model.safetensors with timm's names. timm fuses q, k and v into one qkv projection: its rows are
-    split here, in place, into three tensors the key map names ("blocks.0.attn.qkv.weight[q]", ...)."""
-    name = cfg["architecture"].split(".")[0]  # "vit_large_patch14_reg4_dinov2.lvd142m" -> the architecture
-    kind = next((k for k in ("dinov2", "siglip", "clip") if k in name), None)
-    args = {**TIMM_ARCHITECTURES.get(name, {}), **cfg.get("model_args", {})}
-    if kind is None or "embed_dim" not in args:
-        raise CheckpointError(f"timm architecture {cfg['architecture']!r} is not one this project reads: "
-                              f"{', '.join(TIMM_ARCHITECTURES)} (or give its model_args in config.json)")
-    d, depth = args["embed_dim"], args["depth"]
-    config = ViTConfig(kind, image_size=args.get("img_size", 224), patch_size=args.get("patch_size", 16),
-                       hidden_size=d, intermediate_size=int(d * args.get("mlp_ratio", 4)), num_layers=depth,
-                       num_heads=args["num_heads"], num_register_tokens=args.get("reg_tokens", 0),
-                       no_embed_class=args.get("no_embed_class", False), input_size=input_size,
-                       hidden_act=args.get("act_layer", "gelu"),  # timm's default is exact GELU, SigLIP's too
-                       layer_norm_eps=1e-5 if kind == "clip" else 1e-6)  # timm's CLIP towers: nn.LayerNorm
-    if config.has_class_token != args.get("class_token", True) or (kind == "clip") != args.get("pre_norm", False):
-        raise CheckpointError(f"timm {name}: a class token / pre-norm other than a {kind} ViT's is not supported")
-    if config.num_register_tokens and not config.no_embed_class:
-        raise CheckpointError(f"timm {name}: register tokens with position embeddings are not supported")
-    key_map = {"patch_embed.weight": "patch_embed.proj.weight", "pos_embed": "pos_embed", "norm.weight": "norm.weight",
-               "norm.bias": "norm.bias"}
-    key_map.update({"patch_embed.bias": "patch_embed.proj.bias"} if kind != "clip" else {})
-    key_map.update({"cls_token": "cls_token"} if config.has_class_token else {})
-    key_map.update({"register_tokens": "reg_token"} if config.num_register_tokens else {})
-    key_map.update({f"norm_pre.{t}": f"norm_pre.{t}" for t in ("weight", "bias")} if kind == "clip" else {})
-    block = {"norm1": "norm1", "attn.proj": "attn.proj", "norm2": "norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-    key_map.update(_block_key_map(depth, block, "blocks."))
-    for i in range(depth):
-        for t in ("weight", "bias"):
-            fused = f"blocks.{i}.attn.qkv.{t}"
-            if fused in tensors:  # rows [q; k; v], each d
-                for part, rows in zip("qkv", tensors.pop(fused).split(d)):
-                    tensors[f"{fused}[{part}]"] = rows
-            key_map.update({f"blocks.{i}.attn.{part}.{t}": f"{fused}[{part}]" for part in "qkv"})
-        if kind == "dinov2":
-            key_map.update({f"blocks.{i}.ls{j}": f"blocks.{i}.ls{j}.gamma" for j in (1, 2)})
-    ignore = {k for k in tensors if k.startswith(("attn_pool.", "head.", "fc_norm."))}  # pooling / classifier heads
-    return config, key_map, ignore
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ TEXTS = ["What is in the picture? A red circle and a blue square.", "Is the circ
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A small synthetic world (48 training images, seed 3), built once per test module that reads one."""
-    from data import build_synthetic_dataset
+    from synthetic import build_synthetic_dataset
     root = tmp_path_factory.mktemp("synthetic")
     build_synthetic_dataset(root, n_train=48, n_val=4, n_test=12, seed=3)
     return root
@@ -32,7 +32,7 @@ def world(tmp_path_factory):
 def default_world(tmp_path_factory):
     """The world train() builds by default (3000 training images, ~2 s): tests that call train() point it here, so
     it finds its DONE stamp and leaves the small `world` above alone."""
-    from data import build_synthetic_dataset
+    from synthetic import build_synthetic_dataset
     root = tmp_path_factory.mktemp("default-synthetic")
     build_synthetic_dataset(root)
     return root

@@ -221,7 +221,7 @@ def test_a_question_file_is_checked_before_any_question_is_asked(saved_model, tm
     (tmp_path / "q.json").write_text(content)
     answerer = Answerer(MLMamba.from_pretrained(saved_model))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        E.evaluate(answerer, tmp_path / "q.json", metric="pope")
+        E.evaluate(answerer, tmp_path / "q.json", metric="pope", answer_batch=answerer.generate_batch)
     assert answerer.asked == 0
 
 
@@ -229,11 +229,11 @@ def test_lists_of_answers_need_the_vqa_metric_and_a_missing_image_is_a_scored_mi
     answerer = Answerer(MLMamba.from_pretrained(saved_model))
     write(tmp_path / "vqa.json", [{"question": "What?", "answers": ["yes"] * 10}])
     with pytest.raises(ValueError, match="lists of human answers go with --metric vqa"):
-        E.evaluate(answerer, tmp_path / "vqa.json", metric="family")
+        E.evaluate(answerer, tmp_path / "vqa.json", metric="family", answer_batch=answerer.generate_batch)
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     write(tmp_path / "pope.json", [{"question": "Is there a cat?", "answer": "yes", "image": "a.png"},
                                    {"question": "Is there a dog?", "answer": "yes", "image": "missing.png"}])
-    result = E.evaluate(answerer, tmp_path / "pope.json", metric="pope")
+    result = E.evaluate(answerer, tmp_path / "pope.json", metric="pope", answer_batch=answerer.generate_batch)
     assert answerer.asked == 1 and result["accuracy"] == 0.5 and result["n"] == 2  # the missing image: not asked
     assert "question 1 scored as a miss: image not found" in capsys.readouterr().err
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from connector import (MLP, MSC, Connector, ConnectorConfig, SwiGLU, column_major, scan, scan_orders, unscan)
 from mamba2 import Mamba2Config, Mamba2LMHeadModel
+from release import ReleaseConnector
 
 MIXER = Mamba2Config(d_model=16, n_layer=1, vocab_size=1, d_state=8, headdim=8, chunk_size=4)
 
@@ -143,7 +144,7 @@ def test_release_bimamba2_is_the_mean_of_two_plain_mixers_one_reading_backwards(
     """BiMamba2 = out_proj((forward + backward) / 2), recomputed with two plain Mamba2Mixers that share in_proj,
     the gated norm and out_proj (out_proj is linear without bias, so the mean can go after it); the second has the
     *_b parameters and reads the sequence reversed. Odd length, several heads and groups, float64."""
-    from connector import BiMamba2
+    from release import BiMamba2
     from mamba2 import Mamba2Mixer
     cfg = Mamba2Config(d_model=16, n_layer=2, vocab_size=1, d_state=4, headdim=4, ngroups=2, chunk_size=4)
     torch.manual_seed(0)
@@ -174,7 +175,7 @@ def test_release_connector_block_structure_and_init():
     as the forward ones, out_proj divided by sqrt(2), zero biases in the blocks)."""
     torch.manual_seed(1)
     cfg = ConnectorConfig(kind="msc-release", vision_dim=12, grid=(2, 3), drop_path=0.0, mixer=MIXER)
-    conn = Connector(cfg).eval()
+    conn = ReleaseConnector(cfg).eval()
     block = conn.msc.blocks[0]
     assert torch.equal(block.mixer.A_log_b, block.mixer.A_log) and torch.equal(block.mixer.D_b, block.mixer.D)
     assert not torch.equal(block.mixer.conv1d_b.weight, block.mixer.conv1d.weight)

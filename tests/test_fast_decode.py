@@ -1,13 +1,14 @@
 """The fused decoding step (fused_step.py: eq. 3 for one token as three Triton kernels a layer) and decoding on CUDA
-graphs (fast_decode.py), each against the plain step. On the CPU the Triton kernels run in Triton's interpreter
-(TRITON_INTERPRET=1, which conftest.py sets where there is no GPU)."""
+graphs (fast_decode.py), each against the plain step and the eager loop. On the CPU the Triton kernels run in
+Triton's interpreter (TRITON_INTERPRET=1, which conftest.py sets where there is no GPU)."""
 
 import copy
 
 import pytest
 import torch
 
-from mamba2 import Mamba2Config, Mamba2LMHeadModel
+import fast_decode
+from mamba2 import Mamba2Cache, Mamba2Config, Mamba2LMHeadModel
 
 triton = pytest.importorskip("triton")
 import fused_step as FS  # noqa: E402  (after the skip: it imports triton)
@@ -29,7 +30,7 @@ SHAPES = {
 def torch_ssd(monkeypatch):
     """The prefills here run ssd_chunked: mamba-ssm's kernel, when installed, would autotune for every new shape."""
     import ssd
-    monkeypatch.setattr(ssd, "SSD_BACKEND", "torch")
+    monkeypatch.setattr(ssd, "_kernel_installed", lambda: False)
 
 
 def fused_model(seed, **kw):
@@ -113,11 +114,41 @@ def test_fused_step_in_16_bits_rounds_like_the_plain_step(batch, dtype):
 
 
 def test_fused_kernels_refuse_a_biased_model():
-    import fast_decode
     model = fused_model(3, bias=True)
-    assert not FS.supports(model.config) and fast_decode.default_kernels(model, "cuda") != "fused"
+    assert not FS.supports(model.config) and fast_decode.default_kernels(model) != "fused"
     with pytest.raises(ValueError, match="without bias"):
         fast_decode.step_function(model, "fused")
+
+
+def test_a_kernel_decoder_decodes_as_the_eager_loop():
+    """decoder_for without CUDA graphs: the eager loop with the fused step (Triton's interpreter on the CPU) gives the
+    plain loop's tokens; "plain" is the model itself."""
+    model = fused_model(5)
+    ids = torch.randint(0, 100, (2, 11), device=DEVICE)
+    decoder = fast_decode.decoder_for(model, "fused", cuda_graph=False)
+    assert isinstance(decoder, fast_decode.KernelDecoder) and fast_decode.decoder_for(model, cuda_graph=False) is None
+    assert torch.equal(model.generate(ids, max_new_tokens=6, decoder=decoder), model.generate(ids, max_new_tokens=6))
+
+
+def test_a_lent_cache_keeps_its_state_when_another_takes_the_tensors():
+    """The fixed-address tensors go to one cache at a time: lending them to a second cache gives the first a copy of
+    its state, and lending them back copies that state in again (CapturedBatch.lend, without the graphs)."""
+    model = fused_model(9).cpu()
+    batch = fast_decode.CapturedBatch.__new__(fast_decode.CapturedBatch)  # the lending alone: no capture
+    batch.cache, batch.holder = model.allocate_cache(1), None
+    fixed = [layer.ssm_state.data_ptr() for layer in batch.cache.layers]
+    first, second = Mamba2Cache(), Mamba2Cache()
+    batch.lend(first)
+    model.prefill(first, torch.randint(0, 100, (1, 9)))
+    state = [layer.ssm_state.clone() for layer in first.layers]
+    batch.lend(second)
+    assert all(not layer.ssm_state.any() for layer in second.layers)  # an empty cache starts from zeros
+    model.prefill(second, torch.randint(0, 100, (1, 5)))
+    assert [layer.ssm_state.data_ptr() for layer in second.layers] == fixed
+    assert all(torch.equal(a.ssm_state, s) for a, s in zip(first.layers, state))  # kept its own state
+    batch.lend(first)
+    assert [layer.ssm_state.data_ptr() for layer in first.layers] == fixed
+    assert all(torch.equal(a.ssm_state, s) for a, s in zip(first.layers, state)) and state[0].abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- decoding on CUDA graphs
@@ -127,36 +158,39 @@ def test_fused_kernels_refuse_a_biased_model():
 def test_graphed_decoding_gives_the_eager_tokens(kernels):
     """generate on CUDA graphs gives the eager plain loop's tokens, greedy and sampled, for three prompts of one
     prefill bucket (the first prefilled eagerly, the second captured, the third replayed) and a new batch size."""
-    import fast_decode
     model = fused_model(6, ngroups=2)
+    decoder = fast_decode.decoder_for(model, kernels)
+    assert isinstance(decoder, fast_decode.GraphedDecoder)
     g = torch.Generator(device="cuda")
     for length in (21, 40, 33):
         ids = torch.randint(0, 100, (3, length), device="cuda")
-        eager = model.generate(ids, max_new_tokens=20, cuda_graph=False)
-        graph = model.generate(ids, max_new_tokens=20, cuda_graph=True, kernels=kernels)
+        eager = model.generate(ids, max_new_tokens=20)
+        graph = model.generate(ids, max_new_tokens=20, decoder=decoder)
         assert torch.equal(eager, graph), length
-        a = model.generate(ids, max_new_tokens=20, temperature=0.8, top_p=0.9, generator=g.manual_seed(1),
-                           cuda_graph=False)
+        a = model.generate(ids, max_new_tokens=20, temperature=0.8, top_p=0.9, generator=g.manual_seed(1))
         b = model.generate(ids, max_new_tokens=20, temperature=0.8, top_p=0.9, generator=g.manual_seed(1),
-                           cuda_graph=True, kernels=kernels)
+                           decoder=decoder)
         assert torch.equal(a, b), length
-    decoder = model._graphed_decoder
-    assert decoder.prefills[fast_decode.PREFILL_BUCKET] is not None  # captured
-    model.generate(ids[:2], max_new_tokens=2, cuda_graph=True, kernels=kernels)
-    assert model._graphed_decoder is not decoder  # another batch size: captured again
+    assert decoder.batch(3).prefills[fast_decode.PREFILL_BUCKET] is not None  # captured
+    assert torch.equal(model.generate(ids[:2], max_new_tokens=5, decoder=decoder),
+                       model.generate(ids[:2], max_new_tokens=5))  # another batch size: its own graphs
+    assert set(decoder.batches) == {3, 2} and fast_decode.decoder_for(model, kernels) is decoder
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_decoding_continues_a_cache_as_the_eager_loop_does():
     """generate(cache=...) on CUDA graphs (the first turn prefilled from nothing, later ones continued eagerly in the
-    decoder's cache and copied back) gives the eager loop's tokens and leaves the same cache, turn after turn."""
+    lent tensors) gives the eager loop's tokens and leaves the same cache, turn after turn, with a second
+    conversation decoded in between on the same decoder."""
     model = fused_model(8)
-    eager_cache, graph_cache = model.allocate_cache(1), model.allocate_cache(1)
+    decoder = fast_decode.decoder_for(model, "fused")
+    eager_cache, graph_cache, other = model.allocate_cache(1), decoder.allocate_cache(1), decoder.allocate_cache(1)
     for length in (30, 7, 12):
         ids = torch.randint(0, 100, (1, length), device="cuda")
-        eager = model.generate(ids, max_new_tokens=9, cuda_graph=False, cache=eager_cache)
-        graph = model.generate(ids, max_new_tokens=9, cuda_graph=True, kernels="fused", cache=graph_cache)
+        eager = model.generate(ids, max_new_tokens=9, cache=eager_cache)
+        graph = model.generate(ids, max_new_tokens=9, decoder=decoder, cache=graph_cache)
         assert torch.equal(eager, graph), length
+        model.generate(ids.flip(1), max_new_tokens=4, decoder=decoder, cache=other)  # takes the tensors over
         for a, b in zip(eager_cache.layers, graph_cache.layers):
             torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=1e-4, atol=1e-5)
         assert graph_cache.seqlen_offset == eager_cache.seqlen_offset
@@ -166,14 +200,14 @@ def test_graphed_decoding_continues_a_cache_as_the_eager_loop_does():
 def test_captured_prefills_are_capped_and_recaptured(monkeypatch):
     """With room for one captured prefill, a second bucket's capture frees the first's; each bucket, captured or
     captured again, gives the eager tokens."""
-    import fast_decode
     monkeypatch.setattr(fast_decode, "MAX_PREFILL_CAPTURES", 1)
     model = fused_model(7)
+    decoder = fast_decode.decoder_for(model, "fused")
     prompts = {n: torch.randint(0, 100, (1, n), device="cuda") for n in (20, 200)}
-    eager = {n: model.generate(ids, max_new_tokens=6, cuda_graph=False) for n, ids in prompts.items()}
+    eager = {n: model.generate(ids, max_new_tokens=6) for n, ids in prompts.items()}
     for n in (20, 20, 200, 200, 20, 20):
-        assert torch.equal(model.generate(prompts[n], max_new_tokens=6, kernels="fused"), eager[n]), n
-    prefills = model._graphed_decoder.prefills
+        assert torch.equal(model.generate(prompts[n], max_new_tokens=6, decoder=decoder), eager[n]), n
+    prefills = decoder.batch(1).prefills
     assert prefills[128] is not None and prefills[256] is None
 
 

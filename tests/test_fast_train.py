@@ -1,5 +1,7 @@
 """train.py's fast path (fast_train.py): the same loss and the same steps as the plain loop."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -76,7 +78,8 @@ def test_fast_steps_equal_the_plain_loops(world, tmp_path, stage):
         dataset = T.dataset_for(model, world / ("text.json" if stage == "pretrain" else "train.json"), world)
         out = []
         torch.manual_seed(0)
-        models[fast] = params(T.run_stage(stage, model, dataset, cfg, log=out.append))
+        models[fast] = params(T.run_stage(stage, model, dataset, cfg, log=out.append,
+                                          steps_for=T.stage_steps(cfg, T.Process())))
         lines[fast] = progress("\n".join(out))
     assert len(lines["on"]) == len(lines["off"]) == 4
     for (loss, norm), (loss_plain, norm_plain) in zip(lines["on"], lines["off"]):
@@ -104,19 +107,20 @@ def test_fast_path_stops_at_a_nan_naming_its_step(world, tmp_path):
     model = T.build_model(cfg, T.synthetic_files(world))
     with torch.no_grad():
         model.lm.norm_f.weight.fill_(float("nan"))
-    with pytest.raises(T.TrainingError, match=r"loss is nan at step 1 \(checked after step 1\): stopping. The last "
-                                              "good checkpoint is none"):
-        T.run_stage("finetune", model, T.dataset_for(model, world / "train.json", world), cfg)
+    # on the CPU the loss is a host tensor, so the loop checks it at every step: the message names the step alone
+    with pytest.raises(T.TrainingError, match=r"loss is nan at step 1: stopping. The last good checkpoint is none"):
+        T.run_stage("finetune", model, T.dataset_for(model, world / "train.json", world), cfg,
+                    steps_for=FT.DeviceSteps)
     assert not (tmp_path / "finetune" / "latest").exists()
 
 
 def test_fast_on_refuses_what_it_cannot_run(world, tmp_path):
     cfg = args_for(world, tmp_path, "--fast", "on", "--per-device-batch", "4")
     with pytest.raises(ValueError, match="--fast on runs one process with one micro-batch per step"):
-        T.use_fast_path(cfg, T.Process())
-    assert not T.use_fast_path(args_for(world, tmp_path), T.Process())  # auto: not on the CPU
-    assert T.use_fast_path(args_for(world, tmp_path), T.Process(device="cuda"))
-    assert not T.use_fast_path(args_for(world, tmp_path, "--data", "x.json"), T.Process(device="cuda"))
+        T.stage_steps(cfg, T.Process())
+    assert T.stage_steps(args_for(world, tmp_path), T.Process()) is T.PlainSteps  # auto: not on the CPU
+    assert T.stage_steps(args_for(world, tmp_path), T.Process(device="cuda")) is FT.DeviceSteps
+    assert T.stage_steps(args_for(world, tmp_path, "--data", "x.json"), T.Process(device="cuda")) is T.PlainSteps
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -133,10 +137,11 @@ def test_cuda_graph_steps_equal_eager_steps(world, tmp_path, stage):
         model = T.build_model(cfg, T.synthetic_files(world)).cuda()
         dataset = T.dataset_for(model, world / ("text.json" if stage == "pretrain" else "train.json"), world)
         out, proc = [], T.Process(device="cuda")
-        if graph is None:
-            T.run_stage(stage, model, dataset, cfg, proc, log=out.append)
-        else:
-            FT.run_stage_fast(stage, model, dataset, cfg, proc, log=out.append, cuda_graph=graph)
+        steps_for = T.PlainSteps
+        if graph is not None:
+            steps_for = partial(FT.DeviceSteps, cuda_graph=graph)
+            steps_for.fused_optimizer = FT.DeviceSteps.fused_optimizer
+        T.run_stage(stage, model, dataset, cfg, proc, log=out.append, steps_for=steps_for)
         results[name] = (progress("\n".join(out)), params(model))
     for other in ("eager", "plain"):
         assert len(results["graph"][0]) == len(results[other][0]) == steps

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import ssd as S
-from ssd import (segsum, ssd, ssd_chunked, ssd_chunked_fast, ssd_quadratic, ssd_recurrent, ssd_step, ssm_conv,
+from fast_ssd import SSD_FORMS, ssd_chunked_fast
+from ssd import (segsum, ssd, ssd_chunked, ssd_quadratic, ssd_recurrent, ssd_step, ssm_conv,
                  ssm_conv_kernel,
                  zoh_discretize)
 
@@ -275,16 +276,25 @@ def test_prefill_then_steps_equals_the_full_scan():
 
 
 def test_ssd_entry_point_on_cpu_uses_the_chunked_scan():
+    """ssd.ssd on the CPU is ssd_chunked; fast_ssd's forms give the same values, or say why they cannot run; a
+    model's mixers take a form by name (fast_ssd.use_ssd)."""
+    from fast_ssd import use_ssd
+    from mamba2 import Mamba2Config, Mamba2LMHeadModel
     x, dt, A, B, C, D, s0 = random_ssd_inputs(l=20)
     y, st = ssd(x, dt, A, B, C, 8, D, initial_state=s0)
     y_ref, st_ref = ssd_chunked(x, dt, A, B, C, 8, D, initial_state=s0)
     assert torch.equal(y, y_ref) and torch.equal(st, st_ref)
-    y_fast, _ = ssd(x, dt, A, B, C, 8, D, initial_state=s0, backend="torch-fast")
-    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
-    with pytest.raises(RuntimeError, match="mamba_ssm"):
-        ssd(x, dt, A, B, C, 8, D, backend="mamba_ssm")
-    with pytest.raises(ValueError, match="unknown SSD backend"):
-        ssd(x, dt, A, B, C, 8, D, backend="cuda")
+    for form in ("auto", "torch-fast"):
+        y_fast, _ = SSD_FORMS[form](x, dt, A, B, C, 8, D, initial_state=s0)
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
+    with pytest.raises(RuntimeError, match="mamba-ssm"):
+        SSD_FORMS["mamba_ssm"](x, dt, A, B, C, 8, D)
+    model = Mamba2LMHeadModel(Mamba2Config(d_model=16, n_layer=2, vocab_size=10, d_state=4, headdim=4))
+    assert all(layer.mixer.ssd is ssd for layer in model.layers)
+    use_ssd(model, "torch-fast")
+    assert all(layer.mixer.ssd is ssd_chunked_fast for layer in model.layers)
+    with pytest.raises(ValueError, match="unknown SSD form"):
+        use_ssd(model, "cuda")
 
 
 def test_the_kernel_call_passes_its_arguments_and_runs_outside_compiled_graphs(monkeypatch):
@@ -321,7 +331,7 @@ def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
     x, dt, A, B, C, D, s0 = (t.float().cuda() for t in inputs)
     errors = {}
     for backend in ("mamba_ssm", "torch", "torch-fast", "torch-compiled"):
-        y, st = ssd(x, dt, A, B, C, 64, D, initial_state=s0, backend=backend)
+        y, st = SSD_FORMS[backend](x, dt, A, B, C, 64, D, initial_state=s0)
         errors[backend] = (float((y.double().cpu() - y_ref).abs().max() / y_ref.abs().max()),
                            float((st.double().cpu() - st_ref).abs().max() / st_ref.abs().max()))
     print("relative max error (y, final state) vs float64 recurrence:", errors)

@@ -14,8 +14,9 @@ from PIL import Image
 from torch.distributed.tensor import DTensor
 
 import train as T
-from data import (FAMILIES, POSITIONS, build_synthetic_dataset, collate, conversation_turns, describe_scene,
-                  make_question, random_scene, synthetic_dataset_is_built)
+from data import collate, conversation_turns
+from synthetic import (FAMILIES, POSITIONS, build_synthetic_dataset, describe_scene, make_question, random_scene,
+                       synthetic_dataset_is_built)
 from evaluate import family_accuracy, load_questions, normalize_answer, pope_metrics, vqa_soft_accuracy
 from model import IGNORE_INDEX
 from weights import read_tensors
@@ -74,7 +75,7 @@ def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
 
 
 def test_each_cell_in_words_is_one_token_of_the_default_worlds_tokenizer(default_world):
-    """The text stage reads every object as "color shape position." with one token per position (data.POSITIONS),
+    """The text stage reads every object as "color shape position." with one token per position (synthetic.POSITIONS),
     with the tokenizer train.py trains on the default world's conversations and their text version."""
     tok = T.synthetic_tokenizer([default_world / "train.json", default_world / "text.json"])
     text = json.loads((default_world / "text.json").read_text())
@@ -316,9 +317,18 @@ def test_default_run_pretrains_the_lm_on_text_first_and_real_data_does_not(world
     logged = (tmp_path / "train.log").read_text().splitlines()  # the run's lines, kept beside its checkpoints
     assert logged and all(line in out.splitlines() for line in logged)
     assert [line.split()[0] for line in logged if " step 1/" in line] == ["[pretrain]", "[align]", "[finetune]"]
+    first = {line.split()[0]: line for line in logged if " step 1/" in line}
+    assert "(run ~" in first["[pretrain]"] and "(run ~" in first["[align]"] and "(run ~" not in first["[finetune]"]
     assert T.main(["--data", str(world / "train.json"), "--init-from", str(tmp_path / "final"), "--stage",
                    "pretrain", "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "--stage pretrain needs --pretrain-data" in capsys.readouterr().err
+
+
+def test_the_progress_lines_eta_covers_the_stage_and_the_run():
+    """10 samples/s: 50 samples left in the stage take 5 s; with 150 in later stages the run has 20 s left."""
+    assert T.speed(100, 1000, 10.0, 50).endswith("10.0 samples/s 100 tokens/s ETA 0m05s")
+    assert T.speed(100, 1000, 10.0, 50, later_samples=150).endswith("ETA 0m05s (run ~0m20s)")
+    assert T.speed(100, 1000, 10.0, 50, later_samples=1150).endswith("(run ~2m00s)")
 
 
 def test_lm_size_options_build_the_synthetic_lm_at_that_size():

@@ -253,24 +253,26 @@ def test_timm_format_checkpoints_match_timms_forward(architecture, tmp_path):
     ours = ViT.from_pretrained(tmp_path, input_size=42).eval()
     pixels = torch.randn(2, 3, 42, 42)
     with torch.no_grad():
-        x = model.norm_pre(model._pos_embed(model.patch_embed(pixels)))
-        for block in model.blocks[:-1]:
-            x = block(x)
-        torch.testing.assert_close(ours(pixels, layer=-2), x[:, model.num_prefix_tokens:], rtol=1e-5, atol=1e-5)
+        second_to_last = []  # timm's own block -2 output, read by a forward hook during its public forward_features
+        hook = model.blocks[-2].register_forward_hook(lambda module, args, out: second_to_last.append(out))
         final = model.forward_features(pixels)[:, model.num_prefix_tokens:]
+        hook.remove()
+        x = second_to_last[0]
+        torch.testing.assert_close(ours(pixels, layer=-2), x[:, model.num_prefix_tokens:], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours(pixels, layer=None), final, rtol=1e-5, atol=1e-5)
 
 
 def test_the_timm_architecture_table_matches_timm():
-    """Each name of vision.TIMM_ARCHITECTURES builds, in timm, the shapes our config reads from the table (meta
+    """Each name of checkpoints.TIMM_ARCHITECTURES builds, in timm, the shapes our config reads from the table (meta
     tensors: no memory)."""
     timm = pytest.importorskip("timm")
-    from vision import TIMM_ARCHITECTURES, timm_checkpoint_layout
+    from checkpoints import TIMM_ARCHITECTURES, timm_layout
     for name in TIMM_ARCHITECTURES:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False, num_classes=0)
         size = model.patch_embed.img_size[0]
-        config, key_map, _ = timm_checkpoint_layout({"architecture": name}, {}, input_size=size)
+        fields, key_map, _ = timm_layout({"architecture": name}, {}, input_size=size)
+        config = ViTConfig(**fields)
         assert (config.hidden_size, config.num_layers, config.num_heads) == (model.embed_dim, len(model.blocks),
                                                                              model.blocks[0].attn.num_heads), name
         assert config.intermediate_size == model.blocks[0].mlp.fc1.out_features, name

@@ -1,0 +1,116 @@
+"""The SSD on a GPU without mamba-ssm's kernel: `ssd_chunked` (ssd.py) arranged for a GPU, and how a model's mixers
+are given it (`use_ssd`). The values equal the teaching scan's within the inputs' precision (tests/test_ssd.py).
+
+train.py, generate.py and benchmark.py choose the SSD in their main(): on CUDA, mamba-ssm's kernel where it is
+installed, else `ssd_chunked_fast` (the plain `ssd_chunked` through torch.compile fails to generate code for its
+masked cumulative sum).
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import ssd as S
+from mamba2 import Mamba2Mixer
+
+# ssd_chunked_fast's chunk, at most (any chunk gives the same values): the (Q, Q) work per position grows with Q, the
+# work between chunks with l / Q; docs/speed.md measures the chunks at Mamba-2 2.7B's shapes
+FAST_CHUNK = 128
+
+
+def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """Eq. 3 by `ssd_chunked`'s algorithm, arranged for a GPU: the same values within the inputs' precision (tests
+    check it), fewer passes over the (Q, Q) tensors, which dominate its time.
+    - The segment sums inside a chunk are differences of the chunk's cumulative sum, cs_t - cs_s (as mamba-ssm's
+      kernel computes them): one (Q, Q) tensor, masked and exponentiated in place, instead of the masked cumsum's
+      five. The sums are in fp32; within a chunk of up to 256 steps the cancellation costs ~1e-6 of |cs|.
+    - The products with x, B and C run in the inputs' dtype (bf16 on tensor cores, fp32 accumulation), as the kernel
+      does; the decays, their sums, the chunk states and the recurrence between chunks stay in fp32 (under autocast,
+      torch runs every matrix product in bf16, here as in ssd_chunked).
+    Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32)."""
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    if h % g:
+        raise ValueError(f"the number of heads ({h}) must be a multiple of the number of groups ({g})")
+    r, Q = h // g, chunk_size
+    f = S._compute_dtype(x)
+    pad = (-l) % Q
+    c = (l + pad) // Q
+    dtf = F.pad(dt.to(f), (0, 0, 0, pad))  # (b, l + pad, h); dt = 0 on the padding: no decay, no input
+    x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+    X = (x.to(f) * dtf[..., None]).to(x.dtype)  # dt_s x_s (b, l + pad, h, p), in the inputs' dtype
+    X = X.reshape(b, c, Q, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, Q, p)
+    Bc = B.reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    Cc = C.reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    logA = (dtf * A.to(f)).reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2).contiguous()  # dt_t A, fp32 (b, c, g, r, Q)
+    cs = torch.cumsum(logA, dim=-1)  # (b, c, g, r, Q)
+
+    # 1. diagonal blocks: L[t, s] = exp(cs_t - cs_s) for s <= t, times C_t . B_s, times X
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    L = (cs[..., :, None] - cs[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # (b, c, g, r, Q, Q)
+    CB = Cc @ Bc.transpose(-1, -2)  # (b, c, g, Q, Q)
+    Y = (L * CB[:, :, :, None]).to(x.dtype) @ X  # (b, c, g, r, Q, p)
+
+    # 2. chunk states, from zero: sum_s exp(cs_end - cs_s) X_s B_s^T, in fp32
+    decay_to_end = torch.exp(cs[..., -1:] - cs)  # (b, c, g, r, Q)
+    states = (X.to(f) * decay_to_end[..., None]).transpose(-1, -2) @ Bc[:, :, :, None].to(f)  # (b, c, g, r, p, n)
+
+    # 3. the recurrence between chunks, in fp32 (as in ssd_chunked)
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, n, dtype=f, device=x.device)
+    states = torch.cat([initial_state.to(f).reshape(b, 1, g, r, p, n), states], dim=1)  # (b, c+1, g, r, p, n)
+    chunk_decay = torch.exp(S.segsum(F.pad(cs[..., -1].permute(0, 2, 3, 1), (1, 0))))  # (b, g, r, c+1, c+1)
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
+    states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. each chunk's incoming state read out by C, decayed from the chunk's start
+    Y_off = (Cc[:, :, :, None] @ states.to(x.dtype).transpose(-1, -2)).to(f) * torch.exp(cs)[..., None]  # (b,c,g,r,Q,p)
+    y = (Y.to(f) + Y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)[:, :l]  # (b, l, h, p)
+    if D is not None:
+        y = y + D.to(f)[:, None] * x[:, :l].to(f)
+    return y.to(x.dtype), final_state.reshape(b, h, p, n)
+
+
+def ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """`ssd.ssd` for a GPU: mamba-ssm's kernel where it is installed, else `ssd_chunked_fast` (chunks of at most
+    FAST_CHUNK); on the CPU, `ssd_chunked`."""
+    if not x.is_cuda or S._kernel_installed():
+        return S.ssd(x, dt, A, B, C, chunk_size, D, initial_state)
+    return ssd_chunked_fast(x, dt, A, B, C, min(chunk_size, FAST_CHUNK), D=D, initial_state=initial_state)
+
+
+@functools.cache
+def _compiled_ssd_chunked_fast():
+    return torch.compile(ssd_chunked_fast)
+
+
+def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """`ssd_chunked_fast` through torch.compile: its elementwise work fused into a few kernels (the first call of each
+    shape compiles)."""
+    return _compiled_ssd_chunked_fast()(x, dt, A, B, C, min(chunk_size, FAST_CHUNK), D=D, initial_state=initial_state)
+
+
+def kernel(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """mamba-ssm's kernel, or an error that says it cannot run here."""
+    if not (x.is_cuda and S._kernel_installed()):
+        raise RuntimeError("mamba-ssm's SSD kernel needs the mamba-ssm package importable and CUDA tensors "
+                           f"(importable: {S._kernel_installed()}, tensors on: {x.device})")
+    return S._ssd_kernel(x, dt, A, B, C, chunk_size, D, initial_state)
+
+
+# The SSD forms by name, for use_ssd and benchmark.py: the teaching scan, the GPU arrangement, compiled, the kernel,
+# and "auto" (the fastest available: ssd_fast)
+SSD_FORMS = {"plain": S.ssd, "torch": S.ssd_chunked, "torch-fast": ssd_chunked_fast, "torch-compiled": ssd_compiled,
+             "mamba_ssm": kernel, "auto": ssd_fast}
+
+
+def use_ssd(model, form="auto"):
+    """Every Mamba-2 mixer of `model` (its LM's, the connector's) computes eq. 3 with the named SSD form ("plain":
+    `ssd.ssd` again)."""
+    if form not in SSD_FORMS:
+        raise ValueError(f"unknown SSD form {form!r}: use one of {', '.join(SSD_FORMS)}")
+    for module in model.modules():
+        if isinstance(module, Mamba2Mixer):  # the release's BiMamba2 too
+            module.ssd = SSD_FORMS[form]
+    return model

@@ -1,0 +1,129 @@
+"""A training run's folder: its log, its checkpoints and resuming from them (train.py).
+
+    OUT/train.log                         every progress line, appended (a resumed run goes on in the same file)
+    OUT/STAGE/checkpoint-STEP/            model + optimizer + scheduler + RNG + step
+    OUT/STAGE/latest                      the name of the newest complete checkpoint, switched by an atomic rename
+    OUT/final/, OUT/eval.json             the trained model and its scores
+
+A crash mid-write leaves the previous checkpoint in charge. The optimizer state is stored keyed by parameter name
+(whole tensors), so a run may resume with another number of processes or DDP <-> FSDP.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from weights import atomic_write_text
+
+STAGES = ("pretrain", "align", "finetune")
+
+
+class RunLog:
+    """Prints a line on rank 0 and appends it to OUT/train.log, so a run's progress stays readable (and plottable:
+    `python docs/figures.py`) after the terminal is gone. A resumed run appends to the same file."""
+
+    def __init__(self, rank, file):
+        self.rank, self.file = rank, Path(file)
+
+    def __call__(self, msg):
+        if self.rank != 0:
+            return
+        print(msg, flush=True)
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.file, "a") as f:
+            f.write(msg + "\n")
+
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on the CPU, on rank 0
+
+
+def full_state(model, optimizer):
+    """(model state, optimizer state) as whole tensors on the CPU, the optimizer's keyed by parameter name. Under FSDP
+    each process holds a shard and this gathers them (a collective: every process must call it; rank 0 gets them)."""
+    return (get_model_state_dict(model, options=FULL_STATE),
+            get_optimizer_state_dict(model, optimizer, options=FULL_STATE))
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state):
+    """The inverse of full_state, on every process (each keeps its own shard under FSDP)."""
+    options = StateDictOptions(full_state_dict=True, strict=not model.config.lm.tie_embeddings)
+    set_model_state_dict(model, model_state, options=options)  # a tied lm_head is not stored
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def save_checkpoint(stage_dir, model, state, optimizer_state, scheduler, step, total, done=False, keep=2):
+    """stage_dir/checkpoint-STEP/, then stage_dir/latest -> it, switched atomically; then all but the `keep` newest
+    checkpoints are deleted, never the one `latest` names. state, optimizer_state: from full_state."""
+    ckpt = stage_dir / f"checkpoint-{step}"
+    tmp = stage_dir / f".tmp-checkpoint-{step}"
+    for folder in (ckpt, tmp):
+        shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(tmp, state)
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "total_steps": total, "done": done}))
+    os.replace(tmp, ckpt)
+    atomic_write_text(stage_dir / "latest", ckpt.name)  # the switch: before it the old checkpoint rules, then the new
+    others = sorted((d for d in stage_dir.glob("checkpoint-*") if d != ckpt), key=lambda d: int(d.name.split("-")[1]))
+    for old in others[:len(others) - (keep - 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ckpt
+
+
+def latest_checkpoint(stage_dir):
+    pointer = stage_dir / "latest"
+    if not pointer.is_file():
+        return None
+    ckpt = stage_dir / pointer.read_text().strip()
+    return ckpt if (ckpt / "state.json").is_file() else None
+
+
+RUN_OUTPUTS = ("final", "train.log", "eval.json")  # beside the stage folders
+
+
+def prepare_run_folder(cfg, proc):
+    """A run folder is never silently mixed or rewound: --resume needs a checkpoint to continue from; a folder that
+    holds a run needs --resume or --overwrite, which deletes that run first. Returns what was deleted."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        for stage in STAGES:
+            pointer = out / stage / "latest"
+            if pointer.is_file() and latest_checkpoint(out / stage) is None:
+                raise ValueError(f"--resume: {pointer} names {pointer.read_text().strip()!r}, which is not a complete "
+                                 f"checkpoint in {out / stage}; point it at one that is, or start over with "
+                                 "--overwrite")
+        if not any(latest_checkpoint(out / stage) for stage in STAGES):
+            raise ValueError(f"--resume: {out} holds no checkpoint to continue from; start without --resume")
+        return []
+    held = [out / s for s in STAGES if (out / s).is_dir()] + [out / n for n in RUN_OUTPUTS if (out / n).exists()]
+    if held and not cfg.overwrite:
+        raise ValueError(f"{out} already holds a run ({', '.join(p.name for p in held)}): continue it with --resume, "
+                         "or delete it and start over with --overwrite")
+    if proc.rank == 0:
+        for path in held:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if proc.world_size > 1:
+        dist.barrier()
+    return held
+
+
+def resume_stage(stage_dir, model, optimizer, scheduler, log):
+    """Load the stage's latest checkpoint into model, optimizer, scheduler and the RNG; returns (step, done), or
+    (0, False) when there is none."""
+    ckpt = latest_checkpoint(stage_dir)
+    if ckpt is None:
+        return 0, False
+    state = json.loads((ckpt / "state.json").read_text())
+    trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    load_full_state(model, optimizer, model.checkpoint_state(ckpt), trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    log(f"[{stage_dir.name}] resumed from {ckpt} at step {state['step']}/{state['total_steps']}")
+    return state["step"], state["done"]

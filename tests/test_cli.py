@@ -1,0 +1,63 @@
+"""The command-line tools as a user meets them: options spelled in full, progress to the last item, figures
+written next to the run."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import benchmark
+import evaluate as E
+import convert_release
+import generate
+import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("parse, argv", [
+    (T.parse_args, ["--epoch", "1"]),  # --epochs
+    (generate.parse_args, ["--model", "m", "--prompt", "hi", "--max-new", "3"]),  # --max-new-tokens
+    (lambda argv: E.main(argv), ["--model", "m", "--questions", "q.json", "--metr", "pope"]),  # --metric
+    (lambda argv: benchmark.make_parser().parse_args(argv), ["decode", "--bat", "1"]),  # --batch
+    (convert_release.main, ["c.pt", "--ll", "x", "--tokenizer", "t", "--out", "o"]),  # --llm
+])
+def test_an_abbreviated_option_is_refused_not_guessed(parse, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("unrecognized arguments" in err or "required" in err), err
+
+
+def test_evaluation_progress_reaches_the_last_question(monkeypatch, capsys):
+    """1025 questions in batches of 32: progress at each 200 and at 1025/1025."""
+    class Stub:
+        tokenizer = type("T", (), {"decode": staticmethod(lambda ids: "yes")})
+
+        def generate_batch(self, images, prompts, max_new_tokens):
+            return [[1]] * len(prompts)
+
+    questions = [{"question": "Is there a dog?", "image": None, "answer": "yes", "family": "all"}] * 1025
+    stub = Stub()
+    answers = E.answer_questions(stub, questions, ".", answer_batch=stub.generate_batch)
+    assert answers == ["yes"] * 1025
+    lines = capsys.readouterr().out.split("\n")
+    assert [line.strip() for line in lines if line.strip()][-1] == "answered 1025/1025"
+    assert "answered 224/1025" in lines[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_figures_go_next_to_the_runs_log_and_leave_assets_alone(tmp_path):
+    log = tmp_path / "run" / "train.log"
+    log.parent.mkdir()
+    log.write_text("".join(f"[{s}] step {k}/3 epoch 1 loss {4 - k / 2:.4f} grad-norm 1 lr 1e-3 ETA 0m01s\n"
+                           for s in ("pretrain", "align", "finetune") for k in (1, 2, 3)))
+    before = {f.name: f.read_bytes() for f in (ROOT / "assets").iterdir()}
+    out = subprocess.run([sys.executable, str(ROOT / "docs" / "figures.py"), "--log", str(log)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    written = {f.name for f in (tmp_path / "run" / "figures").iterdir()}
+    assert written == {"architecture.png", "scan_orders.png", "ssd_matrix.png", "loss_curves.png"}
+    assert {f.name: f.read_bytes() for f in (ROOT / "assets").iterdir()} == before
