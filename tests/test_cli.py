@@ -61,3 +61,32 @@ def test_figures_go_next_to_the_runs_log_and_leave_assets_alone(tmp_path):
     written = {f.name for f in (tmp_path / "run" / "figures").iterdir()}
     assert written == {"architecture.png", "scan_orders.png", "ssd_matrix.png", "loss_curves.png"}
     assert {f.name: f.read_bytes() for f in (ROOT / "assets").iterdir()} == before
+
+
+def test_every_training_option_is_declared_once_in_trainconfig(capsys):
+    """parse_args builds the command line from TrainConfig's fields: each field is an option of its own name, and a
+    field that no preset sets keeps its dataclass default."""
+    from dataclasses import fields
+    with pytest.raises(SystemExit):
+        T.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    cfg = T.parse_args(["--device", "cpu"])
+    for f in fields(T.TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in shown, f.name
+        by_preset = any(f.name in values for values in (*T.PRESETS.values(), *T.GPU_PRESETS.values()))
+        if not by_preset and f.name not in ("preset", "device"):
+            assert getattr(cfg, f.name) == f.default, f.name
+    assert T.parse_args(["--device", "cpu", "--lm-width", "64", "--no-describe"]).lm_width == 64
+
+
+def test_the_tour_prints_each_stage_with_its_shape(capsys):
+    """python model.py: the path from image to logits at the paper's configuration, on the meta device."""
+    import model
+    model.tour(size="130m")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 13 and lines[1].endswith("(1, 3, 384, 384)")
+    assert lines[2].endswith("(1, 729, 1024)") and lines[3].endswith("(1, 729, 1152)")  # DINOv2, SigLIP: block -2
+    assert "eq. 5" in lines[4] and lines[4].endswith("(1, 729, 2176)")
+    assert all(line.endswith("(1, 729, 768)") for line in lines[5:9])  # the connector at the LM's width
+    assert lines[9].endswith("(1, 744, 768)") and lines[10].endswith("(1, 744, 768)")  # 729 image + 15 text tokens
+    assert lines[11].endswith("(1, 1, 50288)") and lines[12].endswith("(1, 24, 64, 128)")  # 24 heads of 64, state 128
