@@ -272,7 +272,7 @@ def bench_decode(args):
                 t_one, t_all, per = time_generation(model, ids, args.new, kernels, timed)
                 rows.append((f"ours, {kernels} step on CUDA graphs", args.new, t_one, t_all, per,
                              kernels_per_step(model, batch, kernels)))
-            model._graphed_decoder = None
+            fast_decode.forget_decoder(model)  # frees the captured graphs before mamba-ssm runs
             t_ref = time_mamba_ssm_generate(cfg, ids, args.new)
             if t_ref is not None:
                 rows.append(("mamba-ssm generate(cg=True)", args.new, None, t_ref, None, None))
@@ -319,7 +319,7 @@ def bench_tiles(args):
             results = []
             for r, k, w in candidates:
                 setattr(FS, name, dict(BLOCK_R=r, BLOCK_K=k, num_warps=w))
-                model._graphed_decoder = None
+                fast_decode.forget_decoder(model)  # the new tiles are captured anew
                 fast_decode.generate(model, ids, max_new_tokens=2, kernels="fused")
                 t_one = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=1, kernels="fused"))
                 t_65 = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=65, kernels="fused"))

@@ -271,6 +271,11 @@ def decoder_for(model, kernels=None, cuda_graph=None):
     return kept
 
 
+def forget_decoder(model):
+    """Drop the model's kept GraphedDecoder, freeing its captures and fixed-address caches."""
+    _DECODERS.pop(model, None)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A model's generate with the fast decoder; several questions at once; compiled blocks
 # ----------------------------------------------------------------------------------------------------------------
