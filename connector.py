@@ -88,15 +88,14 @@ def _init_linear(m):
 
 
 class MLP(nn.Module):
-    """The 3-layer projector (Fig. 3(a), eq. 6): Linear(in, 4 out) - GELU - Linear(4 out, out) - GELU - Linear(out, out).
-    xavier=False keeps PyTorch's default init (the release's)."""
+    """The 3-layer projector (Fig. 3(a), eq. 6): Linear(in, 4 out) - GELU - Linear(4 out, out) - GELU - Linear(out, out),
+    xavier-normal weights and zero biases (as the release's FusedMLPProjector)."""
 
-    def __init__(self, in_dim, out_dim, xavier=True):
+    def __init__(self, in_dim, out_dim):
         super().__init__()
-        init = _init_linear if xavier else (lambda m: m)
-        self.fc1 = init(nn.Linear(in_dim, 4 * out_dim))
-        self.fc2 = init(nn.Linear(4 * out_dim, out_dim))
-        self.fc3 = init(nn.Linear(out_dim, out_dim))
+        self.fc1 = _init_linear(nn.Linear(in_dim, 4 * out_dim))
+        self.fc2 = _init_linear(nn.Linear(4 * out_dim, out_dim))
+        self.fc3 = _init_linear(nn.Linear(out_dim, out_dim))
 
     def forward(self, x):
         return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))

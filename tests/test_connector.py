@@ -1,5 +1,7 @@
 """The Mamba-2 Scan Connector: scan orders and inverses, the merge, directional causality, the variants."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,6 +183,15 @@ def test_release_connector_block_structure_and_init():
     assert not torch.equal(block.mixer.conv1d_b.weight, block.mixer.conv1d.weight)
     assert block.mlp.w1.weight.shape == (16, 16) and torch.count_nonzero(block.mlp.w1.bias) == 0
     assert conn.projector.fc1.weight.shape == (64, 16)
+    # the projector as FusedMLPProjector._initialize_weights leaves it: xavier-normal weights, zero biases
+    torch.manual_seed(2)
+    big = ReleaseConnector(ConnectorConfig(kind="msc-release", vision_dim=12, grid=(2, 3), mixer=replace(
+        MIXER, d_model=256, n_layer=1), n_layers=1))
+    for fc in (big.projector.fc1, big.projector.fc2, big.projector.fc3):
+        fan_out, fan_in = fc.weight.shape
+        std = (2 / (fan_in + fan_out)) ** 0.5  # xavier-normal; PyTorch's default is uniform with std 1/sqrt(3 fan_in)
+        assert abs(fc.weight.std().item() / std - 1) < 0.02 and abs(fc.weight.mean().item()) < 0.05 * std
+        assert torch.count_nonzero(fc.bias) == 0
     bound = 1 / (16 * 2) ** 0.5  # PyTorch's default bound for in_features 2 d_model = 32, divided by sqrt(2) below
     assert block.mixer.out_proj.weight.abs().max() <= bound / 2 ** 0.5 + 1e-7
     v = torch.randn(2, 6, 12)
