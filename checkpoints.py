@@ -193,7 +193,8 @@ def timm_layout(cfg, tensors, input_size):
                   num_heads=args["num_heads"], num_register_tokens=args.get("reg_tokens", 0),
                   no_embed_class=args.get("no_embed_class", False), input_size=input_size,
                   hidden_act=args.get("act_layer", "gelu"),  # timm's default is exact GELU, SigLIP's too
-                  layer_norm_eps=1e-5 if kind == "clip" else 1e-6)  # timm's CLIP towers: nn.LayerNorm
+                  layer_norm_eps=1e-5 if kind == "clip" else 1e-6,  # timm's CLIP towers: nn.LayerNorm
+                  interpolate_antialias=True)  # timm's resample_abs_pos_embed (ViT.resample_pos_embed)
     has_class_token = kind != "siglip"
     if has_class_token != args.get("class_token", True) or (kind == "clip") != args.get("pre_norm", False):
         raise CheckpointError(f"timm {name}: a class token / pre-norm other than a {kind} ViT's is not supported")

@@ -13,7 +13,7 @@ the final norm, as Prismatic-style VLMs do.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -208,7 +208,24 @@ class ViT(nn.Module):
         state = match_tensors(expected, tensors, key_map, ignore=ignore,
                               source=f"{config.kind} checkpoint {folder}")
         model.load_state_dict(state, strict=True, assign=True)
+        if "architecture" in cfg:
+            model.resample_pos_embed(input_size)
         return model.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def resample_pos_embed(self, input_size):
+        """The position embeddings resampled once to input_size's grid, as timm does when it loads a checkpoint into a
+        model of another size (`timm.layers.resample_abs_pos_embed` through `checkpoint_filter_fn`: bicubic with
+        antialias, the class token's own position kept); the config's image_size becomes input_size, so a forward pass
+        resamples nothing. (transformers' models resample at every forward instead: `embed`.)"""
+        c = self.config
+        if c.image_size == input_size:
+            return
+        prefix = int(c.has_class_token and not c.no_embed_class)
+        grid = interpolate_pos_embed(self.pos_embed[:, prefix:], input_size // c.patch_size, antialias=True)
+        self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :prefix], grid], dim=1),
+                                      requires_grad=self.pos_embed.requires_grad)
+        self.config = replace(c, image_size=input_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------

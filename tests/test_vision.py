@@ -232,34 +232,60 @@ TIMM_TINY = {  # architecture name -> tiny constructor arguments of the same fam
 }
 
 
-@pytest.mark.parametrize("architecture", list(TIMM_TINY))
-def test_timm_format_checkpoints_match_timms_forward(architecture, tmp_path):
-    """A tiny random timm VisionTransformer of each family the release uses, saved as timm saves for the hub
-    (config.json with "architecture" and "model_args", model.safetensors with timm's names, qkv fused): our layer -2
-    patch tokens and final output equal timm's own forward."""
-    timm = pytest.importorskip("timm")
+def tiny_timm_folder(timm, architecture, folder, img_size=42):
+    """A tiny random timm VisionTransformer of a family the release uses, at img_size, saved as timm saves for the hub
+    (config.json with "architecture" and "model_args", model.safetensors with timm's names, qkv fused)."""
     from safetensors.torch import save_file
-    args = TIMM_TINY[architecture]
+    args = {**TIMM_TINY[architecture], "img_size": img_size}
     torch.manual_seed(2)
     model = timm.models.vision_transformer.VisionTransformer(num_classes=0, **args).eval()
     with torch.no_grad():  # non-trivial tokens, norms and LayerScale
         for name, p in model.named_parameters():
             if any(s in name for s in ("norm", "gamma", "token", "pos_embed")):
                 p.add_(0.2 * torch.randn_like(p))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     model_args = {k: v for k, v in args.items() if k not in ("global_pool", "norm_layer")}  # not timm's JSON
-    (tmp_path / "config.json").write_text(json.dumps({"architecture": architecture, "num_classes": 0,
-                                                      "model_args": model_args}))
-    ours = ViT.from_pretrained(tmp_path, input_size=42).eval()
-    pixels = torch.randn(2, 3, 42, 42)
+    (folder / "config.json").write_text(json.dumps({"architecture": architecture, "num_classes": 0,
+                                                    "model_args": model_args}))
+    return model
+
+
+def assert_timm_parity(reference, ours, size):
+    """Our block -2 patch tokens and final output equal timm's own forward (block -2 read by a forward hook)."""
+    pixels = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        second_to_last = []  # timm's own block -2 output, read by a forward hook during its public forward_features
-        hook = model.blocks[-2].register_forward_hook(lambda module, args, out: second_to_last.append(out))
-        final = model.forward_features(pixels)[:, model.num_prefix_tokens:]
+        second_to_last = []
+        hook = reference.blocks[-2].register_forward_hook(lambda module, args, out: second_to_last.append(out))
+        final = reference.forward_features(pixels)[:, reference.num_prefix_tokens:]
         hook.remove()
-        x = second_to_last[0]
-        torch.testing.assert_close(ours(pixels, layer=-2), x[:, model.num_prefix_tokens:], rtol=1e-5, atol=1e-5)
+        expected = second_to_last[0][:, reference.num_prefix_tokens:]
+        torch.testing.assert_close(ours(pixels, layer=-2), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours(pixels, layer=None), final, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", list(TIMM_TINY))
+def test_timm_format_checkpoints_match_timms_forward(architecture, tmp_path):
+    """A timm folder of each family the release uses: our layer -2 patch tokens and final output equal timm's own
+    forward."""
+    timm = pytest.importorskip("timm")
+    model = tiny_timm_folder(timm, architecture, tmp_path)
+    assert_timm_parity(model, ViT.from_pretrained(tmp_path, input_size=42).eval(), 42)
+
+
+@pytest.mark.parametrize("architecture", ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_large_patch14_dinov2.lvd142m",
+                                          "vit_so400m_patch14_siglip_384"])
+def test_timm_checkpoints_at_another_size_match_timms_own_resizing(architecture, tmp_path):
+    """The release's case (DINOv2 trained at 518 px, used at 384): a timm folder saved at 70 px (a 5 x 5 grid) and
+    loaded at 42 px (3 x 3) equals timm's model created at 42 px with the checkpoint resized by timm's own
+    checkpoint_filter_fn (resample_abs_pos_embed: bicubic with antialias, which matters when shrinking the grid)."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+    saved = tiny_timm_folder(timm, architecture, tmp_path, img_size=70)
+    reference = VisionTransformer(num_classes=0, **{**TIMM_TINY[architecture], "img_size": 42}).eval()
+    reference.load_state_dict(checkpoint_filter_fn(saved.state_dict(), reference))
+    ours = ViT.from_pretrained(tmp_path, input_size=42).eval()
+    assert ours.config.image_size == 42  # resampled once, at load
+    assert_timm_parity(reference, ours, 42)
 
 
 def test_the_timm_architecture_table_matches_timm():
