@@ -180,6 +180,7 @@ def test_release_connector_block_structure_and_init():
     conn = ReleaseConnector(cfg).eval()
     block = conn.msc.blocks[0]
     assert torch.equal(block.mixer.A_log_b, block.mixer.A_log) and torch.equal(block.mixer.D_b, block.mixer.D)
+    assert torch.equal(block.mixer.dt_bias_b, block.mixer.dt_bias) and block.mixer.dt_bias.std() > 0  # copied
     assert not torch.equal(block.mixer.conv1d_b.weight, block.mixer.conv1d.weight)
     assert block.mlp.w1.weight.shape == (16, 16) and torch.count_nonzero(block.mlp.w1.bias) == 0
     assert conn.projector.fc1.weight.shape == (64, 16)
