@@ -63,6 +63,18 @@ def mamba2_config_fields(cfg):
                           "transformers Mamba2 config (model_type 'mamba2')")
 
 
+def state_spaces_config(c):
+    """A Mamba2Config as mamba_ssm's config.json (MambaConfig) writes it: the state-spaces layout."""
+    ssm_cfg = dict(layer="Mamba2", d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, headdim=c.headdim,
+                   ngroups=c.ngroups, chunk_size=c.chunk_size, bias=c.bias, conv_bias=c.conv_bias)
+    if c.dt_limit != (0.0, float("inf")):
+        ssm_cfg["dt_limit"] = list(c.dt_limit)
+    return dict(d_model=c.d_model, d_intermediate=0, n_layer=c.n_layer, vocab_size=c.vocab_size, ssm_cfg=ssm_cfg,
+                attn_layer_idx=[], attn_cfg={}, rms_norm=True, residual_in_fp32=c.residual_in_fp32,
+                fused_add_norm=True, pad_vocab_size_multiple=c.pad_vocab_size_multiple,
+                tie_embeddings=c.tie_embeddings)
+
+
 def mamba2_key_map(config, layout):
     """Our parameter name -> the checkpoint's name of the same tensor, for every tensor of a Mamba2LMHeadModel with
     this config (a Mamba2Config).

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoints import mamba2_config_fields, mamba2_key_map
+from checkpoints import mamba2_config_fields, mamba2_key_map, state_spaces_config
 from ssd import ssd, ssd_step
 from weights import (CheckpointError, check_fields, config_errors, match_tensors, read_config, read_tensors,
                      resolve_folder, save_safetensors, write_json)
@@ -482,15 +482,7 @@ class Mamba2LMHeadModel(nn.Module):
         key_map = mamba2_key_map(c, "state-spaces")
         state = self.state_dict()
         save_safetensors({ck: state[ours] for ours, ck in key_map.items()}, folder / "model.safetensors")
-        ssm_cfg = dict(layer="Mamba2", d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, headdim=c.headdim,
-                       ngroups=c.ngroups, chunk_size=c.chunk_size, bias=c.bias, conv_bias=c.conv_bias)
-        if c.dt_limit != (0.0, float("inf")):
-            ssm_cfg["dt_limit"] = list(c.dt_limit)
-        write_json(dict(d_model=c.d_model, d_intermediate=0, n_layer=c.n_layer, vocab_size=c.vocab_size,
-                        ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
-                        residual_in_fp32=c.residual_in_fp32, fused_add_norm=True,
-                        pad_vocab_size_multiple=c.pad_vocab_size_multiple, tie_embeddings=c.tie_embeddings),
-                   folder / "config.json")
+        write_json(state_spaces_config(c), folder / "config.json")
 
 
 def load_tokenizer(path):
