@@ -10,6 +10,7 @@ encoders are not in it: they come from the public checkpoints it was trained fro
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,11 +19,27 @@ from model import MLMamba
 from weights import USER_ERRORS, CheckpointError, match_tensors, report_user_error
 
 
-def convert_release(checkpoint, lm, vision, tokenizer, out, input_size=384):
+def check_out(out, inputs, overwrite=False):
+    """`out` may be written: not one of the inputs nor a folder holding one (their files would be replaced), and, unless
+    overwrite, empty or absent. Checked before any conversion; a ValueError names the problem and the way out."""
+    out = Path(out).resolve()
+    for path in map(Path, inputs):
+        path = path.resolve()
+        if path == out or out in path.parents:
+            raise ValueError(f"--out {out} holds the input {path}: writing there would replace it; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} is not empty; give another folder, or --overwrite to write over its files")
+
+
+def convert_release(checkpoint, lm, vision, tokenizer, out, input_size=384, overwrite=False):
     """The release's latest-checkpoint.pt -> an ML-Mamba folder that generate.py runs. lm, vision, tokenizer: the
     public checkpoints it was trained from ({"dinov2": ..., "siglip": ...}), which give the architecture and the frozen
     encoders; the checkpoint gives the LM, the lift, the Bidirectional_Mamba and the projector. Read with
-    torch.load(weights_only=True): no pickled code runs. Missing, unexpected or mis-shaped tensors are all listed."""
+    torch.load(weights_only=True): no pickled code runs. Missing, unexpected or mis-shaped tensors are all listed.
+    `out` is checked first (`check_out`)."""
+    check_out(out, [checkpoint, lm, tokenizer, *vision.values()], overwrite)
     model = MLMamba.from_components(lm, vision, tokenizer, connector={"kind": "msc-release"}, prompt="zephyr",
                                     input_size=input_size)
     try:
@@ -54,11 +71,12 @@ def main(argv=None):
     p.add_argument("--dinov2", help="the DINOv2 checkpoint (frozen, not in the release's file)")
     p.add_argument("--siglip", help="the SigLIP checkpoint (frozen, not in the release's file)")
     p.add_argument("--tokenizer", required=True, help="GPT-NeoX-20B's tokenizer.json or its folder")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new or empty folder")
+    p.add_argument("--overwrite", action="store_true", help="write over the files of a --out that is not empty")
     args = p.parse_args(argv)
     vision = {n: path for n, path in (("dinov2", args.dinov2), ("siglip", args.siglip)) if path}
     try:
-        convert_release(args.checkpoint, args.llm, vision, args.tokenizer, args.out)
+        convert_release(args.checkpoint, args.llm, vision, args.tokenizer, args.out, overwrite=args.overwrite)
     except USER_ERRORS as e:
         return report_user_error(e)
     print(f"saved {args.out}")

@@ -347,3 +347,29 @@ def test_random_corruptions_are_kept_or_set_aside_never_an_exception(saved_model
         assert "skip" in item or (batch["input_ids"].shape[1] > 0 and (batch["labels"] != -100).any()), sample
         outcomes["kept"] += 1
     assert outcomes["kept"] > 20 and outcomes["set aside"] > 150, outcomes
+
+
+# ---------------------------------------------------------------- the release's converter
+
+def test_the_converter_never_writes_over_its_inputs_or_a_full_folder(tmp_path, capsys):
+    """convert_release.py checks --out before it reads anything: not one of its inputs (the Mamba-2 folder would lose
+    its weights), not a file, and not a folder that holds files unless --overwrite; each refusal is one line, exit 2,
+    and every file stays as it was."""
+    import convert_release
+    lm, out = tmp_path / "lm", tmp_path / "out"
+    lm.mkdir()
+    (lm / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "ckpt.pt").write_bytes(b"checkpoint")
+    args = [str(tmp_path / "ckpt.pt"), "--llm", str(lm), "--tokenizer", str(tmp_path / "tok.json"), "--out"]
+    cases = {str(lm): "holds the input", str(tmp_path): "holds the input", str(tmp_path / "ckpt.pt"): "holds the input"}
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    cases[str(out)] = "is not empty; give another folder, or --overwrite"
+    (tmp_path / "file").write_text("x")
+    cases[str(tmp_path / "file")] = "is a file"
+    for target, message in cases.items():
+        assert convert_release.main(args + [target]) == 2
+        assert message in one_line_error(capsys), target
+    assert (lm / "model.safetensors").read_bytes() == b"weights" and (out / "config.json").read_text() == "{}"
+    assert convert_release.main(args + [str(out), "--overwrite"]) == 2  # past the check, to the next missing input
+    assert "needs at least one vision encoder" in one_line_error(capsys)
