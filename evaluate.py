@@ -104,6 +104,9 @@ def family_accuracy(predictions, answers, families):
 # Question files and answering
 # ----------------------------------------------------------------------------------------------------------------
 
+RECORD_FIELDS = {"question", "text", "conversations"}  # what makes a JSON object one question's record
+
+
 def read_records(path):
     """The records of a JSON list (or an object holding one under "questions" / "data") or of JSON lines."""
     text = path.read_text()
@@ -120,7 +123,9 @@ def read_records(path):
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {n}: not valid JSON: {e.msg} (column {e.colno})") from None
-    if isinstance(records, dict):  # {"questions": [...]}, {"data": [...]}, or {id: record}
+    if isinstance(records, dict) and RECORD_FIELDS & set(records):  # one record: a one-line JSON lines file
+        records = [records]
+    elif isinstance(records, dict):  # {"questions": [...]}, {"data": [...]}, or {id: record}
         key = next((k for k in ("questions", "data") if k in records), None)
         records = records[key] if key else list(records.values())
     if not isinstance(records, list) or not records:
@@ -148,9 +153,10 @@ def parse_record(r):
     if not (isinstance(a, str) or (isinstance(a, list) and a and all(isinstance(x, str) for x in a))):
         raise ValueError(f"the answer must be text or a list of texts, not {a!r}")
     image = r.get("image")
-    if image is not None and not isinstance(image, str):
+    if image is not None and (not isinstance(image, str) or not image.strip()):
         raise ValueError(f'"image" must be a file name, not {image!r}')
-    return {"question": q, "answer": a, "image": image, "family": str(r.get("family", "all"))}
+    return {"question": q, "answer": a, "image": image, "family": str(r.get("family", "all")),
+            "id": r.get("question_id", r.get("id"))}
 
 
 def load_questions(path, shown=5):
@@ -159,12 +165,16 @@ def load_questions(path, shown=5):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"question file not found: {path}")
-    out, problems = [], []
+    out, problems, seen = [], [], {}
     for i, r in enumerate(read_records(path)):
         try:
-            out.append(parse_record(r))
+            q = parse_record(r)
         except ValueError as e:
             problems.append(f"record {i}: {e}")
+            continue
+        if q["id"] is not None and seen.setdefault(repr(q["id"]), i) != i:
+            problems.append(f"record {i}: id {q['id']!r} repeats record {seen[repr(q['id'])]}'s")
+        out.append(q)
     if problems:
         raise ValueError(f"{path}: {len(problems)} malformed record(s): {listing(problems, shown, sep='; ')}")
     return out
@@ -174,11 +184,11 @@ def answer_questions(model, questions, image_root, max_new_tokens=10, progress=T
                      answer_batch=None):
     """Greedy answers, `batch_size` questions at a time: answer_batch(images, prompts, max_new_tokens) -> token id
     lists (default: `fast_decode.generate_batch` with the model, the answers one at a time would give). A question
-    whose image cannot be read gets the empty answer (a scored miss) and a warning."""
+    whose image cannot be read is set aside with a warning: its answer is None."""
     from fast_decode import generate_batch
     from vision import ImageError, load_image
     answer_batch = answer_batch or partial(generate_batch, model)
-    answers = [""] * len(questions)
+    answers = [None] * len(questions)
     for start in range(0, len(questions), batch_size):
         asked, images = [], []  # the batch's questions with a readable image (or none), and their images
         for i in range(start, min(start + batch_size, len(questions))):
@@ -187,7 +197,7 @@ def answer_questions(model, questions, image_root, max_new_tokens=10, progress=T
                 images.append(load_image(Path(image_root) / q["image"]) if q["image"] else None)
                 asked.append(i)
             except ImageError as e:
-                print(f"warning: question {i} scored as a miss: {e}", file=sys.stderr, flush=True)
+                print(f"warning: question {i} set aside: {e}", file=sys.stderr, flush=True)
         if asked:
             ids = answer_batch(images, [questions[i]["question"] for i in asked], max_new_tokens)
             for i, reply in zip(asked, ids):
@@ -206,17 +216,30 @@ def evaluate(model, question_file, image_root=None, metric="family", max_new_tok
     if metric in ("family", "pope") and any(isinstance(q["answer"], list) for q in questions):
         raise ValueError(f"{question_file}: the {metric} metric needs one answer per question; lists of human answers "
                          "go with --metric vqa")
+    if metric == "pope":
+        labels = [f"record {i}: {q['answer']!r}" for i, q in enumerate(questions)
+                  if normalize_answer(q["answer"]) not in ("yes", "no")]
+        if labels:
+            raise ValueError(f"{question_file}: POPE labels are yes or no; {len(labels)} are not: {listing(labels, 5)}")
     root = image_root or Path(question_file).parent
     model.eval()
     with torch.no_grad():
         preds = answer_questions(model, questions, root, max_new_tokens, answer_batch=answer_batch)
+    asked = [(p, q) for p, q in zip(preds, questions) if p is not None]  # unreadable images are set aside
+    set_aside = len(questions) - len(asked)
+    if not asked:
+        raise ValueError(f"{question_file}: none of the {len(questions)} questions could be asked (every image was "
+                         "unreadable; see the warnings)")
+    preds, questions = [p for p, _ in asked], [q for _, q in asked]
     if metric == "pope":
-        return pope_metrics(preds, [q["answer"] for q in questions])
-    if metric == "vqa":
+        result = pope_metrics(preds, [q["answer"] for q in questions])
+    elif metric == "vqa":
         scores = [vqa_soft_accuracy(p, q["answer"] if isinstance(q["answer"], list) else [q["answer"]])
                   for p, q in zip(preds, questions)]
-        return {"vqa_accuracy": sum(scores) / len(scores), "n": len(scores)}
-    return family_accuracy(preds, [q["answer"] for q in questions], [q["family"] for q in questions])
+        result = {"vqa_accuracy": sum(scores) / len(scores), "n": len(scores)}
+    else:
+        result = family_accuracy(preds, [q["answer"] for q in questions], [q["family"] for q in questions])
+    return {**result, "set_aside": set_aside}
 
 
 def main(argv=None):

@@ -601,8 +601,10 @@ def train(cfg, on_step=None):
         if files.test_json and not cfg.no_eval:
             from evaluate import evaluate
             result = evaluate(MLMamba.from_pretrained(final), files.test_json)  # the saved model, on the CPU
-            log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items()))
             (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2))
+            set_aside = result.pop("set_aside")
+            log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items())
+                + (f" ({set_aside} questions set aside: unreadable images)" if set_aside else ""))
     if proc.world_size > 1:
         dist.destroy_process_group()
     return model

@@ -225,7 +225,9 @@ def test_a_question_file_is_checked_before_any_question_is_asked(saved_model, tm
     assert answerer.asked == 0
 
 
-def test_lists_of_answers_need_the_vqa_metric_and_a_missing_image_is_a_scored_miss(saved_model, tmp_path, capsys):
+def test_lists_of_answers_need_the_vqa_metric_and_a_missing_image_is_set_aside(saved_model, tmp_path, capsys):
+    """A question whose image cannot be read is not scored: set aside, counted and named in a warning; with none left,
+    one error."""
     answerer = Answerer(MLMamba.from_pretrained(saved_model))
     write(tmp_path / "vqa.json", [{"question": "What?", "answers": ["yes"] * 10}])
     with pytest.raises(ValueError, match="lists of human answers go with --metric vqa"):
@@ -234,8 +236,32 @@ def test_lists_of_answers_need_the_vqa_metric_and_a_missing_image_is_a_scored_mi
     write(tmp_path / "pope.json", [{"question": "Is there a cat?", "answer": "yes", "image": "a.png"},
                                    {"question": "Is there a dog?", "answer": "yes", "image": "missing.png"}])
     result = E.evaluate(answerer, tmp_path / "pope.json", metric="pope", answer_batch=answerer.generate_batch)
-    assert answerer.asked == 1 and result["accuracy"] == 0.5 and result["n"] == 2  # the missing image: not asked
-    assert "question 1 scored as a miss: image not found" in capsys.readouterr().err
+    assert answerer.asked == 1 and result["accuracy"] == 1.0 and result["n"] == 1 and result["set_aside"] == 1
+    assert "question 1 set aside: image not found" in capsys.readouterr().err
+    write(tmp_path / "none.json", [{"question": "Is there a dog?", "answer": "no", "image": "missing.png"}])
+    with pytest.raises(ValueError, match="none of the 1 questions could be asked"):
+        E.evaluate(answerer, tmp_path / "none.json", metric="pope", answer_batch=answerer.generate_batch)
+
+
+@pytest.mark.parametrize("records,message", [
+    ([{"question": "a?", "answer": "red", "image": "a.png"}], "POPE labels are yes or no; 1 are not: record 0: 'red'"),
+    ([{"question": "a?", "answer": "Yes", "question_id": 3}, {"question": "b?", "answer": "no", "question_id": 3}],
+     "record 1: id 3 repeats record 0's"),
+    ([{"question": "a?", "answer": "yes", "image": ""}], 'record 0: "image" must be a file name, not \'\''),
+])
+def test_a_question_file_is_scored_only_on_what_it_can_mean(saved_model, tmp_path, records, message):
+    """POPE labels are yes / no (any case), ids are unique, an image name is not empty: each is refused up front."""
+    answerer = Answerer(MLMamba.from_pretrained(saved_model))
+    write(tmp_path / "q.json", records)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        E.evaluate(answerer, tmp_path / "q.json", metric="pope", answer_batch=answerer.generate_batch)
+    assert answerer.asked == 0
+
+
+def test_a_one_line_jsonl_file_is_one_question(tmp_path):
+    (tmp_path / "pope.jsonl").write_text('{"question_id": 1, "image": "a.jpg", "text": "Is there a dog?", '
+                                         '"label": "yes"}\n')
+    assert [q["question"] for q in E.load_questions(tmp_path / "pope.jsonl")] == ["Is there a dog?"]
 
 
 # ---------------------------------------------------------------- configs and tokenizers
