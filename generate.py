@@ -52,6 +52,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.interactive and not args.prompt:
         p.error("give --prompt, or --interactive")
+    try:
+        (args.prompt or "").encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+        p.error("--prompt is not UTF-8 text")
     return args
 
 
@@ -81,6 +85,46 @@ def answer(model, image_tokens, prompt, conversation, args, generator, decoder):
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     return len(ids), (first or [0.0])[0], time.perf_counter() - t0
+
+
+def read_turn():
+    """The next line typed in the chat, or None at its end (end of input, "exit" or "quit" in any case); blank lines
+    are passed over, and a line that is not UTF-8 is refused with one line."""
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except EOFError:
+            return None
+        except UnicodeDecodeError:
+            print("error: that line is not UTF-8 text; type it again", file=sys.stderr)
+            continue
+        if line.lower() in ("exit", "quit"):
+            return None
+        if line:
+            return line
+
+
+def chat(model, image_tokens, times, args, generator, decoder, conversation):
+    """The answer to --prompt; with --interactive, then one for each line typed, each later turn read from the LM's
+    state (`conversation`). In the chat, a turn that cannot be asked (too long) gets its one-line error and the chat
+    goes on. times: (start-up and load, image encoding) seconds."""
+    prompt = args.prompt or (read_turn() if args.interactive else None)
+    while prompt is not None:
+        first_turn = not conversation.ids
+        if args.interactive:
+            sys.stdout.write("ml-mamba> ")
+        try:
+            n_new, to_first, seconds = answer(model, image_tokens, prompt, conversation, args, generator, decoder)
+        except ValueError as e:
+            if not args.interactive:
+                raise
+            print(f"\nerror: {e}", file=sys.stderr)
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            t_image = times[1] if first_turn and image_tokens is not None else None
+            print(timing_line(times[0], t_image, to_first, seconds, n_new), file=sys.stderr)
+        prompt = read_turn() if args.interactive else None
 
 
 def timing_line(t_load, t_image, to_first, seconds, n_new):
@@ -118,30 +162,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         image_tokens = model.encode_image(args.image) if args.image else None  # once, for every turn
         t_image = time.perf_counter() - t0
-        conversation = Conversation()  # each later turn reads only its own tokens into the LM's state
-        prompts = [args.prompt] if args.prompt else []
-        while True:
-            if not prompts:
-                if not args.interactive:
-                    break
-                try:
-                    line = input("\nyou> ").strip()
-                except EOFError:
-                    break
-                if line in ("", "exit", "quit"):
-                    break
-                prompts.append(line)
-            prompt = prompts.pop(0)
-            if args.interactive:
-                sys.stdout.write("ml-mamba> ")
-            first_turn = not conversation.ids
-            n_new, to_first, seconds = answer(model, image_tokens, prompt, conversation, args, generator, decoder)
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            print(timing_line(t_load, t_image if first_turn and image_tokens is not None else None, to_first, seconds,
-                              n_new), file=sys.stderr)
-            if not args.interactive:
-                break
+        chat(model, image_tokens, (t_load, t_image), args, generator, decoder, Conversation())
     except USER_ERRORS as e:
         return report_user_error(e)
     except KeyboardInterrupt:

@@ -477,3 +477,15 @@ def test_the_release_checkpoint_converts_into_a_folder_generate_runs(cli_model, 
         convert_release.convert_release(tmp_path / "bad.pt", cli_model / "lm", {"dinov2": cli_model / "dinov2",
                                         "siglip": cli_model / "siglip"}, cli_model / "tokenizer.json", tmp_path / "x",
                                         input_size=42)
+
+
+def test_the_chat_skips_blank_lines_survives_a_bad_turn_and_ends_on_exit(cli_model):
+    """--interactive: a blank line is passed over, a turn past the length limit gets its one-line error and the chat
+    goes on, "  Quit " ends it (what follows is never asked)."""
+    lines = ["How many?", "", "What is in the picture? " * 20, "What color?", "  Quit ", "Never asked"]
+    out = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(cli_model / "mlmamba"),
+                          "--image", str(cli_model / "image.png"), "--interactive", "--max-new-tokens", "3"],
+                         input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("Eval_avg") == 2 and out.stderr.count("the limit is 100") == 1
+    assert "Traceback" not in out.stderr and out.stdout.count("you>") == 5  # 4 lines read, then "Quit"
