@@ -429,6 +429,9 @@ class Mamba2LMHeadModel(nn.Module):
         return it holds the prompt and every new token but a final eos_token_id (default: a new, empty cache).
         decoder: what allocates the cache and runs the prefill and the steps (default: this model, eagerly);
         `fast_decode.decoder_for(model)` runs the same on CUDA graphs with fused kernels."""
+        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got temperature "
+                             f"{temperature}, top_k {top_k}, top_p {top_p})")
         decoder = decoder or self
         embeds = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds  # (b, l, d_model)
         batch_size = embeds.shape[0]

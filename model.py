@@ -262,6 +262,8 @@ class MLMamba(nn.Module):
         (`fast_decode.generate(model, ...)` passes the fast one). Returns the new token ids (list), stop token
         excluded.
         """
+        if not isinstance(prompt, str):
+            raise ValueError(f"the prompt must be text, not {type(prompt).__name__}")
         device = self.lm.embedding.weight.device
         if conversation is not None and conversation.ids:
             if history:

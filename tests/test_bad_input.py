@@ -399,3 +399,19 @@ def test_the_converter_never_writes_over_its_inputs_or_a_full_folder(tmp_path, c
     assert (lm / "model.safetensors").read_bytes() == b"weights" and (out / "config.json").read_text() == "{}"
     assert convert_release.main(args + [str(out), "--overwrite"]) == 2  # past the check, to the next missing input
     assert "needs at least one vision encoder" in one_line_error(capsys)
+
+
+def test_library_calls_with_impossible_arguments_get_one_value_error(saved_model):
+    """generate with a prompt that is not text or sampling settings out of range, generate_batch with mismatched or
+    empty lists: each a ValueError that names the arguments, before any work."""
+    from fast_decode import generate_batch
+    model = MLMamba.from_pretrained(saved_model)
+    for kwargs, message in ((dict(prompt=None), "the prompt must be text"),
+                            (dict(prompt="Hi", top_p=0.0), "0 < top_p <= 1"),
+                            (dict(prompt="Hi", temperature=-1.0), "temperature >= 0"),
+                            (dict(prompt="Hi", top_k=-2), "top_k >= 0")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(None, max_new_tokens=2, **kwargs)
+    for images, prompts in (([None], ["a", "b"]), ([None, None], ["a"]), ([], [])):
+        with pytest.raises(ValueError, match="one image \\(or None\\) per prompt"):
+            generate_batch(model, images, prompts)
