@@ -743,6 +743,9 @@ def bench_ssd_backward(args, backends):
         print(f"  {name}: {t * 1e3:.2f} ms" + (f" ({t / base:.2f}x the kernel)" if base else ""), flush=True)
 
 
+GPU_ONLY = ("decode", "tiles", "coldstart", "pipeline", "scaling", "train")  # the subcommands with no CPU form
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_ssd_once":  # internal: one measurement in a fresh process
@@ -751,6 +754,10 @@ def main(argv=None):
         chunk = shape.pop("chunk")
         return _measure_ssd_once(method, int(l), **shape, chunk=chunk, device=device, repeats=int(repeats))
     args = make_parser().parse_args(argv)
+    if not torch.cuda.is_available() and (args.what in GPU_ONLY or getattr(args, "device", "").startswith("cuda")):
+        print(f"error: benchmark.py {args.what} measures a GPU, and CUDA is not available here"
+              + ("; use --device cpu" if args.what not in GPU_ONLY else ""), file=sys.stderr)
+        return 2
     {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "tiles": bench_tiles,
      "coldstart": bench_coldstart, "pipeline": bench_pipeline,
      "scaling": bench_scaling, "train": bench_train}[args.what](args)
@@ -824,4 +831,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -90,3 +90,11 @@ def test_the_tour_prints_each_stage_with_its_shape(capsys):
     assert all(line.endswith("(1, 729, 768)") for line in lines[5:9])  # the connector at the LM's width
     assert lines[9].endswith("(1, 744, 768)") and lines[10].endswith("(1, 744, 768)")  # 729 image + 15 text tokens
     assert lines[11].endswith("(1, 1, 50288)") and lines[12].endswith("(1, 24, 64, 128)")  # 24 heads of 64, state 128
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where there is no GPU")
+@pytest.mark.parametrize("argv", [["decode"], ["pipeline"], ["train"], ["ssd", "--device", "cuda"]])
+def test_a_gpu_benchmark_without_a_gpu_is_one_line_and_exit_code_2(argv, capsys):
+    assert benchmark.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA is not available here" in err
