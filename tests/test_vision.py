@@ -306,3 +306,18 @@ def test_the_timm_architecture_table_matches_timm():
         assert config.has_class_token == (model.cls_token is not None), name
         class_position = int(config.has_class_token and not config.no_embed_class)
         assert model.pos_embed.shape[1] == config.num_patches + class_position, name
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_16_bit_32_bit_and_float_images_load_as_their_8_bit_twin(tmp_path, mode):
+    """A grey image stored with 16-bit or 32-bit integers or floats loads as the same picture in 8 bits (PIL's own
+    convert would clip it to white or black)."""
+    grey = np.random.default_rng(0).integers(0, 256, (9, 7)).astype(np.uint8)
+    values = {"I;16": grey.astype(np.uint16) * 257, "I": grey.astype(np.int32) * 257,
+              "F": grey.astype(np.float32) / 255}[mode]
+    image = Image.fromarray(values)
+    assert image.mode == mode
+    path = tmp_path / ("x.png" if mode == "I;16" else "x.tiff")  # PNG holds 16 bits; 32-bit and float go in a TIFF
+    image.save(path)
+    loaded = np.asarray(load_image(path))
+    assert loaded.shape == (9, 7, 3) and np.array_equal(loaded[..., 0], grey) and np.array_equal(loaded[..., 2], grey)
