@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from model import EOS_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode_conversation
+from weights import inside
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -45,6 +46,8 @@ def sample_problem(sample, image_root):
         image = sample["image"]
         if not isinstance(image, str) or not image:
             return f'"image" must be a file name, not {image!r}'
+        if inside(image_root, image) is None:
+            return f"image {image!r} is outside the image root {image_root}"
         if not (Path(image_root) / image).is_file():
             return f"image not found: {Path(image_root) / image}"
     return None

@@ -23,7 +23,7 @@ from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
-from weights import listing, positive_int
+from weights import inside, listing, positive_int
 
 # ----------------------------------------------------------------------------------------------------------------
 # Answer normalization (the VQA evaluation's rules)
@@ -194,6 +194,8 @@ def answer_questions(model, questions, image_root, max_new_tokens=10, progress=T
         for i in range(start, min(start + batch_size, len(questions))):
             q = questions[i]
             try:
+                if q["image"] and inside(image_root, q["image"]) is None:
+                    raise ImageError(f"image {q['image']!r} is outside the image root {image_root}")
                 images.append(load_image(Path(image_root) / q["image"]) if q["image"] else None)
                 asked.append(i)
             except ImageError as e:

@@ -52,10 +52,11 @@ def resolve_folder(path_or_repo_id, allow_patterns=None):
                               "download it where the network is reachable and pass the local folder") from None
 
 
-def read_config(folder):
-    file = Path(folder) / "config.json"
+def read_config(folder, name="config.json"):
+    """The JSON object in folder / name (a checkpoint's config.json, or a shard index)."""
+    file = Path(folder) / name
     if not file.is_file():
-        raise CheckpointError(f"no config.json in {folder}")
+        raise CheckpointError(f"no {name} in {folder}")
     try:
         cfg = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -63,6 +64,13 @@ def read_config(folder):
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{file} must hold a JSON object, not a {type(cfg).__name__}")
     return cfg
+
+
+def inside(root, name):
+    """root / name when it stays inside root (no "..", no absolute path, no link out), else None: a file named by a
+    data or index file is read from its own folder only."""
+    path = Path(root) / name
+    return path if path.resolve().is_relative_to(Path(root).resolve()) else None
 
 
 def _read_one(file):
@@ -83,10 +91,15 @@ def read_tensors(folder):
         if (folder / single).is_file():
             return _read_one(folder / single)
         if (folder / index).is_file():  # sharded: the index maps each tensor to its shard file
-            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            weight_map = read_config(folder, index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{folder / index} has no weight_map {{tensor name: shard file}}")
             tensors = {}
-            for shard in shards:
-                tensors.update(_read_one(folder / shard))
+            for shard in sorted(set(weight_map.values())):
+                path = inside(folder, shard)
+                if path is None:
+                    raise CheckpointError(f"{folder / index} names the shard {shard!r}, outside {folder}")
+                tensors.update(_read_one(path))
             return tensors
     raise CheckpointError(f"no weights in {folder}: expected model.safetensors (or shards with "
                           "model.safetensors.index.json) or pytorch_model.bin")

@@ -415,3 +415,34 @@ def test_library_calls_with_impossible_arguments_get_one_value_error(saved_model
     for images, prompts in (([None], ["a", "b"]), ([None, None], ["a"]), ([], [])):
         with pytest.raises(ValueError, match="one image \\(or None\\) per prompt"):
             generate_batch(model, images, prompts)
+
+
+def test_nothing_is_read_from_outside_its_root(world, saved_model, tmp_path, capsys):
+    """A training sample's or a question's image that leaves the image root ("..", an absolute path) is set aside and
+    named, though the file exists; a shard index that names a file outside the model folder is refused."""
+    from safetensors.torch import save_file
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "in.png")
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A square."}]
+    samples = [{"image": name, "conversations": turns} for name in ("in.png", "../outside.png", str(outside))]
+    write(tmp_path / "train.json", samples)
+    model = MLMamba.from_pretrained(saved_model)
+    data = LLaVADataset(tmp_path / "train.json", root, model.tokenizer, model.image_token_id, 9,
+                        model.vision.preprocess)
+    assert len(data) == 1 and sorted(data.problems) == [1, 2]
+    assert all("is outside the image root" in reason for reason in data.problems.values())
+    answerer = Answerer(model)
+    write(tmp_path / "q.json", [{"question": "Is it?", "answer": "yes", "image": name}
+                                for name in ("in.png", "../outside.png")])
+    result = E.evaluate(answerer, tmp_path / "q.json", root, metric="pope", answer_batch=answerer.generate_batch)
+    assert answerer.asked == 1 and result["set_aside"] == 1 and "outside the image root" in capsys.readouterr().err
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "evil.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../evil.safetensors"}}))
+    with pytest.raises(CheckpointError, match="names the shard '../evil.safetensors', outside"):
+        from weights import read_tensors
+        read_tensors(folder)
