@@ -15,7 +15,7 @@ or the padding.
 Batches are padded on the right: the LM is causal, so padding after the real tokens cannot change them.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -26,8 +26,8 @@ from connector import Connector, ConnectorConfig
 from mamba2 import Mamba2Config, Mamba2LMHeadModel, load_tokenizer, mamba2_preset
 from release import ReleaseConnector
 from vision import DINOV2_LARGE, SIGLIP_SO400M_384, DualEncoder, ViT, ViTConfig
-from weights import (CheckpointError, config_errors, match_tensors, read_config, read_tensors, save_safetensors,
-                     write_json)
+from weights import (CheckpointError, check_fields, config_errors, match_tensors, read_config, read_tensors,
+                     save_safetensors, write_json)
 
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN = "<|endoftext|>"  # GPT-NeoX-20B's end of text, the stop token
@@ -56,12 +56,22 @@ class MLMambaConfig:
 
     @classmethod
     def from_dict(cls, d):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown MLMambaConfig fields: {sorted(unknown)}")
+        if not isinstance(d["vision"], dict) or not all(isinstance(v, dict) for v in d["vision"].values()):
+            raise ValueError("vision must be an object {encoder name: its ViTConfig fields}")
         return cls(lm=Mamba2Config.from_dict(d["lm"]), vision={k: ViTConfig(**v) for k, v in d["vision"].items()},
                    connector=ConnectorConfig.from_dict(d["connector"]), vision_layer=d.get("vision_layer", -2),
                    max_length=d.get("max_length", 2048), prompt=d.get("prompt", "in-out"))
 
     def __post_init__(self):
         check_prompt(self.prompt)
+        check_fields(self, "MLMambaConfig", positive=("max_length",))
+        depth = min((v.num_layers for v in self.vision.values()), default=None)
+        if depth is not None and not -depth <= self.vision_layer < depth:
+            raise ValueError(f"MLMambaConfig: vision_layer {self.vision_layer} is not a block of encoders {depth} "
+                             f"deep (use {-depth} to {depth - 1}; the paper's is -2)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,6 +180,9 @@ class MLMamba(nn.Module):
         self.image_token_id = self.eos_token_id = None
         if tokenizer is not None:
             self.image_token_id, self.eos_token_id = prepare_tokenizer(tokenizer)
+            if tokenizer.get_vocab_size() > self.config.lm.vocab_size:
+                raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the LM's "
+                                 f"vocabulary of {self.config.lm.vocab_size}: use the LM's own tokenizer")
             if self.eos_token_id >= self.config.lm.vocab_size:
                 raise ValueError(f"the stop token {EOS_TOKEN} has id {self.eos_token_id}, outside the LM's "
                                  f"vocabulary of {self.config.lm.vocab_size}: use the LM's own tokenizer")

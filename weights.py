@@ -59,8 +59,8 @@ def read_config(folder, name="config.json"):
         raise CheckpointError(f"no {name} in {folder}")
     try:
         cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{file} must hold a JSON object, not a {type(cfg).__name__}")
     return cfg

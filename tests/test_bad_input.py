@@ -446,3 +446,35 @@ def test_nothing_is_read_from_outside_its_root(world, saved_model, tmp_path, cap
     with pytest.raises(CheckpointError, match="names the shard '../evil.safetensors', outside"):
         from weights import read_tensors
         read_tensors(folder)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(extra=1), "unknown MLMambaConfig fields: \\['extra'\\]"),
+    (lambda c: c.update(max_length="512"), "max_length must be an int, not '512'"),
+    (lambda c: c.update(vision_layer=99), "vision_layer 99 is not a block of encoders 2 deep"),
+    (lambda c: c.update(vision_layer="-2"), "vision_layer must be an int"),
+    (lambda c: c.update(vision=[1]), "vision must be an object"),
+])
+def test_a_config_field_of_the_wrong_kind_is_one_line_naming_it(saved_model, tmp_path, change, message):
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(saved_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        MLMamba.from_pretrained(folder)
+
+
+def test_a_deeply_nested_config_and_a_tokenizer_bigger_than_the_vocabulary_are_refused(saved_model, tmp_path):
+    import shutil
+    from data import train_tokenizer
+    folder = tmp_path / "m"
+    shutil.copytree(saved_model, folder)
+    (folder / "config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(CheckpointError, match="is not valid JSON"):
+        MLMamba.from_pretrained(folder)
+    model = MLMamba.from_pretrained(saved_model)
+    big = train_tokenizer([f"word{i} " * 3 for i in range(3000)], vocab_size=model.config.lm.vocab_size + 200)
+    with pytest.raises(ValueError, match="more than the LM's vocabulary"):
+        model.set_tokenizer(big)
