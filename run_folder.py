@@ -9,6 +9,8 @@ A crash mid-write leaves the previous checkpoint in charge. The optimizer state 
 (whole tensors), so a run may resume with another number of processes or DDP <-> FSDP.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -27,18 +29,29 @@ STAGES = ("pretrain", "align", "finetune")
 
 class RunLog:
     """Prints a line on rank 0 and appends it to OUT/train.log, so a run's progress stays readable (and plottable:
-    `python docs/figures.py`) after the terminal is gone. A resumed run appends to the same file."""
+    `python docs/figures.py`) after the terminal is gone. A resumed run appends to the same file. Until `start()`
+    (the run's inputs checked, its folder taken) the lines are only held, so a run that stops on a bad input leaves
+    nothing in --out."""
 
     def __init__(self, rank, file):
-        self.rank, self.file = rank, Path(file)
+        self.rank, self.file, self.held = rank, Path(file), []
 
     def __call__(self, msg):
         if self.rank != 0:
             return
         print(msg, flush=True)
-        self.file.parent.mkdir(parents=True, exist_ok=True)
+        if self.held is not None:
+            self.held.append(msg)
+            return
         with open(self.file, "a") as f:
             f.write(msg + "\n")
+
+    def start(self):
+        if self.rank == 0:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.file, "a") as f:
+                f.writelines(m + "\n" for m in self.held)
+        self.held = None
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on the CPU, on rank 0
@@ -88,9 +101,9 @@ def latest_checkpoint(stage_dir):
 RUN_OUTPUTS = ("final", "train.log", "eval.json")  # beside the stage folders
 
 
-def prepare_run_folder(cfg, proc):
+def check_run_folder(cfg):
     """A run folder is never silently mixed or rewound: --resume needs a checkpoint to continue from; a folder that
-    holds a run needs --resume or --overwrite, which deletes that run first. Returns what was deleted."""
+    holds a run needs --resume or --overwrite (then `take_run_folder` deletes that run). Returns what it holds."""
     out = Path(cfg.out)
     if cfg.resume:
         for stage in STAGES:
@@ -106,12 +119,35 @@ def prepare_run_folder(cfg, proc):
     if held and not cfg.overwrite:
         raise ValueError(f"{out} already holds a run ({', '.join(p.name for p in held)}): continue it with --resume, "
                          "or delete it and start over with --overwrite")
+    return held
+
+
+@contextlib.contextmanager
+def taken(out, held, proc):
+    """Inside: OUT locked for this run (OUT/.lock: a second run into it gets one line naming this one's process),
+    what `check_run_folder` found there deleted (--overwrite). Gives the paths deleted."""
+    fd = None
     if proc.rank == 0:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        fd = os.open(Path(out) / ".lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(f"{out} is in use by another run (process {owner}): wait for it, or choose another "
+                             "--out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
         for path in held:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if proc.world_size > 1:
         dist.barrier()
-    return held
+    try:
+        yield held
+    finally:
+        if fd is not None:
+            os.close(fd)  # the lock goes with it
 
 
 def resume_stage(stage_dir, model, optimizer, scheduler, log):

@@ -40,8 +40,8 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from data import LLaVADataset, StageBatches, collate, conversation_turns, train_tokenizer
 from model import IGNORE_INDEX, MLMamba, MLMambaConfig, conversation_segments
 from distributed import Process, setup_distributed, shard
-from run_folder import (FULL_STATE, STAGES, RunLog, full_state, latest_checkpoint, prepare_run_folder, resume_stage,
-                        save_checkpoint)
+from run_folder import (FULL_STATE, STAGES, RunLog, check_run_folder, full_state, latest_checkpoint, resume_stage,
+                        save_checkpoint, taken)
 from synthetic import build_synthetic_dataset, synthetic_dataset_is_built
 from weights import (USER_ERRORS, fraction, listing, nonnegative_float, nonnegative_int,
                      positive_float, positive_int, report_user_error)
@@ -207,6 +207,9 @@ def synthetic_files(root):
 def prepare_data(cfg, proc, log):
     """The run's DataFiles; on the synthetic world, built first if missing or built with other settings."""
     if cfg.data is not None:
+        for option, path in (("--data", cfg.data), ("--pretrain-data", cfg.pretrain_data)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{option} file not found: {path}")
         return DataFiles(Path(cfg.data), cfg.image_root, cfg.pretrain_data)
     root = Path(cfg.synthetic_dir)
     settings = dict(seed=cfg.world_seed, extra_spatial=cfg.extra_spatial, describe=cfg.describe)
@@ -556,12 +559,11 @@ def main(argv=None):
 
 def train(cfg, on_step=None):
     """Every stage asked for; returns the trained model (rank 0 also saves it and, on synthetic data, scores it).
-    on_step(step): called after each optimizer step of each stage."""
+    on_step(step): called after each optimizer step of each stage. Nothing is written into --out before the data
+    and the model are read and checked."""
     proc = setup_distributed(cfg)
-    deleted = prepare_run_folder(cfg, proc)
-    log = RunLog(proc.rank, Path(cfg.out) / "train.log")
-    if deleted:
-        log(f"--overwrite: deleted {', '.join(str(p) for p in deleted)}")
+    held = check_run_folder(cfg)
+    log = RunLog(proc.rank, Path(cfg.out) / "train.log")  # holds its lines until the run folder is taken, below
     log(f"preset {cfg.preset}: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in preset_values(cfg.preset, cfg.device)))
     torch.manual_seed(cfg.seed)
     files = prepare_data(cfg, proc, log)
@@ -574,6 +576,26 @@ def train(cfg, on_step=None):
         compile_blocks(model.lm)
     if proc.world_size > 1 and cfg.parallel == "fsdp":
         shard(model, proc.device)
+    data = stage_data(cfg, files, model, log, proc)
+    with taken(cfg.out, held, proc) as deleted:
+        log.start()
+        if deleted:
+            log(f"--overwrite: deleted {', '.join(str(p) for p in deleted)}")
+        model = run_stages(cfg, model, data, proc, log, on_step)
+        if proc.rank == 0 and files.test_json and not cfg.no_eval:
+            from evaluate import evaluate
+            result = evaluate(MLMamba.from_pretrained(Path(cfg.out) / "final"), files.test_json)  # on the CPU
+            (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2))
+            set_aside = result.pop("set_aside")
+            log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items())
+                + (f" ({set_aside} questions set aside: unreadable images)" if set_aside else ""))
+    if proc.world_size > 1:
+        dist.destroy_process_group()
+    return model
+
+
+def stage_data(cfg, files, model, log, proc):
+    """{stage: its dataset} for the stages asked for, the malformed samples reported."""
     stages = {"all": STAGES, "both": STAGES[1:]}.get(cfg.stage, (cfg.stage,))
     if cfg.stage == "all" and (not files.pretrain_json or cfg.pretrain_epochs <= 0):
         stages = STAGES[1:]  # real data: the LM comes pretrained
@@ -588,25 +610,23 @@ def train(cfg, on_step=None):
         f"(connector {cc.kind}/{cc.scan}); {len(dataset)} training samples"
         + (f", {len(text)} text-only for pretrain" if text else "") + f"; {proc.world_size} process(es)")
     data = {stage: text if stage == "pretrain" else dataset for stage in stages}
-    samples = [stage_batches(stage, data[stage], cfg, proc).total * cfg.global_batch for stage in stages]
+    for stage, ds in data.items():
+        stage_batches(stage, ds, cfg, proc)  # enough samples for a batch: checked before the run folder is taken
+    return data
+
+
+def run_stages(cfg, model, data, proc, log, on_step):
+    """Each stage in turn, then the model saved to OUT/final (rank 0)."""
+    samples = [stage_batches(stage, ds, cfg, proc).total * cfg.global_batch for stage, ds in data.items()]
     t0 = time.time()
     steps_for = stage_steps(cfg, proc)
-    for k, stage in enumerate(stages):
-        model = run_stage(stage, model, data[stage], cfg, proc, log, on_step, sum(samples[k + 1:]), steps_for)
+    for k, (stage, ds) in enumerate(data.items()):
+        model = run_stage(stage, model, ds, cfg, proc, log, on_step, sum(samples[k + 1:]), steps_for)
     model_state = get_model_state_dict(model, options=FULL_STATE)  # every process: gathers FSDP's shards
     if proc.rank == 0:
         final = Path(cfg.out) / "final"
         model.save_pretrained(final, model_state)
         log(f"training took {time.time() - t0:.0f} s; model saved to {final}")
-        if files.test_json and not cfg.no_eval:
-            from evaluate import evaluate
-            result = evaluate(MLMamba.from_pretrained(final), files.test_json)  # the saved model, on the CPU
-            (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2))
-            set_aside = result.pop("set_aside")
-            log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items())
-                + (f" ({set_aside} questions set aside: unreadable images)" if set_aside else ""))
-    if proc.world_size > 1:
-        dist.destroy_process_group()
     return model
 
 

@@ -2,7 +2,11 @@
 every case these tests try and its outcome)."""
 
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -478,3 +482,22 @@ def test_a_deeply_nested_config_and_a_tokenizer_bigger_than_the_vocabulary_are_r
     big = train_tokenizer([f"word{i} " * 3 for i in range(3000)], vocab_size=model.config.lm.vocab_size + 200)
     with pytest.raises(ValueError, match="more than the LM's vocabulary"):
         model.set_tokenizer(big)
+
+
+def test_a_run_that_stops_on_a_bad_input_leaves_its_folder_untouched(world, tmp_path, capsys):
+    """--data missing: one line naming it, and nothing written into --out, so the corrected run is not refused."""
+    out = tmp_path / "run"
+    assert T.main(["--data", str(tmp_path / "nope.json"), "--out", str(out), "--device", "cpu"]) == 2
+    assert "--data file not found" in one_line_error(capsys) and not out.exists()
+
+
+def test_a_second_run_into_a_folder_in_use_is_one_line_naming_the_first(tmp_path):
+    """Two runs into one --out at once: the second gets one line with the first's process, whatever --overwrite."""
+    import run_folder
+    code = ("import run_folder, train\n"
+            f"with run_folder.taken({str(tmp_path / 'run')!r}, [], train.Process()):\n    pass")
+    with run_folder.taken(tmp_path / "run", [], T.Process()):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1])
+        assert result.returncode != 0 and f"is in use by another run (process {os.getpid()})" in result.stderr
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
