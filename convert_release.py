@@ -9,6 +9,7 @@ encoders are not in it: they come from the public checkpoints it was trained fro
 """
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -33,6 +34,35 @@ def check_out(out, inputs, overwrite=False):
         raise ValueError(f"--out {out} is not empty; give another folder, or --overwrite to write over its files")
 
 
+def read_release_tensors(checkpoint):
+    """{"group.name": tensor} from the release's {"model": {group: {name: tensor}}}, read with
+    torch.load(weights_only=True), so no pickled code runs; every tensor floating-point and finite. Anything else is a
+    CheckpointError of one line naming what is wrong."""
+    layout = f"the release's checkpoint {checkpoint} ({{'model': {{group: {{name: tensor}}}}}})"
+    try:
+        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{checkpoint} holds Python objects other than tensors, which are not read (nothing "
+                              "in it was run): it is not the release's checkpoint") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"cannot read {layout}: {type(e).__name__}: {e}") from None
+    groups = obj.get("model") if isinstance(obj, dict) else None
+    if not isinstance(groups, dict) or not all(isinstance(s, dict) for s in groups.values()):
+        raise CheckpointError(f"{checkpoint} is not {layout}")
+    tensors = {}
+    for group, state in groups.items():
+        if group == "llm_backbone" and all(str(k).startswith("llm.") for k in state):  # the wrapper's prefix
+            state = {k.removeprefix("llm."): v for k, v in state.items()}
+        tensors.update({f"{group}.{k}": v for k, v in state.items()})
+    for name, t in tensors.items():
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            raise CheckpointError(f"{checkpoint}: {name} is {t.dtype if torch.is_tensor(t) else type(t).__name__}, "
+                                  "not a floating-point tensor")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{checkpoint}: {name} holds NaN or infinite values")
+    return tensors
+
+
 def convert_release(checkpoint, lm, vision, tokenizer, out, input_size=384, overwrite=False):
     """The release's latest-checkpoint.pt -> an ML-Mamba folder that generate.py runs. lm, vision, tokenizer: the
     public checkpoints it was trained from ({"dinov2": ..., "siglip": ...}), which give the architecture and the frozen
@@ -42,16 +72,7 @@ def convert_release(checkpoint, lm, vision, tokenizer, out, input_size=384, over
     check_out(out, [checkpoint, lm, tokenizer, *vision.values()], overwrite)
     model = MLMamba.from_components(lm, vision, tokenizer, connector={"kind": "msc-release"}, prompt="zephyr",
                                     input_size=input_size)
-    try:
-        groups = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as e:
-        raise CheckpointError(f"cannot read {checkpoint} as the release's checkpoint ({{'model': {{...}}}}): "
-                              f"{type(e).__name__}: {e}") from None
-    tensors = {}
-    for group, state in groups.items():
-        if group == "llm_backbone" and all(k.startswith("llm.") for k in state):  # the backbone wrapper's prefix
-            state = {k.removeprefix("llm."): v for k, v in state.items()}
-        tensors.update({f"{group}.{k}": v for k, v in state.items()})
+    tensors = read_release_tensors(checkpoint)
     tied = model.config.lm.tie_embeddings
     key_map = release_key_map(model.config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k in key_map}

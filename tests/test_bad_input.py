@@ -501,3 +501,31 @@ def test_a_second_run_into_a_folder_in_use_is_one_line_naming_the_first(tmp_path
                                 cwd=Path(__file__).resolve().parents[1])
         assert result.returncode != 0 and f"is in use by another run (process {os.getpid()})" in result.stderr
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"model": {"mlp": {"0.weight": torch.ones(2, dtype=torch.int64)}}}, "mlp.0.weight is torch.int64, not a floating"),
+    ({"model": {"mlp": {"0.weight": torch.tensor([1.0, float("nan")])}}}, "mlp.0.weight holds NaN or infinite"),
+    ({"model": [1, 2]}, "is not the release's checkpoint"),
+    ({"model": {"mlp": torch.ones(2)}}, "is not the release's checkpoint"),
+    (torch.ones(3), "is not the release's checkpoint"),
+    ({"model": {"mlp": {"0.weight": 5}}}, "mlp.0.weight is int, not a floating"),
+])
+def test_the_converter_takes_only_finite_floating_tensors_in_the_releases_layout(tmp_path, content, message):
+    import convert_release
+    torch.save(content, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match=message):
+        convert_release.read_release_tensors(tmp_path / "ckpt.pt")
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("a pickled payload ran",))
+
+
+def test_a_pickled_object_in_a_release_checkpoint_is_one_line_and_never_runs(tmp_path, capsys):
+    import convert_release
+    torch.save({"model": {"mlp": Payload()}}, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="holds Python objects other than tensors") as e:
+        convert_release.read_release_tensors(tmp_path / "ckpt.pt")
+    assert "weights_only=False" not in str(e.value) and "payload ran" not in capsys.readouterr().out
