@@ -529,3 +529,35 @@ def test_a_pickled_object_in_a_release_checkpoint_is_one_line_and_never_runs(tmp
     with pytest.raises(CheckpointError, match="holds Python objects other than tensors") as e:
         convert_release.read_release_tensors(tmp_path / "ckpt.pt")
     assert "weights_only=False" not in str(e.value) and "payload ran" not in capsys.readouterr().out
+
+
+def test_random_question_files_and_release_checkpoints_are_read_or_refused_in_one_line(tmp_path):
+    """Random corruptions of a POPE record and of a release checkpoint: each is read, or refused with a ValueError /
+    CheckpointError (one line), never another exception."""
+    import convert_release
+    rng = random.Random(1)
+    junk = [None, 0, 3.5, True, "", "x", [], {}, ["a"], "yes", "no", {"answer": "yes"}, "../x.png", float("nan")]
+    outcomes = {"read": 0, "refused": 0}
+    for _ in range(200):
+        record = {"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "yes"}
+        for _ in range(rng.randint(1, 3)):
+            key = rng.choice(list(record) + ["question", "answer", "answers", "conversations", "family"])
+            record[key] = rng.choice(junk)
+        lines = [json.dumps(rng.choice([record, junk[rng.randrange(len(junk))]])) for _ in range(rng.randint(1, 3))]
+        (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
+        try:
+            E.load_questions(tmp_path / "q.jsonl")
+            outcomes["read"] += 1
+        except ValueError as e:
+            assert "\n" not in str(e)
+            outcomes["refused"] += 1
+    assert outcomes["read"] > 10 and outcomes["refused"] > 50, outcomes
+    tensors = [torch.ones(2), torch.ones(2, dtype=torch.int32), torch.tensor([float("inf")]), 1, "x", None, [1.0]]
+    for _ in range(100):
+        groups = {g: {f"{k}.weight": rng.choice(tensors) for k in range(2)} for g in ("mlp", "projector")}
+        content = rng.choice([{"model": groups}, {"model": rng.choice(tensors)}, groups, rng.choice(tensors)])
+        torch.save(content, tmp_path / "c.pt")
+        try:
+            convert_release.read_release_tensors(tmp_path / "c.pt")
+        except CheckpointError as e:
+            assert "\n" not in str(e)
