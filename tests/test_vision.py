@@ -182,18 +182,23 @@ def test_bad_image_files_name_the_file(tmp_path):
 # ---------------------------------------------------------------- dual encoder
 
 def test_dual_encoder_concatenates_in_order(siglip, dinov2):
-    """Eq. 5: the dual encoder's output is the encoders' layer -2 patch tokens concatenated on the feature axis, in order."""
+    """Eq. 5: the dual encoder's output (by default, as ML-Mamba's config has it) is the reference models' own hidden
+    states after the second-to-last block (transformers' hidden_states[-2]), patch tokens only, DINOv2's then
+    SigLIP's on the feature axis."""
+    from model import MLMambaConfig
     dino = ViT.from_pretrained(dinov2[1], input_size=42)
     sig = ViT.from_pretrained(siglip[1], input_size=42)
-    enc = DualEncoder({"dinov2": dino, "siglip": sig}).freeze()
+    enc = DualEncoder({"dinov2": dino, "siglip": sig}, layer=MLMambaConfig.vision_layer).freeze()
     assert enc.num_patches == 9 and enc.feature_dim == 64
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 60, 3), dtype=np.uint8))
     px = {k: v[None] for k, v in enc.preprocess(img).items()}
     feats = enc(px)
     assert feats.shape == (1, 9, 64) and feats.grad_fn is None
     with torch.no_grad():
-        torch.testing.assert_close(feats[..., :32], dino(px["dinov2"], layer=-2))
-        torch.testing.assert_close(feats[..., 32:], sig(px["siglip"], layer=-2))
+        dino_ref = dinov2[0](px["dinov2"], output_hidden_states=True).hidden_states[-2][:, 1:]  # class token out
+        sig_ref = siglip[0](px["siglip"], output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(feats[..., :32], dino_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(feats[..., 32:], sig_ref, rtol=1e-5, atol=1e-5)
     # frozen: no gradients, and eval mode survives .train()
     enc.train()
     assert not any(p.requires_grad for p in enc.parameters()) and not enc.encoders["dinov2"].training
