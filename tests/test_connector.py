@@ -99,27 +99,55 @@ def test_mlp_and_swiglu_formulas():
         assert glu.w1.out_features == 64  # 8/3 * 6 = 16, rounded up to a multiple of 64
 
 
+def reading_orders(scan_kind, H, W):
+    """The reading orders of Fig. 4 written out cell by cell: BSM row by row, then backwards; CSM row by row, column by
+    column, and each backwards."""
+    rows = [r * W + c for r in range(H) for c in range(W)]
+    columns = [r * W + c for c in range(W) for r in range(H)]
+    return [rows, rows[::-1]] if scan_kind == "bsm" else [rows, columns, rows[::-1], columns[::-1]]
+
+
+def rms(x, weight, eps=1e-5):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def linear(x, layer):
+    return x @ layer.weight.T + layer.bias
+
+
 @pytest.mark.parametrize("kind", ["mlp", "msc-basic", "msc-advanced"])
 @pytest.mark.parametrize("scan_kind", ["bsm", "csm"])
-def test_connector_variants(kind, scan_kind):
-    """Eqs. 6-8: each variant of Table 6 (mlp, msc-basic, msc-advanced) with each scan is the composition the
-    equation writes."""
+def test_connector_variants_against_the_equations_written_out(kind, scan_kind):
+    """Eqs. 6-8 and Fig. 5 from the paper, position by position: each direction's mixer reads the normed grid in its
+    order (a list of cells), its outputs are put back cell by cell, the directions summed onto the residual, a final
+    RMSNorm; then SwiGLU(x) = W2 (SiLU(W1 x) * W3 x) (msc-advanced) and MLP = fc3 GELU fc2 GELU fc1 (eq. 6), with the
+    modules' weights as matrices. The mixers themselves are the LM's (tested in test_mamba2.py)."""
     torch.manual_seed(4)
-    cfg = ConnectorConfig(kind=kind, scan=scan_kind, vision_dim=12, grid=(2, 3), drop_path=0.0, mixer=MIXER)
+    H, W = 2, 3
+    cfg = ConnectorConfig(kind=kind, scan=scan_kind, vision_dim=12, grid=(H, W), drop_path=0.0, mixer=MIXER)
     conn = Connector(cfg).eval()
-    v = torch.randn(2, 6, 12)
+    v = torch.randn(2, H * W, 12)
     with torch.no_grad():
-        out = conn(v)
-        assert out.shape == (2, 6, 16)
-        if kind == "mlp":
-            torch.testing.assert_close(out, conn.projector(v))
-        else:
-            x = conn.msc(F.gelu(conn.lift(v)))
+        x = v
+        if kind != "mlp":
+            x = F.gelu(linear(v, conn.lift))
+            for block in conn.msc.blocks:
+                h = rms(x, block.norm.weight)
+                merged = torch.zeros_like(x)
+                for mixer, order in zip(block.mixers, reading_orders(scan_kind, H, W)):
+                    y = mixer(torch.stack([h[:, cell] for cell in order], dim=1))  # the grid read in this order
+                    for t, cell in enumerate(order):
+                        merged[:, cell] += y[:, t]
+                x = x + merged
+            x = rms(x, conn.msc.norm.weight)
             if kind == "msc-advanced":
-                x = conn.swiglu(x)
-            torch.testing.assert_close(out, conn.projector(x))
-            assert len(conn.msc.blocks[0].mixers) == (2 if scan_kind == "bsm" else 4)
+                g = conn.swiglu
+                x = (F.silu(linear(x, g.w1)) * linear(x, g.w3)) @ g.w2.weight.T + g.w2.bias
+        p = conn.projector
+        expected = linear(F.gelu(linear(F.gelu(linear(x, p.fc1)), p.fc2)), p.fc3)
+        torch.testing.assert_close(conn(v), expected, rtol=1e-5, atol=1e-5)
     if kind != "mlp":
+        assert len(conn.msc.blocks[0].mixers) == len(reading_orders(scan_kind, H, W))
         with pytest.raises(ValueError, match="expects 2 x 3 = 6 patch tokens"):
             conn(torch.randn(1, 5, 12))
 
