@@ -145,9 +145,9 @@ class RMSNorm(nn.Module):
         return (xg.flatten(-2) * self.weight.float()).to(self.weight.dtype)
 
 
-def softplus_step(dt, dt_bias, dt_limit=(0.0, float("inf"))):
+def dt_softplus(dt, dt_bias, dt_limit=(0.0, float("inf"))):
     """The raw dt projection (..., h) -> dt = softplus(dt + dt_bias), clamped to dt_limit. In fp32 on purpose:
-    exp(dt A) of small steps loses everything in bf16."""
+    exp(dt A) of a small dt loses everything in bf16."""
     dt = F.softplus(dt.float() + dt_bias.float())
     return dt.clamp(*dt_limit) if tuple(dt_limit) != (0.0, float("inf")) else dt
 
@@ -223,9 +223,9 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.empty(c.nheads).uniform_(*c.A_init_range)))
         self.D.fill_(1.0)
 
-    def step_size(self, dt):
-        """The raw dt projection (..., h) -> dt = softplus(dt + dt_bias), clamped to dt_limit (`softplus_step`)."""
-        return softplus_step(dt, self.dt_bias, self.config.dt_limit)
+    def positive_dt(self, dt):
+        """The raw dt projection (..., h) -> dt = softplus(dt + dt_bias), clamped to dt_limit (`dt_softplus`)."""
+        return dt_softplus(dt, self.dt_bias, self.config.dt_limit)
 
     def causal_conv(self, xBC, cache, length=None):
         """`causal_conv` with this mixer's conv1d, continuing from the cached inputs and updating them."""
@@ -259,7 +259,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.split_projection(u)  # (b, l, d_inner), (b, l, conv_dim), (b, l, h)
         x, B, C = self.split_xBC(self.causal_conv(xBC, cache, length))  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
         A, D = self.A_and_D()
-        dt = self.step_size(dt)  # (b, l, h) fp32
+        dt = self.positive_dt(dt)  # (b, l, h) fp32
         if length is not None:  # padding: dt = 0 leaves the state as it is
             dt = dt.masked_fill(torch.arange(u.shape[1], device=u.device)[None, :, None] >= length[:, None, None], 0)
         # eq. 3 over the sequence (ssd.py): h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t h_t + D x_t
@@ -283,7 +283,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = self.split_xBC(F.silu(xBC).to(u.dtype))
         A, D = self.A_and_D()
         # eq. 3 for one token: h_t = exp(dt A) h_{t-1} + dt B_t x_t^T, y_t = C_t h_t + D x_t; state fp32 (b, h, p, n)
-        y, new_state = ssd_step(ssm_state, x, self.step_size(dt), A, B, C, D)
+        y, new_state = ssd_step(ssm_state, x, self.positive_dt(dt), A, B, C, D)
         ssm_state.copy_(new_state)
         return y.flatten(-2), z
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from connector import MLP, ConnectorConfig, SwiGLU
-from mamba2 import Mamba2Config, Mamba2Mixer, causal_conv, softplus_step
+from mamba2 import Mamba2Config, Mamba2Mixer, causal_conv, dt_softplus
 
 
 class BiMamba2(Mamba2Mixer):
@@ -38,7 +38,7 @@ class BiMamba2(Mamba2Mixer):
         c = self.config
         z, xBC, dt = zxbcdt.split([c.d_inner, c.conv_dim, c.nheads], dim=-1)
         x, B, C = self.split_xBC(causal_conv(xBC, conv1d)[0])  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
-        y, _ = self.ssd(x, softplus_step(dt, dt_bias, c.dt_limit), -torch.exp(A_log.float()), B, C, c.chunk_size,
+        y, _ = self.ssd(x, dt_softplus(dt, dt_bias, c.dt_limit), -torch.exp(A_log.float()), B, C, c.chunk_size,
                         D.float())
         return self.norm(y.flatten(-2), gate=z)
 
