@@ -135,7 +135,7 @@ class TrainConfig:
 
 PRESETS = {
     # the synthetic world: a tiny LM that first learns the world's language from text, then the image stages
-    # in fp32 on every device: at its size bf16 buys a GPU no time, and its rounding costs accuracy (docs/speed.md)
+    # in fp32 on every device (docs/speed.md, "The default run on one GPU", says why)
     "synthetic": dict(pretrain_epochs=40, align_epochs=1, epochs=20, lr=1e-3, align_lr=1e-4, connector_lr=1e-4,
                       global_batch=32, workers=0, precision="fp32"),
     # the paper's recipe (Table 1, section 4.1); pretrain runs only when given --pretrain-data
