@@ -55,3 +55,14 @@ def tiny_config(kind="msc-advanced", scan="bsm"):
                                   num_layers=2, num_heads=2, input_size=42)}
     connector = ConnectorConfig.for_lm(lm, vision_dim=40, grid=(3, 3), kind=kind, scan=scan, drop_path=0.0)
     return MLMambaConfig(lm=lm, vision=vision, connector=connector, max_length=200)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: they skip where there is none (`python -m pytest -m gpu` on a GPU machine runs
+    them alone)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (a gpu test)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -153,7 +153,7 @@ def test_a_lent_cache_keeps_its_state_when_another_takes_the_tensors():
 
 # ---------------------------------------------------------------- decoding on CUDA graphs
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["plain", "compiled", "fused"])
 def test_graphed_decoding_gives_the_eager_tokens(kernels):
     """generate on CUDA graphs gives the eager plain loop's tokens, greedy and sampled, for three prompts of one
@@ -177,7 +177,7 @@ def test_graphed_decoding_gives_the_eager_tokens(kernels):
     assert set(decoder.batches) == {3, 2} and fast_decode.decoder_for(model, kernels) is decoder
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_graphed_decoding_continues_a_cache_as_the_eager_loop_does():
     """generate(cache=...) on CUDA graphs (the first turn prefilled from nothing, later ones continued eagerly in the
     lent tensors) gives the eager loop's tokens and leaves the same cache, turn after turn, with a second
@@ -196,7 +196,7 @@ def test_graphed_decoding_continues_a_cache_as_the_eager_loop_does():
         assert graph_cache.seqlen_offset == eager_cache.seqlen_offset
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_captured_prefills_are_capped_and_recaptured(monkeypatch):
     """With room for one captured prefill, a second bucket's capture frees the first's; each bucket, captured or
     captured again, gives the eager tokens."""
@@ -211,7 +211,7 @@ def test_captured_prefills_are_capped_and_recaptured(monkeypatch):
     assert prefills[128] is not None and prefills[256] is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 8])
 def test_fused_step_at_the_2_7b_widths_in_bf16(batch):
     """The fused step at Mamba-2 2.7B's widths (d_model 2560, 80 heads of 64, d_state 128; two layers), bf16: the

@@ -123,7 +123,7 @@ def test_fast_on_refuses_what_it_cannot_run(world, tmp_path):
     assert T.stage_steps(args_for(world, tmp_path, "--data", "x.json"), T.Process(device="cuda")) is T.PlainSteps
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_cuda_graph_steps_equal_eager_steps(world, tmp_path, stage):
     """On CUDA: the captured graph's steps == the same steps launched one by one == the plain loop (fp32; stochastic

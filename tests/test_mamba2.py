@@ -307,7 +307,7 @@ def test_parameter_counts_of_the_public_sizes():
     assert 120 < counts["130m"] < 135 and 760 < counts["780m"] < 800 and 2650 < counts["2.7b"] < 2750
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_lm_same_logits_with_either_ssd_backend_and_cached_decode(monkeypatch):
     """On the GPU: the LM gives the same logits through mamba-ssm's kernel, ssd_chunked and ssd_chunked_fast, and
     the cached decode (prefill + ssd_step) equals the full forward."""

@@ -337,7 +337,7 @@ def test_generate_cli_bad_input_is_one_line(cli_model, case):
     assert {"no_model": "nope", "bad_image": "missing.jpg", "long_prompt": "the limit is 100"}[case] in out.stderr
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_forward_matches_cpu_and_bf16_generates(model):
     pixels, ids, labels = batch_of(model, [[("human", "<image>\nHow many?"), ("gpt", "Two.")]], [9])
     with torch.no_grad():

@@ -318,7 +318,7 @@ def test_the_kernel_call_passes_its_arguments_and_runs_outside_compiled_graphs(m
     assert [s[:2] + s[3:] for s in seen] == [(8, D, True, False)] * 2 and all(s[2] is s0 for s in seen)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
     """Both GPU paths against the float64 recurrence, errors relative to max |y|. mamba-ssm's Triton kernel
     multiplies fp32 in TF32 (10-bit mantissa) inside tl.dot, so it is held to 5e-3; ssd_chunked and ssd_chunked_fast
