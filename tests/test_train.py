@@ -432,6 +432,21 @@ def stop_after(n):
     return on_step
 
 
+def spawn_two(worker, *args, tries=3):
+    """Two gloo processes of worker(rank, 2, port, *args) on a free port. The port is free when chosen but released
+    before the processes bind it: if another program takes it in between, the rendezvous fails to bind and the pair
+    is started again on another port."""
+    for attempt in range(tries):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            return mp.spawn(worker, args=(2, port, *args), nprocs=2)
+        except mp.ProcessRaisedException as e:
+            if "address already in use" not in str(e).lower() or attempt == tries - 1:
+                raise
+
+
 def _worker(rank, world_size, port, argv, out, stop=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -463,11 +478,7 @@ def test_two_process_gloo_matches_one_process(default_world, tmp_path, parallel,
     argv = ["--synthetic-dir", str(default_world), "--global-batch", "8", "--no-eval", "--log-every", "1",
             "--device", "cpu", "--max-steps", "3", "--stage", "finetune",
             "--drop-path", "0"]  # stochastic depth draws different masks when the batch is split over ranks
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, argv + ["--out", str(tmp_path / parallel), "--parallel", parallel],
-                            str(tmp_path)), nprocs=2)
+    spawn_two(_worker, argv + ["--out", str(tmp_path / parallel), "--parallel", parallel], str(tmp_path))
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     capsys.readouterr()
     single = params(T.train(T.parse_args(argv + ["--out", str(tmp_path / "single")])))
@@ -503,11 +514,8 @@ def test_fsdp_checkpoint_resumes_in_one_process(default_world, tmp_path):
     where an uninterrupted one-process run does: the optimizer state is stored whole, keyed by parameter name."""
     argv = ["--synthetic-dir", str(default_world), "--global-batch", "8", "--no-eval", "--log-every", "1000", "--device",
             "cpu", "--max-steps", "4", "--save-every", "2", "--stage", "finetune", "--drop-path", "0"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = ["--out", str(tmp_path / "run")]
-    mp.spawn(_interrupted_worker, args=(2, port, argv + out + ["--parallel", "fsdp"], str(tmp_path), 2), nprocs=2)
+    spawn_two(_interrupted_worker, argv + out + ["--parallel", "fsdp"], str(tmp_path), 2)
     assert (tmp_path / "run/finetune/latest").read_text() == "checkpoint-2"
     resumed = params(T.train(T.parse_args(argv + out + ["--resume"])))
     straight = params(T.train(T.parse_args(argv + ["--out", str(tmp_path / "straight")])))
