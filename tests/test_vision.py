@@ -101,6 +101,25 @@ def test_dinov2_with_registers_parity(tmp_path):
         check_parity(hf(pixels, output_hidden_states=True), ours, pixels, prefix=5)
 
 
+@pytest.mark.parametrize("family", ["siglip", "dinov2", "dinov2_with_registers"])
+def test_a_smaller_input_than_the_checkpoints_matches_transformers_own_interpolation(family, tmp_path):
+    """The paper's case for DINOv2 (trained at 518 px, used at 384): a transformers checkpoint of 70 px (a 5 x 5 grid)
+    run at 42 px (3 x 3) equals the reference model's own position interpolation at 42 px (bicubic; antialiased for
+    DINOv2 with registers, where antialiasing matters: the grid shrinks)."""
+    torch.manual_seed(4)
+    dino = dict(image_size=70, mlp_ratio=2, **{k: v for k, v in SMALL.items() if k != "intermediate_size"})
+    hf = randomize({"siglip": lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+                        image_size=70, **SMALL)),
+                    "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(**dino)),
+                    "dinov2_with_registers": lambda: transformers.Dinov2WithRegistersModel(
+                        transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **dino))}[family]())
+    ours = ViT.from_pretrained(save(hf, tmp_path), input_size=42).eval()
+    pixels = torch.randn(2, 3, 42, 42)
+    extra = {"interpolate_pos_encoding": True} if family == "siglip" else {}  # SigLIP resizes only when asked
+    with torch.no_grad():
+        check_parity(hf(pixels, output_hidden_states=True, **extra), ours, pixels, prefix=ours.config.num_prefix_tokens)
+
+
 def test_bad_vision_checkpoints(dinov2, tmp_path):
     _, folder = dinov2
     from safetensors.torch import load_file, save_file
