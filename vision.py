@@ -131,7 +131,9 @@ class ViTBlock(nn.Module):
 
 
 def interpolate_pos_embed(pos_embed, grid, antialias=False):
-    """Bicubic resize of a square grid of position embeddings (1, n*n, d) to (1, grid*grid, d), in fp32."""
+    """Bicubic resize of a square grid of position embeddings (1, n*n, d) to (1, grid*grid, d), in fp32: what
+    transformers' `interpolate_pos_encoding` does at every forward (SigLIP and DINOv2 without antialias, DINOv2 with
+    registers with it; tested against each), and timm's `resample_abs_pos_embed` once at load (antialias)."""
     n = math.isqrt(pos_embed.shape[1])
     if n == grid:
         return pos_embed
