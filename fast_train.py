@@ -99,7 +99,7 @@ def static_loss(model, ids, labels, features=None):
 
 
 class CapturedStep:
-    """forward + backward + gradient clipping on static buffers, as train.train_step computes them for one
+    """forward + backward + gradient clipping on static buffers, as train.PlainSteps.train_step computes them for one
     micro-batch per step. On CUDA it is captured as a CUDA graph after a few eager warm-up runs (on a side stream, as
     capture needs), and each call replays it; elsewhere each call runs it eagerly. The gradients live in the graph's
     memory and are overwritten by each replay, so they are never set to None in between.
