@@ -66,3 +66,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state, whatever ran before it (module-scoped fixtures draw once)."""
+    import random
+    random.seed(0)
+    torch.manual_seed(0)
