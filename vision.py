@@ -243,7 +243,7 @@ def to_8_bits(image):
     clip it (a 16-bit PNG turns white, a float TIFF black): integers from the smallest of the 8-, 16- and 32-bit
     ranges that holds them, floats from [0, 1] when they lie in it, else from their own minimum and maximum."""
     x = np.asarray(image, dtype=np.float64)
-    low, high = float(x.min(initial=0.0)), float(x.max(initial=0.0))
+    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
     if image.mode == "F":
         low, top = (0.0, 1.0) if 0.0 <= low and high <= 1.0 else (low, high)
     else:

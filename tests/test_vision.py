@@ -332,15 +332,16 @@ def test_the_timm_architecture_table_matches_timm():
         assert model.pos_embed.shape[1] == config.num_patches + class_position, name
 
 
-@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "F outside [0, 1]"])
 def test_16_bit_32_bit_and_float_images_load_as_their_8_bit_twin(tmp_path, mode):
     """A grey image stored with 16-bit or 32-bit integers or floats loads as the same picture in 8 bits (PIL's own
-    convert would clip it to white or black)."""
+    convert would clip it to white or black); floats outside [0, 1] by their own minimum and maximum."""
     grey = np.random.default_rng(0).integers(0, 256, (9, 7)).astype(np.uint8)
+    grey[0, :2] = 0, 255  # the full range is present
     values = {"I;16": grey.astype(np.uint16) * 257, "I": grey.astype(np.int32) * 257,
-              "F": grey.astype(np.float32) / 255}[mode]
+              "F": grey.astype(np.float32) / 255, "F outside [0, 1]": grey.astype(np.float32) * 3 + 50}[mode]
     image = Image.fromarray(values)
-    assert image.mode == mode
+    assert image.mode == mode.split()[0]
     path = tmp_path / ("x.png" if mode == "I;16" else "x.tiff")  # PNG holds 16 bits; 32-bit and float go in a TIFF
     image.save(path)
     loaded = np.asarray(load_image(path))
