@@ -576,12 +576,12 @@ def train(cfg, on_step=None):
         compile_blocks(model.lm)
     if proc.world_size > 1 and cfg.parallel == "fsdp":
         shard(model, proc.device)
-    data = stage_data(cfg, files, model, log, proc)
+    data, samples = stage_data(cfg, files, model, log, proc)
     with taken(cfg.out, held, proc) as deleted:
         log.start()
         if deleted:
             log(f"--overwrite: deleted {', '.join(str(p) for p in deleted)}")
-        model = run_stages(cfg, model, data, proc, log, on_step)
+        model = run_stages(cfg, model, data, samples, proc, log, on_step)
         if proc.rank == 0 and files.test_json and not cfg.no_eval:
             from evaluate import evaluate
             result = evaluate(MLMamba.from_pretrained(Path(cfg.out) / "final"), files.test_json)  # on the CPU
@@ -595,7 +595,9 @@ def train(cfg, on_step=None):
 
 
 def stage_data(cfg, files, model, log, proc):
-    """{stage: its dataset} for the stages asked for, the malformed samples reported."""
+    """({stage: its dataset} for the stages asked for, [each stage's samples]), the malformed samples reported; each
+    stage's batches are made here once, so a dataset too small for one global batch stops the run before its folder is
+    taken."""
     stages = {"all": STAGES, "both": STAGES[1:]}.get(cfg.stage, (cfg.stage,))
     if cfg.stage == "all" and (not files.pretrain_json or cfg.pretrain_epochs <= 0):
         stages = STAGES[1:]  # real data: the LM comes pretrained
@@ -610,14 +612,11 @@ def stage_data(cfg, files, model, log, proc):
         f"(connector {cc.kind}/{cc.scan}); {len(dataset)} training samples"
         + (f", {len(text)} text-only for pretrain" if text else "") + f"; {proc.world_size} process(es)")
     data = {stage: text if stage == "pretrain" else dataset for stage in stages}
-    for stage, ds in data.items():
-        stage_batches(stage, ds, cfg, proc)  # enough samples for a batch: checked before the run folder is taken
-    return data
+    return data, [stage_batches(stage, ds, cfg, proc).total * cfg.global_batch for stage, ds in data.items()]
 
 
-def run_stages(cfg, model, data, proc, log, on_step):
-    """Each stage in turn, then the model saved to OUT/final (rank 0)."""
-    samples = [stage_batches(stage, ds, cfg, proc).total * cfg.global_batch for stage, ds in data.items()]
+def run_stages(cfg, model, data, samples, proc, log, on_step):
+    """Each stage in turn, then the model saved to OUT/final (rank 0); samples: each stage's (the run's ETA)."""
     t0 = time.time()
     steps_for = stage_steps(cfg, proc)
     for k, (stage, ds) in enumerate(data.items()):
