@@ -186,7 +186,7 @@ def answer_questions(model, questions, image_root, max_new_tokens=10, progress=T
     lists (default: `fast_decode.generate_batch` with the model, the answers one at a time would give). A question
     whose image cannot be read is set aside with a warning: its answer is None."""
     from fast_decode import generate_batch
-    from vision import ImageError, load_image
+    from images import ImageError, load_image
     answer_batch = answer_batch or partial(generate_batch, model)
     answers = [None] * len(questions)
     for start in range(0, len(questions), batch_size):

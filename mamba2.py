@@ -29,8 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from checkpoints import mamba2_config_fields, mamba2_key_map, state_spaces_config
 from ssd import ssd, ssd_step
-from weights import (CheckpointError, check_fields, config_errors, match_tensors, read_config, read_tensors,
-                     resolve_folder, save_safetensors, write_json)
+from weights import (check_fields, config_errors, load_on_meta, read_config, read_tensors, resolve_folder,
+                     save_safetensors, write_json)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -466,16 +466,9 @@ class Mamba2LMHeadModel(nn.Module):
         with config_errors(folder / "config.json"):
             fields, layout = mamba2_config_fields(read_config(folder))
             config = Mamba2Config(**fields)
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight" or
-                    not config.tie_embeddings}
-        state = match_tensors(expected, read_tensors(folder), mamba2_key_map(config, layout),
-                              ignore={"lm_head.weight"} if config.tie_embeddings else (),
-                              source=f"Mamba-2 checkpoint {folder} ({layout} layout)")
-        model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
-        model.tie_weights()
-        return model.to(device=device, dtype=dtype)
+        return load_on_meta(lambda: cls(config), read_tensors(folder), mamba2_key_map(config, layout),
+                            ignore={"lm_head.weight"} if config.tie_embeddings else (),
+                            source=f"Mamba-2 checkpoint {folder} ({layout} layout)", dtype=dtype, device=device)
 
     def save_pretrained(self, folder):
         """Save in the state-spaces layout (config.json + model.safetensors with mamba_ssm's names)."""
@@ -487,21 +480,3 @@ class Mamba2LMHeadModel(nn.Module):
         save_safetensors({ck: state[ours] for ours, ck in key_map.items()}, folder / "model.safetensors")
         write_json(state_spaces_config(c), folder / "config.json")
 
-
-def load_tokenizer(path):
-    """A `tokenizers.Tokenizer` from a tokenizer.json file or a folder holding one.
-
-    The public Mamba-2 checkpoints use GPT-NeoX-20B's tokenizer, which their repos do not ship: take tokenizer.json
-    from EleutherAI/gpt-neox-20b.
-    """
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no tokenizer.json at {path}; Mamba-2 uses GPT-NeoX-20B's tokenizer: put "
-                                "EleutherAI/gpt-neox-20b's tokenizer.json there")
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as e:  # the tokenizers library raises its own exception type
-        raise CheckpointError(f"{file} is not a valid tokenizer.json ({e}); take it again from its source") from None

@@ -23,11 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from connector import Connector, ConnectorConfig
-from mamba2 import Mamba2Config, Mamba2LMHeadModel, load_tokenizer, mamba2_preset
+from mamba2 import Mamba2Config, Mamba2LMHeadModel, mamba2_preset
 from release import ReleaseConnector
 from vision import DINOV2_LARGE, SIGLIP_SO400M_384, DualEncoder, ViT, ViTConfig
-from weights import (CheckpointError, check_fields, config_errors, match_tensors, read_config, read_tensors,
-                     save_safetensors, write_json)
+from weights import (CheckpointError, check_fields, config_errors, load_on_meta, load_tokenizer, match_tensors,
+                     read_config, read_tensors, save_safetensors, stored_shapes, write_json)
 
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN = "<|endoftext|>"  # GPT-NeoX-20B's end of text, the stop token
@@ -354,8 +354,7 @@ class MLMamba(nn.Module):
     def checkpoint_state(self, folder):
         """The tensors of the ML-Mamba checkpoint in `folder`, checked against this model's names and shapes (a
         tied lm_head is not stored). Used by from_pretrained and by train.py's --resume (loads in place)."""
-        tied = self.config.lm.tie_embeddings
-        expected = {k: v.shape for k, v in self.state_dict().items() if not (tied and k == "lm.lm_head.weight")}
+        expected = stored_shapes(self)
         return match_tensors(expected, read_tensors(folder), {k: k for k in expected},
                              source=f"ML-Mamba checkpoint {folder}")
 
@@ -366,12 +365,10 @@ class MLMamba(nn.Module):
             raise CheckpointError(f"no ML-Mamba model at {folder} (config.json missing)")
         config = MLMambaConfig.from_file(folder / "config.json")
         tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(model.checkpoint_state(folder), strict=not config.lm.tie_embeddings, assign=True)
-        model.lm.tie_weights()
+        model = load_on_meta(lambda: cls(config), read_tensors(folder), source=f"ML-Mamba checkpoint {folder}",
+                             dtype=dtype, device=device)
         model.set_tokenizer(tokenizer)
-        return model.to(device=device, dtype=dtype)
+        return model
 
     @classmethod
     def from_components(cls, lm, vision, tokenizer, connector=None, input_size=384, vision_layer=-2, prompt="in-out",

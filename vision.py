@@ -15,16 +15,16 @@ the final norm, as Prismatic-style VLMs do.
 import math
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from checkpoints import vit_layout
-from weights import check_fields, config_errors, match_tensors, read_config, read_tensors, resolve_folder
+from images import load_image
+from weights import check_fields, config_errors, load_on_meta, read_config, read_tensors, resolve_folder
 
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -204,13 +204,9 @@ class ViT(nn.Module):
         fields, key_map, ignore = vit_layout(cfg, tensors, input_size)  # the key maps: checkpoints.py
         with config_errors(folder / "config.json"):
             config = ViTConfig(**fields)
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        state = match_tensors(expected, tensors, key_map, ignore=ignore,
-                              source=f"{config.kind} checkpoint {folder}")
-        model.load_state_dict(state, strict=True, assign=True)
-        if "architecture" in cfg:
+        model = load_on_meta(lambda: cls(config), tensors, key_map, ignore=ignore,
+                             source=f"{config.kind} checkpoint {folder}")
+        if "architecture" in cfg:  # timm's
             model.resample_pos_embed(input_size)
         return model.to(device=device, dtype=dtype)
 
@@ -231,54 +227,8 @@ class ViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Images
+# Images: preprocessing (images.py reads the files)
 # ----------------------------------------------------------------------------------------------------------------
-
-class ImageError(ValueError):
-    """An image that cannot be used; the message names the file."""
-
-
-def to_8_bits(image):
-    """A grey image of 16- or 32-bit integers or floats -> 8 bits ("L") by its real range, where PIL's convert would
-    clip it (a 16-bit PNG turns white, a float TIFF black): integers from the smallest of the 8-, 16- and 32-bit
-    ranges that holds them, floats from [0, 1] when they lie in it, else from their own minimum and maximum."""
-    x = np.asarray(image, dtype=np.float64)
-    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-    if image.mode == "F":
-        low, top = (0.0, 1.0) if 0.0 <= low and high <= 1.0 else (low, high)
-    else:
-        low, top = 0.0, next((2.0 ** b - 1 for b in (8, 16, 32) if high <= 2.0 ** b - 1), high)
-    scaled = (x - low) / max(top - low, 1e-12) * 255.0
-    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))  # mode "L"
-
-
-def load_image(image):
-    """A file path or a PIL image -> an RGB PIL image, EXIF rotation applied, transparency composited on white."""
-    name = "<PIL image>"
-    if not isinstance(image, Image.Image):
-        name = str(image)
-        if Path(image).is_dir():
-            raise ImageError(f"{name} is a folder, not an image file")
-        if not Path(image).is_file():
-            raise ImageError(f"image not found: {name}")
-        try:
-            with Image.open(image) as f:
-                f.load()  # decode now, so that a truncated file fails here, naming the file
-                image = f.copy()  # keeps .info (EXIF, transparency)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"cannot read image {name}: {e}") from None
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block should not lose the image
-        pass
-    if image.mode.startswith(("I", "F")):  # 16- and 32-bit integer, and float, grey levels
-        image = to_8_bits(image)
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
 
 def preprocess(image, size, mean, std):
     """RGB PIL image -> (3, size, size) float tensor: bicubic resize to size x size (no crop, the aspect ratio is

@@ -5,6 +5,8 @@
   pytorch_model.bin read with `torch.load(weights_only=True)` (no pickled code runs).
 - `match_tensors`: apply a loader's explicit name map (our name -> checkpoint name) and check it both ways: missing
   tensors, unexpected tensors and shape conflicts are all reported together, and nothing is loaded half-way.
+- `load_on_meta`: every loader's sequence (built on the meta device, matched, put in place, moved).
+- `load_tokenizer`: a tokenizer.json.
 - `atomic_write` (and `save_safetensors`, `write_json`): a temp file + rename, so a crash never leaves a torn file.
 - `check_fields`, `positive_int`, ...: configs and arguments checked before any work starts.
 - `USER_ERRORS`, `report_user_error`: how the command lines end on a user's mistake (one line, exit code 2).
@@ -105,6 +107,25 @@ def read_tensors(folder):
                           "model.safetensors.index.json) or pytorch_model.bin")
 
 
+def load_tokenizer(path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or a folder holding one.
+
+    The public Mamba-2 checkpoints use GPT-NeoX-20B's tokenizer, which their repos do not ship: take tokenizer.json
+    from EleutherAI/gpt-neox-20b.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}; Mamba-2 uses GPT-NeoX-20B's tokenizer: put "
+                                "EleutherAI/gpt-neox-20b's tokenizer.json there")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise CheckpointError(f"{file} is not a valid tokenizer.json ({e}); take it again from its source") from None
+
+
 def listing(items, limit=12, sep=", "):
     """The first `limit` items joined by sep, then how many there are in all: what an error shows of a long list."""
     items = list(items)
@@ -149,6 +170,28 @@ def match_tensors(expected_shapes, tensors, key_map, ignore=(), source="checkpoi
         lines.append("  Nothing was loaded. Check that config.json belongs to these weights.")
         raise CheckpointError("\n".join(lines))
     return {ours: tensors[ck] for ours, ck in key_map.items()}
+
+
+def stored_shapes(model):
+    """{name: shape} of the tensors a checkpoint of `model` stores: its state_dict, a tied weight once (under its
+    first name: the embedding, not a tied LM head)."""
+    tied = {k for k, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+    return {k: v.shape for k, v in model.state_dict().items() if k not in tied}
+
+
+def load_on_meta(build, tensors, key_map=None, ignore=(), source="checkpoint", dtype=torch.float32, device="cpu"):
+    """Every loader's sequence: the model built by build() on the meta device (no memory, no random init), the
+    checkpoint's `tensors` matched to its names and shapes (`match_tensors`; key_map: {our name: checkpoint name},
+    default the same names) and put in place, tied weights tied again, then the model moved to dtype and device."""
+    with torch.device("meta"):
+        model = build()
+    expected = stored_shapes(model)
+    state = match_tensors(expected, tensors, key_map or {k: k for k in expected}, ignore=ignore, source=source)
+    model.load_state_dict(state, strict=False, assign=True)  # match_tensors checked that every tensor is there
+    for module in model.modules():
+        if hasattr(module, "tie_weights"):
+            module.tie_weights()
+    return model.to(device=device, dtype=dtype)
 
 
 def atomic_write(file, write):
@@ -215,7 +258,7 @@ probability = _number(float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
 fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
-# A missing or malformed file, checkpoint, image or setting (vision.ImageError is a ValueError): one line, exit code
+# A missing or malformed file, checkpoint, image or setting (images.ImageError is a ValueError): one line, exit code
 # 2. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, FileNotFoundError, ValueError)
 

@@ -15,7 +15,8 @@ from PIL import Image
 import evaluate as E
 import train as T
 from data import LLaVADataset, collate
-from mamba2 import Mamba2Config, Mamba2LMHeadModel, load_tokenizer
+from mamba2 import Mamba2Config, Mamba2LMHeadModel
+from weights import load_tokenizer
 from model import MLMamba
 from weights import CheckpointError
 
@@ -326,7 +327,7 @@ def test_an_ml_mamba_config_is_checked_on_load(saved_model, tmp_path):
 
 
 def test_a_folder_given_as_an_image_is_named_as_a_folder(tmp_path):
-    from vision import ImageError, load_image
+    from images import ImageError, load_image
     with pytest.raises(ImageError, match="is a folder, not an image file"):
         load_image(tmp_path)
 

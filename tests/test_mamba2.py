@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import mamba2_key_map
-from mamba2 import (LayerCache, Mamba2Block, Mamba2Config, Mamba2LMHeadModel, load_tokenizer, mamba2_preset,
-                    sample_next_token)
-from weights import CheckpointError
+from mamba2 import LayerCache, Mamba2Block, Mamba2Config, Mamba2LMHeadModel, mamba2_preset, sample_next_token
+from weights import CheckpointError, load_tokenizer
 
 TINY = dict(d_model=32, n_layer=2, vocab_size=100, d_state=16, headdim=8, ngroups=2, chunk_size=16,
             pad_vocab_size_multiple=16)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vision import (DINOV2_LARGE, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_SO400M_384, DualEncoder, ImageError, ViT,
-                    ViTConfig, load_image, preprocess)
+from images import ImageError, load_image
+from vision import DINOV2_LARGE, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_SO400M_384, DualEncoder, ViT, ViTConfig, preprocess
 from weights import CheckpointError
 
 transformers = pytest.importorskip("transformers")
