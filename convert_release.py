@@ -17,7 +17,8 @@ import torch
 
 from checkpoints import release_key_map
 from model import MLMamba
-from weights import USER_ERRORS, CheckpointError, match_tensors, report_user_error
+from cli import USER_ERRORS, report_user_error
+from weights import CheckpointError, match_tensors
 
 
 def check_out(out, inputs, overwrite=False):

@@ -23,7 +23,8 @@ from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
-from weights import inside, listing, positive_int
+from cli import positive_int
+from weights import inside, listing
 
 # ----------------------------------------------------------------------------------------------------------------
 # Answer normalization (the VQA evaluation's rules)
@@ -256,7 +257,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from fast_ssd import use_ssd
     from model import MLMamba
-    from weights import USER_ERRORS, report_user_error
+    from cli import USER_ERRORS, report_user_error
     try:
         model = MLMamba.from_pretrained(args.model, device=args.device)
         if args.device.startswith("cuda"):  # the prefill's SSD arranged for a GPU, or mamba-ssm's kernel

@@ -22,7 +22,7 @@ os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 import torch
 
-from weights import nonnegative_float, nonnegative_int, positive_int, probability
+from cli import nonnegative_float, nonnegative_int, positive_int, probability
 
 
 def parse_args(argv=None):
@@ -142,7 +142,7 @@ def main(argv=None):
     import fast_decode  # imported here so that --help is instant
     import fast_ssd
     from model import Conversation, MLMamba
-    from weights import USER_ERRORS, report_user_error
+    from cli import USER_ERRORS, report_user_error
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32}[args.dtype]

@@ -1,4 +1,4 @@
-"""A training run's folder: its log, its checkpoints and resuming from them (train.py).
+"""A training run's folder: its log and progress lines, its checkpoints and resuming from them (train.py).
 
     OUT/train.log                         every progress line, appended (a resumed run goes on in the same file)
     OUT/STAGE/checkpoint-STEP/            model + optimizer + scheduler + RNG + step
@@ -55,6 +55,20 @@ class RunLog:
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on the CPU, on rank 0
+
+
+def minutes(seconds):
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def speed(samples, tokens, seconds, samples_left, later_samples=0):
+    """The progress line's rates: samples/s, tokens/s (every token of every sequence, image slots included, over all
+    processes), the time left in this stage at that rate, and the time left in the run with the later stages'
+    samples counted at the same rate (an estimate: a stage with images reads its samples slower than the text stage)."""
+    rate = max(samples / max(seconds, 1e-9), 1e-9)
+    return (f"{rate:.1f} samples/s {tokens / max(seconds, 1e-9):.0f} tokens/s ETA {minutes(samples_left / rate)}"
+            + (f" (run ~{minutes((samples_left + later_samples) / rate)})" if later_samples else ""))
 
 
 def full_state(model, optimizer):

@@ -26,7 +26,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from model import IMAGE_TOKEN
+from connector import ConnectorConfig
+from data import conversation_turns, train_tokenizer
+from mamba2 import Mamba2Config
+from model import IMAGE_TOKEN, MLMamba, MLMambaConfig, conversation_segments
+from vision import ViTConfig
 
 SHAPES = ["circle", "square", "triangle"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
@@ -219,3 +223,26 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     os.replace(root, final)
     shutil.rmtree(old, ignore_errors=True)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The world's tiny ML-Mamba and its tokenizer (train.py's default run)
+# ----------------------------------------------------------------------------------------------------------------
+
+def world_model(tokenizer, lm_width=96, lm_layers=3, prompt="in-out", **connector):
+    """Two small from-scratch encoders (frozen), the connector (ConnectorConfig fields: kind, scan, drop_path), a
+    small Mamba-2 LM. Images are 48 px with 16 px patches: a 3 x 3 grid of tokens, one per cell of the scenes."""
+    # chunk 16: the conversations are ~60-100 tokens, and the intra-chunk (Q, Q) products grow with Q
+    lm = Mamba2Config(d_model=lm_width, n_layer=lm_layers, vocab_size=tokenizer.get_vocab_size(), d_state=16,
+                      headdim=16, chunk_size=16, pad_vocab_size_multiple=16)
+    vit = dict(image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+               input_size=48)
+    vision = {"dinov2": ViTConfig("dinov2", **vit), "siglip": ViTConfig("siglip", **vit)}
+    cc = ConnectorConfig.for_lm(lm, vision_dim=128, grid=(GRID, GRID), **connector)
+    return MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=cc, max_length=512, prompt=prompt), tokenizer)
+
+
+def world_tokenizer(json_paths, prompt="in-out"):
+    """A byte-level BPE tokenizer trained on the prompts and replies, as the model reads them, of LLaVA-format files."""
+    samples = [x for f in json_paths if f for x in json.loads(Path(f).read_text())]
+    return train_tokenizer([s for x in samples for s, _ in conversation_segments(conversation_turns(x), prompt)])

@@ -11,13 +11,8 @@ words where the image will be; align then has a LM worth aligning to, as in the 
     torchrun --nproc_per_node=8 train.py ...        # one process per GPU, the model sharded over them (FSDP)
     torchrun --nproc_per_node=8 train.py --parallel ddp ...   # or replicated on each (DDP)
 
-Presets (PRESETS below; any option given on the command line overrides its preset's value):
-- "paper", the paper's recipe (Table 1, section 4.1): AdamW, cosine decay after a linear warmup over 3% of the
-  steps, lr 2e-5 (align 1e-3), weight decay 0.1, 2 epochs, global batch 64 = per-device batch x gradient
-  accumulation x devices, bf16 autocast on fp32 master weights, gradient clipping at 1.0.
-- "synthetic", the synthetic world's: 40 text epochs, 1 align and 20 finetune epochs, lr 1e-3, the connector at
-  1e-4, global batch 32; on a GPU also a 192-wide LM and a describe turn in every training conversation
-  (GPU_PRESETS; docs/synthetic-world.md says why).
+Presets, one file each in config/: "synthetic" (the default), "paper" (the default with --data; Table 1) and
+"release" (the authors' one-stage recipe). An option given on the command line overrides its preset's value.
 
 The run folder (run_folder.py): checkpoints every --save-every steps, switched atomically; `--resume` continues
 with the same batches in the same order, so it ends where an uninterrupted run would. A NaN or infinite loss stops
@@ -28,23 +23,25 @@ slice of every global batch, the model sharded (FSDP) or replicated (DDP).
 import argparse
 import json
 import math
+import runpy
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from data import LLaVADataset, StageBatches, collate, conversation_turns, train_tokenizer
-from model import IGNORE_INDEX, MLMamba, MLMambaConfig, conversation_segments
+from cli import (USER_ERRORS, fraction, nonnegative_float, nonnegative_int, option, parser_for, positive_float,
+                 positive_int, report_user_error)
+from data import LLaVADataset, StageBatches, collate
 from distributed import Process, setup_distributed, shard
+from model import IGNORE_INDEX, MLMamba
 from run_folder import (FULL_STATE, STAGES, RunLog, check_run_folder, full_state, latest_checkpoint, resume_stage,
-                        save_checkpoint, taken)
-from synthetic import build_synthetic_dataset, synthetic_dataset_is_built
-from weights import (USER_ERRORS, fraction, listing, nonnegative_float, nonnegative_int,
-                     positive_float, positive_int, report_user_error)
+                        save_checkpoint, speed, taken)
+from synthetic import build_synthetic_dataset, synthetic_dataset_is_built, world_model, world_tokenizer
+from weights import listing
 
 
 
@@ -52,18 +49,12 @@ from weights import (USER_ERRORS, fraction, listing, nonnegative_float, nonnegat
 # Configuration: a preset, then the options given on the command line; frozen once parsed
 # ----------------------------------------------------------------------------------------------------------------
 
-def option(default, help=None, group=None, **argparse_kwargs):
-    """A TrainConfig field that is also a command-line option: --name-with-dashes, with this help and the argparse
-    arguments given (type, choices, action); group: the --help section it is listed in."""
-    return field(default=default, metadata=dict(help=help, group=group, **argparse_kwargs))
-
-
 SYNTHETIC = "the synthetic world (when no --data is given)"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training option, declared once: parse_args builds the command line from these fields. A preset (PRESETS)
+    """Every training option, declared once: parse_args builds the command line from these fields. A preset (config/)
     replaces some defaults, the options given on the command line replace those; frozen from then on."""
     preset: str = option("synthetic", "default: synthetic, or paper with --data; release: the authors' one-stage "
                                       "recipe", choices=["synthetic", "paper", "release"])
@@ -133,37 +124,13 @@ class TrainConfig:
         return self.precision == "bf16" or (self.precision == "auto" and device.startswith("cuda"))
 
 
-PRESETS = {
-    # the synthetic world: a tiny LM that first learns the world's language from text, then the image stages
-    # in fp32 on every device (docs/speed.md, "The default run on one GPU", says why)
-    "synthetic": dict(pretrain_epochs=40, align_epochs=1, epochs=20, lr=1e-3, align_lr=1e-4, connector_lr=1e-4,
-                      global_batch=32, workers=0, precision="fp32"),
-    # the paper's recipe (Table 1, section 4.1); pretrain runs only when given --pretrain-data
-    "paper": dict(pretrain_epochs=1, align_epochs=1, epochs=2, lr=2e-5, align_lr=1e-3, connector_lr=None,
-                  global_batch=64, workers=4),
-    # the authors' release: one "no-align" stage (connector and LM from the start), its connector and prompt
-    "release": dict(stage="finetune", connector="msc-release", prompt="zephyr", pretrain_epochs=1, align_epochs=1,
-                    epochs=2, lr=2e-5, align_lr=1e-3, connector_lr=None, global_batch=128, workers=4,
-                    gradient_checkpointing=True),
-}
-# On a GPU the synthetic preset also takes these: a 192-wide LM and a last turn that asks for the scene in words make
-# every question family learnable with seeds 0-2, for seconds of GPU time; on a CPU the wider LM costs many minutes
-# (docs/synthetic-world.md). --lm-width 96 --no-describe gives a GPU the CPU's recipe.
-GPU_PRESETS = {"synthetic": dict(lm_width=192, describe=True)}
+PRESET_DIR = Path(__file__).resolve().parent / "config"  # one file a preset, as nanoGPT's config/*.py
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)  # an option not given keeps its preset's value
-    groups = {None: p}
-    for f in fields(TrainConfig):
-        kwargs = {k: v for k, v in f.metadata.items() if k not in ("group", "help")}
-        group = f.metadata["group"]
-        if group not in groups:
-            groups[group] = p.add_argument_group(group)
-        groups[group].add_argument("--" + f.name.replace("_", "-"), help=help_text(f), **kwargs)
-    given = vars(p.parse_args(argv))
+    preset_names = {name for f in PRESET_DIR.glob("*.py") for name in preset_values(f.stem, "cuda")}
+    p = parser_for(TrainConfig, preset_names, description=__doc__)
+    given = vars(p.parse_args(argv))  # only the options given: the others keep their preset's value
     if given.get("resume") and given.get("overwrite"):
         p.error("--resume continues the run in --out and --overwrite deletes it: give one")
     preset = given.get("preset") or ("paper" if given.get("data") else "synthetic")
@@ -171,18 +138,11 @@ def parse_args(argv=None):
     return TrainConfig(**{**preset_values(preset, device), **given, "device": device, "preset": preset})
 
 
-def help_text(f):
-    """A field's help, with its default where the help does not state it (a preset's, where a preset sets it)."""
-    text = f.metadata["help"] or ""
-    by_preset = any(f.name in values for values in (*PRESETS.values(), *GPU_PRESETS.values()))
-    if "default" in text or (not by_preset and (f.default is None or f.type is bool)):
-        return text or None
-    return f"{text}{'; ' if text else ''}default: {'per preset' if by_preset else f.default}"
-
-
 def preset_values(preset, device):
-    """The preset's settings on this device (GPU_PRESETS added on CUDA)."""
-    return {**PRESETS[preset], **(GPU_PRESETS.get(preset, {}) if device.startswith("cuda") else {})}
+    """config/PRESET.py's settings, plain assignments (its on_cuda ones added on CUDA)."""
+    values = {k: v for k, v in runpy.run_path(str(PRESET_DIR / f"{preset}.py")).items() if not k.startswith("__")}
+    on_cuda = values.pop("on_cuda", {})
+    return {**values, **(on_cuda if device.startswith("cuda") else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,9 +167,9 @@ def synthetic_files(root):
 def prepare_data(cfg, proc, log):
     """The run's DataFiles; on the synthetic world, built first if missing or built with other settings."""
     if cfg.data is not None:
-        for option, path in (("--data", cfg.data), ("--pretrain-data", cfg.pretrain_data)):
+        for flag, path in (("--data", cfg.data), ("--pretrain-data", cfg.pretrain_data)):
             if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"{option} file not found: {path}")
+                raise FileNotFoundError(f"{flag} file not found: {path}")
         return DataFiles(Path(cfg.data), cfg.image_root, cfg.pretrain_data)
     root = Path(cfg.synthetic_dir)
     settings = dict(seed=cfg.world_seed, extra_spatial=cfg.extra_spatial, describe=cfg.describe)
@@ -219,28 +179,6 @@ def prepare_data(cfg, proc, log):
     if proc.world_size > 1:
         dist.barrier()
     return replace(synthetic_files(root), pretrain_json=cfg.pretrain_data or root / "text.json")
-
-
-def synthetic_model(tokenizer, cfg):
-    """The tiny default: two small from-scratch encoders (frozen), the MSC connector, a small Mamba-2 LM.
-    Images are 48 px with 16 px patches: a 3 x 3 grid of tokens, one per cell of the synthetic scenes."""
-    from connector import ConnectorConfig
-    from mamba2 import Mamba2Config
-    from vision import ViTConfig
-    # chunk 16: the conversations are ~60-100 tokens, and the intra-chunk (Q, Q) products grow with Q
-    lm = Mamba2Config(d_model=cfg.lm_width, n_layer=cfg.lm_layers, vocab_size=tokenizer.get_vocab_size(), d_state=16,
-                      headdim=16, chunk_size=16, pad_vocab_size_multiple=16)
-    vit = dict(image_size=48, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-               input_size=48)
-    vision = {"dinov2": ViTConfig("dinov2", **vit), "siglip": ViTConfig("siglip", **vit)}
-    cc = ConnectorConfig.for_lm(lm, vision_dim=128, grid=(3, 3), drop_path=cfg.drop_path, **connector_choice(cfg))
-    return MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=cc, max_length=512, prompt=cfg.prompt), tokenizer)
-
-
-def synthetic_tokenizer(json_paths, prompt="in-out"):
-    """A byte-level BPE tokenizer trained on the prompts and replies, as the model reads them, of LLaVA-format files."""
-    samples = [x for f in json_paths if f for x in json.loads(Path(f).read_text())]
-    return train_tokenizer([s for x in samples for s, _ in conversation_segments(conversation_turns(x), prompt)])
 
 
 def connector_choice(cfg):
@@ -267,9 +205,10 @@ def build_model(cfg, files, log=print):
                 f"{saved.kind}/{saved.scan}, is not used)")
         return model
     if cfg.data is None:  # synthetic: a tokenizer trained on the training conversations, saved with the model
-        tokenizer = synthetic_tokenizer([files.train_json, files.pretrain_json], cfg.prompt)
+        tokenizer = world_tokenizer([files.train_json, files.pretrain_json], cfg.prompt)
         torch.manual_seed(cfg.seed)
-        return synthetic_model(tokenizer, cfg)
+        return world_model(tokenizer, cfg.lm_width, cfg.lm_layers, cfg.prompt, drop_path=cfg.drop_path,
+                           **connector_choice(cfg))
     missing = [n for n in ("llm", "tokenizer") if getattr(cfg, n) is None]
     missing += ["siglip and / or --dinov2"] if cfg.siglip is None and cfg.dinov2 is None else []
     if missing:
@@ -433,20 +372,6 @@ class PlainSteps:
     def finish(self):
         if self.skipped:
             self.log(f"[{self.st.name}] skipped {len(self.skipped)} sample(s) with a missing or unusable image or text")
-
-
-def minutes(seconds):
-    seconds = round(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def speed(samples, tokens, seconds, samples_left, later_samples=0):
-    """The progress line's rates: samples/s, tokens/s (every token of every sequence, image slots included, over all
-    processes), the time left in this stage at that rate, and the time left in the run with the later stages'
-    samples counted at the same rate (an estimate: a stage with images reads its samples slower than the text stage)."""
-    rate = max(samples / max(seconds, 1e-9), 1e-9)
-    return (f"{rate:.1f} samples/s {tokens / max(seconds, 1e-9):.0f} tokens/s ETA {minutes(samples_left / rate)}"
-            + (f" (run ~{minutes((samples_left + later_samples) / rate)})" if later_samples else ""))
 
 
 def begin_stage(stage, model, dataset, cfg, proc, log, fused=False, later_samples=0):

@@ -8,15 +8,11 @@
 - `load_on_meta`: every loader's sequence (built on the meta device, matched, put in place, moved).
 - `load_tokenizer`: a tokenizer.json.
 - `atomic_write` (and `save_safetensors`, `write_json`): a temp file + rename, so a crash never leaves a torn file.
-- `check_fields`, `positive_int`, ...: configs and arguments checked before any work starts.
-- `USER_ERRORS`, `report_user_error`: how the command lines end on a user's mistake (one line, exit code 2).
+- `check_fields`: a config's fields checked before any work starts.
 """
 
-import argparse
 import json
-import math
 import os
-import sys
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -234,36 +230,3 @@ def check_fields(config, source, positive=(), nonnegative=()):
                              f"not {value!r}")
         if (f.name in positive and not value > 0) or (f.name in nonnegative and not value >= 0):
             raise ValueError(f"{source}: {f.name} must be {'> 0' if f.name in positive else '>= 0'}, not {value!r}")
-
-
-def _number(kind, test, wanted):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-# argparse types: a bad value ends in argparse's one-line usage error (exit code 2) before any work starts
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
-probability = _number(float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
-fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-
-
-# A missing or malformed file, checkpoint, image or setting (images.ImageError is a ValueError): one line, exit code
-# 2. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (CheckpointError, FileNotFoundError, ValueError)
-
-
-def report_user_error(e):
-    """Print e as one line on stderr; returns the exit code 2."""
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)
-    return 2

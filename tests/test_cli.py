@@ -73,10 +73,12 @@ def test_every_training_option_is_declared_once_in_trainconfig(capsys):
     cfg = T.parse_args(["--device", "cpu"])
     for f in fields(T.TrainConfig):
         assert f"--{f.name.replace('_', '-')}" in shown, f.name
-        by_preset = any(f.name in values for values in (*T.PRESETS.values(), *T.GPU_PRESETS.values()))
+        by_preset = any(f.name in T.preset_values(p, "cuda") for p in ("synthetic", "paper", "release"))
         if not by_preset and f.name not in ("preset", "device"):
             assert getattr(cfg, f.name) == f.default, f.name
     assert T.parse_args(["--device", "cpu", "--lm-width", "64", "--no-describe"]).lm_width == 64
+    presets = sorted(f.stem for f in T.PRESET_DIR.glob("*.py"))
+    assert presets == sorted(next(f for f in fields(T.TrainConfig) if f.name == "preset").metadata["choices"])
 
 
 def test_the_tour_prints_each_stage_with_its_shape(capsys):

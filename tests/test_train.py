@@ -15,8 +15,9 @@ from torch.distributed.tensor import DTensor
 
 import train as T
 from data import collate, conversation_turns
+from run_folder import speed
 from synthetic import (FAMILIES, POSITIONS, build_synthetic_dataset, describe_scene, make_question, random_scene,
-                       synthetic_dataset_is_built)
+                       synthetic_dataset_is_built, world_tokenizer)
 from evaluate import family_accuracy, load_questions, normalize_answer, pope_metrics, vqa_soft_accuracy
 from model import IGNORE_INDEX
 from weights import read_tensors
@@ -77,7 +78,7 @@ def test_text_json_is_the_training_conversations_with_the_scene_in_words(world):
 def test_each_cell_in_words_is_one_token_of_the_default_worlds_tokenizer(default_world):
     """The text stage reads every object as "color shape position." with one token per position (synthetic.POSITIONS),
     with the tokenizer train.py trains on the default world's conversations and their text version."""
-    tok = T.synthetic_tokenizer([default_world / "train.json", default_world / "text.json"])
+    tok = world_tokenizer([default_world / "train.json", default_world / "text.json"])
     text = json.loads((default_world / "text.json").read_text())
     scene = text[0]["conversations"][0]["value"].split("\n")[0]  # "red circle northwest. blue square middle."
     assert [len(tok.encode(" " + p).ids) for p in POSITIONS] == [1] * 9
@@ -326,25 +327,23 @@ def test_default_run_pretrains_the_lm_on_text_first_and_real_data_does_not(world
 
 def test_the_progress_lines_eta_covers_the_stage_and_the_run():
     """10 samples/s: 50 samples left in the stage take 5 s; with 150 in later stages the run has 20 s left."""
-    assert T.speed(100, 1000, 10.0, 50).endswith("10.0 samples/s 100 tokens/s ETA 0m05s")
-    assert T.speed(100, 1000, 10.0, 50, later_samples=150).endswith("ETA 0m05s (run ~0m20s)")
-    assert T.speed(100, 1000, 10.0, 50, later_samples=1150).endswith("(run ~2m00s)")
+    assert speed(100, 1000, 10.0, 50).endswith("10.0 samples/s 100 tokens/s ETA 0m05s")
+    assert speed(100, 1000, 10.0, 50, later_samples=150).endswith("ETA 0m05s (run ~0m20s)")
+    assert speed(100, 1000, 10.0, 50, later_samples=1150).endswith("(run ~2m00s)")
 
 
-def test_lm_size_options_build_the_synthetic_lm_at_that_size():
+def test_lm_size_options_build_the_synthetic_lm_at_that_size(world, tmp_path):
     """--lm-width and --lm-layers set the synthetic world's LM (d_model 96 and 3 layers by default on the CPU)."""
-    from data import train_tokenizer
-    tokenizer = train_tokenizer(["In: <image> what colour is the circle? Out: red"])
-    default = T.synthetic_model(tokenizer, T.parse_args(["--device", "cpu"]))
-    wide = T.synthetic_model(tokenizer, T.parse_args(["--lm-width", "48", "--lm-layers", "2"]))
+    default = T.build_model(args_for(world, tmp_path), T.synthetic_files(world))
+    wide = T.build_model(args_for(world, tmp_path, "--lm-width", "48", "--lm-layers", "2"), T.synthetic_files(world))
     assert (default.lm.config.d_model, len(default.lm.layers)) == (96, 3)
     assert (wide.lm.config.d_model, len(wide.lm.layers)) == (48, 2)
     assert wide.lm.layers[0].mixer.in_proj.weight.shape[1] == 48
 
 
 def test_the_synthetic_preset_on_a_gpu_adds_a_wider_lm_and_the_describe_turn():
-    """GPU_PRESETS: on CUDA the synthetic run takes lm_width 192 and describe; the CPU keeps 96 and none; options
-    given on the command line win over both; other presets are the same on every device."""
+    """config/synthetic.py's on_cuda: on CUDA the synthetic run takes lm_width 192 and describe; the CPU keeps 96
+    and none; options given on the command line win over both; other presets are the same on every device."""
     def picked(*argv):
         cfg = T.parse_args(list(argv))
         return cfg.lm_width, cfg.describe, cfg.lr

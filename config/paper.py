@@ -1,0 +1,12 @@
+"""The paper's recipe (Table 1, section 4.1; `python train.py --data ...`): AdamW, cosine decay after a linear warmup
+over 3% of the steps, lr 2e-5 (align 1e-3), weight decay 0.1, 2 epochs, global batch 64 = per-device batch x
+gradient accumulation x devices, bf16 autocast on fp32 master weights, gradient clipping at 1.0. The pretrain stage
+runs only when given --pretrain-data."""
+pretrain_epochs = 1
+align_epochs = 1
+epochs = 2
+lr = 2e-5
+align_lr = 1e-3
+connector_lr = None
+global_batch = 64
+workers = 4
