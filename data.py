@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from model import EOS_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode_conversation
-from weights import inside
+from weights import inside, listing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,6 +65,16 @@ def train_tokenizer(texts, vocab_size=512):
     return tok
 
 
+@dataclass(frozen=True)
+class DataFiles:
+    """The files a training run reads: training conversations, their images' folder, text-only conversations for
+    the pretrain stage, and (the synthetic world) the test questions scored at the end."""
+    train_json: Path
+    image_root: Path = None
+    pretrain_json: Path = None
+    test_json: Path = None
+
+
 class LLaVADataset(torch.utils.data.Dataset):
     """A LLaVA-format JSON list. Samples with an "image" get pixels (from image_root); others are text-only.
 
@@ -100,6 +110,12 @@ class LLaVADataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.samples)
+
+    def set_aside_line(self, shown=5):
+        """One line: how many samples of the file were set aside as malformed, and why (the first few)."""
+        problems = [f"sample {i}: {reason}" for i, reason in self.problems.items()]
+        return (f"{self.json_path}: {len(problems)} of {len(problems) + len(self)} samples set aside: "
+                + listing(problems, shown, sep="; "))
 
     def _skip(self, i, reason):
         return {"skip": f"sample {self.file_index[i]} ({self.samples[i].get('id', '?')}): {reason}"}
@@ -162,6 +178,12 @@ class StageBatches(torch.utils.data.Sampler):
     total: int
     rank: int = 0
     world_size: int = 1
+
+    def __post_init__(self):
+        local = self.global_batch // self.world_size
+        if self.global_batch % self.world_size or local % self.micro:
+            raise ValueError(f"global batch {self.global_batch} must split into {self.world_size} devices x whole "
+                             f"micro-batches of {self.micro}")
 
     def steps_per_epoch(self):
         return self.n // self.global_batch

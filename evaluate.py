@@ -245,6 +245,17 @@ def evaluate(model, question_file, image_root=None, metric="family", max_new_tok
     return {**result, "set_aside": set_aside}
 
 
+def score_run(run_dir, question_file, log=print):
+    """train.py's last step: the model in run_dir/final scored per family on the CPU, the scores written to
+    run_dir/eval.json and logged in one line."""
+    from model import MLMamba
+    result = evaluate(MLMamba.from_pretrained(Path(run_dir) / "final"), question_file)
+    (Path(run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
+    set_aside = result.pop("set_aside")
+    log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items())
+        + (f" ({set_aside} questions set aside: unreadable images)" if set_aside else ""))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(allow_abbrev=False,
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

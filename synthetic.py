@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from connector import ConnectorConfig
-from data import conversation_turns, train_tokenizer
+from data import DataFiles, conversation_turns, train_tokenizer
 from mamba2 import Mamba2Config
 from model import IMAGE_TOKEN, MLMamba, MLMambaConfig, conversation_segments
 from vision import ViTConfig
@@ -223,6 +223,19 @@ def build_synthetic_dataset(root, n_train=3000, n_val=200, n_test=300, seed=0, c
     os.replace(root, final)
     shutil.rmtree(old, ignore_errors=True)
     return paths
+
+
+def world_files(root):
+    """The files a training run reads from the world at root (data.DataFiles)."""
+    root = Path(root)
+    return DataFiles(root / "train.json", root, root / "text.json", root / "test.json")
+
+
+def prepare_world(root, log=print, **settings):
+    """Build the world at root unless a finished build with these settings (build_synthetic_dataset's) is there."""
+    if not synthetic_dataset_is_built(root, **settings):  # missing, other settings or another generator version
+        log(f"building the synthetic visual-question world in {root} ...")
+        build_synthetic_dataset(root, **settings)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,27 +1,20 @@
 """Train ML-Mamba: stage 1 "align" (connector only), stage 2 "finetune" (connector + LM); vision always frozen.
 Before them, a "pretrain" stage can train the LM alone on text-only data (--pretrain-data): the synthetic world has no
-pretrained LM, so its default run first teaches its tiny LM the world's language, with each scene written out in
-words where the image will be; align then has a LM worth aligning to, as in the paper.
+pretrained LM, so its default run first teaches its tiny LM the world's language, each scene written out in words.
 
-    python train.py                      # no download: builds the synthetic shapes world and a tiny ML-Mamba, runs
-                                         # pretrain, align, finetune; prints held-out accuracy per question family
-                                         # (preset "synthetic"; with --data the preset is "paper")
+    python train.py                      # no download: the synthetic world and a tiny ML-Mamba, pretrain, align,
+                                         # finetune, then held-out accuracy per question family
     python train.py --stage finetune --data llava_v1_5_mix665k.json --image-root DIR \\
         --llm mamba2-2.7b --dinov2 dinov2-large --siglip siglip-so400m-patch14-384 --tokenizer gpt-neox-20b
-    torchrun --nproc_per_node=8 train.py ...        # one process per GPU, the model sharded over them (FSDP)
-    torchrun --nproc_per_node=8 train.py --parallel ddp ...   # or replicated on each (DDP)
+    torchrun --nproc_per_node=8 train.py ...        # one process per GPU, the model sharded (FSDP; or --parallel ddp)
 
 Presets, one file each in config/: "synthetic" (the default), "paper" (the default with --data; Table 1) and
 "release" (the authors' one-stage recipe). An option given on the command line overrides its preset's value.
-
-The run folder (run_folder.py): checkpoints every --save-every steps, switched atomically; `--resume` continues
-with the same batches in the same order, so it ends where an uninterrupted run would. A NaN or infinite loss stops
-the run naming the step; the last good checkpoint stays. Several processes (torchrun, distributed.py): each takes its
-slice of every global batch, the model sharded (FSDP) or replicated (DDP).
+The run folder (run_folder.py) holds the log and checkpoints; `--resume` continues with the same batches in the same
+order, so it ends where an uninterrupted run would. A NaN or infinite loss stops the run, naming the step.
 """
 
 import argparse
-import json
 import math
 import runpy
 import sys
@@ -35,14 +28,12 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from cli import (USER_ERRORS, fraction, nonnegative_float, nonnegative_int, option, parser_for, positive_float,
                  positive_int, report_user_error)
-from data import LLaVADataset, StageBatches, collate
+from data import DataFiles, LLaVADataset, StageBatches, collate
 from distributed import Process, setup_distributed, shard
 from model import IGNORE_INDEX, MLMamba
 from run_folder import (FULL_STATE, STAGES, RunLog, check_run_folder, full_state, latest_checkpoint, resume_stage,
                         save_checkpoint, speed, taken)
-from synthetic import build_synthetic_dataset, synthetic_dataset_is_built, world_model, world_tokenizer
-from weights import listing
-
+from synthetic import prepare_world, world_files, world_model, world_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,22 +45,20 @@ SYNTHETIC = "the synthetic world (when no --data is given)"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training option, declared once: parse_args builds the command line from these fields. A preset (config/)
-    replaces some defaults, the options given on the command line replace those; frozen from then on."""
-    preset: str = option("synthetic", "default: synthetic, or paper with --data; release: the authors' one-stage "
-                                      "recipe", choices=["synthetic", "paper", "release"])
+    """Every training option, declared once (the command line is built from these fields); a preset (config/)
+    replaces some defaults and the options given replace those."""
+    preset: str = option("synthetic", "config/PRESET.py; default: synthetic, or paper with --data",
+                         choices=["synthetic", "paper", "release"])
     stage: str = option("all", "all: pretrain (when there is text data), align, finetune; both: align, finetune",
                         choices=["pretrain", "align", "finetune", "both", "all"])
     data: str = option(None, "LLaVA-format JSON; default: the synthetic world (built if missing)")
     image_root: str = option(None, "folder the samples' image paths are relative to (default: the JSON's)")
-    pretrain_data: str = option(None, "text-only LLaVA-format JSON for the pretrain stage (LM alone); synthetic: the "
-                                      "world's text.json")
+    pretrain_data: str = option(None, "text-only LLaVA-format JSON for the pretrain stage (synthetic: text.json)")
     llm: str = option(None, "Mamba-2 checkpoint folder or repo id (real runs)")
     siglip: str = option(None, "SigLIP checkpoint folder or repo id")
     dinov2: str = option(None, "DINOv2 checkpoint folder or repo id")
     tokenizer: str = option(None, "tokenizer.json or its folder (real runs: GPT-NeoX-20B's)")
-    init_from: str = option(None, "an ML-Mamba folder to start from (e.g. the align stage's output); with a "
-                                  "--connector or --scan other than its own, a new connector on its LM")
+    init_from: str = option(None, "an ML-Mamba folder to start from (another --connector or --scan: a new one)")
     connector: str = option(None, "default msc-advanced (with --init-from: the folder's)",
                             choices=["mlp", "msc-basic", "msc-advanced", "msc-release"])
     scan: str = option(None, "default bsm (with --init-from: the folder's)", choices=["bsm", "csm"])
@@ -83,8 +72,7 @@ class TrainConfig:
     epochs: float = option(20, "finetune epochs", type=nonnegative_float)
     lr: float = option(1e-3, "finetune and pretrain lr", type=positive_float)
     align_lr: float = option(1e-4, "align lr", type=positive_float)
-    connector_lr: float = option(None, "the connector's lr in the finetune stage (default: --lr; see make_optimizer)",
-                                 type=positive_float)
+    connector_lr: float = option(None, "the connector's finetune lr (default: --lr)", type=positive_float)
     weight_decay: float = option(0.1, type=nonnegative_float)
     warmup_ratio: float = option(0.03, type=fraction)
     global_batch: int = option(32, type=positive_int)
@@ -93,8 +81,7 @@ class TrainConfig:
     precision: str = option("auto", "auto (the paper's default): bf16 autocast on CUDA; the synthetic preset: fp32",
                             choices=["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = option(False, action="store_true")
-    compile: bool = option(False, "the LM blocks through torch.compile: their elementwise work fused (real runs on a "
-                                  "GPU; the first steps compile)", action="store_true")
+    compile: bool = option(False, "the LM blocks through torch.compile (real runs on a GPU)", action="store_true")
     parallel: str = option("fsdp", "under torchrun: shard the model over the processes (FSDP) or replicate it (DDP)",
                            choices=["fsdp", "ddp"])
     workers: int = option(0, "data-loading worker processes", type=nonnegative_int)
@@ -105,13 +92,12 @@ class TrainConfig:
     max_steps: int = option(None, "stop each stage after this many steps", type=positive_int)
     seed: int = option(0, "initialization, batch order, stochastic depth", type=nonnegative_int)
     device: str = option("cpu", "default: cuda when available, else cpu")
-    fast: str = option("auto", "the stage loop of fast_train.py (data and encoder features held on the device, each "
-                               "step a CUDA graph); auto: on for the synthetic world on one GPU",
+    fast: str = option("auto", "fast_train.DeviceSteps (auto: the synthetic world on one GPU)",
                        choices=["auto", "on", "off"])
     no_eval: bool = option(False, action="store_true")
     synthetic_dir: str = option("data/synthetic", "where the world is built", group=SYNTHETIC)
-    world_seed: int = option(0, "the world's seed (apart from --seed: runs that differ in --seed share one world)",
-                             group=SYNTHETIC, type=nonnegative_int)
+    world_seed: int = option(0, "the world's seed (runs that differ in --seed share one world)", group=SYNTHETIC,
+                             type=nonnegative_int)
     extra_spatial: int = option(0, "spatial questions added to each training conversation that can pose one",
                                 group=SYNTHETIC, type=nonnegative_int)
     describe: bool = option(False, "each training conversation ends by asking for the scene in words (a GPU's preset)",
@@ -142,43 +128,27 @@ def preset_values(preset, device):
     """config/PRESET.py's settings, plain assignments (its on_cuda ones added on CUDA)."""
     values = {k: v for k, v in runpy.run_path(str(PRESET_DIR / f"{preset}.py")).items() if not k.startswith("__")}
     on_cuda = values.pop("on_cuda", {})
-    return {**values, **(on_cuda if device.startswith("cuda") else {})}
+    return {**values, **on_cuda} if device.startswith("cuda") else values
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DataFiles:
-    """The files a run reads: training conversations, their images' folder, text-only conversations for pretrain,
-    and (synthetic) the test questions scored at the end."""
-    train_json: Path
-    image_root: Path = None
-    pretrain_json: Path = None
-    test_json: Path = None
-
-
-def synthetic_files(root):
-    root = Path(root)
-    return DataFiles(root / "train.json", root, root / "text.json", root / "test.json")
-
-
 def prepare_data(cfg, proc, log):
-    """The run's DataFiles; on the synthetic world, built first if missing or built with other settings."""
+    """The run's DataFiles; the synthetic world is built first if missing or built with other settings."""
     if cfg.data is not None:
         for flag, path in (("--data", cfg.data), ("--pretrain-data", cfg.pretrain_data)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{flag} file not found: {path}")
         return DataFiles(Path(cfg.data), cfg.image_root, cfg.pretrain_data)
-    root = Path(cfg.synthetic_dir)
-    settings = dict(seed=cfg.world_seed, extra_spatial=cfg.extra_spatial, describe=cfg.describe)
-    if proc.rank == 0 and not synthetic_dataset_is_built(root, **settings):  # missing, other settings or version
-        log(f"building the synthetic visual-question world in {root} ...")
-        build_synthetic_dataset(root, **settings)
+    if proc.rank == 0:
+        prepare_world(cfg.synthetic_dir, log, seed=cfg.world_seed, extra_spatial=cfg.extra_spatial,
+                      describe=cfg.describe)
     if proc.world_size > 1:
         dist.barrier()
-    return replace(synthetic_files(root), pretrain_json=cfg.pretrain_data or root / "text.json")
+    files = world_files(cfg.synthetic_dir)
+    return replace(files, pretrain_json=cfg.pretrain_data or files.pretrain_json)
 
 
 def connector_choice(cfg):
@@ -224,15 +194,6 @@ def dataset_for(model, json_path, image_root=None, cache_images=False):
                         model.vision.preprocess, cache_images=cache_images, prompt=model.config.prompt)
 
 
-def report_problems(dataset, log, shown=5):
-    """One line: how many samples of the file were set aside as malformed, and why (the first few)."""
-    if dataset is None or not dataset.problems:
-        return
-    problems = [f"sample {i}: {reason}" for i, reason in dataset.problems.items()]
-    log(f"{dataset.json_path}: {len(problems)} of {len(problems) + len(dataset)} samples set aside: "
-        + listing(problems, shown, sep="; "))
-
-
 def lr_factor(step, total, warmup):
     """Linear warmup to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -242,12 +203,10 @@ def lr_factor(step, total, warmup):
 
 
 def make_optimizer(model, lr, weight_decay, connector_lr=None, fused=False):
-    """AdamW; no weight decay on biases, norms and the SSM's A_log, D, dt_bias (1-D tensors).
-
-    connector_lr: the connector's own lr (default: lr). The image tokens feed the LM's pre-norm blocks, which
-    divide out their scale, so nothing holds the connector's output norm in place: at too high an lr it grows by
-    orders of magnitude and learning stalls (docs/synthetic-world.md). LLaVA's trainer has the same option
-    (mm_projector_lr). fused: one kernel for the whole update (CUDA; the fast path uses it)."""
+    """AdamW; no weight decay on biases, norms and the SSM's A_log, D, dt_bias (1-D tensors). connector_lr: the
+    connector's own lr (default: lr; LLaVA's mm_projector_lr): the LM's pre-norm blocks divide out the image tokens'
+    scale, so at too high an lr their norm grows by orders of magnitude and learning stalls (docs/synthetic-world.md).
+    fused: one kernel for the whole update (CUDA)."""
     connector = {id(p) for p in model.connector.parameters()}
     groups = []
     for is_connector in (False, True):
@@ -274,22 +233,15 @@ def stage_batches(stage, dataset, cfg, proc):
     if per_epoch == 0:
         raise ValueError(f"{dataset.json_path}: {n} usable samples ({len(dataset.problems)} set aside as malformed) "
                          f"are fewer than one global batch of {cfg.global_batch}")
-    total = max(1, int(epochs * per_epoch))
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    local_batch = cfg.global_batch // proc.world_size
-    micro = cfg.per_device_batch or local_batch
-    if cfg.global_batch % proc.world_size or local_batch % micro:
-        raise ValueError(f"global batch {cfg.global_batch} must split into {proc.world_size} devices x whole "
-                         f"micro-batches of {micro}")
+    total = min(max(1, int(epochs * per_epoch)), cfg.max_steps or math.inf)
+    micro = cfg.per_device_batch or cfg.global_batch // proc.world_size
     return StageBatches(n, cfg.global_batch, micro, seed=cfg.seed + 1000 * (STAGES.index(stage) - 1), start=0,
                         total=total, rank=proc.rank, world_size=proc.world_size)
 
 
 @dataclass
 class Stage:
-    """One stage's loop state: its name, batches, optimizer and lr schedule, folder, first step (after --resume),
-    whether it was already done, its last good checkpoint, and the samples of the run's later stages (the ETA)."""
+    """One stage's loop state; start: its first step (after --resume); later_samples: the next stages' (the ETA)."""
     name: str
     batches: StageBatches
     optimizer: torch.optim.Optimizer
@@ -302,10 +254,9 @@ class Stage:
 
 
 class PlainSteps:
-    """The stage's steps as the paper's recipe runs them: micro-batches from a DataLoader (worker processes, pinned
-    memory), each forward and backward under bf16 autocast, gradients summed over micro-batches and processes, then
-    clipping and the optimizer. steps(step) runs step `step` (0-based): (loss, grad-norm, tokens), the loss a CPU
-    tensor, or None when every sample of the batch was skipped."""
+    """The paper's recipe: micro-batches from a DataLoader, each forward and backward under bf16 autocast, gradients
+    summed over micro-batches and processes, then clipping and the optimizer. steps(step) runs step `step` (0-based):
+    (loss, grad-norm, tokens), the loss a CPU tensor, or None when every sample of the batch was skipped."""
 
     fused_optimizer = False
 
@@ -375,9 +326,8 @@ class PlainSteps:
 
 
 def begin_stage(stage, model, dataset, cfg, proc, log, fused=False, later_samples=0):
-    """What a stage's loop starts from: the trainable parts logged, the batches, the optimizer (see make_optimizer)
-    and the lr schedule, with --resume the stage's latest checkpoint loaded, and the model in training mode.
-    later_samples: the samples of the stages that follow in this run. Returns a Stage."""
+    """A Stage: the trainable parts logged, the batches, the optimizer and lr schedule, with --resume the stage's
+    latest checkpoint loaded, and the model in training mode."""
     parts = sorted({n.split(".")[0] for n in model.set_stage(stage)})
     log(f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
         f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
@@ -405,18 +355,14 @@ def check_finite(unchecked, st):
         step, last = unchecked[int(bad[0, 0])][0], unchecked[-1][0]
         checked = f" (checked after step {last + 1})" if losses.device.type != "cpu" else ""  # not checked at each step
         raise TrainingError(f"[{st.name}] loss is {float(losses[int(bad[0, 0])])} at step {step + 1}{checked}: "
-                            f"stopping. The last good checkpoint is "
-                            f"{st.last_good or 'none (no checkpoint was written yet)'}")
+                            f"stopping. The last good checkpoint is {st.last_good or 'none (none written yet)'}")
 
 
 def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, later_samples=0, steps_for=PlainSteps):
     """Train one stage, resuming from its latest checkpoint with --resume; returns the model (unwrapped).
-
-    steps_for(model, dataset, st, cfg, proc, log) makes the stage's steps: `PlainSteps`, or fast_train.DeviceSteps
-    (the same steps with the data on the device and each step one CUDA graph). A step's loss is checked at every
-    progress line and before every checkpoint, and at every step when it is on the CPU (no host sync to save).
-    on_step(step) is called after every optimizer step (and its checkpoint, if one is due). later_samples: the
-    samples of the stages that follow in this run (the progress line's run ETA)."""
+    steps_for(model, dataset, st, cfg, proc, log): `PlainSteps` or fast_train.DeviceSteps. The loss is checked at
+    every progress line and checkpoint (and every step on the CPU, with no host sync to save). on_step(step): called
+    after every optimizer step. later_samples: the samples of the stages after this one (the run's ETA)."""
     proc = proc or Process(device=cfg.device)
     st = begin_stage(stage, model, dataset, cfg, proc, log, later_samples=later_samples,
                      fused=steps_for.fused_optimizer and proc.device.startswith("cuda"))
@@ -453,8 +399,8 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, la
 
 
 def stage_steps(cfg, proc):
-    """The steps a run's stages take: fast_train.DeviceSteps with --fast on, and with auto for the synthetic world on
-    one CUDA device (the data and encoder features held on the device, each step a CUDA graph); else PlainSteps."""
+    """fast_train.DeviceSteps (data on the device, each step a CUDA graph) with --fast on, or auto for the synthetic
+    world on one CUDA device; else PlainSteps."""
     one_micro_batch = cfg.per_device_batch in (None, cfg.global_batch)
     if cfg.fast == "on" and (proc.world_size > 1 or not one_micro_batch):
         raise ValueError("--fast on runs one process with one micro-batch per step; drop --per-device-batch and "
@@ -508,21 +454,16 @@ def train(cfg, on_step=None):
             log(f"--overwrite: deleted {', '.join(str(p) for p in deleted)}")
         model = run_stages(cfg, model, data, samples, proc, log, on_step)
         if proc.rank == 0 and files.test_json and not cfg.no_eval:
-            from evaluate import evaluate
-            result = evaluate(MLMamba.from_pretrained(Path(cfg.out) / "final"), files.test_json)  # on the CPU
-            (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2))
-            set_aside = result.pop("set_aside")
-            log("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in result.items())
-                + (f" ({set_aside} questions set aside: unreadable images)" if set_aside else ""))
+            from evaluate import score_run
+            score_run(cfg.out, files.test_json, log)
     if proc.world_size > 1:
         dist.destroy_process_group()
     return model
 
 
 def stage_data(cfg, files, model, log, proc):
-    """({stage: its dataset} for the stages asked for, [each stage's samples]), the malformed samples reported; each
-    stage's batches are made here once, so a dataset too small for one global batch stops the run before its folder is
-    taken."""
+    """({stage: its dataset}, [each stage's samples]), checked before the run folder is taken (a dataset smaller than
+    one global batch stops the run here)."""
     stages = {"all": STAGES, "both": STAGES[1:]}.get(cfg.stage, (cfg.stage,))
     if cfg.stage == "all" and (not files.pretrain_json or cfg.pretrain_epochs <= 0):
         stages = STAGES[1:]  # real data: the LM comes pretrained
@@ -531,7 +472,8 @@ def stage_data(cfg, files, model, log, proc):
     dataset = dataset_for(model, files.train_json, files.image_root, cache_images=cfg.data is None)
     text = dataset_for(model, files.pretrain_json) if "pretrain" in stages else None
     for ds in (dataset, text):
-        report_problems(ds, log)
+        if ds is not None and ds.problems:
+            log(ds.set_aside_line())
     cc = model.config.connector
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
         f"(connector {cc.kind}/{cc.scan}); {len(dataset)} training samples"

@@ -14,6 +14,7 @@ from PIL import Image
 
 import evaluate as E
 import train as T
+from synthetic import world_files
 from data import LLaVADataset, collate
 from mamba2 import Mamba2Config, Mamba2LMHeadModel
 from weights import load_tokenizer
@@ -24,7 +25,7 @@ from weights import CheckpointError
 @pytest.fixture(scope="module")
 def saved_model(world, tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
-    T.build_model(T.parse_args(["--device", "cpu"]), T.synthetic_files(world)).save_pretrained(folder)
+    T.build_model(T.parse_args(["--device", "cpu"]), world_files(world)).save_pretrained(folder)
     return folder
 
 
@@ -70,7 +71,7 @@ def test_pruning_never_deletes_the_checkpoint_latest_names(world, tmp_path):
     stage = tmp_path / "align"
     for step in (500, 600):
         (stage / f"checkpoint-{step}").mkdir(parents=True)
-    saved = T.build_model(T.parse_args(["--device", "cpu"]), T.synthetic_files(world))
+    saved = T.build_model(T.parse_args(["--device", "cpu"]), world_files(world))
     opt = torch.optim.AdamW(saved.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     T.save_checkpoint(stage, saved, saved.state_dict(), {}, sched, 2, 10)

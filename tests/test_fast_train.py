@@ -7,6 +7,7 @@ import torch
 
 import fast_train as FT
 import train as T
+from synthetic import world_files
 from data import collate
 from model import IGNORE_INDEX
 from tests.test_train import ADAM_ATOL, args_for, params, progress, stop_after
@@ -21,7 +22,7 @@ def test_static_loss_equals_the_models_forward(world, tmp_path, stage):
     """static_loss (features in, fixed shapes, extra right-padding) == MLMamba.forward's summed loss, with and without
     images: the gather + where puts the image tokens in the slots the masked assignment does."""
     cfg = args_for(world, tmp_path)
-    model = T.build_model(cfg, T.synthetic_files(world)).eval()
+    model = T.build_model(cfg, world_files(world)).eval()
     dataset = T.dataset_for(model, world / ("text.json" if stage == "pretrain" else "train.json"), world)
     b = batch_of(model, dataset, [3, 0, 7, 5, 1])
     _, expected = model(b["pixel_values"], b["input_ids"], b["labels"], loss_reduction="sum", return_logits=False)
@@ -37,7 +38,7 @@ def test_static_loss_equals_the_models_forward(world, tmp_path, stage):
 
 def test_device_data_holds_each_sample_once_padded_with_its_features(world, tmp_path):
     cfg = args_for(world, tmp_path)
-    model = T.build_model(cfg, T.synthetic_files(world)).eval()
+    model = T.build_model(cfg, world_files(world)).eval()
     dataset = T.dataset_for(model, world / "train.json", world)
     data = FT.DeviceData.build(model, dataset, "cpu", use_bf16=False, batch=5)  # several feature batches
     assert data.ids.shape == data.labels.shape == (len(dataset), max(data.lengths))
@@ -74,7 +75,7 @@ def test_fast_steps_equal_the_plain_loops(world, tmp_path, stage):
     for fast in ("off", "on"):
         cfg = args_for(world, tmp_path / fast, "--stage", stage, "--max-steps", "4", "--log-every", "1",
                        "--fast", fast)
-        model = T.build_model(cfg, T.synthetic_files(world))
+        model = T.build_model(cfg, world_files(world))
         dataset = T.dataset_for(model, world / ("text.json" if stage == "pretrain" else "train.json"), world)
         out = []
         torch.manual_seed(0)
@@ -104,7 +105,7 @@ def test_fast_path_resumes_after_interruption_as_an_uninterrupted_run(world, tmp
 
 def test_fast_path_stops_at_a_nan_naming_its_step(world, tmp_path):
     cfg = args_for(world, tmp_path, "--stage", "finetune", "--max-steps", "3", "--fast", "on")
-    model = T.build_model(cfg, T.synthetic_files(world))
+    model = T.build_model(cfg, world_files(world))
     with torch.no_grad():
         model.lm.norm_f.weight.fill_(float("nan"))
     # on the CPU the loss is a host tensor, so the loop checks it at every step: the message names the step alone
@@ -134,7 +135,7 @@ def test_cuda_graph_steps_equal_eager_steps(world, tmp_path, stage):
     for name, fast, graph in (("graph", "on", True), ("eager", "on", False), ("plain", "off", None)):
         cfg = args_for(world, tmp_path / name, "--stage", stage, "--max-steps", str(steps), "--log-every", "1",
                        "--fast", fast, "--device", "cuda", "--drop-path", "0", "--precision", "fp32")
-        model = T.build_model(cfg, T.synthetic_files(world)).cuda()
+        model = T.build_model(cfg, world_files(world)).cuda()
         dataset = T.dataset_for(model, world / ("text.json" if stage == "pretrain" else "train.json"), world)
         out, proc = [], T.Process(device="cuda")
         steps_for = T.PlainSteps

@@ -17,7 +17,7 @@ import train as T
 from data import collate, conversation_turns
 from run_folder import speed
 from synthetic import (FAMILIES, POSITIONS, build_synthetic_dataset, describe_scene, make_question, random_scene,
-                       synthetic_dataset_is_built, world_tokenizer)
+                       synthetic_dataset_is_built, world_files, world_tokenizer)
 from evaluate import family_accuracy, load_questions, normalize_answer, pope_metrics, vqa_soft_accuracy
 from model import IGNORE_INDEX
 from weights import read_tensors
@@ -263,7 +263,7 @@ def test_loader_edge_cases(world, tmp_path):
 
 def test_pixel_cache_gives_the_same_pixels_without_rereading(world, tmp_path):
     import shutil
-    model = T.build_model(args_for(world, tmp_path), T.synthetic_files(world))
+    model = T.build_model(args_for(world, tmp_path), world_files(world))
     root = tmp_path / "copy"
     shutil.copytree(world, root)
     plain = T.dataset_for(model, root / "train.json", root)
@@ -292,7 +292,7 @@ def params(model):
 @pytest.mark.parametrize("stage", ["pretrain", "align", "finetune"])
 def test_one_step_changes_exactly_the_stage_parameters(world, tmp_path, stage):
     cfg = args_for(world, tmp_path, "--stage", stage, "--max-steps", "1")
-    model = T.build_model(cfg, T.synthetic_files(world))
+    model = T.build_model(cfg, world_files(world))
     dataset = T.dataset_for(model, world / ("text.json" if stage == "pretrain" else "train.json"), world)
     before = params(model)
     T.run_stage(stage, model, dataset, cfg)
@@ -334,8 +334,8 @@ def test_the_progress_lines_eta_covers_the_stage_and_the_run():
 
 def test_lm_size_options_build_the_synthetic_lm_at_that_size(world, tmp_path):
     """--lm-width and --lm-layers set the synthetic world's LM (d_model 96 and 3 layers by default on the CPU)."""
-    default = T.build_model(args_for(world, tmp_path), T.synthetic_files(world))
-    wide = T.build_model(args_for(world, tmp_path, "--lm-width", "48", "--lm-layers", "2"), T.synthetic_files(world))
+    default = T.build_model(args_for(world, tmp_path), world_files(world))
+    wide = T.build_model(args_for(world, tmp_path, "--lm-width", "48", "--lm-layers", "2"), world_files(world))
     assert (default.lm.config.d_model, len(default.lm.layers)) == (96, 3)
     assert (wide.lm.config.d_model, len(wide.lm.layers)) == (48, 2)
     assert wide.lm.layers[0].mixer.in_proj.weight.shape[1] == 48
@@ -365,7 +365,7 @@ def test_connector_has_its_own_learning_rate(world, tmp_path):
     assert T.parse_args(["--data", "x.json", "--preset", "synthetic"]).lr == 1e-3  # a preset is named, not guessed
     with pytest.raises(Exception):  # frozen once parsed
         cfg.lr = 1.0
-    model = T.build_model(cfg, T.synthetic_files(world))
+    model = T.build_model(cfg, world_files(world))
     model.set_stage("finetune")
     opt = T.make_optimizer(model, 1e-3, 0.1, connector_lr=1e-4)
     connector = {id(p) for p in model.connector.parameters()}
@@ -414,7 +414,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(default_world
 
 def test_nan_loss_stops_and_names_the_step(world, tmp_path):
     cfg = args_for(world, tmp_path, "--stage", "finetune", "--max-steps", "3")
-    model = T.build_model(cfg, T.synthetic_files(world))
+    model = T.build_model(cfg, world_files(world))
     with torch.no_grad():
         model.lm.norm_f.weight.fill_(float("nan"))
     with pytest.raises(T.TrainingError, match="loss is nan at step 1: stopping. The last good checkpoint is none"):
@@ -563,7 +563,7 @@ def test_question_file_formats_and_family_accuracy(tmp_path):
 def test_init_from_with_another_connector_keeps_the_lm_and_builds_a_new_connector(world, tmp_path, capsys):
     """The ablation set-up (the paper's Tables 6-7): one LM, a new connector of each kind. --init-from alone keeps
     the folder's connector; --connector / --scan other than its own replace it and keep everything else."""
-    files = T.synthetic_files(world)
+    files = world_files(world)
     saved = T.build_model(args_for(world, tmp_path), files)
     saved.save_pretrained(tmp_path / "lm")
     ref = saved.state_dict()
