@@ -183,6 +183,9 @@ def _default_mixer():
     return Mamba2Config(d_model=2560, n_layer=2, vocab_size=1)  # Mamba-2 2.7B's mixer shape
 
 
+KINDS = ("mlp", "msc-basic", "msc-advanced", "msc-release")
+
+
 @dataclass
 class ConnectorConfig:
     kind: str = "msc-advanced"  # "mlp", "msc-basic", "msc-advanced" (Table 6) or "msc-release" (the authors' code)
@@ -195,20 +198,14 @@ class ConnectorConfig:
     mixer: Mamba2Config = field(default_factory=_default_mixer)  # the MSC's mixers; mixer.d_model is the LLM width
 
     def __post_init__(self):
-        check_fields(self, "ConnectorConfig", positive=("vision_dim", "n_layers"))
+        check_fields(self, "ConnectorConfig", positive=("vision_dim", "n_layers"),
+                     choices={"kind": KINDS, "scan": ("bsm", "csm"), "init": ("random", "lm")})
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"ConnectorConfig: drop_path must be in [0, 1), not {self.drop_path!r}")
         self.grid = tuple(self.grid)
-        if self.kind not in ("mlp", "msc-basic", "msc-advanced", "msc-release"):
-            raise ValueError(f"unknown connector kind {self.kind!r}: use 'mlp', 'msc-basic', 'msc-advanced' or "
-                             "'msc-release'")
         if self.kind == "msc-release" and (self.scan != "bsm" or self.init != "random"):
             raise ValueError("the release's connector scans forward and backward (scan 'bsm') from a random init "
                              "(init 'random')")
-        if self.scan not in ("bsm", "csm"):
-            raise ValueError(f"unknown scan {self.scan!r}: use 'bsm' or 'csm'")
-        if self.init not in ("random", "lm"):
-            raise ValueError(f"unknown connector init {self.init!r}: use 'random' or 'lm'")
 
     @property
     def llm_dim(self):

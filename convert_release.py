@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import release_key_map
-from model import MLMamba
+from model import from_components
 from cli import USER_ERRORS, report_user_error
 from weights import CheckpointError, match_tensors
 
@@ -71,7 +71,7 @@ def convert_release(checkpoint, lm, vision, tokenizer, out, input_size=384, over
     torch.load(weights_only=True): no pickled code runs. Missing, unexpected or mis-shaped tensors are all listed.
     `out` is checked first (`check_out`)."""
     check_out(out, [checkpoint, lm, tokenizer, *vision.values()], overwrite)
-    model = MLMamba.from_components(lm, vision, tokenizer, connector={"kind": "msc-release"}, prompt="zephyr",
+    model = from_components(lm, vision, tokenizer, connector={"kind": "msc-release"}, prompt="zephyr",
                                     input_size=input_size)
     tensors = read_release_tensors(checkpoint)
     tied = model.config.lm.tie_embeddings

@@ -29,6 +29,7 @@ import weakref
 import torch
 
 from mamba2 import LayerCache, Mamba2Block, Mamba2Cache
+from model import until_stop
 
 PREFILL_BUCKET = 128  # prompt lengths are padded up to a multiple of this in the captured prefill
 MAX_PREFILL_CAPTURES = 4  # captured prefills kept at once (each holds its own activation memory)
@@ -310,8 +311,7 @@ def generate_batch(model, images, prompts, max_new_tokens=256, kernels=None, cud
     if len(images) != len(prompts) or not prompts:
         raise ValueError(f"generate_batch needs one image (or None) per prompt: {len(images)} images, "
                          f"{len(prompts)} prompts")
-    ids = [model.prompt_ids([("human", p)], image is not None, model.num_image_tokens)
-           for image, p in zip(images, prompts)]
+    ids = [model.prompt_ids(p, image is not None, model.num_image_tokens) for image, p in zip(images, prompts)]
     rows = [i for i, image in enumerate(images) if image is not None]
     image_tokens = None
     if rows:
@@ -326,7 +326,7 @@ def generate_batch(model, images, prompts, max_new_tokens=256, kernels=None, cud
     decoder = PaddedPrompts(decoder_for(model.lm, kernels, cuda_graph) or model.lm, length)
     new = model.lm.generate(inputs_embeds=model.embed(padded, image_tokens), max_new_tokens=max_new_tokens,
                             eos_token_id=model.eos_token_id, decoder=decoder).tolist()
-    return [model.until_stop(row) for row in new]
+    return [until_stop(row, model.eos_token_id) for row in new]
 
 
 @functools.cache

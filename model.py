@@ -26,8 +26,8 @@ from connector import Connector, ConnectorConfig
 from mamba2 import Mamba2Config, Mamba2LMHeadModel, mamba2_preset
 from release import ReleaseConnector
 from vision import DINOV2_LARGE, SIGLIP_SO400M_384, DualEncoder, ViT, ViTConfig
-from weights import (CheckpointError, check_fields, config_errors, load_on_meta, load_tokenizer, match_tensors,
-                     read_config, read_tensors, save_safetensors, stored_shapes, write_json)
+from weights import (check_fields, config_errors, load_on_meta, load_tokenizer, read_config,
+                     read_tensors, save_safetensors, write_json)
 
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN = "<|endoftext|>"  # GPT-NeoX-20B's end of text, the stop token
@@ -147,6 +147,29 @@ class Conversation:
     ids: list = field(default_factory=list)
     cache: object = None  # a Mamba2Cache, or None before the first turn
 
+    def next_turn_ids(self, model, prompt):
+        """(every token id of the conversation with the new question, the ids the cache has yet to read): the last
+        answer's stop token (added where the answer was cut short), then the turn as `encode_conversation` writes it."""
+        if IMAGE_TOKEN in prompt:
+            raise ValueError(f"a later turn cannot hold {IMAGE_TOKEN}: one image per conversation, in its first turn")
+        text, _ = conversation_segments([("human", ""), ("gpt", ""), ("human", prompt)], model.config.prompt)[-1]
+        stopped = self.ids[-1] == model.eos_token_id  # a stop token the cache has not read
+        turn = ([] if stopped else [model.eos_token_id]) + model.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = check_length(self.ids + turn, model.config.max_length, "the conversation is {} tokens with this turn")
+        return ids, ids[len(self.ids) - stopped:]
+
+
+def check_length(ids, max_length, what):
+    """ids, or a ValueError when they pass max_length: `what` (a format with {} for the length) names them."""
+    if len(ids) > max_length:
+        raise ValueError(f"{what.format(len(ids))}; the limit is {max_length}")
+    return ids
+
+
+def until_stop(ids, stop_id):
+    """Generated ids up to the stop token, which is left out."""
+    return ids[:ids.index(stop_id)] if stop_id in ids else ids
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model
@@ -180,18 +203,15 @@ class MLMamba(nn.Module):
         self.image_token_id = self.eos_token_id = None
         if tokenizer is not None:
             self.image_token_id, self.eos_token_id = prepare_tokenizer(tokenizer)
-            if tokenizer.get_vocab_size() > self.config.lm.vocab_size:
-                raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the LM's "
-                                 f"vocabulary of {self.config.lm.vocab_size}: use the LM's own tokenizer")
-            if self.eos_token_id >= self.config.lm.vocab_size:
-                raise ValueError(f"the stop token {EOS_TOKEN} has id {self.eos_token_id}, outside the LM's "
-                                 f"vocabulary of {self.config.lm.vocab_size}: use the LM's own tokenizer")
+            top = max(set(tokenizer.get_vocab().values()) - {self.image_token_id})  # "<image>" is never read or said
+            if top + 1 != self.config.lm.vocab_size:
+                raise ValueError(f"the tokenizer's text token ids go up to {top}, the LM's vocabulary to "
+                                 f"{self.config.lm.vocab_size - 1}: use the LM's own tokenizer")
 
     # ------------------------------------------------------------------------------------------------ training
     def set_stage(self, stage):
-        """Which parameters train: "pretrain" -> the LM alone (text-only data; the synthetic world's stand-in for a
-        pretrained LM); "align" -> connector (MSC + projector); "finetune" -> connector + LM.
-        The vision encoders stay frozen. Returns the names of the trainable parameters."""
+        """Which parameters train: "pretrain" the LM alone (text-only data), "align" the connector, "finetune" the
+        connector and the LM; the vision encoders stay frozen. Returns the names of the trainable parameters."""
         if stage not in ("pretrain", "align", "finetune"):
             raise ValueError(f"unknown stage {stage!r}: use 'pretrain', 'align' or 'finetune'")
         self.vision.freeze()
@@ -216,10 +236,8 @@ class MLMamba(nn.Module):
         return self.vision.num_patches
 
     def embed(self, input_ids, image_tokens=None):
-        """Text ids (b, L) + image tokens (b, N, D) -> the LM's input embeddings (b, L, D).
-
-        A sample with an image holds N "<image>" slots (encode_conversation); the image tokens go into the slots by
-        one masked assignment. Rows without slots (text-only samples) ignore their image tokens."""
+        """Text ids (b, L) + image tokens (b, N, D) -> the LM's input embeddings (b, L, D): a sample with an image
+        holds N "<image>" slots (encode_conversation), filled by one masked assignment; text-only rows have none."""
         if self.image_token_id is None:
             return self.lm.embedding(input_ids)
         is_image = input_ids == self.image_token_id  # (b, L)
@@ -239,11 +257,9 @@ class MLMamba(nn.Module):
 
     def forward(self, pixel_values, input_ids, labels=None, loss_reduction="mean", return_logits=True):
         """pixel_values {name: (b, 3, S, S)} or None (text only); input_ids, labels (b, L), right-padded, with N image
-        slots in each sample that has an image. Returns (logits (b, L, vocab), loss or None). loss_reduction "sum"
-        gives the summed loss over the target tokens (a trainer divides by the count over the whole global batch).
-        return_logits=False (training): the LM head runs only at the positions that predict a target, and the
-        logits returned are None. The loss is the same; the (b, L, vocab) logits, most of them at image and prompt
-        positions, are never made (at a vocabulary of 50K, 8 x 2048 positions would be 3.3 GB in fp32)."""
+        slots in each sample with an image. Returns (logits (b, L, vocab), loss or None); loss_reduction "sum": the
+        summed loss over the targets. return_logits=False (training): the LM head runs only where a target is
+        predicted, the logits returned are None, and the (b, L, vocab) logits (3.3 GB at 8 x 2048 x 50K) never exist."""
         image_tokens = self.image_tokens(pixel_values) if pixel_values is not None else None
         embeds = self.embed(input_ids, image_tokens)  # (b, L, D)
         hidden = self.lm.hidden_states(inputs_embeds=embeds)  # eq. 9: R = f_L(V_out, f_T(Q)), (b, L, D)
@@ -264,29 +280,21 @@ class MLMamba(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, image, prompt, history=(), max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-                 image_tokens=None, on_token=None, generator=None, conversation=None, decoder=None):
-        """Answer `prompt` about `image` (a path, a PIL image, or None for text only).
-
-        history: earlier turns [(role, text)], read again from the start. conversation: a `Conversation` to
-        continue instead (multi-turn chat): its first call reads the image and the prompt, and each later one only
-        the new turn, after the tokens the model answered with; the conversation is updated. image_tokens: reuse
-        tokens from `encode_image`. on_token(token id) streams. decoder: as in `Mamba2LMHeadModel.generate`
-        (`fast_decode.generate(model, ...)` passes the fast one). Returns the new token ids (list), stop token
-        excluded.
-        """
+    def generate(self, image, prompt, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, image_tokens=None,
+                 on_token=None, generator=None, conversation=None, decoder=None):
+        """Answer `prompt` about `image` (a path, a PIL image, or None for text only); returns the new token ids, the
+        stop token left out. image_tokens: reuse `encode_image`'s. on_token(token id) streams. conversation: a
+        `Conversation` to continue (multi-turn chat): its first call reads the image and the prompt, each later one
+        only the new turn, from the LM's cache. decoder: as in `Mamba2LMHeadModel.generate`."""
         if not isinstance(prompt, str):
             raise ValueError(f"the prompt must be text, not {type(prompt).__name__}")
         device = self.lm.embedding.weight.device
-        if conversation is not None and conversation.ids:
-            if history:
-                raise ValueError("give the earlier turns as history or as a conversation, not both")
-            ids, new_ids = self.next_turn_ids(conversation, prompt)
-            embeds = self.embed(torch.tensor([new_ids], device=device))
+        if conversation is not None and conversation.ids:  # a later turn
+            ids, unread = conversation.next_turn_ids(self, prompt)
+            embeds = self.embed(torch.tensor([unread], device=device))
         else:
-            with_image = image_tokens is not None or image is not None
-            ids = self.prompt_ids(list(history) + [("human", prompt)], with_image,
-                                  image_tokens.shape[1] if image_tokens is not None else self.num_image_tokens)
+            n = image_tokens.shape[1] if image_tokens is not None else self.num_image_tokens
+            ids = self.prompt_ids(prompt, image_tokens is not None or image is not None, n)
             if image_tokens is None and image is not None:
                 image_tokens = self.encode_image(image)
             embeds = self.embed(torch.tensor([ids], device=device), image_tokens)  # (1, L, D), eq. 9's input
@@ -298,39 +306,15 @@ class MLMamba(nn.Module):
                                cache=conversation.cache if conversation is not None else None)[0].tolist()
         if conversation is not None:
             conversation.ids = ids + new
-        return self.until_stop(new)
+        return until_stop(new, self.eos_token_id)
 
-    def next_turn_ids(self, conversation, prompt):
-        """(every token id of the conversation with the new question, the ids its cache has yet to read): the last
-        answer's stop token (added where the answer was cut short), then the new turn as `encode_conversation`
-        writes a later human turn."""
-        if IMAGE_TOKEN in prompt:
-            raise ValueError(f"a later turn cannot hold {IMAGE_TOKEN}: one image per conversation, in its first turn")
-        text, _ = conversation_segments([("human", ""), ("gpt", ""), ("human", prompt)], self.config.prompt)[-1]
-        stopped = conversation.ids[-1] == self.eos_token_id  # a stop token the cache has not read
-        held = len(conversation.ids) - stopped
-        stop = [] if stopped else [self.eos_token_id]
-        turn = self.tokenizer.encode(text, add_special_tokens=False).ids
-        ids = self.within_max_length(conversation.ids + stop + turn, "the conversation is {} tokens with this turn")
-        return ids, ids[held:]
-
-    def prompt_ids(self, turns, with_image, num_image_tokens):
-        """The token ids of a conversation ending in the question to answer, checked against max_length."""
+    def prompt_ids(self, prompt, with_image, num_image_tokens):
+        """The token ids of a first turn, checked against max_length."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; give one to MLMamba(config, tokenizer)")
-        ids, _ = encode_conversation(self.tokenizer, turns, self.image_token_id if with_image else None,
+        ids, _ = encode_conversation(self.tokenizer, [("human", prompt)], self.image_token_id if with_image else None,
                                      num_image_tokens=num_image_tokens, prompt=self.config.prompt)
-        return self.within_max_length(ids, "the prompt is {} tokens with the image")
-
-    def within_max_length(self, ids, what):
-        """ids, or a ValueError when they pass max_length: `what` (a format with {} for the length) names them."""
-        if len(ids) > self.config.max_length:
-            raise ValueError(f"{what.format(len(ids))}; the limit is {self.config.max_length}")
-        return ids
-
-    def until_stop(self, ids):
-        """Generated ids up to the stop token, which is left out."""
-        return ids[:ids.index(self.eos_token_id)] if self.eos_token_id in ids else ids
+        return check_length(ids, self.config.max_length, "the prompt is {} tokens with the image")
 
     @torch.no_grad()
     def encode_image(self, image):
@@ -351,48 +335,39 @@ class MLMamba(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save(str(folder / "tokenizer.json"))
 
-    def checkpoint_state(self, folder):
-        """The tensors of the ML-Mamba checkpoint in `folder`, checked against this model's names and shapes (a
-        tied lm_head is not stored). Used by from_pretrained and by train.py's --resume (loads in place)."""
-        expected = stored_shapes(self)
-        return match_tensors(expected, read_tensors(folder), {k: k for k in expected},
-                             source=f"ML-Mamba checkpoint {folder}")
-
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
         folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(f"no ML-Mamba model at {folder} (config.json missing)")
-        config = MLMambaConfig.from_file(folder / "config.json")
+        config = MLMambaConfig.from_file(folder / "config.json")  # a CheckpointError when there is none
         tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         model = load_on_meta(lambda: cls(config), read_tensors(folder), source=f"ML-Mamba checkpoint {folder}",
                              dtype=dtype, device=device)
         model.set_tokenizer(tokenizer)
         return model
 
-    @classmethod
-    def from_components(cls, lm, vision, tokenizer, connector=None, input_size=384, vision_layer=-2, prompt="in-out",
-                        dtype=torch.float32, device="cpu"):
-        """A new ML-Mamba from public checkpoints: lm a Mamba-2 folder (or repo id), vision {name: SigLIP or DINOv2
-        folder} in concatenation order (the paper: {"dinov2": ..., "siglip": ...}; one encoder alone is the paper's
-        encoder ablation, Table 5), tokenizer a tokenizer.json or its folder. connector: ConnectorConfig fields (kind,
-        scan, init, ...); the connector is new, as in the paper. prompt: "in-out" or "zephyr"."""
-        if not vision:
-            raise ValueError("ML-Mamba needs at least one vision encoder (SigLIP and / or DINOv2)")
-        lm_model = Mamba2LMHeadModel.from_pretrained(lm)
-        encoders = {name: ViT.from_pretrained(path, input_size=input_size) for name, path in vision.items()}
-        first = next(iter(encoders.values())).config
-        cc = ConnectorConfig.for_lm(lm_model.config, vision_dim=sum(e.config.hidden_size for e in encoders.values()),
-                                    grid=(first.grid, first.grid), **(connector or {}))
-        config = MLMambaConfig(lm=lm_model.config, vision={n: e.config for n, e in encoders.items()}, connector=cc,
-                               vision_layer=vision_layer, prompt=prompt)
-        with torch.device("meta"):
-            model = cls(config)
-        model.lm = lm_model
-        model.vision = DualEncoder(encoders, layer=vision_layer).freeze()
-        model.new_connector(cc)
-        model.set_tokenizer(load_tokenizer(tokenizer))
-        return model.to(device=device, dtype=dtype)
+
+def from_components(lm, vision, tokenizer, connector=None, input_size=384, vision_layer=-2, prompt="in-out",
+                    dtype=torch.float32, device="cpu"):
+    """A new ML-Mamba from public checkpoints: lm a Mamba-2 folder (or repo id), vision {name: SigLIP or DINOv2
+    folder} in concatenation order (the paper: {"dinov2": ..., "siglip": ...}; one encoder alone is the paper's
+    encoder ablation, Table 5), tokenizer a tokenizer.json or its folder. connector: ConnectorConfig fields (kind,
+    scan, init, ...); the connector is new, as in the paper. prompt: "in-out" or "zephyr"."""
+    if not vision:
+        raise ValueError("ML-Mamba needs at least one vision encoder (SigLIP and / or DINOv2)")
+    lm_model = Mamba2LMHeadModel.from_pretrained(lm)
+    encoders = {name: ViT.from_pretrained(path, input_size=input_size) for name, path in vision.items()}
+    first = next(iter(encoders.values())).config
+    cc = ConnectorConfig.for_lm(lm_model.config, vision_dim=sum(e.config.hidden_size for e in encoders.values()),
+                                grid=(first.grid, first.grid), **(connector or {}))
+    config = MLMambaConfig(lm=lm_model.config, vision={n: e.config for n, e in encoders.items()}, connector=cc,
+                           vision_layer=vision_layer, prompt=prompt)
+    with torch.device("meta"):
+        model = MLMamba(config)
+    model.lm = lm_model
+    model.vision = DualEncoder(encoders, layer=vision_layer).freeze()
+    model.new_connector(cc)
+    model.set_tokenizer(load_tokenizer(tokenizer))
+    return model.to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from weights import atomic_write_text
+from weights import atomic_write_text, match_tensors, read_tensors, stored_shapes
 
 STAGES = ("pretrain", "align", "finetune")
 
@@ -172,7 +172,10 @@ def resume_stage(stage_dir, model, optimizer, scheduler, log):
         return 0, False
     state = json.loads((ckpt / "state.json").read_text())
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-    load_full_state(model, optimizer, model.checkpoint_state(ckpt), trainer["optimizer"])
+    expected = stored_shapes(model)
+    model_state = match_tensors(expected, read_tensors(ckpt), {k: k for k in expected},
+                                source=f"ML-Mamba checkpoint {ckpt}")
+    load_full_state(model, optimizer, model_state, trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"])
     log(f"[{stage_dir.name}] resumed from {ckpt} at step {state['step']}/{state['total_steps']}")

@@ -30,7 +30,7 @@ from cli import (USER_ERRORS, fraction, nonnegative_float, nonnegative_int, opti
                  positive_int, report_user_error)
 from data import DataFiles, LLaVADataset, StageBatches, collate
 from distributed import Process, setup_distributed, shard
-from model import IGNORE_INDEX, MLMamba
+from model import IGNORE_INDEX, MLMamba, from_components
 from run_folder import (FULL_STATE, STAGES, RunLog, check_run_folder, full_state, latest_checkpoint, resume_stage,
                         save_checkpoint, speed, taken)
 from synthetic import prepare_world, world_files, world_model, world_tokenizer
@@ -185,7 +185,7 @@ def build_model(cfg, files, log=print):
         raise ValueError(f"training on --data needs --{', --'.join(missing)} (or --init-from an ML-Mamba folder)")
     torch.manual_seed(cfg.seed)
     encoders = {name: path for name, path in (("dinov2", cfg.dinov2), ("siglip", cfg.siglip)) if path is not None}
-    return MLMamba.from_components(cfg.llm, encoders, cfg.tokenizer, prompt=cfg.prompt, input_size=cfg.image_size,
+    return from_components(cfg.llm, encoders, cfg.tokenizer, prompt=cfg.prompt, input_size=cfg.image_size,
                                    connector={"drop_path": cfg.drop_path, **connector_choice(cfg)})
 
 

@@ -52,11 +52,8 @@ class ViTConfig:
     def __post_init__(self):
         check_fields(self, "ViTConfig", positive=("image_size", "patch_size", "hidden_size", "intermediate_size",
                                                   "num_layers", "num_heads", "layer_norm_eps", "input_size"),
-                     nonnegative=("num_register_tokens",))
-        if self.kind not in ("siglip", "dinov2", "clip"):
-            raise ValueError(f"ViTConfig.kind must be 'siglip', 'dinov2' or 'clip', not {self.kind!r}")
-        if self.hidden_act not in ACTIVATIONS and self.hidden_act != "auto":
-            raise ValueError(f"ViTConfig.hidden_act must be one of {', '.join(ACTIVATIONS)}, not {self.hidden_act!r}")
+                     nonnegative=("num_register_tokens",),
+                     choices={"kind": ("siglip", "dinov2", "clip"), "hidden_act": ("auto", *ACTIVATIONS)})
         if self.kind == "siglip" and self.num_register_tokens:
             raise ValueError("SigLIP has no register tokens")
 

@@ -217,9 +217,10 @@ def write_json(obj, file):
 # Checking configs and arguments, and the command lines' report of a user's mistake
 # ----------------------------------------------------------------------------------------------------------------
 
-def check_fields(config, source, positive=(), nonnegative=()):
+def check_fields(config, source, positive=(), nonnegative=(), choices=None):
     """Every field of a config dataclass has its declared type (int, float, bool, str or tuple; an int is a float
-    too), and the named ones are > 0 or >= 0; otherwise a ValueError naming `source` and the field."""
+    too), the named ones are > 0 or >= 0, and those in choices {name: allowed values} one of theirs; otherwise a
+    ValueError naming `source` and the field."""
     for f in fields(config):
         value, kind = getattr(config, f.name), f.type if isinstance(f.type, type) else None
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -230,3 +231,5 @@ def check_fields(config, source, positive=(), nonnegative=()):
                              f"not {value!r}")
         if (f.name in positive and not value > 0) or (f.name in nonnegative and not value >= 0):
             raise ValueError(f"{source}: {f.name} must be {'> 0' if f.name in positive else '>= 0'}, not {value!r}")
+        if f.name in (choices or {}) and value not in choices[f.name]:
+            raise ValueError(f"{source}: unknown {f.name} {value!r}: use {' or '.join(map(repr, choices[f.name]))}")

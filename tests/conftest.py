@@ -43,12 +43,12 @@ def tokenizer():
     return make_tokenizer(TEXTS)
 
 
-def tiny_config(kind="msc-advanced", scan="bsm"):
+def tiny_config(kind="msc-advanced", scan="bsm", vocab_size=300):
     from connector import ConnectorConfig
     from mamba2 import Mamba2Config
     from model import MLMambaConfig
     from vision import ViTConfig
-    lm = Mamba2Config(d_model=32, n_layer=2, vocab_size=300, d_state=16, headdim=8, chunk_size=16)
+    lm = Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab_size, d_state=16, headdim=8, chunk_size=16)
     vision = {"dinov2": ViTConfig("dinov2", image_size=28, patch_size=14, hidden_size=24, intermediate_size=48,
                                   num_layers=2, num_heads=2, input_size=42),
               "siglip": ViTConfig("siglip", image_size=42, patch_size=14, hidden_size=16, intermediate_size=32,

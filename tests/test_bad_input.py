@@ -481,9 +481,28 @@ def test_a_deeply_nested_config_and_a_tokenizer_bigger_than_the_vocabulary_are_r
     with pytest.raises(CheckpointError, match="is not valid JSON"):
         MLMamba.from_pretrained(folder)
     model = MLMamba.from_pretrained(saved_model)
-    big = train_tokenizer([f"word{i} " * 3 for i in range(3000)], vocab_size=model.config.lm.vocab_size + 200)
-    with pytest.raises(ValueError, match="more than the LM's vocabulary"):
+    V = model.config.lm.vocab_size
+    big = train_tokenizer([f"word{i} " * 3 for i in range(3000)], vocab_size=V + 200)
+    with pytest.raises(ValueError, match=f"text token ids go up to {V + 199}, the LM's vocabulary to {V - 1}"):
         model.set_tokenizer(big)
+    small = train_tokenizer(["a b c"], vocab_size=V)  # fewer tokens: the LM could say ids it cannot decode
+    with pytest.raises(ValueError, match=f"the LM's vocabulary to {V - 1}: use the LM's own tokenizer"):
+        model.set_tokenizer(small)
+
+
+def test_a_tokenizer_whose_image_token_comes_after_the_lm_vocabulary_is_accepted(saved_model):
+    """GPT-NeoX-20B's case: its text tokens fill Mamba-2's vocabulary of 50277, and "<image>" is added after them
+    (id 50277): the image slots are filled by the connector and never predicted, so the LM needs no row for it."""
+    from tokenizers import Tokenizer, models
+    model = MLMamba.from_pretrained(saved_model)
+    V = model.config.lm.vocab_size
+    words = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, V)}}
+    model.set_tokenizer(Tokenizer(models.WordLevel(words, unk_token="<|endoftext|>")))
+    assert (model.eos_token_id, model.image_token_id) == (0, V)
+    N = model.num_image_tokens
+    image_tokens = torch.randn(1, N, model.config.lm.d_model)
+    embeds = model.embed(torch.tensor([[V] * N + [1, 2]]), image_tokens)
+    assert torch.equal(embeds[0, :N], image_tokens[0]) and torch.equal(embeds[0, N:], model.lm.embedding.weight[1:3])
 
 
 def test_a_run_that_stops_on_a_bad_input_leaves_its_folder_untouched(world, tmp_path, capsys):

@@ -164,7 +164,7 @@ def test_init_from_the_lm_copies_its_first_layers():
         for mixer in block.mixers:
             for name, p in mixer.state_dict().items():
                 assert torch.equal(p, lm.layers[i].mixer.state_dict()[name])
-    with pytest.raises(ValueError, match="unknown connector kind"):
+    with pytest.raises(ValueError, match="unknown kind"):
         ConnectorConfig(kind="qformer")
 
 

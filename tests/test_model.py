@@ -12,7 +12,7 @@ from PIL import Image
 
 import convert_release
 from conftest import TEXTS, make_tokenizer, tiny_config
-from model import IGNORE_INDEX, Conversation, MLMamba, encode_conversation
+from model import IGNORE_INDEX, Conversation, MLMamba, encode_conversation, from_components, until_stop
 from weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_a_conversation_reads_each_later_turn_alone_and_answers_as_a_fresh_read(
     first = model.generate(image, "What is in the picture?", max_new_tokens=6, conversation=conversation)
     assert first == model.generate(image, "What is in the picture?", max_new_tokens=6)
     assert len(first) == 6 and conversation.ids[-1] != model.eos_token_id  # cut short: the stop token is added
-    all_ids, unread = model.next_turn_ids(conversation, "And its colour?")
+    all_ids, unread = conversation.next_turn_ids(model, "And its colour?")
     assert all_ids[len(conversation.ids)] == model.eos_token_id and 1 < len(unread) < len(all_ids) // 2
     read, prefill = [], model.lm.prefill
     monkeypatch.setattr(model.lm, "prefill", lambda cache, input_ids=None, inputs_embeds=None, length=None: (
@@ -206,17 +206,15 @@ def test_a_conversation_reads_each_later_turn_alone_and_answers_as_a_fresh_read(
     assert read == [len(unread)]
     fresh = model.lm.generate(inputs_embeds=model.embed(torch.tensor([all_ids]), model.encode_image(image)),
                               max_new_tokens=6, eos_token_id=model.eos_token_id)[0].tolist()
-    assert second == model.until_stop(fresh)
+    assert second == until_stop(fresh, model.eos_token_id)
     assert conversation.ids[-1] != model.eos_token_id  # cut short again: the cache holds every token
     held = model.lm.allocate_cache(1)
     model.lm.prefill(held, inputs_embeds=model.embed(torch.tensor([conversation.ids]), model.encode_image(image)))
     for mine, ref in zip(conversation.cache.layers, held.layers):
         torch.testing.assert_close(mine.ssm_state, ref.ssm_state, rtol=1e-5, atol=1e-5)
     stopped = Conversation(ids=conversation.ids[:9] + [model.eos_token_id])  # an answer that stopped
-    ids, unread = model.next_turn_ids(stopped, "Why?")
+    ids, unread = stopped.next_turn_ids(model, "Why?")
     assert ids[:10] == stopped.ids and unread[0] == model.eos_token_id and model.eos_token_id not in unread[1:]
-    with pytest.raises(ValueError, match="not both"):
-        model.generate(None, "Why?", history=[("human", "a"), ("gpt", "b")], conversation=conversation)
     with pytest.raises(ValueError, match="one image per conversation"):
         model.generate(None, "<image> and this?", conversation=conversation)
 
@@ -266,7 +264,7 @@ def cli_model(tmp_path_factory):
     transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=42,
         patch_size=14)).save_pretrained(root / "siglip")
-    model = MLMamba.from_components(root / "lm", {"dinov2": root / "dinov2", "siglip": root / "siglip"},
+    model = from_components(root / "lm", {"dinov2": root / "dinov2", "siglip": root / "siglip"},
                                     root / "tokenizer.json", connector={"kind": "msc-advanced", "init": "lm"},
                                     input_size=42)
     assert model.vision.num_patches == 9 and model.vision.feature_dim == 40
@@ -416,7 +414,7 @@ def release_checkpoint(cli_model, tmp_path):
     def r(*shape):
         return torch.randn(*shape, generator=g) * 0.2
 
-    lm = MLMamba.from_components(cli_model / "lm", {"siglip": cli_model / "siglip"}, cli_model / "tokenizer.json",
+    lm = from_components(cli_model / "lm", {"siglip": cli_model / "siglip"}, cli_model / "tokenizer.json",
                                  input_size=42).lm
     lm.save_pretrained(tmp_path / "lm-ss")
     from weights import read_tensors

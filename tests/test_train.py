@@ -219,7 +219,7 @@ def test_loader_edge_cases(world, tmp_path):
     from data import train_tokenizer
     from model import MLMamba
     tok = train_tokenizer(["In: hello\nOut: yes", "Was ist das? Ünïcødé ✓"], vocab_size=300)
-    model = MLMamba(tiny_config(), tok)
+    model = MLMamba(tiny_config(vocab_size=tok.get_vocab_size()), tok)
     Image.new("RGB", (30, 20), (0, 200, 0)).save(tmp_path / "ok.png")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     samples = [
