@@ -397,7 +397,7 @@ def bench_pipeline(args):
         print(f"(first call: graph capture and compilation {time.perf_counter() - t0:.1f} s)", flush=True)
         t_vision = timed(lambda: model.vision(pixels))
         t_connector = timed(lambda: model.connector(feats))
-        t_prefill = timed(lambda: lm(inputs_embeds=embeds, cache=lm.allocate_cache(1), num_last_tokens=1))
+        t_prefill = timed(lambda: lm.prefill(lm.allocate_cache(1), inputs_embeds=embeds))
         decoder = fast_decode.decoder_for(lm)
         t_prefill_graph = timed(lambda: decoder.prefill(decoder.allocate_cache(1), embeds))  # warm-up captures it
         t_one = timed(lambda: answer(1))
@@ -523,9 +523,8 @@ def bench_scaling(args):
         mask = torch.ones(1, n + 16, dtype=torch.long, device=dev)
         with torch.no_grad():
             fast_decode.generate(ours, inputs_embeds=emb, max_new_tokens=2)  # capture / compile once
-            o_pre = timed(lambda: ours(inputs_embeds=emb, cache=ours.allocate_cache(1), num_last_tokens=1))
-            o_mem = peak_mb(lambda: ours(inputs_embeds=emb, cache=ours.allocate_cache(1),
-                                                    num_last_tokens=1))
+            o_pre = timed(lambda: ours.prefill(ours.allocate_cache(1), inputs_embeds=emb))
+            o_mem = peak_mb(lambda: ours.prefill(ours.allocate_cache(1), inputs_embeds=emb))
             o_dec = (timed(lambda: fast_decode.generate(ours, inputs_embeds=emb, max_new_tokens=k_ours + 1)) -
                      timed(lambda: fast_decode.generate(ours, inputs_embeds=emb, max_new_tokens=1))) / k_ours
 

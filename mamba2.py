@@ -362,25 +362,17 @@ class Mamba2LMHeadModel(nn.Module):
             layer.mixer.out_proj.weight.mul_(1 / math.sqrt(self.config.n_layer))
 
     def allocate_cache(self, batch_size, device=None, dtype=None):
-        c = self.config
-        w = self.embedding.weight
+        """An empty Mamba2Cache: the conv inputs in the model's dtype, the SSM state in fp32."""
+        c, w = self.config, self.embedding.weight
         device, dtype = device or w.device, dtype or w.dtype
-        layers = [LayerCache(torch.zeros(batch_size, c.conv_dim, c.d_conv - 1, device=device, dtype=dtype),
-                             torch.zeros(batch_size, c.nheads, c.headdim, c.d_state, device=device,
-                                         dtype=torch.float32))
-                  for _ in range(c.n_layer)]
-        return Mamba2Cache(layers)
+        return Mamba2Cache([LayerCache(torch.zeros(batch_size, c.conv_dim, c.d_conv - 1, device=device, dtype=dtype),
+                                       torch.zeros(batch_size, c.nheads, c.headdim, c.d_state, device=device,
+                                                   dtype=torch.float32)) for _ in range(c.n_layer)])
 
-    def forward(self, input_ids=None, inputs_embeds=None, cache=None, num_last_tokens=0):
-        """input_ids (b, l) or inputs_embeds (b, l, d_model) -> logits (b, l, padded_vocab) in fp32.
-
-        cache: a Mamba2Cache to continue from and update (decoding). num_last_tokens > 0 computes the logits of
-        only the last positions (a prefill needs one).
-        """
-        hidden = self.hidden_states(input_ids, inputs_embeds, cache)
-        if num_last_tokens > 0:
-            hidden = hidden[:, -num_last_tokens:]
-        return self.lm_head(hidden).float()
+    def forward(self, input_ids=None, inputs_embeds=None, cache=None):
+        """input_ids (b, l) or inputs_embeds (b, l, d_model) -> logits (b, l, padded_vocab) in fp32; cache: a
+        Mamba2Cache to continue from and update."""
+        return self.lm_head(self.hidden_states(input_ids, inputs_embeds, cache)).float()
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, cache=None, length=None):
         """The final normed hidden states (b, l, d_model), what the LM head reads: a trainer that needs the logits
@@ -421,14 +413,11 @@ class Mamba2LMHeadModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
                  eos_token_id=None, generator=None, on_token=None, cache=None, decoder=None):
-        """Prefill the prompt once, then decode one token per step from the fixed-size cache.
-
-        Returns the new tokens (b, <= max_new_tokens); a sequence that emitted eos_token_id is padded with it and
-        generation stops when all have. on_token(tokens (b,)) is called after each step (streaming). cache: a
-        Mamba2Cache to continue from (a conversation's earlier turns): the prompt follows what it holds, and on
-        return it holds the prompt and every new token but a final eos_token_id (default: a new, empty cache).
-        decoder: what allocates the cache and runs the prefill and the steps (default: this model, eagerly);
-        `fast_decode.decoder_for(model)` runs the same on CUDA graphs with fused kernels."""
+        """Prefill the prompt once, then decode one token per step from the fixed-size cache. Returns the new tokens
+        (b, <= max_new_tokens), a row padded with eos_token_id after it says it; stops when every row has.
+        on_token(tokens (b,)) streams. cache: a Mamba2Cache to continue from (a conversation's earlier turns); on return
+        it holds every new token but a final eos_token_id. decoder: what allocates the cache and runs the prefill and
+        the steps (default: this model; `fast_decode.decoder_for(model)` gives the CUDA-graph one)."""
         if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
             raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got temperature "
                              f"{temperature}, top_k {top_k}, top_p {top_p})")
@@ -452,10 +441,6 @@ class Mamba2LMHeadModel(nn.Module):
                 break
             logits = decoder.step(token, cache)  # eq. 3 for one token, the cache updated in place
         return torch.stack(out, dim=1) if out else torch.zeros(batch_size, 0, dtype=torch.long, device=embeds.device)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Checkpoints
-    # ------------------------------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):

@@ -208,7 +208,6 @@ class MLMamba(nn.Module):
                 raise ValueError(f"the tokenizer's text token ids go up to {top}, the LM's vocabulary to "
                                  f"{self.config.lm.vocab_size - 1}: use the LM's own tokenizer")
 
-    # ------------------------------------------------------------------------------------------------ training
     def set_stage(self, stage):
         """Which parameters train: "pretrain" the LM alone (text-only data), "align" the connector, "finetune" the
         connector and the LM; the vision encoders stay frozen. Returns the names of the trainable parameters."""
@@ -219,7 +218,6 @@ class MLMamba(nn.Module):
         self.lm.requires_grad_(stage != "align")
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
-    # ------------------------------------------------------------------------------------------------ forward
     def preprocess(self, image):
         """A path or PIL image -> {encoder name: (1, 3, S, S)} on the model's device."""
         device = next(self.parameters()).device
@@ -278,7 +276,6 @@ class MLMamba(nn.Module):
             loss = F.cross_entropy(target_logits, targets[is_target], reduction=loss_reduction)
         return logits, loss
 
-    # ------------------------------------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, image, prompt, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, image_tokens=None,
                  on_token=None, generator=None, conversation=None, decoder=None):
@@ -321,7 +318,6 @@ class MLMamba(nn.Module):
         """A path or PIL image -> image tokens (1, N, D), ready for `generate(image_tokens=...)`."""
         return self.image_tokens(self.preprocess(image))
 
-    # ------------------------------------------------------------------------------------------------ checkpoints
     def save_pretrained(self, folder, state=None):
         """config.json + model.safetensors (our parameter names) + tokenizer.json. state: the tensors to write
         (default: this model's state_dict(); train.py passes the whole tensors it gathered from FSDP's shards)."""
