@@ -780,8 +780,8 @@ def make_parser():
     p = sub.add_parser("decode", allow_abbrev=False,
                        help="Mamba-2 generation speed on the GPU against mamba-ssm and the bound")
     p.add_argument("--size", default="2.7b")
-    p.add_argument("--prompt", type=int, default=745, help="prompt tokens (729 image tokens + a question)")
     p.add_argument("--new", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=745, help="prompt tokens (729 image tokens + a question)")
     p.add_argument("--eager-tokens", type=int, default=32, help="tokens for the (slow) eager measurement")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--kernels", nargs="+", default=["fused", "compiled", "plain"],
@@ -797,10 +797,10 @@ def make_parser():
     p.add_argument("--runs", type=int, default=2, help="generate.py runs, one after the other")
     p = sub.add_parser("vision", allow_abbrev=False,
                        help="SigLIP and DINOv2 at 384 px: ours vs transformers, same weights")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p = sub.add_parser("pipeline", allow_abbrev=False,
                        help="the whole ML-Mamba answer at the paper's configuration, vs mamba-ssm")
     p.add_argument("--size", default="2.7b")

@@ -78,14 +78,11 @@ class DataFiles:
 class LLaVADataset(torch.utils.data.Dataset):
     """A LLaVA-format JSON list. Samples with an "image" get pixels (from image_root); others are text-only.
 
-    tokenizer, image_token_id, num_image_tokens, prompt: as `encode_conversation` takes them (each image becomes
-    that many slots; the prompt format). preprocess: image path -> {encoder name: (3, S, S)} (`DualEncoder.preprocess`).
-    Every sample is checked when the file is loaded (`sample_problem`): the malformed ones are set aside with their
-    reason in `problems` {index: reason} and the others kept, in order. An image that fails to decode during
-    training becomes a `{"skip": reason}` item that `collate` sets aside, so one bad sample never stops a run.
-    cache_images: keep each image's preprocessed pixels in memory after its first read, keyed by the image path, so
-    samples that share an image share them (the synthetic world's 3000 images of 48 px take ~170 MB). Off for real
-    data."""
+    tokenizer, image_token_id, num_image_tokens, prompt: as `encode_conversation` takes them. preprocess: image path
+    -> {encoder name: (3, S, S)} (`DualEncoder.preprocess`). Malformed samples are set aside when the file is loaded,
+    with their reason in `problems` {index: reason}; an image that fails to decode in training becomes a
+    `{"skip": reason}` item that `collate` drops, so one bad sample never stops a run. cache_images: keep each image's
+    pixels in memory after its first read (the synthetic world's 3000 images of 48 px take ~170 MB)."""
 
     def __init__(self, json_path, image_root, tokenizer, image_token_id, num_image_tokens, preprocess,
                  cache_images=False, prompt="in-out"):

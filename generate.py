@@ -1,13 +1,11 @@
 """Talk to an ML-Mamba model about an image.
 
     python generate.py --model DIR --image cat.jpg --prompt "What is in the picture?"
-    python generate.py --model DIR --image cat.jpg --interactive        # multi-turn: the image is encoded once,
-                                                                         # and each turn reads only its own tokens
+    python generate.py --model DIR --image cat.jpg --interactive    # multi-turn: each turn reads only its tokens
 
 The answer is printed as it is generated, then the time to load the model, the time from image encoding to the first
 and to the last token (the paper's T_total), Eval_avg = new tokens / T_total, and the whole call's wall time.
-On CUDA, decoding runs on CUDA graphs with the fused Triton step (fast_decode.py, fused_step.py): no torch.compile,
-and Triton keeps its compiled kernels on disk (~/.triton/cache), so a later run starts faster.
+On CUDA, decoding runs on CUDA graphs with the fused Triton step (fast_decode.py, fused_step.py).
 """
 
 import argparse
@@ -41,14 +39,11 @@ def parse_args(argv=None):
                    help="auto: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--eager-decode", action="store_true",
-                   help="decode step by step from Python (default on CUDA: the step captured and replayed as a CUDA "
-                        "graph; the CPU always decodes eagerly)")
+                   help="decode step by step from Python (default on CUDA: each step a CUDA graph)")
     p.add_argument("--kernels", choices=["fused", "compiled", "plain"],
-                   help="the decoding step's kernels (default: fused on CUDA where Triton is installed, else plain; "
-                        "compiled spends its first call compiling)")
+                   help="the decoding step's kernels (default: fused on CUDA with Triton, else plain)")
     p.add_argument("--compile", action="store_true",
-                   help="the LM blocks through torch.compile for the prefill (fast_decode.compile_blocks): each "
-                        "prompt reads faster, after a first call that compiles; pays in long chats, not for one answer")
+                   help="the LM blocks through torch.compile for the prefill (pays in long chats, not for one answer)")
     args = p.parse_args(argv)
     if not args.interactive and not args.prompt:
         p.error("give --prompt, or --interactive")
