@@ -74,3 +74,22 @@ def seeded():
     import random
     random.seed(0)
     torch.manual_seed(0)
+
+
+def assert_adam_close(a, b, lr, steps, betas=(0.9, 0.999)):
+    """Weights {name: tensor} after `steps` Adam steps in two runs whose gradients differ only by rounding (another
+    batch split, thread count or kernel). Adam divides each gradient by its own running size, so a rounding change is
+    amplified only where a gradient is ~0: there it may decide the sign, and the weight moves by up to a whole step,
+    at most lr (1 - beta1) / sqrt(1 - beta2) (Kingma & Ba 2015, section 2.1; 3.2 lr here). So every weight must be
+    within that bound of the other run's at every step, and all but a thousandth of them within rounding
+    (1e-5 relative, 1e-6 absolute); a wrong batch or stale inputs move most weights by about lr."""
+    import math
+    bound = 2 * steps * lr * max(1.0, (1 - betas[0]) / math.sqrt(1 - betas[1]))
+    apart = total = 0
+    for n, v in b.items():
+        diff = (a[n].float() - v.float()).abs()
+        assert diff.max() <= bound, f"{n}: {float(diff.max()):.3g} apart, beyond Adam's bound {bound:.3g}"
+        apart += int((diff > 1e-6 + 1e-5 * v.abs()).sum())
+        total += diff.numel()
+    assert apart <= total / 1000, f"{apart} of {total} weights differ by more than rounding"
+
