@@ -44,9 +44,7 @@ class MLMambaConfig:
     prompt: str = "in-out"  # the prompt format: "in-out" (this project's) or "zephyr" (the authors' release)
 
     def to_dict(self):
-        return {"lm": self.lm.to_dict(), "vision": {k: asdict(v) for k, v in self.vision.items()},
-                "connector": self.connector.to_dict(),
-                "vision_layer": self.vision_layer, "max_length": self.max_length, "prompt": self.prompt}
+        return {**asdict(self), "lm": self.lm.to_dict(), "connector": self.connector.to_dict()}
 
     @classmethod
     def from_file(cls, file):
@@ -66,8 +64,7 @@ class MLMambaConfig:
                    max_length=d.get("max_length", 2048), prompt=d.get("prompt", "in-out"))
 
     def __post_init__(self):
-        check_prompt(self.prompt)
-        check_fields(self, "MLMambaConfig", positive=("max_length",))
+        check_fields(self, "MLMambaConfig", positive=("max_length",), choices={"prompt": PROMPTS})
         depth = min((v.num_layers for v in self.vision.values()), default=None)
         if depth is not None and not -depth <= self.vision_layer < depth:
             raise ValueError(f"MLMambaConfig: vision_layer {self.vision_layer} is not a block of encoders {depth} "
@@ -81,40 +78,49 @@ class MLMambaConfig:
 PROMPTS = ("in-out", "zephyr")
 
 
-def check_prompt(prompt):
-    if prompt not in PROMPTS:
-        raise ValueError(f"unknown prompt format {prompt!r}: use {' or '.join(map(repr, PROMPTS))}")
-
-
 def conversation_segments(turns, prompt="in-out"):
     """turns: [(role, text)] alternating "human" / "gpt" (LLaVA's names), starting with "human".
-    Returns [(text, is_reply)]: the strings to tokenize in order, and whether each is trained on.
+    Returns [(text, is_reply)]: the strings to tokenize in order, and whether each is trained on; a text of None is
+    the stop token <|endoftext|> (the format's: the same characters typed in a turn stay text, `encode_text`).
         "in-out":  In: {question}\nOut: {reply}<|endoftext|>, turns joined by "\n"; "<image>" stays where it is
         "zephyr":  <|user|>\n{question}<|endoftext|>\n<|assistant|>\n{reply}<|endoftext|>, turns joined by "\n";
                    "<image>" is taken out of the text (the release's format: the image goes before all the text)"""
-    check_prompt(prompt)
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown prompt format {prompt!r}: use {' or '.join(map(repr, PROMPTS))}")
     segments = []
     for i, (role, text) in enumerate(turns):
         expected = "human" if i % 2 == 0 else "gpt"
         if role != expected:
             raise ValueError(f"turn {i} is from {role!r}, expected {expected!r} (turns alternate human / gpt)")
+        sep = "\n" if i else ""
         if prompt == "zephyr":
             text = text.replace(IMAGE_TOKEN, "").strip()
-            human = f"<|user|>\n{text}{EOS_TOKEN}\n<|assistant|>\n"
-            reply = f"{text or ' '}{EOS_TOKEN}"
+            human = [(f"{sep}<|user|>\n{text}", False), (None, False), ("\n<|assistant|>\n", False)]
+            reply = [(text or " ", True), (None, True)]
         else:
-            human, reply = f"In: {text.strip()}\nOut: ", f"{text.strip()}{EOS_TOKEN}"
-        segments.append((("\n" if i else "") + human, False) if role == "human" else (reply, True))
+            human, reply = [(f"{sep}In: {text.strip()}\nOut: ", False)], [(text.strip(), True), (None, True)]
+        segments += human if role == "human" else reply
     return segments
+
+
+def encode_text(tokenizer, text):
+    """One segment's token ids: None is the stop token; any other text is plain text, a typed "<|endoftext|>" its
+    characters, except "<image>": the image placeholder."""
+    if text is None:
+        return [tokenizer.token_to_id(EOS_TOKEN)]
+    tokenizer.encode_special_tokens = True  # special tokens are not looked for in the text
+    ids = []
+    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+        ids += [tokenizer.token_to_id(IMAGE_TOKEN)] if i else []
+        ids += tokenizer.encode(piece, add_special_tokens=False).ids
+    return ids
 
 
 def encode_conversation(tokenizer, turns, image_token_id=None, num_image_tokens=1, prompt="in-out"):
     """Token ids and labels of a conversation; labels are IGNORE_INDEX except on replies and their stop token.
-
-    With image_token_id, the sample has an image: if the text holds no placeholder, "<image>\n" is put at the start
-    of the first human turn, as LLaVA's data has it. So `generate(image, "What is this?")` sees the image exactly
-    where training put it ("In: <image>\nWhat is this?\nOut: "); with the "zephyr" prompt the image comes before all
-    the text. The image becomes num_image_tokens slots (copies of image_token_id), never a target."""
+    With image_token_id the sample has an image, N = num_image_tokens slots (copies of image_token_id, never targets):
+    where the text holds no placeholder, "<image>\n" opens the first human turn, as in LLaVA's data (so `generate`
+    puts the image where training did); the "zephyr" prompt puts the slots before all the text."""
     placeholders = sum(text.count(IMAGE_TOKEN) for _, text in turns)
     if placeholders > 1:
         raise ValueError(f"the conversation holds {placeholders} {IMAGE_TOKEN} placeholders; one image per sample")
@@ -124,8 +130,7 @@ def encode_conversation(tokenizer, turns, image_token_id=None, num_image_tokens=
     if image_token_id is not None and prompt == "zephyr":  # the image's slots before all the text
         ids, labels = [image_token_id] * num_image_tokens, [IGNORE_INDEX] * num_image_tokens
     for text, is_reply in conversation_segments(turns, prompt):
-        seg = tokenizer.encode(text, add_special_tokens=False).ids
-        for t in seg:
+        for t in encode_text(tokenizer, text):
             slots = num_image_tokens if t == image_token_id else 1  # the placeholder -> N image slots
             ids += [t] * slots
             labels += [t if is_reply and t != image_token_id else IGNORE_INDEX] * slots
@@ -140,10 +145,9 @@ def prepare_tokenizer(tokenizer):
 
 @dataclass
 class Conversation:
-    """A chat the LM has read so far (`MLMamba.generate(conversation=...)`): every token of it (prompts, image slots,
-    answers with their stop tokens) and the LM's fixed-size cache, which holds all of them but a final stop token
-    (decoding stops there without reading it). A later turn runs only its own tokens through the cache instead of
-    the whole conversation again."""
+    """A chat the LM has read so far (`MLMamba.generate(conversation=...)`): every token of it and the LM's fixed-size
+    cache, which holds all of them but a final stop token (decoding stops there without reading it); a later turn runs
+    only its own tokens through the cache."""
     ids: list = field(default_factory=list)
     cache: object = None  # a Mamba2Cache, or None before the first turn
 
@@ -152,9 +156,12 @@ class Conversation:
         answer's stop token (added where the answer was cut short), then the turn as `encode_conversation` writes it."""
         if IMAGE_TOKEN in prompt:
             raise ValueError(f"a later turn cannot hold {IMAGE_TOKEN}: one image per conversation, in its first turn")
-        text, _ = conversation_segments([("human", ""), ("gpt", ""), ("human", prompt)], model.config.prompt)[-1]
+        earlier = [("human", ""), ("gpt", "")]  # the new turn is written as a third turn
+        segments = conversation_segments(earlier + [("human", prompt)], model.config.prompt)
+        turn = [t for text, _ in segments[len(conversation_segments(earlier, model.config.prompt)):]
+                for t in encode_text(model.tokenizer, text)]
         stopped = self.ids[-1] == model.eos_token_id  # a stop token the cache has not read
-        turn = ([] if stopped else [model.eos_token_id]) + model.tokenizer.encode(text, add_special_tokens=False).ids
+        turn = ([] if stopped else [model.eos_token_id]) + turn
         ids = check_length(self.ids + turn, model.config.max_length, "the conversation is {} tokens with this turn")
         return ids, ids[len(self.ids) - stopped:]
 
@@ -385,45 +392,37 @@ def tour(size="2.7b", text_tokens=15):
     """The path from an image to the answer at the paper's configuration, one line a stage: what it is, where it is
     computed, the paper's equation or figure, and the tensor's shape. The model is built and run on the meta device:
     shapes without weights, memory or a download."""
-    config = paper_config(size)
-    with torch.device("meta"):
-        model = MLMamba(config)
-        pixels = {name: torch.empty(1, 3, c.input_size, c.input_size) for name, c in config.vision.items()}
-        per_encoder = {name: encoder(pixels[name], layer=config.vision_layer)
-                       for name, encoder in model.vision.encoders.items()}
-        V = model.vision(pixels)
-        c = model.connector
-        lifted = F.gelu(c.lift(V))
-        scanned = c.msc(lifted)
-        gated = c.swiglu(scanned)
-        tokens = c.projector(gated)
-        L = tokens.shape[1] + text_tokens
-        hidden = model.lm.hidden_states(inputs_embeds=torch.empty(1, L, config.lm.d_model))
-        logits = model.lm.lm_head(hidden[:, -1:])
-        cache = model.lm.allocate_cache(1)
-    n = config.lm.n_layer
-    state_mb = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.conv_state,
-                                                                                    layer.ssm_state)) / 1e6
-    rows = [(f"image, {config.vision['siglip'].input_size} px, normalized per encoder", "vision.py:preprocess", "",
-             pixels["siglip"].shape)]
-    rows += [(f"{name} patch tokens, block {config.vision_layer}", "vision.py:ViT.forward", "", t.shape)
-             for name, t in per_encoder.items()]
-    rows += [("concatenated on the feature axis", "vision.py:DualEncoder.forward", "eq. 5", V.shape),
-             ("lifted to the LM's width: GELU(Linear)", "connector.py:Connector.forward", "eq. 7", lifted.shape),
-             (f"MSC: {config.connector.scan.upper()} scans, {config.connector.n_layers} blocks",
-              "connector.py:MSC.forward", "Figs. 4-5", scanned.shape),
-             ("SwiGLU", "connector.py:SwiGLU.forward", "eq. 8, Fig. 6", gated.shape),
-             ("MLP projector: the image tokens", "connector.py:MLP.forward", "eq. 6", tokens.shape),
-             (f"in the <image> slots among {text_tokens} text tokens", "model.py:MLMamba.embed", "",
-              (1, L, config.lm.d_model)),
-             (f"Mamba-2 LM, {n} blocks of SSD", "mamba2.py:Mamba2Mixer.forward, ssd.py:ssd_chunked", "eqs. 3, 9",
-              hidden.shape),
-             ("next-token logits", "mamba2.py:Mamba2LMHeadModel.forward", "eq. 9", logits.shape),
-             (f"decoding state a layer ({state_mb:.0f} MB for all {n})", "mamba2.py:Mamba2Mixer.step",
-              "eq. 3", cache.layers[0].ssm_state.shape)]
+    config, n = paper_config(size), mamba2_preset(size).n_layer
+
+    def show(what, where, eq, tensor):
+        print(f"  {what:<44} {where:<53} {eq:<14} {tuple(tensor.shape)}")
     print(f"ML-Mamba at the paper's configuration (Mamba-2 {size}), built on the meta device: shapes only")
-    for what, where, eq, shape in rows:
-        print(f"  {what:<44} {where:<53} {eq:<14} {tuple(shape)}")
+    with torch.device("meta"):
+        model, c = MLMamba(config), config.connector
+        pixels = {name: torch.empty(1, 3, v.input_size, v.input_size) for name, v in config.vision.items()}
+        show(f"image, {config.vision['siglip'].input_size} px, normalized per encoder", "vision.py:preprocess", "",
+             pixels["siglip"])
+        for name, encoder in model.vision.encoders.items():
+            show(f"{name} patch tokens, block {config.vision_layer}", "vision.py:ViT.forward", "",
+                 encoder(pixels[name], layer=config.vision_layer))
+        x = model.vision(pixels)
+        show("concatenated on the feature axis", "vision.py:DualEncoder.forward", "eq. 5", x)
+        x = F.gelu(model.connector.lift(x))
+        show("lifted to the LM's width: GELU(Linear)", "connector.py:Connector.forward", "eq. 7", x)
+        x = model.connector.msc(x)
+        show(f"MSC: {c.scan.upper()} scans, {c.n_layers} blocks", "connector.py:MSC.forward", "Figs. 4-5", x)
+        x = model.connector.swiglu(x)
+        show("SwiGLU", "connector.py:SwiGLU.forward", "eq. 8, Fig. 6", x)
+        x = model.connector.projector(x)
+        show("MLP projector: the image tokens", "connector.py:MLP.forward", "eq. 6", x)
+        x = torch.empty(1, x.shape[1] + text_tokens, config.lm.d_model)
+        show(f"in the <image> slots among {text_tokens} text tokens", "model.py:MLMamba.embed", "", x)
+        x = model.lm.hidden_states(inputs_embeds=x)
+        show(f"Mamba-2 LM, {n} blocks of SSD", "mamba2.py:Mamba2Mixer.forward, ssd.py:ssd_chunked", "eqs. 3, 9", x)
+        show("next-token logits", "mamba2.py:Mamba2LMHeadModel.forward", "eq. 9", model.lm.lm_head(x[:, -1:]))
+        state = model.lm.allocate_cache(1).layers[0]
+    mb = n * sum(t.numel() * t.element_size() for t in (state.conv_state, state.ssm_state)) / 1e6
+    show(f"decoding state a layer ({mb:.0f} MB for all {n})", "mamba2.py:Mamba2Mixer.step", "eq. 3", state.ssm_state)
 
 
 if __name__ == "__main__":

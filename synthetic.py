@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+from itertools import groupby
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -29,7 +30,7 @@ from PIL import Image, ImageDraw
 from connector import ConnectorConfig
 from data import DataFiles, conversation_turns, train_tokenizer
 from mamba2 import Mamba2Config
-from model import IMAGE_TOKEN, MLMamba, MLMambaConfig, conversation_segments
+from model import EOS_TOKEN, IMAGE_TOKEN, MLMamba, MLMambaConfig, conversation_segments
 from vision import ViTConfig
 
 SHAPES = ["circle", "square", "triangle"]
@@ -258,4 +259,6 @@ def world_model(tokenizer, lm_width=96, lm_layers=3, prompt="in-out", **connecto
 def world_tokenizer(json_paths, prompt="in-out"):
     """A byte-level BPE tokenizer trained on the prompts and replies, as the model reads them, of LLaVA-format files."""
     samples = [x for f in json_paths if f for x in json.loads(Path(f).read_text())]
-    return train_tokenizer([s for x in samples for s, _ in conversation_segments(conversation_turns(x), prompt)])
+    turns = [list(turn) for x in samples  # each turn's text, the stop token written out (a run of segments is one turn)
+             for _, turn in groupby(conversation_segments(conversation_turns(x), prompt), key=lambda seg: seg[1])]
+    return train_tokenizer(["".join(EOS_TOKEN if s is None else s for s, _ in turn) for turn in turns])

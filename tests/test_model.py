@@ -90,6 +90,21 @@ def batch_of(model, conversations, image_seeds):
     return pixels, ids, labels
 
 
+def test_a_stop_token_typed_in_the_text_is_text(model):
+    """User text is read as plain text: a typed "<|endoftext|>" (in a question, an answer or a later chat turn) is its
+    characters, never the control token; the format's own stop tokens, and "<image>", keep their ids."""
+    tok, eos, img = model.tokenizer, model.eos_token_id, model.image_token_id
+    typed = "Is it <|endoftext|> here?"
+    ids, labels = encode_conversation(tok, [("human", typed), ("gpt", "No <|endoftext|> there.")], img, 4)
+    assert ids.count(eos) == 1 and ids[-1] == eos and ids.count(img) == 4  # the format's stop token alone
+    assert tok.decode(ids, skip_special_tokens=True) == "In: \nIs it <|endoftext|> here?\nOut: No <|endoftext|> there."
+    prompt_ids = model.prompt_ids(typed, False, 4)
+    assert eos not in prompt_ids and tok.decode(prompt_ids) == f"In: {typed}\nOut: "
+    conversation = Conversation(ids=prompt_ids + tok.encode("Yes.").ids)
+    _, unread = conversation.next_turn_ids(model, "Why <|endoftext|>?")
+    assert unread.count(eos) == 1 and unread[0] == eos  # the answer's stop token, added; the typed one is text
+
+
 def test_loss_counts_exactly_the_reply_tokens(model):
     """Eq. 9 in training: the loss is the mean cross-entropy over exactly the reply tokens, recomputed from the
     logits."""
@@ -102,7 +117,7 @@ def test_loss_counts_exactly_the_reply_tokens(model):
     targets = [(t, int(ids[0, t])) for t in range(ids.shape[1]) if labels[0, t] != -100]
     manual = torch.stack([F.cross_entropy(logits[0, s - 1], torch.tensor(tok)) for s, tok in targets]).mean()
     torch.testing.assert_close(loss, manual)
-    assert len(targets) == len(model.tokenizer.encode("Yes.<|endoftext|>").ids)
+    assert len(targets) == len(model.tokenizer.encode("Yes.").ids) + 1  # and the stop token
 
 
 def test_padding_changes_no_loss_and_no_logit(model):
@@ -363,6 +378,9 @@ def test_the_release_prompt_format_zephyr(tokenizer, tmp_path):
         "\n<|user|>\nHow many?<|endoftext|>\n<|assistant|>\nTwo.<|endoftext|>")
     trained = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX], skip_special_tokens=False)
     assert trained == "Green.<|endoftext|>Two.<|endoftext|>"
+    # a stop token typed in a turn is text, in this format too: the ids hold only the format's two
+    typed, _ = encode_conversation(tokenizer, [("human", "a<|endoftext|>b"), ("gpt", "ok")], None, prompt="zephyr")
+    assert typed.count(tokenizer.token_to_id("<|endoftext|>")) == 2
     # a text-only sample: no slots, the literal placeholder dropped from the text
     text_ids, _ = encode_conversation(tokenizer, [("human", "<image> hi"), ("gpt", "yes")], None, prompt="zephyr")
     assert img not in text_ids
