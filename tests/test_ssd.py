@@ -78,13 +78,37 @@ def test_zoh_diagonal_and_scalar_match_block_exponential():
     torch.testing.assert_close(B_bar, B_ref[:, 0])
 
 
+def test_eq2_zoh_dtypes_and_its_series_switch():
+    """Eq. 2's dtypes: B takes a float A's dtype (a Python list B with a float64 A is read in float64, checked against
+    Van Loan's block exponential to 1e-13), an integer A takes B's; and a full A whose ||delta A||_1 is just under 1,
+    where the series would be cut too early, goes through the linear solve (checked to 1e-14)."""
+    a = torch.tensor([-0.3, -1.7], dtype=f64)
+    b = [0.1, 0.7]
+    A_bar, B_bar = zoh_discretize(a, b, 0.1)
+    ref_A, ref_B = zoh_by_block_exponential(torch.diag(a), torch.tensor(b, dtype=f64)[:, None], 0.1)
+    assert A_bar.dtype == B_bar.dtype == f64
+    torch.testing.assert_close(A_bar, torch.diagonal(ref_A), rtol=1e-14, atol=0)
+    torch.testing.assert_close(B_bar, ref_B[:, 0], rtol=1e-13, atol=0)
+    A_bar, B_bar = zoh_discretize(a.float(), torch.tensor(b, dtype=f64), 0.1)
+    assert A_bar.dtype == B_bar.dtype == torch.float32
+    torch.testing.assert_close(B_bar, ref_B[:, 0].float())
+    _, B_bar = zoh_discretize(torch.tensor([-1, -2]), torch.tensor([0.5, 0.25]), 0.5)  # an integer A
+    dA = torch.tensor([-0.5, -1.0])
+    torch.testing.assert_close(B_bar, 0.5 * torch.tensor([0.5, 0.25]) * torch.expm1(dA) / dA)
+    A = torch.tensor([[-0.6, 0.3], [0.2, -0.35]], dtype=f64)  # ||A||_1 = 0.95
+    B = torch.tensor([[1.0], [0.5]], dtype=f64)
+    for got, want in zip(zoh_discretize(A, B, 1.0), zoh_by_block_exponential(A, B, 1.0)):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
+
+
 def test_zoh_small_delta_is_stable():
     """Eq. 2 as delta A -> 0: B_bar -> delta B (Mamba-2's approximation) without 0/0, also for a singular full A."""
     a = -torch.tensor([1.0, 2.0, 0.0], dtype=f64)  # includes A = 0 exactly
     B = torch.tensor([1.0, 1.0, 1.0], dtype=f64)
     for delta in (1e-6, 1e-10, 1e-14):
         _, B_bar = zoh_discretize(a, B, delta)
-        torch.testing.assert_close(B_bar, delta * B * (1 + delta * a / 2), rtol=1e-9, atol=0)
+        # the series to second order: its error (delta a)^2 / 6 is far below the tolerance
+        torch.testing.assert_close(B_bar, delta * B * (1 + delta * a / 2), rtol=1e-12, atol=0)
     A_sing = torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=f64)  # singular: (delta A)^-1 does not exist
     _, B_bar = zoh_discretize(A_sing, torch.eye(2, dtype=f64), 1e-3)
     torch.testing.assert_close(B_bar, zoh_by_block_exponential(A_sing, torch.eye(2, dtype=f64), 1e-3)[1])
