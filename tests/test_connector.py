@@ -95,7 +95,9 @@ def test_mlp_and_swiglu_formulas():
         torch.testing.assert_close(mlp(x), expected)
         assert mlp.fc1.weight.shape == (24, 10) and torch.all(mlp.fc1.bias == 0)
         y = torch.randn(3, 6)
-        torch.testing.assert_close(glu(y), glu.w2(F.silu(glu.w1(y)) * glu.w3(y)))
+        W1, W2, W3 = glu.w1.weight, glu.w2.weight, glu.w3.weight  # Fig. 6 as plain matrix products
+        gate = y @ W1.T + glu.w1.bias
+        torch.testing.assert_close(glu(y), (gate * torch.sigmoid(gate) * (y @ W3.T + glu.w3.bias)) @ W2.T + glu.w2.bias)
         assert glu.w1.out_features == 64  # 8/3 * 6 = 16, rounded up to a multiple of 64
 
 
