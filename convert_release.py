@@ -72,7 +72,7 @@ def convert_release(checkpoint, lm, vision, tokenizer, out, input_size=384, over
     `out` is checked first (`check_out`)."""
     check_out(out, [checkpoint, lm, tokenizer, *vision.values()], overwrite)
     model = from_components(lm, vision, tokenizer, connector={"kind": "msc-release"}, prompt="zephyr",
-                                    input_size=input_size)
+                            input_size=input_size)
     tensors = read_release_tensors(checkpoint)
     tied = model.config.lm.tie_embeddings
     key_map = release_key_map(model.config)

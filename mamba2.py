@@ -19,7 +19,7 @@ and HF transformers' Mamba2; `checkpoints.mamba2_key_map` spells out where every
 """
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,8 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from checkpoints import mamba2_config_fields, mamba2_key_map, state_spaces_config
 from ssd import ssd, ssd_step
-from weights import (check_fields, config_errors, load_on_meta, read_config, read_tensors, resolve_folder,
-                     save_safetensors, write_json)
+from weights import (check_fields, config_errors, known_fields, load_on_meta, read_config, read_tensors,
+                     resolve_folder, save_safetensors, write_json)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,11 +96,7 @@ class Mamba2Config:
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown Mamba2Config fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d))
 
 
 # The public state-spaces/mamba2-* sizes (Mamba-2 paper, Table 10; d_state 128, headdim 64, expand 2, ngroups 1).

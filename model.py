@@ -15,7 +15,7 @@ or the padding.
 Batches are padded on the right: the LM is causal, so padding after the real tokens cannot change them.
 """
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from connector import Connector, ConnectorConfig
 from mamba2 import Mamba2Config, Mamba2LMHeadModel, mamba2_preset
 from release import ReleaseConnector
 from vision import DINOV2_LARGE, SIGLIP_SO400M_384, DualEncoder, ViT, ViTConfig
-from weights import (check_fields, config_errors, load_on_meta, load_tokenizer, read_config,
+from weights import (check_fields, config_errors, known_fields, load_on_meta, load_tokenizer, read_config,
                      read_tensors, save_safetensors, write_json)
 
 IMAGE_TOKEN = "<image>"
@@ -54,9 +54,7 @@ class MLMambaConfig:
 
     @classmethod
     def from_dict(cls, d):
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown MLMambaConfig fields: {sorted(unknown)}")
+        known_fields(cls, d)
         if not isinstance(d["vision"], dict) or not all(isinstance(v, dict) for v in d["vision"].values()):
             raise ValueError("vision must be an object {encoder name: its ViTConfig fields}")
         return cls(lm=Mamba2Config.from_dict(d["lm"]), vision={k: ViTConfig(**v) for k, v in d["vision"].items()},

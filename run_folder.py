@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from weights import atomic_write_text, match_tensors, read_tensors, stored_shapes
+from weights import atomic_write_text, matched_state, read_tensors
 
 STAGES = ("pretrain", "align", "finetune")
 
@@ -117,7 +117,7 @@ RUN_OUTPUTS = ("final", "train.log", "eval.json")  # beside the stage folders
 
 def check_run_folder(cfg):
     """A run folder is never silently mixed or rewound: --resume needs a checkpoint to continue from; a folder that
-    holds a run needs --resume or --overwrite (then `take_run_folder` deletes that run). Returns what it holds."""
+    holds a run needs --resume or --overwrite (then `taken` deletes that run). Returns what it holds."""
     out = Path(cfg.out)
     if cfg.resume:
         for stage in STAGES:
@@ -172,9 +172,7 @@ def resume_stage(stage_dir, model, optimizer, scheduler, log):
         return 0, False
     state = json.loads((ckpt / "state.json").read_text())
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-    expected = stored_shapes(model)
-    model_state = match_tensors(expected, read_tensors(ckpt), {k: k for k in expected},
-                                source=f"ML-Mamba checkpoint {ckpt}")
+    model_state = matched_state(model, read_tensors(ckpt), source=f"ML-Mamba checkpoint {ckpt}")
     load_full_state(model, optimizer, model_state, trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"])

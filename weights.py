@@ -8,7 +8,7 @@
 - `load_on_meta`: every loader's sequence (built on the meta device, matched, put in place, moved).
 - `load_tokenizer`: a tokenizer.json.
 - `atomic_write` (and `save_safetensors`, `write_json`): a temp file + rename, so a crash never leaves a torn file.
-- `check_fields`: a config's fields checked before any work starts.
+- `known_fields`, `check_fields`: a config's fields checked before any work starts.
 """
 
 import json
@@ -175,14 +175,20 @@ def stored_shapes(model):
     return {k: v.shape for k, v in model.state_dict().items() if k not in tied}
 
 
+def matched_state(model, tensors, key_map=None, ignore=(), source="checkpoint"):
+    """A checkpoint's `tensors` under `model`'s names, checked against the names and shapes it stores
+    (`stored_shapes`, `match_tensors`); key_map: {our name: checkpoint name}, default the same names."""
+    expected = stored_shapes(model)
+    return match_tensors(expected, tensors, key_map or {k: k for k in expected}, ignore=ignore, source=source)
+
+
 def load_on_meta(build, tensors, key_map=None, ignore=(), source="checkpoint", dtype=torch.float32, device="cpu"):
     """Every loader's sequence: the model built by build() on the meta device (no memory, no random init), the
-    checkpoint's `tensors` matched to its names and shapes (`match_tensors`; key_map: {our name: checkpoint name},
-    default the same names) and put in place, tied weights tied again, then the model moved to dtype and device."""
+    checkpoint's `tensors` matched to its names and shapes (`matched_state`) and put in place, tied weights tied
+    again, then the model moved to dtype and device."""
     with torch.device("meta"):
         model = build()
-    expected = stored_shapes(model)
-    state = match_tensors(expected, tensors, key_map or {k: k for k in expected}, ignore=ignore, source=source)
+    state = matched_state(model, tensors, key_map, ignore, source)
     model.load_state_dict(state, strict=False, assign=True)  # match_tensors checked that every tensor is there
     for module in model.modules():
         if hasattr(module, "tie_weights"):
@@ -214,8 +220,16 @@ def write_json(obj, file):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checking configs and arguments, and the command lines' report of a user's mistake
+# Checking configs
 # ----------------------------------------------------------------------------------------------------------------
+
+def known_fields(cls, d):
+    """d (a config's JSON object), or a ValueError naming the keys that are not fields of the dataclass cls."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return d
+
 
 def check_fields(config, source, positive=(), nonnegative=(), choices=None):
     """Every field of a config dataclass has its declared type (int, float, bool, str or tuple; an int is a float

@@ -103,10 +103,11 @@ def main(argv=None):
               ("after finetune, from the image", run / "final", "test.json")]
     print("| stage | attribute | counting | existence | spatial | overall |\n|---|---|---|---|---|---|")
     for name, folder, questions in stages:
-        r = evaluate(MLMamba.from_pretrained(folder).eval(), world / questions)
+        model = MLMamba.from_pretrained(folder).eval()  # the last: the final model, probed below
+        r = evaluate(model, world / questions)
         print(f"| {name} | " + " | ".join(f"{100 * r[k]:.1f}" for k in ("attribute", "counting", "existence",
                                                                          "spatial", "overall")) + " |", flush=True)
-    scores, n_train, n_held = probes(MLMamba.from_pretrained(run / "final").eval(), world)
+    scores, n_train, n_held = probes(model, world)
     print(f"\nlinear probes, {n_train} training images, {n_held} held out (% of the held-out tokens)")
     print("| features | cell content (13 classes) | cell index (9 classes) |\n|---|---|---|")
     for features in ("frozen encoders, eq. 5", "the connector's image tokens"):
