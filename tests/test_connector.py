@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from connector import (MLP, MSC, Connector, ConnectorConfig, SwiGLU, column_major, scan, scan_orders, unscan)
+from connector import (MLP, MSC, Connector, ConnectorConfig, SwiGLU, column_major, drop_path, scan, scan_orders,
+                       unscan)
 from mamba2 import Mamba2Config, Mamba2LMHeadModel
 from release import ReleaseConnector
 
@@ -82,6 +83,25 @@ def test_drop_path_only_in_training():
         assert torch.equal(msc(x), msc(x))
         msc.train()
         assert not torch.equal(msc(x), msc(x))
+
+
+@pytest.mark.parametrize("p", [0.25, 0.6])
+def test_drop_path_zeroes_whole_samples_and_scales_the_rest_by_1_over_1_minus_p(p):
+    """drop_path(x, p): each sample's branch is all zeros or x / (1 - p), so its expectation is x; p = 0 or eval:
+    x itself."""
+    x = torch.randn(400, 3, 5) + 2.0
+    out = drop_path(x, p, training=True)
+    dropped = (out == 0).flatten(1).all(1)  # (400,)
+    kept = ~dropped
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p), rtol=1e-6, atol=0)
+    assert abs(dropped.float().mean().item() - p) < 0.08  # 400 draws: within 3.5 standard deviations
+    assert drop_path(x, p, training=False) is x and drop_path(x, 0.0, training=True) is x
+
+
+def test_msc_names_the_number_of_tokens_it_was_given():
+    msc = MSC(MIXER, grid=(3, 3), scan="bsm", n_layers=1)
+    with pytest.raises(ValueError, match="3 x 3 = 9 patch tokens, found 8"):
+        msc(torch.randn(2, 8, 16))
 
 
 def test_mlp_and_swiglu_formulas():

@@ -189,10 +189,20 @@ def test_cached_decode_logits_equal_the_full_forward():
         cache = model.allocate_cache(2)
         pieces = [model(ids[:, :23], cache=cache)]  # prefill (not a multiple of chunk_size)
         pieces.append(model(ids[:, 23:30], cache=cache))  # a second multi-token piece from the cached state
-        for t in range(30, 40):  # then one token at a time
+        pieces.append(model(ids[:, 30:32], cache=cache))  # two tokens, then three
+        pieces.append(model(ids[:, 32:35], cache=cache))
+        for t in range(35, 40):  # then one token at a time
             pieces.append(model(ids[:, t:t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
     assert cache.seqlen_offset == 40
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, :1]), full[:, :1], rtol=1e-5, atol=1e-5)  # one token, no cache
+        cache = model.allocate_cache(2)  # prefill: the last position's logits; each step: the next one's
+        torch.testing.assert_close(model.prefill(cache, ids[:, :37]), full[:, 36], rtol=1e-5, atol=1e-5)
+        assert cache.seqlen_offset == 37
+        for t in range(37, 40):
+            torch.testing.assert_close(model.step(ids[:, t], cache), full[:, t], rtol=1e-5, atol=1e-5)
+            assert cache.seqlen_offset == t + 1
     # the cache does not grow: the same tensors, the same size, whatever the length
     assert cache.layers[0].ssm_state.shape == (2, 8, 8, 16) and cache.layers[0].conv_state.shape == (2, 128, 3)
 
@@ -217,6 +227,62 @@ def test_padded_prompts_leave_the_cache_of_their_real_tokens():
     assert cache.layers[0].ssm_state.abs().max() > 1e-3
 
 
+def test_dt_is_the_softplus_of_dt_plus_its_bias_clamped_to_dt_limit():
+    """dt = softplus(dt_raw + dt_bias) in fp32, clamped to the config's dt_limit when it has one (log1p(exp(.)) in
+    float64 as the reference)."""
+    from mamba2 import dt_softplus
+    raw, bias = torch.linspace(-6, 6, 40).reshape(5, 8), torch.linspace(-1, 1, 8)
+    plain = torch.log1p(torch.exp(raw.double() + bias.double()))
+    assert plain.min() < 0.01 and plain.max() > 0.5
+    torch.testing.assert_close(dt_softplus(raw.bfloat16(), bias).double(), torch.log1p(torch.exp(
+        raw.bfloat16().double() + bias.double())), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(dt_softplus(raw, bias, (0.01, 0.5)).double(), plain.clamp(0.01, 0.5), rtol=1e-6,
+                               atol=1e-7)
+    mixer = tiny_model(dt_limit=(0.01, 0.5)).layers[0].mixer
+    with torch.no_grad():
+        mixer.dt_bias.copy_(bias)
+    torch.testing.assert_close(mixer.positive_dt(raw).double(), plain.clamp(0.01, 0.5), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_the_residual_stream_is_fp32_only_where_the_config_says(fp32, monkeypatch):
+    """residual_in_fp32 (mamba-ssm's option): a bf16 model's blocks receive an fp32 residual stream, in the forward
+    and in each decoding step, or the model's own bf16."""
+    model = tiny_model(seed=2, residual_in_fp32=fp32).to(torch.bfloat16)
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    plain_step = Mamba2Block.step
+    monkeypatch.setattr(Mamba2Block, "step", lambda self, r, *a: seen.append(r.dtype) or plain_step(self, r, *a))
+    ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        model(ids)
+        model.step(ids[:, 0], model.allocate_cache(1))
+    assert seen == [torch.float32 if fp32 else torch.bfloat16] * 4
+
+
+def test_gradient_checkpointing_recomputes_each_block_and_keeps_the_gradients():
+    """In training with gradient_checkpointing each block runs again during the backward (two forwards per block),
+    and every gradient equals the one without it."""
+    model = tiny_model(seed=4).train()
+    ids = torch.randint(0, 100, (2, 21))
+    calls = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda *args: calls.append(1))
+
+    def run(checkpointing):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        calls.clear()
+        model(ids).logsumexp(-1).mean().backward()
+        return len(calls), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (n_plain, plain), (n_ckpt, ckpt) = run(False), run(True)
+    assert (n_plain, n_ckpt) == (2, 4)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-8, msg=name)
+    assert plain["layers.0.mixer.A_log"].abs().max() > 1e-6
+
+
 def test_causal_conv_equals_conv1d_over_a_left_padded_window():
     """The mixer's shifted multiply-adds are the depthwise causal conv: F.conv1d over the inputs with d_conv - 1
     zeros (or the cached inputs) in front, then SiLU; the cache keeps the last d_conv - 1 inputs."""
@@ -238,12 +304,35 @@ def test_causal_conv_equals_conv1d_over_a_left_padded_window():
         torch.testing.assert_close(cache.conv_state, x[:, -(k - 1):].transpose(1, 2), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_conv_in_bf16_sums_in_fp32(padded):
+    """A bf16 model's conv: the multiply-adds in fp32, so the output is within one bf16 rounding of the float64
+    conv of the same bf16 values, and comes back in bf16, with the last k - 1 inputs (of each row's real positions
+    when padded) as the new conv state, unchanged."""
+    from mamba2 import causal_conv
+    conv = tiny_model(seed=5).layers[0].mixer.conv1d.to(torch.bfloat16)
+    with torch.no_grad():
+        conv.bias.normal_()
+    k, channels = conv.weight.shape[-1], conv.weight.shape[0]
+    xBC = torch.randn(2, 11, channels).bfloat16()
+    past = torch.randn(2, k - 1, channels).bfloat16()
+    length = torch.tensor([11, 6]) if padded else None
+    out, state = causal_conv(xBC, conv, past, length)
+    window = torch.cat([past, xBC], 1).double().transpose(1, 2)  # (b, channels, k - 1 + l)
+    ref = F.silu(F.conv1d(window, conv.weight.double(), conv.bias.double(), groups=channels)).transpose(1, 2)
+    assert out.dtype == torch.bfloat16 and state.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-6)
+    ends = [11, 6] if padded else [11, 11]
+    for i, n in enumerate(ends):
+        assert torch.equal(state[i], torch.cat([past[i], xBC[i, :n]])[-(k - 1):])
+
+
 def test_inputs_embeds_equal_input_ids():
     model = tiny_model()
     ids = torch.randint(0, 100, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(inputs_embeds=model.embedding(ids)), model(ids))
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="^give exactly one of input_ids and inputs_embeds$"):
         model()
 
 
@@ -351,6 +440,26 @@ def test_compiled_block_step_is_one_graph_for_all_layers():
             torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(b.conv_state, a.conv_state, rtol=0, atol=0)
     assert model.config.n_layer > 1 and counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_blocks_makes_inductor_split_no_scan(monkeypatch):
+    """compile_blocks makes fast_decode.whole_scans inductor's heuristics: no reduction split over several programs
+    (inductor's split scan fails on the SSD's cumulative sums over a chunk of 256)."""
+    import fast_decode
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+    monkeypatch.setattr(fast_decode, "compiled_block_forward", lambda: Mamba2Block.forward)  # no compilation here
+    model = tiny_model()
+    V.set_choices_handler(InductorChoices())
+    try:
+        fast_decode.compile_blocks(model, False)
+        assert type(V.choices) is InductorChoices
+        fast_decode.compile_blocks(model)
+        assert V.choices.reduction_split_factor(torch.device("cpu"), 2 ** 20, 1, True) == 1
+        assert InductorChoices.reduction_split_factor(torch.device("cpu"), 2 ** 20, 1, True) > 1
+    finally:
+        V.set_choices_handler(InductorChoices())
+        fast_decode.compile_blocks(model, False)
 
 
 @pytest.mark.parametrize("checkpointing,kernel_importable", [(False, False), (True, False), (False, True)])

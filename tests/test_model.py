@@ -120,6 +120,31 @@ def test_loss_counts_exactly_the_reply_tokens(model):
     assert len(targets) == len(model.tokenizer.encode("Yes.").ids) + 1  # and the stop token
 
 
+def test_summed_loss_no_labels_and_text_only_rows(model):
+    """loss_reduction="sum" is the sum of the reply tokens' cross-entropies; without labels there is no loss; a
+    text-only batch (no pixel values, no image slots) is the LM alone on its ids; a model without a tokenizer has no
+    image token, and its ids are embedded as text."""
+    conv = [("human", "<image>\nIs the circle left of the square?"), ("gpt", "Yes.")]
+    pixels, ids, labels = batch_of(model, [conv], [0])
+    with torch.no_grad():
+        logits, loss_sum = model(pixels, ids, labels, loss_reduction="sum")
+        _, loss_mean = model(pixels, ids, labels)
+        targets = labels[0, 1:] != IGNORE_INDEX
+        manual = F.cross_entropy(logits[0, :-1][targets], labels[0, 1:][targets], reduction="none")
+        torch.testing.assert_close(loss_sum, manual.sum())
+        torch.testing.assert_close(loss_mean, manual.mean())
+        assert model(pixels, ids)[1] is None
+        text = torch.tensor([model.tokenizer.encode("In: How many?\nOut: Two.").ids])
+        text_labels = text.masked_fill(torch.arange(text.shape[1]) < 5, IGNORE_INDEX)
+        text_logits, text_loss = model(None, text, text_labels)
+        lm_logits = model.lm(text)
+        torch.testing.assert_close(text_logits, lm_logits.float())
+        torch.testing.assert_close(text_loss, F.cross_entropy(lm_logits[0, 4:-1].float(), text[0, 5:]))
+        bare = MLMamba(tiny_config()).eval()
+        assert bare.image_token_id is None
+        torch.testing.assert_close(bare.embed(text), bare.lm.embedding(text))
+
+
 def test_padding_changes_no_loss_and_no_logit(model):
     short = [("human", "<image>\nHow many?"), ("gpt", "Two.")]
     long = [("human", "<image>\nWhat is in the picture? Tell me everything."), ("gpt", "A red circle.")]

@@ -215,6 +215,14 @@ def test_quadratic_and_chunked_equal_the_recurrence(l, h, g, use_D):
         torch.testing.assert_close(st, st_rec, rtol=1e-10, atol=1e-10)
 
 
+def test_heads_must_be_a_multiple_of_groups():
+    x, dt, A, B, C, D, _ = random_ssd_inputs(h=6, g=4, l=5)
+    message = r"^the number of heads \(6\) must be a multiple of the number of groups \(4\)$"
+    for form in (ssd_recurrent, ssd_quadratic, lambda *a: ssd_chunked(*a[:5], 4, *a[5:])):
+        with pytest.raises(ValueError, match=message):
+            form(x, dt, A, B, C, D)
+
+
 @pytest.mark.parametrize("l,chunk", [(37, 8), (40, 8), (5, 16)])
 def test_chunked_with_initial_state(l, chunk):
     """Eq. 3 chunked from a non-zero initial state: the output and the final state equal the recurrence's."""
@@ -238,9 +246,45 @@ def test_chunked_float32_keeps_fp32_state_and_is_accurate():
     assert y.dtype == torch.float32 and st.dtype == torch.float32
     torch.testing.assert_close(y.double(), y64, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(st.double(), st64, rtol=1e-4, atol=1e-4)
-    # bf16 inputs: output in bf16, state still fp32
-    yb, stb = ssd_chunked(*(t.bfloat16() for t in (x, dt, A, B, C)), 64, D.bfloat16())
-    assert yb.dtype == torch.bfloat16 and stb.dtype == torch.float32
+
+
+def mixed_precision_run(form, x, dt, A, B, C, D, state):
+    """(y, final state) of one SSD form; "step" runs ssd_step token by token; "quadratic" starts from zero."""
+    if form == "step":
+        ys = []
+        for t in range(x.shape[1]):
+            y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+            ys.append(y)
+        return torch.stack(ys, 1), state
+    if form == "quadratic":
+        return ssd_quadratic(x, dt, A, B, C, D), None
+    scan = ssd_recurrent if form == "recurrent" else lambda *a, **k: ssd_chunked(*a[:5], 8, *a[5:], **k)
+    return scan(x, dt, A, B, C, D, initial_state=state)
+
+
+@pytest.mark.parametrize("form", ["step", "recurrent", "quadratic", "chunked"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_eq3_16_bit_inputs_are_computed_in_fp32_and_keep_their_dtypes(form, state_dtype):
+    """The model's mixed precision: x, B, C in bf16; dt, A, D in fp32. Every form computes in fp32, so its output is
+    within one bf16 rounding of the float64 scan of the same values; y comes back in bf16, the scans' final state in
+    fp32, and a step's new state in the dtype of the state it was given."""
+    x, dt, A, B, C, D, s0 = random_ssd_inputs(b=2, l=19, h=4, p=3, g=2, n=5)
+    x, B, C = x.bfloat16(), B.bfloat16(), C.bfloat16()
+    dt, A, D, s0 = dt.float(), A.float(), D.float(), s0.to(state_dtype)
+    if form == "recurrent" and state_dtype == torch.float32:
+        s0 = None  # the scan's own zero state: fp32
+    if form == "step" and state_dtype == torch.bfloat16:  # rounded to bf16 after each step: one step, exactly known
+        x, dt, B, C = x[:, :1], dt[:, :1], B[:, :1], C[:, :1]
+    y, state = mixed_precision_run(form, x, dt, A, B, C, D, s0)
+    start = None if form == "quadratic" or s0 is None else s0.double()
+    y_ref, state_ref = ssd_recurrent(*(t.double() for t in (x, dt, A, B, C, D)), initial_state=start)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), y_ref, rtol=2 ** -8, atol=1e-6)  # one bf16 rounding of the fp32 result
+    if state is not None:
+        expected_dtype = torch.float32 if form in ("recurrent", "chunked") else state_dtype
+        assert state.dtype == expected_dtype
+        tol = 1e-5 if state.dtype == torch.float32 else 2 ** -8
+        torch.testing.assert_close(state.double(), state_ref, rtol=tol, atol=tol)
 
 
 def test_chunked_gradients_equal_recurrent_gradients():
@@ -361,3 +405,28 @@ def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
     print("relative max error (y, final state) vs float64 recurrence:", errors)
     assert max(errors["torch"]) < 1e-5 and max(errors["torch-fast"]) < 1e-5 and max(errors["torch-compiled"]) < 1e-5
     assert max(errors["mamba_ssm"]) < 5e-3
+
+
+@pytest.mark.gpu
+def test_plain_ssd_chunked_compiles_at_mamba2s_chunk_of_256_and_equals_eager():
+    """The teaching ssd_chunked through torch.compile (inductor, with fast_decode.whole_scans as compile_blocks sets
+    it), chunks of 256 as in Mamba-2's configs: forward and backward equal the eager scan's, fp32 (TF32 off)."""
+    import fast_decode
+    from torch._inductor.virtualized import V
+    torch.backends.cuda.matmul.allow_tf32 = False
+    inputs = [t.float().cuda().requires_grad_() for t in random_ssd_inputs(b=2, l=300, h=8, p=16, g=2, n=32)]
+    dy = torch.randn(2, 300, 8, 16, device="cuda")
+
+    def run(fn):
+        y, state = fn(*inputs[:5], 256, inputs[5], initial_state=inputs[6])
+        return [y, state, *torch.autograd.grad((y * dy).sum() + state.sum(), inputs)]
+    eager = run(ssd_chunked)
+    default = V.choices
+    V.set_choices_handler(fast_decode.whole_scans())
+    try:
+        torch._dynamo.reset()
+        compiled = run(torch.compile(ssd_chunked, dynamic=False))
+    finally:
+        V.set_choices_handler(default)
+    for got, want in zip(compiled, eager):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5

@@ -137,6 +137,8 @@ def test_bad_vision_checkpoints(dinov2, tmp_path):
     (bad / "config.json").write_text('{"model_type": "clip_vision_model"}')
     with pytest.raises(CheckpointError, match="not a SigLIP or DINOv2"):
         ViT.from_pretrained(bad)
+    with pytest.raises(ValueError, match=r"^square inputs only \(found a 3 x 2 patch grid\)$"):
+        ViT.from_pretrained(folder, input_size=42)(torch.randn(1, 3, 42, 28))
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -223,6 +225,23 @@ def test_dual_encoder_concatenates_in_order(siglip, dinov2):
     assert not any(p.requires_grad for p in enc.parameters()) and not enc.encoders["dinov2"].training
     with pytest.raises(KeyError, match="siglip"):
         enc({"dinov2": px["dinov2"]})
+
+
+def test_a_trainable_dual_encoder_follows_the_grad_mode_and_reads_its_layer(siglip, dinov2):
+    """Not frozen, the encoders build a graph where gradients are on and none under no_grad; `layer` picks the block
+    whose output eq. 5 concatenates (here the last, before the final norm: transformers' hidden_states[-1])."""
+    dino = ViT.from_pretrained(dinov2[1], input_size=42)
+    sig = ViT.from_pretrained(siglip[1], input_size=42)
+    enc = DualEncoder({"dinov2": dino, "siglip": sig}, layer=-1)
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (42, 42, 3), dtype=np.uint8))
+    px = {k: v[None] for k, v in enc.preprocess(img).items()}
+    feats = enc(px)
+    assert feats.requires_grad
+    with torch.no_grad():
+        assert not enc(px).requires_grad
+        dino_ref = dinov2[0](px["dinov2"], output_hidden_states=True).hidden_states[-1][:, 1:]
+        sig_ref = siglip[0](px["siglip"], output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(feats.detach(), torch.cat([dino_ref, sig_ref], -1), rtol=1e-5, atol=1e-5)
 
 
 def test_paper_configuration_shapes_and_sizes():
