@@ -302,6 +302,30 @@ TILES = {"MATVEC_TILE": [(8, 128, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16
          "DOT_TILE": [(32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (64, 64, 8), (128, 64, 4)]}
 
 
+def bench_calls(args):
+    """Answers in a row on one decoder, each a new `prompt`-token prompt and `new` tokens at batch 1 (random bf16
+    weights): the first call compiles and captures, the second captures its prompt bucket's prefill, later ones
+    replay. Prints each call's seconds and the slowest after the first against the median of the third and later."""
+    from mamba2 import Mamba2LMHeadModel, mamba2_preset
+    assert torch.cuda.is_available(), "the calls benchmark needs a GPU"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = fast_ssd.use_ssd(Mamba2LMHeadModel(mamba2_preset(args.size)).to(torch.bfloat16).eval())
+    decoder = fast_decode.decoder_for(model, args.kernels)
+    times = []
+    for _ in range(args.calls):
+        ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), device="cuda")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=args.new, decoder=decoder)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    steady = sorted(times[2:])[len(times[2:]) // 2]
+    print(f"Mamba-2 {args.size} on {torch.cuda.get_device_name()}, {args.kernels} step, {args.prompt}-token prompts, "
+          f"{args.new} new tokens; seconds per call: {', '.join(f'{t:.3f}' for t in times)}; the slowest after the "
+          f"first is {max(times[1:]) / steady:.2f}x the steady state")
+
+
 def bench_tiles(args):
     """fused_step's tiles: decode ms/token of the 2.7B model for each (rows, reduction width, warps) of
     norm_matvec (in_proj, LM head), then of gated_matvec (out_proj) with the best of the first, at batch 1; then of
@@ -606,15 +630,42 @@ def _train_batch(model, batch, text_tokens, dev):
     return pixels, ids, labels
 
 
+KERNEL_CLASSES = (  # (class, words in a CUDA kernel's name), first match wins
+    ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "magma", "cublas", "sm90_", "sm80_")),
+    ("attention (the frozen ViTs)", ("flash", "fmha", "attention")),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("SSD scans and decays (compiled)", ("cumsum", "segsum")),
+    ("compiled elementwise and reductions", ("triton_",)),
+    ("copies and casts", ("copy", "cat", "fill")),
+    ("other elementwise and reductions", ("",)),
+)
+
+
+def kernel_classes(prof):
+    """{class: GPU seconds} of a profile's CUDA kernels, by KERNEL_CLASSES."""
+    totals = {name: 0.0 for name, _ in KERNEL_CLASSES}
+    for event in prof.key_averages():
+        if event.self_device_time_total <= 0:
+            continue
+        name = event.key.lower()
+        kind = next(k for k, words in KERNEL_CLASSES if any(w in name for w in words))
+        totals[kind] += event.self_device_time_total / 1e6
+    return totals
+
+
 def _profile_step(step, file):
-    """One step under torch.profiler: the CUDA kernels by total time, to `file`; returns the top rows as text."""
+    """One step under torch.profiler: the CUDA kernels by total time, and by class, to `file`; returns the classes
+    as text."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    totals = kernel_classes(prof)
+    gpu = sum(totals.values())
+    by_class = "\n".join(f"  {k}: {v:.3f} s ({v / gpu:.0%})" for k, v in totals.items())
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-    Path(file).write_text(table)
-    return "\n".join(table.splitlines()[:12])
+    Path(file).write_text(f"GPU time by kernel class, {gpu:.3f} s in all:\n{by_class}\n\n{table}")
+    return f"GPU time by kernel class, {gpu:.3f} s in all:\n{by_class}"
 
 
 SSD_PATHS = {"torch": "ssd_chunked (torch)", "torch-fast": "ssd_chunked_fast (torch)",
@@ -688,6 +739,7 @@ def bench_train(args):
         for compiled in (False, True) if args.compile else (False,):
             name = SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
             try:
+                fast_ssd.use_ssd(model, backend)
                 fast_decode.compile_blocks(model.lm, compiled)
                 times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak,
                                                dev)
@@ -742,7 +794,8 @@ def bench_ssd_backward(args, backends):
         print(f"  {name}: {t * 1e3:.2f} ms" + (f" ({t / base:.2f}x the kernel)" if base else ""), flush=True)
 
 
-GPU_ONLY = ("decode", "tiles", "coldstart", "pipeline", "scaling", "train")  # the subcommands with no CPU form
+# the subcommands with no CPU form
+GPU_ONLY = ("decode", "calls", "tiles", "coldstart", "pipeline", "scaling", "train")
 
 
 def main(argv=None):
@@ -757,7 +810,7 @@ def main(argv=None):
         print(f"error: benchmark.py {args.what} measures a GPU, and CUDA is not available here"
               + ("; use --device cpu" if args.what not in GPU_ONLY else ""), file=sys.stderr)
         return 2
-    {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "tiles": bench_tiles,
+    {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "calls": bench_calls, "tiles": bench_tiles,
      "coldstart": bench_coldstart, "pipeline": bench_pipeline,
      "scaling": bench_scaling, "train": bench_train}[args.what](args)
 
@@ -787,6 +840,13 @@ def make_parser():
     p.add_argument("--kernels", nargs="+", default=["fused", "compiled", "plain"],
                    choices=["fused", "compiled", "plain"], help="the step forms timed on CUDA graphs")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")
+    p = sub.add_parser("calls", allow_abbrev=False,
+                       help="answers in a row on one decoder: the first, the second, the steady state")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=745)
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--kernels", default="fused", choices=["fused", "compiled", "plain"])
     p = sub.add_parser("tiles", allow_abbrev=False,
                        help="fused_step's matrix-vector tiles: decode time for each candidate")
     p.add_argument("--size", default="2.7b")

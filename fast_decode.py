@@ -11,8 +11,9 @@ this file's:
   and replayed per token (at batch 1 the GPU would otherwise wait for Python's launches). The prefill is captured per
   bucket of prompt lengths (multiples of PREFILL_BUCKET): the prompt is padded to its bucket and `length` marks its
   real positions, so the padding leaves the cache as it was after the last real token (`Mamba2Mixer`). A bucket's
-  first prompt runs eagerly, its second is captured and replayed, later ones are replayed: a single answer never pays
-  for a capture it does not reuse. At most MAX_PREFILL_CAPTURES buckets keep their capture.
+  first prompt runs eagerly (padded to the bucket, so that the kernels it compiles and tunes are the ones its capture
+  uses), its second is captured and replayed, later ones are replayed: a single answer never pays for a capture it
+  does not reuse. At most MAX_PREFILL_CAPTURES buckets keep their capture.
 
 Also here: `generate(model, ...)`, a model's generate with its fast decoder in one call; `generate_batch` (several
 questions at once, prompts right-padded); `compile_blocks` (the LM blocks through torch.compile, for training and
@@ -179,10 +180,13 @@ class CapturedBatch:
         """The prompt from an empty cache; returns each row's last real position's logits (b, padded_vocab)."""
         b, l, d = embeds.shape
         bucket = prefill_bucket(l)
-        if bucket not in self.prefills:  # first prompt of this bucket: eagerly, at its own length
+        if length is None:
+            length = torch.full((b,), l, dtype=torch.long, device=embeds.device)
+        if bucket not in self.prefills:  # first prompt of this bucket: eagerly, padded to the bucket as its capture is
             self.prefills[bucket] = None
             zero_cache(self.cache)
-            return self.model.prefill(self.cache, inputs_embeds=embeds, length=length)
+            padded = torch.nn.functional.pad(embeds, (0, 0, 0, bucket - l))  # (b, bucket, d)
+            return self.model.prefill(self.cache, inputs_embeds=padded, length=length)
         if self.prefills[bucket] is None:
             captured = [k for k, kept in self.prefills.items() if kept is not None]
             for k in captured[:max(0, len(captured) + 1 - MAX_PREFILL_CAPTURES)]:
@@ -191,10 +195,7 @@ class CapturedBatch:
         graph, static_embeds, static_length, logits = self.prefills[bucket]
         static_embeds[:, :l].copy_(embeds)
         static_embeds[:, l:].zero_()
-        if length is None:
-            static_length.fill_(l)
-        else:
-            static_length.copy_(length)
+        static_length.copy_(length)
         graph.replay()
         return logits
 
@@ -329,6 +330,19 @@ def generate_batch(model, images, prompts, max_new_tokens=256, kernels=None, cud
     return [until_stop(row, model.eos_token_id) for row in new]
 
 
+def whole_scans():
+    """Inductor's heuristics (its InductorChoices), except that no reduction or cumulative sum is split over several
+    programs. Inductor's split scan fails to generate code for a cumulative sum over more than 128 steps whose input
+    it computes on the fly (pytorch/pytorch#180221): ssd_chunked's decay sums over Mamba-2's chunks of 256 are one."""
+    from torch._inductor.choices import InductorChoices
+
+    class WholeScans(InductorChoices):
+        @staticmethod
+        def reduction_split_factor(device, reduction_numel_hint, numel_hint, inner_reduction):
+            return 1
+    return WholeScans()
+
+
 @functools.cache
 def compiled_block_forward():
     """`Mamba2Block.forward` through torch.compile, for training at scale and long prefills: per block, the norms, the
@@ -339,7 +353,12 @@ def compiled_block_forward():
 
 def compile_blocks(lm, on=True):
     """Each block of a Mamba2LMHeadModel through `compiled_block_forward` (on=False: eager again). The block's own
-    __call__ still runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before."""
+    __call__ still runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before. Makes
+    `whole_scans` inductor's heuristics for the rest of the process: both torch forms of eq. 3 (ssd_chunked,
+    fast_ssd.ssd_chunked_fast) take cumulative sums over a whole chunk, 256 steps in Mamba-2's configs."""
+    if on:
+        from torch._inductor.virtualized import V
+        V.set_choices_handler(whole_scans())
     for block in lm.layers:
         if on:
             block.forward = types.MethodType(compiled_block_forward(), block)

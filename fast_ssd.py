@@ -2,8 +2,8 @@
 are given it (`use_ssd`). The values equal the teaching scan's within the inputs' precision (tests/test_ssd.py).
 
 train.py, generate.py and benchmark.py choose the SSD in their main(): on CUDA, mamba-ssm's kernel where it is
-installed, else `ssd_chunked_fast` (the plain `ssd_chunked` through torch.compile fails to generate code for its
-masked cumulative sum).
+installed, else `ssd_chunked_fast`. Both torch forms compile inside `fast_decode.compile_blocks`, which keeps
+Inductor from splitting their cumulative sums (`fast_decode.whole_scans`).
 """
 
 import functools
