@@ -9,7 +9,8 @@ and two linear probes, one linear map shared by the 9 image tokens, trained on t
 held-out (val + test) ones:
 - each token's cell content (13 classes: empty, or one of 4 colours x 3 shapes);
 - each token's cell index (9 classes: where the token sits),
-of the frozen encoders' features (eq. 5) and of the trained connector's image tokens (eqs. 6-8).
+of the frozen encoders' features (eq. 5) and of the connector's image tokens (eqs. 6-8) after align and after
+finetune.
 """
 
 import argparse
@@ -102,17 +103,24 @@ def main(argv=None):
               ("after align, from the image", latest(run / "align"), "test.json"),
               ("after finetune, from the image", run / "final", "test.json")]
     print("| stage | attribute | counting | existence | spatial | overall |\n|---|---|---|---|---|---|")
+    models = {}
     for name, folder, questions in stages:
-        model = MLMamba.from_pretrained(folder).eval()  # the last: the final model, probed below
-        r = evaluate(model, world / questions)
+        models[name] = MLMamba.from_pretrained(folder).eval()
+        r = evaluate(models[name], world / questions)
         print(f"| {name} | " + " | ".join(f"{100 * r[k]:.1f}" for k in ("attribute", "counting", "existence",
                                                                          "spatial", "overall")) + " |", flush=True)
-    scores, n_train, n_held = probes(model, world)
+    rows = []
+    for stage in ("align", "finetune"):
+        scores, n_train, n_held = probes(models[f"after {stage}, from the image"], world)
+        if not rows:
+            rows.append(("frozen encoders, eq. 5", scores["frozen encoders, eq. 5", "cell content"],
+                         scores["frozen encoders, eq. 5", "cell index"]))
+        rows.append((f"the connector's image tokens after {stage}", scores["the connector's image tokens",
+                     "cell content"], scores["the connector's image tokens", "cell index"]))
     print(f"\nlinear probes, {n_train} training images, {n_held} held out (% of the held-out tokens)")
     print("| features | cell content (13 classes) | cell index (9 classes) |\n|---|---|---|")
-    for features in ("frozen encoders, eq. 5", "the connector's image tokens"):
-        print(f"| {features} | {100 * scores[features, 'cell content']:.1f} | "
-              f"{100 * scores[features, 'cell index']:.1f} |")
+    for features, content, index in rows:
+        print(f"| {features} | {100 * content:.1f} | {100 * index:.1f} |")
 
 
 if __name__ == "__main__":
