@@ -34,6 +34,7 @@ import torch
 
 import fast_decode
 import fast_ssd
+import run_folder
 import ssd as S
 
 # Keep Triton's autotuning results on disk (mamba-ssm's SSD kernel autotunes each new shape), so that one benchmark
@@ -590,12 +591,9 @@ def bench_scaling(args):
 
 
 # dense bf16 tensor-core peaks from the data sheets (TFLOP/s), for the model FLOPs utilization
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
 def peak_tflops():
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = run_folder.peak_flops("cuda")
+    return peak / 1e12 if peak else None
 
 
 def step_flops(model, pixels, ids, labels):

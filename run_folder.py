@@ -62,12 +62,36 @@ def minutes(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def speed(samples, tokens, seconds, samples_left, later_samples=0):
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks, by GPU name
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak in FLOP/s; None on a CPU or a GPU not in PEAK_BF16_TFLOPS."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def flops_per_token(model):
+    """Training FLOPs per token, estimated: 6 per trainable parameter (forward and backward) and 2 per frozen one
+    (forward). At the paper's configuration this is within 2% of what torch.utils.flop_counter counts
+    (benchmark.py train)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return 6 * trainable + 2 * frozen
+
+
+def speed(samples, tokens, seconds, samples_left, later_samples=0, peak=None):
     """The progress line's rates: samples/s, tokens/s (every token of every sequence, image slots included, over all
     processes), the time left in this stage at that rate, and the time left in the run with the later stages'
-    samples counted at the same rate (an estimate: a stage with images reads its samples slower than the text stage)."""
+    samples counted at the same rate (an estimate: a stage with images reads its samples slower than the text stage).
+    peak: (FLOPs per token, the peak FLOP/s of all processes together) adds the model FLOPs utilization (MFU)."""
     rate = max(samples / max(seconds, 1e-9), 1e-9)
-    return (f"{rate:.1f} samples/s {tokens / max(seconds, 1e-9):.0f} tokens/s ETA {minutes(samples_left / rate)}"
+    token_rate = tokens / max(seconds, 1e-9)
+    return (f"{rate:.1f} samples/s {token_rate:.0f} tokens/s"
+            + (f" MFU {token_rate * peak[0] / peak[1]:.1%}" if peak else "")
+            + f" ETA {minutes(samples_left / rate)}"
             + (f" (run ~{minutes((samples_left + later_samples) / rate)})" if later_samples else ""))
 
 

@@ -31,8 +31,8 @@ from cli import (USER_ERRORS, fraction, nonnegative_float, nonnegative_int, opti
 from data import DataFiles, LLaVADataset, StageBatches, collate
 from distributed import Process, setup_distributed, shard
 from model import IGNORE_INDEX, MLMamba, from_components
-from run_folder import (FULL_STATE, STAGES, RunLog, check_run_folder, full_state, latest_checkpoint, resume_stage,
-                        save_checkpoint, speed, taken)
+from run_folder import (FULL_STATE, STAGES, RunLog, check_run_folder, flops_per_token, full_state, latest_checkpoint,
+                        peak_flops, resume_stage, save_checkpoint, speed, taken)
 from synthetic import prepare_world, world_files, world_model, world_tokenizer
 
 
@@ -81,7 +81,8 @@ class TrainConfig:
     precision: str = option("auto", "auto (the paper's default): bf16 autocast on CUDA; the synthetic preset: fp32",
                             choices=["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = option(False, action="store_true")
-    compile: bool = option(False, "the LM blocks through torch.compile (real runs on a GPU)", action="store_true")
+    compile: bool = option(False, "the LM blocks through torch.compile (the paper preset's default on CUDA)",
+                           action=argparse.BooleanOptionalAction)
     parallel: str = option("fsdp", "under torchrun: shard the model over the processes (FSDP) or replicate it (DDP)",
                            choices=["fsdp", "ddp"])
     workers: int = option(0, "data-loading worker processes", type=nonnegative_int)
@@ -369,6 +370,8 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, la
     if st.done:
         return model
     steps = steps_for(model, dataset, st, cfg, proc, log)
+    peak = peak_flops(proc.device) if cfg.uses_bf16(proc.device) else None  # MFU: bf16 runs on a known GPU
+    peak = (flops_per_token(model), peak * proc.world_size) if peak else None
     t0, seen, tokens, unchecked = time.time(), 0, 0, []
     for step in range(st.start, st.batches.total):
         loss, grad_norm, n_tokens = steps(step)
@@ -384,7 +387,7 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, la
             log(f"[{st.name}] step {step + 1}/{st.batches.total} epoch {step // st.batches.steps_per_epoch() + 1} "
                 f"loss {float(loss):.4f} grad-norm {float(grad_norm):.3g} lr {st.scheduler.get_last_lr()[0]:.2e} "
                 + speed(seen, tokens, time.time() - t0, (st.batches.total - step - 1) * cfg.global_batch,
-                        st.later_samples))
+                        st.later_samples, peak))
         if save_due:  # every process gathers FSDP's shards, rank 0 writes
             model_state, optimizer_state = full_state(model, st.optimizer)
             if proc.rank == 0:
@@ -439,9 +442,9 @@ def train(cfg, on_step=None):
     torch.manual_seed(cfg.seed)
     files = prepare_data(cfg, proc, log)
     model = build_model(cfg, files, log).to(proc.device)
-    if proc.device.startswith("cuda"):  # the SSD arranged for a GPU, or mamba-ssm's kernel (fast_ssd.py)
-        from fast_ssd import use_ssd
-        use_ssd(model)
+    if proc.device.startswith("cuda"):  # the SSD for a GPU (fast_ssd.py): in compiled blocks ssd_chunked_fast, faster
+        from fast_ssd import use_ssd  # there than mamba-ssm's kernel (docs/speed.md); else the kernel where installed
+        use_ssd(model, "torch-fast" if cfg.compile else "auto")
     if cfg.compile:
         from fast_decode import compile_blocks
         compile_blocks(model.lm)

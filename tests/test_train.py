@@ -333,6 +333,21 @@ def test_the_progress_lines_eta_covers_the_stage_and_the_run():
     assert speed(100, 1000, 10.0, 50, later_samples=1150).endswith("(run ~2m00s)")
 
 
+def test_the_progress_line_gives_mfu_from_6_flops_per_trainable_and_2_per_frozen_parameter(monkeypatch):
+    """MFU = tokens/s x FLOPs per token / the peak of all processes; FLOPs per token: 6 per trainable parameter and
+    2 per frozen one. Only bf16 runs on a GPU of known peak print it (a CPU has none)."""
+    import run_folder
+    lin = torch.nn.Linear(10, 10)  # 110 parameters, the bias frozen
+    lin.bias.requires_grad_(False)
+    assert run_folder.flops_per_token(lin) == 6 * 100 + 2 * 10
+    assert " 100 tokens/s MFU 25.0% ETA" in speed(100, 1000, 10.0, 50, peak=(620, 620 * 400))
+    assert "MFU" not in speed(100, 1000, 10.0, 50) and run_folder.peak_flops("cpu") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert run_folder.peak_flops("cuda:0") == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    assert run_folder.peak_flops("cuda") is None
+
+
 def test_lm_size_options_build_the_synthetic_lm_at_that_size(world, tmp_path):
     """--lm-width and --lm-layers set the synthetic world's LM (d_model 96 and 3 layers by default on the CPU)."""
     default = T.build_model(args_for(world, tmp_path), world_files(world))
@@ -344,7 +359,7 @@ def test_lm_size_options_build_the_synthetic_lm_at_that_size(world, tmp_path):
 
 def test_the_synthetic_preset_on_a_gpu_adds_a_wider_lm_and_the_describe_turn():
     """config/synthetic.py's on_cuda: on CUDA the synthetic run takes lm_width 192 and describe; the CPU keeps 96
-    and none; options given on the command line win over both; other presets are the same on every device."""
+    and none; options given on the command line win over both; the paper preset compiles the blocks on CUDA only."""
     def picked(*argv):
         cfg = T.parse_args(list(argv))
         return cfg.lm_width, cfg.describe, cfg.lr
@@ -353,7 +368,10 @@ def test_the_synthetic_preset_on_a_gpu_adds_a_wider_lm_and_the_describe_turn():
     assert picked("--device", "cuda:1") == (192, True, 1e-3)
     assert picked("--device", "cuda", "--lm-width", "96", "--no-describe") == (96, False, 1e-3)
     assert picked("--device", "cpu", "--describe") == (96, True, 1e-3)
-    assert T.parse_args(["--device", "cuda", "--data", "x.json"]).lm_width == 96  # the paper preset: no change
+    paper_on_cuda = T.parse_args(["--device", "cuda", "--data", "x.json"])
+    assert paper_on_cuda.lm_width == 96 and paper_on_cuda.compile  # the paper preset: compiled blocks on CUDA
+    assert not T.parse_args(["--device", "cpu", "--data", "x.json"]).compile
+    assert not T.parse_args(["--device", "cuda", "--data", "x.json", "--no-compile"]).compile
     assert T.parse_args(["--device", "cuda"]).device == "cuda"
 
 
