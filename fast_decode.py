@@ -11,9 +11,8 @@ this file's:
   and replayed per token (at batch 1 the GPU would otherwise wait for Python's launches). The prefill is captured per
   bucket of prompt lengths (multiples of PREFILL_BUCKET): the prompt is padded to its bucket and `length` marks its
   real positions, so the padding leaves the cache as it was after the last real token (`Mamba2Mixer`). A bucket's
-  first prompt runs eagerly (padded to the bucket, so that the kernels it compiles and tunes are the ones its capture
-  uses), its second is captured and replayed, later ones are replayed: a single answer never pays for a capture it
-  does not reuse. At most MAX_PREFILL_CAPTURES buckets keep their capture.
+  first prompt captures it (one eager warm-up prefill, then the capture), and every prompt of the bucket replays it:
+  no answer after the first pays for a capture. At most MAX_PREFILL_CAPTURES buckets keep theirs.
 
 Also here: `generate(model, ...)`, a model's generate with its fast decoder in one call; `generate_batch` (several
 questions at once, prompts right-padded); `compile_blocks` (the LM blocks through torch.compile, for training and
@@ -159,7 +158,7 @@ class CapturedBatch:
         self.holder = None  # the caller's cache that the tensors are lent to
         self.token = torch.zeros(batch_size, dtype=torch.long, device=model.embedding.weight.device)
         self.step_graph, self.step_logits = capture(lambda: step(self.token, self.cache), warmup=3)
-        self.prefills = {}  # bucket length -> None (seen once, ran eagerly) or (graph, embeds, length, logits)
+        self.prefills = {}  # bucket length -> (graph, embeds, length, logits), oldest capture first
 
     def lend(self, cache):
         """Give `cache` the fixed-address tensors, with its state copied in (none: an empty cache). The cache that
@@ -180,22 +179,17 @@ class CapturedBatch:
         """The prompt from an empty cache; returns each row's last real position's logits (b, padded_vocab)."""
         b, l, d = embeds.shape
         bucket = prefill_bucket(l)
-        if length is None:
-            length = torch.full((b,), l, dtype=torch.long, device=embeds.device)
-        if bucket not in self.prefills:  # first prompt of this bucket: eagerly, padded to the bucket as its capture is
-            self.prefills[bucket] = None
-            zero_cache(self.cache)
-            padded = torch.nn.functional.pad(embeds, (0, 0, 0, bucket - l))  # (b, bucket, d)
-            return self.model.prefill(self.cache, inputs_embeds=padded, length=length)
-        if self.prefills[bucket] is None:
-            captured = [k for k, kept in self.prefills.items() if kept is not None]
-            for k in captured[:max(0, len(captured) + 1 - MAX_PREFILL_CAPTURES)]:
-                self.prefills[k] = None  # freed; that bucket is captured again when it comes back
+        if bucket not in self.prefills:  # the bucket's first prompt captures it; the oldest capture past the cap goes
+            for k in list(self.prefills)[:max(0, len(self.prefills) + 1 - MAX_PREFILL_CAPTURES)]:
+                del self.prefills[k]
             self.prefills[bucket] = self.capture_prefill(bucket, embeds.dtype)
         graph, static_embeds, static_length, logits = self.prefills[bucket]
         static_embeds[:, :l].copy_(embeds)
         static_embeds[:, l:].zero_()
-        static_length.copy_(length)
+        if length is None:
+            static_length.fill_(l)
+        else:
+            static_length.copy_(length)
         graph.replay()
         return logits
 
