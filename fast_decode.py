@@ -177,7 +177,7 @@ class CapturedBatch:
 
     def prefill(self, embeds, length):
         """The prompt from an empty cache; returns each row's last real position's logits (b, padded_vocab)."""
-        b, l, d = embeds.shape
+        l = embeds.shape[1]
         bucket = prefill_bucket(l)
         if bucket not in self.prefills:  # the bucket's first prompt captures it; the oldest capture past the cap goes
             for k in list(self.prefills)[:max(0, len(self.prefills) + 1 - MAX_PREFILL_CAPTURES)]:
