@@ -305,8 +305,8 @@ TILES = {"MATVEC_TILE": [(8, 128, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16
 
 def bench_calls(args):
     """Answers in a row on one decoder, each a new `prompt`-token prompt and `new` tokens at batch 1 (random bf16
-    weights): the first call compiles and captures, the second captures its prompt bucket's prefill, later ones
-    replay. Prints each call's seconds and the slowest after the first against the median of the third and later."""
+    weights): the first call compiles and captures the step and its prompt bucket's prefill, later ones replay them.
+    Prints each call's seconds and the slowest after the first against the median of the third and later."""
     from mamba2 import Mamba2LMHeadModel, mamba2_preset
     assert torch.cuda.is_available(), "the calls benchmark needs a GPU"
     torch.manual_seed(0)
@@ -590,12 +590,6 @@ def bench_scaling(args):
     return rows
 
 
-# dense bf16 tensor-core peaks from the data sheets (TFLOP/s), for the model FLOPs utilization
-def peak_tflops():
-    peak = run_folder.peak_flops("cuda")
-    return peak / 1e12 if peak else None
-
-
 def step_flops(model, pixels, ids, labels):
     """(model FLOPs, recomputed FLOPs) of one training step on this batch, as torch.utils.flop_counter counts them
     (the matrix products: linear layers, the SSD's einsums with ssd_chunked, attention): the forward, and the backward
@@ -693,8 +687,8 @@ def _time_train_step(model, opt, trainable, backend, args, name, flops, recomput
                 step()
             torch.cuda.synchronize()
             t = (time.perf_counter() - t0) / args.steps
-            mfu = f"{flops * batch / t / (peak * 1e12):.1%}" if peak else "-"
-            hfu = f"{(flops + recomputed) * batch / t / (peak * 1e12):.1%}" if peak else "-"
+            mfu = f"{flops * batch / t / peak:.1%}" if peak else "-"
+            hfu = f"{(flops + recomputed) * batch / t / peak:.1%}" if peak else "-"
             print(f"| {name} | {batch} | {t:.3f} | {batch / t:.1f} | {mfu} | {hfu} | "
                   f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} |", flush=True)
             if args.profile:
@@ -723,12 +717,12 @@ def bench_train(args):
     opt = T.make_optimizer(model, 2e-5, 0.1, fused=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     flops, recomputed = step_flops(model, *_train_batch(model, 1, args.text_tokens, dev))  # per sample
-    peak = peak_tflops()
+    peak = run_folder.peak_flops(dev)  # FLOP/s, None for a GPU not in run_folder.PEAK_BF16_TFLOPS
     print(f"training step at the paper's configuration on {torch.cuda.get_device_name()}: "
           f"{sum(p.numel() for p in trainable) / 1e9:.2f}B trainable (connector + LM), fp32 master weights, fused "
           f"AdamW, bf16 autocast, LM gradient checkpointing; per sample 729 image + {args.text_tokens} text tokens, "
           f"{flops / 1e12:.2f} TFLOP of model FLOPs (forward + backward, matrix products) + {recomputed / 1e12:.2f} "
-          f"TFLOP recomputed; MFU against the {peak} TFLOP/s bf16 peak, recomputation not counted (HFU counts it)")
+          f"TFLOP recomputed; MFU against the {peak / 1e12 if peak else None} TFLOP/s bf16 peak, recomputation not counted (HFU counts it)")
     print("| SSD path | per-device batch | s / step | samples/s | MFU | HFU | peak GB |")
     print("|---|---|---|---|---|---|---|")
     backends = [b for b in args.backends if b != "mamba_ssm" or S._mamba_chunk_scan_combined() is not None]
@@ -737,7 +731,6 @@ def bench_train(args):
         for compiled in (False, True) if args.compile else (False,):
             name = SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
             try:
-                fast_ssd.use_ssd(model, backend)
                 fast_decode.compile_blocks(model.lm, compiled)
                 times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak,
                                                dev)

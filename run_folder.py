@@ -82,15 +82,15 @@ def flops_per_token(model):
     return 6 * trainable + 2 * frozen
 
 
-def speed(samples, tokens, seconds, samples_left, later_samples=0, peak=None):
+def speed(samples, tokens, seconds, samples_left, later_samples=0, mfu_basis=None):
     """The progress line's rates: samples/s, tokens/s (every token of every sequence, image slots included, over all
     processes), the time left in this stage at that rate, and the time left in the run with the later stages'
     samples counted at the same rate (an estimate: a stage with images reads its samples slower than the text stage).
-    peak: (FLOPs per token, the peak FLOP/s of all processes together) adds the model FLOPs utilization (MFU)."""
+    mfu_basis: (FLOPs per token, the peak FLOP/s of all processes together) adds the model FLOPs utilization (MFU)."""
     rate = max(samples / max(seconds, 1e-9), 1e-9)
     token_rate = tokens / max(seconds, 1e-9)
     return (f"{rate:.1f} samples/s {token_rate:.0f} tokens/s"
-            + (f" MFU {token_rate * peak[0] / peak[1]:.1%}" if peak else "")
+            + (f" MFU {token_rate * mfu_basis[0] / mfu_basis[1]:.1%}" if mfu_basis else "")
             + f" ETA {minutes(samples_left / rate)}"
             + (f" (run ~{minutes((samples_left + later_samples) / rate)})" if later_samples else ""))
 

@@ -371,7 +371,7 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, la
         return model
     steps = steps_for(model, dataset, st, cfg, proc, log)
     peak = peak_flops(proc.device) if cfg.uses_bf16(proc.device) else None  # MFU: bf16 runs on a known GPU
-    peak = (flops_per_token(model), peak * proc.world_size) if peak else None
+    mfu_basis = (flops_per_token(model), peak * proc.world_size) if peak else None
     t0, seen, tokens, unchecked = time.time(), 0, 0, []
     for step in range(st.start, st.batches.total):
         loss, grad_norm, n_tokens = steps(step)
@@ -387,7 +387,7 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, la
             log(f"[{st.name}] step {step + 1}/{st.batches.total} epoch {step // st.batches.steps_per_epoch() + 1} "
                 f"loss {float(loss):.4f} grad-norm {float(grad_norm):.3g} lr {st.scheduler.get_last_lr()[0]:.2e} "
                 + speed(seen, tokens, time.time() - t0, (st.batches.total - step - 1) * cfg.global_batch,
-                        st.later_samples, peak))
+                        st.later_samples, mfu_basis))
         if save_due:  # every process gathers FSDP's shards, rank 0 writes
             model_state, optimizer_state = full_state(model, st.optimizer)
             if proc.rank == 0:

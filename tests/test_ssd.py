@@ -408,12 +408,12 @@ def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
 
 
 @pytest.mark.gpu
-def test_plain_ssd_chunked_compiles_at_mamba2s_chunk_of_256_and_equals_eager():
+def test_plain_ssd_chunked_compiles_at_mamba2s_chunk_of_256_and_equals_eager(monkeypatch):
     """The teaching ssd_chunked through torch.compile (inductor, with fast_decode.whole_scans as compile_blocks sets
     it), chunks of 256 as in Mamba-2's configs: forward and backward equal the eager scan's, fp32 (TF32 off)."""
     import fast_decode
     from torch._inductor.virtualized import V
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     inputs = [t.float().cuda().requires_grad_() for t in random_ssd_inputs(b=2, l=300, h=8, p=16, g=2, n=32)]
     dy = torch.randn(2, 300, 8, 16, device="cuda")
 

@@ -340,7 +340,7 @@ def test_the_progress_line_gives_mfu_from_6_flops_per_trainable_and_2_per_frozen
     lin = torch.nn.Linear(10, 10)  # 110 parameters, the bias frozen
     lin.bias.requires_grad_(False)
     assert run_folder.flops_per_token(lin) == 6 * 100 + 2 * 10
-    assert " 100 tokens/s MFU 25.0% ETA" in speed(100, 1000, 10.0, 50, peak=(620, 620 * 400))
+    assert " 100 tokens/s MFU 25.0% ETA" in speed(100, 1000, 10.0, 50, mfu_basis=(620, 620 * 400))
     assert "MFU" not in speed(100, 1000, 10.0, 50) and run_folder.peak_flops("cpu") is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert run_folder.peak_flops("cuda:0") == 989e12
