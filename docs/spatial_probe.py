@@ -41,16 +41,22 @@ def cell_labels(scene):
     return content, torch.arange(GRID * GRID)
 
 
+ENCODERS = "frozen encoders, eq. 5"
+
+
 @torch.no_grad()
-def token_features(model, world, names, batch=256):
-    """(encoder features (n, 9, d_v), connector tokens (n, 9, D)) of the named images."""
-    feats, tokens = [], []
+def image_features(models, world, names, batch=256):
+    """{features: (n, 9, d)} of the named images: the frozen encoders' (eq. 5; every stage of a run shares them) and
+    each named model's connector tokens (eqs. 6-8). models: {name: MLMamba}."""
+    vision = next(iter(models.values())).vision
+    out = {ENCODERS: [], **{name: [] for name in models}}
     for i in range(0, len(names), batch):
-        pixels = [model.vision.preprocess(world / name) for name in names[i:i + batch]]
-        v = model.vision({k: torch.stack([p[k] for p in pixels]) for k in pixels[0]})  # eq. 5
-        feats.append(v)
-        tokens.append(model.connector(v))  # eqs. 6-8
-    return torch.cat(feats), torch.cat(tokens)
+        pixels = [vision.preprocess(world / name) for name in names[i:i + batch]]
+        v = vision({k: torch.stack([p[k] for p in pixels]) for k in pixels[0]})  # eq. 5
+        out[ENCODERS].append(v)
+        for name, model in models.items():
+            out[name].append(model.connector(v))  # eqs. 6-8
+    return {name: torch.cat(parts) for name, parts in out.items()}
 
 
 def linear_probe(train_x, train_y, test_x, test_y, classes, steps=300):
@@ -73,22 +79,21 @@ def linear_probe(train_x, train_y, test_x, test_y, classes, steps=300):
         return (head(test_x).argmax(-1) == test_y.flatten()).float().mean().item()
 
 
-def probes(model, world):
-    """{(features, target): held-out accuracy} for the encoders' features and the connector's tokens."""
+def probes(models, world):
+    """{(features, target): held-out accuracy} for the frozen encoders' features and each named model's connector
+    tokens (`image_features`), and the numbers of training and held-out images."""
     scenes = json.loads((world / "scenes.json").read_text())
     split = {s: [n for n in scenes if Path(n).name.startswith(s)] for s in ("train", "val", "test")}
     held_out = split["val"] + split["test"]
-    out = {}
     data = {}
     for part, names in (("train", split["train"]), ("held-out", held_out)):
         labels = [cell_labels(scenes[n]) for n in names]
-        data[part] = (*token_features(model, world, names), torch.stack([c for c, _ in labels]),
-                      torch.stack([i for _, i in labels]))
-    for k, features in ((0, "frozen encoders, eq. 5"), (1, "the connector's image tokens")):
-        for j, (target, classes) in ((2, ("cell content", 1 + len(COLORS) * len(SHAPES))),
-                                     (3, ("cell index", GRID * GRID))):
-            out[features, target] = linear_probe(data["train"][k], data["train"][j], data["held-out"][k],
-                                                 data["held-out"][j], classes)
+        data[part] = (image_features(models, world, names), {"cell content": torch.stack([c for c, _ in labels]),
+                                                             "cell index": torch.stack([i for _, i in labels])})
+    classes = {"cell content": 1 + len(COLORS) * len(SHAPES), "cell index": GRID * GRID}
+    out = {(features, target): linear_probe(data["train"][0][features], data["train"][1][target],
+                                            data["held-out"][0][features], data["held-out"][1][target], n)
+           for features in data["train"][0] for target, n in classes.items()}
     return out, len(split["train"]), len(held_out)
 
 
@@ -109,18 +114,14 @@ def main(argv=None):
         r = evaluate(models[name], world / questions)
         print(f"| {name} | " + " | ".join(f"{100 * r[k]:.1f}" for k in ("attribute", "counting", "existence",
                                                                          "spatial", "overall")) + " |", flush=True)
-    rows = []
-    for stage in ("align", "finetune"):
-        scores, n_train, n_held = probes(models[f"after {stage}, from the image"], world)
-        if not rows:
-            rows.append(("frozen encoders, eq. 5", scores["frozen encoders, eq. 5", "cell content"],
-                         scores["frozen encoders, eq. 5", "cell index"]))
-        rows.append((f"the connector's image tokens after {stage}", scores["the connector's image tokens",
-                     "cell content"], scores["the connector's image tokens", "cell index"]))
+    connectors = {f"the connector's image tokens after {stage}": models[f"after {stage}, from the image"]
+                  for stage in ("align", "finetune")}
+    scores, n_train, n_held = probes(connectors, world)
     print(f"\nlinear probes, {n_train} training images, {n_held} held out (% of the held-out tokens)")
     print("| features | cell content (13 classes) | cell index (9 classes) |\n|---|---|---|")
-    for features, content, index in rows:
-        print(f"| {features} | {100 * content:.1f} | {100 * index:.1f} |")
+    for features in (ENCODERS, *connectors):
+        print(f"| {features} | {100 * scores[features, 'cell content']:.1f} | "
+              f"{100 * scores[features, 'cell index']:.1f} |")
 
 
 if __name__ == "__main__":
