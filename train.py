@@ -105,6 +105,8 @@ class TrainConfig:
                             group=SYNTHETIC, action=argparse.BooleanOptionalAction)
     lm_width: int = option(96, "the LM's d_model (a GPU's preset: 192)", group=SYNTHETIC, type=positive_int)
     lm_layers: int = option(3, "the LM's layers", group=SYNTHETIC, type=positive_int)
+    patch: int = option(16, "the encoders' patch in px: 16, a token per cell; 8, a shape over 2 x 2 of 36 tokens",
+                        group=SYNTHETIC, type=int, choices=[16, 8])
 
     def uses_bf16(self, device):
         """bf16 autocast on fp32 weights: --precision bf16, or auto on CUDA."""
@@ -178,7 +180,7 @@ def build_model(cfg, files, log=print):
     if cfg.data is None:  # synthetic: a tokenizer trained on the training conversations, saved with the model
         tokenizer = world_tokenizer([files.train_json, files.pretrain_json], cfg.prompt)
         torch.manual_seed(cfg.seed)
-        return world_model(tokenizer, cfg.lm_width, cfg.lm_layers, cfg.prompt, drop_path=cfg.drop_path,
+        return world_model(tokenizer, cfg.lm_width, cfg.lm_layers, cfg.prompt, cfg.patch, drop_path=cfg.drop_path,
                            **connector_choice(cfg))
     missing = [n for n in ("llm", "tokenizer") if getattr(cfg, n) is None]
     missing += ["siglip and / or --dinov2"] if cfg.siglip is None and cfg.dinov2 is None else []

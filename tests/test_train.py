@@ -357,6 +357,23 @@ def test_lm_size_options_build_the_synthetic_lm_at_that_size(world, tmp_path):
     assert wide.lm.layers[0].mixer.in_proj.weight.shape[1] == 48
 
 
+def test_patch_8_gives_the_synthetic_model_2_x_2_image_tokens_a_cell(world, tmp_path):
+    """--patch 8: the encoders cut the 48 px images into 6 x 6 patches and the connector scans that grid (eqs. 7-8),
+    so each 16 px cell is 4 image tokens; the tokens of one cell see its pixels alone. A patch that does not divide
+    the image is refused."""
+    import synthetic
+    model = T.build_model(args_for(world, tmp_path, "--patch", "8"), world_files(world))
+    assert model.num_image_tokens == 36 and model.config.connector.grid == (6, 6)
+    img = torch.zeros(1, 3, 48, 48)
+    img[..., 16:24, 8:16] = 1.0  # cell (1, 0)'s top-right quarter: patch row 2, column 1
+    pixels = {k: img for k in model.vision.encoders}
+    with torch.no_grad():
+        changed = (model.vision(pixels) - model.vision({k: torch.zeros_like(img) for k in pixels})).abs().sum(-1)[0]
+    assert changed.argmax().item() == 2 * 6 + 1 and changed[2 * 6 + 1] > 0
+    with pytest.raises(ValueError, match="does not divide"):
+        synthetic.world_model(model.tokenizer, patch=10)
+
+
 def test_the_synthetic_preset_on_a_gpu_adds_a_wider_lm_and_the_describe_turn():
     """config/synthetic.py's on_cuda: on CUDA the synthetic run takes lm_width 192 and describe; the CPU keeps 96
     and none; options given on the command line win over both; the paper preset compiles the blocks on CUDA only."""
