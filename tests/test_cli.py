@@ -111,9 +111,40 @@ def test_the_spatial_probe_labels_cells_and_fits_a_linear_map():
     spec.loader.exec_module(probe)
     content, index = probe.cell_labels([(0, 1, "circle", "red"), (2, 2, "triangle", "yellow")])
     assert content.tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 1 + 3 * 3 + 2] and index.tolist() == list(range(9))
+    content, index = probe.cell_labels([(0, 1, "circle", "red")], side=6)  # 8 px patches: 2 x 2 tokens a cell
+    assert content.view(6, 6)[:2, 2:4].eq(1).all() and content.sum() == 4 and index.tolist() == list(range(36))
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(300, 9, 16, generator=g), torch.randn(16, 5, generator=g)
     y = (x @ w).argmax(-1)  # a linear target
     assert probe.linear_probe(x[:200], y[:200], x[200:], y[200:], 5) > 0.97
     noise = torch.randint(0, 5, (300, 9), generator=g)
     assert probe.linear_probe(x[:200], noise[:200], x[200:], noise[200:], 5) < 0.35
+
+
+def load_docs_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ablation_summarizes_each_variant_over_the_seeds(tmp_path):
+    """docs/ablation.py: per variant the mean, min and max over the seeds of each family (eval.json) and of the
+    probes (probes.json, where every seed has one), in %; the markdown row gives mean (min-max) and spatial per seed."""
+    import json
+    ablation = load_docs_script("ablation")
+    for seed, spatial in ((0, 0.5), (1, 0.75)):
+        run = tmp_path / f"seed-{seed}" / "mlp-bsm"
+        run.mkdir(parents=True)
+        scores = {"attribute": 1.0, "counting": 0.9, "existence": 0.8, "spatial": spatial, "overall": 0.85,
+                  "set_aside": 0}
+        (run / "eval.json").write_text(json.dumps(scores))
+        if seed == 0:
+            (run / "probes.json").write_text(json.dumps({"after align": {"cell index": 99.0},
+                                                         "after finetune": {"cell index": 90.0}}))
+    table = ablation.summary(tmp_path, [0, 1], ["mlp/bsm"])
+    row = table["mlp/bsm"]
+    assert row["spatial"] == {"mean": 62.5, "min": 50.0, "max": 75.0, "per_seed": [50.0, 75.0]}
+    assert list(row) == ablation.COLUMNS  # seed 1 has no probes: no probe column
+    assert "| mlp/bsm | 100.0 (100.0-100.0) |" in ablation.markdown(table, [0, 1])
+    assert ablation.markdown(table, [0, 1]).endswith("| 50.0 / 75.0 |")
