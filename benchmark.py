@@ -229,16 +229,36 @@ def kernels_per_step(model, batch, kernels):
     return len(step_kernels(model, batch, kernels))
 
 
-def time_generation(model, ids, new, kernels, timed):
+def time_generation(model, ids, new, kernels, timed, state_dtype=torch.float32):
     """(seconds for 1 token, seconds for `new` tokens, decode seconds per step) of generate on CUDA graphs; the
     first call (capture, compilation) is reported, not timed."""
+    gen = partial(fast_decode.generate, model, ids, kernels=kernels, state_dtype=state_dtype)
     t0 = time.perf_counter()
-    fast_decode.generate(model, ids, max_new_tokens=1, kernels=kernels)
+    gen(max_new_tokens=1)
     torch.cuda.synchronize()
     print(f"({kernels} kernels, batch {ids.shape[0]}: first call {time.perf_counter() - t0:.1f} s)", flush=True)
-    t_one = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=1, kernels=kernels))
-    t_all = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=new, kernels=kernels))
+    t_one = timed(lambda: gen(max_new_tokens=1))
+    t_all = timed(lambda: gen(max_new_tokens=new))
     return t_one, t_all, (t_all - t_one) / (new - 1)
+
+
+STATES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@torch.no_grad()
+def state_error(model, ids, steps, kernels):
+    """(largest |logit difference| / largest |logit|, share of equal greedy tokens) of `steps` steps with the bf16
+    state against the fp32 state, from the same prompt, the fp32 run's greedy tokens fed to both."""
+    step = fast_decode.step_function(model, kernels)
+    caches = {name: fast_decode.allocate_cache(model, ids.shape[0], dtype) for name, dtype in STATES.items()}
+    logits = {name: [model.prefill(cache, input_ids=ids)] for name, cache in caches.items()}
+    for _ in range(steps):
+        token = logits["fp32"][-1].argmax(-1)
+        for name, cache in caches.items():
+            logits[name].append(step(token, cache))
+    exact, got = torch.stack(logits["fp32"]).float(), torch.stack(logits["bf16"]).float()
+    same = (got.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    return ((got - exact).abs().max() / exact.abs().max()).item(), same
 
 
 def bench_decode(args):
@@ -270,9 +290,14 @@ def bench_decode(args):
                 rows.append(("ours, eager plain step", args.eager_tokens, t_one, t_all,
                              (t_all - t_one) / (args.eager_tokens - 1), kernels_per_step(model, batch, "plain")))
             for kernels in args.kernels:
-                t_one, t_all, per = time_generation(model, ids, args.new, kernels, timed)
-                rows.append((f"ours, {kernels} step on CUDA graphs", args.new, t_one, t_all, per,
-                             kernels_per_step(model, batch, kernels)))
+                for state in args.states:
+                    t_one, t_all, per = time_generation(model, ids, args.new, kernels, timed, STATES[state])
+                    rows.append((f"ours, {kernels} step on CUDA graphs" + (", bf16 state" if state == "bf16" else ""),
+                                 args.new, t_one, t_all, per, kernels_per_step(model, batch, kernels)))
+            if "bf16" in args.states:
+                error, same = state_error(model, ids, 64, args.kernels[0])
+                print(f"bf16 state against fp32, batch {batch}, {args.kernels[0]} step, 64 steps: logits within "
+                      f"{error:.2%} of their largest, {same:.1%} of the greedy tokens equal", flush=True)
             fast_decode.forget_decoder(model)  # frees the captured graphs before mamba-ssm runs
             t_ref = time_mamba_ssm_generate(cfg, ids, args.new)
             if t_ref is not None:
@@ -830,6 +855,8 @@ def make_parser():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--kernels", nargs="+", default=["fused", "compiled", "plain"],
                    choices=["fused", "compiled", "plain"], help="the step forms timed on CUDA graphs")
+    p.add_argument("--states", nargs="+", default=["fp32"], choices=list(STATES),
+                   help="the SSM state's dtype (bf16 as mamba-ssm keeps it; then also its error against fp32)")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")
     p = sub.add_parser("calls", allow_abbrev=False,
                        help="answers in a row on one decoder: the first, the second, the steady state")

@@ -13,6 +13,8 @@ this file's:
   real positions, so the padding leaves the cache as it was after the last real token (`Mamba2Mixer`). A bucket's
   first prompt captures it (one eager warm-up prefill, then the capture), and every prompt of the bucket replays it:
   no answer after the first pays for a capture. At most MAX_PREFILL_CAPTURES buckets keep theirs.
+- the SSM state's dtype (`state_dtype`): fp32 by default; bf16 as mamba-ssm keeps a bf16 model's state, half the
+  bytes each step reads and writes, every update still computed in fp32 (`allocate_cache`).
 
 Also here: `generate(model, ...)`, a model's generate with its fast decoder in one call; `generate_batch` (several
 questions at once, prompts right-padded); `compile_blocks` (the LM blocks through torch.compile, for training and
@@ -105,14 +107,25 @@ def layer_by_layer_step(model, block_step, token, cache):
     return model.lm_head(model.norm_f(residual)).float()
 
 
-class KernelDecoder:
-    """The eager loop's decoder with another step: the model's cache and prefill, the named kernels' step."""
+def allocate_cache(model, batch_size, state_dtype=torch.float32):
+    """model.allocate_cache with the SSM state in state_dtype: fp32 (the model's), or bf16 as mamba-ssm keeps a bf16
+    model's state (half the state's bytes). Every step still computes in fp32 and rounds the new state to bf16;
+    tests/test_fast_decode.py and docs/speed.md state the error this costs against the fp32 state."""
+    cache = model.allocate_cache(batch_size)
+    if state_dtype != torch.float32:
+        cache.layers = [LayerCache(l.conv_state, l.ssm_state.to(state_dtype)) for l in cache.layers]
+    return cache
 
-    def __init__(self, model, kernels):
-        self.model, self.step = model, step_function(model, kernels)
+
+class KernelDecoder:
+    """The eager loop's decoder with another step: the model's prefill, the named kernels' step, the state in
+    state_dtype."""
+
+    def __init__(self, model, kernels, state_dtype=torch.float32):
+        self.model, self.step, self.state_dtype = model, step_function(model, kernels), state_dtype
 
     def allocate_cache(self, batch_size):
-        return self.model.allocate_cache(batch_size)
+        return allocate_cache(self.model, batch_size, self.state_dtype)
 
     def prefill(self, cache, inputs_embeds, length=None):
         return self.model.prefill(cache, inputs_embeds=inputs_embeds, length=length)
@@ -152,9 +165,9 @@ def zero_cache(cache):
 class CapturedBatch:
     """One batch size's fixed-address cache, its captured step, and its captured prefills by bucket."""
 
-    def __init__(self, model, batch_size, step):
+    def __init__(self, model, batch_size, step, state_dtype=torch.float32):
         self.model = model
-        self.cache = model.allocate_cache(batch_size)
+        self.cache = allocate_cache(model, batch_size, state_dtype)
         self.holder = None  # the caller's cache that the tensors are lent to
         self.token = torch.zeros(batch_size, dtype=torch.long, device=model.embedding.weight.device)
         self.step_graph, self.step_logits = capture(lambda: step(self.token, self.cache), warmup=3)
@@ -210,14 +223,15 @@ class GraphedDecoder:
     addresses: the decoder is valid while the model's parameters stay where they were (`decoder_for` makes a new one
     after model.to(...)). The caller's caches borrow a batch's fixed-address tensors while they decode."""
 
-    def __init__(self, model, kernels):
-        self.model, self.kernels = model, kernels
-        self.key = decoder_key(model, kernels)
+    def __init__(self, model, kernels, state_dtype=torch.float32):
+        self.model, self.kernels, self.state_dtype = model, kernels, state_dtype
+        self.key = decoder_key(model, kernels, state_dtype)
         self.batches = {}  # batch size -> CapturedBatch
 
     def batch(self, batch_size):
         if batch_size not in self.batches:
-            self.batches[batch_size] = CapturedBatch(self.model, batch_size, step_function(self.model, self.kernels))
+            self.batches[batch_size] = CapturedBatch(self.model, batch_size, step_function(self.model, self.kernels),
+                                                     self.state_dtype)
         return self.batches[batch_size]
 
     def allocate_cache(self, batch_size):
@@ -244,26 +258,27 @@ class GraphedDecoder:
         return batch.step_logits
 
 
-def decoder_key(model, kernels):
-    return kernels, model.embedding.weight.dtype, tuple(p.data_ptr() for p in model.parameters())
+def decoder_key(model, kernels, state_dtype):
+    return kernels, state_dtype, model.embedding.weight.dtype, tuple(p.data_ptr() for p in model.parameters())
 
 
 _DECODERS = weakref.WeakKeyDictionary()  # model -> its GraphedDecoder
 
 
-def decoder_for(model, kernels=None, cuda_graph=None):
+def decoder_for(model, kernels=None, cuda_graph=None, state_dtype=torch.float32):
     """The fast decoder of a Mamba2LMHeadModel (an MLMamba's: model.lm), for generate(decoder=...): on CUDA a
     GraphedDecoder, with the fused step unless `kernels` names another (kept, and made anew when the model's weights
-    move); elsewhere, or with cuda_graph=False, the eager loop with the named kernels (default plain: then None, the
-    model itself)."""
+    move); elsewhere, or with cuda_graph=False, the eager loop with the named kernels (default plain, with the fp32
+    state: then None, the model itself). state_dtype: the SSM state's (`allocate_cache`)."""
     graphs = model.embedding.weight.is_cuda and cuda_graph is not False
     kernels = kernels or (default_kernels(model) if graphs else "plain")
     if not graphs:
-        return None if kernels == "plain" else KernelDecoder(model, kernels)
+        plain = kernels == "plain" and state_dtype == torch.float32
+        return None if plain else KernelDecoder(model, kernels, state_dtype)
     kept = _DECODERS.get(model)
-    if kept is None or kept.key != decoder_key(model, kernels):
+    if kept is None or kept.key != decoder_key(model, kernels, state_dtype):
         _DECODERS.pop(model, None)  # the old captures are freed first
-        kept = _DECODERS[model] = GraphedDecoder(model, kernels)
+        kept = _DECODERS[model] = GraphedDecoder(model, kernels, state_dtype)
     return kept
 
 
@@ -276,9 +291,10 @@ def forget_decoder(model):
 # A model's generate with the fast decoder; several questions at once; compiled blocks
 # ----------------------------------------------------------------------------------------------------------------
 
-def generate(model, *args, kernels=None, cuda_graph=None, **kwargs):
+def generate(model, *args, kernels=None, cuda_graph=None, state_dtype=torch.float32, **kwargs):
     """model.generate(*args, **kwargs) (an MLMamba's or a Mamba2LMHeadModel's) with `decoder_for` its LM."""
-    return model.generate(*args, decoder=decoder_for(getattr(model, "lm", model), kernels, cuda_graph), **kwargs)
+    decoder = decoder_for(getattr(model, "lm", model), kernels, cuda_graph, state_dtype)
+    return model.generate(*args, decoder=decoder, **kwargs)
 
 
 class PaddedPrompts:
@@ -299,7 +315,8 @@ class PaddedPrompts:
 
 
 @torch.no_grad()
-def generate_batch(model, images, prompts, max_new_tokens=256, kernels=None, cuda_graph=None):
+def generate_batch(model, images, prompts, max_new_tokens=256, kernels=None, cuda_graph=None,
+                   state_dtype=torch.float32):
     """Greedy answers of an MLMamba to several questions at once: images[i] (a path, PIL image or None) with
     prompts[i]. The images are encoded as one batch, the prompts right-padded to the longest, then all are decoded
     together until each has stopped. Returns one id list per question, as `MLMamba.generate` returns it."""
@@ -318,7 +335,7 @@ def generate_batch(model, images, prompts, max_new_tokens=256, kernels=None, cud
     device = model.lm.embedding.weight.device
     padded = torch.tensor([x + [model.eos_token_id] * (longest - len(x)) for x in ids], device=device)  # (b, L)
     length = torch.tensor([len(x) for x in ids], device=device)
-    decoder = PaddedPrompts(decoder_for(model.lm, kernels, cuda_graph) or model.lm, length)
+    decoder = PaddedPrompts(decoder_for(model.lm, kernels, cuda_graph, state_dtype) or model.lm, length)
     new = model.lm.generate(inputs_embeds=model.embed(padded, image_tokens), max_new_tokens=max_new_tokens,
                             eos_token_id=model.eos_token_id, decoder=decoder).tolist()
     return [until_stop(row, model.eos_token_id) for row in new]

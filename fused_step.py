@@ -6,8 +6,8 @@ everything between the products happens in the products' own kernels:
 
     norm_matvec    in_proj(RMSNorm(residual)), then per output row: z as it is; xBC through the causal conv (the
                    window shifted in place) and SiLU; dt through softplus(dt + dt_bias), fp32
-    state_update   eq. 3 for one token, per head: h = exp(dt A) h + dt x B^T, y = C h + D x (the state in fp32,
-                   updated in place), then the gate v = y * SiLU(z)
+    state_update   eq. 3 for one token, per head: h = exp(dt A) h + dt x B^T, y = C h + D x (computed in fp32,
+                   the state updated in place, kept in fp32 or bf16), then the gate v = y * SiLU(z)
     gated_matvec   out_proj(RMSNorm(v)) added to the residual in place, one norm per group
 
 The LM head is norm_matvec again, with no conv or dt rows. A matvec program takes a block of weight rows and every
@@ -144,7 +144,7 @@ def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, x
                          HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Eq. 3 for one token, heads x (BLOCK_P rows of the state) per program: h = exp(dt A) h + dt x B^T in place
-    (fp32), y = C h + D x rounded to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec."""
+    (computed in fp32, stored in the state's dtype: fp32, or bf16 with fast_decode's option), y = C h + D x rounded to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec."""
     h, pid_p, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // heads_per_group
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -159,9 +159,9 @@ def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, x
     D = tl.load(d_ptr + h).to(tl.float32)
     state = state_ptr + ((b * n_heads + h) * HEADDIM + p[:, None]) * D_STATE + n[None, :]  # (BLOCK_P, BLOCK_N)
     s_ok = p_ok[:, None] & n_ok[None, :]
-    s = tl.load(state, mask=s_ok, other=0.0)
+    s = tl.load(state, mask=s_ok, other=0.0).to(tl.float32)  # the state fp32 or bf16, the update in fp32
     s = s * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]  # eq. 3: A_bar = exp(dt A), B_bar = dt B
-    tl.store(state, s, mask=s_ok)
+    tl.store(state, s.to(state_ptr.dtype.element_ty), mask=s_ok)
     y = (tl.sum(s * C[None, :], axis=1) + D * x).to(Y_DTYPE).to(tl.float32)  # y = C h + D x
     z = tl.load(row + h * HEADDIM + p, mask=p_ok, other=0.0)  # z: proj's first d_inner columns
     tl.store(v_ptr + b * d_inner + h * HEADDIM + p, y * (z * tl.sigmoid(z)), mask=p_ok)
@@ -221,7 +221,7 @@ def norm_matvec(residual, norm, weight, out, conv_state=None, mixer=None):
 
 def block_step(block, residual, conv_state, ssm_state):
     """`Mamba2Block.step` as three kernels: residual (b, d_model) is updated in place and returned, conv_state
-    (b, conv_dim, d_conv - 1) and ssm_state (b, h, p, n) fp32 too."""
+    (b, conv_dim, d_conv - 1) and ssm_state (b, h, p, n) fp32 (or bf16) too."""
     mixer = block.mixer
     c = mixer.config
     b = residual.shape[0]

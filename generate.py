@@ -42,6 +42,9 @@ def parse_args(argv=None):
                    help="decode step by step from Python (default on CUDA: each step a CUDA graph)")
     p.add_argument("--kernels", choices=["fused", "compiled", "plain"],
                    help="the decoding step's kernels (default: fused on CUDA with Triton, else plain)")
+    p.add_argument("--state", default="fp32", choices=["fp32", "bf16"],
+                   help="the SSM state's dtype while decoding (bf16: as mamba-ssm keeps it, faster at batch 8 and "
+                        "more; its error: docs/speed.md)")
     p.add_argument("--compile", action="store_true",
                    help="the LM blocks through torch.compile for the prefill (pays in long chats, not for one answer)")
     args = p.parse_args(argv)
@@ -150,7 +153,9 @@ def main(argv=None):
             raise ValueError(f"{args.model} has no tokenizer.json")
         if args.device.startswith("cuda"):  # the prefill's SSD arranged for a GPU, or mamba-ssm's kernel
             fast_ssd.use_ssd(model)
-        decoder = fast_decode.decoder_for(model.lm, args.kernels, cuda_graph=not args.eager_decode)  # None: eager
+        state = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.state]
+        decoder = fast_decode.decoder_for(model.lm, args.kernels, cuda_graph=not args.eager_decode,
+                                          state_dtype=state)  # None: the eager plain loop
         if args.compile:
             fast_decode.compile_blocks(model.lm)
         generator = torch.Generator(device=args.device).manual_seed(args.seed)

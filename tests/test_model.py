@@ -335,6 +335,22 @@ def test_generate_cli_end_to_end(cli_model):
     assert out.stdout.strip() == model.tokenizer.decode(ids).strip() and out.stdout.endswith("\n")
 
 
+def test_generate_cli_with_a_bf16_state_decodes_with_one(cli_model, monkeypatch, capsys):
+    """--state bf16: the decoder keeps the SSM state in bf16 (fast_decode.allocate_cache), and on this tiny model it
+    answers as the fp32 state does."""
+    import fast_decode
+    import generate
+    caches, allocate = [], fast_decode.allocate_cache
+    monkeypatch.setattr(fast_decode, "allocate_cache", lambda *a, **k: caches.append(allocate(*a, **k)) or caches[-1])
+    args = ["--model", str(cli_model / "mlmamba"), "--image", str(cli_model / "image.png"), "--prompt", "How many?",
+            "--max-new-tokens", "5", "--device", "cpu"]
+    assert generate.main([*args, "--state", "bf16"]) == 0
+    answer = capsys.readouterr().out
+    assert caches and all(layer.ssm_state.dtype == torch.bfloat16 for layer in caches[-1].layers)
+    assert generate.main(args) == 0
+    assert capsys.readouterr().out == answer and answer.strip()
+
+
 @pytest.mark.slow
 def test_generate_cli_with_compiled_blocks_answers_as_without(cli_model):
     """--compile runs the prefill through compiled blocks: the same answer as the plain blocks."""
