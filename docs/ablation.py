@@ -7,7 +7,7 @@ on that LM one new connector of each variant (`train.py --stage both --init-from
 S`), as the README's ablation; with --probe each connector's linear probes (docs/spatial_probe.py). Prints, per variant,
 the mean and the range over the seeds of each family's held-out accuracy (and probe), and spatial per seed; writes the
 same to OUT/ablation.json. A run already finished (its eval.json) is kept, so an interrupted ablation goes on where it
-stopped; a run that fails is named with its log.
+stopped; a run that fails is named with its log. Paths are read from the current folder.
 """
 
 import argparse
@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,14 +29,12 @@ VARIANTS = ["mlp/bsm", "msc-basic/bsm", "msc-advanced/bsm", "msc-basic/csm", "ms
 COLUMNS = sorted(FAMILIES) + ["overall"]  # the README's order
 
 
-def run(args, out, log_name, script=ROOT / "train.py"):
-    """train.py (or the script args start with) with args, its output in out/log_name; None when it ends well, else
-    the log's path."""
+def run(script, args, out, log_name):
+    """python ROOT/script args, its output in out/log_name; None when it ends well, else the log's path."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / log_name
     with open(log, "w") as f:
-        rc = subprocess.call([sys.executable, *([str(script)] if script else []), *args], stdout=f,
-                             stderr=subprocess.STDOUT, cwd=ROOT)
+        rc = subprocess.call([sys.executable, str(ROOT / script), *args], stdout=f, stderr=subprocess.STDOUT)
     return None if rc == 0 else log
 
 
@@ -45,14 +43,14 @@ def text_stage(seed, out, extra, world):
     out/seed-N/text/eval.json (both kept when they are there)."""
     folder = out / f"seed-{seed}" / "text"
     if not (folder / "final" / "config.json").is_file():
-        failed = run(["--stage", "pretrain", "--no-eval", "--seed", str(seed), "--out", str(folder), "--overwrite",
-                      *extra], folder.parent, "text.log")
+        failed = run("train.py", ["--stage", "pretrain", "--no-eval", "--seed", str(seed), "--out", str(folder),
+                                  "--overwrite", *extra], folder.parent, "text.log")
         if failed:
             return failed
     if (folder / "eval.json").is_file():
         return None
-    failed = run(["--model", str(folder / "final"), "--questions", str(world / "test_text.json")], folder.parent,
-                 "text.eval.log", script=ROOT / "evaluate.py")
+    failed = run("evaluate.py", ["--model", str(folder / "final"), "--questions", str(world / "test_text.json")],
+                 folder.parent, "text.eval.log")
     if failed:
         return failed
     lines = [line.split(":") for line in (folder.parent / "text.eval.log").read_text().splitlines() if ":" in line]
@@ -67,21 +65,26 @@ def image_stages(seed, variant, out, extra, world=None):
     name = variant.replace("/", "-")
     folder = out / f"seed-{seed}" / name
     if not (folder / "eval.json").is_file():
-        failed = run(["--stage", "both", "--init-from", str(out / f"seed-{seed}" / "text" / "final"), "--connector",
-                      kind, "--scan", scan, "--seed", str(seed), "--out", str(folder), "--overwrite", *extra],
-                     folder.parent, f"{name}.log")
+        failed = run("train.py", ["--stage", "both", "--init-from", str(out / f"seed-{seed}" / "text" / "final"),
+                                  "--connector", kind, "--scan", scan, "--seed", str(seed), "--out", str(folder),
+                                  "--overwrite", *extra], folder.parent, f"{name}.log")
         if failed:
             return failed
     if world is None or (folder / "probes.json").is_file():
         return None
-    return run([str(ROOT / "docs" / "spatial_probe.py"), "--run", str(folder), "--world", str(world), "--probes-only"],
-               folder.parent, f"{name}.probe.log", script=None)
+    return run("docs/spatial_probe.py", ["--run", str(folder), "--world", str(world), "--probes-only"], folder.parent,
+               f"{name}.probe.log")
 
 
-def in_parallel(jobs, calls):
-    """Each call (a function of no arguments) on `jobs` threads; exits naming the logs of the runs that failed."""
+def in_parallel(jobs, calls, what, t0):
+    """Each call (a function of no arguments) on `jobs` threads, a line as each ends; exits naming the logs of the
+    runs that failed."""
+    failed = []
     with ThreadPoolExecutor(jobs) as pool:
-        failed = [log for log in pool.map(lambda call: call(), calls) if log is not None]
+        for k, done in enumerate(as_completed([pool.submit(call) for call in calls]), 1):
+            if done.result() is not None:
+                failed.append(done.result())
+            print(f"{what}: {k}/{len(calls)} done, {len(failed)} failed ({time.time() - t0:.0f} s)", flush=True)
     if failed:
         sys.exit("runs failed; their logs: " + ", ".join(str(f) for f in failed))
 
@@ -136,10 +139,9 @@ def main(argv=None):
     cfg = parse_args(extra)
     prepare_data(cfg, SimpleNamespace(rank=0, world_size=1), print)  # the world, built once
     world = Path(cfg.synthetic_dir).resolve()
-    in_parallel(args.jobs, [lambda s=s: text_stage(s, out, extra, world) for s in args.seeds])
-    print(f"text stages done ({time.time() - t0:.0f} s)", flush=True)
+    in_parallel(args.jobs, [lambda s=s: text_stage(s, out, extra, world) for s in args.seeds], "text stages", t0)
     in_parallel(args.jobs, [lambda s=s, v=v: image_stages(s, v, out, extra, world if args.probe else None)
-                            for v in args.variants for s in args.seeds])
+                            for v in args.variants for s in args.seeds], "connectors", t0)
     table = summary(out, args.seeds, args.variants)
     in_words = {s: json.loads((out / f"seed-{s}" / "text" / "eval.json").read_text()) for s in args.seeds}
     (out / "ablation.json").write_text(json.dumps({"seeds": args.seeds, "train_options": extra, "table": table,
