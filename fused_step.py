@@ -144,7 +144,8 @@ def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, x
                          HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Eq. 3 for one token, heads x (BLOCK_P rows of the state) per program: h = exp(dt A) h + dt x B^T in place
-    (computed in fp32, stored in the state's dtype: fp32, or bf16 with fast_decode's option), y = C h + D x rounded to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec."""
+    (computed in fp32, stored in the state's dtype: fp32, or bf16 with fast_decode's option), y = C h + D x rounded
+    to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec."""
     h, pid_p, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // heads_per_group
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)

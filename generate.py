@@ -43,8 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--kernels", choices=["fused", "compiled", "plain"],
                    help="the decoding step's kernels (default: fused on CUDA with Triton, else plain)")
     p.add_argument("--state", default="fp32", choices=["fp32", "bf16"],
-                   help="the SSM state's dtype while decoding (bf16: as mamba-ssm keeps it, faster at batch 8 and "
-                        "more; its error: docs/speed.md)")
+                   help="the SSM state's dtype while decoding (bf16: as mamba-ssm keeps it, half the state's bytes; "
+                        "its error: docs/speed.md)")
     p.add_argument("--compile", action="store_true",
                    help="the LM blocks through torch.compile for the prefill (pays in long chats, not for one answer)")
     args = p.parse_args(argv)

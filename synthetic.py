@@ -247,14 +247,15 @@ def world_model(tokenizer, lm_width=96, lm_layers=3, prompt="in-out", patch=16, 
     """Two small from-scratch encoders (frozen), the connector (ConnectorConfig fields: kind, scan, drop_path), a
     small Mamba-2 LM. Images are 48 px; with 16 px patches the image tokens are a 3 x 3 grid, one per cell of the
     scenes; with 8 px patches a 6 x 6 grid, each shape spread over 2 x 2 tokens that the connector can join."""
-    if (GRID * 16) % patch:
-        raise ValueError(f"patch {patch} px does not divide the world's {GRID * 16} px images; use a divisor (16, 8)")
-    side = GRID * 16 // patch
+    image = GRID * 16  # px, the world's images (build_synthetic_dataset's default cell)
+    if image % patch:
+        raise ValueError(f"patch {patch} px does not divide the world's {image} px images; use a divisor (16, 8)")
+    side = image // patch
     # chunk 16: the conversations are ~60-100 tokens, and the intra-chunk (Q, Q) products grow with Q
     lm = Mamba2Config(d_model=lm_width, n_layer=lm_layers, vocab_size=tokenizer.get_vocab_size(), d_state=16,
                       headdim=16, chunk_size=16, pad_vocab_size_multiple=16)
-    vit = dict(image_size=48, patch_size=patch, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-               input_size=48)
+    vit = dict(image_size=image, patch_size=patch, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+               input_size=image)
     vision = {"dinov2": ViTConfig("dinov2", **vit), "siglip": ViTConfig("siglip", **vit)}
     cc = ConnectorConfig.for_lm(lm, vision_dim=128, grid=(side, side), **connector)
     return MLMamba(MLMambaConfig(lm=lm, vision=vision, connector=cc, max_length=512, prompt=prompt), tokenizer)
