@@ -105,7 +105,7 @@ class TrainConfig:
                             group=SYNTHETIC, action=argparse.BooleanOptionalAction)
     lm_width: int = option(96, "the LM's d_model (a GPU's preset: 192)", group=SYNTHETIC, type=positive_int)
     lm_layers: int = option(3, "the LM's layers", group=SYNTHETIC, type=positive_int)
-    patch: int = option(16, "the encoders' patch in px: 16, a token per cell; 8, a shape over 2 x 2 of 36 tokens",
+    patch: int = option(16, "the encoders' patch in px: 16, a token per cell; 8 (a CPU's preset), 2 x 2 tokens a cell",
                         group=SYNTHETIC, type=int, choices=[16, 8])
 
     def uses_bf16(self, device):

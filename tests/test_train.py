@@ -375,16 +375,17 @@ def test_patch_8_gives_the_synthetic_model_2_x_2_image_tokens_a_cell(world, tmp_
 
 
 def test_the_synthetic_preset_on_a_gpu_adds_a_wider_lm_and_the_describe_turn():
-    """config/synthetic.py's on_cuda: on CUDA the synthetic run takes lm_width 192 and describe; the CPU keeps 96
-    and none; options given on the command line win over both; the paper preset compiles the blocks on CUDA only."""
+    """config/synthetic.py: 8 px patches on the CPU; on CUDA (on_cuda) lm_width 192, the describe turn and 16 px
+    patches; the CPU keeps 96 and no describe turn; options given on the command line win over both; the paper preset
+    compiles the blocks on CUDA only."""
     def picked(*argv):
         cfg = T.parse_args(list(argv))
-        return cfg.lm_width, cfg.describe, cfg.lr
-    assert picked("--device", "cpu") == (96, False, 1e-3)
-    assert picked("--device", "cuda") == (192, True, 1e-3)
-    assert picked("--device", "cuda:1") == (192, True, 1e-3)
-    assert picked("--device", "cuda", "--lm-width", "96", "--no-describe") == (96, False, 1e-3)
-    assert picked("--device", "cpu", "--describe") == (96, True, 1e-3)
+        return cfg.lm_width, cfg.describe, cfg.patch, cfg.lr
+    assert picked("--device", "cpu") == (96, False, 8, 1e-3)
+    assert picked("--device", "cuda") == (192, True, 16, 1e-3)
+    assert picked("--device", "cuda:1") == (192, True, 16, 1e-3)
+    assert picked("--device", "cuda", "--lm-width", "96", "--no-describe", "--patch", "8") == (96, False, 8, 1e-3)
+    assert picked("--device", "cpu", "--describe", "--patch", "16") == (96, True, 16, 1e-3)
     paper_on_cuda = T.parse_args(["--device", "cuda", "--data", "x.json"])
     assert paper_on_cuda.lm_width == 96 and paper_on_cuda.compile  # the paper preset: compiled blocks on CUDA
     assert not T.parse_args(["--device", "cpu", "--data", "x.json"]).compile
