@@ -12,6 +12,6 @@ precision = "fp32"
 patch = 8  # 2 x 2 image tokens a cell: more accurate than 16 px over seeds 0-4 (docs/synthetic-world.md)
 # On CUDA also a 192-wide LM and a last turn that asks for the scene in words: they make every question family
 # learnable with seeds 0-4, for seconds of GPU time; on a CPU the wider LM costs many minutes
-# (docs/synthetic-world.md). 16 px patches on a GPU, where no 8 px run alone is timed.
+# (docs/synthetic-world.md). 16 px patches on a GPU, where 8 px runs past the minute.
 # --lm-width 96 --no-describe --patch 8 gives a GPU the CPU's recipe.
 on_cuda = dict(lm_width=192, describe=True, patch=16)
