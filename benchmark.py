@@ -242,15 +242,13 @@ def time_generation(model, ids, new, kernels, timed, state_dtype=torch.float32):
     return t_one, t_all, (t_all - t_one) / (new - 1)
 
 
-STATES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 @torch.no_grad()
 def state_error(model, ids, steps, kernels):
     """(largest |logit difference| / largest |logit|, share of equal greedy tokens) of `steps` steps with the bf16
     state against the fp32 state, from the same prompt, the fp32 run's greedy tokens fed to both."""
     step = fast_decode.step_function(model, kernels)
-    caches = {name: fast_decode.allocate_cache(model, ids.shape[0], dtype) for name, dtype in STATES.items()}
+    caches = {name: fast_decode.allocate_cache(model, ids.shape[0], dtype)
+              for name, dtype in fast_decode.STATE_DTYPES.items()}
     logits = {name: [model.prefill(cache, input_ids=ids)] for name, cache in caches.items()}
     for _ in range(steps):
         token = logits["fp32"][-1].argmax(-1)
@@ -265,13 +263,10 @@ def bench_decode(args):
     """Generation of `new` tokens after a `prompt`-token prompt, at each batch size, random bf16 weights (the speed
     does not depend on the values when the length is forced), one GPU, every number from this one run: ours eagerly
     and on CUDA graphs with each form of the step, mamba-ssm's generate(cg=True), the memory-bandwidth bound."""
-    from mamba2 import Mamba2LMHeadModel, mamba2_preset
     assert torch.cuda.is_available(), "the decode benchmark needs a GPU"
-    dev, dtype = "cuda", torch.bfloat16
-    cfg = mamba2_preset(args.size)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = fast_ssd.use_ssd(Mamba2LMHeadModel(cfg).to(dtype).eval())
+    dev = "cuda"
+    model = random_lm(args.size)
+    cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     bandwidth = copy_bandwidth(dev)
     bound_ms = n_params * 2 / bandwidth * 1e3  # one step reads the bf16 weights once
@@ -291,7 +286,8 @@ def bench_decode(args):
                              (t_all - t_one) / (args.eager_tokens - 1), kernels_per_step(model, batch, "plain")))
             for kernels in args.kernels:
                 for state in args.states:
-                    t_one, t_all, per = time_generation(model, ids, args.new, kernels, timed, STATES[state])
+                    t_one, t_all, per = time_generation(model, ids, args.new, kernels, timed,
+                                                        fast_decode.STATE_DTYPES[state])
                     rows.append((f"ours, {kernels} step on CUDA graphs" + (", bf16 state" if state == "bf16" else ""),
                                  args.new, t_one, t_all, per, kernels_per_step(model, batch, kernels)))
             if "bf16" in args.states:
@@ -332,11 +328,8 @@ def bench_calls(args):
     """Answers in a row on one decoder, each a new `prompt`-token prompt and `new` tokens at batch 1 (random bf16
     weights): the first call compiles and captures the step and its prompt bucket's prefill, later ones replay them.
     Prints each call's seconds and the slowest after the first against the median of the third and later."""
-    from mamba2 import Mamba2LMHeadModel, mamba2_preset
     assert torch.cuda.is_available(), "the calls benchmark needs a GPU"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = fast_ssd.use_ssd(Mamba2LMHeadModel(mamba2_preset(args.size)).to(torch.bfloat16).eval())
+    model = random_lm(args.size)
     decoder = fast_decode.decoder_for(model, args.kernels)
     times = []
     for _ in range(args.calls):
@@ -357,11 +350,8 @@ def bench_tiles(args):
     norm_matvec (in_proj, LM head), then of gated_matvec (out_proj) with the best of the first, at batch 1; then of
     the tensor-core tile at batch 8. Ends with the kernels' times in one batch-1 step (profiled)."""
     import fused_step as FS
-    from mamba2 import Mamba2LMHeadModel, mamba2_preset
-    cfg = mamba2_preset(args.size)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = fast_ssd.use_ssd(Mamba2LMHeadModel(cfg).to(torch.bfloat16).eval())
+    model = random_lm(args.size)
+    cfg = model.config
     timed = partial(seconds, repeats=3, device="cuda")
     with torch.no_grad():
         for name, candidates in TILES.items():
@@ -396,6 +386,15 @@ def profile_fused_step(model, batch=1):
 # ----------------------------------------------------------------------------------------------------------------
 # The paper's configuration: DINOv2-L + SigLIP so400m at 384 px, MSC (advanced, BSM), Mamba-2 2.7B; random weights
 # ----------------------------------------------------------------------------------------------------------------
+
+def random_lm(size):
+    """A Mamba-2 LM of a preset size (mamba2_preset) with random weights (seed 0), bf16, on the GPU, its SSD arranged
+    there: the decoding benchmarks' model."""
+    from mamba2 import Mamba2LMHeadModel, mamba2_preset
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return fast_ssd.use_ssd(Mamba2LMHeadModel(mamba2_preset(size)).to(torch.bfloat16).eval())
+
 
 def paper_model(size="2.7b", device="cuda"):
     """The paper's ML-Mamba (model.paper_config) with random weights, its SSD arranged for the GPU."""
@@ -530,12 +529,9 @@ def bench_scaling(args):
     size (transformers' Phi-2 architecture, 2.7B, sdpa attention; TinyLLaVA's LM) in one run, bf16, batch 1,
     random weights. The prompt is the image tokens + 16 text tokens (random embeddings)."""
     import transformers
-    from mamba2 import Mamba2LMHeadModel, mamba2_preset
     assert torch.cuda.is_available(), "the scaling benchmark needs a GPU"
     dev, dtype = "cuda", torch.bfloat16
-    torch.manual_seed(0)
-    with torch.device(dev):
-        ours = fast_ssd.use_ssd(Mamba2LMHeadModel(mamba2_preset(args.size)).to(dtype).eval())
+    ours = random_lm(args.size)
     phi_cfg = transformers.PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240,
                                      num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=16384,
                                      attn_implementation="sdpa")
@@ -747,7 +743,8 @@ def bench_train(args):
           f"{sum(p.numel() for p in trainable) / 1e9:.2f}B trainable (connector + LM), fp32 master weights, fused "
           f"AdamW, bf16 autocast, LM gradient checkpointing; per sample 729 image + {args.text_tokens} text tokens, "
           f"{flops / 1e12:.2f} TFLOP of model FLOPs (forward + backward, matrix products) + {recomputed / 1e12:.2f} "
-          f"TFLOP recomputed; MFU against the {peak / 1e12 if peak else None} TFLOP/s bf16 peak, recomputation not counted (HFU counts it)")
+          f"TFLOP recomputed; MFU against the {peak / 1e12 if peak else None} TFLOP/s bf16 peak, recomputation not "
+          "counted (HFU counts it)")
     print("| SSD path | per-device batch | s / step | samples/s | MFU | HFU | peak GB |")
     print("|---|---|---|---|---|---|---|")
     backends = [b for b in args.backends if b != "mamba_ssm" or S._mamba_chunk_scan_combined() is not None]
@@ -855,7 +852,7 @@ def make_parser():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--kernels", nargs="+", default=["fused", "compiled", "plain"],
                    choices=["fused", "compiled", "plain"], help="the step forms timed on CUDA graphs")
-    p.add_argument("--states", nargs="+", default=["fp32"], choices=list(STATES),
+    p.add_argument("--states", nargs="+", default=["fp32"], choices=list(fast_decode.STATE_DTYPES),
                    help="the SSM state's dtype (bf16 as mamba-ssm keeps it; then also its error against fp32)")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")
     p = sub.add_parser("calls", allow_abbrev=False,

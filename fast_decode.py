@@ -107,6 +107,9 @@ def layer_by_layer_step(model, block_step, token, cache):
     return model.lm_head(model.norm_f(residual)).float()
 
 
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the SSM state's dtypes, by the options' names
+
+
 def allocate_cache(model, batch_size, state_dtype=torch.float32):
     """model.allocate_cache with the SSM state in state_dtype: fp32 (the model's), or bf16 as mamba-ssm keeps a bf16
     model's state (half the state's bytes). Every step still computes in fp32 and rounds the new state to bf16;

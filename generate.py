@@ -153,9 +153,8 @@ def main(argv=None):
             raise ValueError(f"{args.model} has no tokenizer.json")
         if args.device.startswith("cuda"):  # the prefill's SSD arranged for a GPU, or mamba-ssm's kernel
             fast_ssd.use_ssd(model)
-        state = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.state]
         decoder = fast_decode.decoder_for(model.lm, args.kernels, cuda_graph=not args.eager_decode,
-                                          state_dtype=state)  # None: the eager plain loop
+                                          state_dtype=fast_decode.STATE_DTYPES[args.state])  # None: the eager loop
         if args.compile:
             fast_decode.compile_blocks(model.lm)
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
