@@ -102,13 +102,19 @@ def test_a_gpu_benchmark_without_a_gpu_is_one_line_and_exit_code_2(argv, capsys)
     assert err.count("\n") == 1 and "CUDA is not available here" in err
 
 
+def load_docs_script(name):
+    """A script of docs/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_spatial_probe_labels_cells_and_fits_a_linear_map():
     """docs/spatial_probe.py: a scene's cell labels in reading order, and a linear probe that reads a linearly
     separable target perfectly and random labels near chance."""
     import torch
-    spec = importlib.util.spec_from_file_location("spatial_probe", ROOT / "docs" / "spatial_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_docs_script("spatial_probe")
     content, index = probe.cell_labels([(0, 1, "circle", "red"), (2, 2, "triangle", "yellow")])
     assert content.tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 1 + 3 * 3 + 2] and index.tolist() == list(range(9))
     content, index = probe.cell_labels([(0, 1, "circle", "red")], side=6)  # 8 px patches: 2 x 2 tokens a cell
@@ -119,13 +125,6 @@ def test_the_spatial_probe_labels_cells_and_fits_a_linear_map():
     assert probe.linear_probe(x[:200], y[:200], x[200:], y[200:], 5) > 0.97
     noise = torch.randint(0, 5, (300, 9), generator=g)
     assert probe.linear_probe(x[:200], noise[:200], x[200:], noise[200:], 5) < 0.35
-
-
-def load_docs_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_ablation_summarizes_each_variant_over_the_seeds(tmp_path):
