@@ -1,9 +1,11 @@
-"""The SSD on a GPU without mamba-ssm's kernel: `ssd_chunked` (ssd.py) arranged for a GPU, and how a model's mixers
-are given it (`use_ssd`). The values equal the teaching scan's within the inputs' precision (tests/test_ssd.py).
+"""The SSD's faster forms, and how a model's mixers are given one (`use_ssd`): `ssd_chunked` (ssd.py) arranged for a
+GPU, and mamba-ssm's Triton kernel where it is installed (`find_kernel`). The values equal the teaching scan's within
+the inputs' precision (tests/test_ssd.py).
 
-train.py, generate.py and benchmark.py choose the SSD in their main(): on CUDA, mamba-ssm's kernel where it is
-installed, else `ssd_chunked_fast`. Both torch forms compile inside `fast_decode.compile_blocks`, which keeps
-Inductor from splitting their cumulative sums (`fast_decode.whole_scans`).
+train.py, evaluate.py and benchmark.py choose the SSD in their main(): on CUDA, mamba-ssm's kernel where it is
+installed, else `ssd_chunked_fast`; generate.py takes `ssd_chunked_fast`, which has nothing to tune before a first
+answer. Both torch forms compile inside `fast_decode.compile_blocks`, which keeps Inductor from splitting their
+cumulative sums (`fast_decode.whole_scans`).
 """
 
 import functools
@@ -72,11 +74,38 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     return y.to(x.dtype), final_state.reshape(b, h, p, n)
 
 
+_kernel = None  # mamba-ssm's chunked scan, as find_kernel wraps it; None before it is found, or when it is missing
+_looked_up = False
+
+
+def find_kernel():
+    """mamba-ssm's chunked scan, called as `ssd.ssd` is and wrapped to run as it is inside compiled graphs (its
+    autotuning and launch stay outside them); None when mamba-ssm (or its Triton kernels) cannot be imported. Looked
+    up once per process, by use_ssd, so that no compiled graph ever traces the import."""
+    global _kernel, _looked_up
+    if not _looked_up:
+        _looked_up = True
+        try:
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        except Exception:  # ImportError, or a broken CUDA/Triton install
+            return None
+
+        @torch.compiler.disable
+        def call(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+            y, final_state = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state,
+                                                       return_final_states=True)
+            return y, final_state.float()
+        _kernel = call
+    return _kernel
+
+
 def ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
-    """`ssd.ssd` for a GPU: mamba-ssm's kernel where it is installed, else `ssd_chunked_fast` (chunks of at most
-    FAST_CHUNK); on the CPU, `ssd_chunked`."""
-    if not x.is_cuda or S._kernel_installed():
-        return S.ssd(x, dt, A, B, C, chunk_size, D, initial_state)
+    """`ssd.ssd` for a GPU: mamba-ssm's kernel where use_ssd found it installed, else `ssd_chunked_fast` (chunks of at
+    most FAST_CHUNK); on the CPU, `ssd_chunked`."""
+    if not x.is_cuda:
+        return S.ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+    if _kernel is not None:
+        return _kernel(x, dt, A, B, C, chunk_size, D, initial_state)
     return ssd_chunked_fast(x, dt, A, B, C, min(chunk_size, FAST_CHUNK), D=D, initial_state=initial_state)
 
 
@@ -93,10 +122,10 @@ def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
 def kernel(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """mamba-ssm's kernel, or an error that says it cannot run here."""
-    if not (x.is_cuda and S._kernel_installed()):
+    if not (x.is_cuda and find_kernel() is not None):
         raise RuntimeError("mamba-ssm's SSD kernel needs the mamba-ssm package importable and CUDA tensors "
-                           f"(importable: {S._kernel_installed()}, tensors on: {x.device})")
-    return S._ssd_kernel(x, dt, A, B, C, chunk_size, D, initial_state)
+                           f"(importable: {find_kernel() is not None}, tensors on: {x.device})")
+    return _kernel(x, dt, A, B, C, chunk_size, D, initial_state)
 
 
 # The SSD forms by name, for use_ssd and benchmark.py: the teaching scan, the GPU arrangement, compiled, the kernel,
@@ -107,9 +136,11 @@ SSD_FORMS = {"plain": S.ssd, "torch": S.ssd_chunked, "torch-fast": ssd_chunked_f
 
 def use_ssd(model, form="auto"):
     """Every Mamba-2 mixer of `model` (its LM's, the connector's) computes eq. 3 with the named SSD form ("plain":
-    `ssd.ssd` again)."""
+    `ssd.ssd` again). "auto" and "mamba_ssm" look mamba-ssm's kernel up first (`find_kernel`)."""
     if form not in SSD_FORMS:
         raise ValueError(f"unknown SSD form {form!r}: use one of {', '.join(SSD_FORMS)}")
+    if form in ("auto", "mamba_ssm"):
+        find_kernel()
     for module in model.modules():
         if isinstance(module, Mamba2Mixer):  # the release's BiMamba2 too
             module.ssd = SSD_FORMS[form]

@@ -447,7 +447,7 @@ class Mamba2LMHeadModel(nn.Module):
         with config_errors(folder / "config.json"):
             fields, layout = mamba2_config_fields(read_config(folder))
             config = Mamba2Config(**fields)
-        return load_on_meta(lambda: cls(config), read_tensors(folder), mamba2_key_map(config, layout),
+        return load_on_meta(lambda: cls(config), read_tensors(folder, device), mamba2_key_map(config, layout),
                             ignore={"lm_head.weight"} if config.tie_embeddings else (),
                             source=f"Mamba-2 checkpoint {folder} ({layout} layout)", dtype=dtype, device=device)
 

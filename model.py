@@ -341,8 +341,8 @@ class MLMamba(nn.Module):
         folder = Path(folder)
         config = MLMambaConfig.from_file(folder / "config.json")  # a CheckpointError when there is none
         tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
-        model = load_on_meta(lambda: cls(config), read_tensors(folder), source=f"ML-Mamba checkpoint {folder}",
-                             dtype=dtype, device=device)
+        model = load_on_meta(lambda: cls(config), read_tensors(folder, device),
+                             source=f"ML-Mamba checkpoint {folder}", dtype=dtype, device=device)
         model.set_tokenizer(tokenizer)
         return model
 

@@ -15,15 +15,13 @@ What is here, in reading order (ML-Mamba paper, arXiv 2407.19832, section 3.1; M
    - `ssd_quadratic`: the dual, attention-like form y = (L o C B^T) (dt x), L the 1-semiseparable decay mask,
    - `ssd_chunked`:   the chunked SSD algorithm (Mamba-2 paper, listing 1, "ssd_minimal"): quadratic inside each
                       chunk, a recurrence over chunk states between chunks. Linear in the length.
-4. `ssd_step`: one decoding step, O(1) in the length; `ssd`: what the model calls, `ssd_chunked`, or mamba-ssm's
-   Triton kernel for CUDA tensors when mamba-ssm is installed (fast_ssd.py holds ssd_chunked arranged for a GPU).
+4. `ssd_step`: one decoding step, O(1) in the length; `ssd`: what the model calls, `ssd_chunked` (fast_ssd.py holds
+   ssd_chunked arranged for a GPU, and mamba-ssm's Triton kernel where it is installed).
 
 Shapes follow mamba-ssm: x (b, l, h, p), dt (b, l, h) already positive, A (h,) negative, B and C (b, l, g, n) with
 h % g == 0 (head i reads group i // (h // g)), D (h,), state (b, h, p, n).
 Numerics: dt, A, the segment sums, the exponentials and the state are computed in fp32 (fp64 inputs stay fp64).
 """
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -251,37 +249,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. The entry point the model calls: mamba-ssm's Triton kernel on CUDA when installed, else ssd_chunked
+# 4. The entry point the model calls
 # ----------------------------------------------------------------------------------------------------------------
 
-@functools.cache
-def _mamba_chunk_scan_combined():
-    """mamba-ssm's fused chunked scan, or None when mamba-ssm (and its Triton kernels) cannot be imported. The answer
-    is kept: a failed import is tried once per process, not on every call."""
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:  # ImportError, or a broken CUDA/Triton install
-        return None
-    return mamba_chunk_scan_combined
-
-
-@torch.compiler.disable  # torch.compile of a caller runs the kernel as it is, and never traces the cached look-up
-def _ssd_kernel(x, dt, A, B, C, chunk_size, D, initial_state):
-    y, final_state = _mamba_chunk_scan_combined()(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state,
-                                                  return_final_states=True)
-    return y, final_state.float()
-
-
-@torch.compiler.assume_constant_result
-def _kernel_installed():
-    """Whether mamba-ssm's kernel imports: a constant to torch.compile, which then never traces a failing import."""
-    return _mamba_chunk_scan_combined() is not None
-
-
 def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
-    """The selective SSD over a whole sequence, what the Mamba-2 mixer calls: mamba-ssm's fused kernel for CUDA
-    tensors where mamba-ssm is installed (the optional fast path), else `ssd_chunked`. Returns (y (b, l, h, p),
-    final_state (b, h, p, n) fp32)."""
-    if x.is_cuda and _kernel_installed():  # CUDA first: on the CPU, torch.compile never looks the kernel up
-        return _ssd_kernel(x, dt, A, B, C, chunk_size, D, initial_state)
+    """The selective SSD over a whole sequence, what the Mamba-2 mixer calls: `ssd_chunked`. Faster forms of it
+    (ssd_chunked arranged for a GPU, mamba-ssm's Triton kernel) are given to a model's mixers from outside, by
+    fast_ssd.use_ssd. Returns (y (b, l, h, p), final_state (b, h, p, n) fp32)."""
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)

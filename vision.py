@@ -147,7 +147,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size,
                                      bias=c.kind != "clip")  # CLIP's patch projection has no bias
         n_pos = (c.image_size // c.patch_size) ** 2 + int(c.has_class_token and not c.no_embed_class)
-        self.pos_embed = nn.Parameter(torch.randn(1, n_pos, c.hidden_size) * 0.02)
+        self.pos_embed = nn.Parameter(torch.empty(1, n_pos, c.hidden_size).normal_(std=0.02))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size)) if c.has_class_token else None
         self.register_tokens = (nn.Parameter(torch.zeros(1, c.num_register_tokens, c.hidden_size))
                                 if c.num_register_tokens else None)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 
 class CheckpointError(RuntimeError):
@@ -71,23 +72,53 @@ def inside(root, name):
     return path if path.resolve().is_relative_to(Path(root).resolve()) else None
 
 
-def _read_one(file):
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def load_safetensors_to(file, device):
+    """A .safetensors file's tensors as {name: tensor} on `device`, its data section moved in one copy: the file is
+    8 bytes of header length (little-endian), a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, then
+    the tensors' bytes back to back. Each tensor is a view of the one moved buffer, or a copy where its offset is not
+    16-byte aligned (a view needs its dtype's alignment, and kernels read aligned rows fastest)."""
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 + n:
+            raise ValueError(f"the header says {n} bytes, and the file holds {size - 8} after the length")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"the tensors end at byte {8 + n + end}, and the file has {size}")
+    data = torch.from_file(str(file), shared=False, size=8 + n + end, dtype=torch.uint8)[8 + n:].to(device)
+    tensors = {}
+    for name, info in header.items():
+        begin, stop = info["data_offsets"]
+        raw = data[begin:stop] if begin % 16 == 0 else data[begin:stop].clone()
+        tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
+
+
+def _read_one(file, device="cpu"):
     try:
         if file.suffix == ".safetensors":
-            return load_file(str(file))
-        return torch.load(str(file), map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+            return load_file(str(file)) if str(device) == "cpu" else load_safetensors_to(file, device)
+        return torch.load(str(file), map_location=device, weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"could not read {file}: {type(e).__name__}: {e}. The file is truncated or corrupt: "
                               "download it again") from None
 
 
-def read_tensors(folder):
-    """All tensors of a checkpoint folder as {name: tensor}, whichever of the public file layouts it uses."""
+def read_tensors(folder, device="cpu"):
+    """All tensors of a checkpoint folder as {name: tensor} on `device`, whichever of the public file layouts it
+    uses. On a GPU each safetensors file goes there in one copy (`load_safetensors_to`)."""
     folder = Path(folder)
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (folder / single).is_file():
-            return _read_one(folder / single)
+            return _read_one(folder / single, device)
         if (folder / index).is_file():  # sharded: the index maps each tensor to its shard file
             weight_map = read_config(folder, index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -97,7 +128,7 @@ def read_tensors(folder):
                 path = inside(folder, shard)
                 if path is None:
                     raise CheckpointError(f"{folder / index} names the shard {shard!r}, outside {folder}")
-                tensors.update(_read_one(path))
+                tensors.update(_read_one(path, device))
             return tensors
     raise CheckpointError(f"no weights in {folder}: expected model.safetensors (or shards with "
                           "model.safetensors.index.json) or pytorch_model.bin")
@@ -182,11 +213,25 @@ def matched_state(model, tensors, key_map=None, ignore=(), source="checkpoint"):
     return match_tensors(expected, tensors, key_map or {k: k for k in expected}, ignore=ignore, source=source)
 
 
+class NoRandomFills(TorchFunctionMode):
+    """Inside it, a normal fill of a meta tensor (Tensor.normal_, nn.init.normal_, xavier_normal_, ...) returns the
+    tensor as it is. A model built on the meta device has no values to draw, and torch runs normal_ on meta through a
+    Python kernel whose first call imports its symbolic-shape machinery (sympy, the compiler's modules): seconds of
+    start-up for a loader that needs none of it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__name__", "").endswith("normal_") and getattr(tensor, "is_meta", False):
+            return tensor
+        return func(*args, **kwargs)
+
+
 def load_on_meta(build, tensors, key_map=None, ignore=(), source="checkpoint", dtype=torch.float32, device="cpu"):
     """Every loader's sequence: the model built by build() on the meta device (no memory, no random init), the
     checkpoint's `tensors` matched to its names and shapes (`matched_state`) and put in place, tied weights tied
     again, then the model moved to dtype and device."""
-    with torch.device("meta"):
+    with NoRandomFills(), torch.device("meta"):
         model = build()
     state = matched_state(model, tensors, key_map, ignore, source)
     model.load_state_dict(state, strict=False, assign=True)  # match_tensors checked that every tensor is there

@@ -172,6 +172,82 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         Mamba2LMHeadModel.from_pretrained(tmp_path / "mamba1")
 
 
+def test_the_one_copy_reader_equals_safetensors_own(hf_checkpoint, tmp_path):
+    """weights.load_safetensors_to (a GPU load's reader: the data section moved in one copy, each tensor a view)
+    gives safetensors' own load_file, to the bit, on transformers' file and on one with every dtype, odd sizes, a 0-d
+    and an empty tensor and metadata; the written values of a file laid out by hand with unaligned offsets; and a
+    truncated file is a CheckpointError on any device."""
+    from safetensors.torch import load_file, save_file
+    from weights import load_safetensors_to, read_tensors
+    _, folder = hf_checkpoint
+    odd = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 3).half(),
+           "i64": torch.arange(5), "i8": torch.tensor([-3, 4], dtype=torch.int8), "bool": torch.tensor(True),
+           "f64": torch.randn(3, dtype=torch.float64), "empty": torch.zeros(0, 4)}
+    save_file(odd, str(tmp_path / "odd.safetensors"), metadata={"format": "pt"})
+    for file in (folder / "model.safetensors", tmp_path / "odd.safetensors"):
+        expected, got = load_file(str(file)), load_safetensors_to(file, "cpu")
+        assert got.keys() == expected.keys()
+        for k, v in expected.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    by_hand = {"one": torch.tensor([7], dtype=torch.int8), "odd": torch.randn(3).bfloat16(), "f32": torch.randn(2, 2)}
+    header, body = {}, b""
+    for k, v in by_hand.items():  # back to back, unsorted: "odd" starts at byte 1, "f32" at 7
+        raw = v.view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": {torch.int8: "I8", torch.bfloat16: "BF16"}.get(v.dtype, "F32"), "shape": list(v.shape),
+                     "data_offsets": [len(body), len(body) + len(raw)]}
+        body += raw
+    head = json.dumps(header).encode()
+    (tmp_path / "by_hand.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + body)
+    got = load_safetensors_to(tmp_path / "by_hand.safetensors", "cpu")
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in by_hand.items())
+    data = (folder / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_tensors(tmp_path, device="meta")
+    (tmp_path / "model.safetensors").write_bytes(data[:6])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_tensors(tmp_path, device="meta")
+
+
+def test_importing_the_model_and_loading_a_checkpoint_pull_in_no_compiler(hf_checkpoint):
+    """The teaching files and generate.py's speed-ups import neither torch._dynamo nor sympy (what torch.compile's
+    decorators, and a random fill on the meta device, import: seconds of start-up) nor mamba-ssm, and neither does
+    loading a checkpoint (weights.NoRandomFills): a fresh process, its modules listed."""
+    import subprocess
+    from pathlib import Path
+    _, folder = hf_checkpoint
+    code = ("import sys; import ssd, mamba2, vision, connector, model, data, fast_ssd, fast_decode, generate; "
+            f"mamba2.Mamba2LMHeadModel.from_pretrained({str(folder)!r}); "
+            "print(' '.join(m for m in ('torch._dynamo', 'sympy', 'mamba_ssm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == ""
+
+
+def test_no_random_fills_skips_only_the_meta_devices_draws():
+    """weights.NoRandomFills: on the meta device a normal fill returns its tensor (nothing drawn); on the CPU every
+    fill draws as without it, to the bit."""
+    from weights import NoRandomFills
+    torch.manual_seed(0)
+    plain = Mamba2LMHeadModel(Mamba2Config(**TINY)).state_dict()
+    with NoRandomFills():
+        torch.manual_seed(0)
+        inside = Mamba2LMHeadModel(Mamba2Config(**TINY)).state_dict()
+        with torch.device("meta"):
+            t = torch.empty(3, 4)
+            assert torch.nn.init.normal_(t) is t and t.normal_() is t and torch.nn.init.xavier_normal_(t) is t
+    assert all(torch.equal(plain[k], inside[k]) for k in plain)
+
+
+@pytest.mark.gpu
+def test_a_checkpoint_loaded_straight_to_the_gpu_equals_the_cpu_load(hf_checkpoint):
+    _, folder = hf_checkpoint
+    on_cpu = Mamba2LMHeadModel.from_pretrained(folder, dtype=torch.bfloat16)
+    on_gpu = Mamba2LMHeadModel.from_pretrained(folder, dtype=torch.bfloat16, device="cuda")
+    for (name, a), (_, b) in zip(on_cpu.state_dict().items(), on_gpu.state_dict().items()):
+        assert b.is_cuda and b.dtype == a.dtype and torch.equal(a, b.cpu()), name
+
+
 def test_repo_id_without_network_says_how_to_download(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach for the network in a test
@@ -399,8 +475,7 @@ def test_parameter_counts_of_the_public_sizes():
 def test_cuda_lm_same_logits_with_either_ssd_backend_and_cached_decode(monkeypatch):
     """On the GPU: the LM gives the same logits through mamba-ssm's kernel, ssd_chunked and ssd_chunked_fast, and
     the cached decode (prefill + ssd_step) equals the full forward."""
-    import ssd as S
-    from fast_ssd import use_ssd
+    from fast_ssd import find_kernel, use_ssd
     model = tiny_model(seed=4, chunk_size=64).cuda()
     ids = torch.randint(0, 100, (2, 150), device="cuda")
     with torch.no_grad():
@@ -409,7 +484,7 @@ def test_cuda_lm_same_logits_with_either_ssd_backend_and_cached_decode(monkeypat
         cache = model.allocate_cache(2)
         steps = [model(ids[:, :140], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(140, 150)]
         torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=1e-4, atol=1e-4)
-        if S._mamba_chunk_scan_combined() is None:
+        if find_kernel() is None:
             pytest.skip("mamba-ssm not installed: only the torch path was checked")
         use_ssd(model, "mamba_ssm")
         torch.testing.assert_close(model(ids), ref, rtol=2e-3, atol=2e-3)
@@ -463,31 +538,31 @@ def test_compile_blocks_makes_inductor_split_no_scan(monkeypatch):
 
 
 @pytest.mark.parametrize("checkpointing,kernel_importable", [(False, False), (True, False), (False, True)])
-def test_compiled_blocks_are_one_graph_and_train_as_the_eager_blocks(monkeypatch, request, checkpointing,
-                                                                     kernel_importable):
+def test_compiled_blocks_are_one_graph_and_train_as_the_eager_blocks(monkeypatch, checkpointing, kernel_importable):
     """fast_decode.compile_blocks (train.py --compile): every block's forward runs through one compiled function, whose
-    loss and
-    gradients equal the eager blocks', with and without gradient checkpointing, and with mamba-ssm importable (CPU
-    tensors never look its kernel up); compile_blocks(False) undoes it. (Dynamo with the eager backend, so no
-    compiler is needed here.)"""
+    loss and gradients equal the eager blocks', with and without gradient checkpointing, and with mamba-ssm's kernel
+    found by use_ssd("auto") (CPU tensors never run it); compile_blocks(False) undoes it. (Dynamo with the eager
+    backend, so no compiler is needed here.)"""
     import types
 
     import fast_decode
-    import ssd
+    import fast_ssd
     from torch._dynamo.utils import counters
-    if kernel_importable:  # a stand-in for the installed package
-        request.addfinalizer(ssd._mamba_chunk_scan_combined.cache_clear)
-        ssd._mamba_chunk_scan_combined.cache_clear()
+    model = tiny_model(seed=9).train()
+    if kernel_importable:  # a stand-in for the installed package, found by use_ssd
         fake = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
         fake.mamba_chunk_scan_combined = lambda *args, **kwargs: None
         for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
             monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
         monkeypatch.setitem(sys.modules, fake.__name__, fake)
+        monkeypatch.setattr(fast_ssd, "_looked_up", False)
+        monkeypatch.setattr(fast_ssd, "_kernel", None)
+        fast_ssd.use_ssd(model, "auto")
+        assert fast_ssd._kernel is not None
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(Mamba2Block.forward, backend="eager")
     monkeypatch.setattr(fast_decode, "compiled_block_forward", lambda: compiled)
-    model = tiny_model(seed=9).train()
     model.gradient_checkpointing = checkpointing
     ids = torch.randint(0, 100, (2, 19))
     results = []

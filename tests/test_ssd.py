@@ -1,11 +1,11 @@
 """Equation-level tests of ssd.py: each form checked against an independent computation."""
 
 import math
+import sys
 
 import pytest
 import torch
 
-import ssd as S
 from fast_ssd import SSD_FORMS, ssd_chunked_fast
 from ssd import (segsum, ssd, ssd_chunked, ssd_quadratic, ssd_recurrent, ssd_step, ssm_conv,
                  ssm_conv_kernel,
@@ -366,20 +366,30 @@ def test_ssd_entry_point_on_cpu_uses_the_chunked_scan():
 
 
 def test_the_kernel_call_passes_its_arguments_and_runs_outside_compiled_graphs(monkeypatch):
-    """ssd._ssd_kernel hands mamba-ssm's kernel the inputs, D and the initial state by its names and returns the final
-    state in fp32; a compiled caller runs it as it is, without tracing the cached look-up (no warning)."""
+    """fast_ssd.find_kernel's wrapper hands mamba-ssm's kernel the inputs, D and the initial state by its names and
+    returns the final state in fp32; a compiled caller runs it as it is (no warning); it is looked up once."""
+    import types
     import warnings
+    import fast_ssd
     seen = []
 
     def kernel(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False):
         seen.append((chunk_size, D, initial_states, return_final_states, torch.compiler.is_compiling()))
         return x * 2, initial_states.to(torch.bfloat16) + 1
-    monkeypatch.setattr(S, "_mamba_chunk_scan_combined", lambda: kernel)
+    fake = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
+    fake.mamba_chunk_scan_combined = kernel
+    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setattr(fast_ssd, "_looked_up", False)
+    monkeypatch.setattr(fast_ssd, "_kernel", None)
+    call = fast_ssd.find_kernel()
+    assert call is not None and fast_ssd.find_kernel() is call
     x, dt, A, B, C, D, s0 = random_ssd_inputs(b=1, l=5, h=2, p=3, g=1, n=4)
-    caller = torch.compile(lambda *args: S._ssd_kernel(*args), backend="eager", fullgraph=False)
+    caller = torch.compile(lambda *args: call(*args), backend="eager", fullgraph=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for run in (S._ssd_kernel, caller):
+        for run in (call, caller):
             y, final = run(x, dt, A, B, C, 8, D, s0)
             torch.testing.assert_close(y, x * 2)
             assert final.dtype == torch.float32 and torch.equal(final, (s0.to(torch.bfloat16) + 1).float())
@@ -391,7 +401,8 @@ def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
     """Both GPU paths against the float64 recurrence, errors relative to max |y|. mamba-ssm's Triton kernel
     multiplies fp32 in TF32 (10-bit mantissa) inside tl.dot, so it is held to 5e-3; ssd_chunked and ssd_chunked_fast
     (fp32, compiled or not) to 1e-5."""
-    if S._mamba_chunk_scan_combined() is None:
+    from fast_ssd import find_kernel
+    if find_kernel() is None:
         pytest.skip("mamba-ssm is not installed")
     inputs = random_ssd_inputs(b=2, l=300, h=8, p=16, g=2, n=32)
     x, dt, A, B, C, D, s0 = inputs
