@@ -12,7 +12,9 @@ this file's:
   bucket of prompt lengths (multiples of PREFILL_BUCKET): the prompt is padded to its bucket and `length` marks its
   real positions, so the padding leaves the cache as it was after the last real token (`Mamba2Mixer`). A bucket's
   first prompt captures it (one eager warm-up prefill, then the capture), and every prompt of the bucket replays it:
-  no answer after the first pays for a capture. At most MAX_PREFILL_CAPTURES buckets keep theirs.
+  no answer after the first pays for a capture. At most MAX_PREFILL_CAPTURES buckets keep theirs. With
+  prefill_graphs=False every prefill runs eagerly (generate.py: one conversation, so one prefill from an empty cache,
+  where a capture would cost more than it saves).
 - the SSM state's dtype (`state_dtype`): fp32 by default; bf16 as mamba-ssm keeps a bf16 model's state, half the
   bytes each step reads and writes, every update still computed in fp32 (`allocate_cache`).
 
@@ -166,10 +168,11 @@ def zero_cache(cache):
 
 
 class CapturedBatch:
-    """One batch size's fixed-address cache, its captured step, and its captured prefills by bucket."""
+    """One batch size's fixed-address cache, its captured step, and its captured prefills by bucket (none with
+    prefill_graphs=False: each prefill runs eagerly in the fixed-address cache)."""
 
-    def __init__(self, model, batch_size, step, state_dtype=torch.float32):
-        self.model = model
+    def __init__(self, model, batch_size, step, state_dtype=torch.float32, prefill_graphs=True):
+        self.model, self.prefill_graphs = model, prefill_graphs
         self.cache = allocate_cache(model, batch_size, state_dtype)
         self.holder = None  # the caller's cache that the tensors are lent to
         self.token = torch.zeros(batch_size, dtype=torch.long, device=model.embedding.weight.device)
@@ -193,6 +196,9 @@ class CapturedBatch:
 
     def prefill(self, embeds, length):
         """The prompt from an empty cache; returns each row's last real position's logits (b, padded_vocab)."""
+        if not self.prefill_graphs:
+            zero_cache(self.cache)
+            return self.model.prefill(self.cache, inputs_embeds=embeds, length=length)
         l = embeds.shape[1]
         bucket = prefill_bucket(l)
         if bucket not in self.prefills:  # the bucket's first prompt captures it; the oldest capture past the cap goes
@@ -226,23 +232,23 @@ class GraphedDecoder:
     addresses: the decoder is valid while the model's parameters stay where they were (`decoder_for` makes a new one
     after model.to(...)). The caller's caches borrow a batch's fixed-address tensors while they decode."""
 
-    def __init__(self, model, kernels, state_dtype=torch.float32):
-        self.model, self.kernels, self.state_dtype = model, kernels, state_dtype
-        self.key = decoder_key(model, kernels, state_dtype)
+    def __init__(self, model, kernels, state_dtype=torch.float32, prefill_graphs=True):
+        self.model, self.kernels, self.state_dtype, self.prefill_graphs = model, kernels, state_dtype, prefill_graphs
+        self.key = decoder_key(model, kernels, state_dtype, prefill_graphs)
         self.batches = {}  # batch size -> CapturedBatch
 
     def batch(self, batch_size):
         if batch_size not in self.batches:
             self.batches[batch_size] = CapturedBatch(self.model, batch_size, step_function(self.model, self.kernels),
-                                                     self.state_dtype)
+                                                     self.state_dtype, self.prefill_graphs)
         return self.batches[batch_size]
 
     def allocate_cache(self, batch_size):
         return Mamba2Cache()  # empty: prefill lends it a batch's tensors
 
     def prefill(self, cache, inputs_embeds, length=None):
-        """From an empty cache, the captured (or first, eager) prefill; after what a cache holds (a conversation's
-        later turn), the prompt runs eagerly through it."""
+        """From an empty cache, the bucket's captured prefill (or the eager one, without prefill graphs); after what
+        a cache holds (a conversation's later turn), the prompt runs eagerly through it."""
         batch = self.batch(inputs_embeds.shape[0])
         continuing = cache.seqlen_offset > 0
         batch.lend(cache)
@@ -261,27 +267,29 @@ class GraphedDecoder:
         return batch.step_logits
 
 
-def decoder_key(model, kernels, state_dtype):
-    return kernels, state_dtype, model.embedding.weight.dtype, tuple(p.data_ptr() for p in model.parameters())
+def decoder_key(model, kernels, state_dtype, prefill_graphs):
+    return (kernels, state_dtype, prefill_graphs, model.embedding.weight.dtype,
+            tuple(p.data_ptr() for p in model.parameters()))
 
 
 _DECODERS = weakref.WeakKeyDictionary()  # model -> its GraphedDecoder
 
 
-def decoder_for(model, kernels=None, cuda_graph=None, state_dtype=torch.float32):
+def decoder_for(model, kernels=None, cuda_graph=None, state_dtype=torch.float32, prefill_graphs=True):
     """The fast decoder of a Mamba2LMHeadModel (an MLMamba's: model.lm), for generate(decoder=...): on CUDA a
     GraphedDecoder, with the fused step unless `kernels` names another (kept, and made anew when the model's weights
-    move); elsewhere, or with cuda_graph=False, the eager loop with the named kernels (default plain, with the fp32
-    state: then None, the model itself). state_dtype: the SSM state's (`allocate_cache`)."""
+    move), its prefills captured per bucket unless prefill_graphs=False; elsewhere, or with cuda_graph=False, the
+    eager loop with the named kernels (default plain, with the fp32 state: then None, the model itself).
+    state_dtype: the SSM state's (`allocate_cache`)."""
     graphs = model.embedding.weight.is_cuda and cuda_graph is not False
     kernels = kernels or (default_kernels(model) if graphs else "plain")
     if not graphs:
         plain = kernels == "plain" and state_dtype == torch.float32
         return None if plain else KernelDecoder(model, kernels, state_dtype)
     kept = _DECODERS.get(model)
-    if kept is None or kept.key != decoder_key(model, kernels, state_dtype):
+    if kept is None or kept.key != decoder_key(model, kernels, state_dtype, prefill_graphs):
         _DECODERS.pop(model, None)  # the old captures are freed first
-        kept = _DECODERS[model] = GraphedDecoder(model, kernels, state_dtype)
+        kept = _DECODERS[model] = GraphedDecoder(model, kernels, state_dtype, prefill_graphs)
     return kept
 
 

@@ -9,14 +9,10 @@ On CUDA, decoding runs on CUDA graphs with the fused Triton step (fast_decode.py
 """
 
 import argparse
-import os
 import sys
 import time
 
 T_START = time.perf_counter()
-# Triton keeps compiled kernels on disk by default; this keeps the timings of autotuned kernels (mamba-ssm's SSD, when
-# installed) too, so that a later run does not benchmark them again.
-os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 import torch
 
@@ -151,10 +147,12 @@ def main(argv=None):
         t_load = time.perf_counter() - T_START
         if model.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json")
-        if args.device.startswith("cuda"):  # the prefill's SSD arranged for a GPU, or mamba-ssm's kernel
-            fast_ssd.use_ssd(model)
+        if args.device.startswith("cuda"):  # the SSD arranged for a GPU in plain PyTorch: nothing to tune or compile
+            fast_ssd.use_ssd(model, "torch-fast")  # before the first token, where mamba-ssm's kernel autotunes
+        # one conversation, so one prefill from an empty cache: eager, where a capture would cost more than it saves
         decoder = fast_decode.decoder_for(model.lm, args.kernels, cuda_graph=not args.eager_decode,
-                                          state_dtype=fast_decode.STATE_DTYPES[args.state])  # None: the eager loop
+                                          state_dtype=fast_decode.STATE_DTYPES[args.state],
+                                          prefill_graphs=False)  # None: the eager loop
         if args.compile:
             fast_decode.compile_blocks(model.lm)
         generator = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -26,13 +26,6 @@ SHAPES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def torch_ssd(monkeypatch):
-    """The prefills here run ssd_chunked: mamba-ssm's kernel, when installed, would autotune for every new shape."""
-    import ssd
-    monkeypatch.setattr(ssd, "_kernel_installed", lambda: False)
-
-
 def fused_model(seed, **kw):
     """A tiny random LM with norm weights and conv biases away from their init, so that a term left out shows."""
     torch.manual_seed(seed)
@@ -194,6 +187,19 @@ def test_graphed_decoding_continues_a_cache_as_the_eager_loop_does():
         for a, b in zip(eager_cache.layers, graph_cache.layers):
             torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=1e-4, atol=1e-5)
         assert graph_cache.seqlen_offset == eager_cache.seqlen_offset
+
+
+@pytest.mark.gpu
+def test_without_prefill_graphs_the_prefill_runs_eagerly_and_gives_the_eager_tokens():
+    """decoder_for(prefill_graphs=False) (generate.py's): the step still on a CUDA graph, each prefill eager in the
+    fixed-address cache; the eager loop's tokens for two prompts, no prefill captured, and a decoder of its own."""
+    model = fused_model(5)
+    decoder = fast_decode.decoder_for(model, "fused", prefill_graphs=False)
+    for length in (21, 40):
+        ids = torch.randint(0, 100, (2, length), device="cuda")
+        assert torch.equal(model.generate(ids, max_new_tokens=12, decoder=decoder),
+                           model.generate(ids, max_new_tokens=12)), length
+    assert decoder.batch(2).prefills == {} and fast_decode.decoder_for(model, "fused") is not decoder
 
 
 @pytest.mark.gpu
