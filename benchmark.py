@@ -484,10 +484,13 @@ def print_pipeline_table(rows, new, bound):
         print(f"| {name} | {t:.3f} | {rate:.1f} | {vs_ref} | {rate / bound:.0%} | {rate / 171.0:.2f}x |", flush=True)
 
 
-def word_tokenizer(n_words):
-    """A word-level tokenizer of n_words ("w0", "w1", ...): a stand-in with the LM's vocabulary size."""
+def word_tokenizer(vocab_size):
+    """A word-level tokenizer ("w0", "w1", ..., then "<|endoftext|>") of an LM's vocabulary size, as GPT-NeoX's
+    ends with its stop token; MLMamba.set_tokenizer adds "<image>" after it. A stand-in for the LM's own."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n_words)}, unk_token="w0"))
+    from model import EOS_TOKEN
+    words = {f"w{i}": i for i in range(vocab_size - 1)}
+    tokenizer = Tokenizer(models.WordLevel({**words, EOS_TOKEN: vocab_size - 1}, unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return tokenizer
 
@@ -496,20 +499,23 @@ def bench_coldstart(args):
     """`python generate.py` answering one question about an image in a fresh process, on a random ML-Mamba at the
     paper's configuration saved in bf16 (a word-level tokenizer stands in for GPT-NeoX's), `runs` times in a row,
     the first with Triton's kernel cache empty: what generate.py prints (start-up and load, first token, last
-    token) and the wall time of the whole call seen from outside."""
+    token) and the wall time of the whole call seen from outside. Python's bytecode is cached in the folder and
+    written by one import before the first run, as an installed package has it (pip compiles it)."""
     import shutil
     from PIL import Image
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
         model = paper_model(args.size, "cuda").to(torch.bfloat16)
-        model.set_tokenizer(word_tokenizer(model.config.lm.vocab_size - 100))
+        model.set_tokenizer(word_tokenizer(model.config.lm.vocab_size))
         model.save_pretrained(folder)
         del model
         torch.cuda.empty_cache()
     Image.fromarray(torch.randint(0, 255, (384, 384, 3), dtype=torch.uint8).numpy()).save(folder / "image.png")
     cache = folder / "triton-cache"
     shutil.rmtree(cache, ignore_errors=True)
-    env = dict(os.environ, TRITON_CACHE_DIR=str(cache))
+    env = dict(os.environ, TRITON_CACHE_DIR=str(cache), PYTHONPYCACHEPREFIX=str(folder / "pycache"))
+    subprocess.run([sys.executable, "-c", "import generate, fast_decode, fast_ssd, fused_step, model"], env=env,
+                   cwd=Path(__file__).parent, check=True)
     print(f"generate.py on {torch.cuda.get_device_name()}, random ML-Mamba ({args.size}, bf16) in {folder}, 256 new "
           f"tokens; run 1 with an empty Triton cache")
     for run in range(1, args.runs + 1):
@@ -522,6 +528,64 @@ def bench_coldstart(args):
         print(f"run {run}: exit {out.returncode}, wall seen from outside {wall:.2f} s; {timing}", flush=True)
         if out.returncode:
             print(out.stderr[-3000:])
+
+
+LOADERS = {  # a safetensors file onto the GPU, three ways: code run in a fresh process by bench_load
+    "load_file, then .to": "from safetensors.torch import load_file; t = {k: v.to('cuda') for k, v in "
+                           "load_file(FILE).items()}",
+    "load_file(device='cuda')": "from safetensors.torch import load_file; t = load_file(FILE, device='cuda')",
+    "weights.load_safetensors_to (one copy)": "from weights import load_safetensors_to; "
+                                              "t = load_safetensors_to(FILE, 'cuda')",
+}
+
+
+def bench_load(args):
+    """A checkpoint's model.safetensors onto the GPU by each of LOADERS, each in a fresh process (CUDA initialized
+    first, not timed), `repeats` rounds in turn; the file in the page cache after the first read."""
+    file = Path(args.folder) / "model.safetensors"
+    print(f"{file} ({file.stat().st_size / 1e9:.2f} GB) onto {torch.cuda.get_device_name()}, seconds:")
+    for _ in range(args.repeats):
+        for name, code in LOADERS.items():
+            timed = ("import time, torch; torch.zeros(1, device='cuda'); t0 = time.perf_counter(); "
+                     + code.replace("FILE", repr(str(file)))
+                     + "; torch.cuda.synchronize(); print(f'{time.perf_counter() - t0:.2f}')")
+            out = subprocess.run([sys.executable, "-c", timed], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent)
+            print(f"  {name}: {out.stdout.strip() or out.stderr.strip()[-300:]}", flush=True)
+
+
+def bench_answers(args):
+    """evaluate.py's batched answers at the paper's configuration: `questions` questions, each about its own random
+    384 px image, through evaluate.answer_questions (fast_decode.generate_batch on the model's GraphedDecoder), 32 a
+    batch and one at a time; each batch size's first pass (kernel choices, graph captures) timed apart from the
+    second. A random model rarely stops early: most answers run to max-new-tokens."""
+    import tempfile
+    from PIL import Image
+    import evaluate
+    model = paper_model(args.size, "cuda").to(torch.bfloat16).eval()
+    model.set_tokenizer(word_tokenizer(model.config.lm.vocab_size))
+    root = Path(tempfile.mkdtemp())
+    gen = torch.Generator().manual_seed(0)
+    for i in range(args.questions):
+        Image.fromarray(torch.randint(0, 255, (384, 384, 3), dtype=torch.uint8, generator=gen).numpy()).save(
+            root / f"{i}.png")
+    questions = [{"question": "w1 w2 w3 w4 w5", "image": f"{i}.png"} for i in range(args.questions)]
+    print(f"evaluate.answer_questions on {torch.cuda.get_device_name()}: random ML-Mamba ({args.size}, bf16), "
+          f"{args.questions} questions (729 image + ~20 text tokens each), up to {args.max_new_tokens} new tokens")
+    print("| questions a batch | first pass s | second pass s | questions/s | ms a question |")
+    print("|---|---|---|---|---|")
+    for batch in args.batch:
+        times = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                evaluate.answer_questions(model, questions, root, args.max_new_tokens, progress=False,
+                                          batch_size=batch)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        print(f"| {batch} | {times[0]:.2f} | {times[1]:.2f} | {args.questions / times[1]:.2f} | "
+              f"{1000 * times[1] / args.questions:.1f} |", flush=True)
 
 
 def bench_scaling(args):
@@ -747,7 +811,7 @@ def bench_train(args):
           "counted (HFU counts it)")
     print("| SSD path | per-device batch | s / step | samples/s | MFU | HFU | peak GB |")
     print("|---|---|---|---|---|---|---|")
-    backends = [b for b in args.backends if b != "mamba_ssm" or S._mamba_chunk_scan_combined() is not None]
+    backends = [b for b in args.backends if b != "mamba_ssm" or fast_ssd.find_kernel() is not None]
     times = {}
     for backend in backends:
         for compiled in (False, True) if args.compile else (False,):
@@ -808,7 +872,7 @@ def bench_ssd_backward(args, backends):
 
 
 # the subcommands with no CPU form
-GPU_ONLY = ("decode", "calls", "tiles", "coldstart", "pipeline", "scaling", "train")
+GPU_ONLY = ("decode", "calls", "tiles", "coldstart", "load", "answers", "pipeline", "scaling", "train")
 
 
 def main(argv=None):
@@ -824,7 +888,7 @@ def main(argv=None):
               + ("; use --device cpu" if args.what not in GPU_ONLY else ""), file=sys.stderr)
         return 2
     {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "calls": bench_calls, "tiles": bench_tiles,
-     "coldstart": bench_coldstart, "pipeline": bench_pipeline,
+     "coldstart": bench_coldstart, "load": bench_load, "answers": bench_answers, "pipeline": bench_pipeline,
      "scaling": bench_scaling, "train": bench_train}[args.what](args)
 
 
@@ -870,6 +934,16 @@ def make_parser():
     p.add_argument("--size", default="2.7b")
     p.add_argument("--folder", default="/tmp/ml-mamba-random", help="where the random model is written")
     p.add_argument("--runs", type=int, default=2, help="generate.py runs, one after the other")
+    p = sub.add_parser("load", allow_abbrev=False,
+                       help="a checkpoint onto the GPU: safetensors' loaders and ours, each in a fresh process")
+    p.add_argument("--folder", default="/tmp/ml-mamba-random", help="a model folder (coldstart writes one)")
+    p.add_argument("--repeats", type=int, default=2)
+    p = sub.add_parser("answers", allow_abbrev=False,
+                       help="evaluate.py's batched answers at the paper's configuration: questions a second")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--questions", type=int, default=64)
+    p.add_argument("--batch", type=int, nargs="+", default=[32, 1])
+    p.add_argument("--max-new-tokens", type=int, default=10, help="evaluate.py's default")
     p = sub.add_parser("vision", allow_abbrev=False,
                        help="SigLIP and DINOv2 at 384 px: ours vs transformers, same weights")
     p.add_argument("--batch", type=int, default=1)
