@@ -571,7 +571,7 @@ def bench_answers(args):
             root / f"{i}.png")
     questions = [{"question": "w1 w2 w3 w4 w5", "image": f"{i}.png"} for i in range(args.questions)]
     print(f"evaluate.answer_questions on {torch.cuda.get_device_name()}: random ML-Mamba ({args.size}, bf16), "
-          f"{args.questions} questions (729 image + ~20 text tokens each), up to {args.max_new_tokens} new tokens")
+          f"{args.questions} questions (729 image + 9 text tokens each), up to {args.max_new_tokens} new tokens")
     print("| questions a batch | first pass s | second pass s | questions/s | ms a question |")
     print("|---|---|---|---|---|")
     for batch in args.batch:
