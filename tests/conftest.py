@@ -43,6 +43,27 @@ def tokenizer():
     return make_tokenizer(TEXTS)
 
 
+@pytest.fixture
+def fake_mamba_ssm(monkeypatch):
+    """install(kernel): `kernel` importable as mamba-ssm's mamba_chunk_scan_combined, and fast_ssd's look-up undone,
+    for this test alone; returns what fast_ssd.find_kernel then finds."""
+    import sys
+    import types
+
+    import fast_ssd
+
+    def install(kernel):
+        fake = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
+        fake.mamba_chunk_scan_combined = kernel
+        for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, fake.__name__, fake)
+        monkeypatch.setattr(fast_ssd, "_looked_up", False)
+        monkeypatch.setattr(fast_ssd, "_kernel", None)
+        return fast_ssd.find_kernel()
+    return install
+
+
 def tiny_config(kind="msc-advanced", scan="bsm", vocab_size=300):
     from connector import ConnectorConfig
     from mamba2 import Mamba2Config

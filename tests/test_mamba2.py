@@ -538,27 +538,19 @@ def test_compile_blocks_makes_inductor_split_no_scan(monkeypatch):
 
 
 @pytest.mark.parametrize("checkpointing,kernel_importable", [(False, False), (True, False), (False, True)])
-def test_compiled_blocks_are_one_graph_and_train_as_the_eager_blocks(monkeypatch, checkpointing, kernel_importable):
+def test_compiled_blocks_are_one_graph_and_train_as_the_eager_blocks(monkeypatch, fake_mamba_ssm, checkpointing,
+                                                                     kernel_importable):
     """fast_decode.compile_blocks (train.py --compile): every block's forward runs through one compiled function, whose
     loss and gradients equal the eager blocks', with and without gradient checkpointing, and with mamba-ssm's kernel
     found by use_ssd("auto") (CPU tensors never run it); compile_blocks(False) undoes it. (Dynamo with the eager
     backend, so no compiler is needed here.)"""
-    import types
-
     import fast_decode
     import fast_ssd
     from torch._dynamo.utils import counters
     model = tiny_model(seed=9).train()
     if kernel_importable:  # a stand-in for the installed package, found by use_ssd
-        fake = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
-        fake.mamba_chunk_scan_combined = lambda *args, **kwargs: None
-        for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
-            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-        monkeypatch.setitem(sys.modules, fake.__name__, fake)
-        monkeypatch.setattr(fast_ssd, "_looked_up", False)
-        monkeypatch.setattr(fast_ssd, "_kernel", None)
+        assert fake_mamba_ssm(lambda *args, **kwargs: None) is not None
         fast_ssd.use_ssd(model, "auto")
-        assert fast_ssd._kernel is not None
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(Mamba2Block.forward, backend="eager")

@@ -1,7 +1,6 @@
 """Equation-level tests of ssd.py: each form checked against an independent computation."""
 
 import math
-import sys
 
 import pytest
 import torch
@@ -365,10 +364,9 @@ def test_ssd_entry_point_on_cpu_uses_the_chunked_scan():
         use_ssd(model, "cuda")
 
 
-def test_the_kernel_call_passes_its_arguments_and_runs_outside_compiled_graphs(monkeypatch):
+def test_the_kernel_call_passes_its_arguments_and_runs_outside_compiled_graphs(fake_mamba_ssm):
     """fast_ssd.find_kernel's wrapper hands mamba-ssm's kernel the inputs, D and the initial state by its names and
     returns the final state in fp32; a compiled caller runs it as it is (no warning); it is looked up once."""
-    import types
     import warnings
     import fast_ssd
     seen = []
@@ -376,14 +374,7 @@ def test_the_kernel_call_passes_its_arguments_and_runs_outside_compiled_graphs(m
     def kernel(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False):
         seen.append((chunk_size, D, initial_states, return_final_states, torch.compiler.is_compiling()))
         return x * 2, initial_states.to(torch.bfloat16) + 1
-    fake = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
-    fake.mamba_chunk_scan_combined = kernel
-    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, fake.__name__, fake)
-    monkeypatch.setattr(fast_ssd, "_looked_up", False)
-    monkeypatch.setattr(fast_ssd, "_kernel", None)
-    call = fast_ssd.find_kernel()
+    call = fake_mamba_ssm(kernel)
     assert call is not None and fast_ssd.find_kernel() is call
     x, dt, A, B, C, D, s0 = random_ssd_inputs(b=1, l=5, h=2, p=3, g=1, n=4)
     caller = torch.compile(lambda *args: call(*args), backend="eager", fullgraph=False)
