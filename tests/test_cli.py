@@ -127,6 +127,18 @@ def test_the_spatial_probe_labels_cells_and_fits_a_linear_map():
     assert probe.linear_probe(x[:200], noise[:200], x[200:], noise[200:], 5) < 0.35
 
 
+def test_upsampled_tokens_lay_each_cell_over_a_2x2_block_as_8px_patches_do():
+    """docs/upsampled_tokens.py: a 3 x 3 grid's tokens become the 6 x 6 raster of the 8 px world, token (r, c) being
+    the old (r // 2, c // 2)."""
+    import torch
+    up = load_docs_script("upsampled_tokens")
+    tokens = torch.arange(2 * 9 * 5, dtype=torch.float32).reshape(2, 9, 5)
+    grid = up.upsample(tokens)
+    assert grid.shape == (2, 36, 5)
+    assert all(torch.equal(grid[:, 6 * r + c], tokens[:, 3 * (r // 2) + c // 2]) for r in range(6) for c in range(6))
+    assert not torch.equal(grid[:, 1], grid[:, 2]) and torch.equal(grid[:, 0], grid[:, 7])  # row-major raster
+
+
 def test_the_ablation_summarizes_each_variant_over_the_seeds(tmp_path):
     """docs/ablation.py: per variant the mean, min and max over the seeds of each family (eval.json) and of the
     probes (probes.json, where every seed has one), in %; the markdown row gives mean (min-max) and spatial per seed."""
