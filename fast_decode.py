@@ -168,11 +168,10 @@ def zero_cache(cache):
 
 
 class CapturedBatch:
-    """One batch size's fixed-address cache, its captured step, and its captured prefills by bucket (none with
-    prefill_graphs=False: each prefill runs eagerly in the fixed-address cache)."""
+    """One batch size's fixed-address cache, its captured step, and its captured prefills by bucket."""
 
-    def __init__(self, model, batch_size, step, state_dtype=torch.float32, prefill_graphs=True):
-        self.model, self.prefill_graphs = model, prefill_graphs
+    def __init__(self, model, batch_size, step, state_dtype=torch.float32):
+        self.model = model
         self.cache = allocate_cache(model, batch_size, state_dtype)
         self.holder = None  # the caller's cache that the tensors are lent to
         self.token = torch.zeros(batch_size, dtype=torch.long, device=model.embedding.weight.device)
@@ -196,9 +195,6 @@ class CapturedBatch:
 
     def prefill(self, embeds, length):
         """The prompt from an empty cache; returns each row's last real position's logits (b, padded_vocab)."""
-        if not self.prefill_graphs:
-            zero_cache(self.cache)
-            return self.model.prefill(self.cache, inputs_embeds=embeds, length=length)
         l = embeds.shape[1]
         bucket = prefill_bucket(l)
         if bucket not in self.prefills:  # the bucket's first prompt captures it; the oldest capture past the cap goes
@@ -240,19 +236,19 @@ class GraphedDecoder:
     def batch(self, batch_size):
         if batch_size not in self.batches:
             self.batches[batch_size] = CapturedBatch(self.model, batch_size, step_function(self.model, self.kernels),
-                                                     self.state_dtype, self.prefill_graphs)
+                                                     self.state_dtype)
         return self.batches[batch_size]
 
     def allocate_cache(self, batch_size):
         return Mamba2Cache()  # empty: prefill lends it a batch's tensors
 
     def prefill(self, cache, inputs_embeds, length=None):
-        """From an empty cache, the bucket's captured prefill (or the eager one, without prefill graphs); after what
-        a cache holds (a conversation's later turn), the prompt runs eagerly through it."""
+        """From an empty cache, the bucket's captured prefill; after what a cache holds (a conversation's later turn),
+        or without prefill graphs, the prompt runs eagerly through the lent tensors (zeroed for an empty cache)."""
         batch = self.batch(inputs_embeds.shape[0])
-        continuing = cache.seqlen_offset > 0
+        eager = cache.seqlen_offset > 0 or not self.prefill_graphs
         batch.lend(cache)
-        if continuing:
+        if eager:
             return self.model.prefill(cache, inputs_embeds=inputs_embeds, length=length)
         cache.seqlen_offset = inputs_embeds.shape[1]
         return batch.prefill(inputs_embeds, length)
