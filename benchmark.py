@@ -495,6 +495,20 @@ def word_tokenizer(vocab_size):
     return tokenizer
 
 
+def paper_answerer(size):
+    """The paper's ML-Mamba (random weights) in bf16 on the GPU, with a word_tokenizer: a model generate.py and
+    evaluate.py can ask."""
+    model = paper_model(size, "cuda").to(torch.bfloat16).eval()
+    model.set_tokenizer(word_tokenizer(model.config.lm.vocab_size))
+    return model
+
+
+def save_random_image(file, generator=None):
+    """A 384 px image of uniform random pixels, saved to `file`."""
+    from PIL import Image
+    Image.fromarray(torch.randint(0, 255, (384, 384, 3), dtype=torch.uint8, generator=generator).numpy()).save(file)
+
+
 def bench_coldstart(args):
     """`python generate.py` answering one question about an image in a fresh process, on a random ML-Mamba at the
     paper's configuration saved in bf16 (a word-level tokenizer stands in for GPT-NeoX's), `runs` times in a row,
@@ -502,15 +516,13 @@ def bench_coldstart(args):
     token) and the wall time of the whole call seen from outside. Python's bytecode is cached in the folder and
     written by one import before the first run, as an installed package has it (pip compiles it)."""
     import shutil
-    from PIL import Image
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
-        model = paper_model(args.size, "cuda").to(torch.bfloat16)
-        model.set_tokenizer(word_tokenizer(model.config.lm.vocab_size))
+        model = paper_answerer(args.size)
         model.save_pretrained(folder)
         del model
         torch.cuda.empty_cache()
-    Image.fromarray(torch.randint(0, 255, (384, 384, 3), dtype=torch.uint8).numpy()).save(folder / "image.png")
+    save_random_image(folder / "image.png")
     cache = folder / "triton-cache"
     shutil.rmtree(cache, ignore_errors=True)
     env = dict(os.environ, TRITON_CACHE_DIR=str(cache), PYTHONPYCACHEPREFIX=str(folder / "pycache"))
@@ -560,15 +572,12 @@ def bench_answers(args):
     batch and one at a time; each batch size's first pass (kernel choices, graph captures) timed apart from the
     second. A random model rarely stops early: most answers run to max-new-tokens."""
     import tempfile
-    from PIL import Image
     import evaluate
-    model = paper_model(args.size, "cuda").to(torch.bfloat16).eval()
-    model.set_tokenizer(word_tokenizer(model.config.lm.vocab_size))
+    model = paper_answerer(args.size)
     root = Path(tempfile.mkdtemp())
     gen = torch.Generator().manual_seed(0)
     for i in range(args.questions):
-        Image.fromarray(torch.randint(0, 255, (384, 384, 3), dtype=torch.uint8, generator=gen).numpy()).save(
-            root / f"{i}.png")
+        save_random_image(root / f"{i}.png", gen)
     questions = [{"question": "w1 w2 w3 w4 w5", "image": f"{i}.png"} for i in range(args.questions)]
     print(f"evaluate.answer_questions on {torch.cuda.get_device_name()}: random ML-Mamba ({args.size}, bf16), "
           f"{args.questions} questions (729 image + 9 text tokens each), up to {args.max_new_tokens} new tokens")
@@ -914,8 +923,8 @@ def make_parser():
     p.add_argument("--prompt", type=int, default=745, help="prompt tokens (729 image tokens + a question)")
     p.add_argument("--eager-tokens", type=int, default=32, help="tokens for the (slow) eager measurement")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--kernels", nargs="+", default=["fused", "compiled", "plain"],
-                   choices=["fused", "compiled", "plain"], help="the step forms timed on CUDA graphs")
+    p.add_argument("--kernels", nargs="+", default=list(fast_decode.KERNELS), choices=fast_decode.KERNELS,
+                   help="the step forms timed on CUDA graphs")
     p.add_argument("--states", nargs="+", default=["fp32"], choices=list(fast_decode.STATE_DTYPES),
                    help="the SSM state's dtype (bf16 as mamba-ssm keeps it; then also its error against fp32)")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")
@@ -925,7 +934,7 @@ def make_parser():
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--prompt", type=int, default=745)
     p.add_argument("--calls", type=int, default=5)
-    p.add_argument("--kernels", default="fused", choices=["fused", "compiled", "plain"])
+    p.add_argument("--kernels", default="fused", choices=fast_decode.KERNELS)
     p = sub.add_parser("tiles", allow_abbrev=False,
                        help="fused_step's matrix-vector tiles: decode time for each candidate")
     p.add_argument("--size", default="2.7b")
