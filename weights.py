@@ -73,8 +73,9 @@ def inside(root, name):
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+                      "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def load_safetensors_to(file, device):
@@ -96,6 +97,9 @@ def load_safetensors_to(file, device):
     tensors = {}
     for name, info in header.items():
         begin, stop = info["data_offsets"]
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} is stored as {info['dtype']}, which this loader does not "
+                                  "read; load the model with device='cpu' (safetensors' own reader), then move it")
         raw = data[begin:stop] if begin % 16 == 0 else data[begin:stop].clone()
         tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
     return tensors
@@ -106,6 +110,8 @@ def _read_one(file, device="cpu"):
         if file.suffix == ".safetensors":
             return load_file(str(file)) if str(device) == "cpu" else load_safetensors_to(file, device)
         return torch.load(str(file), map_location=device, weights_only=True)
+    except CheckpointError:
+        raise
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"could not read {file}: {type(e).__name__}: {e}. The file is truncated or corrupt: "
                               "download it again") from None

@@ -175,8 +175,8 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
 def test_the_one_copy_reader_equals_safetensors_own(hf_checkpoint, tmp_path):
     """weights.load_safetensors_to (a GPU load's reader: the data section moved in one copy, each tensor a view)
     gives safetensors' own load_file, to the bit, on transformers' file and on one with every dtype, odd sizes, a 0-d
-    and an empty tensor and metadata; the written values of a file laid out by hand with unaligned offsets; and a
-    truncated file is a CheckpointError on any device."""
+    and an empty tensor and metadata; the written values of a file laid out by hand with unaligned offsets; a dtype
+    it does not read, and a truncated file, are CheckpointErrors that say so."""
     from safetensors.torch import load_file, save_file
     from weights import load_safetensors_to, read_tensors
     _, folder = hf_checkpoint
@@ -200,6 +200,11 @@ def test_the_one_copy_reader_equals_safetensors_own(hf_checkpoint, tmp_path):
     (tmp_path / "by_hand.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + body)
     got = load_safetensors_to(tmp_path / "by_hand.safetensors", "cpu")
     assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in by_hand.items())
+    header["one"]["dtype"] = "F4"  # a dtype the reader does not know: named, with the way out
+    head = json.dumps(header).encode()
+    (tmp_path / "by_hand.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + body)
+    with pytest.raises(CheckpointError, match="tensor 'one' is stored as F4, which this loader does not read"):
+        load_safetensors_to(tmp_path / "by_hand.safetensors", "cpu")
     data = (folder / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
