@@ -20,6 +20,7 @@ what the process held before the call, so each number is the working memory of t
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -185,7 +186,7 @@ def bench_vision(args):
 
 
 def time_mamba_ssm_generate(config, ids, new, repeats=2):
-    """Seconds of mamba-ssm's MambaLMHeadModel.generate(cg=True) for `new` tokens after `ids` (b, l), on a random
+    """(seconds for 1 token, for `new` tokens) of mamba-ssm's MambaLMHeadModel.generate(cg=True) after ids (b, l), on a random
     model of the same Mamba-2 config (bf16; the warm-up run captures its graph); None when mamba-ssm cannot be
     imported."""
     try:
@@ -198,8 +199,10 @@ def time_mamba_ssm_generate(config, ids, new, repeats=2):
                                        ssm_cfg={"layer": "Mamba2"}, rms_norm=True, residual_in_fp32=True,
                                        fused_add_norm=True, pad_vocab_size_multiple=16),
                            device=ids.device, dtype=torch.bfloat16).eval()
-    seconds = best_time(lambda: ref.generate(ids, max_length=ids.shape[1] + new, cg=True, top_k=1,
-                                             eos_token_id=None), repeats, ids.device)[0]
+    def timed(n):
+        return best_time(lambda: ref.generate(ids, max_length=ids.shape[1] + n, cg=True, top_k=1, eos_token_id=None),
+                         repeats, ids.device)[0]
+    seconds = timed(1), timed(new)
     del ref
     return seconds
 
@@ -274,6 +277,8 @@ def bench_decode(args):
           f"{args.prompt}-token prompt, {args.new} new tokens; copy bandwidth {bandwidth / 1e12:.2f} TB/s -> a step "
           f"reads the weights in {bound_ms:.2f} ms at best", flush=True)
     timed = partial(seconds, repeats=3, device=dev)
+    if args.compile:
+        fast_decode.compile_blocks(model)
     with torch.no_grad():
         for batch in args.batch:
             ids = torch.randint(0, cfg.vocab_size, (batch, args.prompt), device=dev)
@@ -284,12 +289,14 @@ def bench_decode(args):
                               repeats=1)
                 rows.append(("ours, eager plain step", args.eager_tokens, t_one, t_all,
                              (t_all - t_one) / (args.eager_tokens - 1), kernels_per_step(model, batch, "plain")))
-            for kernels in args.kernels:
-                for state in args.states:
+            for kernels, products, state in step_forms(args):
+                with cublas_from(model, PRODUCTS[products]):
                     t_one, t_all, per = time_generation(model, ids, args.new, kernels, timed,
                                                         fast_decode.STATE_DTYPES[state])
-                    rows.append((f"ours, {kernels} step on CUDA graphs" + (", bf16 state" if state == "bf16" else ""),
-                                 args.new, t_one, t_all, per, kernels_per_step(model, batch, kernels)))
+                    n_kernels = kernels_per_step(model, batch, kernels)
+                rows.append((f"ours, {kernels} step" + (f" ({products} products)" if kernels == "fused" else "")
+                             + " on CUDA graphs" + (", bf16 state" if state == "bf16" else ""),
+                             args.new, t_one, t_all, per, n_kernels))
             if "bf16" in args.states:
                 error, same = state_error(model, ids, 64, args.kernels[0])
                 print(f"bf16 state against fp32, batch {batch}, {args.kernels[0]} step, 64 steps: logits within "
@@ -297,10 +304,36 @@ def bench_decode(args):
             fast_decode.forget_decoder(model)  # frees the captured graphs before mamba-ssm runs
             t_ref = time_mamba_ssm_generate(cfg, ids, args.new)
             if t_ref is not None:
-                rows.append(("mamba-ssm generate(cg=True)", args.new, None, t_ref, None, None))
+                rows.append(("mamba-ssm generate(cg=True)", args.new, t_ref[0], t_ref[1],
+                             (t_ref[1] - t_ref[0]) / (args.new - 1), None))
             print_decode_table(batch, rows, bound_ms)
         for batch in args.batch if args.profile else []:
             profile_fused_step(model, batch)
+
+
+PRODUCTS = {"auto": None, "tiles": 2 ** 31, "cublas": 1}  # fused_step.CUBLAS_FROM_BATCH for each --products
+
+
+def step_forms(args):
+    """(kernels, products, state) of each generation that bench_decode times: products matter to the fused step
+    only."""
+    return [(k, p, s) for k in args.kernels for p in (args.products if k == "fused" else ["auto"])
+            for s in args.states]
+
+
+@contextlib.contextmanager
+def cublas_from(model, batch):
+    """fused_step.CUBLAS_FROM_BATCH set to batch (None: as it is) inside the block, the model's captured decoder made
+    anew on the way in and out."""
+    import fused_step
+    kept = fused_step.CUBLAS_FROM_BATCH
+    fused_step.CUBLAS_FROM_BATCH = kept if batch is None else batch
+    fast_decode.forget_decoder(model)
+    try:
+        yield
+    finally:
+        fused_step.CUBLAS_FROM_BATCH = kept
+        fast_decode.forget_decoder(model)
 
 
 def print_decode_table(batch, rows, bound_ms):
@@ -927,6 +960,11 @@ def make_parser():
                    help="the step forms timed on CUDA graphs")
     p.add_argument("--states", nargs="+", default=["fp32"], choices=list(fast_decode.STATE_DTYPES),
                    help="the SSM state's dtype (bf16 as mamba-ssm keeps it; then also its error against fp32)")
+    p.add_argument("--products", nargs="+", default=["auto"], choices=list(PRODUCTS),
+                   help="the fused step's matrix products: auto (Triton tiles below fused_step.CUBLAS_FROM_BATCH "
+                        "sequences, cuBLAS from there), or one of them at every batch")
+    p.add_argument("--compile", action="store_true",
+                   help="the LM blocks through torch.compile for our prefills (fast_decode.compile_blocks)")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")
     p = sub.add_parser("calls", allow_abbrev=False,
                        help="answers in a row on one decoder: the first, the second, the steady state")

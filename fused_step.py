@@ -22,6 +22,7 @@ linear layers without bias (every public Mamba-2 checkpoint); `supports(config)`
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -33,6 +34,7 @@ MATVEC_TILE = dict(BLOCK_R=16, BLOCK_K=256, num_warps=4)  # norm_matvec: in_proj
 GATED_TILE = dict(BLOCK_R=4, BLOCK_K=1024, num_warps=4)  # gated_matvec: out_proj
 DOT_TILE = dict(BLOCK_R=64, BLOCK_K=64, num_warps=4)  # both, with tl.dot
 DOT_MIN_BATCH = 5
+CUBLAS_FROM_BATCH = 8  # from this many sequences the products go to cuBLAS (`cublas_model_step`)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -122,9 +124,20 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
                                      USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_R, BLOCK_K)
     inv_rms = tl.rsqrt(squares / D_IN + eps)  # (B,) fp32
     proj = (acc * inv_rms[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32)  # (B, R), rounded as nn.Linear
+    out = _in_proj_epilogue(proj, w_ptr, rows, row_ok, seqs, seq_ok, n_plain, n_conv, conv_state_ptr, conv_w_ptr,
+                            conv_b_ptr, dt_bias_ptr, dt_min, dt_max, HAS_CONV_BIAS, D_CONV, WINDOW)
+    tl.store(out_ptr + seqs[:, None] * n_rows + rows[None, :], out, mask=seq_ok[:, None] & row_ok[None, :])
 
+
+@triton.jit
+def _in_proj_epilogue(proj, dtype_ptr, rows, row_ok, seqs, seq_ok, n_plain, n_conv, conv_state_ptr, conv_w_ptr,
+                      conv_b_ptr, dt_bias_ptr, dt_min, dt_max,
+                      HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr, WINDOW: tl.constexpr):
+    """in_proj's output rows (B, R) fp32 by section: rows < n_plain (z) as they are; the next n_conv rows (xBC)
+    through the conv window and SiLU, rounded to the model's dtype (dtype_ptr's); the rest (dt) through
+    softplus(dt + dt_bias), clamped to [dt_min, dt_max], fp32."""
     xbc = _conv_rows(proj, rows, seqs, seq_ok, n_plain, n_conv, conv_state_ptr, conv_w_ptr, conv_b_ptr,
-                     HAS_CONV_BIAS, D_CONV, WINDOW).to(w_ptr.dtype.element_ty).to(tl.float32)
+                     HAS_CONV_BIAS, D_CONV, WINDOW).to(dtype_ptr.dtype.element_ty).to(tl.float32)
 
     # dt rows: softplus(dt + dt_bias) as F.softplus computes it (linear above 20), fp32
     is_dt = (rows >= n_plain + n_conv) & row_ok
@@ -134,18 +147,18 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
     dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
 
     is_conv = (rows >= n_plain) & (rows < n_plain + n_conv)
-    out = tl.where(is_conv[None, :], xbc, tl.where(is_dt[None, :], dt, proj))
-    tl.store(out_ptr + seqs[:, None] * n_rows + rows[None, :], out, mask=seq_ok[:, None] & row_ok[None, :])
+    return tl.where(is_conv[None, :], xbc, tl.where(is_dt[None, :], dt, proj))
 
 
 @triton.jit
-def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, x_start, b_start, c_start, dt_start,
-                         n_heads, heads_per_group, d_inner,
+def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, z_stride, x_start, b_start,
+                         c_start, dt_start, n_heads, heads_per_group, d_inner,
                          HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Eq. 3 for one token, heads x (BLOCK_P rows of the state) per program: h = exp(dt A) h + dt x B^T in place
     (computed in fp32, stored in the state's dtype: fp32, or bf16 with fast_decode's option), y = C h + D x rounded
-    to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec."""
+    to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec. z: in_proj's first d_inner
+    columns, in proj or where z_ptr points."""
     h, pid_p, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // heads_per_group
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -164,7 +177,7 @@ def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, x
     s = s * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]  # eq. 3: A_bar = exp(dt A), B_bar = dt B
     tl.store(state, s.to(state_ptr.dtype.element_ty), mask=s_ok)
     y = (tl.sum(s * C[None, :], axis=1) + D * x).to(Y_DTYPE).to(tl.float32)  # y = C h + D x
-    z = tl.load(row + h * HEADDIM + p, mask=p_ok, other=0.0)  # z: proj's first d_inner columns
+    z = tl.load(z_ptr + b * z_stride + h * HEADDIM + p, mask=p_ok, other=0.0).to(tl.float32)
     tl.store(v_ptr + b * d_inner + h * HEADDIM + p, y * (z * tl.sigmoid(z)), mask=p_ok)
 
 
@@ -187,6 +200,53 @@ def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, eps,
     res = res_ptr + seqs[:, None] * n_rows + rows[None, :]
     ok = seq_ok[:, None] & row_ok[None, :]
     tl.store(res, tl.load(res, mask=ok, other=0.0).to(tl.float32) + out, mask=ok)
+
+
+@triton.jit
+def _epilogue_kernel(proj_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dt_bias_ptr, n_rows, n_plain, n_conv,
+                     dt_min, dt_max, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
+                     WINDOW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out = norm_matvec's epilogue of in_proj's output proj (BATCH, n_rows), computed elsewhere (cuBLAS), fp32, on
+    the rows from n_plain on (xBC and dt; z is read where it is)."""
+    rows = n_plain + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    seqs = tl.arange(0, BLOCK_B)
+    row_ok, seq_ok = rows < n_rows, seqs < BATCH
+    at = seqs[:, None] * n_rows + rows[None, :]
+    ok = seq_ok[:, None] & row_ok[None, :]
+    proj = tl.load(proj_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    out = _in_proj_epilogue(proj, proj_ptr, rows, row_ok, seqs, seq_ok, n_plain, n_conv, conv_state_ptr, conv_w_ptr,
+                            conv_b_ptr, dt_bias_ptr, dt_min, dt_max, HAS_CONV_BIAS, D_CONV, WINDOW)
+    tl.store(out_ptr + at, out, mask=ok)
+
+
+@triton.jit
+def _add_norm_kernel(x_ptr, add_ptr, norm_w_ptr, out_ptr, d, group_size, eps,
+                     HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+    """One group of one sequence's row (d wide) per program: x += add, stored in x's dtype (with HAS_ADD), then
+    out = x / RMS(x) * g over the group, computed in fp32 and stored in out's dtype (RMSNorm)."""
+    b, group = tl.program_id(0), tl.program_id(1)
+    i = tl.arange(0, BLOCK)
+    ok = i < group_size
+    at = b * d + group * group_size + i
+    x = tl.load(x_ptr + at, mask=ok, other=0.0)
+    if HAS_ADD:
+        x = (x.to(tl.float32) + tl.load(add_ptr + at, mask=ok, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + at, x, mask=ok)
+    x = x.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / group_size + eps)
+    g = tl.load(norm_w_ptr + group * group_size + i, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + at, (x * inv_rms * g).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _touch_kernel(x_ptr):
+    tl.store(x_ptr, tl.load(x_ptr) + 1)
+
+
+def warm_up(device):
+    """Triton's one-time costs in this process (its cache key, a hash of its own files; the CUDA backend's; the
+    launcher) paid by one trivial kernel, so that the step's first kernels only load from the cache."""
+    _touch_kernel[(1,)](torch.zeros(1, device=device))
 
 
 def _tiling(batch, weight, tile):
@@ -220,6 +280,24 @@ def norm_matvec(residual, norm, weight, out, conv_state=None, mixer=None):
     return out
 
 
+def state_update(proj, ssm_state, mixer, z=None):
+    """Eq. 3 for one token from in_proj's epilogued rows proj (b, z | xBC | dt) fp32: ssm_state (b, h, p, n) updated
+    in place; returns v = y * SiLU(z) (b, d_inner) fp32. z: where z's columns are read (default: proj)."""
+    c = mixer.config
+    b = proj.shape[0]
+    z = proj if z is None else z
+    v = torch.empty(b, c.d_inner, device=proj.device, dtype=torch.float32)
+    block_p = min(32, triton.next_power_of_2(c.headdim))
+    x_start = c.d_inner  # proj's columns: z (d_inner) | x (d_inner), B, C (ngroups * d_state each) | dt (nheads)
+    _state_update_kernel[(c.nheads, triton.cdiv(c.headdim, block_p), b)](
+        proj, z, ssm_state, mixer.A_log, mixer.D, v, n_proj=proj.shape[1], z_stride=z.stride(0), x_start=x_start,
+        b_start=x_start + c.d_inner, c_start=x_start + c.d_inner + c.ngroups * c.d_state, dt_start=x_start + c.conv_dim,
+        n_heads=c.nheads, heads_per_group=c.nheads // c.ngroups, d_inner=c.d_inner, HEADDIM=c.headdim,
+        D_STATE=c.d_state, Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p,
+        BLOCK_N=triton.next_power_of_2(c.d_state))
+    return v
+
+
 def block_step(block, residual, conv_state, ssm_state):
     """`Mamba2Block.step` as three kernels: residual (b, d_model) is updated in place and returned, conv_state
     (b, conv_dim, d_conv - 1) and ssm_state (b, h, p, n) fp32 (or bf16) too."""
@@ -231,14 +309,7 @@ def block_step(block, residual, conv_state, ssm_state):
         assert t.is_contiguous()
     proj = norm_matvec(residual, block.norm, w_in, residual.new_empty(b, w_in.shape[0], dtype=torch.float32),
                        conv_state, mixer)  # (b, z | xBC | dt)
-    v = torch.empty(b, c.d_inner, device=residual.device, dtype=torch.float32)  # y * SiLU(z)
-    block_p = min(32, triton.next_power_of_2(c.headdim))
-    x_start = c.d_inner  # proj's columns: z (d_inner) | x (d_inner), B, C (ngroups * d_state each) | dt (nheads)
-    _state_update_kernel[(c.nheads, triton.cdiv(c.headdim, block_p), b)](
-        proj, ssm_state, mixer.A_log, mixer.D, v, n_proj=proj.shape[1], x_start=x_start,
-        b_start=x_start + c.d_inner, c_start=x_start + c.d_inner + c.ngroups * c.d_state, dt_start=x_start + c.conv_dim,
-        n_heads=c.nheads, heads_per_group=c.nheads // c.ngroups, d_inner=c.d_inner, HEADDIM=c.headdim,
-        D_STATE=c.d_state, Y_DTYPE=TL_DTYPES[w_out.dtype], BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(c.d_state))
+    v = state_update(proj, ssm_state, mixer)  # y * SiLU(z)
     args, grid = _tiling(b, w_out, GATED_TILE)
     _gated_matvec_kernel[grid](v, mixer.norm.weight, w_out, residual, c.d_model, mixer.norm.eps,
                                D_IN=c.d_inner, GROUP_SIZE=c.d_inner // c.ngroups, **args)
@@ -247,7 +318,10 @@ def block_step(block, residual, conv_state, ssm_state):
 
 def model_step(model, token, cache):
     """`Mamba2LMHeadModel.step` with `block_step` per layer and the final norm + LM head as one norm_matvec:
-    token (b,) -> logits (b, padded_vocab) fp32, the cache updated in place."""
+    token (b,) -> logits (b, padded_vocab) fp32, the cache updated in place. From CUBLAS_FROM_BATCH sequences on
+    (on CUDA), `cublas_model_step`."""
+    if token.shape[0] >= CUBLAS_FROM_BATCH and token.is_cuda:
+        return cublas_model_step(model, token, cache)
     residual = model.embedding(token)  # (b, d_model)
     residual = residual.float() if model.config.residual_in_fp32 else residual.clone()
     for layer, layer_cache in zip(model.layers, cache.layers):
@@ -255,3 +329,56 @@ def model_step(model, token, cache):
     cache.seqlen_offset += 1
     logits = residual.new_empty(token.shape[0], model.lm_head.weight.shape[0], dtype=torch.float32)
     return norm_matvec(residual, model.norm_f, model.lm_head.weight, logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several sequences: the products through cuBLAS
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_norm(x, add, norm, groups=1):
+    """norm(x) (b, d) in the norm weight's dtype, one kernel; with `add`, x += add in place first (the residual add
+    of the layer before). groups: RMSNorm's groups (the gated norm's)."""
+    b, d = x.shape
+    out = torch.empty(b, d, dtype=norm.weight.dtype, device=x.device)
+    _add_norm_kernel[(b, groups)](x, x if add is None else add, norm.weight, out, d, d // groups, norm.eps,
+                                  HAS_ADD=add is not None, BLOCK=triton.next_power_of_2(d // groups),
+                                  num_warps=8)
+    return out
+
+
+def in_proj_epilogue(raw, conv_state, mixer):
+    """norm_matvec's epilogue (the conv on xBC rows, updating conv_state in place; softplus on dt rows) of in_proj's
+    output raw (b, rows) in the model's dtype; returns (b, rows) fp32, its z columns left unwritten."""
+    c = mixer.config
+    b, n_rows = raw.shape
+    out = torch.empty(b, n_rows, dtype=torch.float32, device=raw.device)
+    conv_b = mixer.conv1d.bias
+    block_b = triton.next_power_of_2(b)
+    block_r = max(16, 512 // block_b)  # rows a program: 512 values (with the conv window's 4 each)
+    _epilogue_kernel[(triton.cdiv(n_rows - c.d_inner, block_r),)](
+        raw, out, conv_state, mixer.conv1d.weight, conv_b if conv_b is not None else raw, mixer.dt_bias, n_rows,
+        c.d_inner, c.conv_dim, float(c.dt_limit[0]), float(c.dt_limit[1]), BATCH=b, HAS_CONV_BIAS=conv_b is not None,
+        D_CONV=c.d_conv, WINDOW=triton.next_power_of_2(c.d_conv), BLOCK_B=block_b, BLOCK_R=block_r)
+    return out
+
+
+def cublas_mixer_step(mixer, u, conv_state, ssm_state):
+    """`Mamba2Mixer.step` of the normed input u (b, d_model) with both products as nn.Linear computes them (cuBLAS)
+    and the work between in three kernels: in_proj's epilogue, the state update, the gated norm."""
+    raw = F.linear(u, mixer.in_proj.weight)  # (b, z | xBC | dt)
+    v = state_update(in_proj_epilogue(raw, conv_state, mixer), ssm_state, mixer, z=raw)  # y * SiLU(z)
+    return F.linear(add_norm(v, None, mixer.norm, mixer.config.ngroups), mixer.out_proj.weight)
+
+
+def cublas_model_step(model, token, cache):
+    """`model_step` with the products through cuBLAS, which streams the weights faster than the Triton tiles from
+    CUBLAS_FROM_BATCH sequences on: six kernels a layer, each out_proj's output added to the residual in the next
+    norm's kernel."""
+    residual = model.embedding(token)  # (b, d_model)
+    residual = residual.float() if model.config.residual_in_fp32 else residual.clone()
+    out = None  # the last layer's output, not yet added to the residual
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        out = cublas_mixer_step(layer.mixer, add_norm(residual, out, layer.norm), layer_cache.conv_state,
+                                layer_cache.ssm_state)
+    cache.seqlen_offset += 1
+    return F.linear(add_norm(residual, out, model.norm_f), model.lm_head.weight).float()

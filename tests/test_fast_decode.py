@@ -65,14 +65,21 @@ def test_fused_step_over_several_weight_tiles_equals_the_plain_step(monkeypatch)
     assert_fused_steps_equal_plain_steps("odd sizes, dt_limit", 3)
 
 
-def assert_fused_steps_equal_plain_steps(shape, batch):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_step_with_cublas_products_equals_the_plain_step(shape):
+    """Eq. 3 as above with the products as nn.Linear computes them (`cublas_model_step`: the norms, in_proj's
+    epilogue, the state update and the gated norm as kernels between them, each residual add in the next norm)."""
+    assert_fused_steps_equal_plain_steps(shape, 3, FS.cublas_model_step)
+
+
+def assert_fused_steps_equal_plain_steps(shape, batch, fused_step=FS.model_step):
     model = fused_model(1, **SHAPES[shape])
     ids = torch.randint(0, 100, (batch, 12), device=DEVICE)
     with torch.no_grad():
         plain, fused = prefilled_caches(model, ids[:, :9], 2)
         for t in range(9, 12):
             expected = model.step(ids[:, t], plain)
-            got = FS.model_step(model, ids[:, t], fused)
+            got = fused_step(model, ids[:, t], fused)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for a, b in zip(plain.layers, fused.layers):
         torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=1e-5, atol=1e-6)
@@ -86,11 +93,13 @@ def assert_fused_steps_equal_plain_steps(shape, batch):
 DOT_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
-@pytest.mark.parametrize("batch,dtype", [(2, torch.bfloat16), (FS.DOT_MIN_BATCH, DOT_DTYPE)])
-def test_fused_step_in_16_bits_rounds_like_the_plain_step(batch, dtype):
+@pytest.mark.parametrize("batch,dtype,fused_step", [(2, torch.bfloat16, FS.model_step),
+                                                    (FS.DOT_MIN_BATCH, DOT_DTYPE, FS.model_step),
+                                                    (2, torch.bfloat16, FS.cublas_model_step)])
+def test_fused_step_in_16_bits_rounds_like_the_plain_step(batch, dtype, fused_step):
     """16-bit weights: the fused and the plain step are both off the fp32 step of the same weights by rounding,
     and by as much as each other (the fused step rounds where the plain one does); a batch of DOT_MIN_BATCH takes
-    the tensor-core path."""
+    the tensor-core path; `cublas_model_step` the products as nn.Linear."""
     model16 = fused_model(2, ngroups=2).to(dtype)
     model32 = copy.deepcopy(model16).float()
     ids = torch.randint(0, 100, (batch, 10), device=DEVICE)
@@ -101,7 +110,7 @@ def test_fused_step_in_16_bits_rounds_like_the_plain_step(batch, dtype):
         for t in range(8, 10):
             exact = model32.step(ids[:, t], c32)
             errors["plain"] = max(errors["plain"], (model16.step(ids[:, t], plain) - exact).abs().max().item())
-            errors["fused"] = max(errors["fused"], (FS.model_step(model16, ids[:, t], fused) - exact).abs().max().item())
+            errors["fused"] = max(errors["fused"], (fused_step(model16, ids[:, t], fused) - exact).abs().max().item())
     factor = 3 if DEVICE == "cpu" and dtype == torch.bfloat16 else 2  # bf16 rounding toward zero doubles it
     assert 0 < errors["plain"] < 0.03 and errors["fused"] <= factor * errors["plain"], errors
 
@@ -217,11 +226,11 @@ def test_captured_prefills_are_capped_and_recaptured(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, FS.DOT_MIN_BATCH, FS.CUBLAS_FROM_BATCH])
 def test_fused_step_at_the_2_7b_widths_in_bf16(batch):
     """The fused step at Mamba-2 2.7B's widths (d_model 2560, 80 heads of 64, d_state 128; two layers), bf16: the
-    kernels' tiles over real row counts (batch 8: the tensor-core path), against the plain step within bf16
-    rounding."""
+    kernels' tiles over real row counts (DOT_MIN_BATCH: the tensor-core path; CUBLAS_FROM_BATCH: cuBLAS products),
+    against the plain step within bf16 rounding."""
     torch.manual_seed(0)
     cfg = Mamba2Config(d_model=2560, n_layer=2, vocab_size=50277)
     model = Mamba2LMHeadModel(cfg).cuda().to(torch.bfloat16).eval()
