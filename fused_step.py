@@ -35,6 +35,7 @@ GATED_TILE = dict(BLOCK_R=4, BLOCK_K=1024, num_warps=4)  # gated_matvec: out_pro
 DOT_TILE = dict(BLOCK_R=64, BLOCK_K=64, num_warps=4)  # both, with tl.dot
 DOT_MIN_BATCH = 5
 CUBLAS_FROM_BATCH = 8  # from this many sequences the products go to cuBLAS (`cublas_model_step`)
+PDL = False  # programmatic dependent launch of the three kernels a layer (Hopper on; `_after_the_kernel_before`)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -48,6 +49,15 @@ def _log1p(t):
     """log(1 + t) accurate for small t (Goldberg's correction of log(u) by t / (u - 1))."""
     u = 1.0 + t
     return tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
+
+
+@triton.jit
+def _after_the_kernel_before(USE_PDL: tl.constexpr):
+    """With programmatic dependent launch (USE_PDL, Hopper on): let the next kernel launch now, then wait until the
+    kernel before has finished and its writes are visible. Each kernel's launch then overlaps the one before it."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -113,10 +123,11 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
                         n_rows, n_plain, n_conv, eps, dt_min, dt_max,
                         D_IN: tl.constexpr, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
                         WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """out[:, rows] = RMSNorm(res) . W[rows]^T for every sequence (W read once), rounded to W's dtype as nn.Linear
     returns it; then by section: rows < n_plain as they are; the next n_conv rows (xBC) through the conv window and
     SiLU; the rest (dt) through softplus(. + dt_bias), clamped to [dt_min, dt_max]. out (BATCH, n_rows) is fp32."""
+    _after_the_kernel_before(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
     seqs = tl.arange(0, BLOCK_B)  # (B,)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
@@ -154,11 +165,12 @@ def _in_proj_epilogue(proj, dtype_ptr, rows, row_ok, seqs, seq_ok, n_plain, n_co
 def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, z_stride, x_start, b_start,
                          c_start, dt_start, n_heads, heads_per_group, d_inner,
                          HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
     """Eq. 3 for one token, heads x (BLOCK_P rows of the state) per program: h = exp(dt A) h + dt x B^T in place
     (computed in fp32, stored in the state's dtype: fp32, or bf16 with fast_decode's option), y = C h + D x rounded
     to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec. z: in_proj's first d_inner
     columns, in proj or where z_ptr points."""
+    _after_the_kernel_before(USE_PDL)
     h, pid_p, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // heads_per_group
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -185,9 +197,10 @@ def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_
 def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, eps,
                          D_IN: tl.constexpr, GROUP_SIZE: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr,
                          DOT_PRECISION: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """res[:, rows] += RMSNorm(v) . W[rows]^T with one norm per group of GROUP_SIZE channels, v = y * SiLU(z) (B, D_IN)
     fp32; each group's 1 / RMS applied to its part of the product."""
+    _after_the_kernel_before(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     seqs = tl.arange(0, BLOCK_B)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
@@ -249,13 +262,19 @@ def warm_up(device):
     _touch_kernel[(1,)](torch.zeros(1, device=device))
 
 
+def pdl(on=True):
+    """The launch arguments of a kernel that starts with `_after_the_kernel_before`: programmatic dependent launch
+    where PDL says so and `on` (a kernel between two of cuBLAS's runs without it)."""
+    return dict(USE_PDL=True, launch_pdl=True) if PDL and on else dict(USE_PDL=False)
+
+
 def _tiling(batch, weight, tile):
     """(kernel arguments for the batch and tile, grid over row blocks) for a weight (rows, d_in)."""
     use_dot = batch >= DOT_MIN_BATCH
     tile = DOT_TILE if use_dot else tile
     block_b = max(16, triton.next_power_of_2(batch)) if use_dot else triton.next_power_of_2(batch)
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"  # tf32 applies to fp32 inputs only
-    args = dict(BATCH=batch, USE_DOT=use_dot, DOT_PRECISION=precision, BLOCK_B=block_b, **tile)
+    args = dict(BATCH=batch, USE_DOT=use_dot, DOT_PRECISION=precision, BLOCK_B=block_b, **tile, **pdl())
     return args, (triton.cdiv(weight.shape[0], tile["BLOCK_R"]),)
 
 
@@ -294,7 +313,7 @@ def state_update(proj, ssm_state, mixer, z=None):
         b_start=x_start + c.d_inner, c_start=x_start + c.d_inner + c.ngroups * c.d_state, dt_start=x_start + c.conv_dim,
         n_heads=c.nheads, heads_per_group=c.nheads // c.ngroups, d_inner=c.d_inner, HEADDIM=c.headdim,
         D_STATE=c.d_state, Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p,
-        BLOCK_N=triton.next_power_of_2(c.d_state))
+        BLOCK_N=triton.next_power_of_2(c.d_state), **pdl(z is proj))
     return v
 
 

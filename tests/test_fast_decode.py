@@ -226,11 +226,12 @@ def test_captured_prefills_are_capped_and_recaptured(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, FS.DOT_MIN_BATCH, FS.CUBLAS_FROM_BATCH])
-def test_fused_step_at_the_2_7b_widths_in_bf16(batch):
+@pytest.mark.parametrize("batch,pdl", [(1, False), (1, True), (FS.DOT_MIN_BATCH, False), (FS.CUBLAS_FROM_BATCH, False)])
+def test_fused_step_at_the_2_7b_widths_in_bf16(batch, pdl, monkeypatch):
     """The fused step at Mamba-2 2.7B's widths (d_model 2560, 80 heads of 64, d_state 128; two layers), bf16: the
-    kernels' tiles over real row counts (DOT_MIN_BATCH: the tensor-core path; CUBLAS_FROM_BATCH: cuBLAS products),
-    against the plain step within bf16 rounding."""
+    kernels' tiles over real row counts (DOT_MIN_BATCH: the tensor-core path; CUBLAS_FROM_BATCH: cuBLAS products;
+    pdl: programmatic dependent launch), against the plain step within bf16 rounding."""
+    monkeypatch.setattr(FS, "PDL", pdl)
     torch.manual_seed(0)
     cfg = Mamba2Config(d_model=2560, n_layer=2, vocab_size=50277)
     model = Mamba2LMHeadModel(cfg).cuda().to(torch.bfloat16).eval()
