@@ -17,6 +17,10 @@ alongside the product (x * g) . W^T (g the norm's weight) and scales the product
 the model's dtype where the plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of
 another summation order (tests/test_fast_decode.py).
 
+With several sequences the weights are read once for all of them, and cuBLAS streams them faster than these tiles:
+from CUBLAS_FROM_BATCH sequences on, `cublas_model_step` computes both products as nn.Linear does and puts four
+small kernels between them (the residual add and norm, in_proj's epilogue, the state update, the gated norm).
+
 Needs Triton (on the CPU, `TRITON_INTERPRET=1` runs the kernels through Triton's interpreter, as the tests do) and
 linear layers without bias (every public Mamba-2 checkpoint); `supports(config)` says whether a model qualifies.
 """
@@ -258,8 +262,11 @@ def _touch_kernel(x_ptr):
 
 def warm_up(device):
     """Triton's one-time costs in this process (its cache key, a hash of its own files; the CUDA backend's; the
-    launcher) paid by one trivial kernel, so that the step's first kernels only load from the cache."""
-    _touch_kernel[(1,)](torch.zeros(1, device=device))
+    launcher) paid by one trivial kernel, so that the step's first kernels only load from the cache. Returns its
+    output, tensor([1.])."""
+    x = torch.zeros(1, device=device)
+    _touch_kernel[(1,)](x)
+    return x
 
 
 def pdl(on=True):
