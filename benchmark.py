@@ -289,12 +289,12 @@ def bench_decode(args):
                               repeats=1)
                 rows.append(("ours, eager plain step", args.eager_tokens, t_one, t_all,
                              (t_all - t_one) / (args.eager_tokens - 1), kernels_per_step(model, batch, "plain")))
-            for kernels, products, pdl, state in step_forms(args):
-                with fused_step_options(model, PRODUCTS[products], pdl == "on"):
+            for kernels, products, state in step_forms(args):
+                with cublas_from(model, PRODUCTS[products]):
                     t_one, t_all, per = time_generation(model, ids, args.new, kernels, timed,
                                                         fast_decode.STATE_DTYPES[state])
                     n_kernels = kernels_per_step(model, batch, kernels)
-                options = f" ({products} products{', PDL' if pdl == 'on' else ''})" if kernels == "fused" else ""
+                options = f" ({products} products)" if kernels == "fused" else ""
                 rows.append((f"ours, {kernels} step{options} on CUDA graphs" + (", bf16 state" if state == "bf16" else ""),
                              args.new, t_one, t_all, per, n_kernels))
             if "bf16" in args.states:
@@ -315,26 +315,24 @@ PRODUCTS = {"auto": None, "tiles": 2 ** 31, "cublas": 1}  # fused_step.CUBLAS_FR
 
 
 def step_forms(args):
-    """(kernels, products, pdl, state) of each generation that bench_decode times: products and PDL matter to the
-    fused step only."""
-    fused = [(p, d) for p in args.products for d in args.pdl]
-    return [(k, p, d, s) for k in args.kernels for p, d in (fused if k == "fused" else [("auto", "off")])
+    """(kernels, products, state) of each generation that bench_decode times: products matter to the fused step
+    only."""
+    return [(k, p, s) for k in args.kernels for p in (args.products if k == "fused" else ["auto"])
             for s in args.states]
 
 
 @contextlib.contextmanager
-def fused_step_options(model, cublas_from, pdl):
-    """fused_step.CUBLAS_FROM_BATCH set to cublas_from (None: as it is) and fused_step.PDL to pdl inside the block,
-    the model's captured decoder made anew on the way in and out."""
+def cublas_from(model, batch):
+    """fused_step.CUBLAS_FROM_BATCH set to batch (None: as it is) inside the block, the model's captured decoder made
+    anew on the way in and out."""
     import fused_step
-    kept = fused_step.CUBLAS_FROM_BATCH, fused_step.PDL
-    fused_step.CUBLAS_FROM_BATCH = kept[0] if cublas_from is None else cublas_from
-    fused_step.PDL = pdl
+    kept = fused_step.CUBLAS_FROM_BATCH
+    fused_step.CUBLAS_FROM_BATCH = kept if batch is None else batch
     fast_decode.forget_decoder(model)
     try:
         yield
     finally:
-        fused_step.CUBLAS_FROM_BATCH, fused_step.PDL = kept
+        fused_step.CUBLAS_FROM_BATCH = kept
         fast_decode.forget_decoder(model)
 
 
@@ -965,8 +963,6 @@ def make_parser():
     p.add_argument("--products", nargs="+", default=["auto"], choices=list(PRODUCTS),
                    help="the fused step's matrix products: auto (Triton tiles below fused_step.CUBLAS_FROM_BATCH "
                         "sequences, cuBLAS from there), or one of them at every batch")
-    p.add_argument("--pdl", nargs="+", default=["off"], choices=["off", "on"],
-                   help="the fused step's kernels with programmatic dependent launch (fused_step.PDL)")
     p.add_argument("--compile", action="store_true",
                    help="the LM blocks through torch.compile for our prefills (fast_decode.compile_blocks)")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")

@@ -39,7 +39,6 @@ GATED_TILE = dict(BLOCK_R=4, BLOCK_K=1024, num_warps=4)  # gated_matvec: out_pro
 DOT_TILE = dict(BLOCK_R=64, BLOCK_K=64, num_warps=4)  # both, with tl.dot
 DOT_MIN_BATCH = 5
 CUBLAS_FROM_BATCH = 8  # from this many sequences the products go to cuBLAS (`cublas_model_step`)
-PDL = False  # programmatic dependent launch of the three kernels a layer (Hopper on; `_after_the_kernel_before`)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -53,15 +52,6 @@ def _log1p(t):
     """log(1 + t) accurate for small t (Goldberg's correction of log(u) by t / (u - 1))."""
     u = 1.0 + t
     return tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
-
-
-@triton.jit
-def _after_the_kernel_before(USE_PDL: tl.constexpr):
-    """With programmatic dependent launch (USE_PDL, Hopper on): let the next kernel launch now, then wait until the
-    kernel before has finished and its writes are visible. Each kernel's launch then overlaps the one before it."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -127,11 +117,10 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
                         n_rows, n_plain, n_conv, eps, dt_min, dt_max,
                         D_IN: tl.constexpr, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
                         WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                        BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[:, rows] = RMSNorm(res) . W[rows]^T for every sequence (W read once), rounded to W's dtype as nn.Linear
     returns it; then by section: rows < n_plain as they are; the next n_conv rows (xBC) through the conv window and
     SiLU; the rest (dt) through softplus(. + dt_bias), clamped to [dt_min, dt_max]. out (BATCH, n_rows) is fp32."""
-    _after_the_kernel_before(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
     seqs = tl.arange(0, BLOCK_B)  # (B,)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
@@ -166,15 +155,13 @@ def _in_proj_epilogue(proj, dtype_ptr, rows, row_ok, seqs, seq_ok, n_plain, n_co
 
 
 @triton.jit
-def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, z_stride, x_start, b_start,
-                         c_start, dt_start, n_heads, heads_per_group, d_inner,
+def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, x_start, b_start, c_start, dt_start,
+                         n_heads, heads_per_group, d_inner,
                          HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Eq. 3 for one token, heads x (BLOCK_P rows of the state) per program: h = exp(dt A) h + dt x B^T in place
     (computed in fp32, stored in the state's dtype: fp32, or bf16 with fast_decode's option), y = C h + D x rounded
-    to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec. z: in_proj's first d_inner
-    columns, in proj or where z_ptr points."""
-    _after_the_kernel_before(USE_PDL)
+    to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec."""
     h, pid_p, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // heads_per_group
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -193,7 +180,7 @@ def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_
     s = s * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]  # eq. 3: A_bar = exp(dt A), B_bar = dt B
     tl.store(state, s.to(state_ptr.dtype.element_ty), mask=s_ok)
     y = (tl.sum(s * C[None, :], axis=1) + D * x).to(Y_DTYPE).to(tl.float32)  # y = C h + D x
-    z = tl.load(z_ptr + b * z_stride + h * HEADDIM + p, mask=p_ok, other=0.0).to(tl.float32)
+    z = tl.load(row + h * HEADDIM + p, mask=p_ok, other=0.0)  # z: proj's first d_inner columns
     tl.store(v_ptr + b * d_inner + h * HEADDIM + p, y * (z * tl.sigmoid(z)), mask=p_ok)
 
 
@@ -201,10 +188,9 @@ def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_
 def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, eps,
                          D_IN: tl.constexpr, GROUP_SIZE: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr,
                          DOT_PRECISION: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                         BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """res[:, rows] += RMSNorm(v) . W[rows]^T with one norm per group of GROUP_SIZE channels, v = y * SiLU(z) (B, D_IN)
     fp32; each group's 1 / RMS applied to its part of the product."""
-    _after_the_kernel_before(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     seqs = tl.arange(0, BLOCK_B)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
@@ -223,9 +209,8 @@ def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, eps,
 def _epilogue_kernel(proj_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dt_bias_ptr, n_rows, n_plain, n_conv,
                      dt_min, dt_max, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
                      WINDOW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out = norm_matvec's epilogue of in_proj's output proj (BATCH, n_rows), computed elsewhere (cuBLAS), fp32, on
-    the rows from n_plain on (xBC and dt; z is read where it is)."""
-    rows = n_plain + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """out = norm_matvec's epilogue of in_proj's output proj (BATCH, n_rows), computed elsewhere (cuBLAS); fp32."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     seqs = tl.arange(0, BLOCK_B)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
     at = seqs[:, None] * n_rows + rows[None, :]
@@ -255,33 +240,13 @@ def _add_norm_kernel(x_ptr, add_ptr, norm_w_ptr, out_ptr, d, group_size, eps,
     tl.store(out_ptr + at, (x * inv_rms * g).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _touch_kernel(x_ptr):
-    tl.store(x_ptr, tl.load(x_ptr) + 1)
-
-
-def warm_up(device):
-    """Triton's one-time costs in this process (its cache key, a hash of its own files; the CUDA backend's; the
-    launcher) paid by one trivial kernel, so that the step's first kernels only load from the cache. Returns its
-    output, tensor([1.])."""
-    x = torch.zeros(1, device=device)
-    _touch_kernel[(1,)](x)
-    return x
-
-
-def pdl(on=True):
-    """The launch arguments of a kernel that starts with `_after_the_kernel_before`: programmatic dependent launch
-    where PDL says so and `on` (a kernel between two of cuBLAS's runs without it)."""
-    return dict(USE_PDL=True, launch_pdl=True) if PDL and on else dict(USE_PDL=False)
-
-
 def _tiling(batch, weight, tile):
     """(kernel arguments for the batch and tile, grid over row blocks) for a weight (rows, d_in)."""
     use_dot = batch >= DOT_MIN_BATCH
     tile = DOT_TILE if use_dot else tile
     block_b = max(16, triton.next_power_of_2(batch)) if use_dot else triton.next_power_of_2(batch)
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"  # tf32 applies to fp32 inputs only
-    args = dict(BATCH=batch, USE_DOT=use_dot, DOT_PRECISION=precision, BLOCK_B=block_b, **tile, **pdl())
+    args = dict(BATCH=batch, USE_DOT=use_dot, DOT_PRECISION=precision, BLOCK_B=block_b, **tile)
     return args, (triton.cdiv(weight.shape[0], tile["BLOCK_R"]),)
 
 
@@ -306,21 +271,20 @@ def norm_matvec(residual, norm, weight, out, conv_state=None, mixer=None):
     return out
 
 
-def state_update(proj, ssm_state, mixer, z=None):
+def state_update(proj, ssm_state, mixer):
     """Eq. 3 for one token from in_proj's epilogued rows proj (b, z | xBC | dt) fp32: ssm_state (b, h, p, n) updated
-    in place; returns v = y * SiLU(z) (b, d_inner) fp32. z: where z's columns are read (default: proj)."""
+    in place; returns v = y * SiLU(z) (b, d_inner) fp32."""
     c = mixer.config
     b = proj.shape[0]
-    z = proj if z is None else z
     v = torch.empty(b, c.d_inner, device=proj.device, dtype=torch.float32)
     block_p = min(32, triton.next_power_of_2(c.headdim))
     x_start = c.d_inner  # proj's columns: z (d_inner) | x (d_inner), B, C (ngroups * d_state each) | dt (nheads)
     _state_update_kernel[(c.nheads, triton.cdiv(c.headdim, block_p), b)](
-        proj, z, ssm_state, mixer.A_log, mixer.D, v, n_proj=proj.shape[1], z_stride=z.stride(0), x_start=x_start,
+        proj, ssm_state, mixer.A_log, mixer.D, v, n_proj=proj.shape[1], x_start=x_start,
         b_start=x_start + c.d_inner, c_start=x_start + c.d_inner + c.ngroups * c.d_state, dt_start=x_start + c.conv_dim,
         n_heads=c.nheads, heads_per_group=c.nheads // c.ngroups, d_inner=c.d_inner, HEADDIM=c.headdim,
         D_STATE=c.d_state, Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p,
-        BLOCK_N=triton.next_power_of_2(c.d_state), **pdl(z is proj))
+        BLOCK_N=triton.next_power_of_2(c.d_state))
     return v
 
 
@@ -374,14 +338,14 @@ def add_norm(x, add, norm, groups=1):
 
 def in_proj_epilogue(raw, conv_state, mixer):
     """norm_matvec's epilogue (the conv on xBC rows, updating conv_state in place; softplus on dt rows) of in_proj's
-    output raw (b, rows) in the model's dtype; returns (b, rows) fp32, its z columns left unwritten."""
+    output raw (b, rows) in the model's dtype; returns (b, rows) fp32."""
     c = mixer.config
     b, n_rows = raw.shape
     out = torch.empty(b, n_rows, dtype=torch.float32, device=raw.device)
     conv_b = mixer.conv1d.bias
     block_b = triton.next_power_of_2(b)
-    block_r = max(16, 512 // block_b)  # rows a program: 512 values (with the conv window's 4 each)
-    _epilogue_kernel[(triton.cdiv(n_rows - c.d_inner, block_r),)](
+    block_r = max(1, 2048 // block_b)
+    _epilogue_kernel[(triton.cdiv(n_rows, block_r),)](
         raw, out, conv_state, mixer.conv1d.weight, conv_b if conv_b is not None else raw, mixer.dt_bias, n_rows,
         c.d_inner, c.conv_dim, float(c.dt_limit[0]), float(c.dt_limit[1]), BATCH=b, HAS_CONV_BIAS=conv_b is not None,
         D_CONV=c.d_conv, WINDOW=triton.next_power_of_2(c.d_conv), BLOCK_B=block_b, BLOCK_R=block_r)
@@ -391,15 +355,15 @@ def in_proj_epilogue(raw, conv_state, mixer):
 def cublas_mixer_step(mixer, u, conv_state, ssm_state):
     """`Mamba2Mixer.step` of the normed input u (b, d_model) with both products as nn.Linear computes them (cuBLAS)
     and the work between in three kernels: in_proj's epilogue, the state update, the gated norm."""
-    raw = F.linear(u, mixer.in_proj.weight)  # (b, z | xBC | dt)
-    v = state_update(in_proj_epilogue(raw, conv_state, mixer), ssm_state, mixer, z=raw)  # y * SiLU(z)
+    proj = in_proj_epilogue(F.linear(u, mixer.in_proj.weight), conv_state, mixer)  # (b, z | xBC | dt) fp32
+    v = state_update(proj, ssm_state, mixer)  # y * SiLU(z)
     return F.linear(add_norm(v, None, mixer.norm, mixer.config.ngroups), mixer.out_proj.weight)
 
 
 def cublas_model_step(model, token, cache):
     """`model_step` with the products through cuBLAS, which streams the weights faster than the Triton tiles from
-    CUBLAS_FROM_BATCH sequences on: six kernels a layer, each out_proj's output added to the residual in the next
-    norm's kernel."""
+    CUBLAS_FROM_BATCH sequences on: six launches a layer (453 kernels a step at 2.7B: cuBLAS runs out_proj as a
+    split-K product and its reduction), each out_proj's output added to the residual in the next norm's kernel."""
     residual = model.embedding(token)  # (b, d_model)
     residual = residual.float() if model.config.residual_in_fp32 else residual.clone()
     out = None  # the last layer's output, not yet added to the residual
