@@ -186,9 +186,9 @@ def bench_vision(args):
 
 
 def time_mamba_ssm_generate(config, ids, new, repeats=2):
-    """(seconds for 1 token, for `new` tokens) of mamba-ssm's MambaLMHeadModel.generate(cg=True) after ids (b, l), on a random
-    model of the same Mamba-2 config (bf16; the warm-up run captures its graph); None when mamba-ssm cannot be
-    imported."""
+    """(seconds for 1 token, for `new` tokens) of mamba-ssm's MambaLMHeadModel.generate(cg=True) after ids (b, l),
+    on a random model of the same Mamba-2 config (bf16; the warm-up run captures its graph); None when mamba-ssm
+    cannot be imported."""
     try:
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -295,8 +295,8 @@ def bench_decode(args):
                                                         fast_decode.STATE_DTYPES[state])
                     n_kernels = kernels_per_step(model, batch, kernels)
                 options = f" ({products} products)" if kernels == "fused" else ""
-                rows.append((f"ours, {kernels} step{options} on CUDA graphs" + (", bf16 state" if state == "bf16" else ""),
-                             args.new, t_one, t_all, per, n_kernels))
+                name = f"ours, {kernels} step{options} on CUDA graphs" + (", bf16 state" if state == "bf16" else "")
+                rows.append((name, args.new, t_one, t_all, per, n_kernels))
             if "bf16" in args.states:
                 error, same = state_error(model, ids, 64, args.kernels[0])
                 print(f"bf16 state against fp32, batch {batch}, {args.kernels[0]} step, 64 steps: logits within "
