@@ -93,13 +93,14 @@ def load_safetensors_to(file, device):
     end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + n + end > size:
         raise ValueError(f"the tensors end at byte {8 + n + end}, and the file has {size}")
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} is stored as {info['dtype']}, which this loader does not "
+                                  "read; load the model with device='cpu' (safetensors' own reader), then move it")
     data = torch.from_file(str(file), shared=False, size=8 + n + end, dtype=torch.uint8)[8 + n:].to(device)
     tensors = {}
     for name, info in header.items():
         begin, stop = info["data_offsets"]
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name!r} is stored as {info['dtype']}, which this loader does not "
-                                  "read; load the model with device='cpu' (safetensors' own reader), then move it")
         raw = data[begin:stop] if begin % 16 == 0 else data[begin:stop].clone()
         tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
     return tensors
