@@ -186,9 +186,9 @@ def bench_vision(args):
 
 
 def time_mamba_ssm_generate(config, ids, new, repeats=2):
-    """(seconds for 1 token, for `new` tokens) of mamba-ssm's MambaLMHeadModel.generate(cg=True) after ids (b, l),
-    on a random model of the same Mamba-2 config (bf16; the warm-up run captures its graph); None when mamba-ssm
-    cannot be imported."""
+    """(seconds for 1 token, seconds for `new` tokens, decode seconds per step) of mamba-ssm's
+    MambaLMHeadModel.generate(cg=True) after ids (b, l), as time_generation's for ours, on a random model of the same
+    Mamba-2 config (bf16; the warm-up run captures its graph); None when mamba-ssm cannot be imported."""
     try:
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -202,9 +202,9 @@ def time_mamba_ssm_generate(config, ids, new, repeats=2):
     def timed(n):
         return best_time(lambda: ref.generate(ids, max_length=ids.shape[1] + n, cg=True, top_k=1, eos_token_id=None),
                          repeats, ids.device)[0]
-    seconds = timed(1), timed(new)
+    t_one, t_all = timed(1), timed(new)
     del ref
-    return seconds
+    return t_one, t_all, (t_all - t_one) / (new - 1)
 
 
 def copy_bandwidth(device):
@@ -304,8 +304,7 @@ def bench_decode(args):
             fast_decode.forget_decoder(model)  # frees the captured graphs before mamba-ssm runs
             t_ref = time_mamba_ssm_generate(cfg, ids, args.new)
             if t_ref is not None:
-                rows.append(("mamba-ssm generate(cg=True)", args.new, t_ref[0], t_ref[1],
-                             (t_ref[1] - t_ref[0]) / (args.new - 1), None))
+                rows.append(("mamba-ssm generate(cg=True)", args.new, *t_ref, None))
             print_decode_table(batch, rows, bound_ms)
         for batch in args.batch if args.profile else []:
             profile_fused_step(model, batch)
@@ -490,7 +489,7 @@ def bench_pipeline(args):
         rows = [("ML-Mamba: image -> 256 tokens", t_total), ("our Mamba-2 LM alone", t_lm)]
         t_ref = time_mamba_ssm_generate(lm.config, lm_ids, args.new)
         if t_ref is not None:
-            rows.append(("mamba-ssm generate(cg=True), LM alone", t_ref))
+            rows.append(("mamba-ssm generate(cg=True), LM alone", t_ref[1]))
     bandwidth = copy_bandwidth(dev)
     bound = bandwidth / (n_params["lm"] * 2)
     print(f"ML-Mamba at the paper's configuration on {torch.cuda.get_device_name()}, bf16, random weights: vision "
@@ -604,7 +603,6 @@ def bench_answers(args):
     384 px image, through evaluate.answer_questions (fast_decode.generate_batch on the model's GraphedDecoder), 32 a
     batch and one at a time; each batch size's first pass (kernel choices, graph captures) timed apart from the
     second. A random model rarely stops early: most answers run to max-new-tokens."""
-    import tempfile
     import evaluate
     model = paper_answerer(args.size)
     root = Path(tempfile.mkdtemp())
