@@ -155,13 +155,14 @@ def _in_proj_epilogue(proj, dtype_ptr, rows, row_ok, seqs, seq_ok, n_plain, n_co
 
 
 @triton.jit
-def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, x_start, b_start, c_start, dt_start,
-                         n_heads, heads_per_group, d_inner,
+def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, z_stride, x_start, b_start,
+                         c_start, dt_start, n_heads, heads_per_group, d_inner,
                          HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Eq. 3 for one token, heads x (BLOCK_P rows of the state) per program: h = exp(dt A) h + dt x B^T in place
     (computed in fp32, stored in the state's dtype: fp32, or bf16 with fast_decode's option), y = C h + D x rounded
-    to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec."""
+    to Y_DTYPE (the model's), then the gate: v = y * SiLU(z) fp32 for gated_matvec. z: in_proj's first d_inner
+    columns, in proj or where z_ptr points."""
     h, pid_p, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // heads_per_group
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -180,7 +181,7 @@ def _state_update_kernel(proj_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, x
     s = s * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]  # eq. 3: A_bar = exp(dt A), B_bar = dt B
     tl.store(state, s.to(state_ptr.dtype.element_ty), mask=s_ok)
     y = (tl.sum(s * C[None, :], axis=1) + D * x).to(Y_DTYPE).to(tl.float32)  # y = C h + D x
-    z = tl.load(row + h * HEADDIM + p, mask=p_ok, other=0.0)  # z: proj's first d_inner columns
+    z = tl.load(z_ptr + b * z_stride + h * HEADDIM + p, mask=p_ok, other=0.0).to(tl.float32)
     tl.store(v_ptr + b * d_inner + h * HEADDIM + p, y * (z * tl.sigmoid(z)), mask=p_ok)
 
 
@@ -209,8 +210,9 @@ def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, eps,
 def _epilogue_kernel(proj_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dt_bias_ptr, n_rows, n_plain, n_conv,
                      dt_min, dt_max, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
                      WINDOW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out = norm_matvec's epilogue of in_proj's output proj (BATCH, n_rows), computed elsewhere (cuBLAS); fp32."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """out = norm_matvec's epilogue of in_proj's output proj (BATCH, n_rows), computed elsewhere (cuBLAS), fp32, on
+    the rows from n_plain on (xBC and dt; z is read where it is)."""
+    rows = n_plain + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     seqs = tl.arange(0, BLOCK_B)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
     at = seqs[:, None] * n_rows + rows[None, :]
@@ -271,16 +273,17 @@ def norm_matvec(residual, norm, weight, out, conv_state=None, mixer=None):
     return out
 
 
-def state_update(proj, ssm_state, mixer):
+def state_update(proj, ssm_state, mixer, z=None):
     """Eq. 3 for one token from in_proj's epilogued rows proj (b, z | xBC | dt) fp32: ssm_state (b, h, p, n) updated
-    in place; returns v = y * SiLU(z) (b, d_inner) fp32."""
+    in place; returns v = y * SiLU(z) (b, d_inner) fp32. z: where z's columns are read (default: proj)."""
     c = mixer.config
     b = proj.shape[0]
+    z = proj if z is None else z
     v = torch.empty(b, c.d_inner, device=proj.device, dtype=torch.float32)
     block_p = min(32, triton.next_power_of_2(c.headdim))
     x_start = c.d_inner  # proj's columns: z (d_inner) | x (d_inner), B, C (ngroups * d_state each) | dt (nheads)
     _state_update_kernel[(c.nheads, triton.cdiv(c.headdim, block_p), b)](
-        proj, ssm_state, mixer.A_log, mixer.D, v, n_proj=proj.shape[1], x_start=x_start,
+        proj, z, ssm_state, mixer.A_log, mixer.D, v, n_proj=proj.shape[1], z_stride=z.stride(0), x_start=x_start,
         b_start=x_start + c.d_inner, c_start=x_start + c.d_inner + c.ngroups * c.d_state, dt_start=x_start + c.conv_dim,
         n_heads=c.nheads, heads_per_group=c.nheads // c.ngroups, d_inner=c.d_inner, HEADDIM=c.headdim,
         D_STATE=c.d_state, Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p,
@@ -338,14 +341,14 @@ def add_norm(x, add, norm, groups=1):
 
 def in_proj_epilogue(raw, conv_state, mixer):
     """norm_matvec's epilogue (the conv on xBC rows, updating conv_state in place; softplus on dt rows) of in_proj's
-    output raw (b, rows) in the model's dtype; returns (b, rows) fp32."""
+    output raw (b, rows) in the model's dtype; returns (b, rows) fp32, its z columns left unwritten."""
     c = mixer.config
     b, n_rows = raw.shape
     out = torch.empty(b, n_rows, dtype=torch.float32, device=raw.device)
     conv_b = mixer.conv1d.bias
     block_b = triton.next_power_of_2(b)
-    block_r = max(1, 2048 // block_b)
-    _epilogue_kernel[(triton.cdiv(n_rows, block_r),)](
+    block_r = max(16, 512 // block_b)  # rows a program: 512 values (with the conv window's 4 each)
+    _epilogue_kernel[(triton.cdiv(n_rows - c.d_inner, block_r),)](
         raw, out, conv_state, mixer.conv1d.weight, conv_b if conv_b is not None else raw, mixer.dt_bias, n_rows,
         c.d_inner, c.conv_dim, float(c.dt_limit[0]), float(c.dt_limit[1]), BATCH=b, HAS_CONV_BIAS=conv_b is not None,
         D_CONV=c.d_conv, WINDOW=triton.next_power_of_2(c.d_conv), BLOCK_B=block_b, BLOCK_R=block_r)
@@ -355,8 +358,8 @@ def in_proj_epilogue(raw, conv_state, mixer):
 def cublas_mixer_step(mixer, u, conv_state, ssm_state):
     """`Mamba2Mixer.step` of the normed input u (b, d_model) with both products as nn.Linear computes them (cuBLAS)
     and the work between in three kernels: in_proj's epilogue, the state update, the gated norm."""
-    proj = in_proj_epilogue(F.linear(u, mixer.in_proj.weight), conv_state, mixer)  # (b, z | xBC | dt) fp32
-    v = state_update(proj, ssm_state, mixer)  # y * SiLU(z)
+    raw = F.linear(u, mixer.in_proj.weight)  # (b, z | xBC | dt)
+    v = state_update(in_proj_epilogue(raw, conv_state, mixer), ssm_state, mixer, z=raw)  # y * SiLU(z)
     return F.linear(add_norm(v, None, mixer.norm, mixer.config.ngroups), mixer.out_proj.weight)
 
 
