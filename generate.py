@@ -9,7 +9,9 @@ On CUDA, decoding runs on CUDA graphs with the fused Triton step (fast_decode.py
 """
 
 import argparse
+import importlib.util
 import sys
+import threading
 import time
 
 T_START = time.perf_counter()
@@ -131,6 +133,24 @@ def timing_line(t_load, t_image, to_first, seconds, n_new):
             f"{time.perf_counter() - T_START:.2f} s]")
 
 
+def warm_up_in_background(device):
+    """A thread that sets up, while the weights load, what the first answer would otherwise wait for: CUDA's
+    context, cuBLAS and cuDNN (the patch embedding's conv) with their first kernels, and Triton (`fused_step.warm_up`)."""
+    def run():
+        try:
+            x = torch.ones(16, 3, 16, 16, device=device, dtype=torch.bfloat16)
+            torch.nn.functional.conv2d(x, x, stride=16).flatten(1) @ x.flatten(1)[:, :16]
+            if importlib.util.find_spec("triton") is not None:
+                import fused_step
+                fused_step.warm_up(device)
+            torch.cuda.synchronize(device)
+        except Exception:  # a real problem shows again, with its message, where the answer meets it
+            pass
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv=None):
     args = parse_args(argv)
     import fast_decode  # imported here so that --help is instant
@@ -143,7 +163,10 @@ def main(argv=None):
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda, but CUDA is not available here: use --device cpu")
+        warming = warm_up_in_background(args.device) if args.device.startswith("cuda") else None
         model = MLMamba.from_pretrained(args.model, dtype=dtype, device=args.device).eval()
+        if warming is not None:
+            warming.join()
         t_load = time.perf_counter() - T_START
         if model.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json")

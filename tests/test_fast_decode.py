@@ -115,6 +115,11 @@ def test_fused_step_in_16_bits_rounds_like_the_plain_step(batch, dtype, fused_st
     assert 0 < errors["plain"] < 0.03 and errors["fused"] <= factor * errors["plain"], errors
 
 
+def test_the_warm_up_kernel_runs():
+    """fused_step.warm_up (generate.py's start-up thread) runs its kernel: 0 + 1."""
+    assert FS.warm_up(DEVICE).tolist() == [1.0]
+
+
 def test_fused_kernels_refuse_a_biased_model():
     model = fused_model(3, bias=True)
     assert not FS.supports(model.config) and fast_decode.default_kernels(model) != "fused"
