@@ -604,14 +604,15 @@ def bench_answers(args):
     batch and one at a time; each batch size's first pass (kernel choices, graph captures) timed apart from the
     second. A random model rarely stops early: most answers run to max-new-tokens."""
     import evaluate
-    model = paper_answerer(args.size)
+    model = evaluate.speed_up(paper_answerer(args.size), "cuda", args.compile)  # as evaluate.py sets it up
     root = Path(tempfile.mkdtemp())
     gen = torch.Generator().manual_seed(0)
     for i in range(args.questions):
         save_random_image(root / f"{i}.png", gen)
     questions = [{"question": "w1 w2 w3 w4 w5", "image": f"{i}.png"} for i in range(args.questions)]
     print(f"evaluate.answer_questions on {torch.cuda.get_device_name()}: random ML-Mamba ({args.size}, bf16), "
-          f"{args.questions} questions (729 image + 9 text tokens each), up to {args.max_new_tokens} new tokens")
+          f"{args.questions} questions (729 image + 9 text tokens each), up to {args.max_new_tokens} new tokens; "
+          f"LM blocks {'compiled' if args.compile else 'eager'}")
     print("| questions a batch | first pass s | second pass s | questions/s | ms a question |")
     print("|---|---|---|---|---|")
     for batch in args.batch:
@@ -989,6 +990,7 @@ def make_parser():
     p.add_argument("--questions", type=int, default=64)
     p.add_argument("--batch", type=int, nargs="+", default=[32, 1])
     p.add_argument("--max-new-tokens", type=int, default=10, help="evaluate.py's default")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="as evaluate.py's option")
     p = sub.add_parser("vision", allow_abbrev=False,
                        help="SigLIP and DINOv2 at 384 px: ours vs transformers, same weights")
     p.add_argument("--batch", type=int, default=1)

@@ -48,6 +48,27 @@ def test_evaluation_progress_reaches_the_last_question(monkeypatch, capsys):
     assert "answered 224/1025" in lines[0]
 
 
+@pytest.mark.parametrize("argv, device, expected", [
+    ([], "cpu", []),
+    ([], "cuda", ["use_ssd", "compile_blocks"]),
+    (["--no-compile"], "cuda:1", ["use_ssd"]),
+])
+def test_evaluation_speeds_up_the_prefill_on_cuda_only(argv, device, expected, monkeypatch):
+    """evaluate.py on CUDA: the SSD arranged for the GPU and, unless --no-compile, the LM blocks compiled; on the CPU
+    the model as it is."""
+    import fast_decode
+    import fast_ssd
+    import model as M
+    calls = []
+    model = type("Model", (), {"lm": "the LM"})()
+    monkeypatch.setattr(fast_ssd, "use_ssd", lambda m: calls.append("use_ssd") or m)
+    monkeypatch.setattr(fast_decode, "compile_blocks", lambda lm: calls.append("compile_blocks") or lm)
+    monkeypatch.setattr(M.MLMamba, "from_pretrained", staticmethod(lambda folder, device: model))
+    monkeypatch.setattr(E, "evaluate", lambda m, *a: {"accuracy": 1.0} if m is model else {})
+    assert E.main(["--model", "m", "--questions", "q.json", "--device", device] + argv) == 0
+    assert calls == expected
+
+
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
 def test_figures_go_next_to_the_runs_log_and_leave_assets_alone(tmp_path):
     log = tmp_path / "run" / "train.log"
