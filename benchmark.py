@@ -21,6 +21,7 @@ what the process held before the call, so each number is the working memory of t
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -853,18 +854,22 @@ def bench_train(args):
     print("| SSD path | per-device batch | s / step | samples/s | MFU | HFU | peak GB |")
     print("|---|---|---|---|---|---|---|")
     backends = [b for b in args.backends if b != "mamba_ssm" or fast_ssd.find_kernel() is not None]
+    n_layer = len(model.lm.layers)
     times = {}
-    for backend in backends:
-        for compiled in (False, True) if args.compile else (False,):
-            name = SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
-            try:
-                fast_decode.compile_blocks(model.lm, compiled)
-                times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak,
-                                               dev)
-            except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
-                print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |", flush=True)
-                opt.zero_grad(set_to_none=True)
+    for backend, compiled, n_ckpt in itertools.product(backends, (False, True) if args.compile else (False,),
+                                                       args.checkpoint_blocks or [n_layer]):
+        name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
+                + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer else ""))
+        model.lm.gradient_checkpointing = n_ckpt
+        try:
+            fast_decode.compile_blocks(model.lm, compiled)
+            times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops,
+                                           recomputed * n_ckpt / n_layer, peak, dev)
+        except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
+            print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |", flush=True)
+            opt.zero_grad(set_to_none=True)
     fast_decode.compile_blocks(model.lm, False)
+    model.lm.gradient_checkpointing = True
     base = times.get(SSD_PATHS["mamba_ssm"])
     if base:
         print("step time / the kernel path's: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in times.items() if v))

@@ -339,7 +339,7 @@ class Mamba2LMHeadModel(nn.Module):
         self.layers = nn.ModuleList([Mamba2Block(config) for _ in range(config.n_layer)])
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # True: every block recomputed in the backward; an int n: the first n
         self._init_weights()
 
     def tie_weights(self):
@@ -378,9 +378,10 @@ class Mamba2LMHeadModel(nn.Module):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         residual = x.float() if self.config.residual_in_fp32 else x
+        checkpointed = len(self.layers) if self.gradient_checkpointing is True else int(self.gradient_checkpointing)
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training and cache is None:
+            if i < checkpointed and self.training and cache is None:
                 residual = checkpoint(layer, residual, use_reentrant=False)
             else:
                 residual = layer(residual, layer_cache, length)

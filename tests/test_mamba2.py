@@ -343,8 +343,8 @@ def test_the_residual_stream_is_fp32_only_where_the_config_says(fp32, monkeypatc
 
 
 def test_gradient_checkpointing_recomputes_each_block_and_keeps_the_gradients():
-    """In training with gradient_checkpointing each block runs again during the backward (two forwards per block),
-    and every gradient equals the one without it."""
+    """In training with gradient_checkpointing each block runs again during the backward (two forwards per block;
+    with an int n, the first n blocks only), and every gradient equals the one without it."""
     model = tiny_model(seed=4).train()
     ids = torch.randint(0, 100, (2, 21))
     calls = []
@@ -357,10 +357,11 @@ def test_gradient_checkpointing_recomputes_each_block_and_keeps_the_gradients():
         calls.clear()
         model(ids).logsumexp(-1).mean().backward()
         return len(calls), {n: p.grad.clone() for n, p in model.named_parameters()}
-    (n_plain, plain), (n_ckpt, ckpt) = run(False), run(True)
-    assert (n_plain, n_ckpt) == (2, 4)
+    (n_plain, plain), (n_ckpt, ckpt), (n_first, first) = run(False), run(True), run(1)
+    assert (n_plain, n_ckpt, n_first) == (2, 4, 3)
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-8, msg=name)
+        torch.testing.assert_close(first[name], plain[name], rtol=1e-6, atol=1e-8, msg=name)
     assert plain["layers.0.mixer.A_log"].abs().max() > 1e-6
 
 
