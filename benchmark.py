@@ -546,8 +546,9 @@ def bench_coldstart(args):
     """`python generate.py` answering one question about an image in a fresh process, on a random ML-Mamba at the
     paper's configuration saved in bf16 (a word-level tokenizer stands in for GPT-NeoX's), `runs` times in a row,
     the first with Triton's kernel cache empty: what generate.py prints (start-up and load, first token, last
-    token) and the wall time of the whole call seen from outside. Python's bytecode is cached in the folder and
-    written by one import before the first run, as an installed package has it (pip compiles it)."""
+    token) and the wall time of the whole call seen from outside; then the start-up's phases in one more fresh
+    process (STARTUP_PHASES). Python's bytecode is cached in the folder and written by one import before the first
+    run, as an installed package has it (pip compiles it)."""
     import shutil
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
@@ -573,7 +574,29 @@ def bench_coldstart(args):
         print(f"run {run}: exit {out.returncode}, wall seen from outside {wall:.2f} s; {timing}", flush=True)
         if out.returncode:
             print(out.stderr[-3000:])
+    out = subprocess.run([sys.executable, "-c", STARTUP_PHASES, str(folder)], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parent)
+    print(f"start-up phases in a fresh process: {out.stdout.strip() or out.stderr.strip()[-300:]}", flush=True)
 
+
+STARTUP_PHASES = """if True:  # generate.py's start-up and load, phase by phase: python -c STARTUP_PHASES FOLDER
+    import time
+    t0 = time.perf_counter()
+    import sys
+    import torch
+    t1 = time.perf_counter()
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    import generate, fast_decode, fast_ssd
+    from model import MLMamba
+    t3 = time.perf_counter()
+    MLMamba.from_pretrained(sys.argv[1], dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    t4 = time.perf_counter()
+    print(f"import torch {t1 - t0:.2f} s, CUDA context {t2 - t1:.2f} s, our modules {t3 - t2:.2f} s, "
+          f"from_pretrained {t4 - t3:.2f} s")
+"""
 
 LOADERS = {  # a safetensors file onto the GPU, three ways: code run in a fresh process by bench_load
     "load_file, then .to": "from safetensors.torch import load_file; t = {k: v.to('cuda') for k, v in "
@@ -1024,6 +1047,8 @@ def make_parser():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--backends", nargs="+", default=list(SSD_PATHS), choices=list(SSD_PATHS))
     p.add_argument("--chunk-sweep", type=int, nargs="*", default=[], help="ssd_chunked_fast at these chunk sizes too")
+    p.add_argument("--checkpoint-blocks", type=int, nargs="*", default=[],
+                   help="each path with gradient checkpointing of this many LM blocks (the first ones; default: all)")
     p.add_argument("--compile", action="store_true",
                    help="each path also with the LM blocks compiled, and torch.compile(ssd_chunked_fast) alone")
     p.add_argument("--profile", help="a folder: each path's step profiled (CUDA kernels by time) into it")

@@ -10,6 +10,7 @@ On CUDA, decoding runs on CUDA graphs with the fused Triton step (fast_decode.py
 
 import argparse
 import importlib.util
+import os
 import sys
 import threading
 import time
@@ -191,4 +192,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the OS frees the model's memory and the CUDA context at once, skipping Python's teardown
