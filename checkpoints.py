@@ -239,9 +239,9 @@ def timm_layout(cfg, tensors, input_size):
 
 def release_key_map(config):
     """Our name -> the release's name ("group.name", the groups of its latest-checkpoint.pt's "model" dict) for every
-    trained tensor of an ML-Mamba (config: an MLMambaConfig) with the msc-release connector: the LM (in mamba_ssm's names), the lift ("mlp"),
-    the Bidirectional_Mamba and the fused projector. The release's SwiGLU calls its gate pair w1, w2 and its output
-    w3; ours (LLaMA's names) w1, w3 and w2."""
+    trained tensor of an ML-Mamba (config: an MLMambaConfig) with the msc-release connector: the LM (in mamba_ssm's
+    names), the lift ("mlp"), the Bidirectional_Mamba and the fused projector. The release's SwiGLU calls its gate
+    pair w1, w2 and its output w3; ours (LLaMA's names) w1, w3 and w2."""
     lm = mamba2_key_map(config.lm, "state-spaces")
     names = {f"lm.{ours}": f"llm_backbone.{theirs}" for ours, theirs in lm.items()}
     names.update({"connector.lift.weight": "mlp.0.weight", "connector.lift.bias": "mlp.0.bias"})

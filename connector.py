@@ -88,8 +88,8 @@ def _init_linear(m):
 
 
 class MLP(nn.Module):
-    """The 3-layer projector (Fig. 3(a), eq. 6): Linear(in, 4 out) - GELU - Linear(4 out, out) - GELU - Linear(out, out),
-    xavier-normal weights and zero biases (as the release's FusedMLPProjector)."""
+    """The 3-layer projector (Fig. 3(a), eq. 6): Linear(in, 4 out) - GELU - Linear(4 out, out) - GELU -
+    Linear(out, out), xavier-normal weights and zero biases (as the release's FusedMLPProjector)."""
 
     def __init__(self, in_dim, out_dim):
         super().__init__()

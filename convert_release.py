@@ -28,7 +28,8 @@ def check_out(out, inputs, overwrite=False):
     for path in map(Path, inputs):
         path = path.resolve()
         if path == out or out in path.parents:
-            raise ValueError(f"--out {out} holds the input {path}: writing there would replace it; choose another --out")
+            raise ValueError(f"--out {out} holds the input {path}: writing there would replace it; "
+                             "choose another --out")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

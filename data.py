@@ -54,7 +54,8 @@ def sample_problem(sample, image_root):
 
 
 def train_tokenizer(texts, vocab_size=512):
-    """A byte-level BPE tokenizer trained on `texts`, with the stop token and the image placeholder as special tokens."""
+    """A byte-level BPE tokenizer trained on `texts`, with the stop token and the image placeholder as special
+    tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

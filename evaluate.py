@@ -257,9 +257,9 @@ def score_run(run_dir, question_file, log=print):
 
 
 def speed_up(model, device, compiled=True):
-    """On CUDA: the prefill's SSD arranged for the GPU (mamba-ssm's kernel where installed) and, with
-    compiled, the LM blocks through torch.compile, which fuses each block's elementwise work in the batched
-    prefills. Elsewhere the model as it is."""
+    """On CUDA: the prefill's SSD arranged for the GPU (mamba-ssm's kernel where installed) and, if `compiled`, the
+    LM blocks through torch.compile, which fuses each block's elementwise work in the batched prefills. Elsewhere the
+    model as it is."""
     if device.startswith("cuda"):
         import fast_decode
         import fast_ssd
@@ -279,7 +279,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=positive_int, default=10)
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="on CUDA, the LM blocks eager in the prefills (default: compiled, `fast_decode.compile_blocks`)")
+                   help="on CUDA, the LM blocks eager in the prefills (default: compiled, fast_decode.compile_blocks)")
     args = p.parse_args(argv)
     from model import MLMamba
     from cli import USER_ERRORS, report_user_error

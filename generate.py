@@ -136,7 +136,8 @@ def timing_line(t_load, t_image, to_first, seconds, n_new):
 
 def warm_up_in_background(device):
     """A thread that sets up, while the weights load, what the first answer would otherwise wait for: CUDA's
-    context, cuBLAS and cuDNN (the patch embedding's conv) with their first kernels, and Triton (`fused_step.warm_up`)."""
+    context, cuBLAS and cuDNN (the patch embedding's conv) with their first kernels, and Triton
+    (`fused_step.warm_up`)."""
     def run():
         try:
             x = torch.ones(16, 3, 16, 16, device=device, dtype=torch.bfloat16)

@@ -5,7 +5,8 @@
 Where the release departs from the paper's MSC (Fig. 5), as read here: one mixer for both directions (shared in_proj,
 gated norm and out_proj), the directions averaged rather than summed, no norm before the mixer, a SwiGLU of width D
 inside every block (not one of 8/3 D after the MSC), LayerNorms instead of RMSNorms, no drop-path, PyTorch's default
-init in the blocks with zero biases and out_proj / sqrt(2) (the projector: xavier-normal, zero biases), and BSM only. The README's "How this differs" table lists the rest.
+init in the blocks with zero biases and out_proj / sqrt(2) (the projector: xavier-normal, zero biases), and BSM only.
+The README's "How this differs" table lists the rest.
 """
 
 import math

@@ -107,7 +107,8 @@ def make_question(scene, family, rng):
         unique = [o for o in scene if sum(o2[2] == o[2] for o2 in scene) == 1]  # named by the shape alone
         pairs = [(a, b) for a in unique for b in unique if a != b]
         relations = [(a, b, rel) for a, b in pairs for rel in ("left of", "right of", "above", "below")
-                     if (rel in ("left of", "right of") and a[1] != b[1]) or (rel in ("above", "below") and a[0] != b[0])]
+                     if (rel in ("left of", "right of") and a[1] != b[1])
+                     or (rel in ("above", "below") and a[0] != b[0])]
         if not relations:
             return None
         a, b, rel = rng.choice(relations)

@@ -38,7 +38,8 @@ def test_every_scan_has_an_exact_inverse(kind):
 
 
 def test_msc_block_is_the_sum_of_the_reordered_directions():
-    """An MSC block (eq. 7's MSC, Fig. 5) is x + the sum over directions of unscan(Mixer(scan(RMSNorm(x)))), recomputed by hand."""
+    """An MSC block (eq. 7's MSC, Fig. 5) is x + the sum over directions of unscan(Mixer(scan(RMSNorm(x)))),
+    recomputed by hand."""
     torch.manual_seed(0)
     msc = MSC(MIXER, grid=(2, 3), scan="bsm", n_layers=1, drop_path_rate=0.0).eval()
     x = torch.randn(2, 6, 16)

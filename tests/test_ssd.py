@@ -175,7 +175,8 @@ def brute_force_ssd(x, dt, A, B, C, D, state0):
                 a = math.exp(float(dt[bi, t, hi] * A[hi]))
                 for pi in range(p):
                     for ni in range(n):
-                        st[bi, hi, pi, ni] = a * st[bi, hi, pi, ni] + dt[bi, t, hi] * B[bi, t, gi, ni] * x[bi, t, hi, pi]
+                        st[bi, hi, pi, ni] = (a * st[bi, hi, pi, ni]
+                                              + dt[bi, t, hi] * B[bi, t, gi, ni] * x[bi, t, hi, pi])
                     y[bi, t, hi, pi] = (st[bi, hi, pi] * C[bi, t, gi]).sum() + D[hi] * x[bi, t, hi, pi]
     return y, st
 

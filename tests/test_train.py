@@ -492,7 +492,8 @@ def _worker(rank, world_size, port, argv, out, stop=None):
     model = T.train(T.parse_args(argv), on_step=stop_after(stop) if stop else None)
     sys.stdout.flush()
     # DDP: this process's whole replica; FSDP: its shard of each parameter (rows rank*k ... of dim 0)
-    torch.save({n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()},
+    torch.save({n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+                for n, p in model.named_parameters()},
                f"{out}/rank{rank}.pt")
 
 
@@ -542,8 +543,8 @@ def _interrupted_worker(rank, world_size, port, argv, out, stop):
 def test_fsdp_checkpoint_resumes_in_one_process(default_world, tmp_path):
     """2-process FSDP stops after step 2 (checkpoint-2 was gathered from the shards); one process resumes it and ends
     where an uninterrupted one-process run does: the optimizer state is stored whole, keyed by parameter name."""
-    argv = ["--synthetic-dir", str(default_world), "--global-batch", "8", "--no-eval", "--log-every", "1000", "--device",
-            "cpu", "--max-steps", "4", "--save-every", "2", "--stage", "finetune", "--drop-path", "0"]
+    argv = ["--synthetic-dir", str(default_world), "--global-batch", "8", "--no-eval", "--log-every", "1000",
+            "--device", "cpu", "--max-steps", "4", "--save-every", "2", "--stage", "finetune", "--drop-path", "0"]
     out = ["--out", str(tmp_path / "run")]
     spawn_two(_interrupted_worker, argv + out + ["--parallel", "fsdp"], str(tmp_path), 2)
     assert (tmp_path / "run/finetune/latest").read_text() == "checkpoint-2"
