@@ -533,6 +533,35 @@ def test_two_process_gloo_matches_one_process(default_world, tmp_path, parallel,
         assert torch.equal(v, whole[n]), n
 
 
+def _cuda_worker(rank, world_size, port, argv, out):
+    torch.backends.cudnn.allow_tf32 = False  # the frozen encoders' convolutions in fp32, as the single run's
+    _worker(rank, world_size, port, argv, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gpus_over_nccl_match_one_gpu(default_world, tmp_path, parallel, capsys, monkeypatch):
+    """The two-process test above on two GPUs (NCCL for the CUDA tensors), fp32, the plain step loop: the same loss
+    and gradient norm at every step as one GPU, and the same weights within Adam's rounding bound."""
+    argv = ["--synthetic-dir", str(default_world), "--global-batch", "8", "--no-eval", "--log-every", "1",
+            "--device", "cuda", "--precision", "fp32", "--fast", "off", "--max-steps", "3", "--stage", "finetune",
+            "--drop-path", "0"]
+    spawn_two(_cuda_worker, argv + ["--out", str(tmp_path / parallel), "--parallel", parallel], str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", map_location="cpu") for r in (0, 1))
+    capsys.readouterr()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    single = {n: v.cpu() for n, v in params(T.train(T.parse_args(argv + ["--out", str(tmp_path / "single")]))).items()}
+    steps, steps_single = progress((tmp_path / "rank0.log").read_text()), progress(capsys.readouterr().out)
+    assert len(steps) == len(steps_single) == 3
+    for (loss, norm), (loss_single, norm_single) in zip(steps, steps_single):
+        assert loss == pytest.approx(loss_single, abs=2e-4) and norm == pytest.approx(norm_single, rel=1e-2)
+    whole = {n: r0[n] if parallel == "ddp" else torch.cat([r0[n], r1[n]]) for n in single}
+    if parallel == "ddp":
+        assert all(torch.equal(r0[n], r1[n]) for n in single), "the replicas differ"
+    assert_adam_close(whole, single, lr=1e-3, steps=3)
+
+
 def _interrupted_worker(rank, world_size, port, argv, out, stop):
     try:
         _worker(rank, world_size, port, argv, out, stop)
