@@ -598,12 +598,14 @@ STARTUP_PHASES = """if True:  # generate.py's start-up and load, phase by phase:
           f"from_pretrained {t4 - t3:.2f} s")
 """
 
-LOADERS = {  # a safetensors file onto the GPU, three ways: code run in a fresh process by bench_load
+LOADERS = {  # a safetensors file onto the GPU, four ways: code run in a fresh process by bench_load
     "load_file, then .to": "from safetensors.torch import load_file; t = {k: v.to('cuda') for k, v in "
                            "load_file(FILE).items()}",
     "load_file(device='cuda')": "from safetensors.torch import load_file; t = load_file(FILE, device='cuda')",
-    "weights.load_safetensors_to (one copy)": "from weights import load_safetensors_to; "
-                                              "t = load_safetensors_to(FILE, 'cuda')",
+    "the file mapped, then one .to": "import os; t = torch.from_file(FILE, size=os.path.getsize(FILE), "
+                                     "dtype=torch.uint8).to('cuda')",
+    "weights.load_safetensors_to (threads, pinned chunks)": "from weights import load_safetensors_to; "
+                                                            "t = load_safetensors_to(FILE, 'cuda')",
 }
 
 

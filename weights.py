@@ -13,7 +13,8 @@
 
 import json
 import os
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from pathlib import Path
 
@@ -78,11 +79,66 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
 
 
+READ_CHUNK = 32 << 20  # bytes a read in read_bytes; each thread keeps two such buffers
+READ_THREADS = 4
+
+
+def read_bytes(file, offset, size, device):
+    """The file's bytes [offset, offset + size) as one uint8 tensor on `device`. READ_THREADS threads read chunks of
+    READ_CHUNK bytes into host buffers (pinned for CUDA; `os.preadv` lets the other threads run while the kernel
+    copies from the page cache) and copy each to the device on their own stream while reading the next."""
+    out = torch.empty(size, dtype=torch.uint8, device=device)
+    if out.is_meta:
+        return out
+    on_cuda = out.is_cuda
+    starts = range(0, size, READ_CHUNK)
+
+    def read_every(k):  # thread k: chunks k, k + READ_THREADS, ..., alternating between its two buffers
+        stream = torch.cuda.Stream(out.device) if on_cuda else None
+        buffers = [torch.empty(min(READ_CHUNK, size), dtype=torch.uint8, pin_memory=on_cuda) for _ in range(2)]
+        copied = [None, None]  # the CUDA event after each buffer's last copy
+        for j, start in enumerate(starts[k::READ_THREADS]):
+            buf = buffers[j % 2][:min(READ_CHUNK, size - start)]
+            if copied[j % 2] is not None:
+                copied[j % 2].synchronize()
+            _pread_into(fd, buf, offset + start)
+            with torch.cuda.stream(stream) if on_cuda else nullcontext():
+                out[start:start + len(buf)].copy_(buf, non_blocking=on_cuda)
+                copied[j % 2] = stream.record_event() if on_cuda else None
+        if on_cuda:
+            stream.synchronize()
+
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            list(pool.map(read_every, range(READ_THREADS)))  # a thread's error is raised here
+    finally:
+        os.close(fd)
+    return out
+
+
+def _pread_into(fd, buf, offset):
+    """buf (a uint8 CPU tensor) filled with the file's bytes from offset on."""
+    view = memoryview(buf.numpy())
+    while len(view):
+        n = os.preadv(fd, [view], offset) if hasattr(os, "preadv") else _pread_copy(fd, view, offset)
+        if n == 0:
+            raise ValueError(f"the file ends {len(view)} bytes early")
+        view, offset = view[n:], offset + n
+
+
+def _pread_copy(fd, view, offset):
+    data = os.pread(fd, len(view), offset)
+    view[:len(data)] = data
+    return len(data)
+
+
 def load_safetensors_to(file, device):
-    """A .safetensors file's tensors as {name: tensor} on `device`, its data section moved in one copy: the file is
-    8 bytes of header length (little-endian), a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, then
-    the tensors' bytes back to back. Each tensor is a view of the one moved buffer, or a copy where its offset is not
-    16-byte aligned (a view needs its dtype's alignment, and kernels read aligned rows fastest)."""
+    """A .safetensors file's tensors as {name: tensor} on `device`, its data section read straight into one buffer
+    there (`read_bytes`): the file is 8 bytes of header length (little-endian), a JSON header {name: {dtype, shape,
+    data_offsets: [begin, end]}}, then the tensors' bytes back to back. Each tensor is a view of the one buffer, or a
+    copy where its offset is not 16-byte aligned (a view needs its dtype's alignment, and kernels read aligned rows
+    fastest)."""
     with open(file, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         n = int.from_bytes(f.read(8), "little")
@@ -97,7 +153,7 @@ def load_safetensors_to(file, device):
         if info["dtype"] not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor {name!r} is stored as {info['dtype']}, which this loader does not "
                                   "read; load the model with device='cpu' (safetensors' own reader), then move it")
-    data = torch.from_file(str(file), shared=False, size=8 + n + end, dtype=torch.uint8)[8 + n:].to(device)
+    data = read_bytes(file, 8 + n, end, device)
     tensors = {}
     for name, info in header.items():
         begin, stop = info["data_offsets"]
@@ -120,7 +176,7 @@ def _read_one(file, device="cpu"):
 
 def read_tensors(folder, device="cpu"):
     """All tensors of a checkpoint folder as {name: tensor} on `device`, whichever of the public file layouts it
-    uses. On a GPU each safetensors file goes there in one copy (`load_safetensors_to`)."""
+    uses. On a GPU each safetensors file is read straight into one buffer there (`load_safetensors_to`)."""
     folder = Path(folder)
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):

@@ -172,8 +172,24 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         Mamba2LMHeadModel.from_pretrained(tmp_path / "mamba1")
 
 
-def test_the_one_copy_reader_equals_safetensors_own(hf_checkpoint, tmp_path):
-    """weights.load_safetensors_to (a GPU load's reader: the data section moved in one copy, each tensor a view)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_chunked_reads_give_the_files_bytes(tmp_path, monkeypatch, device):
+    """weights.read_bytes: several threads, each alternating between two buffers, fill one buffer with the file's
+    bytes [offset, offset + size), in chunks of a size that does not divide it; a file that ends early is an error."""
+    import weights
+    data = torch.randint(0, 256, (10_007,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "f.bin").write_bytes(data.numpy().tobytes())
+    monkeypatch.setattr(weights, "READ_CHUNK", 333)
+    monkeypatch.setattr(weights, "READ_THREADS", 3)
+    got = weights.read_bytes(tmp_path / "f.bin", 17, 9_000, device)
+    assert got.device.type == device and torch.equal(got.cpu(), data[17:9_017])
+    assert weights.read_bytes(tmp_path / "f.bin", 5, 0, device).numel() == 0
+    with pytest.raises(ValueError, match="the file ends 10 bytes early"):
+        weights.read_bytes(tmp_path / "f.bin", 17, 10_000, device)
+
+
+def test_the_one_buffer_reader_equals_safetensors_own(hf_checkpoint, tmp_path):
+    """weights.load_safetensors_to (a GPU load's reader: the data section read into one buffer, each tensor a view)
     gives safetensors' own load_file, to the bit, on transformers' file and on one with every dtype, odd sizes, a 0-d
     and an empty tensor and metadata; the written values of a file laid out by hand with unaligned offsets; a dtype
     it does not read, and a truncated file, are CheckpointErrors that say so."""
