@@ -813,7 +813,8 @@ def _profile_step(step, file):
 
 
 SSD_PATHS = {"torch": "ssd_chunked (torch)", "torch-fast": "ssd_chunked_fast (torch)",
-             "torch-compiled": "ssd_chunked_fast compiled (torch)", "mamba_ssm": "mamba_chunk_scan_combined (kernel)"}
+             "torch-compiled": "ssd_chunked_fast compiled (torch)", "triton": "ssd_triton (our diagonal-block kernels)",
+             "mamba_ssm": "mamba_chunk_scan_combined (kernel)"}
 
 
 def _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak, dev):

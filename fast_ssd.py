@@ -21,7 +21,17 @@ from mamba2 import Mamba2Mixer
 FAST_CHUNK = 128
 
 
-def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+def diagonal_blocks(X, Bc, Cc, cs):
+    """Each chunk's own contribution: L[t, s] = exp(cs_t - cs_s) for s <= t, times C_t . B_s, times X.
+    X (b, c, g, r, Q, p), Bc, Cc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32 -> (b, c, g, r, Q, p) in X's dtype."""
+    Q = X.shape[-2]
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=X.device).tril()
+    L = (cs[..., :, None] - cs[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # (b, c, g, r, Q, Q)
+    CB = Cc @ Bc.transpose(-1, -2)  # (b, c, g, Q, Q)
+    return (L * CB[:, :, :, None]).to(X.dtype) @ X
+
+
+def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, diagonal=diagonal_blocks):
     """Eq. 3 by `ssd_chunked`'s algorithm, arranged for a GPU: the same values within the inputs' precision (tests
     check it), fewer passes over the (Q, Q) tensors, which dominate its time.
     - The segment sums inside a chunk are differences of the chunk's cumulative sum, cs_t - cs_s (as mamba-ssm's
@@ -30,6 +40,7 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     - The products with x, B and C run in the inputs' dtype (bf16 on tensor cores, fp32 accumulation), as the kernel
       does; the decays, their sums, the chunk states and the recurrence between chunks stay in fp32 (under autocast,
       torch runs every matrix product in bf16, here as in ssd_chunked).
+    diagonal: the diagonal blocks' form (`diagonal_blocks`, or the Triton kernels' in `ssd_triton`).
     Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32)."""
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
@@ -49,10 +60,7 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     cs = torch.cumsum(logA, dim=-1)  # (b, c, g, r, Q)
 
     # 1. diagonal blocks: L[t, s] = exp(cs_t - cs_s) for s <= t, times C_t . B_s, times X
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    L = (cs[..., :, None] - cs[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # (b, c, g, r, Q, Q)
-    CB = Cc @ Bc.transpose(-1, -2)  # (b, c, g, Q, Q)
-    Y = (L * CB[:, :, :, None]).to(x.dtype) @ X  # (b, c, g, r, Q, p)
+    Y = diagonal(X, Bc, Cc, cs)  # (b, c, g, r, Q, p)
 
     # 2. chunk states, from zero: sum_s exp(cs_end - cs_s) X_s B_s^T, in fp32
     decay_to_end = torch.exp(cs[..., -1:] - cs)  # (b, c, g, r, Q)
@@ -120,6 +128,16 @@ def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     return _compiled_ssd_chunked_fast()(x, dt, A, B, C, min(chunk_size, FAST_CHUNK), D=D, initial_state=initial_state)
 
 
+def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """`ssd_chunked_fast` with its diagonal blocks from Triton kernels that never write the (Q, Q) tensors
+    (ssd_kernel.py), where their tiles fit: the chunk, headdim and d_state powers of two of at least 16; else
+    `diagonal_blocks`. The kernels add dB and dC atomically, so those gradients vary in their last bits run to run."""
+    import ssd_kernel  # imports triton
+    fits = all(v >= 16 and not v & (v - 1) for v in (chunk_size, x.shape[-1], B.shape[-1]))
+    return ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state,
+                            diagonal=ssd_kernel.diagonal_blocks if fits else diagonal_blocks)
+
+
 def kernel(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """mamba-ssm's kernel, or an error that says it cannot run here."""
     if not (x.is_cuda and find_kernel() is not None):
@@ -131,7 +149,7 @@ def kernel(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 # The SSD forms by name, for use_ssd and benchmark.py: the teaching scan, the GPU arrangement, compiled, the kernel,
 # and "auto" (the fastest available: ssd_fast)
 SSD_FORMS = {"plain": S.ssd, "torch": S.ssd_chunked, "torch-fast": ssd_chunked_fast, "torch-compiled": ssd_compiled,
-             "mamba_ssm": kernel, "auto": ssd_fast}
+             "triton": ssd_triton, "mamba_ssm": kernel, "auto": ssd_fast}
 
 
 def use_ssd(model, form="auto"):

@@ -317,6 +317,88 @@ def test_eq3_chunked_fast_equals_the_recurrence_values_state_and_gradients(l, ch
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("l,chunk,h,g,p,n", [(37, 16, 4, 2, 16, 16), (300, 128, 8, 1, 32, 32), (45, 32, 6, 3, 16, 64)])
+def test_eq3_triton_diagonal_blocks_equal_the_recurrence_values_state_and_gradients(l, chunk, h, g, p, n):
+    """Eq. 3 by ssd_triton (ssd_chunked_fast with its diagonal blocks from ssd_kernel.py's Triton kernels, forward and
+    backward; on the CPU in Triton's interpreter) in fp32 equals the float64 recurrence from a non-zero state:
+    outputs, final state and every input's gradient within 2e-5 of each one's largest value. The shapes take one and
+    two 64-row blocks a chunk, and one, two and eight heads a group."""
+    triton = pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip("Triton's interpreter before 3.7 cannot run these kernels with numpy 2.4")
+    inputs = random_ssd_inputs(l=l, h=h, g=g, p=p, n=n)
+    weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=f64)
+    results = []
+    for fn, dtype in ((lambda *a: ssd_recurrent(*a[:6], initial_state=a[6]), f64),
+                      (lambda *a: SSD_FORMS["triton"](*a[:5], chunk, a[5], initial_state=a[6]), torch.float32)):
+        leaves = [t.to(device, dtype, copy=True).requires_grad_() for t in inputs]
+        y, st = fn(*leaves)
+        ((y * weights.to(device, dtype)).sum() + st.sum()).backward()
+        results.append([y.detach(), st.detach()] + [t.grad for t in leaves])
+    names = ["y", "state", "dx", "ddt", "dA", "dB", "dC", "dD", "dstate"]
+    for name, want, got in zip(names, *results):
+        assert got is not None and got.dtype == torch.float32, name
+        error = (got.double().cpu() - want.cpu()).abs().max() / want.abs().max()
+        assert error < 2e-5, f"{name}: {float(error):.2e} of its largest value"
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 3e-3),
+                                              pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.gpu)])
+def test_triton_diagonal_blocks_in_16_bits_round_like_chunked_fast(dtype, tolerance):
+    """16-bit x, B and C (bf16 under autocast; the CPU's interpreter multiplies fp16 only): ssd_triton's output,
+    state and gradients are within the dtype's rounding of ssd_chunked_fast's, and come back in the same dtypes."""
+    triton = pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip("Triton's interpreter before 3.7 cannot run these kernels with numpy 2.4")
+    x, dt, A, B, C, D, s0 = (t.float().to(device) for t in random_ssd_inputs(b=2, l=300, h=8, p=16, g=2, n=32))
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    results = []
+    for fn in (ssd_chunked_fast, SSD_FORMS["triton"]):
+        leaves = [t.clone().requires_grad_() for t in (x.to(dtype), dt, A, B.to(dtype), C.to(dtype), D, s0)]
+        y, st = fn(*leaves[:5], 64, leaves[5], initial_state=leaves[6])
+        ((y.float() * weights).sum() + st.sum()).backward()
+        results.append([y, st] + [t.grad for t in leaves])
+    for i, (want, got) in enumerate(zip(*results)):
+        assert got.dtype == want.dtype, i
+        assert (got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max(), i
+
+
+def test_triton_form_takes_the_torch_diagonal_blocks_where_its_tiles_do_not_fit():
+    """ssd_triton at a headdim its kernels' tiles do not take (3) computes ssd_chunked_fast's values to the bit; the
+    kernels called directly refuse those shapes with an error that names the fix."""
+    pytest.importorskip("triton")
+    import fast_ssd
+    import ssd_kernel
+    x, dt, A, B, C, D, s0 = (t.float() for t in random_ssd_inputs(l=37, h=4, p=3, g=2, n=16))
+    want = ssd_chunked_fast(x, dt, A, B, C, 16, D=D, initial_state=s0)
+    got = fast_ssd.ssd_triton(x, dt, A, B, C, 16, D=D, initial_state=s0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    X = torch.zeros(1, 1, 1, 1, 16, 3)
+    with pytest.raises(ValueError, match="powers of two of at least 16 \\(here 16, 3, 16\\): use ssd_chunked_fast"):
+        ssd_kernel.diagonal_blocks(X, torch.zeros(1, 1, 1, 16, 16), torch.zeros(1, 1, 1, 16, 16),
+                                   torch.zeros(1, 1, 1, 1, 16))
+
+
+@pytest.mark.gpu
+def test_triton_diagonal_blocks_inside_torch_compile_equal_eager():
+    """ssd_triton traced by torch.compile (as in compiled blocks: the kernels called from the compiled graph, the rest
+    of ssd_chunked_fast fused around them) gives eager ssd_triton's output, state and gradients, fp32, chunk 64."""
+    import fast_ssd
+    pytest.importorskip("triton")
+    inputs = [t.float().cuda() for t in random_ssd_inputs(b=2, l=300, h=8, p=32, g=2, n=32)]
+    weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1)).cuda()
+    results = []
+    for fn in (fast_ssd.ssd_triton, torch.compile(fast_ssd.ssd_triton, fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y, st = fn(*leaves[:5], 64, leaves[5], initial_state=leaves[6])
+        ((y * weights).sum() + st.sum()).backward()
+        results.append([y.detach(), st.detach()] + [t.grad for t in leaves])
+    for i, (want, got) in enumerate(zip(*results)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=str(i))
+
+
 def test_chunked_fast_in_bf16_is_within_bf16_of_the_fp32_scan():
     """bf16 inputs (what autocast gives the mixer): the products run in bf16, the decays and the state in fp32; the
     output is within bf16 rounding of the fp32 scan, and the state stays fp32."""
