@@ -15,6 +15,7 @@ order, so it ends where an uninterrupted run would. A NaN or infinite loss stops
 """
 
 import argparse
+import importlib.util
 import math
 import runpy
 import sys
@@ -444,9 +445,12 @@ def train(cfg, on_step=None):
     torch.manual_seed(cfg.seed)
     files = prepare_data(cfg, proc, log)
     model = build_model(cfg, files, log).to(proc.device)
-    if proc.device.startswith("cuda"):  # the SSD for a GPU (fast_ssd.py): in compiled blocks ssd_chunked_fast, faster
-        from fast_ssd import use_ssd  # there than mamba-ssm's kernel (docs/speed.md); else the kernel where installed
-        use_ssd(model, "torch-fast" if cfg.compile else "auto")
+    if proc.device.startswith("cuda"):  # the fastest SSD for a GPU (fast_ssd.py, docs/speed.md)
+        from fast_ssd import use_ssd
+        if cfg.compile:  # in compiled blocks: our Triton diagonal blocks, or ssd_chunked_fast without Triton
+            use_ssd(model, "triton" if importlib.util.find_spec("triton") else "torch-fast")
+        else:  # eager: mamba-ssm's kernel where installed, else ssd_chunked_fast
+            use_ssd(model, "auto")
     if cfg.compile:
         from fast_decode import compile_blocks
         compile_blocks(model.lm)

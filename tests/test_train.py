@@ -2,6 +2,7 @@
 FSDP, and the evaluation metrics."""
 
 import json
+import math
 import os
 import re
 import socket
@@ -555,6 +556,25 @@ def test_two_gpus_over_nccl_match_one_gpu(default_world, tmp_path, parallel, cap
             "--drop-path", "0"]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert_two_processes_match_one(_cuda_worker, argv, parallel, tmp_path, capsys)
+
+
+@pytest.mark.gpu
+def test_compiled_training_on_cuda_takes_the_triton_ssd(default_world, tmp_path, capsys):
+    """train.py --compile on CUDA gives every Mamba-2 mixer ssd_triton (fast_ssd.py; the fastest in compiled blocks,
+    docs/speed.md) and trains: finite losses, the first (before any update) equal to an eager run's within bf16
+    autocast's rounding."""
+    pytest.importorskip("triton")
+    import fast_ssd
+    from mamba2 import Mamba2Mixer
+    losses = {}
+    for flag in ("--compile", "--no-compile"):
+        model = T.train(args_for(default_world, tmp_path / flag, "--device", "cuda", flag, "--max-steps", "2",
+                                 "--stage", "finetune", "--log-every", "1", "--drop-path", "0"))
+        forms = {mod.ssd for mod in model.modules() if isinstance(mod, Mamba2Mixer)}
+        assert forms == ({fast_ssd.ssd_triton} if flag == "--compile" else {fast_ssd.SSD_FORMS["auto"]}), forms
+        losses[flag] = [float(v) for v in re.findall(r"loss (\S+) grad-norm", capsys.readouterr().out)]
+    assert len(losses["--compile"]) == 2 and all(math.isfinite(v) for v in losses["--compile"])
+    assert losses["--compile"][0] == pytest.approx(losses["--no-compile"][0], rel=2e-2)
 
 
 def _interrupted_worker(rank, world_size, port, argv, out, stop):
