@@ -1,11 +1,12 @@
 """The SSD's faster forms, and how a model's mixers are given one (`use_ssd`): `ssd_chunked` (ssd.py) arranged for a
-GPU, and mamba-ssm's Triton kernel where it is installed (`find_kernel`). The values equal the teaching scan's within
-the inputs' precision (tests/test_ssd.py).
+GPU, the same with its diagonal blocks as Triton kernels (`ssd_triton`, ssd_kernel.py), and mamba-ssm's Triton kernel
+where it is installed (`find_kernel`). The values equal the teaching scan's within the inputs' precision
+(tests/test_ssd.py).
 
 train.py, evaluate.py and benchmark.py choose the SSD in their main(): on CUDA, mamba-ssm's kernel where it is
-installed, else `ssd_chunked_fast`; generate.py takes `ssd_chunked_fast`, which has nothing to tune before a first
-answer. Both torch forms compile inside `fast_decode.compile_blocks`, which keeps Inductor from splitting their
-cumulative sums (`fast_decode.whole_scans`).
+installed, else `ssd_chunked_fast`, and `ssd_triton` in train.py's compiled blocks; generate.py takes
+`ssd_chunked_fast`, which has nothing to tune before a first answer. The torch forms compile inside
+`fast_decode.compile_blocks`, which keeps Inductor from splitting their cumulative sums (`fast_decode.whole_scans`).
 """
 
 import functools
