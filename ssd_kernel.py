@@ -3,8 +3,8 @@ and backward: what `fast_ssd.ssd_chunked_fast` computes with (Q, Q) tensors in m
 
     Y[t] = sum_{s <= t} exp(cs_t - cs_s) (C_t . B_s) X_s        per (batch, chunk, group, head), X = dt x
 
-The backward, with P = S * L (S = C B^T, L the decays): dX_s = sum_t P[t, s] dY_t; dP = dY X^T; dC_t = sum_s (dP L)
-B_s and dB_s = sum_t (dP L) C_t over the heads of a group; dcs_t = sum_s dP P and dcs_s = -sum_t dP P. The products
+The backward, with M = S * L (S = C B^T, L the decays): dX_s = sum_t M[t, s] dY_t; dM = dY X^T; dC_t = sum_s (dM L)
+B_s and dB_s = sum_t (dM L) C_t over the heads of a group; dcs_t = sum_s dM M and dcs_s = -sum_t dM M. The products
 run in the inputs' dtype with fp32 accumulation; the decays in fp32.
 """
 
@@ -14,9 +14,10 @@ import triton.language as tl
 
 BACKWARD_SPLITS = 8  # each group's heads are split over this many programs in the backward (dB, dC added atomically)
 
+
 @triton.jit
 def _tile(cs_ptr, t, s):
-    """L[t, s] = exp(cs_t - cs_s) where t >= s, else 0: (BT, BS) fp32."""
+    """L[t, s] = exp(cs_t - cs_s) where t >= s, else 0: (BT, BT) fp32."""
     cs_t = tl.load(cs_ptr + t)
     cs_s = tl.load(cs_ptr + s)
     causal = t[:, None] >= s[None, :]
@@ -26,6 +27,7 @@ def _tile(cs_ptr, t, s):
 @triton.jit
 def _diag_fwd(x_ptr, b_ptr, c_ptr, cs_ptr, y_ptr, R, Q: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
               BT: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (batch, chunk, group, head) and t-block: Y_t = sum_{s <= t} M[t, s] X_s, M = (C_t . B_s) L[t, s]."""
     head = tl.program_id(0)  # over (batch, chunk, group, head)
     tb = tl.program_id(1)
     group = head // R
@@ -38,8 +40,8 @@ def _diag_fwd(x_ptr, b_ptr, c_ptr, cs_ptr, y_ptr, R, Q: tl.constexpr, N: tl.cons
         B_s = tl.load(b_ptr + group * Q * N + s[:, None] * N + n[None, :])  # (BT, N)
         X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])  # (BT, P)
         scores = tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION)  # C_t . B_s (BT, BT) fp32
-        probs = scores * _tile(cs_ptr + head * Q, t, s)
-        acc += tl.dot(probs.to(X_s.dtype), X_s, input_precision=PRECISION)
+        M = scores * _tile(cs_ptr + head * Q, t, s)
+        acc += tl.dot(M.to(X_s.dtype), X_s, input_precision=PRECISION)
     tl.store(y_ptr + head * Q * P + t[:, None] * P + p[None, :], acc.to(y_ptr.dtype.element_ty))
 
 
@@ -65,11 +67,11 @@ def _diag_bwd_s(x_ptr, b_ptr, c_ptr, cs_ptr, dy_ptr, dx_ptr, db_ptr, dcs_ptr, R,
             C_t = tl.load(c_ptr + group * Q * N + t[:, None] * N + n[None, :])
             dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])
             L = _tile(cs_ptr + head * Q, t, s)
-            probs = tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION) * L  # (BT_t, BT_s)
-            dX += tl.dot(tl.trans(probs).to(dY_t.dtype), dY_t, input_precision=PRECISION)
-            d_probs = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION)  # (BT_t, BT_s) fp32
-            dB += tl.dot(tl.trans(d_probs * L).to(C_t.dtype), C_t, input_precision=PRECISION)
-            dcs -= tl.sum(d_probs * probs, axis=0)
+            M = tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION) * L  # (BT_t, BT_s)
+            dX += tl.dot(tl.trans(M).to(dY_t.dtype), dY_t, input_precision=PRECISION)
+            dM = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION)  # (BT_t, BT_s) fp32
+            dB += tl.dot(tl.trans(dM * L).to(C_t.dtype), C_t, input_precision=PRECISION)
+            dcs -= tl.sum(dM * M, axis=0)
         tl.store(dx_ptr + head * Q * P + s[:, None] * P + p[None, :], dX.to(dx_ptr.dtype.element_ty))
         tl.store(dcs_ptr + head * Q + s, dcs)
     tl.atomic_add(db_ptr + group * Q * N + s[:, None] * N + n[None, :], dB)
@@ -96,10 +98,10 @@ def _diag_bwd_t(x_ptr, b_ptr, c_ptr, cs_ptr, dy_ptr, dc_ptr, dcs_ptr, R, HEADS, 
             B_s = tl.load(b_ptr + group * Q * N + s[:, None] * N + n[None, :])
             X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])
             L = _tile(cs_ptr + head * Q, t, s)
-            probs = tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION) * L
-            d_probs = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION)
-            dC += tl.dot((d_probs * L).to(B_s.dtype), B_s, input_precision=PRECISION)
-            dcs += tl.sum(d_probs * probs, axis=1)
+            M = tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION) * L
+            dM = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION)
+            dC += tl.dot((dM * L).to(B_s.dtype), B_s, input_precision=PRECISION)
+            dcs += tl.sum(dM * M, axis=1)
         at = dcs_ptr + head * Q + t
         tl.store(at, tl.load(at) + dcs)
     tl.atomic_add(dc_ptr + group * Q * N + t[:, None] * N + n[None, :], dC)
