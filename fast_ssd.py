@@ -134,7 +134,7 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     (ssd_kernel.py), where their tiles fit: the chunk, headdim and d_state powers of two of at least 16; else
     `diagonal_blocks`. The kernels add dB and dC atomically, so those gradients vary in their last bits run to run."""
     import ssd_kernel  # imports triton
-    fits = all(v >= 16 and not v & (v - 1) for v in (chunk_size, x.shape[-1], B.shape[-1]))
+    fits = ssd_kernel.fits(chunk_size, x.shape[-1], B.shape[-1])
     return ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state,
                             diagonal=ssd_kernel.diagonal_blocks if fits else diagonal_blocks)
 

@@ -141,11 +141,16 @@ class DiagonalBlocks(torch.autograd.Function):
         return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs
 
 
+def fits(chunk, headdim, d_state):
+    """Whether the kernels take these sizes: powers of two of at least 16 (tl.dot's tiles)."""
+    return all(v >= 16 and not v & (v - 1) for v in (chunk, headdim, d_state))
+
+
 def diagonal_blocks(X, Bc, Cc, cs):
     """`fast_ssd.diagonal_blocks` by the kernels: X (b, c, g, r, Q, p), Bc, Cc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32
-    -> Y (b, c, g, r, Q, p) in X's dtype. Q, p and n are powers of two of at least 16 (tl.dot's tiles)."""
+    -> Y (b, c, g, r, Q, p) in X's dtype, for sizes that `fits`."""
     Q, p, n = X.shape[-2], X.shape[-1], Bc.shape[-1]
-    if any(v < 16 or v & (v - 1) for v in (Q, p, n)):
+    if not fits(Q, p, n):
         raise ValueError(f"the SSD kernels need the chunk, headdim and d_state to be powers of two of at least 16 "
                          f"(here {Q}, {p}, {n}): use ssd_chunked_fast")
     return DiagonalBlocks.apply(X, Bc, Cc, cs)
