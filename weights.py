@@ -92,12 +92,13 @@ def read_bytes(file, offset, size, device):
         return out
     on_cuda = out.is_cuda
     starts = range(0, size, READ_CHUNK)
+    threads = min(READ_THREADS, len(starts))  # a small file: fewer threads, none without a chunk
 
-    def read_every(k):  # thread k: chunks k, k + READ_THREADS, ..., alternating between its two buffers
+    def read_every(k):  # thread k: chunks k, k + threads, ..., alternating between its two buffers
         stream = torch.cuda.Stream(out.device) if on_cuda else None
         buffers = [torch.empty(min(READ_CHUNK, size), dtype=torch.uint8, pin_memory=on_cuda) for _ in range(2)]
         copied = [None, None]  # the CUDA event after each buffer's last copy
-        for j, start in enumerate(starts[k::READ_THREADS]):
+        for j, start in enumerate(starts[k::threads]):
             buf = buffers[j % 2][:min(READ_CHUNK, size - start)]
             if copied[j % 2] is not None:
                 copied[j % 2].synchronize()
@@ -110,8 +111,8 @@ def read_bytes(file, offset, size, device):
 
     fd = os.open(file, os.O_RDONLY)
     try:
-        with ThreadPoolExecutor(READ_THREADS) as pool:
-            list(pool.map(read_every, range(READ_THREADS)))  # a thread's error is raised here
+        with ThreadPoolExecutor(max(threads, 1)) as pool:
+            list(pool.map(read_every, range(threads)))  # a thread's error is raised here
     finally:
         os.close(fd)
     return out
