@@ -290,12 +290,11 @@ def bench_decode(args):
                               repeats=1)
                 rows.append(("ours, eager plain step", args.eager_tokens, t_one, t_all,
                              (t_all - t_one) / (args.eager_tokens - 1), kernels_per_step(model, batch, "plain")))
-            for kernels, products, state in step_forms(args):
-                with cublas_from(model, PRODUCTS[products]):
+            for kernels, state, settings, options in step_forms(args):
+                with step_settings(model, **settings):
                     t_one, t_all, per = time_generation(model, ids, args.new, kernels, timed,
                                                         fast_decode.STATE_DTYPES[state])
                     n_kernels = kernels_per_step(model, batch, kernels)
-                options = f" ({products} products)" if kernels == "fused" else ""
                 name = f"ours, {kernels} step{options} on CUDA graphs" + (", bf16 state" if state == "bf16" else "")
                 rows.append((name, args.new, t_one, t_all, per, n_kernels))
             if "bf16" in args.states:
@@ -315,24 +314,31 @@ PRODUCTS = {"auto": None, "tiles": 2 ** 31, "cublas": 1}  # fused_step.CUBLAS_FR
 
 
 def step_forms(args):
-    """(kernels, products, state) of each generation that bench_decode times: products matter to the fused step
-    only."""
-    return [(k, p, s) for k in args.kernels for p in (args.products if k == "fused" else ["auto"])
+    """(kernels, state, fused_step settings, label) of each generation that bench_decode times: the products and
+    programmatic dependent launch matter to the fused step only."""
+    import fused_step
+    prefetch = args.prefetch_k or [fused_step.PREFETCH_K]
+    fused = [(dict(CUBLAS_FROM_BATCH=PRODUCTS[p], PDL=pdl == "on", PREFETCH_K=k if pdl == "on" else 0),
+              f" ({p} products, PDL {pdl}" + (f", prefetch {k})" if pdl == "on" else ")"))
+             for p in args.products for pdl in args.pdl for k in (prefetch if pdl == "on" else [0])]
+    return [(k, s, settings, label) for k in args.kernels for settings, label in (fused if k == "fused" else [({}, "")])
             for s in args.states]
 
 
 @contextlib.contextmanager
-def cublas_from(model, batch):
-    """fused_step.CUBLAS_FROM_BATCH set to batch (None: as it is) inside the block, the model's captured decoder made
-    anew on the way in and out."""
+def step_settings(model, **settings):
+    """fused_step's module settings (CUBLAS_FROM_BATCH, PDL, PREFETCH_K; None: as it is) inside the block, the model's
+    captured decoder made anew on the way in and out."""
     import fused_step
-    kept = fused_step.CUBLAS_FROM_BATCH
-    fused_step.CUBLAS_FROM_BATCH = kept if batch is None else batch
+    kept = {name: getattr(fused_step, name) for name in settings}
+    for name, value in settings.items():
+        setattr(fused_step, name, kept[name] if value is None else value)
     fast_decode.forget_decoder(model)
     try:
         yield
     finally:
-        fused_step.CUBLAS_FROM_BATCH = kept
+        for name, value in kept.items():
+            setattr(fused_step, name, value)
         fast_decode.forget_decoder(model)
 
 
@@ -993,6 +999,11 @@ def make_parser():
     p.add_argument("--products", nargs="+", default=["auto"], choices=list(PRODUCTS),
                    help="the fused step's matrix products: auto (Triton tiles below fused_step.CUBLAS_FROM_BATCH "
                         "sequences, cuBLAS from there), or one of them at every batch")
+    p.add_argument("--pdl", nargs="+", default=["on"], choices=["on", "off"],
+                   help="the fused step's Triton kernels with programmatic dependent launch (where the GPU has it)")
+    p.add_argument("--prefetch-k", type=int, nargs="+", choices=[0, 256, 512, 1024, 2048],
+                   help="with PDL: weight columns each matvec program asks L2 for before it waits (default: "
+                        "fused_step.PREFETCH_K)")
     p.add_argument("--compile", action="store_true",
                    help="the LM blocks through torch.compile for our prefills (fast_decode.compile_blocks)")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")

@@ -17,6 +17,10 @@ alongside the product (x * g) . W^T (g the norm's weight) and scales the product
 the model's dtype where the plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of
 another summation order (tests/test_fast_decode.py).
 
+On GPUs from Hopper on the three kernels overlap (programmatic dependent launch, PDL): each is launched while the
+one before it runs, asks the L2 cache for the start of its weight tile and loads what it needs of no predecessor
+(the SSM state, written a step ago), then waits for the kernel before it and reads that kernel's output.
+
 With several sequences the weights are read once for all of them, and cuBLAS streams them faster than these tiles:
 from CUBLAS_FROM_BATCH sequences on, `cublas_model_step` computes both products as nn.Linear does and puts four
 small kernels between them (the residual add and norm, in_proj's epilogue, the state update, the gated norm).
@@ -24,6 +28,8 @@ small kernels between them (the residual add and norm, in_proj's epilogue, the s
 Needs Triton (on the CPU, `TRITON_INTERPRET=1` runs the kernels through Triton's interpreter, as the tests do) and
 linear layers without bias (every public Mamba-2 checkpoint); `supports(config)` says whether a model qualifies.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +45,12 @@ GATED_TILE = dict(BLOCK_R=4, BLOCK_K=1024, num_warps=4)  # gated_matvec: out_pro
 DOT_TILE = dict(BLOCK_R=64, BLOCK_K=64, num_warps=4)  # both, with tl.dot
 DOT_MIN_BATCH = 5
 CUBLAS_FROM_BATCH = 8  # from this many sequences the products go to cuBLAS (`cublas_model_step`)
+# Programmatic dependent launch (GPUs from Hopper on): each kernel of the Triton step is launched while the one
+# before it runs; it does the work that needs nothing of its predecessor (pointers, the SSM state's load, an L2
+# prefetch of its first PREFETCH_K weight columns), then waits for it (`_wait_for_predecessor`). PREFETCH_K: the
+# fastest of `python benchmark.py decode --pdl off on --prefetch-k ...` on one H100 (docs/speed.md).
+PDL = True
+PREFETCH_K = 512
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -52,6 +64,21 @@ def _log1p(t):
     """log(1 + t) accurate for small t (Goldberg's correction of log(u) by t / (u - 1))."""
     u = 1.0 + t
     return tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
+
+
+@triton.jit
+def _wait_for_predecessor(w_ptr, w_stride, rows, row_ok, PDL: tl.constexpr, PREFETCH_K: tl.constexpr):
+    """With PDL: ask the L2 cache for the first PREFETCH_K columns of the weight rows (they are never written, so
+    they need not wait), wait until the kernel before this one has finished and its writes are visible, then let the
+    next kernel launch. Without PDL the launch order already waits, and this does nothing."""
+    if PDL:
+        if PREFETCH_K > 0:
+            lines = tl.minimum(tl.arange(0, PREFETCH_K // 64) * 64, w_stride - 1)  # a 128-byte line of bf16 each
+            at = w_ptr + tl.where(row_ok, rows, 0)[:, None] * w_stride + lines[None, :]  # (R, lines), in the weight
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [at], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -117,6 +144,7 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
                         n_rows, n_plain, n_conv, eps, dt_min, dt_max,
                         D_IN: tl.constexpr, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
                         WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[:, rows] = RMSNorm(res) . W[rows]^T for every sequence (W read once), rounded to W's dtype as nn.Linear
     returns it; then by section: rows < n_plain as they are; the next n_conv rows (xBC) through the conv window and
@@ -124,6 +152,7 @@ def _norm_matvec_kernel(res_ptr, norm_w_ptr, w_ptr, out_ptr, conv_state_ptr, con
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
     seqs = tl.arange(0, BLOCK_B)  # (B,)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
+    _wait_for_predecessor(w_ptr, D_IN, rows, row_ok, PDL, PREFETCH_K)
     acc, squares = _weighted_product(res_ptr, D_IN, norm_w_ptr, w_ptr, D_IN, rows, row_ok, seqs, seq_ok, 0, D_IN,
                                      USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_R, BLOCK_K)
     inv_rms = tl.rsqrt(squares / D_IN + eps)  # (B,) fp32
@@ -157,7 +186,7 @@ def _in_proj_epilogue(proj, dtype_ptr, rows, row_ok, seqs, seq_ok, n_plain, n_co
 @triton.jit
 def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_proj, z_stride, x_start, b_start,
                          c_start, dt_start, n_heads, heads_per_group, d_inner,
-                         HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
+                         HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr, PDL: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Eq. 3 for one token, heads x (BLOCK_P rows of the state) per program: h = exp(dt A) h + dt x B^T in place
     (computed in fp32, stored in the state's dtype: fp32, or bf16 with fast_decode's option), y = C h + D x rounded
@@ -168,16 +197,19 @@ def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     p_ok, n_ok = p < HEADDIM, n < D_STATE
-    row = proj_ptr + b * n_proj
-    x = tl.load(row + x_start + h * HEADDIM + p, mask=p_ok, other=0.0)  # (BLOCK_P,)
-    B = tl.load(row + b_start + g * D_STATE + n, mask=n_ok, other=0.0)  # (BLOCK_N,)
-    C = tl.load(row + c_start + g * D_STATE + n, mask=n_ok, other=0.0)
-    dt = tl.load(row + dt_start + h)
     A = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32))  # A = -exp(A_log), fp32
     D = tl.load(d_ptr + h).to(tl.float32)
     state = state_ptr + ((b * n_heads + h) * HEADDIM + p[:, None]) * D_STATE + n[None, :]  # (BLOCK_P, BLOCK_N)
     s_ok = p_ok[:, None] & n_ok[None, :]
     s = tl.load(state, mask=s_ok, other=0.0).to(tl.float32)  # the state fp32 or bf16, the update in fp32
+    if PDL:  # the state was last written a step ago: only in_proj's rows wait for the kernel before
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    row = proj_ptr + b * n_proj
+    x = tl.load(row + x_start + h * HEADDIM + p, mask=p_ok, other=0.0)  # (BLOCK_P,)
+    B = tl.load(row + b_start + g * D_STATE + n, mask=n_ok, other=0.0)  # (BLOCK_N,)
+    C = tl.load(row + c_start + g * D_STATE + n, mask=n_ok, other=0.0)
+    dt = tl.load(row + dt_start + h)
     s = s * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]  # eq. 3: A_bar = exp(dt A), B_bar = dt B
     tl.store(state, s.to(state_ptr.dtype.element_ty), mask=s_ok)
     y = (tl.sum(s * C[None, :], axis=1) + D * x).to(Y_DTYPE).to(tl.float32)  # y = C h + D x
@@ -188,13 +220,14 @@ def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_
 @triton.jit
 def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, eps,
                          D_IN: tl.constexpr, GROUP_SIZE: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """res[:, rows] += RMSNorm(v) . W[rows]^T with one norm per group of GROUP_SIZE channels, v = y * SiLU(z) (B, D_IN)
     fp32; each group's 1 / RMS applied to its part of the product."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     seqs = tl.arange(0, BLOCK_B)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
+    _wait_for_predecessor(w_ptr, D_IN, rows, row_ok, PDL, PREFETCH_K)
     out = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
     for start in range(0, D_IN, GROUP_SIZE):
         acc, squares = _weighted_product(v_ptr, D_IN, norm_w_ptr, w_ptr, D_IN, rows, row_ok, seqs, seq_ok, start,
@@ -256,13 +289,28 @@ def warm_up(device):
     return x
 
 
+@functools.cache
+def _has_pdl(device):
+    """Whether kernels on this device can launch before their predecessor ends: CUDA from Hopper (sm90) on, and a
+    Triton that launches them so (3.4 on)."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and hasattr(tl.extra.cuda, "gdc_wait"))
+
+
+def _pdl_args(device):
+    """The launch arguments of programmatic dependent launch for a step kernel on device (PDL)."""
+    pdl = PDL and _has_pdl(device)
+    return dict(PDL=pdl, launch_pdl=pdl)
+
+
 def _tiling(batch, weight, tile):
     """(kernel arguments for the batch and tile, grid over row blocks) for a weight (rows, d_in)."""
     use_dot = batch >= DOT_MIN_BATCH
     tile = DOT_TILE if use_dot else tile
     block_b = max(16, triton.next_power_of_2(batch)) if use_dot else triton.next_power_of_2(batch)
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"  # tf32 applies to fp32 inputs only
-    args = dict(BATCH=batch, USE_DOT=use_dot, DOT_PRECISION=precision, BLOCK_B=block_b, **tile)
+    args = dict(BATCH=batch, USE_DOT=use_dot, DOT_PRECISION=precision, BLOCK_B=block_b, PREFETCH_K=PREFETCH_K,
+                **_pdl_args(weight.device), **tile)
     return args, (triton.cdiv(weight.shape[0], tile["BLOCK_R"]),)
 
 
@@ -301,7 +349,7 @@ def state_update(proj, ssm_state, mixer, z=None):
         b_start=x_start + c.d_inner, c_start=x_start + c.d_inner + c.ngroups * c.d_state, dt_start=x_start + c.conv_dim,
         n_heads=c.nheads, heads_per_group=c.nheads // c.ngroups, d_inner=c.d_inner, HEADDIM=c.headdim,
         D_STATE=c.d_state, Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p,
-        BLOCK_N=triton.next_power_of_2(c.d_state))
+        BLOCK_N=triton.next_power_of_2(c.d_state), **_pdl_args(proj.device))
     return v
 
 
