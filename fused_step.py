@@ -37,10 +37,11 @@ import triton
 import triton.language as tl
 
 # Tiles of the matrix-vector kernels: rows and reduction width per program, and warps; the fastest of
-# `python benchmark.py tiles` on one H200 (docs/speed.md). Up to DOT_MIN_BATCH - 1 sequences, a program multiplies
-# each of them by its weight tile with broadcast products; from DOT_MIN_BATCH on, with tl.dot (the tensor cores for
-# 16-bit weights; exact fp32 products for fp32 ones), which needs 16 rows and 16 sequences (the batch is padded).
-MATVEC_TILE = dict(BLOCK_R=16, BLOCK_K=256, num_warps=4)  # norm_matvec: in_proj and the LM head
+# `python benchmark.py tiles` (norm_matvec's on one H100 with PDL, the others on one H200; docs/speed.md). Up to
+# DOT_MIN_BATCH - 1 sequences, a program multiplies each of them by its weight tile with broadcast products; from
+# DOT_MIN_BATCH on, with tl.dot (the tensor cores for 16-bit weights; exact fp32 products for fp32 ones), which needs
+# 16 rows and 16 sequences (the batch is padded).
+MATVEC_TILE = dict(BLOCK_R=8, BLOCK_K=512, num_warps=4)  # norm_matvec: in_proj and the LM head
 GATED_TILE = dict(BLOCK_R=4, BLOCK_K=1024, num_warps=4)  # gated_matvec: out_proj
 DOT_TILE = dict(BLOCK_R=64, BLOCK_K=64, num_warps=4)  # both, with tl.dot
 DOT_MIN_BATCH = 5
@@ -297,9 +298,9 @@ def _has_pdl(device):
             and hasattr(tl.extra.cuda, "gdc_wait"))
 
 
-def _pdl_args(device):
+def _pdl_args(device, overlap=True):
     """The launch arguments of programmatic dependent launch for a step kernel on device (PDL)."""
-    pdl = PDL and _has_pdl(device)
+    pdl = overlap and PDL and _has_pdl(device)
     return dict(PDL=pdl, launch_pdl=pdl)
 
 
@@ -335,9 +336,10 @@ def norm_matvec(residual, norm, weight, out, conv_state=None, mixer=None):
     return out
 
 
-def state_update(proj, ssm_state, mixer, z=None):
+def state_update(proj, ssm_state, mixer, z=None, overlap=False):
     """Eq. 3 for one token from in_proj's epilogued rows proj (b, z | xBC | dt) fp32: ssm_state (b, h, p, n) updated
-    in place; returns v = y * SiLU(z) (b, d_inner) fp32. z: where z's columns are read (default: proj)."""
+    in place; returns v = y * SiLU(z) (b, d_inner) fp32. z: where z's columns are read (default: proj). overlap:
+    launched with PDL (where the GPU has it) between norm_matvec and gated_matvec."""
     c = mixer.config
     b = proj.shape[0]
     z = proj if z is None else z
@@ -349,7 +351,7 @@ def state_update(proj, ssm_state, mixer, z=None):
         b_start=x_start + c.d_inner, c_start=x_start + c.d_inner + c.ngroups * c.d_state, dt_start=x_start + c.conv_dim,
         n_heads=c.nheads, heads_per_group=c.nheads // c.ngroups, d_inner=c.d_inner, HEADDIM=c.headdim,
         D_STATE=c.d_state, Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p,
-        BLOCK_N=triton.next_power_of_2(c.d_state), **_pdl_args(proj.device))
+        BLOCK_N=triton.next_power_of_2(c.d_state), **_pdl_args(proj.device, overlap))
     return v
 
 
@@ -364,7 +366,7 @@ def block_step(block, residual, conv_state, ssm_state):
         assert t.is_contiguous()
     proj = norm_matvec(residual, block.norm, w_in, residual.new_empty(b, w_in.shape[0], dtype=torch.float32),
                        conv_state, mixer)  # (b, z | xBC | dt)
-    v = state_update(proj, ssm_state, mixer)  # y * SiLU(z)
+    v = state_update(proj, ssm_state, mixer, overlap=True)  # y * SiLU(z)
     args, grid = _tiling(b, w_out, GATED_TILE)
     _gated_matvec_kernel[grid](v, mixer.norm.weight, w_out, residual, c.d_model, mixer.norm.eps,
                                D_IN=c.d_inner, GROUP_SIZE=c.d_inner // c.ngroups, **args)
