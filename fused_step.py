@@ -30,6 +30,7 @@ linear layers without bias (every public Mamba-2 checkpoint); `supports(config)`
 """
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -293,9 +294,9 @@ def warm_up(device):
 @functools.cache
 def _has_pdl(device):
     """Whether kernels on this device can launch before their predecessor ends: CUDA from Hopper (sm90) on, and a
-    Triton that launches them so (3.4 on)."""
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-            and hasattr(tl.extra.cuda, "gdc_wait"))
+    Triton that launches them so (3.4 on), not its interpreter (TRITON_INTERPRET=1), which runs them one by one."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+            and torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait"))
 
 
 def _pdl_args(device, overlap=True):

@@ -120,6 +120,22 @@ def test_the_warm_up_kernel_runs():
     assert FS.warm_up(DEVICE).tolist() == [1.0]
 
 
+def test_triton_s_interpreter_launches_no_kernel_early(monkeypatch):
+    """Programmatic dependent launch is for compiled kernels on a GPU: under TRITON_INTERPRET=1 (the CPU tests'), a
+    CUDA device is not asked for its capability and the step kernels get no PDL arguments."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    FS._has_pdl.cache_clear()
+    try:
+        assert FS._pdl_args(torch.device("cuda", 3)) == dict(PDL=False, launch_pdl=False)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        FS._has_pdl.cache_clear()
+        assert FS._pdl_args(torch.device("cuda", 3))["PDL"] is hasattr(triton.language.extra.cuda, "gdc_wait")
+        assert FS._pdl_args(torch.device("cuda", 3), overlap=False)["PDL"] is False
+    finally:
+        FS._has_pdl.cache_clear()
+
+
 def test_fused_kernels_refuse_a_biased_model():
     model = fused_model(3, bias=True)
     assert not FS.supports(model.config) and fast_decode.default_kernels(model) != "fused"
