@@ -372,8 +372,10 @@ def compiled_block_forward():
 def compile_blocks(lm, on=True):
     """Each block of a Mamba2LMHeadModel through `compiled_block_forward` (on=False: eager again). The block's own
     __call__ still runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before. Makes
-    `whole_scans` inductor's heuristics for the rest of the process: both torch forms of eq. 3 (ssd_chunked,
-    fast_ssd.ssd_chunked_fast) take cumulative sums over a whole chunk, 256 steps in Mamba-2's configs."""
+    `whole_scans` inductor's heuristics on the calling thread for the rest of the process: both torch forms of eq. 3
+    (ssd_chunked, fast_ssd.ssd_chunked_fast) take cumulative sums over a whole chunk, 256 steps in Mamba-2's configs.
+    Inductor's heuristics are per thread: a backward graph that autograd lowers on its own CUDA thread, at the first
+    backward, keeps the default ones."""
     if on:
         from torch._inductor.virtualized import V
         V.set_choices_handler(whole_scans())
