@@ -25,6 +25,23 @@ def _tile(cs_ptr, t, s):
 
 
 @triton.jit
+def _program_heads(R, HEADS):
+    """A backward program's share of the heads: (its group, its first head and one past its last, of the group's
+    R heads, HEADS a program)."""
+    splits = tl.cdiv(R, HEADS)
+    group, first = tl.program_id(0) // splits, (tl.program_id(0) % splits) * HEADS
+    return group, first, tl.minimum(first + HEADS, R)
+
+
+@triton.jit
+def _matrix_and_grad(C_t, B_s, X_s, dY_t, L, PRECISION: tl.constexpr):
+    """The SSD matrix's (t, s) block M = (C_t . B_s) * L and its gradient dM = dY_t . X_s^T, both (BT, BT) fp32."""
+    M = tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION) * L
+    dM = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION)
+    return M, dM
+
+
+@triton.jit
 def _diag_fwd(x_ptr, b_ptr, c_ptr, cs_ptr, y_ptr, R, Q: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
               BT: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, head) and t-block: Y_t = sum_{s <= t} M[t, s] X_s, M = (C_t . B_s) L[t, s]."""
@@ -50,14 +67,13 @@ def _diag_bwd_s(x_ptr, b_ptr, c_ptr, cs_ptr, dy_ptr, dx_ptr, db_ptr, dcs_ptr, R,
                 N: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, HEADS of its R heads) and s-block: dX_s and the -sum_t part of dcs_s for each head;
     dB_s summed over the heads, added to db (zeros at first) atomically, as other programs add their heads'."""
-    splits = tl.cdiv(R, HEADS)
-    group, first = tl.program_id(0) // splits, (tl.program_id(0) % splits) * HEADS
+    group, first, last = _program_heads(R, HEADS)
     sb = tl.program_id(1)
     s = sb * BT + tl.arange(0, BT)
     n, p = tl.arange(0, N), tl.arange(0, P)
     B_s = tl.load(b_ptr + group * Q * N + s[:, None] * N + n[None, :])
     dB = tl.zeros((BT, N), dtype=tl.float32)
-    for r in range(first, tl.minimum(first + HEADS, R)):
+    for r in range(first, last):
         head = group * R + r
         X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])
         dX = tl.zeros((BT, P), dtype=tl.float32)
@@ -67,9 +83,8 @@ def _diag_bwd_s(x_ptr, b_ptr, c_ptr, cs_ptr, dy_ptr, dx_ptr, db_ptr, dcs_ptr, R,
             C_t = tl.load(c_ptr + group * Q * N + t[:, None] * N + n[None, :])
             dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])
             L = _tile(cs_ptr + head * Q, t, s)
-            M = tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION) * L  # (BT_t, BT_s)
+            M, dM = _matrix_and_grad(C_t, B_s, X_s, dY_t, L, PRECISION)  # (BT_t, BT_s) fp32 each
             dX += tl.dot(tl.trans(M).to(dY_t.dtype), dY_t, input_precision=PRECISION)
-            dM = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION)  # (BT_t, BT_s) fp32
             dB += tl.dot(tl.trans(dM * L).to(C_t.dtype), C_t, input_precision=PRECISION)
             dcs -= tl.sum(dM * M, axis=0)
         tl.store(dx_ptr + head * Q * P + s[:, None] * P + p[None, :], dX.to(dx_ptr.dtype.element_ty))
@@ -82,14 +97,13 @@ def _diag_bwd_t(x_ptr, b_ptr, c_ptr, cs_ptr, dy_ptr, dc_ptr, dcs_ptr, R, HEADS, 
                 P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, HEADS of its R heads) and t-block: the sum_s part of dcs_t for each head (added to
     _diag_bwd_s's part); dC_t summed over the heads, added to dc (zeros at first) atomically."""
-    splits = tl.cdiv(R, HEADS)
-    group, first = tl.program_id(0) // splits, (tl.program_id(0) % splits) * HEADS
+    group, first, last = _program_heads(R, HEADS)
     tb = tl.program_id(1)
     t = tb * BT + tl.arange(0, BT)
     n, p = tl.arange(0, N), tl.arange(0, P)
     C_t = tl.load(c_ptr + group * Q * N + t[:, None] * N + n[None, :])
     dC = tl.zeros((BT, N), dtype=tl.float32)
-    for r in range(first, tl.minimum(first + HEADS, R)):
+    for r in range(first, last):
         head = group * R + r
         dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])
         dcs = tl.zeros((BT,), dtype=tl.float32)
@@ -98,8 +112,7 @@ def _diag_bwd_t(x_ptr, b_ptr, c_ptr, cs_ptr, dy_ptr, dc_ptr, dcs_ptr, R, HEADS, 
             B_s = tl.load(b_ptr + group * Q * N + s[:, None] * N + n[None, :])
             X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])
             L = _tile(cs_ptr + head * Q, t, s)
-            M = tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION) * L
-            dM = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION)
+            M, dM = _matrix_and_grad(C_t, B_s, X_s, dY_t, L, PRECISION)
             dC += tl.dot((dM * L).to(B_s.dtype), B_s, input_precision=PRECISION)
             dcs += tl.sum(dM * M, axis=1)
         at = dcs_ptr + head * Q + t
