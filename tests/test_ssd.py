@@ -317,16 +317,23 @@ def test_eq3_chunked_fast_equals_the_recurrence_values_state_and_gradients(l, ch
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
+def triton_device():
+    """Where the Triton kernels' tests run: CUDA, else the CPU through Triton's interpreter (from Triton 3.7); skips
+    without Triton."""
+    triton = pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip("Triton's interpreter before 3.7 cannot run these kernels with numpy 2.4")
+    return device
+
+
 @pytest.mark.parametrize("l,chunk,h,g,p,n", [(37, 16, 4, 2, 16, 16), (300, 128, 8, 1, 32, 32), (45, 32, 6, 3, 16, 64)])
 def test_eq3_triton_diagonal_blocks_equal_the_recurrence_values_state_and_gradients(l, chunk, h, g, p, n):
     """Eq. 3 by ssd_triton (ssd_chunked_fast with its diagonal blocks from ssd_kernel.py's Triton kernels, forward and
     backward; on the CPU in Triton's interpreter) in fp32 equals the float64 recurrence from a non-zero state:
     outputs, final state and every input's gradient within 2e-5 of each one's largest value. The shapes take one and
     two 64-row blocks a chunk, and one, two and eight heads a group."""
-    triton = pytest.importorskip("triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
-        pytest.skip("Triton's interpreter before 3.7 cannot run these kernels with numpy 2.4")
+    device = triton_device()
     inputs = random_ssd_inputs(l=l, h=h, g=g, p=p, n=n)
     weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=f64)
     results = []
@@ -348,10 +355,7 @@ def test_eq3_triton_diagonal_blocks_equal_the_recurrence_values_state_and_gradie
 def test_triton_diagonal_blocks_in_16_bits_round_like_chunked_fast(dtype, tolerance):
     """16-bit x, B and C (bf16 under autocast; the CPU's interpreter multiplies fp16 only): ssd_triton's output,
     state and gradients are within the dtype's rounding of ssd_chunked_fast's, and come back in the same dtypes."""
-    triton = pytest.importorskip("triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
-        pytest.skip("Triton's interpreter before 3.7 cannot run these kernels with numpy 2.4")
+    device = triton_device()
     x, dt, A, B, C, D, s0 = (t.float().to(device) for t in random_ssd_inputs(b=2, l=300, h=8, p=16, g=2, n=32))
     weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
     results = []
