@@ -41,6 +41,10 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, dia
     - The products with x, B and C run in the inputs' dtype (bf16 on tensor cores, fp32 accumulation), as the kernel
       does; the decays, their sums, the chunk states and the recurrence between chunks stay in fp32 (under autocast,
       torch runs every matrix product in bf16, here as in ssd_chunked).
+    - The chunk states and their read-out by C are one product per group: B and C are shared by the group's r heads,
+      so the heads stack as r * p rows of one product instead of r products of p rows.
+    - The recurrence between chunks is a loop over the chunks, s_{k+1} = exp(chunk k's sum of dt A) s_k + state_k,
+      elementwise in fp32 (also under autocast), where ssd_chunked multiplies by the (c+1, c+1) matrix of decays.
     diagonal: the diagonal blocks' form (`diagonal_blocks`, or the Triton kernels' in `ssd_triton`).
     Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32)."""
     b, l, h, p = x.shape
@@ -65,18 +69,22 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, dia
 
     # 2. chunk states, from zero: sum_s exp(cs_end - cs_s) X_s B_s^T, in fp32
     decay_to_end = torch.exp(cs[..., -1:] - cs)  # (b, c, g, r, Q)
-    states = (X.to(f) * decay_to_end[..., None]).transpose(-1, -2) @ Bc[:, :, :, None].to(f)  # (b, c, g, r, p, n)
+    Xd = (X.to(f) * decay_to_end[..., None]).transpose(-1, -2).reshape(b, c, g, r * p, Q)  # (b, c, g, r p, Q)
+    states = (Xd @ Bc.to(f)).reshape(b, c, g, r, p, n)  # (b, c, g, r, p, n)
 
-    # 3. the recurrence between chunks, in fp32 (as in ssd_chunked)
+    # 3. the recurrence between chunks, one chunk at a time, in fp32
     if initial_state is None:
         initial_state = torch.zeros(b, h, p, n, dtype=f, device=x.device)
-    states = torch.cat([initial_state.to(f).reshape(b, 1, g, r, p, n), states], dim=1)  # (b, c+1, g, r, p, n)
-    chunk_decay = torch.exp(S.segsum(F.pad(cs[..., -1].permute(0, 2, 3, 1), (1, 0))))  # (b, g, r, c+1, c+1)
-    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
-    states, final_state = states[:, :-1], states[:, -1]
+    chunk_decay = torch.exp(cs[..., -1])[..., None, None]  # (b, c, g, r, 1, 1)
+    s, incoming = initial_state.to(f).reshape(b, g, r, p, n), []
+    for k in range(c):
+        incoming.append(s)
+        s = chunk_decay[:, k] * s + states[:, k]
+    states, final_state = torch.stack(incoming, 1), s
 
     # 4. each chunk's incoming state read out by C, decayed from the chunk's start
-    Y_off = (Cc[:, :, :, None] @ states.to(x.dtype).transpose(-1, -2)).to(f) * torch.exp(cs)[..., None]  # (b,c,g,r,Q,p)
+    Y_off = Cc @ states.to(x.dtype).reshape(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, Q, r p)
+    Y_off = Y_off.reshape(b, c, g, Q, r, p).transpose(3, 4).to(f) * torch.exp(cs)[..., None]  # (b, c, g, r, Q, p)
     y = (Y.to(f) + Y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)[:, :l]  # (b, l, h, p)
     if D is not None:
         y = y + D.to(f)[:, None] * x[:, :l].to(f)

@@ -317,6 +317,28 @@ def test_eq3_chunked_fast_equals_the_recurrence_values_state_and_gradients(l, ch
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
+def test_eq3_chunked_fast_carries_the_state_between_chunks_in_fp32_under_autocast():
+    """ssd_chunked_fast's recurrence between chunks (eq. 3 across chunk boundaries) stays fp32 under bf16 autocast:
+    the only input is the last step of chunk 0 (decay 1 to its end, small integers, exact in bf16), so the final state
+    is that step's outer product decayed over the next chunks; with the decays rounded to bf16 it would be off by
+    ~1e-3, the loop's fp32 keeps it within 1e-6 of the float64 recurrence."""
+    b, h, p, g, n, Q = 1, 4, 2, 2, 3, 4
+    l = 3 * Q
+    gen = torch.Generator().manual_seed(3)
+    x = torch.zeros(b, l, h, p)
+    x[:, Q - 1] = torch.randint(-3, 4, (b, h, p), generator=gen).float()
+    B = torch.randint(-3, 4, (b, l, g, n), generator=gen).float()
+    C = torch.randn(b, l, g, n, generator=gen)
+    dt = torch.rand(b, l, h, generator=gen) + 0.1
+    dt[:, Q - 1] = 1.0
+    A = -torch.rand(h, generator=gen) - 0.1
+    _, want = ssd_recurrent(*(t.double() for t in (x, dt, A, B, C)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, got = ssd_chunked_fast(x, dt, A, B, C, Q)
+    assert got.dtype == torch.float32 and want.abs().max() > 0.1
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+
+
 def triton_device():
     """Where the Triton kernels' tests run: CUDA, else the CPU through Triton's interpreter (from Triton 3.7); skips
     without Triton."""
