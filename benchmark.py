@@ -824,7 +824,8 @@ SSD_PATHS = {"torch": "ssd_chunked (torch)", "torch-fast": "ssd_chunked_fast (to
 
 
 def _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak, dev):
-    """Seconds per training step with this SSD path, at the largest batch up to args.batch that fits; prints a row."""
+    """Seconds per training step with this SSD path, at the largest batch up to args.batch that fits; prints a row.
+    recomputed: the FLOPs a sample's recomputation adds (HFU), None where they are not counted."""
     fast_ssd.use_ssd(model, backend)
     batch = args.batch
     while batch >= 1:
@@ -847,7 +848,7 @@ def _time_train_step(model, opt, trainable, backend, args, name, flops, recomput
             torch.cuda.synchronize()
             t = (time.perf_counter() - t0) / args.steps
             mfu = f"{flops * batch / t / peak:.1%}" if peak else "-"
-            hfu = f"{(flops + recomputed) * batch / t / peak:.1%}" if peak else "-"
+            hfu = f"{(flops + recomputed) * batch / t / peak:.1%}" if peak and recomputed is not None else "-"
             print(f"| {name} | {batch} | {t:.3f} | {batch / t:.1f} | {mfu} | {hfu} | "
                   f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} |", flush=True)
             if args.profile:
@@ -888,15 +889,18 @@ def bench_train(args):
     backends = [b for b in args.backends if b != "mamba_ssm" or fast_ssd.find_kernel() is not None]
     n_layer = len(model.lm.layers)
     times = {}
-    for backend, compiled, n_ckpt in itertools.product(backends, (False, True) if args.compile else (False,),
-                                                       args.checkpoint_blocks or [n_layer]):
+    forms = [(b, c, n, False) for b, c, n in itertools.product(backends, (False, True) if args.compile else (False,),
+                                                                args.checkpoint_blocks or [n_layer])]
+    forms += [(b, True, 0, True) for b in backends if args.keep_in_proj]
+    for backend, compiled, n_ckpt, kept in forms:
         name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
-                + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer else ""))
+                + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer and not kept else "")
+                + (", every block keeping in_proj's product (selective recomputation)" if kept else ""))
         model.lm.gradient_checkpointing = n_ckpt
         try:
-            fast_decode.compile_blocks(model.lm, compiled)
+            fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=kept)
             times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops,
-                                           recomputed * n_ckpt / n_layer, peak, dev)
+                                           None if kept else recomputed * n_ckpt / n_layer, peak, dev)
         except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
             print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |", flush=True)
             opt.zero_grad(set_to_none=True)
@@ -1063,6 +1067,9 @@ def make_parser():
     p.add_argument("--chunk-sweep", type=int, nargs="*", default=[], help="ssd_chunked_fast at these chunk sizes too")
     p.add_argument("--checkpoint-blocks", type=int, nargs="*", default=[],
                    help="each path with gradient checkpointing of this many LM blocks (the first ones; default: all)")
+    p.add_argument("--keep-in-proj", action="store_true",
+                   help="each path also with compiled blocks that keep in_proj's product and recompute the rest "
+                        "(fast_decode.compile_blocks(in_proj_kept=True))")
     p.add_argument("--compile", action="store_true",
                    help="each path also with the LM blocks compiled, and torch.compile(ssd_chunked_fast) alone")
     p.add_argument("--profile", help="a folder: each path's step profiled (CUDA kernels by time) into it")

@@ -361,26 +361,55 @@ def whole_scans():
     return WholeScans()
 
 
+PRODUCT_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)  # a linear layer's product
+
+
+def keep_in_proj(ctx, op, *args, width=None, **kwargs):
+    """Selective recomputation's policy: a block keeps in_proj's product (the matrix product `width` columns wide)
+    for the backward and recomputes everything else from it. out_proj's product need not be kept: its backward
+    needs only its input, and checkpointing recomputes no further than the backward needs."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    if op in PRODUCT_OPS and args[-1].shape[-1] == width:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def forward_keeping_in_proj(block, residual, cache=None, length=None):
+    """`Mamba2Block.forward`, checkpointed by itself when it trains, with `keep_in_proj` as the policy."""
+    if not (block.training and torch.is_grad_enabled()) or cache is not None:
+        return Mamba2Block.forward(block, residual, cache, length)
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    policy = functools.partial(keep_in_proj, width=block.mixer.in_proj.out_features)
+    return checkpoint(Mamba2Block.forward, block, residual, cache, length, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+
+
 @functools.cache
-def compiled_block_forward():
+def compiled_block_forward(in_proj_kept=False):
     """`Mamba2Block.forward` through torch.compile, for training at scale and long prefills: per block, the norms, the
     conv, dt, the gated norm and the residual become a few fused kernels around the matrix products. One compilation
-    serves every block (the block is an input); mamba-ssm's kernel, when it runs, stays outside the compiled graph."""
-    return torch.compile(Mamba2Block.forward)
+    serves every block (the block is an input); mamba-ssm's kernel, when it runs, stays outside the compiled graph.
+    in_proj_kept: `forward_keeping_in_proj` (selective recomputation) compiled instead."""
+    return torch.compile(forward_keeping_in_proj if in_proj_kept else Mamba2Block.forward)
 
 
-def compile_blocks(lm, on=True):
+def compile_blocks(lm, on=True, in_proj_kept=False):
     """Each block of a Mamba2LMHeadModel through `compiled_block_forward` (on=False: eager again). The block's own
     __call__ still runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before. Makes
-    `whole_scans` inductor's heuristics on the calling thread for the rest of the process: both torch forms of eq. 3
-    (ssd_chunked, fast_ssd.ssd_chunked_fast) take cumulative sums over a whole chunk, 256 steps in Mamba-2's configs.
-    Inductor's heuristics are per thread: a backward graph that autograd lowers on its own CUDA thread, at the first
-    backward, keeps the default ones."""
+    `whole_scans` Inductor's heuristics for the rest of the process: both torch forms of eq. 3 (ssd_chunked,
+    fast_ssd.ssd_chunked_fast) take cumulative sums over a whole chunk, 256 steps in Mamba-2's configs. Inductor's
+    heuristics are per thread: a backward graph that autograd lowers on its own CUDA thread, at the first backward,
+    keeps the default ones. in_proj_kept: each block compiled with its own selective recomputation
+    (`forward_keeping_in_proj`), for a model whose own gradient_checkpointing is off; its backward graphs are lowered
+    at compile time, on this thread (their recomputed sums need `whole_scans`)."""
     if on:
         from torch._inductor.virtualized import V
         V.set_choices_handler(whole_scans())
+        if in_proj_kept:
+            import torch._functorch.config as functorch_config
+            functorch_config.force_non_lazy_backward_lowering = True
     for block in lm.layers:
         if on:
-            block.forward = types.MethodType(compiled_block_forward(), block)
+            block.forward = types.MethodType(compiled_block_forward(in_proj_kept), block)
         else:
             block.__dict__.pop("forward", None)

@@ -81,7 +81,8 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, type=positive_float)
     precision: str = option("auto", "auto (the paper's default): bf16 autocast on CUDA; the synthetic preset: fp32",
                             choices=["auto", "fp32", "bf16"])
-    gradient_checkpointing: bool = option(False, action="store_true")
+    gradient_checkpointing: bool = option(False, "recompute each LM block's activations in the backward (with "
+                                          "--compile: all but in_proj's product)", action="store_true")
     compile: bool = option(False, "the LM blocks through torch.compile (the paper preset's default on CUDA)",
                            action=argparse.BooleanOptionalAction)
     parallel: str = option("fsdp", "under torchrun: shard the model over the processes (FSDP) or replicate it (DDP)",
@@ -344,7 +345,7 @@ def begin_stage(stage, model, dataset, cfg, proc, log, fused=False, later_sample
     stage_dir = Path(cfg.out) / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     start, done = resume_stage(stage_dir, model, optimizer, scheduler, log) if cfg.resume else (0, False)
-    model.lm.gradient_checkpointing = cfg.gradient_checkpointing
+    model.lm.gradient_checkpointing = cfg.gradient_checkpointing and not cfg.compile  # compiled blocks do their own
     model.train()
     return Stage(stage, batches, optimizer, scheduler, stage_dir, start, done, latest_checkpoint(stage_dir),
                  later_samples)
@@ -453,7 +454,7 @@ def train(cfg, on_step=None):
             use_ssd(model, "auto")
     if cfg.compile:
         from fast_decode import compile_blocks
-        compile_blocks(model.lm)
+        compile_blocks(model.lm, in_proj_kept=cfg.gradient_checkpointing)  # selective recomputation
     if proc.world_size > 1 and cfg.parallel == "fsdp":
         shard(model, proc.device)
     data, samples = stage_data(cfg, files, model, log, proc)

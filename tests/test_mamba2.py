@@ -381,6 +381,39 @@ def test_gradient_checkpointing_recomputes_each_block_and_keeps_the_gradients():
     assert plain["layers.0.mixer.A_log"].abs().max() > 1e-6
 
 
+def test_blocks_keeping_in_proj_recompute_the_rest_and_keep_the_gradients():
+    """Selective recomputation (fast_decode.forward_keeping_in_proj, what compile_blocks(in_proj_kept=True)
+    compiles): each block, checkpointed by itself, keeps in_proj's product, so its backward computes fewer FLOPs
+    than whole-block checkpointing by exactly that product's forward FLOPs (out_proj's is recomputed by neither),
+    and every gradient equals the one without checkpointing."""
+    import types
+
+    import fast_decode
+    from torch.utils.flop_counter import FlopCounterMode
+    model = tiny_model(seed=4).train()
+    ids = torch.randint(0, 100, (2, 21))
+
+    def run(checkpointing, kept):
+        model.gradient_checkpointing = checkpointing
+        for layer in model.layers:
+            layer.__dict__.pop("forward", None)
+            if kept:
+                layer.forward = types.MethodType(fast_decode.forward_keeping_in_proj, layer)
+        model.zero_grad()
+        loss = model(ids).logsumexp(-1).mean()
+        with FlopCounterMode(display=False) as flops:
+            loss.backward()
+        return flops.get_total_flops(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (_, plain), (f_whole, _), (f_kept, kept) = run(False, False), run(True, False), run(False, True)
+    for layer in model.layers:
+        layer.__dict__.pop("forward", None)
+    c = model.config
+    in_proj = 2 * ids.numel() * c.d_model * model.layers[0].mixer.in_proj.out_features * c.n_layer
+    assert f_whole - f_kept == in_proj
+    for name in plain:
+        torch.testing.assert_close(kept[name], plain[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
 def test_causal_conv_equals_conv1d_over_a_left_padded_window():
     """The mixer's shifted multiply-adds are the depthwise causal conv: F.conv1d over the inputs with d_conv - 1
     zeros (or the cached inputs) in front, then SiLU; the cache keeps the last d_conv - 1 inputs."""
@@ -545,7 +578,7 @@ def test_compile_blocks_makes_inductor_split_no_scan(monkeypatch):
     import fast_decode
     from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
-    monkeypatch.setattr(fast_decode, "compiled_block_forward", lambda: Mamba2Block.forward)  # no compilation here
+    monkeypatch.setattr(fast_decode, "compiled_block_forward", lambda kept=False: Mamba2Block.forward)  # not compiled
     model = tiny_model()
     V.set_choices_handler(InductorChoices())
     try:
@@ -559,33 +592,40 @@ def test_compile_blocks_makes_inductor_split_no_scan(monkeypatch):
         fast_decode.compile_blocks(model, False)
 
 
-@pytest.mark.parametrize("checkpointing,kernel_importable", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("checkpointing,kernel_importable,in_proj_kept",
+                         [(False, False, False), (True, False, False), (False, True, False), (False, False, True)])
 def test_compiled_blocks_are_one_graph_and_train_as_the_eager_blocks(monkeypatch, fake_mamba_ssm, checkpointing,
-                                                                     kernel_importable):
+                                                                     kernel_importable, in_proj_kept):
     """fast_decode.compile_blocks (train.py --compile): every block's forward runs through one compiled function, whose
-    loss and gradients equal the eager blocks', with and without gradient checkpointing, and with mamba-ssm's kernel
-    found by use_ssd("auto") (CPU tensors never run it); compile_blocks(False) undoes it. (Dynamo with the eager
-    backend, so no compiler is needed here.)"""
+    loss and gradients equal the eager blocks', with and without gradient checkpointing, with each block keeping
+    in_proj's product and recomputing the rest (selective recomputation, train.py --compile --gradient-checkpointing),
+    and with mamba-ssm's kernel found by use_ssd("auto") (CPU tensors never run it); compile_blocks(False) undoes it.
+    (Dynamo with the eager backend, so no compiler is needed here.)"""
+    import torch._functorch.config as functorch_config
+    from torch._dynamo.utils import counters
+
     import fast_decode
     import fast_ssd
-    from torch._dynamo.utils import counters
     model = tiny_model(seed=9).train()
     if kernel_importable:  # a stand-in for the installed package, found by use_ssd
         assert fake_mamba_ssm(lambda *args, **kwargs: None) is not None
         fast_ssd.use_ssd(model, "auto")
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(Mamba2Block.forward, backend="eager")
-    monkeypatch.setattr(fast_decode, "compiled_block_forward", lambda: compiled)
+    forward = fast_decode.forward_keeping_in_proj if in_proj_kept else Mamba2Block.forward
+    compiled = torch.compile(forward, backend="eager")
+    monkeypatch.setattr(fast_decode, "compiled_block_forward",
+                        lambda kept=False: compiled if kept == in_proj_kept else None)
     model.gradient_checkpointing = checkpointing
     ids = torch.randint(0, 100, (2, 19))
     results = []
-    for on in (False, True, False):
-        fast_decode.compile_blocks(model, on)
-        model.zero_grad()
-        loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    with functorch_config.patch(force_non_lazy_backward_lowering=False):  # in_proj_kept sets it
+        for on in (False, True, False):
+            fast_decode.compile_blocks(model, on, in_proj_kept)
+            model.zero_grad()
+            loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     assert model.config.n_layer > 1 and counters["stats"]["unique_graphs"] == 1
     assert all("forward" not in block.__dict__ for block in model.layers)
     for loss, grads in results[1:]:

@@ -558,6 +558,32 @@ def test_two_gpus_over_nccl_match_one_gpu(default_world, tmp_path, parallel, cap
     assert_two_processes_match_one(_cuda_worker, argv, parallel, tmp_path, capsys)
 
 
+def test_compile_with_gradient_checkpointing_keeps_in_proj_and_trains_as_whole_block_checkpointing(world, tmp_path,
+                                                                                                  monkeypatch):
+    """train.py --compile --gradient-checkpointing: the compiled blocks checkpoint themselves, keeping in_proj's
+    product (fast_decode.forward_keeping_in_proj, selective recomputation), the LM's whole-block checkpointing stays
+    off, and two steps end at the weights of eager blocks with whole-block checkpointing. (Dynamo's eager backend: no
+    compiler here.)"""
+    import torch._functorch.config as functorch_config
+
+    import fast_decode
+    from mamba2 import Mamba2Block
+    compiled = {}
+
+    def compiled_block_forward(kept=False):
+        forward = fast_decode.forward_keeping_in_proj if kept else Mamba2Block.forward
+        return compiled.setdefault(kept, torch.compile(forward, backend="eager"))
+    monkeypatch.setattr(fast_decode, "compiled_block_forward", compiled_block_forward)
+    argv = ("--gradient-checkpointing", "--max-steps", "2", "--stage", "finetune", "--drop-path", "0")
+    with functorch_config.patch(force_non_lazy_backward_lowering=False):  # compile_blocks sets it
+        kept = T.train(args_for(world, tmp_path / "kept", "--compile", *argv))
+    assert list(compiled) == [True] and kept.lm.gradient_checkpointing is False
+    assert all(block.forward.__func__ is compiled[True] for block in kept.lm.layers)
+    whole = T.train(args_for(world, tmp_path / "whole", *argv))
+    assert whole.lm.gradient_checkpointing is True
+    assert_adam_close(params(kept), params(whole), lr=1e-3, steps=2)
+
+
 @pytest.mark.gpu
 def test_compiled_training_on_cuda_takes_the_triton_ssd(default_world, tmp_path, capsys):
     """train.py --compile on CUDA gives every Mamba-2 mixer ssd_triton (fast_ssd.py; the fastest in compiled blocks,
