@@ -396,10 +396,10 @@ def compiled_block_forward(in_proj_kept=False):
 def compile_blocks(lm, on=True, in_proj_kept=False):
     """Each block of a Mamba2LMHeadModel through `compiled_block_forward` (on=False: eager again). The block's own
     __call__ still runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before. Makes
-    `whole_scans` Inductor's heuristics for the rest of the process: both torch forms of eq. 3 (ssd_chunked,
-    fast_ssd.ssd_chunked_fast) take cumulative sums over a whole chunk, 256 steps in Mamba-2's configs. Inductor's
-    heuristics are per thread: a backward graph that autograd lowers on its own CUDA thread, at the first backward,
-    keeps the default ones. in_proj_kept: each block compiled with its own selective recomputation
+    `whole_scans` Inductor's heuristics on the calling thread for the rest of the process: both torch forms of eq. 3
+    (ssd_chunked, fast_ssd.ssd_chunked_fast) take cumulative sums over a whole chunk, 256 steps in Mamba-2's configs.
+    Inductor's heuristics are per thread: a backward graph that autograd lowers on its own CUDA thread, at the first
+    backward, keeps the default ones. in_proj_kept: each block compiled with its own selective recomputation
     (`forward_keeping_in_proj`), for a model whose own gradient_checkpointing is off; its backward graphs are lowered
     at compile time, on this thread (their recomputed sums need `whole_scans`)."""
     if on:
