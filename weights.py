@@ -88,11 +88,11 @@ def read_bytes(file, offset, size, device):
     READ_CHUNK bytes into host buffers (pinned for CUDA; `os.preadv` lets the other threads run while the kernel
     copies from the page cache) and copy each to the device on their own stream while reading the next."""
     out = torch.empty(size, dtype=torch.uint8, device=device)
-    if out.is_meta:
+    if out.is_meta or size == 0:
         return out
     on_cuda = out.is_cuda
     starts = range(0, size, READ_CHUNK)
-    threads = min(READ_THREADS, len(starts))  # a small file: fewer threads, none without a chunk
+    threads = min(READ_THREADS, len(starts))  # a small file: fewer threads
 
     def read_every(k):  # thread k: chunks k, k + threads, ..., alternating between its two buffers
         stream = torch.cuda.Stream(out.device) if on_cuda else None
@@ -111,7 +111,7 @@ def read_bytes(file, offset, size, device):
 
     fd = os.open(file, os.O_RDONLY)
     try:
-        with ThreadPoolExecutor(max(threads, 1)) as pool:
+        with ThreadPoolExecutor(threads) as pool:
             list(pool.map(read_every, range(threads)))  # a thread's error is raised here
     finally:
         os.close(fd)
