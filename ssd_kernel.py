@@ -34,11 +34,15 @@ def _program_heads(R, HEADS):
 
 
 @triton.jit
+def _matrix(C_t, B_s, L, PRECISION: tl.constexpr):
+    """The SSD matrix's (t, s) block M = (C_t . B_s) * L: (BT, BT) fp32."""
+    return tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION) * L
+
+
+@triton.jit
 def _matrix_and_grad(C_t, B_s, X_s, dY_t, L, PRECISION: tl.constexpr):
-    """The SSD matrix's (t, s) block M = (C_t . B_s) * L and its gradient dM = dY_t . X_s^T, both (BT, BT) fp32."""
-    M = tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION) * L
-    dM = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION)
-    return M, dM
+    """The SSD matrix's (t, s) block M (`_matrix`) and its gradient dM = dY_t . X_s^T, both (BT, BT) fp32."""
+    return _matrix(C_t, B_s, L, PRECISION), tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION)
 
 
 @triton.jit
@@ -56,8 +60,7 @@ def _diag_fwd(x_ptr, b_ptr, c_ptr, cs_ptr, y_ptr, R, Q: tl.constexpr, N: tl.cons
         s = sb * BT + tl.arange(0, BT)
         B_s = tl.load(b_ptr + group * Q * N + s[:, None] * N + n[None, :])  # (BT, N)
         X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])  # (BT, P)
-        scores = tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION)  # C_t . B_s (BT, BT) fp32
-        M = scores * _tile(cs_ptr + head * Q, t, s)
+        M = _matrix(C_t, B_s, _tile(cs_ptr + head * Q, t, s), PRECISION)  # (BT, BT) fp32
         acc += tl.dot(M.to(X_s.dtype), X_s, input_precision=PRECISION)
     tl.store(y_ptr + head * Q * P + t[:, None] * P + p[None, :], acc.to(y_ptr.dtype.element_ty))
 
