@@ -72,15 +72,15 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, dia
     Xd = (X.to(f) * decay_to_end[..., None]).transpose(-1, -2).reshape(b, c, g, r * p, Q)  # (b, c, g, r p, Q)
     states = (Xd @ Bc.to(f)).reshape(b, c, g, r, p, n)  # (b, c, g, r, p, n)
 
-    # 3. the recurrence between chunks, one chunk at a time, in fp32
+    # 3. the recurrence between chunks (eq. 3 from chunk to chunk), one chunk at a time, in fp32
     if initial_state is None:
         initial_state = torch.zeros(b, h, p, n, dtype=f, device=x.device)
     chunk_decay = torch.exp(cs[..., -1])[..., None, None]  # (b, c, g, r, 1, 1)
-    s, incoming = initial_state.to(f).reshape(b, g, r, p, n), []
+    s, incoming = initial_state.to(f).reshape(b, g, r, p, n), []  # s: the state entering chunk k (b, g, r, p, n)
     for k in range(c):
         incoming.append(s)
         s = chunk_decay[:, k] * s + states[:, k]
-    states, final_state = torch.stack(incoming, 1), s
+    states, final_state = torch.stack(incoming, 1), s  # (b, c, g, r, p, n), (b, g, r, p, n)
 
     # 4. each chunk's incoming state read out by C, decayed from the chunk's start
     Y_off = Cc @ states.to(x.dtype).reshape(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, Q, r p)
