@@ -139,10 +139,10 @@ def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """`ssd_chunked_fast` with its diagonal blocks from Triton kernels that never write the (Q, Q) tensors
-    (ssd_kernel.py), where their tiles fit: the chunk, headdim and d_state powers of two of at least 16; else
-    `diagonal_blocks`. The kernels add dB and dC atomically, so those gradients vary in their last bits run to run."""
+    (ssd_kernel.py), where their tiles fit: the chunk and headdim powers of two of at least 16; else
+    `diagonal_blocks`."""
     import ssd_kernel  # imports triton
-    fits = ssd_kernel.fits(chunk_size, x.shape[-1], B.shape[-1])
+    fits = ssd_kernel.fits(chunk_size, x.shape[-1])
     return ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state,
                             diagonal=ssd_kernel.diagonal_blocks if fits else diagonal_blocks)
 

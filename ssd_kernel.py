@@ -3,16 +3,16 @@ and backward: what `fast_ssd.ssd_chunked_fast` computes with (Q, Q) tensors in m
 
     Y[t] = sum_{s <= t} exp(cs_t - cs_s) (C_t . B_s) X_s        per (batch, chunk, group, head), X = dt x
 
-The backward, with M = S * L (S = C B^T, L the decays): dX_s = sum_t M[t, s] dY_t; dM = dY X^T; dC_t = sum_s (dM L)
-B_s and dB_s = sum_t (dM L) C_t over the heads of a group; dcs_t = sum_s dM M and dcs_s = -sum_t dM M. The products
-run in the inputs' dtype with fp32 accumulation; the decays in fp32.
+S = C B^T is the same for every head of a group: it is one product per (batch, chunk, group), in fp32, before the
+kernels, which multiply it by each head's decays L. The backward, with M = S * L: dX_s = sum_t M[t, s] dY_t;
+dM = dY X^T; dS = sum over the group's heads of dM * L, then dC = dS B and dB = dS^T C; dcs_t = sum_s dM M and
+dcs_s = -sum_t dM M. The products with X and dY run in the inputs' dtype with fp32 accumulation; S, dS and the decays
+are fp32. No program adds to another's output, so every gradient is the same from run to run.
 """
 
 import torch
 import triton
 import triton.language as tl
-
-BACKWARD_SPLITS = 8  # each group's heads are split over this many programs in the backward (dB, dC added atomically)
 
 
 @triton.jit
@@ -25,102 +25,69 @@ def _tile(cs_ptr, t, s):
 
 
 @triton.jit
-def _program_heads(R, HEADS):
-    """A backward program's share of the heads: (its group, its first head and one past its last, of the group's
-    R heads, HEADS a program)."""
-    splits = tl.cdiv(R, HEADS)
-    group, first = tl.program_id(0) // splits, (tl.program_id(0) % splits) * HEADS
-    return group, first, tl.minimum(first + HEADS, R)
+def _matrix(s_ptr, cs_ptr, t, s, Q: tl.constexpr):
+    """The SSD matrix's (t, s) block M = S[t, s] * L[t, s] and L itself: (BT, BT) fp32 each."""
+    L = _tile(cs_ptr, t, s)
+    return tl.load(s_ptr + t[:, None] * Q + s[None, :]) * L, L
 
 
 @triton.jit
-def _matrix(C_t, B_s, L, PRECISION: tl.constexpr):
-    """The SSD matrix's (t, s) block M = (C_t . B_s) * L: (BT, BT) fp32."""
-    return tl.dot(C_t, tl.trans(B_s), input_precision=PRECISION) * L
-
-
-@triton.jit
-def _matrix_and_grad(C_t, B_s, X_s, dY_t, L, PRECISION: tl.constexpr):
-    """The SSD matrix's (t, s) block M (`_matrix`) and its gradient dM = dY_t . X_s^T, both (BT, BT) fp32."""
-    return _matrix(C_t, B_s, L, PRECISION), tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION)
-
-
-@triton.jit
-def _diag_fwd(x_ptr, b_ptr, c_ptr, cs_ptr, y_ptr, R, Q: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
-              BT: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (batch, chunk, group, head) and t-block: Y_t = sum_{s <= t} M[t, s] X_s, M = (C_t . B_s) L[t, s]."""
+def _diag_fwd(x_ptr, s_ptr, cs_ptr, y_ptr, R, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Per (batch, chunk, group, head) and t-block: Y_t = sum_{s <= t} M[t, s] X_s."""
     head = tl.program_id(0)  # over (batch, chunk, group, head)
     tb = tl.program_id(1)
-    group = head // R
-    t = tb * BT + tl.arange(0, BT)
-    n, p = tl.arange(0, N), tl.arange(0, P)
-    C_t = tl.load(c_ptr + group * Q * N + t[:, None] * N + n[None, :])  # (BT, N)
+    t, p = tb * BT + tl.arange(0, BT), tl.arange(0, P)
     acc = tl.zeros((BT, P), dtype=tl.float32)
     for sb in range(0, tb + 1):
         s = sb * BT + tl.arange(0, BT)
-        B_s = tl.load(b_ptr + group * Q * N + s[:, None] * N + n[None, :])  # (BT, N)
         X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])  # (BT, P)
-        M = _matrix(C_t, B_s, _tile(cs_ptr + head * Q, t, s), PRECISION)  # (BT, BT) fp32
+        M, _ = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)  # (BT, BT) fp32
         acc += tl.dot(M.to(X_s.dtype), X_s, input_precision=PRECISION)
     tl.store(y_ptr + head * Q * P + t[:, None] * P + p[None, :], acc.to(y_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _diag_bwd_s(x_ptr, b_ptr, c_ptr, cs_ptr, dy_ptr, dx_ptr, db_ptr, dcs_ptr, R, HEADS, Q: tl.constexpr,
-                N: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (batch, chunk, group, HEADS of its R heads) and s-block: dX_s and the -sum_t part of dcs_s for each head;
-    dB_s summed over the heads, added to db (zeros at first) atomically, as other programs add their heads'."""
-    group, first, last = _program_heads(R, HEADS)
+def _diag_bwd_x(s_ptr, cs_ptr, dy_ptr, dx_ptr, R, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Per (batch, chunk, group, head) and s-block: dX_s = sum_{t >= s} M[t, s]^T dY_t."""
+    head = tl.program_id(0)
     sb = tl.program_id(1)
-    s = sb * BT + tl.arange(0, BT)
-    n, p = tl.arange(0, N), tl.arange(0, P)
-    B_s = tl.load(b_ptr + group * Q * N + s[:, None] * N + n[None, :])
-    dB = tl.zeros((BT, N), dtype=tl.float32)
-    for r in range(first, last):
-        head = group * R + r
-        X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])
-        dX = tl.zeros((BT, P), dtype=tl.float32)
-        dcs = tl.zeros((BT,), dtype=tl.float32)
-        for tb in range(sb, Q // BT):
-            t = tb * BT + tl.arange(0, BT)
-            C_t = tl.load(c_ptr + group * Q * N + t[:, None] * N + n[None, :])
-            dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])
-            L = _tile(cs_ptr + head * Q, t, s)
-            M, dM = _matrix_and_grad(C_t, B_s, X_s, dY_t, L, PRECISION)  # (BT_t, BT_s) fp32 each
-            dX += tl.dot(tl.trans(M).to(dY_t.dtype), dY_t, input_precision=PRECISION)
-            dB += tl.dot(tl.trans(dM * L).to(C_t.dtype), C_t, input_precision=PRECISION)
-            dcs -= tl.sum(dM * M, axis=0)
-        tl.store(dx_ptr + head * Q * P + s[:, None] * P + p[None, :], dX.to(dx_ptr.dtype.element_ty))
-        tl.store(dcs_ptr + head * Q + s, dcs)
-    tl.atomic_add(db_ptr + group * Q * N + s[:, None] * N + n[None, :], dB)
+    s, p = sb * BT + tl.arange(0, BT), tl.arange(0, P)
+    dX = tl.zeros((BT, P), dtype=tl.float32)
+    for tb in range(sb, Q // BT):
+        t = tb * BT + tl.arange(0, BT)
+        dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])  # (BT, P)
+        M, _ = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)
+        dX += tl.dot(tl.trans(M).to(dY_t.dtype), dY_t, input_precision=PRECISION)
+    tl.store(dx_ptr + head * Q * P + s[:, None] * P + p[None, :], dX.to(dx_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _diag_bwd_t(x_ptr, b_ptr, c_ptr, cs_ptr, dy_ptr, dc_ptr, dcs_ptr, R, HEADS, Q: tl.constexpr, N: tl.constexpr,
-                P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (batch, chunk, group, HEADS of its R heads) and t-block: the sum_s part of dcs_t for each head (added to
-    _diag_bwd_s's part); dC_t summed over the heads, added to dc (zeros at first) atomically."""
-    group, first, last = _program_heads(R, HEADS)
-    tb = tl.program_id(1)
-    t = tb * BT + tl.arange(0, BT)
-    n, p = tl.arange(0, N), tl.arange(0, P)
-    C_t = tl.load(c_ptr + group * Q * N + t[:, None] * N + n[None, :])
-    dC = tl.zeros((BT, N), dtype=tl.float32)
-    for r in range(first, last):
-        head = group * R + r
-        dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])
-        dcs = tl.zeros((BT,), dtype=tl.float32)
-        for sb in range(0, tb + 1):
-            s = sb * BT + tl.arange(0, BT)
-            B_s = tl.load(b_ptr + group * Q * N + s[:, None] * N + n[None, :])
+def _diag_bwd_s(x_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr, R, Q: tl.constexpr, P: tl.constexpr,
+                BT: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (batch, chunk, group) and (t-block, s-block) with s <= t, over the group's R heads: dS[t, s] = sum of
+    dM * L; each head's sum_s dM M into rows[head, s-block, t] and sum_t dM M into cols[head, t-block, s]."""
+    group = tl.program_id(0)  # over (batch, chunk, group)
+    tb, sb = tl.program_id(1), tl.program_id(2)
+    if sb <= tb:
+        t, s, p = tb * BT + tl.arange(0, BT), sb * BT + tl.arange(0, BT), tl.arange(0, P)
+        S_ts = tl.load(s_ptr + group * Q * Q + t[:, None] * Q + s[None, :])  # (BT, BT) fp32
+        dS = tl.zeros((BT, BT), dtype=tl.float32)
+        for r in range(0, R):
+            head = group * R + r
+            dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])
             X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])
-            L = _tile(cs_ptr + head * Q, t, s)
-            M, dM = _matrix_and_grad(C_t, B_s, X_s, dY_t, L, PRECISION)
-            dC += tl.dot((dM * L).to(B_s.dtype), B_s, input_precision=PRECISION)
-            dcs += tl.sum(dM * M, axis=1)
-        at = dcs_ptr + head * Q + t
-        tl.store(at, tl.load(at) + dcs)
-    tl.atomic_add(dc_ptr + group * Q * N + t[:, None] * N + n[None, :], dC)
+            dML = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION) * _tile(cs_ptr + head * Q, t, s)  # dM * L
+            dS += dML
+            dMM = dML * S_ts  # dM * M
+            tl.store(rows_ptr + (head * (Q // BT) + sb) * Q + t, tl.sum(dMM, axis=1))
+            tl.store(cols_ptr + (head * (Q // BT) + tb) * Q + s, tl.sum(dMM, axis=0))
+        tl.store(ds_ptr + group * Q * Q + t[:, None] * Q + s[None, :], dS)
+
+
+def _no_autocast(X):
+    return torch.autocast(X.device.type, enabled=False)
 
 
 class DiagonalBlocks(torch.autograd.Function):
@@ -128,45 +95,49 @@ class DiagonalBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, Bc, Cc, cs):
-        X, Bc, Cc, cs = X.contiguous(), Bc.contiguous(), Cc.contiguous(), cs.contiguous()
+        X, cs = X.contiguous(), cs.contiguous()
         b, c, g, r, Q, p = X.shape
-        n = Bc.shape[-1]
         bt = min(64, Q)
-        precision = "ieee" if X.dtype == torch.float32 else "tf32"
+        with _no_autocast(X):
+            S = (Cc.float() @ Bc.float().transpose(-1, -2)).contiguous()  # C_t . B_s, fp32 (b, c, g, Q, Q)
         Y = torch.empty_like(X)
-        _diag_fwd[(b * c * g * r, Q // bt)](X, Bc, Cc, cs, Y, r, Q=Q, N=n, P=p, BT=bt, PRECISION=precision)
-        ctx.save_for_backward(X, Bc, Cc, cs)
+        _diag_fwd[(b * c * g * r, Q // bt)](X, S, cs, Y, r, Q=Q, P=p, BT=bt, PRECISION=_precision(X))
+        ctx.save_for_backward(X, Bc, Cc, cs, S)
         return Y
 
     @staticmethod
     def backward(ctx, dY):
-        X, Bc, Cc, cs = ctx.saved_tensors
+        X, Bc, Cc, cs, S = ctx.saved_tensors
         b, c, g, r, Q, p = X.shape
-        n = Bc.shape[-1]
-        bt = min(64, Q)
-        precision = "ieee" if X.dtype == torch.float32 else "tf32"
+        bt, blocks = min(64, Q), Q // min(64, Q)
         dY = dY.contiguous()
         dX = torch.empty_like(X)
-        dB = torch.zeros(Bc.shape, dtype=torch.float32, device=X.device)
-        dC = torch.zeros(Cc.shape, dtype=torch.float32, device=X.device)
-        dcs = torch.empty(cs.shape, dtype=torch.float32, device=X.device)
-        heads = triton.cdiv(r, BACKWARD_SPLITS)  # a program's heads
-        grid = (b * c * g * triton.cdiv(r, heads), Q // bt)
-        _diag_bwd_s[grid](X, Bc, Cc, cs, dY, dX, dB, dcs, r, heads, Q=Q, N=n, P=p, BT=bt, PRECISION=precision)
-        _diag_bwd_t[grid](X, Bc, Cc, cs, dY, dC, dcs, r, heads, Q=Q, N=n, P=p, BT=bt, PRECISION=precision)
-        return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs
+        dS = torch.zeros(S.shape, dtype=torch.float32, device=X.device)  # the blocks above the diagonal stay 0
+        rows = torch.zeros(b, c, g, r, blocks, Q, dtype=torch.float32, device=X.device)
+        cols = torch.zeros_like(rows)
+        _diag_bwd_x[(b * c * g * r, blocks)](S, cs, dY, dX, r, Q=Q, P=p, BT=bt, PRECISION=_precision(X))
+        _diag_bwd_s[(b * c * g, blocks, blocks)](X, S, cs, dY, dS, rows, cols, r, Q=Q, P=p, BT=bt,
+                                                 PRECISION=_precision(X))
+        with _no_autocast(X):
+            dC = dS @ Bc.float()  # (b, c, g, Q, n)
+            dB = dS.transpose(-1, -2) @ Cc.float()
+        return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), rows.sum(-2) - cols.sum(-2)
 
 
-def fits(chunk, headdim, d_state):
+def _precision(X):
+    return "ieee" if X.dtype == torch.float32 else "tf32"
+
+
+def fits(chunk, headdim):
     """Whether the kernels take these sizes: powers of two of at least 16 (tl.dot's tiles)."""
-    return all(v >= 16 and not v & (v - 1) for v in (chunk, headdim, d_state))
+    return all(v >= 16 and not v & (v - 1) for v in (chunk, headdim))
 
 
 def diagonal_blocks(X, Bc, Cc, cs):
     """`fast_ssd.diagonal_blocks` by the kernels: X (b, c, g, r, Q, p), Bc, Cc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32
     -> Y (b, c, g, r, Q, p) in X's dtype, for sizes that `fits`."""
-    Q, p, n = X.shape[-2], X.shape[-1], Bc.shape[-1]
-    if not fits(Q, p, n):
-        raise ValueError(f"the SSD kernels need the chunk, headdim and d_state to be powers of two of at least 16 "
-                         f"(here {Q}, {p}, {n}): use ssd_chunked_fast")
+    Q, p = X.shape[-2:]
+    if not fits(Q, p):
+        raise ValueError(f"the SSD kernels need the chunk and headdim to be powers of two of at least 16 (here {Q}, "
+                         f"{p}): use ssd_chunked_fast")
     return DiagonalBlocks.apply(X, Bc, Cc, cs)

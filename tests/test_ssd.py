@@ -349,12 +349,12 @@ def triton_device():
     return device
 
 
-@pytest.mark.parametrize("l,chunk,h,g,p,n", [(37, 16, 4, 2, 16, 16), (300, 128, 8, 1, 32, 32), (45, 32, 6, 3, 16, 64)])
+@pytest.mark.parametrize("l,chunk,h,g,p,n", [(37, 16, 4, 2, 16, 24), (300, 128, 8, 1, 32, 32), (45, 32, 6, 3, 16, 64)])
 def test_eq3_triton_diagonal_blocks_equal_the_recurrence_values_state_and_gradients(l, chunk, h, g, p, n):
     """Eq. 3 by ssd_triton (ssd_chunked_fast with its diagonal blocks from ssd_kernel.py's Triton kernels, forward and
     backward; on the CPU in Triton's interpreter) in fp32 equals the float64 recurrence from a non-zero state:
     outputs, final state and every input's gradient within 2e-5 of each one's largest value. The shapes take one and
-    two 64-row blocks a chunk, and one, two and eight heads a group."""
+    two 64-row blocks a chunk, one, two and eight heads a group, and a d_state that is not a power of two."""
     device = triton_device()
     inputs = random_ssd_inputs(l=l, h=h, g=g, p=p, n=n)
     weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=f64)
@@ -402,9 +402,25 @@ def test_triton_form_takes_the_torch_diagonal_blocks_where_its_tiles_do_not_fit(
     got = fast_ssd.ssd_triton(x, dt, A, B, C, 16, D=D, initial_state=s0)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     X = torch.zeros(1, 1, 1, 1, 16, 3)
-    with pytest.raises(ValueError, match="powers of two of at least 16 \\(here 16, 3, 16\\): use ssd_chunked_fast"):
+    with pytest.raises(ValueError, match="powers of two of at least 16 \\(here 16, 3\\): use ssd_chunked_fast"):
         ssd_kernel.diagonal_blocks(X, torch.zeros(1, 1, 1, 16, 16), torch.zeros(1, 1, 1, 16, 16),
                                    torch.zeros(1, 1, 1, 1, 16))
+
+
+@pytest.mark.gpu
+def test_triton_diagonal_blocks_give_the_same_gradients_every_run():
+    """No program of ssd_kernel's backward adds to another's output: two backward passes give equal bits (bf16, two
+    64-row blocks a chunk, eight heads a group)."""
+    import fast_ssd
+    inputs = [t.float().cuda() for t in random_ssd_inputs(b=2, l=300, h=8, p=32, g=1, n=32)]
+    grads = []
+    for _ in range(2):
+        leaves = [t.to(torch.bfloat16 if i in (0, 3, 4) else torch.float32, copy=True).requires_grad_()
+                  for i, t in enumerate(inputs)]
+        y, st = fast_ssd.ssd_triton(*leaves[:5], 128, leaves[5], initial_state=leaves[6])
+        (y.float().square().sum() + st.sum()).backward()
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.gpu
