@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+HEADS_PER_PROGRAM = 16  # a group's heads per program of the backward's dS; their parts are summed after it
+
 
 @triton.jit
 def _tile(cs_ptr, t, s):
@@ -64,26 +66,28 @@ def _diag_bwd_x(s_ptr, cs_ptr, dy_ptr, dx_ptr, R, Q: tl.constexpr, P: tl.constex
 
 
 @triton.jit
-def _diag_bwd_s(x_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr, R, Q: tl.constexpr, P: tl.constexpr,
+def _diag_bwd_s(x_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr, R, HEADS, Q: tl.constexpr, P: tl.constexpr,
                 BT: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (batch, chunk, group) and (t-block, s-block) with s <= t, over the group's R heads: dS[t, s] = sum of
-    dM * L; each head's sum_s dM M into rows[head, s-block, t] and sum_t dM M into cols[head, t-block, s]."""
-    group = tl.program_id(0)  # over (batch, chunk, group)
+    """Per (batch, chunk, group, HEADS of its R heads) and (t-block, s-block): the heads' sum of dM * L into their
+    part of dS[t, s]; each head's sum_s dM M into rows[head, s-block, t] and sum_t dM M into cols[head, t-block, s].
+    Zeros where s-block > t-block."""
+    parts = tl.cdiv(R, HEADS)
+    group, first = tl.program_id(0) // parts, (tl.program_id(0) % parts) * HEADS  # over (batch, chunk, group, part)
     tb, sb = tl.program_id(1), tl.program_id(2)
-    if sb <= tb:
-        t, s, p = tb * BT + tl.arange(0, BT), sb * BT + tl.arange(0, BT), tl.arange(0, P)
-        S_ts = tl.load(s_ptr + group * Q * Q + t[:, None] * Q + s[None, :])  # (BT, BT) fp32
-        dS = tl.zeros((BT, BT), dtype=tl.float32)
-        for r in range(0, R):
-            head = group * R + r
+    t, s, p = tb * BT + tl.arange(0, BT), sb * BT + tl.arange(0, BT), tl.arange(0, P)
+    dS = tl.zeros((BT, BT), dtype=tl.float32)
+    S_ts = tl.load(s_ptr + group * Q * Q + t[:, None] * Q + s[None, :])  # (BT, BT) fp32
+    for head in range(group * R + first, group * R + tl.minimum(first + HEADS, R)):
+        row_sums, col_sums = tl.zeros((BT,), dtype=tl.float32), tl.zeros((BT,), dtype=tl.float32)
+        if sb <= tb:
             dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])
             X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])
             dML = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION) * _tile(cs_ptr + head * Q, t, s)  # dM * L
             dS += dML
-            dMM = dML * S_ts  # dM * M
-            tl.store(rows_ptr + (head * (Q // BT) + sb) * Q + t, tl.sum(dMM, axis=1))
-            tl.store(cols_ptr + (head * (Q // BT) + tb) * Q + s, tl.sum(dMM, axis=0))
-        tl.store(ds_ptr + group * Q * Q + t[:, None] * Q + s[None, :], dS)
+            row_sums, col_sums = tl.sum(dML * S_ts, axis=1), tl.sum(dML * S_ts, axis=0)  # dM * M
+        tl.store(rows_ptr + (head * (Q // BT) + sb) * Q + t, row_sums)
+        tl.store(cols_ptr + (head * (Q // BT) + tb) * Q + s, col_sums)
+    tl.store(ds_ptr + tl.program_id(0) * Q * Q + t[:, None] * Q + s[None, :], dS)
 
 
 def _no_autocast(X):
@@ -112,13 +116,15 @@ class DiagonalBlocks(torch.autograd.Function):
         bt, blocks = min(64, Q), Q // min(64, Q)
         dY = dY.contiguous()
         dX = torch.empty_like(X)
-        dS = torch.zeros(S.shape, dtype=torch.float32, device=X.device)  # the blocks above the diagonal stay 0
-        rows = torch.zeros(b, c, g, r, blocks, Q, dtype=torch.float32, device=X.device)
-        cols = torch.zeros_like(rows)
+        parts = triton.cdiv(r, HEADS_PER_PROGRAM)
+        dS = torch.empty(b, c, g, parts, Q, Q, dtype=torch.float32, device=X.device)  # each part's heads' sum
+        rows = torch.empty(b, c, g, r, blocks, Q, dtype=torch.float32, device=X.device)
+        cols = torch.empty_like(rows)
         _diag_bwd_x[(b * c * g * r, blocks)](S, cs, dY, dX, r, Q=Q, P=p, BT=bt, PRECISION=_precision(X))
-        _diag_bwd_s[(b * c * g, blocks, blocks)](X, S, cs, dY, dS, rows, cols, r, Q=Q, P=p, BT=bt,
-                                                 PRECISION=_precision(X))
+        _diag_bwd_s[(b * c * g * parts, blocks, blocks)](X, S, cs, dY, dS, rows, cols, r, HEADS_PER_PROGRAM, Q=Q, P=p,
+                                                         BT=bt, PRECISION=_precision(X))
         with _no_autocast(X):
+            dS = dS.sum(3)  # (b, c, g, Q, Q)
             dC = dS @ Bc.float()  # (b, c, g, Q, n)
             dB = dS.transpose(-1, -2) @ Cc.float()
         return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), rows.sum(-2) - cols.sum(-2)

@@ -349,13 +349,18 @@ def triton_device():
     return device
 
 
-@pytest.mark.parametrize("l,chunk,h,g,p,n", [(37, 16, 4, 2, 16, 24), (300, 128, 8, 1, 32, 32), (45, 32, 6, 3, 16, 64)])
-def test_eq3_triton_diagonal_blocks_equal_the_recurrence_values_state_and_gradients(l, chunk, h, g, p, n):
+@pytest.mark.parametrize("l,chunk,h,g,p,n,heads", [(37, 16, 4, 2, 16, 24, 16), (300, 128, 8, 1, 32, 32, 3),
+                                                    (45, 32, 6, 3, 16, 64, 16)])
+def test_eq3_triton_diagonal_blocks_equal_the_recurrence_values_state_and_gradients(l, chunk, h, g, p, n, heads,
+                                                                                     monkeypatch):
     """Eq. 3 by ssd_triton (ssd_chunked_fast with its diagonal blocks from ssd_kernel.py's Triton kernels, forward and
     backward; on the CPU in Triton's interpreter) in fp32 equals the float64 recurrence from a non-zero state:
     outputs, final state and every input's gradient within 2e-5 of each one's largest value. The shapes take one and
-    two 64-row blocks a chunk, one, two and eight heads a group, and a d_state that is not a power of two."""
+    two 64-row blocks a chunk, one, two and eight heads a group (in parts of 3, the last one short, in the backward),
+    and a d_state that is not a power of two."""
     device = triton_device()
+    import ssd_kernel
+    monkeypatch.setattr(ssd_kernel, "HEADS_PER_PROGRAM", heads)
     inputs = random_ssd_inputs(l=l, h=h, g=g, p=p, n=n)
     weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=f64)
     results = []
