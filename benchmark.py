@@ -781,8 +781,8 @@ def _train_batch(model, batch, text_tokens, dev):
 
 
 KERNEL_CLASSES = (  # (class, words in a CUDA kernel's name), first match wins
+    ("attention (the frozen ViTs)", ("flash", "fmha", "attention")),  # cuDNN's names hold sm90_ too
     ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "magma", "cublas", "sm90_", "sm80_")),
-    ("attention (the frozen ViTs)", ("flash", "fmha", "attention")),
     ("optimizer", ("multi_tensor_apply", "adam")),
     ("SSD scans and decays (compiled)", ("cumsum", "segsum")),
     ("compiled elementwise and reductions", ("triton_",)),
