@@ -28,9 +28,8 @@ def _tile(cs_ptr, t, s):
 
 @triton.jit
 def _matrix(s_ptr, cs_ptr, t, s, Q: tl.constexpr):
-    """The SSD matrix's (t, s) block M = S[t, s] * L[t, s] and L itself: (BT, BT) fp32 each."""
-    L = _tile(cs_ptr, t, s)
-    return tl.load(s_ptr + t[:, None] * Q + s[None, :]) * L, L
+    """The SSD matrix's (t, s) block M = S[t, s] * L[t, s]: (BT, BT) fp32."""
+    return tl.load(s_ptr + t[:, None] * Q + s[None, :]) * _tile(cs_ptr, t, s)
 
 
 @triton.jit
@@ -44,7 +43,7 @@ def _diag_fwd(x_ptr, s_ptr, cs_ptr, y_ptr, R, Q: tl.constexpr, P: tl.constexpr, 
     for sb in range(0, tb + 1):
         s = sb * BT + tl.arange(0, BT)
         X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])  # (BT, P)
-        M, _ = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)  # (BT, BT) fp32
+        M = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)  # (BT, BT) fp32
         acc += tl.dot(M.to(X_s.dtype), X_s, input_precision=PRECISION)
     tl.store(y_ptr + head * Q * P + t[:, None] * P + p[None, :], acc.to(y_ptr.dtype.element_ty))
 
@@ -60,7 +59,7 @@ def _diag_bwd_x(s_ptr, cs_ptr, dy_ptr, dx_ptr, R, Q: tl.constexpr, P: tl.constex
     for tb in range(sb, Q // BT):
         t = tb * BT + tl.arange(0, BT)
         dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])  # (BT, P)
-        M, _ = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)
+        M = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)
         dX += tl.dot(tl.trans(M).to(dY_t.dtype), dY_t, input_precision=PRECISION)
     tl.store(dx_ptr + head * Q * P + s[:, None] * P + p[None, :], dX.to(dx_ptr.dtype.element_ty))
 
