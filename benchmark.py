@@ -898,7 +898,7 @@ def bench_train(args):
                 + (", every block keeping in_proj's product (selective recomputation)" if kept else ""))
         model.lm.gradient_checkpointing = n_ckpt
         try:
-            fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=kept)
+            fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=kept, tune_kernels=args.tune_kernels)
             times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops,
                                            None if kept else recomputed * n_ckpt / n_layer, peak, dev)
         except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
@@ -1072,6 +1072,9 @@ def make_parser():
                         "(fast_decode.compile_blocks(in_proj_kept=True))")
     p.add_argument("--compile", action="store_true",
                    help="each path also with the LM blocks compiled, and torch.compile(ssd_chunked_fast) alone")
+    p.add_argument("--tune-kernels", action="store_true",
+                   help="compiled blocks with their fused kernels' settings timed, as train.py --compile does "
+                        "(fast_decode.compile_blocks(tune_kernels=True))")
     p.add_argument("--profile", help="a folder: each path's step profiled (CUDA kernels by time) into it")
     return parser
 

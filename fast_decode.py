@@ -393,7 +393,7 @@ def compiled_block_forward(in_proj_kept=False):
     return torch.compile(forward_keeping_in_proj if in_proj_kept else Mamba2Block.forward)
 
 
-def compile_blocks(lm, on=True, in_proj_kept=False):
+def compile_blocks(lm, on=True, in_proj_kept=False, tune_kernels=False):
     """Each block of a Mamba2LMHeadModel through `compiled_block_forward` (on=False: eager again). The block's own
     __call__ still runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before. Makes
     `whole_scans` Inductor's heuristics on the calling thread for the rest of the process: both torch forms of eq. 3
@@ -401,13 +401,18 @@ def compile_blocks(lm, on=True, in_proj_kept=False):
     Inductor's heuristics are per thread: a backward graph that autograd lowers on its own CUDA thread, at the first
     backward, keeps the default ones. in_proj_kept: each block compiled with its own selective recomputation
     (`forward_keeping_in_proj`), for a model whose own gradient_checkpointing is off; its backward graphs are lowered
-    at compile time, on this thread (their recomputed sums need `whole_scans`)."""
+    at compile time, on this thread (their recomputed sums need `whole_scans`). tune_kernels: Inductor times each
+    fused kernel's launch settings as it compiles (coordinate descent), for the rest of the process: minutes more at
+    the first call, a faster step after (docs/speed.md)."""
     if on:
         from torch._inductor.virtualized import V
         V.set_choices_handler(whole_scans())
         if in_proj_kept:
             import torch._functorch.config as functorch_config
             functorch_config.force_non_lazy_backward_lowering = True
+        if tune_kernels:
+            import torch._inductor.config as inductor_config
+            inductor_config.coordinate_descent_tuning = True
     for block in lm.layers:
         if on:
             block.forward = types.MethodType(compiled_block_forward(in_proj_kept), block)
