@@ -83,13 +83,15 @@ def _diag_bwd_s(x_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr, R, HEA
             X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])
             dML = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION) * _tile(cs_ptr + head * Q, t, s)  # dM * L
             dS += dML
-            row_sums, col_sums = tl.sum(dML * S_ts, axis=1), tl.sum(dML * S_ts, axis=0)  # dM * M
+            dMM = dML * S_ts  # dM * M
+            row_sums, col_sums = tl.sum(dMM, axis=1), tl.sum(dMM, axis=0)
         tl.store(rows_ptr + (head * (Q // BT) + sb) * Q + t, row_sums)
         tl.store(cols_ptr + (head * (Q // BT) + tb) * Q + s, col_sums)
     tl.store(ds_ptr + tl.program_id(0) * Q * Q + t[:, None] * Q + s[None, :], dS)
 
 
 def _no_autocast(X):
+    """The products of S, dC and dB in fp32, also under autocast."""
     return torch.autocast(X.device.type, enabled=False)
 
 
@@ -130,6 +132,7 @@ class DiagonalBlocks(torch.autograd.Function):
 
 
 def _precision(X):
+    """tl.dot's precision: fp32 products for fp32 inputs (16-bit inputs multiply in their own dtype)."""
     return "ieee" if X.dtype == torch.float32 else "tf32"
 
 
