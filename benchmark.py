@@ -783,8 +783,9 @@ def _train_batch(model, batch, text_tokens, dev):
 KERNEL_CLASSES = (  # (class, words in a CUDA kernel's name), first match wins
     ("attention (the frozen ViTs)", ("flash", "fmha", "attention")),  # cuDNN's names hold sm90_ too
     ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "magma", "cublas", "sm90_", "sm80_")),
-    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("optimizer and gradient clipping", ("multi_tensor_apply", "adam")),
     ("SSD scans and decays (compiled)", ("cumsum", "segsum")),
+    ("SSD diagonal blocks (ssd_kernel.py)", ("_diag_",)),
     ("compiled elementwise and reductions", ("triton_",)),
     ("copies and casts", ("copy", "cat", "fill")),
     ("other elementwise and reductions", ("",)),
