@@ -454,8 +454,8 @@ def train(cfg, on_step=None):
             use_ssd(model, "auto")
     if cfg.compile:
         from fast_decode import compile_blocks
-        compile_blocks(model.lm, in_proj_kept=cfg.gradient_checkpointing, tune_kernels=True)  # selective recomputation
-        log("--compile: the first step compiles the LM blocks and times their fused kernels' settings (minutes)")
+        compile_blocks(model.lm, in_proj_kept=cfg.gradient_checkpointing, tune_kernels=True)
+        log("--compile: the first step compiles the LM blocks (on a GPU, minutes: it times their fused kernels)")
     if proc.world_size > 1 and cfg.parallel == "fsdp":
         shard(model, proc.device)
     data, samples = stage_data(cfg, files, model, log, proc)
