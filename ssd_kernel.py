@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 HEADS_PER_PROGRAM = 16  # a group's heads per program of the backward's dS; their parts are summed after it
+ROWS = 64  # a chunk's rows per program (fewer in a shorter chunk)
 
 
 @triton.jit
@@ -102,7 +103,7 @@ class DiagonalBlocks(torch.autograd.Function):
     def forward(ctx, X, Bc, Cc, cs):
         X, cs = X.contiguous(), cs.contiguous()
         b, c, g, r, Q, p = X.shape
-        bt = min(64, Q)
+        bt = min(ROWS, Q)
         with _no_autocast(X):
             S = (Cc.float() @ Bc.float().transpose(-1, -2)).contiguous()  # C_t . B_s, fp32 (b, c, g, Q, Q)
         Y = torch.empty_like(X)
@@ -114,7 +115,8 @@ class DiagonalBlocks(torch.autograd.Function):
     def backward(ctx, dY):
         X, Bc, Cc, cs, S = ctx.saved_tensors
         b, c, g, r, Q, p = X.shape
-        bt, blocks = min(64, Q), Q // min(64, Q)
+        bt = min(ROWS, Q)
+        blocks = Q // bt
         dY = dY.contiguous()
         dX = torch.empty_like(X)
         parts = triton.cdiv(r, HEADS_PER_PROGRAM)
@@ -127,8 +129,9 @@ class DiagonalBlocks(torch.autograd.Function):
         with _no_autocast(X):
             dS = dS.sum(3)  # (b, c, g, Q, Q)
             dC = dS @ Bc.float()  # (b, c, g, Q, n)
-            dB = dS.transpose(-1, -2) @ Cc.float()
-        return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), rows.sum(-2) - cols.sum(-2)
+            dB = dS.transpose(-1, -2) @ Cc.float()  # (b, c, g, Q, n)
+        dcs = rows.sum(-2) - cols.sum(-2)  # (b, c, g, r, Q)
+        return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs
 
 
 def _precision(X):
