@@ -146,8 +146,6 @@ class DeviceSteps:
     loop checks them at its progress lines). cuda_graph=False runs each step eagerly on CUDA too (what the tests
     compare the graph with)."""
 
-    fused_optimizer = True  # on CUDA
-
     def __init__(self, model, dataset, st, cfg, proc, log, cuda_graph=True):
         self.st = st
         use_bf16 = cfg.uses_bf16(proc.device)

@@ -263,8 +263,6 @@ class PlainSteps:
     summed over micro-batches and processes, then clipping and the optimizer. steps(step) runs step `step` (0-based):
     (loss, grad-norm, tokens), the loss a CPU tensor, or None when every sample of the batch was skipped."""
 
-    fused_optimizer = False
-
     def __init__(self, model, dataset, st, cfg, proc, log):
         self.model, self.st, self.cfg, self.proc, self.log = model, st, cfg, proc, log
         self.wrapped = model  # what the forward goes through: FSDP's model is sharded in place (train()), DDP wraps it
@@ -330,16 +328,16 @@ class PlainSteps:
             self.log(f"[{self.st.name}] skipped {len(self.skipped)} sample(s) with a missing or unusable image or text")
 
 
-def begin_stage(stage, model, dataset, cfg, proc, log, fused=False, later_samples=0):
-    """A Stage: the trainable parts logged, the batches, the optimizer and lr schedule, with --resume the stage's
-    latest checkpoint loaded, and the model in training mode."""
+def begin_stage(stage, model, dataset, cfg, proc, log, later_samples=0):
+    """A Stage: the trainable parts logged, the batches, the optimizer (fused AdamW on CUDA) and lr schedule, with
+    --resume the stage's latest checkpoint loaded, and the model in training mode."""
     parts = sorted({n.split(".")[0] for n in model.set_stage(stage)})
     log(f"[{stage}] trainable: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
         f"parameters in {len(parts)} parts ({', '.join(parts)}); vision frozen")
     batches = stage_batches(stage, dataset, cfg, proc)
     optimizer = make_optimizer(model, cfg.align_lr if stage == "align" else cfg.lr, cfg.weight_decay,
                                connector_lr=cfg.connector_lr if stage == "finetune" else None,
-                               fused=fused)  # after shard()
+                               fused=proc.device.startswith("cuda"))  # after shard()
     total, warmup = batches.total, max(1, int(cfg.warmup_ratio * batches.total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
     stage_dir = Path(cfg.out) / stage
@@ -369,8 +367,7 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, la
     every progress line and checkpoint (and every step on the CPU, with no host sync to save). on_step(step): called
     after every optimizer step. later_samples: the samples of the stages after this one (the run's ETA)."""
     proc = proc or Process(device=cfg.device)
-    st = begin_stage(stage, model, dataset, cfg, proc, log, later_samples=later_samples,
-                     fused=steps_for.fused_optimizer and proc.device.startswith("cuda"))
+    st = begin_stage(stage, model, dataset, cfg, proc, log, later_samples=later_samples)
     if st.done:
         return model
     steps = steps_for(model, dataset, st, cfg, proc, log)

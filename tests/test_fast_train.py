@@ -141,7 +141,6 @@ def test_cuda_graph_steps_equal_eager_steps(world, tmp_path, stage):
         steps_for = T.PlainSteps
         if graph is not None:
             steps_for = partial(FT.DeviceSteps, cuda_graph=graph)
-            steps_for.fused_optimizer = FT.DeviceSteps.fused_optimizer
         T.run_stage(stage, model, dataset, cfg, proc, log=out.append, steps_for=steps_for)
         results[name] = (progress("\n".join(out)), params(model))
     for other in ("eager", "plain"):

@@ -606,6 +606,16 @@ def test_compiled_training_on_cuda_takes_the_triton_ssd(default_world, tmp_path,
     assert losses["--compile"][0] == pytest.approx(losses["--no-compile"][0], rel=2e-2)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_plain_loop_steps_with_fused_adamw_on_cuda(world, tmp_path, monkeypatch, device):
+    """train.PlainSteps (the paper preset's loop) takes torch's fused AdamW on CUDA, the optimizer benchmark.py train
+    measures, and the foreach one on the CPU."""
+    made, make = [], T.make_optimizer
+    monkeypatch.setattr(T, "make_optimizer", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
+    T.train(args_for(world, tmp_path, "--device", device, "--fast", "off", "--stage", "finetune", "--max-steps", "1"))
+    assert len(made) == 1 and made[0].defaults["fused"] is (True if device == "cuda" else None)
+
+
 def _interrupted_worker(rank, world_size, port, argv, out, stop):
     try:
         _worker(rank, world_size, port, argv, out, stop)
