@@ -896,10 +896,13 @@ def bench_train(args):
     for backend, compiled, n_ckpt, kept in forms:
         name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
                 + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer and not kept else "")
-                + (", every block keeping in_proj's product (selective recomputation)" if kept else ""))
+                + (", every block keeping in_proj's product (selective recomputation)" if kept else "")
+                + (f", sums over more than {args.whole_sums_up_to} values split" if compiled and args.whole_sums_up_to
+                   else ""))
         model.lm.gradient_checkpointing = n_ckpt
         try:
-            fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=kept, tune_kernels=args.tune_kernels)
+            fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=kept, tune_kernels=args.tune_kernels,
+                                       whole_sums_up_to=args.whole_sums_up_to)
             times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops,
                                            None if kept else recomputed * n_ckpt / n_layer, peak, dev)
         except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
@@ -1076,6 +1079,9 @@ def make_parser():
     p.add_argument("--tune-kernels", action="store_true",
                    help="compiled blocks with their fused kernels' settings timed, as train.py --compile does "
                         "(fast_decode.compile_blocks(tune_kernels=True))")
+    p.add_argument("--whole-sums-up-to", type=int, metavar="N",
+                   help="compiled blocks with Inductor splitting the sums over more than N values as it decides "
+                        "(fast_decode.whole_scans(up_to=N)); default: no sum split, as train.py --compile")
     p.add_argument("--profile", help="a folder: each path's step profiled (CUDA kernels by time) into it")
     return parser
 

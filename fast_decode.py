@@ -348,16 +348,19 @@ def generate_batch(model, images, prompts, max_new_tokens=256, kernels=None, cud
     return [until_stop(row, model.eos_token_id) for row in new]
 
 
-def whole_scans():
-    """Inductor's heuristics (its InductorChoices), except that no reduction or cumulative sum is split over several
-    programs. Inductor's split scan fails to generate code for a cumulative sum over more than 128 steps whose input
-    it computes on the fly (pytorch/pytorch#180221): ssd_chunked's decay sums over Mamba-2's chunks of 256 are one."""
+def whole_scans(up_to=None):
+    """Inductor's heuristics (its InductorChoices), except that no reduction or cumulative sum over at most `up_to`
+    values (None: any number) is split over several programs; longer ones split as Inductor decides. Inductor's split
+    scan fails to generate code for a cumulative sum over more than 128 steps whose input it computes on the fly
+    (pytorch/pytorch#180221): ssd_chunked's decay sums over Mamba-2's chunks of 256 are one."""
     from torch._inductor.choices import InductorChoices
 
     class WholeScans(InductorChoices):
         @staticmethod
         def reduction_split_factor(device, reduction_numel_hint, numel_hint, inner_reduction):
-            return 1
+            if up_to is None or reduction_numel_hint <= up_to:
+                return 1
+            return InductorChoices.reduction_split_factor(device, reduction_numel_hint, numel_hint, inner_reduction)
     return WholeScans()
 
 
@@ -393,7 +396,7 @@ def compiled_block_forward(in_proj_kept=False):
     return torch.compile(forward_keeping_in_proj if in_proj_kept else Mamba2Block.forward)
 
 
-def compile_blocks(lm, on=True, in_proj_kept=False, tune_kernels=False):
+def compile_blocks(lm, on=True, in_proj_kept=False, tune_kernels=False, whole_sums_up_to=None):
     """Each block of a Mamba2LMHeadModel through `compiled_block_forward` (on=False: eager again). The block's own
     __call__ still runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before. Makes
     `whole_scans` Inductor's heuristics on the calling thread for the rest of the process: both torch forms of eq. 3
@@ -403,10 +406,11 @@ def compile_blocks(lm, on=True, in_proj_kept=False, tune_kernels=False):
     (`forward_keeping_in_proj`), for a model whose own gradient_checkpointing is off; its backward graphs are lowered
     at compile time, on this thread (their recomputed sums need `whole_scans`). tune_kernels: Inductor times each
     fused kernel's launch settings as it compiles (coordinate descent), for the rest of the process: minutes more at
-    the first call, a faster step after (docs/speed.md)."""
+    the first call, a faster step after (docs/speed.md). whole_sums_up_to: `whole_scans`' up_to (None: no sum split;
+    sums over a chunk need it at 256 or more)."""
     if on:
         from torch._inductor.virtualized import V
-        V.set_choices_handler(whole_scans())
+        V.set_choices_handler(whole_scans(whole_sums_up_to))
         if in_proj_kept:
             import torch._functorch.config as functorch_config
             functorch_config.force_non_lazy_backward_lowering = True

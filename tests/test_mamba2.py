@@ -574,19 +574,25 @@ def test_compiled_block_step_is_one_graph_for_all_layers():
 
 def test_compile_blocks_makes_inductor_split_no_scan(monkeypatch):
     """compile_blocks makes fast_decode.whole_scans inductor's heuristics: no reduction split over several programs
-    (inductor's split scan fails on the SSD's cumulative sums over a chunk of 256)."""
+    (inductor's split scan fails on the SSD's cumulative sums over a chunk of 256); with whole_sums_up_to=N, the sums
+    over more than N values split as inductor's own heuristics decide, the shorter ones not at all."""
     import fast_decode
     from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
     monkeypatch.setattr(fast_decode, "compiled_block_forward", lambda kept=False: Mamba2Block.forward)  # not compiled
-    model = tiny_model()
+    model, cpu = tiny_model(), torch.device("cpu")
+    own = InductorChoices.reduction_split_factor
     V.set_choices_handler(InductorChoices())
     try:
         fast_decode.compile_blocks(model, False)
         assert type(V.choices) is InductorChoices
         fast_decode.compile_blocks(model)
-        assert V.choices.reduction_split_factor(torch.device("cpu"), 2 ** 20, 1, True) == 1
-        assert InductorChoices.reduction_split_factor(torch.device("cpu"), 2 ** 20, 1, True) > 1
+        assert V.choices.reduction_split_factor(cpu, 2 ** 20, 1, True) == 1 and own(cpu, 2 ** 20, 1, True) > 1
+        assert V.choices.reduction_split_factor(cpu, 6600, 2560, False) == 1
+        fast_decode.compile_blocks(model, whole_sums_up_to=2048)
+        assert V.choices.reduction_split_factor(cpu, 256, 1, False) == 1 < own(cpu, 256, 1, False)
+        for n, outputs, inner in ((2 ** 20, 1, True), (6600, 2560, False), (6600, 1, False)):
+            assert V.choices.reduction_split_factor(cpu, n, outputs, inner) == own(cpu, n, outputs, inner) > 1
     finally:
         V.set_choices_handler(InductorChoices())
         fast_decode.compile_blocks(model, False)

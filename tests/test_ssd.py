@@ -540,9 +540,11 @@ def test_ssd_mamba_ssm_kernel_matches_chunked_on_cuda():
 
 
 @pytest.mark.gpu
-def test_plain_ssd_chunked_compiles_at_mamba2s_chunk_of_256_and_equals_eager(monkeypatch):
+@pytest.mark.parametrize("up_to", [None, 2048])
+def test_plain_ssd_chunked_compiles_at_mamba2s_chunk_of_256_and_equals_eager(monkeypatch, up_to):
     """The teaching ssd_chunked through torch.compile (inductor, with fast_decode.whole_scans as compile_blocks sets
-    it), chunks of 256 as in Mamba-2's configs: forward and backward equal the eager scan's, fp32 (TF32 off)."""
+    it: no sum split, or only those over more than 2048 values), chunks of 256 as in Mamba-2's configs: forward and
+    backward equal the eager scan's, fp32 (TF32 off)."""
     import fast_decode
     from torch._inductor.virtualized import V
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -554,7 +556,7 @@ def test_plain_ssd_chunked_compiles_at_mamba2s_chunk_of_256_and_equals_eager(mon
         return [y, state, *torch.autograd.grad((y * dy).sum() + state.sum(), inputs)]
     eager = run(ssd_chunked)
     default = V.choices
-    V.set_choices_handler(fast_decode.whole_scans())
+    V.set_choices_handler(fast_decode.whole_scans(up_to))
     try:
         torch._dynamo.reset()
         compiled = run(torch.compile(ssd_chunked, dynamic=False))
