@@ -609,7 +609,7 @@ def test_compiled_training_on_cuda_takes_the_triton_ssd(default_world, tmp_path,
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_the_plain_loop_steps_with_fused_adamw_on_cuda(world, tmp_path, monkeypatch, device):
     """train.PlainSteps (the paper preset's loop) takes torch's fused AdamW on CUDA, the optimizer benchmark.py train
-    measures, and the foreach one on the CPU."""
+    measures, and torch's default form on the CPU."""
     made, make = [], T.make_optimizer
     monkeypatch.setattr(T, "make_optimizer", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
     T.train(args_for(world, tmp_path, "--device", device, "--fast", "off", "--stage", "finetune", "--max-steps", "1"))
