@@ -897,8 +897,8 @@ def bench_train(args):
         name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
                 + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer and not kept else "")
                 + (", every block keeping in_proj's product (selective recomputation)" if kept else "")
-                + (f", sums over more than {args.whole_sums_up_to} values split" if compiled and args.whole_sums_up_to
-                   else ""))
+                + (f", sums over more than {args.whole_sums_up_to} values split"
+                   if compiled and args.whole_sums_up_to is not None else ""))
         model.lm.gradient_checkpointing = n_ckpt
         try:
             fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=kept, tune_kernels=args.tune_kernels,
