@@ -852,6 +852,10 @@ def _time_train_step(model, opt, trainable, backend, args, name, flops, recomput
             hfu = f"{(flops + recomputed) * batch / t / peak:.1%}" if peak and recomputed is not None else "-"
             print(f"| {name} | {batch} | {t:.3f} | {batch / t:.1f} | {mfu} | {hfu} | "
                   f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} |", flush=True)
+            if args.parts:
+                print("  parts, each timed alone: " + ", ".join(
+                    f"{k} {v * 1e3:.1f} ms" for k, v in _time_step_parts(model, opt, trainable, pixels, ids,
+                                                                         labels).items()), flush=True)
             if args.profile:
                 tag = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
                 print(_profile_step(step, Path(args.profile) / f"step_{tag}.txt"), flush=True)
@@ -862,6 +866,44 @@ def _time_train_step(model, opt, trainable, backend, args, name, flops, recomput
             print(f"(batch {batch} ran out of memory with {name}; trying {batch // 2})")
             batch //= 2
     return None
+
+
+def _time_step_parts(model, opt, trainable, pixels, ids, labels, repeats=3, device="cuda"):
+    """{part: seconds} of a training step's parts, each run alone (the fastest of `repeats`): the frozen encoders'
+    forward (eq. 5), the connector's forward and backward (eqs. 6-8), the LM's (the embedding, the blocks, the head
+    at the targets, the loss) forward and backward, clipping and the optimizer's update."""
+    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    with torch.no_grad(), autocast():
+        feats = model.vision(pixels)  # (b, N, d_v)
+        tokens = model.connector(feats)  # (b, N, D)
+    d_tokens = torch.randn_like(tokens)
+
+    def encoders():
+        with torch.no_grad(), autocast():
+            model.vision(pixels)
+
+    def connector():
+        with autocast():
+            out = model.connector(feats)
+        out.backward(d_tokens)
+
+    def lm():
+        with autocast():
+            embeds = model.embed(ids, tokens)  # (b, L, D); the image tokens without the connector's graph
+            hidden = model.lm.hidden_states(inputs_embeds=embeds)
+            targets = labels[:, 1:]
+            is_target = targets != -100
+            logits = model.lm.lm_head(hidden[:, :-1][is_target]).float()  # (targets, vocab)
+            loss = torch.nn.functional.cross_entropy(logits, targets[is_target])
+        loss.backward()
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+    parts = {"encoders": encoders, "connector": connector, "LM": lm, "clipping and AdamW": update}
+    times = {name: seconds(fn, repeats, device, grad=True) for name, fn in parts.items()}
+    opt.zero_grad(set_to_none=True)
+    return times
 
 
 def bench_train(args):
@@ -1083,6 +1125,9 @@ def make_parser():
                    help="compiled blocks with Inductor splitting the sums over more than N values as it decides "
                         "(fast_decode.whole_scans(up_to=N)); default: no sum split, as train.py --compile")
     p.add_argument("--profile", help="a folder: each path's step profiled (CUDA kernels by time) into it")
+    p.add_argument("--parts", action="store_true",
+                   help="then each path's step by part, each part timed alone: the encoders, the connector, the LM, "
+                        "clipping and AdamW")
     return parser
 
 
