@@ -932,25 +932,29 @@ def bench_train(args):
     backends = [b for b in args.backends if b != "mamba_ssm" or fast_ssd.find_kernel() is not None]
     n_layer = len(model.lm.layers)
     times = {}
-    forms = [(b, c, n, False) for b, c, n in itertools.product(backends, (False, True) if args.compile else (False,),
-                                                                args.checkpoint_blocks or [n_layer])]
-    forms += [(b, True, 0, True) for b in backends if args.keep_in_proj]
-    for backend, compiled, n_ckpt, kept in forms:
+    forms = [(b, c, n, False, False) for b, c, n in itertools.product(
+        backends, (False, True) if args.compile else (False,), args.checkpoint_blocks or [n_layer])]
+    forms += [(b, True, 0, True, False) for b in backends if args.keep_in_proj]
+    forms += [(b, True, 0, True, True) for b in backends if args.compile_connector]
+    for backend, compiled, n_ckpt, kept, connector in forms:
         name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
                 + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer and not kept else "")
                 + (", every block keeping in_proj's product (selective recomputation)" if kept else "")
+                + (", the connector compiled" if connector else "")
                 + (f", sums over more than {args.whole_sums_up_to} values split"
                    if compiled and args.whole_sums_up_to is not None else ""))
         model.lm.gradient_checkpointing = n_ckpt
         try:
             fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=kept, tune_kernels=args.tune_kernels,
                                        whole_sums_up_to=args.whole_sums_up_to)
+            fast_decode.compile_connector(model.connector, connector)
             times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops,
                                            None if kept else recomputed * n_ckpt / n_layer, peak, dev)
         except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
             print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |", flush=True)
             opt.zero_grad(set_to_none=True)
     fast_decode.compile_blocks(model.lm, False)
+    fast_decode.compile_connector(model.connector, False)
     model.lm.gradient_checkpointing = True
     base = times.get(SSD_PATHS["mamba_ssm"])
     if base:
@@ -1118,6 +1122,9 @@ def make_parser():
                         "(fast_decode.compile_blocks(in_proj_kept=True))")
     p.add_argument("--compile", action="store_true",
                    help="each path also with the LM blocks compiled, and torch.compile(ssd_chunked_fast) alone")
+    p.add_argument("--compile-connector", action="store_true",
+                   help="each path also with compiled blocks that keep in_proj's product and the connector compiled, "
+                        "as train.py --compile (fast_decode.compile_connector)")
     p.add_argument("--tune-kernels", action="store_true",
                    help="compiled blocks with their fused kernels' settings timed, as train.py --compile does "
                         "(fast_decode.compile_blocks(tune_kernels=True))")

@@ -20,7 +20,7 @@ this file's:
 
 Also here: `generate(model, ...)`, a model's generate with its fast decoder in one call; `generate_batch` (several
 questions at once, prompts right-padded); `compile_blocks` (the LM blocks through torch.compile, for training and
-prefills).
+prefills) and `compile_connector` (the connector, for training).
 Tests (tests/test_fast_decode.py, tests/test_mamba2.py): each form equals the plain step and the eager loop.
 """
 
@@ -422,3 +422,20 @@ def compile_blocks(lm, on=True, in_proj_kept=False, tune_kernels=False, whole_su
             block.forward = types.MethodType(compiled_block_forward(in_proj_kept), block)
         else:
             block.__dict__.pop("forward", None)
+
+
+@functools.cache
+def compiled_connector_forward(cls):
+    """A connector class's forward through torch.compile: the lift, the MSC's scans, mixers and norms, the SwiGLU and
+    the projector as one graph and a few fused kernels around the products."""
+    return torch.compile(cls.forward)
+
+
+def compile_connector(connector, on=True):
+    """An ML-Mamba connector (any kind) through `compiled_connector_forward` (on=False: eager again), as
+    compile_blocks does the LM's blocks; call it after compile_blocks, whose Inductor heuristics (`whole_scans`) the
+    mixers' sums over a chunk need."""
+    if on:
+        connector.forward = types.MethodType(compiled_connector_forward(type(connector)), connector)
+    else:
+        connector.__dict__.pop("forward", None)

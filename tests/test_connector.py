@@ -259,3 +259,38 @@ def test_release_connector_block_structure_and_init():
     for bad in (dict(scan="csm"), dict(init="lm")):
         with pytest.raises(ValueError, match="release's connector"):
             ConnectorConfig(kind="msc-release", mixer=MIXER, **bad)
+
+
+@pytest.mark.parametrize("kind,scan_kind", [("msc-advanced", "bsm"), ("msc-basic", "csm"), ("mlp", "bsm"),
+                                            ("msc-release", "bsm")])
+def test_compiled_connector_trains_as_the_eager_one(monkeypatch, kind, scan_kind):
+    """fast_decode.compile_connector (train.py --compile): the connector's forward runs through one compiled function
+    of its class, whose output and gradients (in training, drop path off) equal the eager connector's; the MSC's first
+    call copies its scan orders to the device, so the second traces once more and no call after it; on=False undoes
+    it. (Dynamo with the eager backend, so no compiler is needed here.)"""
+    from torch._dynamo.utils import counters
+
+    import fast_decode
+    torch.manual_seed(0)
+    config = ConnectorConfig(kind=kind, scan=scan_kind, vision_dim=12, grid=(3, 3), mixer=MIXER, drop_path=0.0)
+    conn = (ReleaseConnector(config) if kind == "msc-release" else Connector(config)).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(type(conn).forward, backend="eager")
+    monkeypatch.setattr(fast_decode, "compiled_connector_forward", lambda cls: compiled if cls is type(conn) else None)
+    v = torch.randn(2, 9, 12)
+    dy = torch.randn(2, 9, MIXER.d_model)
+    results = []
+    for on in (True, True, True, False):
+        fast_decode.compile_connector(conn, on)
+        conn.zero_grad()
+        out = conn(v)
+        out.backward(dy)
+        results.append((out.detach(), {n: p.grad.clone() for n, p in conn.named_parameters()}))
+    assert counters["stats"]["unique_graphs"] == (1 if kind in ("mlp", "msc-release") else 2)
+    assert "forward" not in conn.__dict__
+    for out, grads in results[:3]:
+        torch.testing.assert_close(out, results[3][0], rtol=1e-6, atol=1e-6)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, results[3][1][n], rtol=1e-5, atol=1e-6, msg=n)
+    assert results[3][0].abs().max() > 0.1
