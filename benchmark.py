@@ -945,9 +945,9 @@ def bench_train(args):
                    if compiled and args.whole_sums_up_to is not None else ""))
         model.lm.gradient_checkpointing = n_ckpt
         try:
+            fast_decode.compile_connector(model.connector, connector)
             fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=kept, tune_kernels=args.tune_kernels,
                                        whole_sums_up_to=args.whole_sums_up_to)
-            fast_decode.compile_connector(model.connector, connector)
             times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops,
                                            None if kept else recomputed * n_ckpt / n_layer, peak, dev)
         except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
@@ -1123,8 +1123,8 @@ def make_parser():
     p.add_argument("--compile", action="store_true",
                    help="each path also with the LM blocks compiled, and torch.compile(ssd_chunked_fast) alone")
     p.add_argument("--compile-connector", action="store_true",
-                   help="each path also with compiled blocks that keep in_proj's product and the connector compiled, "
-                        "as train.py --compile (fast_decode.compile_connector)")
+                   help="each path also with compiled blocks that keep in_proj's product and the connector compiled "
+                        "(fast_decode.compile_connector)")
     p.add_argument("--tune-kernels", action="store_true",
                    help="compiled blocks with their fused kernels' settings timed, as train.py --compile does "
                         "(fast_decode.compile_blocks(tune_kernels=True))")

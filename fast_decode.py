@@ -433,9 +433,14 @@ def compiled_connector_forward(cls):
 
 def compile_connector(connector, on=True):
     """An ML-Mamba connector (any kind) through `compiled_connector_forward` (on=False: eager again), as
-    compile_blocks does the LM's blocks; call it after compile_blocks, whose Inductor heuristics (`whole_scans`) the
-    mixers' sums over a chunk need."""
+    compile_blocks does the LM's blocks. Its mixers' sums over a chunk need `whole_scans` in the forward and the
+    backward: it becomes Inductor's heuristics on this thread, and the backward graph is lowered at compile time, on
+    this thread, for the rest of the process (a compile_blocks call after it with whole_sums_up_to sets its own)."""
     if on:
+        from torch._inductor.virtualized import V
+        import torch._functorch.config as functorch_config
+        V.set_choices_handler(whole_scans())
+        functorch_config.force_non_lazy_backward_lowering = True
         connector.forward = types.MethodType(compiled_connector_forward(type(connector)), connector)
     else:
         connector.__dict__.pop("forward", None)

@@ -268,9 +268,12 @@ def test_compiled_connector_trains_as_the_eager_one(monkeypatch, kind, scan_kind
     of its class, whose output and gradients (in training, drop path off) equal the eager connector's; the MSC's first
     call copies its scan orders to the device, so the second traces once more and no call after it; on=False undoes
     it. (Dynamo with the eager backend, so no compiler is needed here.)"""
+    import torch._functorch.config as functorch_config
     from torch._dynamo.utils import counters
+    from torch._inductor.virtualized import V
 
     import fast_decode
+    monkeypatch.setattr(V, "set_choices_handler", lambda handler: None)  # compile_connector sets Inductor's choices
     torch.manual_seed(0)
     config = ConnectorConfig(kind=kind, scan=scan_kind, vision_dim=12, grid=(3, 3), mixer=MIXER, drop_path=0.0)
     conn = (ReleaseConnector(config) if kind == "msc-release" else Connector(config)).train()
@@ -281,12 +284,13 @@ def test_compiled_connector_trains_as_the_eager_one(monkeypatch, kind, scan_kind
     v = torch.randn(2, 9, 12)
     dy = torch.randn(2, 9, MIXER.d_model)
     results = []
-    for on in (True, True, True, False):
-        fast_decode.compile_connector(conn, on)
-        conn.zero_grad()
-        out = conn(v)
-        out.backward(dy)
-        results.append((out.detach(), {n: p.grad.clone() for n, p in conn.named_parameters()}))
+    with functorch_config.patch(force_non_lazy_backward_lowering=False):  # compile_connector sets it
+        for on in (True, True, True, False):
+            fast_decode.compile_connector(conn, on)
+            conn.zero_grad()
+            out = conn(v)
+            out.backward(dy)
+            results.append((out.detach(), {n: p.grad.clone() for n, p in conn.named_parameters()}))
     assert counters["stats"]["unique_graphs"] == (1 if kind in ("mlp", "msc-release") else 2)
     assert "forward" not in conn.__dict__
     for out, grads in results[:3]:
@@ -294,3 +298,38 @@ def test_compiled_connector_trains_as_the_eager_one(monkeypatch, kind, scan_kind
         for n, g in grads.items():
             torch.testing.assert_close(g, results[3][1][n], rtol=1e-5, atol=1e-6, msg=n)
     assert results[3][0].abs().max() > 0.1
+
+
+@pytest.mark.gpu
+def test_connector_compiled_by_inductor_equals_the_eager_one_on_cuda(monkeypatch):
+    """fast_decode.compile_connector with Inductor on CUDA: the paper's connector kind (msc-advanced, BSM) with its
+    mixers at Mamba-2's chunk of 256 over a 16 x 16 grid, the teaching ssd_chunked inside: forward and gradients
+    equal the eager connector's, fp32 (TF32 off)."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor.virtualized import V
+
+    import fast_decode
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    default = V.choices
+    torch.manual_seed(0)
+    mixer = replace(MIXER, d_model=32, d_state=16, headdim=8, chunk_size=256)
+    config = ConnectorConfig(vision_dim=24, grid=(16, 16), mixer=mixer, drop_path=0.0)
+    conn = Connector(config).cuda().train()
+    v = torch.randn(2, 256, 24, device="cuda")
+    dy = torch.randn(2, 256, 32, device="cuda")
+
+    def run():
+        out = conn(v)
+        return [out, *torch.autograd.grad((out * dy).sum(), list(conn.parameters()))]
+    eager = run()
+    try:
+        torch._dynamo.reset()
+        fast_decode.compiled_connector_forward.cache_clear()
+        with functorch_config.patch(force_non_lazy_backward_lowering=False):  # compile_connector sets it
+            fast_decode.compile_connector(conn)
+            compiled = run()
+    finally:
+        fast_decode.compile_connector(conn, False)
+        V.set_choices_handler(default)
+    for got, want in zip(compiled, eager):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
