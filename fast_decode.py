@@ -21,7 +21,8 @@ this file's:
 Also here: `generate(model, ...)`, a model's generate with its fast decoder in one call; `generate_batch` (several
 questions at once, prompts right-padded); `compile_blocks` (the LM blocks through torch.compile, for training and
 prefills) and `compile_connector` (the connector, for training).
-Tests (tests/test_fast_decode.py, tests/test_mamba2.py): each form equals the plain step and the eager loop.
+Tests (tests/test_fast_decode.py, tests/test_mamba2.py, tests/test_connector.py): each form equals the plain step
+and the eager loop, each compiled module the eager one.
 """
 
 import functools
