@@ -365,6 +365,17 @@ def whole_scans(up_to=None):
     return WholeScans()
 
 
+def use_whole_scans(up_to=None, lower_backward_now=False):
+    """`whole_scans(up_to)` as Inductor's heuristics on the calling thread, for the rest of the process.
+    lower_backward_now: backward graphs are lowered at compile time, on this thread, so that they take them too (a
+    backward lowered lazily runs on autograd's own thread, with Inductor's default heuristics)."""
+    from torch._inductor.virtualized import V
+    V.set_choices_handler(whole_scans(up_to))
+    if lower_backward_now:
+        import torch._functorch.config as functorch_config
+        functorch_config.force_non_lazy_backward_lowering = True
+
+
 PRODUCT_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)  # a linear layer's product
 
 
@@ -410,11 +421,7 @@ def compile_blocks(lm, on=True, in_proj_kept=False, tune_kernels=False, whole_su
     the first call, a faster step after (docs/speed.md). whole_sums_up_to: `whole_scans`' up_to (None: no sum split;
     sums over a chunk need it at 256 or more)."""
     if on:
-        from torch._inductor.virtualized import V
-        V.set_choices_handler(whole_scans(whole_sums_up_to))
-        if in_proj_kept:
-            import torch._functorch.config as functorch_config
-            functorch_config.force_non_lazy_backward_lowering = True
+        use_whole_scans(whole_sums_up_to, lower_backward_now=in_proj_kept)
         if tune_kernels:
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True
@@ -438,10 +445,7 @@ def compile_connector(connector, on=True):
     backward: it becomes Inductor's heuristics on this thread, and the backward graph is lowered at compile time, on
     this thread, for the rest of the process (a compile_blocks call after it with whole_sums_up_to sets its own)."""
     if on:
-        from torch._inductor.virtualized import V
-        import torch._functorch.config as functorch_config
-        V.set_choices_handler(whole_scans())
-        functorch_config.force_non_lazy_backward_lowering = True
+        use_whole_scans(lower_backward_now=True)
         connector.forward = types.MethodType(compiled_connector_forward(type(connector)), connector)
     else:
         connector.__dict__.pop("forward", None)
