@@ -887,14 +887,13 @@ def _time_step_parts(model, opt, trainable, pixels, ids, labels, repeats=3, devi
             out = model.connector(feats)
         out.backward(d_tokens)
 
-    def lm():
-        with autocast():
-            embeds = model.embed(ids, tokens)  # (b, L, D); the image tokens without the connector's graph
-            hidden = model.lm.hidden_states(inputs_embeds=embeds)
-            targets = labels[:, 1:]
-            is_target = targets != -100
-            logits = model.lm.lm_head(hidden[:, :-1][is_target]).float()  # (targets, vocab)
-            loss = torch.nn.functional.cross_entropy(logits, targets[is_target])
+    def lm():  # the model's own forward from the embedding on, the image tokens given without the connector's graph
+        model.image_tokens = lambda pixel_values: tokens
+        try:
+            with autocast():
+                _, loss = model(pixels, ids, labels, return_logits=False)
+        finally:
+            del model.image_tokens
         loss.backward()
 
     def update():
