@@ -360,7 +360,6 @@ def block_step(block, residual, conv_state, ssm_state):
     """`Mamba2Block.step` as three kernels: residual (b, d_model) is updated in place and returned, conv_state
     (b, conv_dim, d_conv - 1) and ssm_state (b, h, p, n) fp32 (or bf16) too."""
     mixer = block.mixer
-    c = mixer.config
     b = residual.shape[0]
     w_in, w_out = mixer.in_proj.weight, mixer.out_proj.weight
     for t in (residual, conv_state, ssm_state, w_in, w_out):
@@ -368,7 +367,13 @@ def block_step(block, residual, conv_state, ssm_state):
     proj = norm_matvec(residual, block.norm, w_in, residual.new_empty(b, w_in.shape[0], dtype=torch.float32),
                        conv_state, mixer)  # (b, z | xBC | dt)
     v = state_update(proj, ssm_state, mixer, overlap=True)  # y * SiLU(z)
-    args, grid = _tiling(b, w_out, GATED_TILE)
+    return gated_matvec(v, mixer, residual)
+
+
+def gated_matvec(v, mixer, residual):
+    """residual (b, d_model) += out_proj(mixer.norm(v)) in place, v = y * SiLU(z) (b, d_inner) fp32: one kernel."""
+    c, w_out = mixer.config, mixer.out_proj.weight
+    args, grid = _tiling(v.shape[0], w_out, GATED_TILE)
     _gated_matvec_kernel[grid](v, mixer.norm.weight, w_out, residual, c.d_model, mixer.norm.eps,
                                D_IN=c.d_inner, GROUP_SIZE=c.d_inner // c.ngroups, **args)
     return residual
