@@ -21,6 +21,7 @@ what the process held before the call, so each number is the working memory of t
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -267,6 +268,7 @@ def bench_decode(args):
     """Generation of `new` tokens after a `prompt`-token prompt, at each batch size, random bf16 weights (the speed
     does not depend on the values when the length is forced), one GPU, every number from this one run: ours eagerly
     and on CUDA graphs with each form of the step, mamba-ssm's generate(cg=True), the memory-bandwidth bound."""
+    import fused_step
     assert torch.cuda.is_available(), "the decode benchmark needs a GPU"
     dev = "cuda"
     model = random_lm(args.size)
@@ -308,6 +310,10 @@ def bench_decode(args):
             print_decode_table(batch, rows, bound_ms)
         for batch in args.batch if args.profile else []:
             profile_fused_step(model, batch)
+        for batch in [b for b in args.batch if args.parts and b < fused_step.CUBLAS_FROM_BATCH]:
+            print(f"fused step at batch {batch} by part (CUDA graphs):")
+            for name, ms in time_fused_step_parts(model, batch).items():
+                print(f"  {name}: {ms:.3f} ms a step, {bound_ms / ms:.0%} of the bound")
 
 
 PRODUCTS = {"auto": None, "tiles": 2 ** 31, "cublas": 1}  # fused_step.CUBLAS_FROM_BATCH for each --products
@@ -420,6 +426,58 @@ def profile_fused_step(model, batch=1):
         totals[name[:60]] = (n + 1, total + t)
     for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
         print(f"  {name}: {n} launches, {t / 1e3:.3f} ms in all, {t / n:.1f} us each")
+
+
+def fused_step_parts(model):
+    """{part: step(token, cache) -> logits} of the fused Triton step (below fused_step.CUBLAS_FROM_BATCH sequences),
+    each with the final norm and the LM head: the whole step; its two products a layer without the state update
+    between them (out_proj's input v all ones); in_proj's kernels alone; out_proj's alone. Timing only: the parts
+    other than the whole step compute no decoding step."""
+    import fused_step
+
+    @functools.cache
+    def v_of(b, d_inner, device):  # out_proj's input in place of the state update's output
+        return torch.ones(b, d_inner, device=device, dtype=torch.float32)
+
+    def in_proj(layer, residual, layer_cache):
+        w = layer.mixer.in_proj.weight
+        fused_step.norm_matvec(residual, layer.norm, w, residual.new_empty(residual.shape[0], w.shape[0],
+                               dtype=torch.float32), layer_cache.conv_state, layer.mixer)
+
+    def out_proj(layer, residual, layer_cache):
+        fused_step.gated_matvec(v_of(residual.shape[0], layer.mixer.config.d_inner, residual.device), layer.mixer,
+                                residual)
+
+    def per_layer(*kernels):
+        def step(token, cache):
+            residual = model.embedding(token)  # (b, d_model)
+            residual = residual.float() if model.config.residual_in_fp32 else residual.clone()
+            for layer, layer_cache in zip(model.layers, cache.layers):
+                for kernel in kernels:
+                    kernel(layer, residual, layer_cache)
+            logits = residual.new_empty(token.shape[0], model.lm_head.weight.shape[0], dtype=torch.float32)
+            return fused_step.norm_matvec(residual, model.norm_f, model.lm_head.weight, logits)
+        return step
+    return {"the whole step": partial(fused_step.model_step, model),
+            "both products, no state update": per_layer(in_proj, out_proj),
+            "in_proj's kernels alone": per_layer(in_proj),
+            "out_proj's kernels alone": per_layer(out_proj)}
+
+
+def time_fused_step_parts(model, batch, repeats=50):
+    """{part of fused_step_parts: ms a step}: on CUDA each part captured as a CUDA graph and replayed `repeats`
+    times (the best of 3 such runs), elsewhere called."""
+    token = torch.zeros(batch, dtype=torch.long, device=model.embedding.weight.device)
+    times = {}
+    for name, step in fused_step_parts(model).items():
+        cache = fast_decode.allocate_cache(model, batch)
+        if token.is_cuda:
+            graph, _ = fast_decode.capture(lambda: step(token, cache), warmup=2)
+            run = graph.replay
+        else:
+            run = partial(step, token, cache)
+        times[name] = seconds(lambda: [run() for _ in range(repeats)], 3, token.device) / repeats * 1e3
+    return times
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1060,6 +1118,9 @@ def make_parser():
     p.add_argument("--compile", action="store_true",
                    help="the LM blocks through torch.compile for our prefills (fast_decode.compile_blocks)")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")
+    p.add_argument("--parts", action="store_true",
+                   help="then, below fused_step.CUBLAS_FROM_BATCH sequences, the fused step's parts timed alone "
+                        "(fused_step_parts: without the state update, in_proj's kernels, out_proj's)")
     p = sub.add_parser("calls", allow_abbrev=False,
                        help="answers in a row on one decoder: the first, the second, the steady state")
     p.add_argument("--size", default="2.7b")

@@ -338,3 +338,31 @@ def test_the_fused_step_with_a_bf16_state_equals_the_plain_step_with_one():
         scale = a.ssm_state.float().abs().max().item()
         torch.testing.assert_close(b.ssm_state.float(), a.ssm_state.float(), rtol=2 ** -6, atol=2 ** -9 * scale)
     assert plain.abs().max() > 0.1
+
+
+def test_the_fused_step_s_parts_compute_what_they_name():
+    """benchmark.fused_step_parts (benchmark.py decode --parts), fp32, two groups: the whole step is fused_step's;
+    with in_proj's kernels alone the residual stays the embedding, so the logits are the head's of the embedding;
+    with out_proj's alone each layer adds out_proj(RMSNorm(v)) to the residual, v all ones (one norm per group)."""
+    import torch.nn.functional as F
+
+    import benchmark
+    model = fused_model(0, ngroups=2)
+    token = torch.tensor([3, 7], device=DEVICE)
+    parts = benchmark.fused_step_parts(model)
+    assert list(parts) == ["the whole step", "both products, no state update", "in_proj's kernels alone",
+                           "out_proj's kernels alone"]
+
+    def head(residual):
+        return F.linear(model.norm_f(residual), model.lm_head.weight)
+    with torch.no_grad():
+        assert torch.equal(parts["the whole step"](token, model.allocate_cache(2)),
+                           FS.model_step(model, token, model.allocate_cache(2)))
+        residual = model.embedding(token)
+        torch.testing.assert_close(parts["in_proj's kernels alone"](token, model.allocate_cache(2)), head(residual),
+                                   rtol=1e-5, atol=1e-5)
+        for layer in model.layers:  # RMSNorm of ones: 1 / sqrt(1 + eps) times the norm's weight
+            normed = layer.mixer.norm.weight / (1 + layer.mixer.norm.eps) ** 0.5
+            residual = residual + F.linear(normed, layer.mixer.out_proj.weight)
+        torch.testing.assert_close(parts["out_proj's kernels alone"](token, model.allocate_cache(2)), head(residual),
+                                   rtol=1e-5, atol=1e-5)
