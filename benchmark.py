@@ -439,29 +439,21 @@ def fused_step_parts(model):
     def v_of(b, d_inner, device):  # out_proj's input in place of the state update's output
         return torch.ones(b, d_inner, device=device, dtype=torch.float32)
 
-    def in_proj(layer, residual, layer_cache):
-        w = layer.mixer.in_proj.weight
-        fused_step.norm_matvec(residual, layer.norm, w, residual.new_empty(residual.shape[0], w.shape[0],
-                               dtype=torch.float32), layer_cache.conv_state, layer.mixer)
+    def in_proj(block, residual, conv_state, ssm_state):
+        w = block.mixer.in_proj.weight
+        fused_step.norm_matvec(residual, block.norm, w, residual.new_empty(residual.shape[0], w.shape[0],
+                               dtype=torch.float32), conv_state, block.mixer)
 
-    def out_proj(layer, residual, layer_cache):
-        fused_step.gated_matvec(v_of(residual.shape[0], layer.mixer.config.d_inner, residual.device), layer.mixer,
-                                residual)
+    def out_proj(block, residual, conv_state, ssm_state):
+        v = v_of(residual.shape[0], block.mixer.config.d_inner, residual.device)
+        fused_step.gated_matvec(v, block.mixer, residual)
 
-    def per_layer(*kernels):
-        def step(token, cache):
-            residual = model.embedding(token)  # (b, d_model)
-            residual = residual.float() if model.config.residual_in_fp32 else residual.clone()
-            for layer, layer_cache in zip(model.layers, cache.layers):
-                for kernel in kernels:
-                    kernel(layer, residual, layer_cache)
-            logits = residual.new_empty(token.shape[0], model.lm_head.weight.shape[0], dtype=torch.float32)
-            return fused_step.norm_matvec(residual, model.norm_f, model.lm_head.weight, logits)
-        return step
-    return {"the whole step": partial(fused_step.model_step, model),
-            "both products, no state update": per_layer(in_proj, out_proj),
-            "in_proj's kernels alone": per_layer(in_proj),
-            "out_proj's kernels alone": per_layer(out_proj)}
+    def both(*args):
+        in_proj(*args)
+        out_proj(*args)
+    return {name: partial(fused_step.model_step, model, layer_step=layer_step) for name, layer_step in (
+        ("the whole step", None), ("both products, no state update", both), ("in_proj's kernels alone", in_proj),
+        ("out_proj's kernels alone", out_proj))}
 
 
 def time_fused_step_parts(model, batch, repeats=50):

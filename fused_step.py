@@ -379,16 +379,16 @@ def gated_matvec(v, mixer, residual):
     return residual
 
 
-def model_step(model, token, cache):
+def model_step(model, token, cache, layer_step=None):
     """`Mamba2LMHeadModel.step` with `block_step` per layer and the final norm + LM head as one norm_matvec:
     token (b,) -> logits (b, padded_vocab) fp32, the cache updated in place. From CUBLAS_FROM_BATCH sequences on
-    (on CUDA), `cublas_model_step`."""
+    (on CUDA), `cublas_model_step`. layer_step: another block_step (benchmark.py times parts of the step so)."""
     if token.shape[0] >= CUBLAS_FROM_BATCH and token.is_cuda:
         return cublas_model_step(model, token, cache)
     residual = model.embedding(token)  # (b, d_model)
     residual = residual.float() if model.config.residual_in_fp32 else residual.clone()
     for layer, layer_cache in zip(model.layers, cache.layers):
-        block_step(layer, residual, layer_cache.conv_state, layer_cache.ssm_state)
+        (layer_step or block_step)(layer, residual, layer_cache.conv_state, layer_cache.ssm_state)
     cache.seqlen_offset += 1
     logits = residual.new_empty(token.shape[0], model.lm_head.weight.shape[0], dtype=torch.float32)
     return norm_matvec(residual, model.norm_f, model.lm_head.weight, logits)
