@@ -83,8 +83,9 @@ class TrainConfig:
                             choices=["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = option(False, "recompute each LM block's activations in the backward (with "
                                           "--compile: all but in_proj's product)", action="store_true")
-    compile: bool = option(False, "the LM blocks through torch.compile, their fused kernels' settings timed at the "
-                           "first step (the paper preset's default on CUDA)", action=argparse.BooleanOptionalAction)
+    compile: bool = option(False, "the connector and the LM blocks through torch.compile, their fused kernels' "
+                           "settings timed at the first step (the paper preset's default on CUDA)",
+                           action=argparse.BooleanOptionalAction)
     parallel: str = option("fsdp", "under torchrun: shard the model over the processes (FSDP) or replicate it (DDP)",
                            choices=["fsdp", "ddp"])
     workers: int = option(0, "data-loading worker processes", type=nonnegative_int)
@@ -450,9 +451,11 @@ def train(cfg, on_step=None):
         else:  # eager: mamba-ssm's kernel where installed, else ssd_chunked_fast
             use_ssd(model, "auto")
     if cfg.compile:
-        from fast_decode import compile_blocks
+        from fast_decode import compile_blocks, compile_connector
+        compile_connector(model.connector)
         compile_blocks(model.lm, in_proj_kept=cfg.gradient_checkpointing, tune_kernels=True)
-        log("--compile: the first step compiles the LM blocks (on a GPU, minutes: it times their fused kernels)")
+        log("--compile: the first step compiles the connector and the LM blocks (on a GPU, minutes: it times their "
+            "fused kernels)")
     if proc.world_size > 1 and cfg.parallel == "fsdp":
         shard(model, proc.device)
     data, samples = stage_data(cfg, files, model, log, proc)

@@ -560,10 +560,10 @@ def test_two_gpus_over_nccl_match_one_gpu(default_world, tmp_path, parallel, cap
 
 def test_compile_with_gradient_checkpointing_keeps_in_proj_and_trains_as_whole_block_checkpointing(world, tmp_path,
                                                                                                   monkeypatch):
-    """train.py --compile --gradient-checkpointing: the compiled blocks checkpoint themselves, keeping in_proj's
-    product (fast_decode.forward_keeping_in_proj, selective recomputation), Inductor times its kernels' settings, the
-    LM's whole-block checkpointing stays off, and two steps end at the weights of eager blocks with whole-block
-    checkpointing. (Dynamo's eager backend: no compiler here.)"""
+    """train.py --compile --gradient-checkpointing: the connector is compiled, the compiled blocks checkpoint
+    themselves, keeping in_proj's product (fast_decode.forward_keeping_in_proj, selective recomputation), Inductor
+    times its kernels' settings, the LM's whole-block checkpointing stays off, and two steps end at the weights of
+    an eager connector and eager blocks with whole-block checkpointing. (Dynamo's eager backend: no compiler here.)"""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
@@ -575,12 +575,15 @@ def test_compile_with_gradient_checkpointing_keeps_in_proj_and_trains_as_whole_b
         forward = fast_decode.forward_keeping_in_proj if kept else Mamba2Block.forward
         return compiled.setdefault(kept, torch.compile(forward, backend="eager"))
     monkeypatch.setattr(fast_decode, "compiled_block_forward", compiled_block_forward)
+    monkeypatch.setattr(fast_decode, "compiled_connector_forward",
+                        lambda cls: compiled.setdefault(cls, torch.compile(cls.forward, backend="eager")))
     argv = ("--gradient-checkpointing", "--max-steps", "2", "--stage", "finetune", "--drop-path", "0")
     with functorch_config.patch(force_non_lazy_backward_lowering=False), \
             inductor_config.patch(coordinate_descent_tuning=False):  # compile_blocks sets both
         kept = T.train(args_for(world, tmp_path / "kept", "--compile", *argv))
         assert inductor_config.coordinate_descent_tuning is True
-    assert list(compiled) == [True] and kept.lm.gradient_checkpointing is False
+    assert list(compiled) == [type(kept.connector), True] and kept.lm.gradient_checkpointing is False
+    assert kept.connector.forward.__func__ is compiled[type(kept.connector)]
     assert all(block.forward.__func__ is compiled[True] for block in kept.lm.layers)
     whole = T.train(args_for(world, tmp_path / "whole", *argv))
     assert whole.lm.gradient_checkpointing is True
