@@ -877,7 +877,10 @@ SSD_PATHS = {"torch": "ssd_chunked (torch)", "torch-fast": "ssd_chunked_fast (to
 def _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak, dev):
     """Seconds per training step with this SSD path, at the largest batch up to args.batch that fits; prints a row.
     recomputed: the FLOPs a sample's recomputation adds (HFU), None where they are not counted."""
+    import fast_train
+    import train
     fast_ssd.use_ssd(model, backend)
+    update = fast_train.clip_in_update if args.clip_in_update else train.clip_and_update
     batch = args.batch
     while batch >= 1:
         try:
@@ -887,8 +890,7 @@ def _time_train_step(model, opt, trainable, backend, args, name, flops, recomput
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     _, loss = model(pixels, ids, labels, return_logits=False)  # as train.py: no full logits
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                opt.step()
+                update(opt, trainable, 1.0)
                 opt.zero_grad(set_to_none=True)
             step()  # warm-up: optimizer state, kernel selection, compilation
             torch.cuda.synchronize()
@@ -921,7 +923,10 @@ def _time_train_step(model, opt, trainable, backend, args, name, flops, recomput
 def _time_step_parts(model, opt, trainable, pixels, ids, labels, repeats=3, device="cuda"):
     """{part: seconds} of a training step's parts, each run alone (the fastest of `repeats`): the frozen encoders'
     forward (eq. 5), the connector's forward and backward (eqs. 6-8), the LM's (the embedding, the blocks, the head
-    at the targets, the loss) forward and backward, clipping and the optimizer's update."""
+    at the targets, the loss) forward and backward, clipping and the optimizer's update, and the update with the
+    clipping inside (fast_train.clip_in_update)."""
+    import fast_train
+    import train
     autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     with torch.no_grad(), autocast():
         feats = model.vision(pixels)  # (b, N, d_v)
@@ -946,10 +951,9 @@ def _time_step_parts(model, opt, trainable, pixels, ids, labels, repeats=3, devi
             del model.image_tokens
         loss.backward()
 
-    def update():
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-    parts = {"encoders": encoders, "connector": connector, "LM": lm, "clipping and AdamW": update}
+    parts = {"encoders": encoders, "connector": connector, "LM": lm,
+             "clipping and AdamW": partial(train.clip_and_update, opt, trainable, 1.0),
+             "AdamW with the clipping inside": partial(fast_train.clip_in_update, opt, trainable, 1.0)}
     times = {name: seconds(fn, repeats, device, grad=True) for name, fn in parts.items()}
     opt.zero_grad(set_to_none=True)
     return times
@@ -959,14 +963,14 @@ def bench_train(args):
     """One stage-2 (finetune) training step at the paper's configuration on one GPU: bf16 autocast on fp32 master
     weights, fused AdamW, gradient checkpointing of the LM blocks, the vision frozen; with each SSD path, and the
     model FLOPs utilization (MFU) of each. Then the SSD alone, forward + backward, at the step's shape."""
-    import train as T
+    import train
     assert torch.cuda.is_available(), "the training benchmark needs a GPU"
     dev = "cuda"
     model = paper_model(args.size, dev)
     model.set_stage("finetune")
     model.lm.gradient_checkpointing = True
     model.train()
-    opt = T.make_optimizer(model, 2e-5, 0.1, fused=True)
+    opt = train.make_optimizer(model, 2e-5, 0.1, fused=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     flops, recomputed = step_flops(model, *_train_batch(model, 1, args.text_tokens, dev))  # per sample
     peak = run_folder.peak_flops(dev)  # FLOP/s, None for a GPU not in run_folder.PEAK_BF16_TFLOPS
@@ -1183,10 +1187,13 @@ def make_parser():
     p.add_argument("--whole-sums-up-to", type=int, metavar="N",
                    help="compiled blocks with Inductor splitting the sums over more than N values as it decides "
                         "(fast_decode.whole_scans(up_to=N)); default: no sum split, as train.py --compile")
+    p.add_argument("--clip-in-update", action="store_true",
+                   help="the step's clipping inside fused AdamW's pass (fast_train.clip_in_update), as train.py's "
+                        "plain loop on CUDA; default: clip_grad_norm_, then AdamW")
     p.add_argument("--profile", help="a folder: each path's step profiled (CUDA kernels by time) into it")
     p.add_argument("--parts", action="store_true",
                    help="then each path's step by part, each part timed alone: the encoders, the connector, the LM, "
-                        "clipping and AdamW")
+                        "clipping and AdamW, AdamW with the clipping inside")
     return parser
 
 

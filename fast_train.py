@@ -12,8 +12,12 @@ batches, same optimizer, same loss; the steps are computed in another way:
 4. The loss stays on the device: the loop checks it for NaN / inf at each progress line and before each checkpoint,
    not after every step.
 
+`clip_in_update` serves the plain loop (train.PlainSteps) on CUDA: the clipping's scaling done inside fused AdamW's
+own pass over the gradients.
+
 Tests (tests/test_fast_train.py): static_loss equals MLMamba.forward; steps of this path equal the plain loop's on
-the CPU (without the graph); on CUDA, the graph's steps equal the same steps run eagerly and the plain loop's.
+the CPU (without the graph); on CUDA, the graph's steps equal the same steps run eagerly and the plain loop's;
+clip_in_update equals train.clip_and_update.
 """
 
 from dataclasses import dataclass
@@ -172,3 +176,19 @@ class DeviceSteps:
     def finish(self):
         for p in self.params:
             p.grad = None  # frees the graph's gradients; the next stage captures its own graph
+
+
+def clip_in_update(optimizer, params, max_norm):
+    """train.clip_and_update with one pass over the gradients fewer: instead of scaling every gradient in place by
+    min(1, max_norm / norm), fused AdamW divides each by max(1, norm / max_norm) as it reads it (its `grad_scale`, the
+    hook torch.amp.GradScaler uses). Returns the norm before clipping. Needs an optimizer built with fused=True."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("clip_in_update needs fused AdamW (torch.optim.AdamW(..., fused=True)); use "
+                         "train.clip_and_update")
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # fp32, on the device
+    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # clip_grad_norm_'s 1e-6, its factor inverted
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+    return norm

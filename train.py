@@ -21,6 +21,7 @@ import runpy
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -259,13 +260,23 @@ class Stage:
     later_samples: int = 0
 
 
+def clip_and_update(optimizer, params, max_norm):
+    """The gradients clipped to a global norm of max_norm, then the optimizer's step; returns the norm before
+    clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    return grad_norm
+
+
 class PlainSteps:
     """The paper's recipe: micro-batches from a DataLoader, each forward and backward under bf16 autocast, gradients
     summed over micro-batches and processes, then clipping and the optimizer. steps(step) runs step `step` (0-based):
-    (loss, grad-norm, tokens), the loss a CPU tensor, or None when every sample of the batch was skipped."""
+    (loss, grad-norm, tokens), the loss a CPU tensor, or None when every sample of the batch was skipped.
+    update(optimizer, params, max_norm): `clip_and_update` or fast_train.clip_in_update."""
 
-    def __init__(self, model, dataset, st, cfg, proc, log):
+    def __init__(self, model, dataset, st, cfg, proc, log, update=None):
         self.model, self.st, self.cfg, self.proc, self.log = model, st, cfg, proc, log
+        self.update = update or clip_and_update
         self.wrapped = model  # what the forward goes through: FSDP's model is sharded in place (train()), DDP wraps it
         if proc.world_size > 1 and cfg.parallel == "ddp":
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -315,11 +326,10 @@ class PlainSteps:
             return None, None
         if proc.world_size > 1:
             dist.all_reduce(step_loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                   cfg.max_grad_norm)  # the whole gradient's norm, also under FSDP
+        grad_norm = self.update(st.optimizer, [p for p in self.model.parameters() if p.requires_grad],
+                                cfg.max_grad_norm)  # the whole gradient's norm, also under FSDP
         if isinstance(grad_norm, torch.distributed.tensor.DTensor):
             grad_norm = grad_norm.full_tensor()
-        st.optimizer.step()
         st.scheduler.step()
         st.optimizer.zero_grad(set_to_none=True)
         return step_loss.cpu() / n_tokens.clamp(min=1), grad_norm
@@ -405,7 +415,8 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, la
 
 def stage_steps(cfg, proc):
     """fast_train.DeviceSteps (data on the device, each step a CUDA graph) with --fast on, or auto for the synthetic
-    world on one CUDA device; else PlainSteps."""
+    world on one CUDA device; else PlainSteps, on CUDA outside FSDP with the clipping inside fused AdamW's pass
+    (fast_train.clip_in_update)."""
     one_micro_batch = cfg.per_device_batch in (None, cfg.global_batch)
     if cfg.fast == "on" and (proc.world_size > 1 or not one_micro_batch):
         raise ValueError("--fast on runs one process with one micro-batch per step; drop --per-device-batch and "
@@ -414,6 +425,9 @@ def stage_steps(cfg, proc):
     if cfg.fast == "on" or (cfg.fast == "auto" and auto):
         from fast_train import DeviceSteps
         return DeviceSteps
+    if proc.device.startswith("cuda") and not (proc.world_size > 1 and cfg.parallel == "fsdp"):
+        from fast_train import clip_in_update
+        return partial(PlainSteps, update=clip_in_update)
     return PlainSteps
 
 

@@ -202,7 +202,7 @@ def test_kernel_classes_sum_each_kernels_time_into_its_first_matching_class():
 
 
 def test_train_parts_time_each_part_and_the_update_moves_only_what_trains():
-    """benchmark._time_step_parts (benchmark.py train --parts) on a tiny ML-Mamba on the CPU: the four parts each take
+    """benchmark._time_step_parts (benchmark.py train --parts) on a tiny ML-Mamba on the CPU: the five parts each take
     a positive time; the update moves the connector's and the LM's weights and not the frozen encoders'; it leaves
     no gradient behind."""
     from conftest import tiny_config
@@ -212,14 +212,14 @@ def test_train_parts_time_each_part_and_the_update_moves_only_what_trains():
     model.image_token_id = model.config.lm.vocab_size - 1
     model.set_stage("finetune")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = T.make_optimizer(model, 1e-2, 0.0)
+    opt = T.make_optimizer(model, 1e-2, 0.0, fused=True)  # fast_train.clip_in_update needs it
     pixels = {name: torch.randn(2, 3, 42, 42) for name in model.config.vision}
     slots = torch.full((2, model.num_image_tokens), model.image_token_id)
     ids = torch.cat([torch.randint(0, 200, (2, 3)), slots, torch.randint(0, 200, (2, 6))], dim=1)
     labels = ids.masked_fill(torch.arange(ids.shape[1]) < ids.shape[1] - 4, -100)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     times = benchmark._time_step_parts(model, opt, trainable, pixels, ids, labels, repeats=1, device="cpu")
-    assert list(times) == ["encoders", "connector", "LM", "clipping and AdamW"]
+    assert list(times) == ["encoders", "connector", "LM", "clipping and AdamW", "AdamW with the clipping inside"]
     assert all(t > 0 for t in times.values())
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("connector.") for n in moved) and any(n.startswith("lm.") for n in moved)

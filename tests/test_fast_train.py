@@ -121,7 +121,62 @@ def test_fast_on_refuses_what_it_cannot_run(world, tmp_path):
         T.stage_steps(cfg, T.Process())
     assert T.stage_steps(args_for(world, tmp_path), T.Process()) is T.PlainSteps  # auto: not on the CPU
     assert T.stage_steps(args_for(world, tmp_path), T.Process(device="cuda")) is FT.DeviceSteps
-    assert T.stage_steps(args_for(world, tmp_path, "--data", "x.json"), T.Process(device="cuda")) is T.PlainSteps
+    plain_on_cuda = T.stage_steps(args_for(world, tmp_path, "--data", "x.json"), T.Process(device="cuda"))
+    assert plain_on_cuda.func is T.PlainSteps and plain_on_cuda.keywords == {"update": FT.clip_in_update}
+
+
+def _fused_adamw(params, lr=1e-2):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.1, fused=True)
+
+
+@pytest.mark.parametrize("grad_size", [100.0, 1e-3])
+def test_clip_in_update_equals_clipping_then_the_step(grad_size):
+    """fast_train.clip_in_update == train.clip_and_update over three steps, gradients above the max norm (clipped:
+    equal to rounding) and below it (not clipped: exactly equal); both return the norm before clipping."""
+    results = []
+    for update in (T.clip_and_update, FT.clip_in_update):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+        opt = _fused_adamw(model.parameters())
+        gen, norms = torch.Generator().manual_seed(1), []
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen) * grad_size
+            norms.append(update(opt, list(model.parameters()), 1.0))
+        assert not hasattr(opt, "grad_scale")  # the next step of this optimizer is a plain one
+        results.append((torch.stack(norms), [p.detach().clone() for p in model.parameters()]))
+    (norms, plain), (folded_norms, folded) = results
+    assert (norms > 10).all() if grad_size > 1 else (norms < 0.1).all()
+    torch.testing.assert_close(folded_norms, norms, rtol=0, atol=0)
+    for a, b in zip(folded, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6 if grad_size > 1 else 0, atol=1e-7 if grad_size > 1 else 0)
+
+
+def test_clip_in_update_needs_fused_adamw():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="needs fused AdamW"):
+        FT.clip_in_update(torch.optim.AdamW([p]), [p], 1.0)
+
+
+def test_the_plain_loop_with_clip_in_update_equals_it_with_clip_and_update(world, tmp_path, monkeypatch):
+    """PlainSteps with fast_train.clip_in_update (what train.py picks on CUDA) runs the same steps as with its own
+    clip_and_update: the same losses and gradient norms, the same weights to rounding (fused AdamW on the CPU)."""
+    make = T.make_optimizer
+    monkeypatch.setattr(T, "make_optimizer", lambda *a, **k: make(*a, **{**k, "fused": True}))
+    results = {}
+    for name, steps_for in (("plain", T.PlainSteps), ("folded", partial(T.PlainSteps, update=FT.clip_in_update))):
+        cfg = args_for(world, tmp_path / name, "--stage", "finetune", "--max-steps", "3", "--log-every", "1",
+                       "--fast", "off", "--drop-path", "0", "--max-grad-norm", "0.05")
+        model = T.build_model(cfg, world_files(world))
+        dataset = T.dataset_for(model, world / "train.json", world)
+        out = []
+        T.run_stage("finetune", model, dataset, cfg, log=out.append, steps_for=steps_for)
+        results[name] = (progress("\n".join(out)), params(model))
+    assert len(results["plain"][0]) == 3 and all(norm > 0.05 for _, norm in results["plain"][0])  # clipped
+    flat = {name: [v for step in lines for v in step] for name, (lines, _) in results.items()}  # as printed
+    assert flat["folded"] == pytest.approx(flat["plain"], rel=1e-3)
+    for name, value in results["plain"][1].items():
+        torch.testing.assert_close(results["folded"][1][name], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
