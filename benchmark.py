@@ -366,7 +366,9 @@ TILES = {"MATVEC_TILE": [(8, 128, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16
                          (4, 512, 4), (4, 1024, 8)],
          "GATED_TILE": [(8, 512, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (2, 1024, 4), (2, 2048, 4), (2, 2048, 8),
                         (8, 1024, 8)],
-         "DOT_TILE": [(32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (64, 64, 8), (128, 64, 4)]}
+         "DOT_TILE": [(32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (64, 64, 8), (128, 64, 4)],
+         "STATE_TILE": [(32, 4), (8, 1), (8, 2), (8, 4), (16, 2), (16, 4), (32, 2), (32, 8), (64, 4), (64, 8)]}
+TILE_KEYS = {"STATE_TILE": ("BLOCK_P", "num_warps")}  # the others: (BLOCK_R, BLOCK_K, num_warps)
 
 
 def bench_calls(args):
@@ -393,26 +395,31 @@ def bench_calls(args):
 def bench_tiles(args):
     """fused_step's tiles: decode ms/token of the 2.7B model for each (rows, reduction width, warps) of
     norm_matvec (in_proj, LM head), then of gated_matvec (out_proj) with the best of the first, at batch 1; then of
-    the tensor-core tile at batch 8. Ends with the kernels' times in one batch-1 step (profiled)."""
+    the tensor-core tile at batch 8, then of state_update (rows of the state, warps) at batch 1. Ends with the
+    kernels' times in one batch-1 step (profiled). args.only: the tiles swept (default: all)."""
     import fused_step as FS
     model = random_lm(args.size)
     cfg = model.config
     timed = partial(seconds, repeats=3, device="cuda")
     with torch.no_grad():
         for name, candidates in TILES.items():
+            if args.only and name not in args.only:
+                continue
             ids = torch.randint(0, cfg.vocab_size, (8 if name == "DOT_TILE" else 1, 128), device="cuda")
+            keys = TILE_KEYS.get(name, ("BLOCK_R", "BLOCK_K", "num_warps"))
             results = []
-            for r, k, w in candidates:
-                setattr(FS, name, dict(BLOCK_R=r, BLOCK_K=k, num_warps=w))
+            for tile in candidates:
+                setattr(FS, name, dict(zip(keys, tile)))
                 fast_decode.forget_decoder(model)  # the new tiles are captured anew
                 fast_decode.generate(model, ids, max_new_tokens=2, kernels="fused")
                 t_one = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=1, kernels="fused"))
                 t_65 = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=65, kernels="fused"))
                 per = (t_65 - t_one) / 64
-                results.append((per, (r, k, w)))
-                print(f"{name} BLOCK_R={r} BLOCK_K={k} num_warps={w}: {per * 1e3:.3f} ms/step", flush=True)
+                results.append((per, tile))
+                print(f"{name} " + " ".join(f"{k}={v}" for k, v in zip(keys, tile)) + f": {per * 1e3:.3f} ms/step",
+                      flush=True)
             best = min(results)[1]
-            setattr(FS, name, dict(BLOCK_R=best[0], BLOCK_K=best[1], num_warps=best[2]))
+            setattr(FS, name, dict(zip(keys, best)))
             print(f"best {name}: {best}", flush=True)
         profile_fused_step(model)
 
@@ -1125,8 +1132,9 @@ def make_parser():
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--kernels", default="fused", choices=fast_decode.KERNELS)
     p = sub.add_parser("tiles", allow_abbrev=False,
-                       help="fused_step's matrix-vector tiles: decode time for each candidate")
+                       help="fused_step's tiles (products, state update): decode time for each candidate")
     p.add_argument("--size", default="2.7b")
+    p.add_argument("--only", nargs="+", choices=list(TILES), help="sweep these tiles alone (default: all)")
     p = sub.add_parser("coldstart", allow_abbrev=False,
                        help="python generate.py on a random paper-size model: load, first token, wall")
     p.add_argument("--size", default="2.7b")

@@ -44,6 +44,7 @@ import triton.language as tl
 # 16 rows and 16 sequences (the batch is padded).
 MATVEC_TILE = dict(BLOCK_R=8, BLOCK_K=512, num_warps=4)  # norm_matvec: in_proj and the LM head
 GATED_TILE = dict(BLOCK_R=4, BLOCK_K=1024, num_warps=4)  # gated_matvec: out_proj
+STATE_TILE = dict(BLOCK_P=32, num_warps=4)  # state_update: rows of a head's state a program
 DOT_TILE = dict(BLOCK_R=64, BLOCK_K=64, num_warps=4)  # both, with tl.dot
 DOT_MIN_BATCH = 5
 CUBLAS_FROM_BATCH = 8  # from this many sequences the products go to cuBLAS (`cublas_model_step`)
@@ -345,14 +346,15 @@ def state_update(proj, ssm_state, mixer, z=None, overlap=False):
     b = proj.shape[0]
     z = proj if z is None else z
     v = torch.empty(b, c.d_inner, device=proj.device, dtype=torch.float32)
-    block_p = min(32, triton.next_power_of_2(c.headdim))
+    block_p = min(STATE_TILE["BLOCK_P"], triton.next_power_of_2(c.headdim))
     x_start = c.d_inner  # proj's columns: z (d_inner) | x (d_inner), B, C (ngroups * d_state each) | dt (nheads)
     _state_update_kernel[(c.nheads, triton.cdiv(c.headdim, block_p), b)](
         proj, z, ssm_state, mixer.A_log, mixer.D, v, n_proj=proj.shape[1], z_stride=z.stride(0), x_start=x_start,
         b_start=x_start + c.d_inner, c_start=x_start + c.d_inner + c.ngroups * c.d_state, dt_start=x_start + c.conv_dim,
         n_heads=c.nheads, heads_per_group=c.nheads // c.ngroups, d_inner=c.d_inner, HEADDIM=c.headdim,
         D_STATE=c.d_state, Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p,
-        BLOCK_N=triton.next_power_of_2(c.d_state), **_pdl_args(proj.device, overlap))
+        BLOCK_N=triton.next_power_of_2(c.d_state), num_warps=STATE_TILE["num_warps"],
+        **_pdl_args(proj.device, overlap))
     return v
 
 
