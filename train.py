@@ -374,9 +374,10 @@ def check_finite(unchecked, st):
 
 def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, later_samples=0, steps_for=PlainSteps):
     """Train one stage, resuming from its latest checkpoint with --resume; returns the model (unwrapped).
-    steps_for(model, dataset, st, cfg, proc, log): `PlainSteps` or fast_train.DeviceSteps. The loss is checked at
-    every progress line and checkpoint (and every step on the CPU, with no host sync to save). on_step(step): called
-    after every optimizer step. later_samples: the samples of the stages after this one (the run's ETA)."""
+    steps_for(model, dataset, st, cfg, proc, log): `PlainSteps` (`stage_steps` may give it its update) or
+    fast_train.DeviceSteps. The loss is checked at every progress line and checkpoint (and every step on the CPU,
+    with no host sync to save). on_step(step): called after every optimizer step. later_samples: the samples of the
+    stages after this one (the run's ETA)."""
     proc = proc or Process(device=cfg.device)
     st = begin_stage(stage, model, dataset, cfg, proc, log, later_samples=later_samples)
     if st.done:
