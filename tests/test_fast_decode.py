@@ -59,9 +59,10 @@ def test_fused_step_equals_the_plain_step(shape, batch):
 
 def test_fused_step_over_several_weight_tiles_equals_the_plain_step(monkeypatch):
     """Eq. 3 as above with tiles narrower than the rows: 16 columns over 36 (in_proj) and over groups of 24
-    (out_proj), the last tile partial."""
+    (out_proj), 8 rows of a head's 12 (the state update), the last tile partial."""
     monkeypatch.setattr(FS, "MATVEC_TILE", dict(BLOCK_R=4, BLOCK_K=16, num_warps=4))
     monkeypatch.setattr(FS, "GATED_TILE", dict(BLOCK_R=2, BLOCK_K=16, num_warps=4))
+    monkeypatch.setattr(FS, "STATE_TILE", dict(BLOCK_P=8, num_warps=2))
     assert_fused_steps_equal_plain_steps("odd sizes, dt_limit", 3)
 
 
