@@ -274,9 +274,9 @@ class PlainSteps:
     (loss, grad-norm, tokens), the loss a CPU tensor, or None when every sample of the batch was skipped.
     update(optimizer, params, max_norm): `clip_and_update` or fast_train.clip_in_update."""
 
-    def __init__(self, model, dataset, st, cfg, proc, log, update=None):
+    def __init__(self, model, dataset, st, cfg, proc, log, update=clip_and_update):
         self.model, self.st, self.cfg, self.proc, self.log = model, st, cfg, proc, log
-        self.update = update or clip_and_update
+        self.update = update
         self.wrapped = model  # what the forward goes through: FSDP's model is sharded in place (train()), DDP wraps it
         if proc.world_size > 1 and cfg.parallel == "ddp":
             self.wrapped = torch.nn.parallel.DistributedDataParallel(

@@ -125,10 +125,6 @@ def test_fast_on_refuses_what_it_cannot_run(world, tmp_path):
     assert plain_on_cuda.func is T.PlainSteps and plain_on_cuda.keywords == {"update": FT.clip_in_update}
 
 
-def _fused_adamw(params, lr=1e-2):
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.1, fused=True)
-
-
 @pytest.mark.parametrize("grad_size", [100.0, 1e-3])
 def test_clip_in_update_equals_clipping_then_the_step(grad_size):
     """fast_train.clip_in_update == train.clip_and_update over three steps, gradients above the max norm (clipped:
@@ -137,7 +133,7 @@ def test_clip_in_update_equals_clipping_then_the_step(grad_size):
     for update in (T.clip_and_update, FT.clip_in_update):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
-        opt = _fused_adamw(model.parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
         gen, norms = torch.Generator().manual_seed(1), []
         for _ in range(3):
             for p in model.parameters():
