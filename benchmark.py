@@ -5,6 +5,7 @@
     python benchmark.py decode     # Mamba-2 LM generation on the GPU at batch 1, 8, 32: ours eager and on CUDA
                                    # graphs with each step form, mamba-ssm's generate(cg=True), the bandwidth bound
     python benchmark.py tiles      # fused_step's matrix-vector tiles: batch-1 decode time for each candidate
+    python benchmark.py ssd-tiles  # ssd_kernel.py's launch settings at the training step's shape: time of each
     python benchmark.py coldstart  # python generate.py on a random paper-size model: load, first token, wall
     python benchmark.py vision     # SigLIP so400m and DINOv2-L at 384 px: parameters, forward time, ours vs
                                    # transformers' implementation with the same (random) weights, in one run
@@ -1063,8 +1064,59 @@ def bench_ssd_backward(args, backends):
         print(f"  {name}: {t * 1e3:.2f} ms" + (f" ({t / base:.2f}x the kernel)" if base else ""), flush=True)
 
 
+SSD_TILES = {  # ssd_kernel.py's tiles that `ssd-tiles` sweeps: (BT, num_warps, num_stages), dS's with HEADS after BT
+    "FWD_TILE": [(64, 4, 3)] + list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3))),
+    "BWD_X_TILE": [(64, 4, 3)] + list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3))),
+    "BWD_S_TILE": [(64, 16, 4, 3)] + list(itertools.product((32, 64, 128), (8, 16, 32), (4, 8), (2, 3)))}
+
+
+def bench_ssd_tiles(args):
+    """ssd_kernel.py's launch settings at the training step's shape (b, 729 + text tokens, Mamba-2's heads and
+    chunk, x, B, C bf16): for each kernel in turn, the diagonal blocks timed with each candidate (the forward's tile
+    by the forward, the backward's by the forward and backward), the fastest kept for the next kernel's sweep."""
+    import ssd_kernel
+    from mamba2 import mamba2_preset
+    c, dev = mamba2_preset(args.size), "cuda"
+    b, l, Q = args.batch, 729 + args.text_tokens, c.chunk_size
+    chunks, r = -(-l // Q), c.nheads // c.ngroups
+    gen = torch.Generator(device=dev).manual_seed(0)
+    X = torch.randn(b, chunks, c.ngroups, r, Q, c.headdim, device=dev, generator=gen, dtype=torch.bfloat16)
+    Bc, Cc = (torch.randn(b, chunks, c.ngroups, Q, c.d_state, device=dev, generator=gen, dtype=torch.bfloat16)
+              for _ in range(2))
+    cs = (-0.01 * torch.rand(b, chunks, c.ngroups, r, Q, device=dev, generator=gen)).cumsum(-1)  # (b, c, g, r, Q)
+    dY = torch.randn_like(X)
+    X.requires_grad_()
+
+    def forward():
+        return ssd_kernel.DiagonalBlocks.apply(X, Bc, Cc, cs)
+
+    def forward_backward():
+        torch.autograd.backward(forward(), dY)
+        X.grad = None
+    print(f"ssd_kernel.py's diagonal blocks on {torch.cuda.get_device_name()}: b={b}, {chunks} chunks of {Q}, "
+          f"{c.ngroups} group(s) of {r} heads, p={c.headdim}, n={c.d_state}, bf16")
+    for name, candidates in SSD_TILES.items():
+        keys = ("BT", "num_warps", "num_stages")
+        keys = keys[:1] + ("HEADS",) + keys[1:] if name == "BWD_S_TILE" else keys
+        timed, results = (forward, False) if name == "FWD_TILE" else (forward_backward, True), []
+        for tile in candidates:
+            setattr(ssd_kernel, name, dict(zip(keys, tile)))
+            try:
+                t = seconds(timed[0], args.repeats, dev, grad=timed[1])
+            except Exception as e:  # a tile that does not fit the GPU's shared memory or registers
+                print(f"{name} {tile}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+                continue
+            results.append((t, tile))
+            print(f"{name} " + " ".join(f"{k}={v}" for k, v in zip(keys, tile))
+                  + f": {t * 1e3:.3f} ms ({'forward' if name == 'FWD_TILE' else 'forward and backward'})", flush=True)
+        best = min(results)[1]
+        setattr(ssd_kernel, name, dict(zip(keys, best)))
+        print(f"best {name}: {dict(zip(keys, best))} ({min(results)[0] * 1e3:.3f} ms against {results[0][0] * 1e3:.3f} "
+              "ms with the first)", flush=True)
+
+
 # the subcommands with no CPU form
-GPU_ONLY = ("decode", "calls", "tiles", "coldstart", "load", "answers", "pipeline", "scaling", "train")
+GPU_ONLY = ("decode", "calls", "tiles", "ssd-tiles", "coldstart", "load", "answers", "pipeline", "scaling", "train")
 
 
 def main(argv=None):
@@ -1080,8 +1132,8 @@ def main(argv=None):
               + ("; use --device cpu" if args.what not in GPU_ONLY else ""), file=sys.stderr)
         return 2
     {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "calls": bench_calls, "tiles": bench_tiles,
-     "coldstart": bench_coldstart, "load": bench_load, "answers": bench_answers, "pipeline": bench_pipeline,
-     "scaling": bench_scaling, "train": bench_train}[args.what](args)
+     "ssd-tiles": bench_ssd_tiles, "coldstart": bench_coldstart, "load": bench_load, "answers": bench_answers,
+     "pipeline": bench_pipeline, "scaling": bench_scaling, "train": bench_train}[args.what](args)
 
 
 def make_parser():
@@ -1135,6 +1187,12 @@ def make_parser():
                        help="fused_step's tiles (products, state update): decode time for each candidate")
     p.add_argument("--size", default="2.7b")
     p.add_argument("--only", nargs="+", choices=list(TILES), help="sweep these tiles alone (default: all)")
+    p = sub.add_parser("ssd-tiles", allow_abbrev=False,
+                       help="ssd_kernel.py's launch settings at the training step's shape: time for each candidate")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--text-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=10)
     p = sub.add_parser("coldstart", allow_abbrev=False,
                        help="python generate.py on a random paper-size model: load, first token, wall")
     p.add_argument("--size", default="2.7b")

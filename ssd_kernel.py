@@ -14,8 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-HEADS_PER_PROGRAM = 16  # a group's heads per program of the backward's dS; their parts are summed after it
-ROWS = 64  # a chunk's rows per program (fewer in a shorter chunk)
+# Each kernel's launch settings: BT a chunk's rows per program (fewer in a shorter chunk), warps, pipeline stages;
+# HEADS a group's heads per program of the backward's dS (their parts are summed after it). The fastest of
+# `python benchmark.py ssd-tiles` at Mamba-2 2.7B's training shape (docs/speed.md).
+FWD_TILE = dict(BT=64, num_warps=4, num_stages=2)  # _diag_fwd
+BWD_X_TILE = dict(BT=128, num_warps=4, num_stages=1)  # _diag_bwd_x
+BWD_S_TILE = dict(BT=64, HEADS=32, num_warps=4, num_stages=3)  # _diag_bwd_s
 
 
 @triton.jit
@@ -103,11 +107,11 @@ class DiagonalBlocks(torch.autograd.Function):
     def forward(ctx, X, Bc, Cc, cs):
         X, cs = X.contiguous(), cs.contiguous()
         b, c, g, r, Q, p = X.shape
-        bt = min(ROWS, Q)
         with _no_autocast(X):
             S = (Cc.float() @ Bc.float().transpose(-1, -2)).contiguous()  # C_t . B_s, fp32 (b, c, g, Q, Q)
         Y = torch.empty_like(X)
-        _diag_fwd[(b * c * g * r, Q // bt)](X, S, cs, Y, r, Q=Q, P=p, BT=bt, PRECISION=_precision(X))
+        bt, launch = _settings(FWD_TILE, Q)
+        _diag_fwd[(b * c * g * r, Q // bt)](X, S, cs, Y, r, Q=Q, P=p, BT=bt, PRECISION=_precision(X), **launch)
         ctx.save_for_backward(X, Bc, Cc, cs, S)
         return Y
 
@@ -115,23 +119,30 @@ class DiagonalBlocks(torch.autograd.Function):
     def backward(ctx, dY):
         X, Bc, Cc, cs, S = ctx.saved_tensors
         b, c, g, r, Q, p = X.shape
-        bt = min(ROWS, Q)
-        blocks = Q // bt
         dY = dY.contiguous()
         dX = torch.empty_like(X)
-        parts = triton.cdiv(r, HEADS_PER_PROGRAM)
+        bt, launch = _settings(BWD_X_TILE, Q)
+        _diag_bwd_x[(b * c * g * r, Q // bt)](S, cs, dY, dX, r, Q=Q, P=p, BT=bt, PRECISION=_precision(X), **launch)
+        bt, launch = _settings(BWD_S_TILE, Q)
+        heads, blocks = launch.pop("HEADS"), Q // bt
+        parts = triton.cdiv(r, heads)
         dS = torch.empty(b, c, g, parts, Q, Q, dtype=torch.float32, device=X.device)  # each part's heads' sum
         rows = torch.empty(b, c, g, r, blocks, Q, dtype=torch.float32, device=X.device)
         cols = torch.empty_like(rows)
-        _diag_bwd_x[(b * c * g * r, blocks)](S, cs, dY, dX, r, Q=Q, P=p, BT=bt, PRECISION=_precision(X))
-        _diag_bwd_s[(b * c * g * parts, blocks, blocks)](X, S, cs, dY, dS, rows, cols, r, HEADS_PER_PROGRAM, Q=Q, P=p,
-                                                         BT=bt, PRECISION=_precision(X))
+        _diag_bwd_s[(b * c * g * parts, blocks, blocks)](X, S, cs, dY, dS, rows, cols, r, heads, Q=Q, P=p, BT=bt,
+                                                         PRECISION=_precision(X), **launch)
         with _no_autocast(X):
             dS = dS.sum(3)  # (b, c, g, Q, Q)
             dC = dS @ Bc.float()  # (b, c, g, Q, n)
             dB = dS.transpose(-1, -2) @ Cc.float()  # (b, c, g, Q, n)
         dcs = rows.sum(-2) - cols.sum(-2)  # (b, c, g, r, Q)
         return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs
+
+
+def _settings(tile, Q):
+    """(rows a program, the other launch settings) of a kernel's tile for chunks of Q."""
+    rest = dict(tile)
+    return min(rest.pop("BT"), Q), rest
 
 
 def _precision(X):

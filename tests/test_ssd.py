@@ -349,18 +349,22 @@ def triton_device():
     return device
 
 
-@pytest.mark.parametrize("l,chunk,h,g,p,n,heads", [(37, 16, 4, 2, 16, 24, 16), (300, 128, 8, 1, 32, 32, 3),
-                                                    (45, 32, 6, 3, 16, 64, 16)])
-def test_eq3_triton_diagonal_blocks_equal_the_recurrence_values_state_and_gradients(l, chunk, h, g, p, n, heads,
+@pytest.mark.parametrize("l,chunk,h,g,p,n,heads,rows", [(37, 16, 4, 2, 16, 24, 16, (64, 64, 64)),
+                                                         (300, 128, 8, 1, 32, 32, 3, (64, 32, 16)),
+                                                         (45, 32, 6, 3, 16, 64, 16, (16, 32, 32))])
+def test_eq3_triton_diagonal_blocks_equal_the_recurrence_values_state_and_gradients(l, chunk, h, g, p, n, heads, rows,
                                                                                      monkeypatch):
     """Eq. 3 by ssd_triton (ssd_chunked_fast with its diagonal blocks from ssd_kernel.py's Triton kernels, forward and
     backward; on the CPU in Triton's interpreter) in fp32 equals the float64 recurrence from a non-zero state:
-    outputs, final state and every input's gradient within 2e-5 of each one's largest value. The shapes take one and
-    two 64-row blocks a chunk, one, two and eight heads a group (in parts of 3, the last one short, in the backward),
-    and a d_state that is not a power of two."""
+    outputs, final state and every input's gradient within 2e-5 of each one's largest value. The shapes take one to
+    eight blocks of rows a chunk, each kernel its own (the forward's, dX's and dS's rows a program), one, two and
+    eight heads a group (in parts of 3, the last one short, in the backward), and a d_state that is not a power of
+    two."""
     device = triton_device()
     import ssd_kernel
-    monkeypatch.setattr(ssd_kernel, "HEADS_PER_PROGRAM", heads)
+    for name, bt in zip(("FWD_TILE", "BWD_X_TILE", "BWD_S_TILE"), rows):
+        monkeypatch.setattr(ssd_kernel, name, {**getattr(ssd_kernel, name), "BT": bt})
+    monkeypatch.setattr(ssd_kernel, "BWD_S_TILE", {**ssd_kernel.BWD_S_TILE, "HEADS": heads})
     inputs = random_ssd_inputs(l=l, h=h, g=g, p=p, n=n)
     weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=f64)
     results = []
