@@ -993,19 +993,23 @@ def bench_train(args):
     backends = [b for b in args.backends if b != "mamba_ssm" or fast_ssd.find_kernel() is not None]
     n_layer = len(model.lm.layers)
     times = {}
-    forms = [(b, c, n, False, False) for b, c, n in itertools.product(
-        backends, (False, True) if args.compile else (False,), args.checkpoint_blocks or [n_layer])]
-    forms += [(b, True, 0, True, False) for b in backends if args.keep_in_proj]
-    forms += [(b, True, 0, True, True) for b in backends if args.compile_connector]
-    for backend, compiled, n_ckpt, kept, connector in forms:
+    forms = [(b, c, n, False, False, False) for b, c, n in itertools.product(
+        backends, (False, True) if args.compile else (False,), args.checkpoint_blocks or [n_layer])
+        if c or not args.no_eager]
+    forms += [(b, True, 0, True, False, False) for b in backends if args.keep_in_proj]
+    forms += [(b, True, 0, True, True, False) for b in backends if args.compile_connector]
+    forms += [(b, True, 0, True, True, True) for b in backends if args.compile_encoders]
+    for backend, compiled, n_ckpt, kept, connector, encoders in forms:
         name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
                 + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer and not kept else "")
                 + (", every block keeping in_proj's product (selective recomputation)" if kept else "")
                 + (", the connector compiled" if connector else "")
+                + (", the encoders compiled" if encoders else "")
                 + (f", sums over more than {args.whole_sums_up_to} values split"
                    if compiled and args.whole_sums_up_to is not None else ""))
         model.lm.gradient_checkpointing = n_ckpt
         try:
+            fast_decode.compile_encoders(model.vision, encoders)
             fast_decode.compile_connector(model.connector, connector)
             fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=kept, tune_kernels=args.tune_kernels,
                                        whole_sums_up_to=args.whole_sums_up_to)
@@ -1016,6 +1020,7 @@ def bench_train(args):
             opt.zero_grad(set_to_none=True)
     fast_decode.compile_blocks(model.lm, False)
     fast_decode.compile_connector(model.connector, False)
+    fast_decode.compile_encoders(model.vision, False)
     model.lm.gradient_checkpointing = True
     base = times.get(SSD_PATHS["mamba_ssm"])
     if base:
@@ -1247,6 +1252,10 @@ def make_parser():
     p.add_argument("--compile-connector", action="store_true",
                    help="each path also with compiled blocks that keep in_proj's product and the connector compiled "
                         "(fast_decode.compile_connector)")
+    p.add_argument("--compile-encoders", action="store_true",
+                   help="each path also with compiled blocks that keep in_proj's product, the connector and the frozen "
+                        "encoders compiled (fast_decode.compile_encoders): train.py --compile's step")
+    p.add_argument("--no-eager", action="store_true", help="skip the rows with eager LM blocks")
     p.add_argument("--tune-kernels", action="store_true",
                    help="compiled blocks with their fused kernels' settings timed, as train.py --compile does "
                         "(fast_decode.compile_blocks(tune_kernels=True))")

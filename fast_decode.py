@@ -20,7 +20,8 @@ this file's:
 
 Also here: `generate(model, ...)`, a model's generate with its fast decoder in one call; `generate_batch` (several
 questions at once, prompts right-padded); `compile_blocks` (the LM blocks through torch.compile, for training and
-prefills) and `compile_connector` (the connector, for training).
+prefills), `compile_connector` (the connector, for training) and `compile_encoders` (the frozen ViTs' forward, for
+training).
 Tests (tests/test_fast_decode.py, tests/test_mamba2.py, tests/test_connector.py): each form equals the plain step
 and the eager loop, each compiled module the eager one.
 """
@@ -35,6 +36,7 @@ import torch
 
 from mamba2 import LayerCache, Mamba2Block, Mamba2Cache
 from model import until_stop
+from vision import ViT, ViTBlock
 
 PREFILL_BUCKET = 128  # prompt lengths are padded up to a multiple of this in the captured prefill
 MAX_PREFILL_CAPTURES = 4  # captured prefills kept at once (each holds its own activation memory)
@@ -449,3 +451,24 @@ def compile_connector(connector, on=True):
         connector.forward = types.MethodType(compiled_connector_forward(type(connector)), connector)
     else:
         connector.__dict__.pop("forward", None)
+
+
+@functools.cache
+def compiled_vit_forwards():
+    """`ViT.embed` and `ViTBlock.forward` through torch.compile: the patch embedding with the position embeddings'
+    bicubic resize, and each block's norms, attention and MLP, as a few fused kernels around the products."""
+    return torch.compile(ViT.embed), torch.compile(ViTBlock.forward)
+
+
+def compile_encoders(vision, on=True):
+    """Each ViT of a DualEncoder (eq. 5) through `compiled_vit_forwards` (on=False: eager again), its embedding and
+    each of its blocks; one compilation serves every block of an encoder (the block is an input). The ViT's own
+    forward still chooses the blocks it runs."""
+    embed, block_forward = compiled_vit_forwards()
+    for encoder in vision.encoders.values():
+        parts = [(encoder, embed, "embed")] + [(block, block_forward, "forward") for block in encoder.blocks]
+        for module, forward, name in parts:
+            if on:
+                setattr(module, name, types.MethodType(forward, module))
+            else:
+                module.__dict__.pop(name, None)

@@ -84,8 +84,8 @@ class TrainConfig:
                             choices=["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = option(False, "recompute each LM block's activations in the backward (with "
                                           "--compile: all but in_proj's product)", action="store_true")
-    compile: bool = option(False, "the connector and the LM blocks through torch.compile, their fused kernels' "
-                           "settings timed at the first step (the paper preset's default on CUDA)",
+    compile: bool = option(False, "the connector, the LM blocks and the frozen encoders through torch.compile, their "
+                           "fused kernels' settings timed at the first step (the paper preset's default on CUDA)",
                            action=argparse.BooleanOptionalAction)
     parallel: str = option("fsdp", "under torchrun: shard the model over the processes (FSDP) or replicate it (DDP)",
                            choices=["fsdp", "ddp"])
@@ -414,16 +414,21 @@ def run_stage(stage, model, dataset, cfg, proc=None, log=print, on_step=None, la
     return model
 
 
-def stage_steps(cfg, proc):
-    """fast_train.DeviceSteps (data on the device, each step a CUDA graph) with --fast on, or auto for the synthetic
-    world on one CUDA device; else PlainSteps, on CUDA outside FSDP with the clipping inside fused AdamW's pass
-    (fast_train.clip_in_update)."""
+def on_device_steps(cfg, proc):
+    """Whether the stages run fast_train.DeviceSteps (data on the device, each step a CUDA graph): with --fast on, or
+    auto for the synthetic world on one CUDA device."""
     one_micro_batch = cfg.per_device_batch in (None, cfg.global_batch)
     if cfg.fast == "on" and (proc.world_size > 1 or not one_micro_batch):
         raise ValueError("--fast on runs one process with one micro-batch per step; drop --per-device-batch and "
                          "torchrun, or use --fast off")
     auto = cfg.data is None and proc.device.startswith("cuda") and proc.world_size == 1 and one_micro_batch
-    if cfg.fast == "on" or (cfg.fast == "auto" and auto):
+    return cfg.fast == "on" or (cfg.fast == "auto" and auto)
+
+
+def stage_steps(cfg, proc):
+    """fast_train.DeviceSteps where `on_device_steps`; else PlainSteps, on CUDA outside FSDP with the clipping inside
+    fused AdamW's pass (fast_train.clip_in_update)."""
+    if on_device_steps(cfg, proc):
         from fast_train import DeviceSteps
         return DeviceSteps
     if proc.device.startswith("cuda") and not (proc.world_size > 1 and cfg.parallel == "fsdp"):
@@ -466,11 +471,13 @@ def train(cfg, on_step=None):
         else:  # eager: mamba-ssm's kernel where installed, else ssd_chunked_fast
             use_ssd(model, "auto")
     if cfg.compile:
-        from fast_decode import compile_blocks, compile_connector
+        from fast_decode import compile_blocks, compile_connector, compile_encoders
         compile_connector(model.connector)
         compile_blocks(model.lm, in_proj_kept=cfg.gradient_checkpointing, tune_kernels=True)
-        log("--compile: the first step compiles the connector and the LM blocks (on a GPU, minutes: it times their "
-            "fused kernels)")
+        if not on_device_steps(cfg, proc):  # DeviceSteps runs the frozen encoders once, before the first step
+            compile_encoders(model.vision)
+        log("--compile: the first step compiles the connector, the LM blocks and the frozen encoders (on a GPU, "
+            "minutes: it times their fused kernels)")
     if proc.world_size > 1 and cfg.parallel == "fsdp":
         shard(model, proc.device)
     data, samples = stage_data(cfg, files, model, log, proc)

@@ -10,6 +10,7 @@ align_lr = 1e-3
 connector_lr = None
 global_batch = 64
 workers = 4
-# On CUDA the LM blocks through torch.compile, with the SSD (ssd_chunked_fast) inside the compiled graph: the fastest
-# training step measured at the paper's configuration (docs/speed.md); --no-compile runs the blocks eagerly
+# On CUDA the LM blocks (the SSD's diagonal blocks as ssd_kernel.py's Triton kernels), the connector and the frozen
+# encoders through torch.compile: the fastest training step measured at the paper's configuration (docs/speed.md);
+# --no-compile runs them eagerly
 on_cuda = dict(compile=True)

@@ -560,15 +560,16 @@ def test_two_gpus_over_nccl_match_one_gpu(default_world, tmp_path, parallel, cap
 
 def test_compile_with_gradient_checkpointing_keeps_in_proj_and_trains_as_whole_block_checkpointing(world, tmp_path,
                                                                                                   monkeypatch):
-    """train.py --compile --gradient-checkpointing: the connector is compiled, the compiled blocks checkpoint
-    themselves, keeping in_proj's product (fast_decode.forward_keeping_in_proj, selective recomputation), Inductor
-    times its kernels' settings, the LM's whole-block checkpointing stays off, and two steps end at the weights of
-    an eager connector and eager blocks with whole-block checkpointing. (Dynamo's eager backend: no compiler here.)"""
+    """train.py --compile --gradient-checkpointing: the connector and the frozen encoders are compiled, the compiled
+    blocks checkpoint themselves, keeping in_proj's product (fast_decode.forward_keeping_in_proj, selective
+    recomputation), Inductor times its kernels' settings, the LM's whole-block checkpointing stays off, and two steps
+    end at the weights of an eager model with whole-block checkpointing. (Dynamo's eager backend: no compiler here.)"""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     import fast_decode
     from mamba2 import Mamba2Block
+    from vision import ViT, ViTBlock
     compiled = {}
 
     def compiled_block_forward(kept=False):
@@ -577,17 +578,34 @@ def test_compile_with_gradient_checkpointing_keeps_in_proj_and_trains_as_whole_b
     monkeypatch.setattr(fast_decode, "compiled_block_forward", compiled_block_forward)
     monkeypatch.setattr(fast_decode, "compiled_connector_forward",
                         lambda cls: compiled.setdefault(cls, torch.compile(cls.forward, backend="eager")))
+    monkeypatch.setattr(fast_decode, "compiled_vit_forwards", lambda: compiled.setdefault("vit", tuple(
+        torch.compile(fn, backend="eager") for fn in (ViT.embed, ViTBlock.forward))))
     argv = ("--gradient-checkpointing", "--max-steps", "2", "--stage", "finetune", "--drop-path", "0")
     with functorch_config.patch(force_non_lazy_backward_lowering=False), \
             inductor_config.patch(coordinate_descent_tuning=False):  # compile_blocks sets both
         kept = T.train(args_for(world, tmp_path / "kept", "--compile", *argv))
         assert inductor_config.coordinate_descent_tuning is True
-    assert list(compiled) == [type(kept.connector), True] and kept.lm.gradient_checkpointing is False
+    assert list(compiled) == [type(kept.connector), True, "vit"] and kept.lm.gradient_checkpointing is False
     assert kept.connector.forward.__func__ is compiled[type(kept.connector)]
     assert all(block.forward.__func__ is compiled[True] for block in kept.lm.layers)
+    for encoder in kept.vision.encoders.values():
+        assert encoder.embed.__func__ is compiled["vit"][0]
+        assert all(block.forward.__func__ is compiled["vit"][1] for block in encoder.blocks)
     whole = T.train(args_for(world, tmp_path / "whole", *argv))
     assert whole.lm.gradient_checkpointing is True
     assert_adam_close(params(kept), params(whole), lr=1e-3, steps=2)
+
+
+def test_compile_leaves_the_encoders_eager_where_they_run_once(world, tmp_path, monkeypatch):
+    """train.py --compile with DeviceSteps (--fast on): the frozen encoders run once per dataset, before the first
+    step, so fast_decode.compile_encoders is not called (the plain loop calls it: the test above)."""
+    import fast_decode
+    calls = []
+    monkeypatch.setattr(fast_decode, "compile_blocks", lambda lm, **kw: calls.append("blocks"))
+    monkeypatch.setattr(fast_decode, "compile_connector", lambda connector: calls.append("connector"))
+    monkeypatch.setattr(fast_decode, "compile_encoders", lambda vision: calls.append("encoders"))
+    T.train(args_for(world, tmp_path, "--compile", "--fast", "on", "--max-steps", "1", "--stage", "finetune"))
+    assert calls == ["connector", "blocks"]
 
 
 @pytest.mark.gpu

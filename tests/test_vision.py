@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from images import ImageError, load_image
-from vision import DINOV2_LARGE, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_SO400M_384, DualEncoder, ViT, ViTConfig, preprocess
+from vision import (DINOV2_LARGE, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_SO400M_384, DualEncoder, ViT, ViTBlock, ViTConfig,
+                    preprocess)
 from weights import CheckpointError
 
 transformers = pytest.importorskip("transformers")
@@ -242,6 +243,69 @@ def test_a_trainable_dual_encoder_follows_the_grad_mode_and_reads_its_layer(sigl
         dino_ref = dinov2[0](px["dinov2"], output_hidden_states=True).hidden_states[-1][:, 1:]
         sig_ref = siglip[0](px["siglip"], output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(feats.detach(), torch.cat([dino_ref, sig_ref], -1), rtol=1e-5, atol=1e-5)
+
+
+TINY_VIT = dict(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4)
+
+
+def tiny_dual_encoder(device="cpu"):
+    """A frozen DINOv2 (position embeddings for a 4 x 4 grid, resized to 3 x 3 at each forward) + SigLIP pair with
+    non-trivial norms, LayerScale, tokens and positions."""
+    torch.manual_seed(0)
+    vits = {"dinov2": ViT(ViTConfig("dinov2", image_size=56, input_size=42, **TINY_VIT)),
+            "siglip": ViT(ViTConfig("siglip", image_size=42, input_size=42, **TINY_VIT))}
+    for vit in vits.values():
+        randomize(vit)
+    return DualEncoder(vits).freeze().to(device)
+
+
+def test_compiled_encoders_give_the_eager_features(monkeypatch):
+    """fast_decode.compile_encoders (train.py --compile): each ViT's embedding and each of its blocks run through one
+    compiled function (Dynamo with the eager backend, so no compiler is needed here) that gives the eager features to
+    the bit: one graph for each encoder's embedding (DINOv2's with its position embeddings resized) and one for each
+    encoder's blocks; a second call traces nothing; on=False undoes it."""
+    from torch._dynamo.utils import counters
+
+    import fast_decode
+    enc = tiny_dual_encoder()
+    pixels = {name: torch.randn(2, 3, 42, 42) for name in enc.encoders}
+    with torch.no_grad():
+        eager = enc(pixels)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = (torch.compile(ViT.embed, backend="eager"), torch.compile(ViTBlock.forward, backend="eager"))
+    monkeypatch.setattr(fast_decode, "compiled_vit_forwards", lambda: compiled)
+    fast_decode.compile_encoders(enc)
+    with torch.no_grad():
+        first, second = enc(pixels), enc(pixels)
+    assert counters["stats"]["unique_graphs"] == 4
+    fast_decode.compile_encoders(enc, False)
+    assert not any("forward" in b.__dict__ for e in enc.encoders.values() for b in e.blocks)
+    assert all("embed" not in e.__dict__ for e in enc.encoders.values())
+    assert eager.abs().max() > 0.1
+    for got in (first, second):
+        torch.testing.assert_close(got, eager, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_encoders_compiled_by_inductor_equal_the_eager_ones_on_cuda(monkeypatch):
+    """fast_decode.compile_encoders with Inductor on CUDA, fp32 (TF32 off): the features equal the eager encoders'
+    within 1e-5 of their largest value, DINOv2's position embeddings resized inside the compiled embedding."""
+    import fast_decode
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    enc = tiny_dual_encoder("cuda")
+    pixels = {name: torch.randn(2, 3, 42, 42, device="cuda") for name in enc.encoders}
+    with torch.no_grad():
+        eager = enc(pixels)
+        try:
+            torch._dynamo.reset()
+            fast_decode.compiled_vit_forwards.cache_clear()
+            fast_decode.compile_encoders(enc)
+            compiled = enc(pixels)
+        finally:
+            fast_decode.compile_encoders(enc, False)
+    assert float((compiled - eager).abs().max() / eager.abs().max()) < 1e-5
 
 
 def test_paper_configuration_shapes_and_sizes():
