@@ -22,8 +22,8 @@ Also here: `generate(model, ...)`, a model's generate with its fast decoder in o
 questions at once, prompts right-padded); `compile_blocks` (the LM blocks through torch.compile, for training and
 prefills), `compile_connector` (the connector, for training) and `compile_encoders` (the frozen ViTs' forward, for
 training).
-Tests (tests/test_fast_decode.py, tests/test_mamba2.py, tests/test_connector.py): each form equals the plain step
-and the eager loop, each compiled module the eager one.
+Tests (tests/test_fast_decode.py, tests/test_mamba2.py, tests/test_connector.py, tests/test_vision.py): each form
+equals the plain step and the eager loop, each compiled module the eager one.
 """
 
 import functools

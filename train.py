@@ -474,10 +474,11 @@ def train(cfg, on_step=None):
         from fast_decode import compile_blocks, compile_connector, compile_encoders
         compile_connector(model.connector)
         compile_blocks(model.lm, in_proj_kept=cfg.gradient_checkpointing, tune_kernels=True)
-        if not on_device_steps(cfg, proc):  # DeviceSteps runs the frozen encoders once, before the first step
+        encoders = not on_device_steps(cfg, proc)  # DeviceSteps runs the frozen encoders once, before the first step
+        if encoders:
             compile_encoders(model.vision)
-        log("--compile: the first step compiles the connector, the LM blocks and the frozen encoders (on a GPU, "
-            "minutes: it times their fused kernels)")
+        log("--compile: the first step compiles the connector, the LM blocks" + (" and the frozen encoders" if encoders
+            else "") + " (on a GPU, minutes: it times their fused kernels)")
     if proc.world_size > 1 and cfg.parallel == "fsdp":
         shard(model, proc.device)
     data, samples = stage_data(cfg, files, model, log, proc)
