@@ -967,6 +967,28 @@ def _time_step_parts(model, opt, trainable, pixels, ids, labels, repeats=3, devi
     return times
 
 
+def _train_forms(args, backends, n_layer):
+    """[(row name, (SSD path, blocks compiled, blocks checkpointed, in_proj's product kept, connector compiled,
+    encoders compiled))]: the forms of the training step that args ask for."""
+    forms = [(b, c, n, False, False, False) for b, c, n in itertools.product(
+        backends, (False, True) if args.compile else (False,), args.checkpoint_blocks or [n_layer])
+        if c or not args.no_eager]
+    forms += [(b, True, 0, True, False, False) for b in backends if args.keep_in_proj]
+    forms += [(b, True, 0, True, True, False) for b in backends if args.compile_connector]
+    forms += [(b, True, 0, True, True, True) for b in backends if args.compile_encoders]
+    named = []
+    for backend, compiled, n_ckpt, kept, connector, encoders in forms:
+        name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
+                + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer and not kept else "")
+                + (", every block keeping in_proj's product (selective recomputation)" if kept else "")
+                + (", the connector compiled" if connector else "")
+                + (", the encoders compiled" if encoders else "")
+                + (f", sums over more than {args.whole_sums_up_to} values split"
+                   if compiled and args.whole_sums_up_to is not None else ""))
+        named.append((name, (backend, compiled, n_ckpt, kept, connector, encoders)))
+    return named
+
+
 def bench_train(args):
     """One stage-2 (finetune) training step at the paper's configuration on one GPU: bf16 autocast on fp32 master
     weights, fused AdamW, gradient checkpointing of the LM blocks, the vision frozen; with each SSD path, and the
@@ -993,20 +1015,7 @@ def bench_train(args):
     backends = [b for b in args.backends if b != "mamba_ssm" or fast_ssd.find_kernel() is not None]
     n_layer = len(model.lm.layers)
     times = {}
-    forms = [(b, c, n, False, False, False) for b, c, n in itertools.product(
-        backends, (False, True) if args.compile else (False,), args.checkpoint_blocks or [n_layer])
-        if c or not args.no_eager]
-    forms += [(b, True, 0, True, False, False) for b in backends if args.keep_in_proj]
-    forms += [(b, True, 0, True, True, False) for b in backends if args.compile_connector]
-    forms += [(b, True, 0, True, True, True) for b in backends if args.compile_encoders]
-    for backend, compiled, n_ckpt, kept, connector, encoders in forms:
-        name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
-                + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer and not kept else "")
-                + (", every block keeping in_proj's product (selective recomputation)" if kept else "")
-                + (", the connector compiled" if connector else "")
-                + (", the encoders compiled" if encoders else "")
-                + (f", sums over more than {args.whole_sums_up_to} values split"
-                   if compiled and args.whole_sums_up_to is not None else ""))
+    for name, (backend, compiled, n_ckpt, kept, connector, encoders) in _train_forms(args, backends, n_layer):
         model.lm.gradient_checkpointing = n_ckpt
         try:
             fast_decode.compile_encoders(model.vision, encoders)
