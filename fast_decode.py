@@ -427,11 +427,18 @@ def compile_blocks(lm, on=True, in_proj_kept=False, tune_kernels=False, whole_su
         if tune_kernels:
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True
+    forward = compiled_block_forward(in_proj_kept) if on else None
     for block in lm.layers:
-        if on:
-            block.forward = types.MethodType(compiled_block_forward(in_proj_kept), block)
-        else:
-            block.__dict__.pop("forward", None)
+        _run_through(block, "forward", forward)
+
+
+def _run_through(module, name, function):
+    """module.<name> calls `function` (bound to the module) instead of its class's method; None: the class's method
+    again. The module's own __call__ stays, with its hooks."""
+    if function is not None:
+        setattr(module, name, types.MethodType(function, module))
+    else:
+        module.__dict__.pop(name, None)
 
 
 @functools.cache
@@ -448,9 +455,7 @@ def compile_connector(connector, on=True):
     this thread, for the rest of the process (a compile_blocks call after it with whole_sums_up_to sets its own)."""
     if on:
         use_whole_scans(lower_backward_now=True)
-        connector.forward = types.MethodType(compiled_connector_forward(type(connector)), connector)
-    else:
-        connector.__dict__.pop("forward", None)
+    _run_through(connector, "forward", compiled_connector_forward(type(connector)) if on else None)
 
 
 @functools.cache
@@ -464,11 +469,8 @@ def compile_encoders(vision, on=True):
     """Each ViT of a DualEncoder (eq. 5) through `compiled_vit_forwards` (on=False: eager again), its embedding and
     each of its blocks; one compilation serves every block of an encoder (the block is an input). The ViT's own
     forward still chooses the blocks it runs."""
-    embed, block_forward = compiled_vit_forwards()
+    embed, block_forward = compiled_vit_forwards() if on else (None, None)
     for encoder in vision.encoders.values():
-        parts = [(encoder, embed, "embed")] + [(block, block_forward, "forward") for block in encoder.blocks]
-        for module, forward, name in parts:
-            if on:
-                setattr(module, name, types.MethodType(forward, module))
-            else:
-                module.__dict__.pop(name, None)
+        _run_through(encoder, "embed", embed)
+        for block in encoder.blocks:
+            _run_through(block, "forward", block_forward)
