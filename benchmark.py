@@ -407,22 +407,37 @@ def bench_tiles(args):
             if args.only and name not in args.only:
                 continue
             ids = torch.randint(0, cfg.vocab_size, (8 if name == "DOT_TILE" else 1, 128), device="cuda")
-            keys = TILE_KEYS.get(name, ("BLOCK_R", "BLOCK_K", "num_warps"))
-            results = []
-            for tile in candidates:
-                setattr(FS, name, dict(zip(keys, tile)))
+
+            def per_step():
                 fast_decode.forget_decoder(model)  # the new tiles are captured anew
                 fast_decode.generate(model, ids, max_new_tokens=2, kernels="fused")
                 t_one = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=1, kernels="fused"))
                 t_65 = timed(lambda: fast_decode.generate(model, ids, max_new_tokens=65, kernels="fused"))
-                per = (t_65 - t_one) / 64
-                results.append((per, tile))
-                print(f"{name} " + " ".join(f"{k}={v}" for k, v in zip(keys, tile)) + f": {per * 1e3:.3f} ms/step",
-                      flush=True)
-            best = min(results)[1]
-            setattr(FS, name, dict(zip(keys, best)))
-            print(f"best {name}: {best}", flush=True)
+                return (t_65 - t_one) / 64
+            sweep_tile(FS, name, TILE_KEYS.get(name, ("BLOCK_R", "BLOCK_K", "num_warps")), candidates, per_step,
+                       "a decoding step")
         profile_fused_step(model)
+
+
+def sweep_tile(module, name, keys, candidates, measure, what):
+    """Each candidate tile (its values for `keys`) set as module.<name>, then measure() (seconds of `what`); prints
+    each, and leaves the fastest set. A candidate that fails to run (too large for the GPU's shared memory or
+    registers) is printed as failed and passed over."""
+    results = []
+    for tile in candidates:
+        setattr(module, name, dict(zip(keys, tile)))
+        try:
+            t = measure()
+        except Exception as e:
+            print(f"{name} {tile}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+            continue
+        results.append((t, tile))
+        print(f"{name} " + " ".join(f"{k}={v}" for k, v in zip(keys, tile)) + f": {t * 1e3:.3f} ms ({what})",
+              flush=True)
+    best_time, best = min(results)
+    setattr(module, name, dict(zip(keys, best)))
+    print(f"best {name}: {dict(zip(keys, best))} ({best_time * 1e3:.3f} ms against {results[0][0] * 1e3:.3f} ms with "
+          "the first)", flush=True)
 
 
 def profile_fused_step(model, batch=1):
@@ -1110,23 +1125,12 @@ def bench_ssd_tiles(args):
     print(f"ssd_kernel.py's diagonal blocks on {torch.cuda.get_device_name()}: b={b}, {chunks} chunks of {Q}, "
           f"{c.ngroups} group(s) of {r} heads, p={c.headdim}, n={c.d_state}, bf16")
     for name, candidates in SSD_TILES.items():
-        keys = ("BT", "num_warps", "num_stages")
-        keys = keys[:1] + ("HEADS",) + keys[1:] if name == "BWD_S_TILE" else keys
-        timed, results = (forward, False) if name == "FWD_TILE" else (forward_backward, True), []
-        for tile in candidates:
-            setattr(ssd_kernel, name, dict(zip(keys, tile)))
-            try:
-                t = seconds(timed[0], args.repeats, dev, grad=timed[1])
-            except Exception as e:  # a tile that does not fit the GPU's shared memory or registers
-                print(f"{name} {tile}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
-                continue
-            results.append((t, tile))
-            print(f"{name} " + " ".join(f"{k}={v}" for k, v in zip(keys, tile))
-                  + f": {t * 1e3:.3f} ms ({'forward' if name == 'FWD_TILE' else 'forward and backward'})", flush=True)
-        best = min(results)[1]
-        setattr(ssd_kernel, name, dict(zip(keys, best)))
-        print(f"best {name}: {dict(zip(keys, best))} ({min(results)[0] * 1e3:.3f} ms against {results[0][0] * 1e3:.3f} "
-              "ms with the first)", flush=True)
+        keys = ("BT", "HEADS", "num_warps", "num_stages") if name == "BWD_S_TILE" else ("BT", "num_warps", "num_stages")
+        if name == "FWD_TILE":
+            sweep_tile(ssd_kernel, name, keys, candidates, lambda: seconds(forward, args.repeats, dev), "forward")
+        else:
+            sweep_tile(ssd_kernel, name, keys, candidates, lambda: seconds(forward_backward, args.repeats, dev,
+                                                                           grad=True), "forward and backward")
 
 
 # the subcommands with no CPU form

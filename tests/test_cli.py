@@ -240,3 +240,23 @@ def test_train_benchmark_forms_follow_the_options():
                                           "--compile-encoders"]), ["triton", "torch"], 64)
     assert [f for _, f in forms] == [(b, True, 0, True, True, True) for b in ("triton", "torch")]
     assert all(name.endswith("the connector compiled, the encoders compiled") for name, _ in forms)
+
+
+def test_a_tile_sweep_leaves_the_fastest_set_and_passes_over_a_failing_tile(capsys):
+    """benchmark.sweep_tile (benchmark.py tiles, ssd-tiles): each candidate is set as the module's tile before it is
+    measured; one that fails is printed as failed and skipped; the fastest stays set and is compared to the first."""
+    import types
+    module = types.SimpleNamespace()
+    seen = []
+
+    def measure():
+        seen.append(dict(module.TILE))
+        if module.TILE["BT"] == 128:
+            raise RuntimeError("out of resource: shared memory\nmore")
+        return {32: 0.003, 64: 0.001}[module.TILE["BT"]]
+    benchmark.sweep_tile(module, "TILE", ("BT", "num_warps"), [(32, 4), (128, 8), (64, 4)], measure, "a step")
+    assert seen == [{"BT": 32, "num_warps": 4}, {"BT": 128, "num_warps": 8}, {"BT": 64, "num_warps": 4}]
+    assert module.TILE == {"BT": 64, "num_warps": 4}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "TILE (128, 8): failed: RuntimeError: out of resource: shared memory"
+    assert lines[-1] == "best TILE: {'BT': 64, 'num_warps': 4} (1.000 ms against 3.000 ms with the first)"
