@@ -19,10 +19,11 @@ SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_atte
 
 
 def randomize(model):
-    """Non-trivial values for tensors that init leaves constant (norms, LayerScale, tokens)."""
+    """Non-trivial values for tensors that init leaves constant (norms, LayerScale, tokens): transformers' names and
+    ours (LayerScale ls1, ls2)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(s in name for s in ("norm", "lambda1", "token", "position")):
+            if any(s in name for s in ("norm", "lambda1", "ls1", "ls2", "token", "position")):
                 p.add_(0.2 * torch.randn_like(p))
     return model.eval()
 
@@ -254,10 +255,8 @@ def tiny_dual_encoder(device="cpu"):
     torch.manual_seed(0)
     vits = {"dinov2": ViT(ViTConfig("dinov2", image_size=56, input_size=42, **TINY_VIT)),
             "siglip": ViT(ViTConfig("siglip", image_size=42, input_size=42, **TINY_VIT))}
-    with torch.no_grad():
-        for name, p in [(n, p) for vit in vits.values() for n, p in vit.named_parameters()]:
-            if any(s in name for s in ("norm", "ls1", "ls2", "token")):
-                p.add_(0.2 * torch.randn_like(p))
+    for vit in vits.values():
+        randomize(vit)
     return DualEncoder(vits).freeze().to(device)
 
 
