@@ -322,11 +322,13 @@ PRODUCTS = {"auto": None, "tiles": 2 ** 31, "cublas": 1}  # fused_step.CUBLAS_FR
 
 def step_forms(args):
     """(kernels, state, fused_step settings, label) of each generation that bench_decode times: the products and
-    programmatic dependent launch matter to the fused step only."""
-    import fused_step
-    prefetch = args.prefetch_k or [fused_step.PREFETCH_K]
-    fused = [(dict(CUBLAS_FROM_BATCH=PRODUCTS[p], PDL=pdl == "on", PREFETCH_K=k if pdl == "on" else 0),
-              f" ({p} products, PDL {pdl}" + (f", prefetch {k})" if pdl == "on" else ")"))
+    programmatic dependent launch matter to the fused step only. --prefetch-k sets both matvec kernels'."""
+    prefetch = args.prefetch_k or [None]  # None: fused_step.PREFETCH_K as it is
+
+    def prefetch_k(k):
+        return None if k is None else dict(norm_matvec=k, gated_matvec=k)
+    fused = [(dict(CUBLAS_FROM_BATCH=PRODUCTS[p], PDL=pdl == "on", PREFETCH_K=prefetch_k(k if pdl == "on" else 0)),
+              f" ({p} products, PDL {pdl}" + (f", prefetch {k})" if pdl == "on" and k is not None else ")"))
              for p in args.products for pdl in args.pdl for k in (prefetch if pdl == "on" else [0])]
     return [(k, s, settings, label) for k in args.kernels for settings, label in (fused if k == "fused" else [({}, "")])
             for s in args.states]
@@ -368,8 +370,10 @@ TILES = {"MATVEC_TILE": [(8, 128, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16
          "GATED_TILE": [(8, 512, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (2, 1024, 4), (2, 2048, 4), (2, 2048, 8),
                         (8, 1024, 8)],
          "DOT_TILE": [(32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (64, 64, 8), (128, 64, 4)],
-         "STATE_TILE": [(32, 4), (8, 1), (8, 2), (8, 4), (16, 2), (16, 4), (32, 2), (32, 8), (64, 4), (64, 8)]}
-TILE_KEYS = {"STATE_TILE": ("BLOCK_P", "num_warps")}  # the others: (BLOCK_R, BLOCK_K, num_warps)
+         "STATE_TILE": [(32, 4), (8, 1), (8, 2), (8, 4), (16, 2), (16, 4), (32, 2), (32, 8), (64, 4), (64, 8)],
+         "PREFETCH_K": [(512, 512), (512, 0), (512, 1024), (512, 2048), (512, 4096), (256, 2048), (1024, 2048)]}
+TILE_KEYS = {"STATE_TILE": ("BLOCK_P", "num_warps"),  # the others: (BLOCK_R, BLOCK_K, num_warps)
+             "PREFETCH_K": ("norm_matvec", "gated_matvec")}
 
 
 def bench_calls(args):
@@ -396,8 +400,9 @@ def bench_calls(args):
 def bench_tiles(args):
     """fused_step's tiles: decode ms/token of the 2.7B model for each (rows, reduction width, warps) of
     norm_matvec (in_proj, LM head), then of gated_matvec (out_proj) with the best of the first, at batch 1; then of
-    the tensor-core tile at batch 8, then of state_update (rows of the state, warps) at batch 1. Ends with the
-    kernels' times in one batch-1 step (profiled). args.only: the tiles swept (default: all)."""
+    the tensor-core tile at batch 8, then of state_update (rows of the state, warps) and of the two matvec kernels'
+    L2 prefetch under PDL (PREFETCH_K's columns) at batch 1. Ends with the kernels' times in one batch-1 step
+    (profiled). args.only: the tiles swept (default: all)."""
     import fused_step as FS
     model = random_lm(args.size)
     cfg = model.config
@@ -1186,8 +1191,8 @@ def make_parser():
     p.add_argument("--pdl", nargs="+", default=["on"], choices=["on", "off"],
                    help="the fused step's Triton kernels with programmatic dependent launch (where the GPU has it)")
     p.add_argument("--prefetch-k", type=int, nargs="+", choices=[0, 256, 512, 1024, 2048],
-                   help="with PDL: weight columns each matvec program asks L2 for before it waits (default: "
-                        "fused_step.PREFETCH_K)")
+                   help="with PDL: weight columns each matvec program asks L2 for before it waits, the same for both "
+                        "matvec kernels (default: fused_step.PREFETCH_K, each kernel's own)")
     p.add_argument("--compile", action="store_true",
                    help="the LM blocks through torch.compile for our prefills (fast_decode.compile_blocks)")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")

@@ -50,10 +50,11 @@ DOT_MIN_BATCH = 5
 CUBLAS_FROM_BATCH = 8  # from this many sequences the products go to cuBLAS (`cublas_model_step`)
 # Programmatic dependent launch (GPUs from Hopper on): each kernel of the Triton step is launched while the one
 # before it runs; it does the work that needs nothing of its predecessor (pointers, the SSM state's load, an L2
-# prefetch of its first PREFETCH_K weight columns), then waits for it (`_wait_for_predecessor`). PREFETCH_K: the
-# fastest of `python benchmark.py decode --pdl off on --prefetch-k ...` on one H100 (docs/speed.md).
+# prefetch of its first PREFETCH_K weight columns, per matvec kernel), then waits for it (`_wait_for_predecessor`).
+# PREFETCH_K: the fastest of `python benchmark.py tiles --only PREFETCH_K` on one H100 (docs/speed.md); a power of
+# two of at least 64, or 0.
 PDL = True
-PREFETCH_K = 512
+PREFETCH_K = dict(norm_matvec=512, gated_matvec=1024)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -213,10 +214,10 @@ def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_
     B = tl.load(row + b_start + g * D_STATE + n, mask=n_ok, other=0.0)  # (BLOCK_N,)
     C = tl.load(row + c_start + g * D_STATE + n, mask=n_ok, other=0.0)
     dt = tl.load(row + dt_start + h)
+    z = tl.load(z_ptr + b * z_stride + h * HEADDIM + p, mask=p_ok, other=0.0).to(tl.float32)  # loaded before the stores
     s = s * tl.exp(dt * A) + (dt * x)[:, None] * B[None, :]  # eq. 3: A_bar = exp(dt A), B_bar = dt B
     tl.store(state, s.to(state_ptr.dtype.element_ty), mask=s_ok)
     y = (tl.sum(s * C[None, :], axis=1) + D * x).to(Y_DTYPE).to(tl.float32)  # y = C h + D x
-    z = tl.load(z_ptr + b * z_stride + h * HEADDIM + p, mask=p_ok, other=0.0).to(tl.float32)
     tl.store(v_ptr + b * d_inner + h * HEADDIM + p, y * (z * tl.sigmoid(z)), mask=p_ok)
 
 
@@ -306,14 +307,15 @@ def _pdl_args(device, overlap=True):
     return dict(PDL=pdl, launch_pdl=pdl)
 
 
-def _tiling(batch, weight, tile):
-    """(kernel arguments for the batch and tile, grid over row blocks) for a weight (rows, d_in)."""
+def _tiling(batch, weight, tile, kernel):
+    """(kernel arguments for the batch and tile, grid over row blocks) for a weight (rows, d_in) of the matvec
+    kernel named `kernel` (PREFETCH_K's key)."""
     use_dot = batch >= DOT_MIN_BATCH
     tile = DOT_TILE if use_dot else tile
     block_b = max(16, triton.next_power_of_2(batch)) if use_dot else triton.next_power_of_2(batch)
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"  # tf32 applies to fp32 inputs only
-    args = dict(BATCH=batch, USE_DOT=use_dot, DOT_PRECISION=precision, BLOCK_B=block_b, PREFETCH_K=PREFETCH_K,
-                **_pdl_args(weight.device), **tile)
+    args = dict(BATCH=batch, USE_DOT=use_dot, DOT_PRECISION=precision, BLOCK_B=block_b,
+                PREFETCH_K=PREFETCH_K[kernel], **_pdl_args(weight.device), **tile)
     return args, (triton.cdiv(weight.shape[0], tile["BLOCK_R"]),)
 
 
@@ -330,7 +332,7 @@ def norm_matvec(residual, norm, weight, out, conv_state=None, mixer=None):
         n_plain, n_conv, d_conv, dt_limit = c.d_inner, c.conv_dim, c.d_conv, c.dt_limit
         conv_w, conv_b, dt_bias = mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias
     has_bias = mixer is not None and conv_b is not None
-    args, grid = _tiling(b, weight, MATVEC_TILE)
+    args, grid = _tiling(b, weight, MATVEC_TILE, "norm_matvec")
     _norm_matvec_kernel[grid](residual, norm.weight, weight, out, conv_state, conv_w, conv_b if has_bias else conv_w,
                               dt_bias, n_rows, n_plain, n_conv, norm.eps, float(dt_limit[0]), float(dt_limit[1]),
                               D_IN=d_in, HAS_CONV_BIAS=has_bias, D_CONV=d_conv, WINDOW=triton.next_power_of_2(d_conv),
@@ -375,7 +377,7 @@ def block_step(block, residual, conv_state, ssm_state):
 def gated_matvec(v, mixer, residual):
     """residual (b, d_model) += out_proj(mixer.norm(v)) in place, v = y * SiLU(z) (b, d_inner) fp32: one kernel."""
     c, w_out = mixer.config, mixer.out_proj.weight
-    args, grid = _tiling(v.shape[0], w_out, GATED_TILE)
+    args, grid = _tiling(v.shape[0], w_out, GATED_TILE, "gated_matvec")
     _gated_matvec_kernel[grid](v, mixer.norm.weight, w_out, residual, c.d_model, mixer.norm.eps,
                                D_IN=c.d_inner, GROUP_SIZE=c.d_inner // c.ngroups, **args)
     return residual
