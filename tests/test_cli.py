@@ -260,3 +260,19 @@ def test_a_tile_sweep_leaves_the_fastest_set_and_passes_over_a_failing_tile(caps
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "TILE (128, 8): failed: RuntimeError: out of resource: shared memory"
     assert lines[-1] == "best TILE: {'BT': 64, 'num_warps': 4} (1.000 ms against 3.000 ms with the first)"
+
+
+def test_decode_benchmark_forms_set_the_prefetch_of_both_matvec_kernels():
+    """benchmark.step_forms: --prefetch-k K gives both matvec kernels K columns (fused_step.PREFETCH_K's keys), PDL
+    off prefetches nothing, and without --prefetch-k each kernel keeps its own (None: PREFETCH_K as it is)."""
+    import fused_step
+    parse = benchmark.make_parser().parse_args
+    forms = benchmark.step_forms(parse(["decode", "--kernels", "fused", "--pdl", "off", "on", "--prefetch-k", "256",
+                                        "1024"]))
+    assert [settings["PREFETCH_K"] for _, _, settings, _ in forms] == [
+        dict(norm_matvec=0, gated_matvec=0), dict(norm_matvec=256, gated_matvec=256),
+        dict(norm_matvec=1024, gated_matvec=1024)]
+    assert all(set(s["PREFETCH_K"]) == set(fused_step.PREFETCH_K) for _, _, s, _ in forms)
+    assert forms[2][3] == " (auto products, PDL on, prefetch 1024)"
+    (_, _, settings, label), = benchmark.step_forms(parse(["decode", "--kernels", "fused"]))
+    assert settings["PREFETCH_K"] is None and label == " (auto products, PDL on)"

@@ -66,6 +66,27 @@ def test_fused_step_over_several_weight_tiles_equals_the_plain_step(monkeypatch)
     assert_fused_steps_equal_plain_steps("odd sizes, dt_limit", 3)
 
 
+def test_each_matvec_kernel_takes_its_own_prefetch(monkeypatch):
+    """fused_step.PREFETCH_K is per kernel: in a step, in_proj's and the LM head's norm_matvec launch with
+    norm_matvec's columns and out_proj's gated_matvec with gated_matvec's."""
+    monkeypatch.setattr(FS, "PREFETCH_K", dict(norm_matvec=128, gated_matvec=1024))
+    launched, tiling = [], FS._tiling
+
+    def spy(batch, weight, tile, kernel):
+        args, grid = tiling(batch, weight, tile, kernel)
+        launched.append((tuple(weight.shape), args["PREFETCH_K"]))
+        return args, grid
+    monkeypatch.setattr(FS, "_tiling", spy)
+    model = fused_model(2)
+    cache = fast_decode.allocate_cache(model, 1)
+    with torch.no_grad():
+        FS.model_step(model, torch.zeros(1, dtype=torch.long, device=DEVICE), cache)
+    mixer = model.layers[0].mixer
+    in_proj, out_proj = tuple(mixer.in_proj.weight.shape), tuple(mixer.out_proj.weight.shape)
+    want = [(in_proj, 128), (out_proj, 1024)] * len(model.layers) + [(tuple(model.lm_head.weight.shape), 128)]
+    assert launched == want
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_the_step_with_cublas_products_equals_the_plain_step(shape):
     """Eq. 3 as above with the products as nn.Linear computes them (`cublas_model_step`: the norms, in_proj's
