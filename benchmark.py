@@ -4,7 +4,7 @@
                                    # length, on the CPU (or --device cuda)
     python benchmark.py decode     # Mamba-2 LM generation on the GPU at batch 1, 8, 32: ours eager and on CUDA
                                    # graphs with each step form, mamba-ssm's generate(cg=True), the bandwidth bound
-    python benchmark.py tiles      # fused_step's matrix-vector tiles: batch-1 decode time for each candidate
+    python benchmark.py tiles      # fused_step's tiles and L2 prefetch: batch-1 decode time for each candidate
     python benchmark.py ssd-tiles  # ssd_kernel.py's launch settings at the training step's shape: time of each
     python benchmark.py coldstart  # python generate.py on a random paper-size model: load, first token, wall
     python benchmark.py vision     # SigLIP so400m and DINOv2-L at 384 px: parameters, forward time, ours vs
@@ -324,10 +324,8 @@ def step_forms(args):
     """(kernels, state, fused_step settings, label) of each generation that bench_decode times: the products and
     programmatic dependent launch matter to the fused step only. --prefetch-k sets both matvec kernels'."""
     prefetch = args.prefetch_k or [None]  # None: fused_step.PREFETCH_K as it is
-
-    def prefetch_k(k):
-        return None if k is None else dict(norm_matvec=k, gated_matvec=k)
-    fused = [(dict(CUBLAS_FROM_BATCH=PRODUCTS[p], PDL=pdl == "on", PREFETCH_K=prefetch_k(k if pdl == "on" else 0)),
+    fused = [(dict(CUBLAS_FROM_BATCH=PRODUCTS[p], PDL=pdl == "on",
+                   PREFETCH_K=None if k is None else dict(norm_matvec=k, gated_matvec=k)),
               f" ({p} products, PDL {pdl}" + (f", prefetch {k})" if pdl == "on" and k is not None else ")"))
              for p in args.products for pdl in args.pdl for k in (prefetch if pdl == "on" else [0])]
     return [(k, s, settings, label) for k in args.kernels for settings, label in (fused if k == "fused" else [({}, "")])
@@ -1131,11 +1129,9 @@ def bench_ssd_tiles(args):
           f"{c.ngroups} group(s) of {r} heads, p={c.headdim}, n={c.d_state}, bf16")
     for name, candidates in SSD_TILES.items():
         keys = ("BT", "HEADS", "num_warps", "num_stages") if name == "BWD_S_TILE" else ("BT", "num_warps", "num_stages")
-        if name == "FWD_TILE":
-            sweep_tile(ssd_kernel, name, keys, candidates, lambda: seconds(forward, args.repeats, dev), "forward")
-        else:
-            sweep_tile(ssd_kernel, name, keys, candidates, lambda: seconds(forward_backward, args.repeats, dev,
-                                                                           grad=True), "forward and backward")
+        run, what = (forward, "forward") if name == "FWD_TILE" else (forward_backward, "forward and backward")
+        sweep_tile(ssd_kernel, name, keys, candidates,
+                   lambda: seconds(run, args.repeats, dev, grad=run is forward_backward), what)
 
 
 # the subcommands with no CPU form
@@ -1207,7 +1203,7 @@ def make_parser():
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--kernels", default="fused", choices=fast_decode.KERNELS)
     p = sub.add_parser("tiles", allow_abbrev=False,
-                       help="fused_step's tiles (products, state update): decode time for each candidate")
+                       help="fused_step's tiles (products, state update, L2 prefetch): decode time for each candidate")
     p.add_argument("--size", default="2.7b")
     p.add_argument("--only", nargs="+", choices=list(TILES), help="sweep these tiles alone (default: all)")
     p = sub.add_parser("ssd-tiles", allow_abbrev=False,
