@@ -802,26 +802,31 @@ def bench_scaling(args):
     print(f"decode ms/token from {first[0]} to {last[0]} image tokens: ours x{last[3] / first[3]:.2f}, "
           f"Transformer x{last[6] / first[6]:.2f}")
     if args.plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("(matplotlib is not installed: no plot)")
-            return rows
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        xs = [r[0] for r in rows]
-        for ax, (i, j, title) in zip(axes, ((1, 4, "prefill (ms)"), (3, 6, "decode (ms / token)"))):
-            ax.plot(xs, [r[i] * 1e3 for r in rows], "o-", label=f"Mamba-2 {args.size} (ours)")
-            ax.plot(xs, [r[j] * 1e3 for r in rows], "s-", label="Transformer (Phi-2 architecture)")
-            ax.set_xscale("log")
-            ax.set_xlabel("image tokens")
-            ax.set_title(title)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"(plot written to {args.plot})")
+        plot_scaling(rows, args.size, args.plot)
     return rows
+
+
+def plot_scaling(rows, size, path):
+    """bench_scaling's rows as two panels, prefill and decoding against the image tokens, written to path."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r[0] for r in rows]
+    for ax, (i, j, title) in zip(axes, ((1, 4, "prefill (ms)"), (3, 6, "decode (ms / token)"))):
+        ax.plot(xs, [r[i] * 1e3 for r in rows], "o-", label=f"Mamba-2 {size} (ours)")
+        ax.plot(xs, [r[j] * 1e3 for r in rows], "s-", label="Transformer (Phi-2 architecture)")
+        ax.set_xscale("log")
+        ax.set_xlabel("image tokens")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"(plot written to {path})")
 
 
 def step_flops(model, pixels, ids, labels):
