@@ -1062,12 +1062,13 @@ def bench_train(args):
     bench_ssd_backward(args, backends)
 
 
-def bench_ssd_backward(args, backends):
-    """The SSD alone, forward + backward, at the training step's shape (b, 729 + text tokens, Mamba-2 2.7B's heads):
-    each path, and ssd_chunked_fast at other chunk sizes (the same values at any chunk size) and compiled."""
+def _step_ssd_inputs(args, dev="cuda"):
+    """The SSD's inputs at the training step's shape (args.batch, 729 + text tokens, Mamba-2's heads, one group),
+    x, B and C in bf16 as autocast gives them, each input a leaf that takes a gradient: ((x, dt, A, B, C, D), a
+    gradient for y in fp32, the model's chunk, a description)."""
     from mamba2 import mamba2_preset
-    c, dev = mamba2_preset(args.size), "cuda"
-    b, l, h, p, n, chunk = args.batch, 729 + args.text_tokens, c.nheads, c.headdim, c.d_state, c.chunk_size
+    c = mamba2_preset(args.size)
+    b, l, h, p, n = args.batch, 729 + args.text_tokens, c.nheads, c.headdim, c.d_state
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(b, l, h, p, device=dev, generator=gen, dtype=torch.bfloat16).requires_grad_()
     dt = torch.nn.functional.softplus(torch.randn(b, l, h, device=dev, generator=gen) - 2).requires_grad_()
@@ -1076,15 +1077,24 @@ def bench_ssd_backward(args, backends):
     Cm = torch.randn(b, l, 1, n, device=dev, generator=gen, dtype=torch.bfloat16).requires_grad_()
     D = torch.ones(h, device=dev).requires_grad_()
     dy = torch.randn(b, l, h, p, device=dev, generator=gen)
+    return (x, dt, A, Bm, Cm, D), dy, c.chunk_size, f"b={b}, l={l}, h={h}, p={p}, n={n}, g=1, x/B/C bf16"
+
+
+def bench_ssd_backward(args, backends):
+    """The SSD alone, forward + backward, at the training step's shape (b, 729 + text tokens, Mamba-2 2.7B's heads):
+    each path, and ssd_chunked_fast at other chunk sizes (the same values at any chunk size) and compiled."""
+    leaves, dy, chunk, shape = _step_ssd_inputs(args)
+    x, dt, A, Bm, Cm, D = leaves
 
     def fwd_bwd(fn, q):
         def run():
             y, _ = fn(x, dt, A, Bm, Cm, q, D=D)
             torch.autograd.backward(y, dy.to(y.dtype))
-            for t in (x, dt, A, Bm, Cm, D):
+            for t in leaves:
                 t.grad = None
         return run
-    print(f"SSD forward + backward, b={b}, l={l}, h={h}, p={p}, n={n}, g=1, model chunk {chunk}, x/B/C bf16:")
+    dev = "cuda"
+    print(f"SSD forward + backward, {shape}, model chunk {chunk}:")
     runs = {SSD_PATHS[k]: (fast_ssd.SSD_FORMS[k], chunk) for k in backends}
     runs.update({f"ssd_chunked_fast, chunk {q}": (fast_ssd.ssd_chunked_fast, q) for q in args.chunk_sweep})
     if args.compile:
@@ -1099,6 +1109,36 @@ def bench_ssd_backward(args, backends):
             continue
         base = t if name == SSD_PATHS["mamba_ssm"] else base
         print(f"  {name}: {t * 1e3:.2f} ms" + (f" ({t / base:.2f}x the kernel)" if base else ""), flush=True)
+
+
+def bench_ssd_step(args):
+    """The SSD as train.py's compiled blocks run it: ssd_triton through torch.compile with `whole_scans`, under bf16
+    autocast, at the training step's shape. Its forward (with autograd recording) and its forward and backward timed,
+    then each CUDA kernel's time in one run of each."""
+    from torch.profiler import ProfilerActivity, profile
+    fast_decode.use_whole_scans(lower_backward_now=True)
+    leaves, dy, chunk, shape = _step_ssd_inputs(args)
+    compiled = torch.compile(lambda x, dt, A, B, C, D: fast_ssd.ssd_triton(x, dt, A, B, C, chunk, D=D)[0])
+
+    def forward():
+        with torch.autocast("cuda", torch.bfloat16):
+            return compiled(*leaves)
+
+    def forward_backward():
+        torch.autograd.backward(forward(), dy.to(torch.bfloat16))
+        for t in leaves:
+            t.grad = None
+    print(f"ssd_triton compiled on {torch.cuda.get_device_name()}, {shape}, chunk {chunk}:")
+    for name, run in (("forward", forward), ("forward and backward", forward_backward)):
+        t = seconds(run, args.repeats, "cuda", grad=True)
+        with torch.enable_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        kernels = sorted(((e.self_device_time_total, e.count, e.key) for e in prof.key_averages()
+                          if e.self_device_time_total > 0), reverse=True)
+        print(f"{name}: {t * 1e3:.3f} ms; its kernels, {sum(k[0] for k in kernels) / 1e3:.3f} ms in all:")
+        for us, count, key in kernels[:args.kernels]:
+            print(f"  {us / 1e3:.3f} ms  x{count}  {key[:110]}", flush=True)
 
 
 SSD_TILES = {  # ssd_kernel.py's tiles that `ssd-tiles` sweeps: (BT, num_warps, num_stages), dS's with HEADS after BT
@@ -1117,7 +1157,8 @@ def bench_ssd_tiles(args):
     b, l, Q = args.batch, 729 + args.text_tokens, c.chunk_size
     chunks, r = -(-l // Q), c.nheads // c.ngroups
     gen = torch.Generator(device=dev).manual_seed(0)
-    X = torch.randn(b, chunks, c.ngroups, r, Q, c.headdim, device=dev, generator=gen, dtype=torch.bfloat16)
+    X = torch.randn(b, chunks * Q, c.nheads, c.headdim, device=dev, generator=gen, dtype=torch.bfloat16)
+    X = X.reshape(b, chunks, Q, c.ngroups, r, c.headdim).permute(0, 1, 3, 4, 2, 5)  # as ssd_chunked_fast hands it over
     Bc, Cc = (torch.randn(b, chunks, c.ngroups, Q, c.d_state, device=dev, generator=gen, dtype=torch.bfloat16)
               for _ in range(2))
     cs = (-0.01 * torch.rand(b, chunks, c.ngroups, r, Q, device=dev, generator=gen)).cumsum(-1)  # (b, c, g, r, Q)
@@ -1140,7 +1181,7 @@ def bench_ssd_tiles(args):
 
 
 # the subcommands with no CPU form
-GPU_ONLY = ("decode", "calls", "tiles", "ssd-tiles", "coldstart", "load", "answers", "pipeline", "scaling", "train")
+GPU_ONLY = ("decode", "calls", "tiles", "ssd-tiles", "ssd-step", "coldstart", "load", "answers", "pipeline", "scaling", "train")
 
 
 def main(argv=None):
@@ -1156,7 +1197,7 @@ def main(argv=None):
               + ("; use --device cpu" if args.what not in GPU_ONLY else ""), file=sys.stderr)
         return 2
     {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "calls": bench_calls, "tiles": bench_tiles,
-     "ssd-tiles": bench_ssd_tiles, "coldstart": bench_coldstart, "load": bench_load, "answers": bench_answers,
+     "ssd-tiles": bench_ssd_tiles, "ssd-step": bench_ssd_step, "coldstart": bench_coldstart, "load": bench_load, "answers": bench_answers,
      "pipeline": bench_pipeline, "scaling": bench_scaling, "train": bench_train}[args.what](args)
 
 
@@ -1217,6 +1258,14 @@ def make_parser():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--text-tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=10)
+    p = sub.add_parser("ssd-step", allow_abbrev=False,
+                       help="the SSD as train.py's compiled blocks run it, at the training step's shape: time and "
+                            "each kernel's")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--text-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--kernels", type=int, default=25, help="the longest kernels printed")
     p = sub.add_parser("coldstart", allow_abbrev=False,
                        help="python generate.py on a random paper-size model: load, first token, wall")
     p.add_argument("--size", default="2.7b")

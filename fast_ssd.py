@@ -58,7 +58,7 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, dia
     dtf = F.pad(dt.to(f), (0, 0, 0, pad))  # (b, l + pad, h); dt = 0 on the padding: no decay, no input
     x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
     X = (x.to(f) * dtf[..., None]).to(x.dtype)  # dt_s x_s (b, l + pad, h, p), in the inputs' dtype
-    X = X.reshape(b, c, Q, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, Q, p)
+    X = X.reshape(b, c, Q, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, Q, p), a view: no copy
     Bc = B.reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     Cc = C.reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     logA = (dtf * A.to(f)).reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2).contiguous()  # dt_t A, fp32 (b, c, g, r, Q)

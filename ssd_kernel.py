@@ -8,6 +8,10 @@ kernels, which multiply it by each head's decays L. The backward, with M = S * L
 dM = dY X^T; dS = sum over the group's heads of dM * L, then dC = dS B and dB = dS^T C; dcs_t = sum_s dM M and
 dcs_s = -sum_t dM M. The products with X and dY run in the inputs' dtype with fp32 accumulation; S, dS and the decays
 are fp32. No program adds to another's output, so every gradient is the same from run to run.
+
+X, Y, dY and dX are read and written where they lie: a (b, c, g, r, Q, p) view of the model's (b, l, h, p) tensor (Q
+positions apart by h p values, the heads by p) needs no copy into (Q, p) blocks. `_layout` gives the kernels three
+strides: a chunk's, a head's and a position's.
 """
 
 import torch
@@ -32,46 +36,54 @@ def _tile(cs_ptr, t, s):
 
 
 @triton.jit
+def _block(head, H, chunk_stride, head_stride):
+    """Where a (batch, chunk, head) block begins, numbered over (batch, chunk) then the H = g r heads."""
+    return (head // H) * chunk_stride + (head % H) * head_stride
+
+
+@triton.jit
 def _matrix(s_ptr, cs_ptr, t, s, Q: tl.constexpr):
     """The SSD matrix's (t, s) block M = S[t, s] * L[t, s]: (BT, BT) fp32."""
     return tl.load(s_ptr + t[:, None] * Q + s[None, :]) * _tile(cs_ptr, t, s)
 
 
 @triton.jit
-def _diag_fwd(x_ptr, s_ptr, cs_ptr, y_ptr, R, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
-              PRECISION: tl.constexpr):
+def _diag_fwd(x_ptr, s_ptr, cs_ptr, y_ptr, R, H, chunk_stride, head_stride, row_stride, Q: tl.constexpr,
+              P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, head) and t-block: Y_t = sum_{s <= t} M[t, s] X_s."""
     head = tl.program_id(0)  # over (batch, chunk, group, head)
     tb = tl.program_id(1)
     t, p = tb * BT + tl.arange(0, BT), tl.arange(0, P)
+    at = _block(head, H, chunk_stride, head_stride)
     acc = tl.zeros((BT, P), dtype=tl.float32)
     for sb in range(0, tb + 1):
         s = sb * BT + tl.arange(0, BT)
-        X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])  # (BT, P)
+        X_s = tl.load(x_ptr + at + s[:, None] * row_stride + p[None, :])  # (BT, P)
         M = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)  # (BT, BT) fp32
         acc += tl.dot(M.to(X_s.dtype), X_s, input_precision=PRECISION)
-    tl.store(y_ptr + head * Q * P + t[:, None] * P + p[None, :], acc.to(y_ptr.dtype.element_ty))
+    tl.store(y_ptr + at + t[:, None] * row_stride + p[None, :], acc.to(y_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _diag_bwd_x(s_ptr, cs_ptr, dy_ptr, dx_ptr, R, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _diag_bwd_x(s_ptr, cs_ptr, dy_ptr, dx_ptr, R, H, chunk_stride, head_stride, row_stride, Q: tl.constexpr,
+                P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, head) and s-block: dX_s = sum_{t >= s} M[t, s]^T dY_t."""
     head = tl.program_id(0)
     sb = tl.program_id(1)
     s, p = sb * BT + tl.arange(0, BT), tl.arange(0, P)
+    at = _block(head, H, chunk_stride, head_stride)
     dX = tl.zeros((BT, P), dtype=tl.float32)
     for tb in range(sb, Q // BT):
         t = tb * BT + tl.arange(0, BT)
-        dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])  # (BT, P)
+        dY_t = tl.load(dy_ptr + at + t[:, None] * row_stride + p[None, :])  # (BT, P)
         M = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)
         dX += tl.dot(tl.trans(M).to(dY_t.dtype), dY_t, input_precision=PRECISION)
-    tl.store(dx_ptr + head * Q * P + s[:, None] * P + p[None, :], dX.to(dx_ptr.dtype.element_ty))
+    tl.store(dx_ptr + at + s[:, None] * row_stride + p[None, :], dX.to(dx_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _diag_bwd_s(x_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr, R, HEADS, Q: tl.constexpr, P: tl.constexpr,
-                BT: tl.constexpr, PRECISION: tl.constexpr):
+def _diag_bwd_s(x_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr, R, HEADS, H, chunk_stride, head_stride,
+                row_stride, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, HEADS of its R heads) and (t-block, s-block): the heads' sum of dM * L into their
     part of dS[t, s]; each head's sum_s dM M into rows[head, s-block, t] and sum_t dM M into cols[head, t-block, s].
     Zeros where s-block > t-block."""
@@ -84,8 +96,9 @@ def _diag_bwd_s(x_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr, R, HEA
     for head in range(group * R + first, group * R + tl.minimum(first + HEADS, R)):
         row_sums, col_sums = tl.zeros((BT,), dtype=tl.float32), tl.zeros((BT,), dtype=tl.float32)
         if sb <= tb:
-            dY_t = tl.load(dy_ptr + head * Q * P + t[:, None] * P + p[None, :])
-            X_s = tl.load(x_ptr + head * Q * P + s[:, None] * P + p[None, :])
+            at = _block(head, H, chunk_stride, head_stride)
+            dY_t = tl.load(dy_ptr + at + t[:, None] * row_stride + p[None, :])
+            X_s = tl.load(x_ptr + at + s[:, None] * row_stride + p[None, :])
             dML = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION) * _tile(cs_ptr + head * Q, t, s)  # dM * L
             dS += dML
             dMM = dML * S_ts  # dM * M
@@ -105,13 +118,14 @@ class DiagonalBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, Bc, Cc, cs):
-        X, cs = X.contiguous(), cs.contiguous()
+        X, cs = _in_layout(X), cs.contiguous()
         b, c, g, r, Q, p = X.shape
         with _no_autocast(X):
             S = (Cc.float() @ Bc.float().transpose(-1, -2)).contiguous()  # C_t . B_s, fp32 (b, c, g, Q, Q)
-        Y = torch.empty_like(X)
+        Y = _laid_out_as(X)
         bt, launch = _settings(FWD_TILE, Q)
-        _diag_fwd[(b * c * g * r, Q // bt)](X, S, cs, Y, r, Q=Q, P=p, BT=bt, PRECISION=_precision(X), **launch)
+        _diag_fwd[(b * c * g * r, Q // bt)](X, S, cs, Y, r, g * r, *_layout(X), Q=Q, P=p, BT=bt,
+                                             PRECISION=_precision(X), **launch)
         ctx.save_for_backward(X, Bc, Cc, cs, S)
         return Y
 
@@ -119,24 +133,44 @@ class DiagonalBlocks(torch.autograd.Function):
     def backward(ctx, dY):
         X, Bc, Cc, cs, S = ctx.saved_tensors
         b, c, g, r, Q, p = X.shape
-        dY = dY.contiguous()
-        dX = torch.empty_like(X)
+        dY = dY if dY.stride() == X.stride() else _laid_out_as(X).copy_(dY)
+        dX = _laid_out_as(X)
         bt, launch = _settings(BWD_X_TILE, Q)
-        _diag_bwd_x[(b * c * g * r, Q // bt)](S, cs, dY, dX, r, Q=Q, P=p, BT=bt, PRECISION=_precision(X), **launch)
+        _diag_bwd_x[(b * c * g * r, Q // bt)](S, cs, dY, dX, r, g * r, *_layout(X), Q=Q, P=p, BT=bt,
+                                               PRECISION=_precision(X), **launch)
         bt, launch = _settings(BWD_S_TILE, Q)
         heads, blocks = launch.pop("HEADS"), Q // bt
         parts = triton.cdiv(r, heads)
         dS = torch.empty(b, c, g, parts, Q, Q, dtype=torch.float32, device=X.device)  # each part's heads' sum
         rows = torch.empty(b, c, g, r, blocks, Q, dtype=torch.float32, device=X.device)
         cols = torch.empty_like(rows)
-        _diag_bwd_s[(b * c * g * parts, blocks, blocks)](X, S, cs, dY, dS, rows, cols, r, heads, Q=Q, P=p, BT=bt,
-                                                         PRECISION=_precision(X), **launch)
+        _diag_bwd_s[(b * c * g * parts, blocks, blocks)](X, S, cs, dY, dS, rows, cols, r, heads, g * r, *_layout(X),
+                                                         Q=Q, P=p, BT=bt, PRECISION=_precision(X), **launch)
         with _no_autocast(X):
             dS = dS.sum(3)  # (b, c, g, Q, Q)
             dC = dS @ Bc.float()  # (b, c, g, Q, n)
             dB = dS.transpose(-1, -2) @ Cc.float()  # (b, c, g, Q, n)
         dcs = rows.sum(-2) - cols.sum(-2)  # (b, c, g, r, Q)
         return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs
+
+
+def _layout(X):
+    """(chunk, head, position) strides of X (b, c, g, r, Q, p) for the kernels, which number a block over (batch,
+    chunk) and the g r heads: batch and chunk must merge, group and head too, and p be contiguous (`_in_layout`)."""
+    sb, sc, sg, sr, sq, sp = X.stride()
+    return sc, sr, sq
+
+
+def _in_layout(X):
+    """X as it lies where the kernels can address it (`_layout`), else a contiguous copy."""
+    b, c, g, r, Q, p = X.shape
+    sb, sc, sg, sr, sq, sp = X.stride()
+    return X if (sp == 1 and sb == c * sc and sg == r * sr) else X.contiguous()
+
+
+def _laid_out_as(X):
+    """An empty tensor with X's shape, strides and dtype."""
+    return torch.empty_strided(X.shape, X.stride(), dtype=X.dtype, device=X.device)
 
 
 def _settings(tile, Q):

@@ -416,6 +416,32 @@ def test_triton_form_takes_the_torch_diagonal_blocks_where_its_tiles_do_not_fit(
                                    torch.zeros(1, 1, 1, 1, 16))
 
 
+def test_triton_diagonal_blocks_read_and_write_the_models_layout_in_place():
+    """ssd_kernel's diagonal blocks on X as ssd_chunked_fast hands it over (a (b, c, g, r, Q, p) view of the model's
+    (b, l, h, p) tensor) take it without a copy, write Y and dX in that layout, and give the bits they give on a
+    contiguous copy of X; a view they cannot address (p not contiguous) is copied first and gives them too."""
+    device = triton_device()
+    import ssd_kernel
+    b, c, Q, g, r, p, n = 2, 3, 16, 2, 3, 16, 8
+    gen = torch.Generator().manual_seed(0)
+    model_layout = torch.randn(b, c * Q, g * r, p, generator=gen).to(device)  # (b, l, h, p)
+    X = model_layout.reshape(b, c, Q, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, Q, p), not contiguous
+    Bc, Cc = (torch.randn(b, c, g, Q, n, generator=gen).to(device) for _ in range(2))
+    cs = torch.cumsum(-torch.rand(b, c, g, r, Q, generator=gen), -1).to(device)
+    dY = torch.randn(X.shape, generator=gen).to(device)
+    assert ssd_kernel._in_layout(X) is X
+    runs = []
+    for X_in in (X, X.contiguous(), X.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        leaves = [t.clone().requires_grad_() for t in (X_in, Bc, Cc, cs)]
+        Y = ssd_kernel.diagonal_blocks(*leaves)
+        Y.backward(dY)
+        runs.append((Y.detach(), *[t.grad for t in leaves]))
+    assert runs[0][0].stride() == X.stride() and runs[0][1].stride() == X.stride()
+    assert runs[0][0].abs().max() > 0
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
 @pytest.mark.gpu
 def test_triton_diagonal_blocks_give_the_same_gradients_every_run():
     """No program of ssd_kernel's backward adds to another's output: two backward passes give equal bits (bf16, two
