@@ -1181,7 +1181,8 @@ def bench_ssd_tiles(args):
 
 
 # the subcommands with no CPU form
-GPU_ONLY = ("decode", "calls", "tiles", "ssd-tiles", "ssd-step", "coldstart", "load", "answers", "pipeline", "scaling", "train")
+GPU_ONLY = ("decode", "calls", "tiles", "ssd-tiles", "ssd-step", "coldstart", "load", "answers", "pipeline", "scaling",
+            "train")
 
 
 def main(argv=None):
@@ -1197,8 +1198,9 @@ def main(argv=None):
               + ("; use --device cpu" if args.what not in GPU_ONLY else ""), file=sys.stderr)
         return 2
     {"ssd": bench_ssd, "vision": bench_vision, "decode": bench_decode, "calls": bench_calls, "tiles": bench_tiles,
-     "ssd-tiles": bench_ssd_tiles, "ssd-step": bench_ssd_step, "coldstart": bench_coldstart, "load": bench_load, "answers": bench_answers,
-     "pipeline": bench_pipeline, "scaling": bench_scaling, "train": bench_train}[args.what](args)
+     "ssd-tiles": bench_ssd_tiles, "ssd-step": bench_ssd_step, "coldstart": bench_coldstart, "load": bench_load,
+     "answers": bench_answers, "pipeline": bench_pipeline, "scaling": bench_scaling,
+     "train": bench_train}[args.what](args)
 
 
 def make_parser():
