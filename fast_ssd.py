@@ -48,25 +48,54 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, dia
     diagonal: the diagonal blocks' form (`diagonal_blocks`, or the Triton kernels' in `ssd_triton`).
     Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32)."""
     b, l, h, p = x.shape
+    f = S._compute_dtype(x)
+    _, X, Bc, Cc, cs = _in_chunks(x, dt, A, B, C, chunk_size)
+
+    # 1. diagonal blocks: L[t, s] = exp(cs_t - cs_s) for s <= t, times C_t . B_s, times X
+    Y = diagonal(X, Bc, Cc, cs)  # (b, c, g, r, Q, p)
+
+    # 2-3. the state entering each chunk, and the final state (fp32)
+    states, final_state = _entering_states(X, Bc, cs, initial_state)  # (b, c, g, r, p, n), (b, h, p, n)
+
+    # 4. each chunk's incoming state read out by C, decayed from the chunk's start
+    b, c, g, r, Q, p = X.shape
+    n = Bc.shape[-1]
+    Y_off = Cc @ states.to(x.dtype).reshape(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, Q, r p)
+    Y_off = Y_off.reshape(b, c, g, Q, r, p).transpose(3, 4).to(f) * torch.exp(cs)[..., None]  # (b, c, g, r, Q, p)
+    y = (Y.to(f) + Y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)[:, :l]  # (b, l, h, p)
+    if D is not None:
+        y = y + D.to(f)[:, None] * x.to(f)
+    return y.to(x.dtype), final_state
+
+
+def _in_chunks(x, dt, A, B, C, Q):
+    """The inputs padded to whole chunks of Q and viewed by chunk: u = x (b, c, g, r, Q, p) and X = dt x in the
+    inputs' dtype, views of (b, l + pad, h, p) tensors; Bc, Cc (b, c, g, Q, n); cs (b, c, g, r, Q), the cumulative
+    sum of dt A within each chunk, fp32."""
+    b, l, h, p = x.shape
     g, n = B.shape[-2:]
     if h % g:
         raise ValueError(f"the number of heads ({h}) must be a multiple of the number of groups ({g})")
-    r, Q = h // g, chunk_size
+    r = h // g
     f = S._compute_dtype(x)
     pad = (-l) % Q
     c = (l + pad) // Q
     dtf = F.pad(dt.to(f), (0, 0, 0, pad))  # (b, l + pad, h); dt = 0 on the padding: no decay, no input
     x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
     X = (x.to(f) * dtf[..., None]).to(x.dtype)  # dt_s x_s (b, l + pad, h, p), in the inputs' dtype
-    X = X.reshape(b, c, Q, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, Q, p), a view: no copy
+    u, X = (t.reshape(b, c, Q, g, r, p).permute(0, 1, 3, 4, 2, 5) for t in (x, X))  # (b, c, g, r, Q, p), views
     Bc = B.reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     Cc = C.reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     logA = (dtf * A.to(f)).reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2).contiguous()  # dt_t A, fp32 (b, c, g, r, Q)
-    cs = torch.cumsum(logA, dim=-1)  # (b, c, g, r, Q)
+    return u, X, Bc, Cc, torch.cumsum(logA, dim=-1)
 
-    # 1. diagonal blocks: L[t, s] = exp(cs_t - cs_s) for s <= t, times C_t . B_s, times X
-    Y = diagonal(X, Bc, Cc, cs)  # (b, c, g, r, Q, p)
 
+def _entering_states(X, Bc, cs, initial_state):
+    """The state entering each chunk (b, c, g, r, p, n) and the final state (b, h, p, n), both fp32: each chunk's
+    own state from zero, then the recurrence between chunks."""
+    b, c, g, r, Q, p = X.shape
+    n = Bc.shape[-1]
+    f = cs.dtype
     # 2. chunk states, from zero: sum_s exp(cs_end - cs_s) X_s B_s^T, in fp32
     decay_to_end = torch.exp(cs[..., -1:] - cs)  # (b, c, g, r, Q)
     Xd = (X.to(f) * decay_to_end[..., None]).transpose(-1, -2).reshape(b, c, g, r * p, Q)  # (b, c, g, r p, Q)
@@ -74,21 +103,13 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, dia
 
     # 3. the recurrence between chunks (eq. 3 from chunk to chunk), one chunk at a time, in fp32
     if initial_state is None:
-        initial_state = torch.zeros(b, h, p, n, dtype=f, device=x.device)
+        initial_state = torch.zeros(b, g * r, p, n, dtype=f, device=X.device)
     chunk_decay = torch.exp(cs[..., -1])[..., None, None]  # (b, c, g, r, 1, 1)
     s, incoming = initial_state.to(f).reshape(b, g, r, p, n), []  # s: the state entering chunk k (b, g, r, p, n)
     for k in range(c):
         incoming.append(s)
         s = chunk_decay[:, k] * s + states[:, k]
-    states, final_state = torch.stack(incoming, 1), s  # (b, c, g, r, p, n), (b, g, r, p, n)
-
-    # 4. each chunk's incoming state read out by C, decayed from the chunk's start
-    Y_off = Cc @ states.to(x.dtype).reshape(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, Q, r p)
-    Y_off = Y_off.reshape(b, c, g, Q, r, p).transpose(3, 4).to(f) * torch.exp(cs)[..., None]  # (b, c, g, r, Q, p)
-    y = (Y.to(f) + Y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)[:, :l]  # (b, l, h, p)
-    if D is not None:
-        y = y + D.to(f)[:, None] * x[:, :l].to(f)
-    return y.to(x.dtype), final_state.reshape(b, h, p, n)
+    return torch.stack(incoming, 1), s.reshape(b, g * r, p, n)
 
 
 _kernel = None  # mamba-ssm's chunked scan, as find_kernel wraps it; None before it is found, or when it is missing
@@ -138,13 +159,18 @@ def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
-    """`ssd_chunked_fast` with its diagonal blocks from Triton kernels that never write the (Q, Q) tensors
-    (ssd_kernel.py), where their tiles fit: the chunk and headdim powers of two of at least 16; else
-    `diagonal_blocks`."""
+    """`ssd_chunked_fast`'s algorithm with each chunk's whole output (its diagonal block, the entering state read out
+    by C and D x) from one Triton kernel that never writes the (Q, Q) tensors (ssd_kernel.py), where its tiles fit:
+    the chunk and headdim powers of two of at least 16; else `ssd_chunked_fast`. y is written once, in x's layout."""
     import ssd_kernel  # imports triton
-    fits = ssd_kernel.fits(chunk_size, x.shape[-1])
-    return ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state,
-                            diagonal=ssd_kernel.diagonal_blocks if fits else diagonal_blocks)
+    if not ssd_kernel.fits(chunk_size, x.shape[-1]):
+        return ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+    b, l, h, p = x.shape
+    u, X, Bc, Cc, cs = _in_chunks(x, dt, A, B, C, chunk_size)
+    states, final_state = _entering_states(X, Bc, cs, initial_state)  # (b, c, g, r, p, n), (b, h, p, n) fp32
+    D = torch.zeros(h, dtype=torch.float32, device=x.device) if D is None else D
+    y = ssd_kernel.chunk_outputs(X, u, Bc, Cc, cs, states, D)  # (b, c, g, r, Q, p), a view of (b, l + pad, h, p)
+    return y.permute(0, 1, 4, 2, 3, 5).reshape(b, -1, h, p)[:, :l], final_state
 
 
 def kernel(x, dt, A, B, C, chunk_size, D=None, initial_state=None):

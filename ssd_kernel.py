@@ -48,9 +48,11 @@ def _matrix(s_ptr, cs_ptr, t, s, Q: tl.constexpr):
 
 
 @triton.jit
-def _diag_fwd(x_ptr, s_ptr, cs_ptr, y_ptr, R, H, chunk_stride, head_stride, row_stride, Q: tl.constexpr,
-              P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (batch, chunk, group, head) and t-block: Y_t = sum_{s <= t} M[t, s] X_s."""
+def _diag_fwd(x_ptr, s_ptr, cs_ptr, y_ptr, R, H, chunk_stride, head_stride, row_stride, c_ptr, c_chunk_stride,
+              c_group_stride, c_row_stride, state_ptr, d_ptr, u_ptr, N, Q: tl.constexpr, P: tl.constexpr,
+              BT: tl.constexpr, NP: tl.constexpr, WHOLE: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (batch, chunk, group, head) and t-block: Y_t = sum_{s <= t} M[t, s] X_s. WHOLE: the chunk's whole output
+    y_t = Y_t + exp(cs_t) C_t . h (h the state entering the chunk, (P, N) fp32) + D u_t, all in fp32 until the store."""
     head = tl.program_id(0)  # over (batch, chunk, group, head)
     tb = tl.program_id(1)
     t, p = tb * BT + tl.arange(0, BT), tl.arange(0, P)
@@ -61,6 +63,14 @@ def _diag_fwd(x_ptr, s_ptr, cs_ptr, y_ptr, R, H, chunk_stride, head_stride, row_
         X_s = tl.load(x_ptr + at + s[:, None] * row_stride + p[None, :])  # (BT, P)
         M = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)  # (BT, BT) fp32
         acc += tl.dot(M.to(X_s.dtype), X_s, input_precision=PRECISION)
+    if WHOLE:
+        n = tl.arange(0, NP)
+        C_t = tl.load(c_ptr + (head // H) * c_chunk_stride + ((head % H) // R) * c_group_stride +
+                      t[:, None] * c_row_stride + n[None, :], mask=n[None, :] < N, other=0.0)  # (BT, NP)
+        h_T = tl.load(state_ptr + head * P * N + p[None, :] * N + n[:, None], mask=n[:, None] < N, other=0.0)  # (NP, P)
+        read_out = tl.dot(C_t, h_T.to(C_t.dtype), input_precision=PRECISION)  # C_t . h, (BT, P)
+        acc += tl.exp(tl.load(cs_ptr + head * Q + t))[:, None] * read_out
+        acc += tl.load(d_ptr + head % H) * tl.load(u_ptr + at + t[:, None] * row_stride + p[None, :]).to(tl.float32)
     tl.store(y_ptr + at + t[:, None] * row_stride + p[None, :], acc.to(y_ptr.dtype.element_ty))
 
 
@@ -124,34 +134,84 @@ class DiagonalBlocks(torch.autograd.Function):
             S = (Cc.float() @ Bc.float().transpose(-1, -2)).contiguous()  # C_t . B_s, fp32 (b, c, g, Q, Q)
         Y = _laid_out_as(X)
         bt, launch = _settings(FWD_TILE, Q)
-        _diag_fwd[(b * c * g * r, Q // bt)](X, S, cs, Y, r, g * r, *_layout(X), Q=Q, P=p, BT=bt,
-                                             PRECISION=_precision(X), **launch)
+        _diag_fwd[(b * c * g * r, Q // bt)](X, S, cs, Y, r, g * r, *_layout(X), X, 0, 0, 0, X, X, X, 1, Q=Q, P=p,
+                                             BT=bt, NP=16, WHOLE=False, PRECISION=_precision(X), **launch)
         ctx.save_for_backward(X, Bc, Cc, cs, S)
         return Y
 
     @staticmethod
     def backward(ctx, dY):
         X, Bc, Cc, cs, S = ctx.saved_tensors
+        return _diagonal_backward(dY, X, Bc, Cc, cs, S)
+
+
+def _diagonal_backward(dY, X, Bc, Cc, cs, S):
+    """The diagonal blocks' gradients (dX, dB, dC, dcs) from dY, by the backward's two kernels."""
+    b, c, g, r, Q, p = X.shape
+    dY = dY if dY.stride() == X.stride() else _laid_out_as(X).copy_(dY)
+    dX = _laid_out_as(X)
+    bt, launch = _settings(BWD_X_TILE, Q)
+    _diag_bwd_x[(b * c * g * r, Q // bt)](S, cs, dY, dX, r, g * r, *_layout(X), Q=Q, P=p, BT=bt,
+                                           PRECISION=_precision(X), **launch)
+    bt, launch = _settings(BWD_S_TILE, Q)
+    heads, blocks = launch.pop("HEADS"), Q // bt
+    parts = triton.cdiv(r, heads)
+    dS = torch.empty(b, c, g, parts, Q, Q, dtype=torch.float32, device=X.device)  # each part's heads' sum
+    rows = torch.empty(b, c, g, r, blocks, Q, dtype=torch.float32, device=X.device)
+    cols = torch.empty_like(rows)
+    _diag_bwd_s[(b * c * g * parts, blocks, blocks)](X, S, cs, dY, dS, rows, cols, r, heads, g * r, *_layout(X),
+                                                     Q=Q, P=p, BT=bt, PRECISION=_precision(X), **launch)
+    with _no_autocast(X):
+        dS = dS.sum(3)  # (b, c, g, Q, Q)
+        dC = dS @ Bc.float()  # (b, c, g, Q, n)
+        dB = dS.transpose(-1, -2) @ Cc.float()  # (b, c, g, Q, n)
+    dcs = rows.sum(-2) - cols.sum(-2)  # (b, c, g, r, Q)
+    return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs
+
+
+class ChunkOutputs(torch.autograd.Function):
+    """Each chunk's whole output in one kernel: its diagonal block, plus the state entering it read out by C and
+    decayed from the chunk's start, plus D u. X = dt u and u (b, c, g, r, Q, p) in one layout, Bc, Cc (b, c, g, Q, n),
+    cs (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) fp32, D (h,) fp32 -> y (b, c, g, r, Q, p) in u's layout and dtype.
+    The backward: the diagonal blocks' kernels, and the read-out's and D's gradients as products in u's dtype:
+    dh = (exp(cs) dy)^T C, dC += sum over the group's heads of exp(cs) dy h, dcs += sum_p exp(cs) dy (C h^T),
+    dD = sum dy u, du = D dy."""
+
+    @staticmethod
+    def forward(ctx, X, u, Bc, Cc, cs, h, D):
+        X, cs, h, D = _in_layout(X), cs.contiguous(), h.contiguous(), D.float().contiguous()
+        u = u if u.stride() == X.stride() else _laid_out_as(X).copy_(u)
+        Cr = _rows_in_layout(Cc)
         b, c, g, r, Q, p = X.shape
-        dY = dY if dY.stride() == X.stride() else _laid_out_as(X).copy_(dY)
-        dX = _laid_out_as(X)
-        bt, launch = _settings(BWD_X_TILE, Q)
-        _diag_bwd_x[(b * c * g * r, Q // bt)](S, cs, dY, dX, r, g * r, *_layout(X), Q=Q, P=p, BT=bt,
-                                               PRECISION=_precision(X), **launch)
-        bt, launch = _settings(BWD_S_TILE, Q)
-        heads, blocks = launch.pop("HEADS"), Q // bt
-        parts = triton.cdiv(r, heads)
-        dS = torch.empty(b, c, g, parts, Q, Q, dtype=torch.float32, device=X.device)  # each part's heads' sum
-        rows = torch.empty(b, c, g, r, blocks, Q, dtype=torch.float32, device=X.device)
-        cols = torch.empty_like(rows)
-        _diag_bwd_s[(b * c * g * parts, blocks, blocks)](X, S, cs, dY, dS, rows, cols, r, heads, g * r, *_layout(X),
-                                                         Q=Q, P=p, BT=bt, PRECISION=_precision(X), **launch)
         with _no_autocast(X):
-            dS = dS.sum(3)  # (b, c, g, Q, Q)
-            dC = dS @ Bc.float()  # (b, c, g, Q, n)
-            dB = dS.transpose(-1, -2) @ Cc.float()  # (b, c, g, Q, n)
-        dcs = rows.sum(-2) - cols.sum(-2)  # (b, c, g, r, Q)
-        return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs
+            S = (Cc.float() @ Bc.float().transpose(-1, -2)).contiguous()  # C_t . B_s, fp32 (b, c, g, Q, Q)
+        y = _laid_out_as(X)
+        bt, launch = _settings(FWD_TILE, Q)
+        n = Cc.shape[-1]
+        _diag_fwd[(b * c * g * r, Q // bt)](X, S, cs, y, r, g * r, *_layout(X), Cr, Cr.stride(1), Cr.stride(2),
+                                             Cr.stride(3), h, D, u, n, Q=Q, P=p, BT=bt,
+                                             NP=max(16, triton.next_power_of_2(n)), WHOLE=True,
+                                             PRECISION=_precision(X), **launch)
+        ctx.save_for_backward(X, u, Bc, Cc, cs, S, h, D)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        X, u, Bc, Cc, cs, S, h, D = ctx.saved_tensors
+        dX, dB, dC, dcs = _diagonal_backward(dy, X, Bc, Cc, cs, S)
+        b, c, g, r, Q, p = X.shape
+        n = Cc.shape[-1]
+        with _no_autocast(X):
+            dye = (dy.float() * torch.exp(cs)[..., None]).to(X.dtype)  # exp(cs_t) dy_t (b, c, g, r, Q, p)
+            dye_heads = dye.permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, Q, r * p)  # (b, c, g, Q, r p)
+            dh = (dye_heads.transpose(-1, -2) @ Cc).reshape(b, c, g, r, p, n)  # (b, c, g, r, p, n)
+            hs = h.to(X.dtype).reshape(b, c, g, r * p, n)  # (b, c, g, r p, n)
+            dC_out = dye_heads @ hs  # (b, c, g, Q, n)
+            read_out = (Cc @ hs.transpose(-1, -2)).reshape(b, c, g, Q, r, p).transpose(3, 4)  # C_t . h, by head
+            dcs_out = (dye.float() * read_out.float()).sum(-1)  # (b, c, g, r, Q)
+            dD = (dy.float() * u.float()).sum((0, 1, 4, 5)).reshape(-1)  # (g r,)
+            du = (dy.float() * D.reshape(g, r)[:, :, None, None]).to(u.dtype)
+        return dX, du, dB, (dC.float() + dC_out.float()).to(Cc.dtype), dcs + dcs_out, dh.float(), dD
 
 
 def _layout(X):
@@ -166,6 +226,12 @@ def _in_layout(X):
     b, c, g, r, Q, p = X.shape
     sb, sc, sg, sr, sq, sp = X.stride()
     return X if (sp == 1 and sb == c * sc and sg == r * sr) else X.contiguous()
+
+
+def _rows_in_layout(Cc):
+    """Cc (b, c, g, Q, n) as it lies if batch and chunk merge and n is contiguous, else a contiguous copy."""
+    sb, sc, sg, sq, sn = Cc.stride()
+    return Cc if (sn == 1 and sb == Cc.shape[1] * sc) else Cc.contiguous()
 
 
 def _laid_out_as(X):
@@ -197,3 +263,9 @@ def diagonal_blocks(X, Bc, Cc, cs):
         raise ValueError(f"the SSD kernels need the chunk and headdim to be powers of two of at least 16 (here {Q}, "
                          f"{p}): use ssd_chunked_fast")
     return DiagonalBlocks.apply(X, Bc, Cc, cs)
+
+
+def chunk_outputs(X, u, Bc, Cc, cs, h, D):
+    """Every chunk's output by one kernel (`ChunkOutputs`): X = dt u and u (b, c, g, r, Q, p), Bc, Cc (b, c, g, Q, n),
+    cs (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) the states entering the chunks, D (h,) -> y (b, c, g, r, Q, p)."""
+    return ChunkOutputs.apply(X, u, Bc, Cc, cs, h, D)
