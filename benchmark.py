@@ -866,7 +866,7 @@ KERNEL_CLASSES = (  # (class, words in a CUDA kernel's name), first match wins
     ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "magma", "cublas", "sm90_", "sm80_")),
     ("optimizer and gradient clipping", ("multi_tensor_apply", "adam")),
     ("SSD scans and decays (compiled)", ("cumsum", "segsum")),
-    ("SSD diagonal blocks (ssd_kernel.py)", ("_diag_",)),
+    ("SSD chunk kernels (ssd_kernel.py)", ("_chunk_fwd", "_diag_")),
     ("compiled elementwise and reductions", ("triton_",)),
     ("copies and casts", ("copy", "cat", "fill")),
     ("other elementwise and reductions", ("",)),
@@ -901,7 +901,7 @@ def _profile_step(step, file):
 
 
 SSD_PATHS = {"torch": "ssd_chunked (torch)", "torch-fast": "ssd_chunked_fast (torch)",
-             "torch-compiled": "ssd_chunked_fast compiled (torch)", "triton": "ssd_triton (our diagonal-block kernels)",
+             "torch-compiled": "ssd_chunked_fast compiled (torch)", "triton": "ssd_triton (our chunk-output kernels)",
              "mamba_ssm": "mamba_chunk_scan_combined (kernel)"}
 
 
@@ -1149,30 +1149,31 @@ SSD_TILES = {  # ssd_kernel.py's tiles that `ssd-tiles` sweeps: (BT, num_warps, 
 
 def bench_ssd_tiles(args):
     """ssd_kernel.py's launch settings at the training step's shape (b, 729 + text tokens, Mamba-2's heads and
-    chunk, x, B, C bf16): for each kernel in turn, the diagonal blocks timed with each candidate (the forward's tile
+    chunk, x, B, C bf16): for each kernel in turn, the chunk outputs timed with each candidate (the forward's tile
     by the forward, the backward's by the forward and backward), the fastest kept for the next kernel's sweep."""
     import ssd_kernel
     from mamba2 import mamba2_preset
     c, dev = mamba2_preset(args.size), "cuda"
     b, l, Q = args.batch, 729 + args.text_tokens, c.chunk_size
-    chunks, r = -(-l // Q), c.nheads // c.ngroups
+    chunks, g, r = -(-l // Q), c.ngroups, c.nheads // c.ngroups
     gen = torch.Generator(device=dev).manual_seed(0)
-    X = torch.randn(b, chunks * Q, c.nheads, c.headdim, device=dev, generator=gen, dtype=torch.bfloat16)
-    X = X.reshape(b, chunks, Q, c.ngroups, r, c.headdim).permute(0, 1, 3, 4, 2, 5)  # as ssd_chunked_fast hands it over
-    Bc, Cc = (torch.randn(b, chunks, c.ngroups, Q, c.d_state, device=dev, generator=gen, dtype=torch.bfloat16)
+    X, u = (torch.randn(b, chunks * Q, c.nheads, c.headdim, device=dev, generator=gen, dtype=torch.bfloat16)
+            .reshape(b, chunks, Q, g, r, c.headdim).permute(0, 1, 3, 4, 2, 5) for _ in range(2))  # as ssd_triton's
+    Bc, Cc = (torch.randn(b, chunks, g, Q, c.d_state, device=dev, generator=gen, dtype=torch.bfloat16)
               for _ in range(2))
-    cs = (-0.01 * torch.rand(b, chunks, c.ngroups, r, Q, device=dev, generator=gen)).cumsum(-1)  # (b, c, g, r, Q)
-    dY = torch.randn_like(X)
+    cs = (-0.01 * torch.rand(b, chunks, g, r, Q, device=dev, generator=gen)).cumsum(-1)  # (b, c, g, r, Q)
+    h = torch.randn(b, chunks, g, r, c.headdim, c.d_state, device=dev, generator=gen)  # the entering states, fp32
+    D, dY = torch.randn(c.nheads, device=dev, generator=gen), torch.randn_like(X)
     X.requires_grad_()
 
     def forward():
-        return ssd_kernel.DiagonalBlocks.apply(X, Bc, Cc, cs)
+        return ssd_kernel.chunk_outputs(X, u, Bc, Cc, cs, h, D)
 
     def forward_backward():
         torch.autograd.backward(forward(), dY)
         X.grad = None
-    print(f"ssd_kernel.py's diagonal blocks on {torch.cuda.get_device_name()}: b={b}, {chunks} chunks of {Q}, "
-          f"{c.ngroups} group(s) of {r} heads, p={c.headdim}, n={c.d_state}, bf16")
+    print(f"ssd_kernel.py's chunk outputs on {torch.cuda.get_device_name()}: b={b}, {chunks} chunks of {Q}, "
+          f"{g} group(s) of {r} heads, p={c.headdim}, n={c.d_state}, bf16")
     for name, candidates in SSD_TILES.items():
         keys = ("BT", "HEADS", "num_warps", "num_stages") if name == "BWD_S_TILE" else ("BT", "num_warps", "num_stages")
         run, what = (forward, "forward") if name == "FWD_TILE" else (forward_backward, "forward and backward")

@@ -32,7 +32,7 @@ def diagonal_blocks(X, Bc, Cc, cs):
     return (L * CB[:, :, :, None]).to(X.dtype) @ X
 
 
-def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, diagonal=diagonal_blocks):
+def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """Eq. 3 by `ssd_chunked`'s algorithm, arranged for a GPU: the same values within the inputs' precision (tests
     check it), fewer passes over the (Q, Q) tensors, which dominate its time.
     - The segment sums inside a chunk are differences of the chunk's cumulative sum, cs_t - cs_s (as mamba-ssm's
@@ -45,14 +45,13 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, dia
       so the heads stack as r * p rows of one product instead of r products of p rows.
     - The recurrence between chunks is a loop over the chunks, s_{k+1} = exp(chunk k's sum of dt A) s_k + state_k,
       elementwise in fp32 (also under autocast), where ssd_chunked multiplies by the (c+1, c+1) matrix of decays.
-    diagonal: the diagonal blocks' form (`diagonal_blocks`, or the Triton kernels' in `ssd_triton`).
     Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32)."""
     b, l, h, p = x.shape
     f = S._compute_dtype(x)
     _, X, Bc, Cc, cs = _in_chunks(x, dt, A, B, C, chunk_size)
 
     # 1. diagonal blocks: L[t, s] = exp(cs_t - cs_s) for s <= t, times C_t . B_s, times X
-    Y = diagonal(X, Bc, Cc, cs)  # (b, c, g, r, Q, p)
+    Y = diagonal_blocks(X, Bc, Cc, cs)  # (b, c, g, r, Q, p)
 
     # 2-3. the state entering each chunk, and the final state (fp32)
     states, final_state = _entering_states(X, Bc, cs, initial_state)  # (b, c, g, r, p, n), (b, h, p, n)

@@ -1,16 +1,19 @@
-"""The SSD's diagonal blocks (eq. 3 inside each chunk) as Triton kernels that keep the (Q, Q) tiles on chip, forward
-and backward: what `fast_ssd.ssd_chunked_fast` computes with (Q, Q) tensors in memory, for `fast_ssd.ssd_triton`.
+"""Each chunk's output of the SSD (eq. 3) as Triton kernels that keep the (Q, Q) tiles on chip, forward and
+backward: what `fast_ssd.ssd_chunked_fast` computes with (Q, Q) tensors in memory, for `fast_ssd.ssd_triton`.
 
-    Y[t] = sum_{s <= t} exp(cs_t - cs_s) (C_t . B_s) X_s        per (batch, chunk, group, head), X = dt x
+    y_t = sum_{s <= t} exp(cs_t - cs_s) (C_t . B_s) X_s  +  exp(cs_t) C_t . h  +  D u_t
+          (the diagonal block)                            (the state h entering the chunk, read out by C)
 
-S = C B^T is the same for every head of a group: it is one product per (batch, chunk, group), in fp32, before the
-kernels, which multiply it by each head's decays L. The backward, with M = S * L: dX_s = sum_t M[t, s] dY_t;
-dM = dY X^T; dS = sum over the group's heads of dM * L, then dC = dS B and dB = dS^T C; dcs_t = sum_s dM M and
-dcs_s = -sum_t dM M. The products with X and dY run in the inputs' dtype with fp32 accumulation; S, dS and the decays
-are fp32. No program adds to another's output, so every gradient is the same from run to run.
+per (batch, chunk, group, head), X = dt u, fp32 until the one store of y. S = C B^T is the same for every head of a
+group: it is one product per (batch, chunk, group), in fp32, before the kernels, which multiply it by each head's
+decays L. The diagonal block's backward, with M = S * L: dX_s = sum_t M[t, s] dy_t; dM = dy X^T; dS = sum over the
+group's heads of dM * L, then dC = dS B and dB = dS^T C; dcs_t = sum_s dM M and dcs_s = -sum_t dM M. The read-out's
+and D's gradients are products in PyTorch (`ChunkOutputs.backward`). The products with X and dy run in the inputs'
+dtype with fp32 accumulation; S, dS and the decays are fp32. No program adds to another's output, so every gradient
+is the same from run to run.
 
-X, Y, dY and dX are read and written where they lie: a (b, c, g, r, Q, p) view of the model's (b, l, h, p) tensor (Q
-positions apart by h p values, the heads by p) needs no copy into (Q, p) blocks. `_layout` gives the kernels three
+X, u, y, dy and dX are read and written where they lie: a (b, c, g, r, Q, p) view of the model's (b, l, h, p) tensor
+(Q positions apart by h p values, the heads by p) needs no copy into (Q, p) blocks. `_layout` gives the kernels three
 strides: a chunk's, a head's and a position's.
 """
 
@@ -21,7 +24,7 @@ import triton.language as tl
 # Each kernel's launch settings: BT a chunk's rows per program (fewer in a shorter chunk), warps, pipeline stages;
 # HEADS a group's heads per program of the backward's dS (their parts are summed after it). The fastest of
 # `python benchmark.py ssd-tiles` at Mamba-2 2.7B's training shape (docs/speed.md).
-FWD_TILE = dict(BT=64, num_warps=4, num_stages=2)  # _diag_fwd
+FWD_TILE = dict(BT=64, num_warps=4, num_stages=2)  # _chunk_fwd
 BWD_X_TILE = dict(BT=128, num_warps=4, num_stages=1)  # _diag_bwd_x
 BWD_S_TILE = dict(BT=64, HEADS=32, num_warps=4, num_stages=3)  # _diag_bwd_s
 
@@ -48,14 +51,14 @@ def _matrix(s_ptr, cs_ptr, t, s, Q: tl.constexpr):
 
 
 @triton.jit
-def _diag_fwd(x_ptr, s_ptr, cs_ptr, y_ptr, R, H, chunk_stride, head_stride, row_stride, c_ptr, c_chunk_stride,
-              c_group_stride, c_row_stride, state_ptr, d_ptr, u_ptr, N, Q: tl.constexpr, P: tl.constexpr,
-              BT: tl.constexpr, NP: tl.constexpr, WHOLE: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (batch, chunk, group, head) and t-block: Y_t = sum_{s <= t} M[t, s] X_s. WHOLE: the chunk's whole output
-    y_t = Y_t + exp(cs_t) C_t . h (h the state entering the chunk, (P, N) fp32) + D u_t, all in fp32 until the store."""
+def _chunk_fwd(x_ptr, u_ptr, s_ptr, cs_ptr, c_ptr, h_ptr, d_ptr, y_ptr, R, H, N, chunk_stride, head_stride, row_stride,
+               c_chunk_stride, c_group_stride, c_row_stride, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
+               NP: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (batch, chunk, group, head) and t-block: y_t = sum_{s <= t} M[t, s] X_s + exp(cs_t) C_t . h + D u_t, with
+    h (P, N) fp32 the state entering the chunk; fp32 until the store."""
     head = tl.program_id(0)  # over (batch, chunk, group, head)
     tb = tl.program_id(1)
-    t, p = tb * BT + tl.arange(0, BT), tl.arange(0, P)
+    t, p, n = tb * BT + tl.arange(0, BT), tl.arange(0, P), tl.arange(0, NP)
     at = _block(head, H, chunk_stride, head_stride)
     acc = tl.zeros((BT, P), dtype=tl.float32)
     for sb in range(0, tb + 1):
@@ -63,14 +66,11 @@ def _diag_fwd(x_ptr, s_ptr, cs_ptr, y_ptr, R, H, chunk_stride, head_stride, row_
         X_s = tl.load(x_ptr + at + s[:, None] * row_stride + p[None, :])  # (BT, P)
         M = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)  # (BT, BT) fp32
         acc += tl.dot(M.to(X_s.dtype), X_s, input_precision=PRECISION)
-    if WHOLE:
-        n = tl.arange(0, NP)
-        C_t = tl.load(c_ptr + (head // H) * c_chunk_stride + ((head % H) // R) * c_group_stride +
-                      t[:, None] * c_row_stride + n[None, :], mask=n[None, :] < N, other=0.0)  # (BT, NP)
-        h_T = tl.load(state_ptr + head * P * N + p[None, :] * N + n[:, None], mask=n[:, None] < N, other=0.0)  # (NP, P)
-        read_out = tl.dot(C_t, h_T.to(C_t.dtype), input_precision=PRECISION)  # C_t . h, (BT, P)
-        acc += tl.exp(tl.load(cs_ptr + head * Q + t))[:, None] * read_out
-        acc += tl.load(d_ptr + head % H) * tl.load(u_ptr + at + t[:, None] * row_stride + p[None, :]).to(tl.float32)
+    C_t = tl.load(c_ptr + (head // H) * c_chunk_stride + ((head % H) // R) * c_group_stride + t[:, None] * c_row_stride
+                  + n[None, :], mask=n[None, :] < N, other=0.0)  # (BT, NP), zeros past N
+    h_T = tl.load(h_ptr + head * P * N + p[None, :] * N + n[:, None], mask=n[:, None] < N, other=0.0)  # (NP, P)
+    acc += tl.exp(tl.load(cs_ptr + head * Q + t))[:, None] * tl.dot(C_t, h_T.to(C_t.dtype), input_precision=PRECISION)
+    acc += tl.load(d_ptr + head % H) * tl.load(u_ptr + at + t[:, None] * row_stride + p[None, :]).to(tl.float32)
     tl.store(y_ptr + at + t[:, None] * row_stride + p[None, :], acc.to(y_ptr.dtype.element_ty))
 
 
@@ -123,28 +123,6 @@ def _no_autocast(X):
     return torch.autocast(X.device.type, enabled=False)
 
 
-class DiagonalBlocks(torch.autograd.Function):
-    """Y (b, c, g, r, Q, p) in X's dtype from X (b, c, g, r, Q, p), B, C (b, c, g, Q, n), cs (b, c, g, r, Q) fp32."""
-
-    @staticmethod
-    def forward(ctx, X, Bc, Cc, cs):
-        X, cs = _in_layout(X), cs.contiguous()
-        b, c, g, r, Q, p = X.shape
-        with _no_autocast(X):
-            S = (Cc.float() @ Bc.float().transpose(-1, -2)).contiguous()  # C_t . B_s, fp32 (b, c, g, Q, Q)
-        Y = _laid_out_as(X)
-        bt, launch = _settings(FWD_TILE, Q)
-        _diag_fwd[(b * c * g * r, Q // bt)](X, S, cs, Y, r, g * r, *_layout(X), X, 0, 0, 0, X, X, X, 1, Q=Q, P=p,
-                                             BT=bt, NP=16, WHOLE=False, PRECISION=_precision(X), **launch)
-        ctx.save_for_backward(X, Bc, Cc, cs, S)
-        return Y
-
-    @staticmethod
-    def backward(ctx, dY):
-        X, Bc, Cc, cs, S = ctx.saved_tensors
-        return _diagonal_backward(dY, X, Bc, Cc, cs, S)
-
-
 def _diagonal_backward(dY, X, Bc, Cc, cs, S):
     """The diagonal blocks' gradients (dX, dB, dC, dcs) from dY, by the backward's two kernels."""
     b, c, g, r, Q, p = X.shape
@@ -183,15 +161,14 @@ class ChunkOutputs(torch.autograd.Function):
         u = u if u.stride() == X.stride() else _laid_out_as(X).copy_(u)
         Cr = _rows_in_layout(Cc)
         b, c, g, r, Q, p = X.shape
+        n = Cc.shape[-1]
         with _no_autocast(X):
             S = (Cc.float() @ Bc.float().transpose(-1, -2)).contiguous()  # C_t . B_s, fp32 (b, c, g, Q, Q)
         y = _laid_out_as(X)
         bt, launch = _settings(FWD_TILE, Q)
-        n = Cc.shape[-1]
-        _diag_fwd[(b * c * g * r, Q // bt)](X, S, cs, y, r, g * r, *_layout(X), Cr, Cr.stride(1), Cr.stride(2),
-                                             Cr.stride(3), h, D, u, n, Q=Q, P=p, BT=bt,
-                                             NP=max(16, triton.next_power_of_2(n)), WHOLE=True,
-                                             PRECISION=_precision(X), **launch)
+        _chunk_fwd[(b * c * g * r, Q // bt)](X, u, S, cs, Cr, h, D, y, r, g * r, n, *_layout(X), *Cr.stride()[1:4],
+                                              Q=Q, P=p, BT=bt, NP=max(16, triton.next_power_of_2(n)),
+                                              PRECISION=_precision(X), **launch)
         ctx.save_for_backward(X, u, Bc, Cc, cs, S, h, D)
         return y
 
@@ -255,17 +232,12 @@ def fits(chunk, headdim):
     return all(v >= 16 and not v & (v - 1) for v in (chunk, headdim))
 
 
-def diagonal_blocks(X, Bc, Cc, cs):
-    """`fast_ssd.diagonal_blocks` by the kernels: X (b, c, g, r, Q, p), Bc, Cc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32
-    -> Y (b, c, g, r, Q, p) in X's dtype, for sizes that `fits`."""
+def chunk_outputs(X, u, Bc, Cc, cs, h, D):
+    """Every chunk's output (`ChunkOutputs`): X = dt u and u (b, c, g, r, Q, p), Bc, Cc (b, c, g, Q, n), cs
+    (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) the states entering the chunks, D (h,) -> y (b, c, g, r, Q, p) in u's
+    layout and dtype, for sizes that `fits`."""
     Q, p = X.shape[-2:]
     if not fits(Q, p):
         raise ValueError(f"the SSD kernels need the chunk and headdim to be powers of two of at least 16 (here {Q}, "
                          f"{p}): use ssd_chunked_fast")
-    return DiagonalBlocks.apply(X, Bc, Cc, cs)
-
-
-def chunk_outputs(X, u, Bc, Cc, cs, h, D):
-    """Every chunk's output by one kernel (`ChunkOutputs`): X = dt u and u (b, c, g, r, Q, p), Bc, Cc (b, c, g, Q, n),
-    cs (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) the states entering the chunks, D (h,) -> y (b, c, g, r, Q, p)."""
     return ChunkOutputs.apply(X, u, Bc, Cc, cs, h, D)

@@ -352,10 +352,10 @@ def triton_device():
 @pytest.mark.parametrize("l,chunk,h,g,p,n,heads,rows", [(37, 16, 4, 2, 16, 24, 16, (64, 64, 64)),
                                                          (300, 128, 8, 1, 32, 32, 3, (64, 32, 16)),
                                                          (45, 32, 6, 3, 16, 64, 16, (16, 32, 32))])
-def test_eq3_triton_diagonal_blocks_equal_the_recurrence_values_state_and_gradients(l, chunk, h, g, p, n, heads, rows,
-                                                                                     monkeypatch):
-    """Eq. 3 by ssd_triton (ssd_chunked_fast with its diagonal blocks from ssd_kernel.py's Triton kernels, forward and
-    backward; on the CPU in Triton's interpreter) in fp32 equals the float64 recurrence from a non-zero state:
+def test_eq3_triton_chunk_outputs_equal_the_recurrence_values_state_and_gradients(l, chunk, h, g, p, n, heads, rows,
+                                                                                   monkeypatch):
+    """Eq. 3 by ssd_triton (each chunk's output from ssd_kernel.py's Triton kernels, forward and backward; on the CPU
+    in Triton's interpreter) in fp32 equals the float64 recurrence from a non-zero state:
     outputs, final state and every input's gradient within 2e-5 of each one's largest value. The shapes take one to
     eight blocks of rows a chunk, each kernel its own (the forward's, dX's and dS's rows a program), one, two and
     eight heads a group (in parts of 3, the last one short, in the backward), and a d_state that is not a power of
@@ -383,7 +383,7 @@ def test_eq3_triton_diagonal_blocks_equal_the_recurrence_values_state_and_gradie
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 3e-3),
                                               pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.gpu)])
-def test_triton_diagonal_blocks_in_16_bits_round_like_chunked_fast(dtype, tolerance):
+def test_triton_chunk_outputs_in_16_bits_round_like_chunked_fast(dtype, tolerance):
     """16-bit x, B and C (bf16 under autocast; the CPU's interpreter multiplies fp16 only): ssd_triton's output,
     state and gradients are within the dtype's rounding of ssd_chunked_fast's, and come back in the same dtypes."""
     device = triton_device()
@@ -400,7 +400,7 @@ def test_triton_diagonal_blocks_in_16_bits_round_like_chunked_fast(dtype, tolera
         assert (got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max(), i
 
 
-def test_triton_form_takes_the_torch_diagonal_blocks_where_its_tiles_do_not_fit():
+def test_triton_form_is_chunked_fast_where_its_tiles_do_not_fit():
     """ssd_triton at a headdim its kernels' tiles do not take (3) computes ssd_chunked_fast's values to the bit; the
     kernels called directly refuse those shapes with an error that names the fix."""
     pytest.importorskip("triton")
@@ -410,32 +410,34 @@ def test_triton_form_takes_the_torch_diagonal_blocks_where_its_tiles_do_not_fit(
     want = ssd_chunked_fast(x, dt, A, B, C, 16, D=D, initial_state=s0)
     got = fast_ssd.ssd_triton(x, dt, A, B, C, 16, D=D, initial_state=s0)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    X = torch.zeros(1, 1, 1, 1, 16, 3)
+    X, BC = torch.zeros(1, 1, 1, 1, 16, 3), torch.zeros(1, 1, 1, 16, 16)
     with pytest.raises(ValueError, match="powers of two of at least 16 \\(here 16, 3\\): use ssd_chunked_fast"):
-        ssd_kernel.diagonal_blocks(X, torch.zeros(1, 1, 1, 16, 16), torch.zeros(1, 1, 1, 16, 16),
-                                   torch.zeros(1, 1, 1, 1, 16))
+        ssd_kernel.chunk_outputs(X, X, BC, BC, torch.zeros(1, 1, 1, 1, 16), torch.zeros(1, 1, 1, 1, 3, 16),
+                                 torch.zeros(1))
 
 
-def test_triton_diagonal_blocks_read_and_write_the_models_layout_in_place():
-    """ssd_kernel's diagonal blocks on X as ssd_chunked_fast hands it over (a (b, c, g, r, Q, p) view of the model's
-    (b, l, h, p) tensor) take it without a copy, write Y and dX in that layout, and give the bits they give on a
-    contiguous copy of X; a view they cannot address (p not contiguous) is copied first and gives them too."""
+def test_triton_chunk_outputs_read_and_write_the_models_layout_in_place():
+    """ssd_kernel's chunk outputs on X and u as ssd_chunked_fast hands them over (a (b, c, g, r, Q, p) view of the
+    model's (b, l, h, p) tensor) take them without a copy, write y and dX in that layout, and give the bits they give
+    on contiguous copies; a view they cannot address (p not contiguous) is copied first and gives them too."""
     device = triton_device()
     import ssd_kernel
     b, c, Q, g, r, p, n = 2, 3, 16, 2, 3, 16, 8
     gen = torch.Generator().manual_seed(0)
-    model_layout = torch.randn(b, c * Q, g * r, p, generator=gen).to(device)  # (b, l, h, p)
-    X = model_layout.reshape(b, c, Q, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, Q, p), not contiguous
+    X, u = (torch.randn(b, c * Q, g * r, p, generator=gen).to(device).reshape(b, c, Q, g, r, p)
+            .permute(0, 1, 3, 4, 2, 5) for _ in range(2))  # (b, c, g, r, Q, p) views of (b, l, h, p), not contiguous
     Bc, Cc = (torch.randn(b, c, g, Q, n, generator=gen).to(device) for _ in range(2))
     cs = torch.cumsum(-torch.rand(b, c, g, r, Q, generator=gen), -1).to(device)
-    dY = torch.randn(X.shape, generator=gen).to(device)
+    h = torch.randn(b, c, g, r, p, n, generator=gen).to(device)
+    D = torch.randn(g * r, generator=gen).to(device)
+    dy = torch.randn(X.shape, generator=gen).to(device)
     assert ssd_kernel._in_layout(X) is X
     runs = []
-    for X_in in (X, X.contiguous(), X.transpose(-1, -2).contiguous().transpose(-1, -2)):
-        leaves = [t.clone().requires_grad_() for t in (X_in, Bc, Cc, cs)]
-        Y = ssd_kernel.diagonal_blocks(*leaves)
-        Y.backward(dY)
-        runs.append((Y.detach(), *[t.grad for t in leaves]))
+    for layout in (lambda t: t, torch.Tensor.contiguous, lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        leaves = [t.clone().requires_grad_() for t in (layout(X), layout(u), Bc, Cc, cs, h, D)]
+        y = ssd_kernel.chunk_outputs(*leaves)
+        y.backward(dy)
+        runs.append((y.detach(), *[t.grad for t in leaves]))
     assert runs[0][0].stride() == X.stride() and runs[0][1].stride() == X.stride()
     assert runs[0][0].abs().max() > 0
     for other in runs[1:]:
@@ -443,7 +445,7 @@ def test_triton_diagonal_blocks_read_and_write_the_models_layout_in_place():
 
 
 @pytest.mark.gpu
-def test_triton_diagonal_blocks_give_the_same_gradients_every_run():
+def test_triton_chunk_outputs_give_the_same_gradients_every_run():
     """No program of ssd_kernel's backward adds to another's output: two backward passes give equal bits (bf16, two
     64-row blocks a chunk, eight heads a group)."""
     import fast_ssd
@@ -459,7 +461,7 @@ def test_triton_diagonal_blocks_give_the_same_gradients_every_run():
 
 
 @pytest.mark.gpu
-def test_triton_diagonal_blocks_inside_torch_compile_equal_eager():
+def test_triton_chunk_outputs_inside_torch_compile_equal_eager():
     """ssd_triton through torch.compile (as in compiled blocks, the rest of ssd_chunked_fast fused around the kernels)
     gives eager ssd_triton's output, state and gradients, fp32, chunk 64."""
     import fast_ssd
