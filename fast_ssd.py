@@ -1,5 +1,5 @@
 """The SSD's faster forms, and how a model's mixers are given one (`use_ssd`): `ssd_chunked` (ssd.py) arranged for a
-GPU, the same with its diagonal blocks as Triton kernels (`ssd_triton`, ssd_kernel.py), and mamba-ssm's Triton kernel
+GPU, the same with each chunk's output from Triton kernels (`ssd_triton`, ssd_kernel.py), and mamba-ssm's Triton kernel
 where it is installed (`find_kernel`). The values equal the teaching scan's within the inputs' precision
 (tests/test_ssd.py).
 
