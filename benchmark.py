@@ -5,7 +5,7 @@
     python benchmark.py decode     # Mamba-2 LM generation on the GPU at batch 1, 8, 32: ours eager and on CUDA
                                    # graphs with each step form, mamba-ssm's generate(cg=True), the bandwidth bound
     python benchmark.py tiles      # fused_step's tiles and L2 prefetch: batch-1 decode time for each candidate
-    python benchmark.py ssd-tiles  # ssd_kernel.py's launch settings at the training step's shape: time of each
+    python benchmark.py ssd-tiles  # ssd_kernel.py's launch settings at the training step's shape: each one's time
     python benchmark.py ssd-step   # the SSD as train.py's compiled blocks run it: time and each kernel's
     python benchmark.py coldstart  # python generate.py on a random paper-size model: load, first token, wall
     python benchmark.py vision     # SigLIP so400m and DINOv2-L at 384 px: parameters, forward time, ours vs
