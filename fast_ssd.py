@@ -46,9 +46,9 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     - The recurrence between chunks is a loop over the chunks, s_{k+1} = exp(chunk k's sum of dt A) s_k + state_k,
       elementwise in fp32 (also under autocast), where ssd_chunked multiplies by the (c+1, c+1) matrix of decays.
     Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32)."""
-    b, l, h, p = x.shape
-    f = S._compute_dtype(x)
+    l, h = x.shape[1:3]
     _, X, Bc, Cc, cs = _in_chunks(x, dt, A, B, C, chunk_size)
+    f = cs.dtype  # the compute dtype: fp32, or fp64 for fp64 inputs
 
     # 1. diagonal blocks: L[t, s] = exp(cs_t - cs_s) for s <= t, times C_t . B_s, times X
     Y = diagonal_blocks(X, Bc, Cc, cs)  # (b, c, g, r, Q, p)
