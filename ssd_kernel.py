@@ -54,8 +54,8 @@ def _matrix(s_ptr, cs_ptr, t, s, Q: tl.constexpr):
 def _chunk_fwd(x_ptr, u_ptr, s_ptr, cs_ptr, c_ptr, h_ptr, d_ptr, y_ptr, R, H, N, chunk_stride, head_stride, row_stride,
                c_chunk_stride, c_group_stride, c_row_stride, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
                NP: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (batch, chunk, group, head) and t-block: y_t = sum_{s <= t} M[t, s] X_s + exp(cs_t) C_t . h + D u_t, with
-    h (P, N) fp32 the state entering the chunk; fp32 until the store."""
+    """Eq. 3 per (batch, chunk, group, head) and t-block: y_t = sum_{s <= t} M[t, s] X_s + exp(cs_t) C_t . h + D u_t,
+    with h (P, N) fp32 the state entering the chunk; fp32 until the store."""
     head = tl.program_id(0)  # over (batch, chunk, group, head)
     tb = tl.program_id(1)
     t, p, n = tb * BT + tl.arange(0, BT), tl.arange(0, P), tl.arange(0, NP)
