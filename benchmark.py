@@ -941,7 +941,8 @@ def _time_train_step(model, opt, trainable, backend, args, name, flops, recomput
                     f"{k} {v * 1e3:.1f} ms" for k, v in _time_step_parts(model, opt, trainable, pixels, ids,
                                                                          labels).items()), flush=True)
             if args.profile:
-                tag = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+                tag = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:100]  # a file name's length
+                Path(args.profile).mkdir(parents=True, exist_ok=True)
                 print(_profile_step(step, Path(args.profile) / f"step_{tag}.txt"), flush=True)
             return t
         except torch.OutOfMemoryError:
