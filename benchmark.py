@@ -867,7 +867,7 @@ KERNEL_CLASSES = (  # (class, words in a CUDA kernel's name), first match wins
     ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "magma", "cublas", "sm90_", "sm80_")),
     ("optimizer and gradient clipping", ("multi_tensor_apply", "adam")),
     ("SSD scans and decays (compiled)", ("cumsum", "segsum")),
-    ("SSD chunk kernels (ssd_kernel.py)", ("_chunk_fwd", "_diag_")),
+    ("SSD chunk kernels (ssd_kernel.py)", ("_chunk_fwd", "_states_", "_diag_")),
     ("compiled elementwise and reductions", ("triton_",)),
     ("copies and casts", ("copy", "cat", "fill")),
     ("other elementwise and reductions", ("",)),
@@ -1143,42 +1143,48 @@ def bench_ssd_step(args):
             print(f"  {us / 1e3:.3f} ms  x{count}  {key[:110]}", flush=True)
 
 
-SSD_TILES = {  # ssd_kernel.py's tiles that `ssd-tiles` sweeps: (BT, num_warps, num_stages), dS's with HEADS after BT
+SSD_TILES = {  # ssd_kernel.py's tiles that `ssd-tiles` sweeps: (BT, num_warps, num_stages), dS's with HEADS after BT,
+    # the states' (BP, BN, BQ, num_warps, num_stages)
+    "STATES_TILE": [(64, 64, 64, 4, 2)] + list(itertools.product((32, 64), (64, 128), (32, 64), (4, 8), (2, 3))),
     "FWD_TILE": [(64, 4, 3)] + list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3))),
     "BWD_X_TILE": [(64, 4, 3)] + list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3))),
     "BWD_S_TILE": [(64, 16, 4, 3)] + list(itertools.product((32, 64, 128), (8, 16, 32), (4, 8), (2, 3)))}
+SSD_TILE_KEYS = {"STATES_TILE": ("BP", "BN", "BQ", "num_warps", "num_stages"),
+                 "BWD_S_TILE": ("BT", "HEADS", "num_warps", "num_stages")}
 
 
 def bench_ssd_tiles(args):
     """ssd_kernel.py's launch settings at the training step's shape (b, 729 + text tokens, Mamba-2's heads and
-    chunk, x, B, C bf16): for each kernel in turn, the chunk outputs timed with each candidate (the forward's tile
-    by the forward, the backward's by the forward and backward), the fastest kept for the next kernel's sweep."""
+    chunk, x, B, C bf16): for each kernel in turn, the chunk states and outputs timed with each candidate (the
+    forward's tiles by the forward, the backward's by the forward and backward), the fastest kept for the next
+    kernel's sweep."""
     import ssd_kernel
     from mamba2 import mamba2_preset
     c, dev = mamba2_preset(args.size), "cuda"
     b, l, Q = args.batch, 729 + args.text_tokens, c.chunk_size
     chunks, g, r = -(-l // Q), c.ngroups, c.nheads // c.ngroups
     gen = torch.Generator(device=dev).manual_seed(0)
-    X, u = (torch.randn(b, chunks * Q, c.nheads, c.headdim, device=dev, generator=gen, dtype=torch.bfloat16)
-            .reshape(b, chunks, Q, g, r, c.headdim).permute(0, 1, 3, 4, 2, 5) for _ in range(2))  # as ssd_triton's
+    x = torch.randn(b, l, c.nheads, c.headdim, device=dev, generator=gen, dtype=torch.bfloat16).requires_grad_()
+    dt = torch.nn.functional.pad(0.1 * torch.rand(b, l, c.nheads, device=dev, generator=gen), (0, 0, 0, chunks * Q - l))
     Bc, Cc = (torch.randn(b, chunks, g, Q, c.d_state, device=dev, generator=gen, dtype=torch.bfloat16)
               for _ in range(2))
     cs = (-0.01 * torch.rand(b, chunks, g, r, Q, device=dev, generator=gen)).cumsum(-1)  # (b, c, g, r, Q)
-    h = torch.randn(b, chunks, g, r, c.headdim, c.d_state, device=dev, generator=gen)  # the entering states, fp32
-    D, dY = torch.randn(c.nheads, device=dev, generator=gen), torch.randn_like(X)
-    X.requires_grad_()
+    D, dY = torch.randn(c.nheads, device=dev, generator=gen), torch.randn_like(x)
 
     def forward():
-        return ssd_kernel.chunk_outputs(X, u, Bc, Cc, cs, h, D)
+        return ssd_kernel.chunk_outputs(x, dt, Bc, Cc, cs, ssd_kernel.chunk_states(x, dt, Bc, cs)[0], D)
 
     def forward_backward():
         torch.autograd.backward(forward(), dY)
-        X.grad = None
-    print(f"ssd_kernel.py's chunk outputs on {torch.cuda.get_device_name()}: b={b}, {chunks} chunks of {Q}, "
-          f"{g} group(s) of {r} heads, p={c.headdim}, n={c.d_state}, bf16")
+        x.grad = None
+    print(f"ssd_kernel.py's chunk states and outputs on {torch.cuda.get_device_name()}: b={b}, {chunks} chunks of "
+          f"{Q}, {g} group(s) of {r} heads, p={c.headdim}, n={c.d_state}, bf16")
     for name, candidates in SSD_TILES.items():
-        keys = ("BT", "HEADS", "num_warps", "num_stages") if name == "BWD_S_TILE" else ("BT", "num_warps", "num_stages")
-        run, what = (forward, "forward") if name == "FWD_TILE" else (forward_backward, "forward and backward")
+        if args.only and name not in args.only:
+            continue
+        keys = SSD_TILE_KEYS.get(name, ("BT", "num_warps", "num_stages"))
+        run, what = (forward, "forward") if name in ("STATES_TILE", "FWD_TILE") else (forward_backward,
+                                                                                     "forward and backward")
         sweep_tile(ssd_kernel, name, keys, candidates,
                    lambda: seconds(run, args.repeats, dev, grad=run is forward_backward), what)
 
@@ -1263,6 +1269,7 @@ def make_parser():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--text-tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--only", nargs="+", choices=list(SSD_TILES), help="sweep these tiles alone (default: all)")
     p = sub.add_parser("ssd-step", allow_abbrev=False,
                        help="the SSD as train.py's compiled blocks run it, at the training step's shape: time and "
                             "each kernel's")

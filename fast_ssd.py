@@ -72,21 +72,29 @@ def _in_chunks(x, dt, A, B, C, Q):
     inputs' dtype, views of (b, l + pad, h, p) tensors; Bc, Cc (b, c, g, Q, n); cs (b, c, g, r, Q), the cumulative
     sum of dt A within each chunk, fp32."""
     b, l, h, p = x.shape
+    g = B.shape[-2]
+    dtf, Bc, Cc, cs = _chunked(dt, A, B, C, Q, S._compute_dtype(x))
+    c = dtf.shape[1] // Q
+    x = F.pad(x, (0, 0, 0, 0, 0, c * Q - l))
+    X = (x.to(dtf.dtype) * dtf[..., None]).to(x.dtype)  # dt_s x_s (b, l + pad, h, p), in the inputs' dtype
+    u, X = (t.reshape(b, c, Q, g, h // g, p).permute(0, 1, 3, 4, 2, 5) for t in (x, X))  # (b, c, g, r, Q, p), views
+    return u, X, Bc, Cc, cs
+
+
+def _chunked(dt, A, B, C, Q, f):
+    """dt in f (fp32, or fp64), padded to whole chunks of Q with zeros (no decay, no input) (b, l + pad, h); B and C
+    padded and viewed by chunk, Bc, Cc (b, c, g, Q, n); cs (b, c, g, r, Q), the cumulative sum of dt A within each
+    chunk, in f."""
+    b, l, h = dt.shape
     g, n = B.shape[-2:]
     if h % g:
         raise ValueError(f"the number of heads ({h}) must be a multiple of the number of groups ({g})")
-    r = h // g
-    f = S._compute_dtype(x)
     pad = (-l) % Q
     c = (l + pad) // Q
-    dtf = F.pad(dt.to(f), (0, 0, 0, pad))  # (b, l + pad, h); dt = 0 on the padding: no decay, no input
-    x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
-    X = (x.to(f) * dtf[..., None]).to(x.dtype)  # dt_s x_s (b, l + pad, h, p), in the inputs' dtype
-    u, X = (t.reshape(b, c, Q, g, r, p).permute(0, 1, 3, 4, 2, 5) for t in (x, X))  # (b, c, g, r, Q, p), views
-    Bc = B.reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
-    Cc = C.reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
-    logA = (dtf * A.to(f)).reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2).contiguous()  # dt_t A, fp32 (b, c, g, r, Q)
-    return u, X, Bc, Cc, torch.cumsum(logA, dim=-1)
+    dtf = F.pad(dt.to(f), (0, 0, 0, pad))  # (b, l + pad, h)
+    Bc, Cc = (F.pad(t, (0, 0, 0, 0, 0, pad)).reshape(b, c, Q, g, n).transpose(2, 3) for t in (B, C))  # (b, c, g, Q, n)
+    logA = (dtf * A.to(f)).reshape(b, c, Q, g, h // g).permute(0, 1, 3, 4, 2).contiguous()  # dt_t A (b, c, g, r, Q)
+    return dtf, Bc, Cc, torch.cumsum(logA, dim=-1)
 
 
 def _entering_states(X, Bc, cs, initial_state):
@@ -158,18 +166,17 @@ def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
-    """`ssd_chunked_fast`'s algorithm with each chunk's whole output (its diagonal block, the entering state read out
-    by C and D x) from one Triton kernel that never writes the (Q, Q) tensors (ssd_kernel.py), where its tiles fit:
-    the chunk and headdim powers of two of at least 16; else `ssd_chunked_fast`. y is written once, in x's layout."""
+    """`ssd_chunked_fast`'s algorithm from ssd_kernel.py's Triton kernels, where their tiles fit (the chunk and
+    headdim powers of two of at least 16; else `ssd_chunked_fast`): the states entering the chunks from one kernel
+    over the chunks, then each chunk's whole output (its diagonal block, the entering state read out by C and D x)
+    from one that never writes the (Q, Q) tensors. Both read x where it lies, and y is written once, (b, l, h, p)."""
     import ssd_kernel  # imports triton
     if not ssd_kernel.fits(chunk_size, x.shape[-1]):
         return ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
-    b, l, h, p = x.shape
-    u, X, Bc, Cc, cs = _in_chunks(x, dt, A, B, C, chunk_size)
-    states, final_state = _entering_states(X, Bc, cs, initial_state)  # (b, c, g, r, p, n), (b, h, p, n) fp32
-    D = torch.zeros(h, dtype=torch.float32, device=x.device) if D is None else D
-    y = ssd_kernel.chunk_outputs(X, u, Bc, Cc, cs, states, D)  # (b, c, g, r, Q, p), a view of (b, l + pad, h, p)
-    return y.permute(0, 1, 4, 2, 3, 5).reshape(b, -1, h, p)[:, :l], final_state
+    dtf, Bc, Cc, cs = _chunked(dt, A, B, C, chunk_size, torch.float32)
+    states, final_state = ssd_kernel.chunk_states(x, dtf, Bc, cs, initial_state)  # (b, c, g, r, p, n), (b, h, p, n)
+    D = torch.zeros(x.shape[2], dtype=torch.float32, device=x.device) if D is None else D
+    return ssd_kernel.chunk_outputs(x, dtf, Bc, Cc, cs, states, D), final_state  # (b, l, h, p), fp32 (b, h, p, n)
 
 
 def kernel(x, dt, A, B, C, chunk_size, D=None, initial_state=None):

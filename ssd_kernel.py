@@ -1,23 +1,26 @@
-"""Each chunk's output of the SSD (eq. 3) as Triton kernels that keep the (Q, Q) tiles on chip, forward and
-backward: what `fast_ssd.ssd_chunked_fast` computes with (Q, Q) tensors in memory, for `fast_ssd.ssd_triton`.
+"""Eq. 3 by chunks as Triton kernels that keep the (Q, Q) tiles on chip, forward and backward: what
+`fast_ssd.ssd_chunked_fast` computes with (Q, Q) tensors in memory, for `fast_ssd.ssd_triton`.
 
-    y_t = sum_{s <= t} exp(cs_t - cs_s) (C_t . B_s) X_s  +  exp(cs_t) C_t . h  +  D u_t
-          (the diagonal block)                            (the state h entering the chunk, read out by C)
+    h_{k+1} = exp(cs_end) h_k + sum_s exp(cs_end - cs_s) X_s B_s^T      (the states between chunks: `chunk_states`)
+    y_t = sum_{s <= t} exp(cs_t - cs_s) (C_t . B_s) X_s  +  exp(cs_t) C_t . h_k  +  D u_t    (`chunk_outputs`)
+          (the diagonal block)                              (the state entering chunk k, read out by C)
 
-per (batch, chunk, group, head), X = dt u, fp32 until the one store of y. S = C B^T is the same for every head of a
-group: it is one product per (batch, chunk, group), in fp32, before the kernels, which multiply it by each head's
-decays L. The diagonal block's backward, with M = S * L: dX_s = sum_t M[t, s] dy_t; dM = dy X^T; dS = sum over the
-group's heads of dM * L, then dC = dS B and dB = dS^T C; dcs_t = sum_s dM M and dcs_s = -sum_t dM M. The read-out's
-and D's gradients are products in PyTorch (`ChunkOutputs.backward`). The products with X and dy run in the inputs'
+per (batch, chunk, group, head), u = x, X = dt u, cs the cumulative sum of dt A within the chunk; fp32 until the one
+store of y, and the states in fp32. S = C B^T is the same for every head of a group: it is one product per (batch,
+chunk, group), in fp32, before the kernels, which multiply it by each head's decays L. The diagonal block's
+backward, with M = S * L: dX_s = sum_t M[t, s] dy_t; dM = dy X^T; dS = sum over the group's heads of dM * L, then
+dC = dS B and dB = dS^T C; dcs_t = sum_s dM M and dcs_s = -sum_t dM M. The states' and the read-out's backward are
+products in PyTorch (`ChunkStates.backward`, `ChunkOutputs.backward`). The products with X and dy run in the inputs'
 dtype with fp32 accumulation; S, dS and the decays are fp32. No program adds to another's output, so every gradient
 is the same from run to run.
 
-X, u, y, dy and dX are read and written where they lie: a (b, c, g, r, Q, p) view of the model's (b, l, h, p) tensor
-(Q positions apart by h p values, the heads by p) needs no copy into (Q, p) blocks. `_layout` gives the kernels three
-strides: a chunk's, a head's and a position's.
+x, dy, y and dx are read and written where they lie, as (b, l, h, p) tensors whose p are contiguous (x may be a view
+into the in_proj's output): the kernels form X = dt u as they read x, take the rows past l as zeros and store none of
+them, so no padded copy is made. dt comes padded to whole chunks with zeros (b, c Q, h), fp32.
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -27,6 +30,8 @@ import triton.language as tl
 FWD_TILE = dict(BT=64, num_warps=4, num_stages=2)  # _chunk_fwd
 BWD_X_TILE = dict(BT=128, num_warps=4, num_stages=1)  # _diag_bwd_x
 BWD_S_TILE = dict(BT=64, HEADS=32, num_warps=4, num_stages=3)  # _diag_bwd_s
+# _states_fwd: a program's (BP, BN) tile of a head's state, the BQ positions of a chunk it takes at a time
+STATES_TILE = dict(BP=32, BN=128, BQ=64, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -39,9 +44,20 @@ def _tile(cs_ptr, t, s):
 
 
 @triton.jit
-def _block(head, H, chunk_stride, head_stride):
-    """Where a (batch, chunk, head) block begins, numbered over (batch, chunk) then the H = g r heads."""
-    return (head // H) * chunk_stride + (head % H) * head_stride
+def _rows(bh, t, H, C, Q, batch_stride, row_stride, head_stride):
+    """Where rows t of block bh begin in a (b, l, h, p) tensor, the blocks numbered over (batch, chunk, the H = g r
+    heads), and which of them lie before the padding: (BT,) offsets, (BT,) mask."""
+    batch, k, head = bh // (C * H), (bh // H) % C, bh % H
+    return batch * batch_stride + (k * Q + t) * row_stride + head * head_stride, k * Q + t
+
+
+@triton.jit
+def _X(x_ptr, dt_ptr, bh, t, p, L, H, C, Q, sb, sl, sh):
+    """Rows t of block bh of u = x and of X = dt u, in x's dtype (zeros on the padding): (BT, P), (BT, P)."""
+    at, position = _rows(bh, t, H, C, Q, sb, sl, sh)
+    u = tl.load(x_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)
+    dt = tl.load(dt_ptr + ((bh // H) * Q + t) * H + bh % H)  # fp32, zero on the padding
+    return (u.to(tl.float32) * dt[:, None]).to(u.dtype), u
 
 
 @triton.jit
@@ -51,158 +67,261 @@ def _matrix(s_ptr, cs_ptr, t, s, Q: tl.constexpr):
 
 
 @triton.jit
-def _chunk_fwd(x_ptr, u_ptr, s_ptr, cs_ptr, c_ptr, h_ptr, d_ptr, y_ptr, R, H, N, chunk_stride, head_stride, row_stride,
+def _chunk_fwd(x_ptr, dt_ptr, s_ptr, cs_ptr, c_ptr, h_ptr, d_ptr, y_ptr, L, C, R, H, N, sb, sl, sh, yb, yl, yh,
                c_chunk_stride, c_group_stride, c_row_stride, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
                NP: tl.constexpr, PRECISION: tl.constexpr):
     """Eq. 3 per (batch, chunk, group, head) and t-block: y_t = sum_{s <= t} M[t, s] X_s + exp(cs_t) C_t . h + D u_t,
-    with h (P, N) fp32 the state entering the chunk; fp32 until the store."""
-    head = tl.program_id(0)  # over (batch, chunk, group, head)
+    with h (P, N) fp32 the state entering the chunk; fp32 until the store of the rows before the padding."""
+    bh = tl.program_id(0)  # over (batch, chunk, group, head)
     tb = tl.program_id(1)
     t, p, n = tb * BT + tl.arange(0, BT), tl.arange(0, P), tl.arange(0, NP)
-    at = _block(head, H, chunk_stride, head_stride)
     acc = tl.zeros((BT, P), dtype=tl.float32)
-    for sb in range(0, tb + 1):
-        s = sb * BT + tl.arange(0, BT)
-        X_s = tl.load(x_ptr + at + s[:, None] * row_stride + p[None, :])  # (BT, P)
-        M = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)  # (BT, BT) fp32
+    for sb_ in range(0, tb + 1):
+        s = sb_ * BT + tl.arange(0, BT)
+        X_s, _ = _X(x_ptr, dt_ptr, bh, s, p, L, H, C, Q, sb, sl, sh)  # (BT, P)
+        M = _matrix(s_ptr + (bh // R) * Q * Q, cs_ptr + bh * Q, t, s, Q)  # (BT, BT) fp32
         acc += tl.dot(M.to(X_s.dtype), X_s, input_precision=PRECISION)
-    C_t = tl.load(c_ptr + (head // H) * c_chunk_stride + ((head % H) // R) * c_group_stride + t[:, None] * c_row_stride
+    C_t = tl.load(c_ptr + (bh // H) * c_chunk_stride + ((bh % H) // R) * c_group_stride + t[:, None] * c_row_stride
                   + n[None, :], mask=n[None, :] < N, other=0.0)  # (BT, NP), zeros past N
-    h_T = tl.load(h_ptr + head * P * N + p[None, :] * N + n[:, None], mask=n[:, None] < N, other=0.0)  # (NP, P)
-    acc += tl.exp(tl.load(cs_ptr + head * Q + t))[:, None] * tl.dot(C_t, h_T.to(C_t.dtype), input_precision=PRECISION)
-    acc += tl.load(d_ptr + head % H) * tl.load(u_ptr + at + t[:, None] * row_stride + p[None, :]).to(tl.float32)
-    tl.store(y_ptr + at + t[:, None] * row_stride + p[None, :], acc.to(y_ptr.dtype.element_ty))
+    h_T = tl.load(h_ptr + bh * P * N + p[None, :] * N + n[:, None], mask=n[:, None] < N, other=0.0)  # (NP, P)
+    acc += tl.exp(tl.load(cs_ptr + bh * Q + t))[:, None] * tl.dot(C_t, h_T.to(C_t.dtype), input_precision=PRECISION)
+    _, u_t = _X(x_ptr, dt_ptr, bh, t, p, L, H, C, Q, sb, sl, sh)
+    acc += tl.load(d_ptr + bh % H) * u_t.to(tl.float32)
+    at, position = _rows(bh, t, H, C, Q, yb, yl, yh)
+    tl.store(y_ptr + at[:, None] + p[None, :], acc.to(y_ptr.dtype.element_ty), mask=position[:, None] < L)
 
 
 @triton.jit
-def _diag_bwd_x(s_ptr, cs_ptr, dy_ptr, dx_ptr, R, H, chunk_stride, head_stride, row_stride, Q: tl.constexpr,
-                P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (batch, chunk, group, head) and s-block: dX_s = sum_{t >= s} M[t, s]^T dY_t."""
-    head = tl.program_id(0)
-    sb = tl.program_id(1)
-    s, p = sb * BT + tl.arange(0, BT), tl.arange(0, P)
-    at = _block(head, H, chunk_stride, head_stride)
+def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, L, C, R, H, sb, sl, sh, gb, gl, gh,
+                xb, xl, xh, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (batch, chunk, group, head) and s-block: dX_s = sum_{t >= s} M[t, s]^T dy_t, then through X = dt u:
+    du_s = dt_s dX_s + D dy_s (with D's term) and ddt_s = sum_p dX_s u_s; fp32 until the stores."""
+    bh = tl.program_id(0)
+    sb_ = tl.program_id(1)
+    s, p = sb_ * BT + tl.arange(0, BT), tl.arange(0, P)
     dX = tl.zeros((BT, P), dtype=tl.float32)
-    for tb in range(sb, Q // BT):
+    for tb in range(sb_, Q // BT):
         t = tb * BT + tl.arange(0, BT)
-        dY_t = tl.load(dy_ptr + at + t[:, None] * row_stride + p[None, :])  # (BT, P)
-        M = _matrix(s_ptr + (head // R) * Q * Q, cs_ptr + head * Q, t, s, Q)
+        at, position = _rows(bh, t, H, C, Q, gb, gl, gh)
+        dY_t = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)  # (BT, P)
+        M = _matrix(s_ptr + (bh // R) * Q * Q, cs_ptr + bh * Q, t, s, Q)
         dX += tl.dot(tl.trans(M).to(dY_t.dtype), dY_t, input_precision=PRECISION)
-    tl.store(dx_ptr + at + s[:, None] * row_stride + p[None, :], dX.to(dx_ptr.dtype.element_ty))
+    _, u_s = _X(x_ptr, dt_ptr, bh, s, p, L, H, C, Q, sb, sl, sh)
+    at, position = _rows(bh, s, H, C, Q, gb, gl, gh)
+    dY_s = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)
+    dt_s = tl.load(dt_ptr + ((bh // H) * Q + s) * H + bh % H)
+    du = dX * dt_s[:, None] + tl.load(d_ptr + bh % H) * dY_s.to(tl.float32)
+    at, position = _rows(bh, s, H, C, Q, xb, xl, xh)
+    tl.store(dx_ptr + at[:, None] + p[None, :], du.to(dx_ptr.dtype.element_ty), mask=position[:, None] < L)
+    tl.store(ddt_ptr + ((bh // H) * Q + s) * H + bh % H, tl.sum(dX * u_s.to(tl.float32), axis=1))
 
 
 @triton.jit
-def _diag_bwd_s(x_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr, R, HEADS, H, chunk_stride, head_stride,
-                row_stride, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
+def _diag_bwd_s(x_ptr, dt_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr, L, C, R, HEADS, H, sb, sl, sh, gb,
+                gl, gh, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, HEADS of its R heads) and (t-block, s-block): the heads' sum of dM * L into their
     part of dS[t, s]; each head's sum_s dM M into rows[head, s-block, t] and sum_t dM M into cols[head, t-block, s].
     Zeros where s-block > t-block."""
     parts = tl.cdiv(R, HEADS)
     group, first = tl.program_id(0) // parts, (tl.program_id(0) % parts) * HEADS  # over (batch, chunk, group, part)
-    tb, sb = tl.program_id(1), tl.program_id(2)
-    t, s, p = tb * BT + tl.arange(0, BT), sb * BT + tl.arange(0, BT), tl.arange(0, P)
+    tb, sb_ = tl.program_id(1), tl.program_id(2)
+    t, s, p = tb * BT + tl.arange(0, BT), sb_ * BT + tl.arange(0, BT), tl.arange(0, P)
     dS = tl.zeros((BT, BT), dtype=tl.float32)
     S_ts = tl.load(s_ptr + group * Q * Q + t[:, None] * Q + s[None, :])  # (BT, BT) fp32
-    for head in range(group * R + first, group * R + tl.minimum(first + HEADS, R)):
+    for bh in range(group * R + first, group * R + tl.minimum(first + HEADS, R)):
         row_sums, col_sums = tl.zeros((BT,), dtype=tl.float32), tl.zeros((BT,), dtype=tl.float32)
-        if sb <= tb:
-            at = _block(head, H, chunk_stride, head_stride)
-            dY_t = tl.load(dy_ptr + at + t[:, None] * row_stride + p[None, :])
-            X_s = tl.load(x_ptr + at + s[:, None] * row_stride + p[None, :])
-            dML = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION) * _tile(cs_ptr + head * Q, t, s)  # dM * L
+        if sb_ <= tb:
+            at, position = _rows(bh, t, H, C, Q, gb, gl, gh)
+            dY_t = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)
+            X_s, _ = _X(x_ptr, dt_ptr, bh, s, p, L, H, C, Q, sb, sl, sh)
+            dML = tl.dot(dY_t, tl.trans(X_s), input_precision=PRECISION) * _tile(cs_ptr + bh * Q, t, s)  # dM * L
             dS += dML
             dMM = dML * S_ts  # dM * M
             row_sums, col_sums = tl.sum(dMM, axis=1), tl.sum(dMM, axis=0)
-        tl.store(rows_ptr + (head * (Q // BT) + sb) * Q + t, row_sums)
-        tl.store(cols_ptr + (head * (Q // BT) + tb) * Q + s, col_sums)
+        tl.store(rows_ptr + (bh * (Q // BT) + sb_) * Q + t, row_sums)
+        tl.store(cols_ptr + (bh * (Q // BT) + tb) * Q + s, col_sums)
     tl.store(ds_ptr + tl.program_id(0) * Q * Q + t[:, None] * Q + s[None, :], dS)
 
 
-def _no_autocast(X):
+@triton.jit
+def _states_fwd(x_ptr, dt_ptr, b_ptr, cs_ptr, h0_ptr, h_ptr, last_ptr, L, C, H, R, N, sb, sl, sh, b_chunk_stride,
+                b_group_stride, b_row_stride, Q: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                BQ: tl.constexpr, PRECISION: tl.constexpr):
+    """Eq. 3 from chunk to chunk per (batch, head) and (BP, BN) tile of the state: h stores the state entering each
+    chunk k, then h <- exp(cs_end) h + sum_s exp(cs_end - cs_s) X_s B_s^T over the chunk's Q positions; fp32."""
+    bh0, pb, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # bh0 over (batch, g r heads)
+    batch, head = bh0 // H, bh0 % H
+    p, n, q = pb * BP + tl.arange(0, BP), nb * BN + tl.arange(0, BN), tl.arange(0, BQ)
+    tile = p[:, None] * N + n[None, :]  # (BP, BN) offsets in a (P, N) state
+    inside = n[None, :] < N
+    h = tl.load(h0_ptr + bh0 * P * N + tile, mask=inside, other=0.0)  # (BP, BN) fp32
+    for k in range(C):
+        bh = (batch * C + k) * H + head  # the (batch, chunk, head) block
+        tl.store(h_ptr + bh * P * N + tile, h, mask=inside)
+        cs = cs_ptr + bh * Q
+        cs_end = tl.load(cs + Q - 1)
+        chunk = tl.zeros((BP, BN), dtype=tl.float32)
+        for q0 in range(0, Q, BQ):
+            X, _ = _X(x_ptr, dt_ptr, bh, q0 + q, p, L, H, C, Q, sb, sl, sh)  # (BQ, BP)
+            Xd = (X.to(tl.float32) * tl.exp(cs_end - tl.load(cs + q0 + q))[:, None]).to(X.dtype)  # decayed to the end
+            B = tl.load(b_ptr + (bh // H) * b_chunk_stride + (head // R) * b_group_stride
+                        + (q0 + q)[:, None] * b_row_stride + n[None, :], mask=inside, other=0.0)  # (BQ, BN)
+            chunk += tl.dot(tl.trans(Xd), B, input_precision=PRECISION)
+        h = tl.exp(cs_end) * h + chunk
+    tl.store(last_ptr + bh0 * P * N + tile, h, mask=inside)
+
+
+def _no_autocast(x):
     """The products of S, dC and dB in fp32, also under autocast."""
-    return torch.autocast(X.device.type, enabled=False)
+    return torch.autocast(x.device.type, enabled=False)
 
 
-def _diagonal_backward(dY, X, Bc, Cc, cs, S):
-    """The diagonal blocks' gradients (dX, dB, dC, dcs) from dY, by the backward's two kernels."""
-    b, c, g, r, Q, p = X.shape
-    dY = dY if dY.stride() == X.stride() else _laid_out_as(X).copy_(dY)
-    dX = _laid_out_as(X)
+def _strides(x):
+    """(batch, position, head) strides of a (b, l, h, p) tensor whose p are contiguous, as the kernels take them."""
+    return x.stride()[:3]
+
+
+def _addressable(x):
+    """x as it lies if its p are contiguous, else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _diagonal_backward(dy, x, dt, D, Bc, Cc, cs, S):
+    """The diagonal blocks' gradients (du with D's term, ddt's part, dB, dC, dcs) from dy, by the backward's two
+    kernels."""
+    b, c, g, r, Q = cs.shape
+    l, p = x.shape[1], x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ddt = torch.empty_like(dt)  # (b, c Q, h) fp32
     bt, launch = _settings(BWD_X_TILE, Q)
-    _diag_bwd_x[(b * c * g * r, Q // bt)](S, cs, dY, dX, r, g * r, *_layout(X), Q=Q, P=p, BT=bt,
-                                           PRECISION=_precision(X), **launch)
+    _diag_bwd_x[(b * c * g * r, Q // bt)](x, dt, S, cs, D, dy, dx, ddt, l, c, r, g * r, *_strides(x), *_strides(dy),
+                                           *_strides(dx), Q=Q, P=p, BT=bt, PRECISION=_precision(x), **launch)
     bt, launch = _settings(BWD_S_TILE, Q)
     heads, blocks = launch.pop("HEADS"), Q // bt
     parts = triton.cdiv(r, heads)
-    dS = torch.empty(b, c, g, parts, Q, Q, dtype=torch.float32, device=X.device)  # each part's heads' sum
-    rows = torch.empty(b, c, g, r, blocks, Q, dtype=torch.float32, device=X.device)
+    dS = torch.empty(b, c, g, parts, Q, Q, dtype=torch.float32, device=x.device)  # each part's heads' sum
+    rows = torch.empty(b, c, g, r, blocks, Q, dtype=torch.float32, device=x.device)
     cols = torch.empty_like(rows)
-    _diag_bwd_s[(b * c * g * parts, blocks, blocks)](X, S, cs, dY, dS, rows, cols, r, heads, g * r, *_layout(X),
-                                                     Q=Q, P=p, BT=bt, PRECISION=_precision(X), **launch)
-    with _no_autocast(X):
+    _diag_bwd_s[(b * c * g * parts, blocks, blocks)](x, dt, S, cs, dy, dS, rows, cols, l, c, r, heads, g * r,
+                                                     *_strides(x), *_strides(dy), Q=Q, P=p, BT=bt,
+                                                     PRECISION=_precision(x), **launch)
+    with _no_autocast(x):
         dS = dS.sum(3)  # (b, c, g, Q, Q)
         dC = dS @ Bc.float()  # (b, c, g, Q, n)
         dB = dS.transpose(-1, -2) @ Cc.float()  # (b, c, g, Q, n)
     dcs = rows.sum(-2) - cols.sum(-2)  # (b, c, g, r, Q)
-    return dX, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs
+    return dx, ddt, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs
 
 
 class ChunkOutputs(torch.autograd.Function):
     """Each chunk's whole output in one kernel: its diagonal block, plus the state entering it read out by C and
-    decayed from the chunk's start, plus D u. X = dt u and u (b, c, g, r, Q, p) in one layout, Bc, Cc (b, c, g, Q, n),
-    cs (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) fp32, D (h,) fp32 -> y (b, c, g, r, Q, p) in u's layout and dtype.
-    The backward: the diagonal blocks' kernels, and the read-out's and D's gradients as products in u's dtype:
+    decayed from the chunk's start, plus D u. x = u (b, l, h, p) where it lies, dt (b, c Q, h) fp32 zero on the
+    padding, Bc, Cc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) fp32, D (h,) fp32 -> y (b, l, h, p)
+    in x's dtype; the kernels form X = dt u as they read x. The backward: the diagonal blocks' kernels (which also
+    give D's du and the part of ddt from X), and the read-out's and D's gradients as products in x's dtype:
     dh = (exp(cs) dy)^T C, dC += sum over the group's heads of exp(cs) dy h, dcs += sum_p exp(cs) dy (C h^T),
-    dD = sum dy u, du = D dy."""
+    dD = sum dy u."""
 
     @staticmethod
-    def forward(ctx, X, u, Bc, Cc, cs, h, D):
-        X, cs, h, D = _in_layout(X), cs.contiguous(), h.contiguous(), D.float().contiguous()
-        u = u if u.stride() == X.stride() else _laid_out_as(X).copy_(u)
+    def forward(ctx, x, dt, Bc, Cc, cs, h, D):
+        x, dt, cs, h, D = _addressable(x), dt.contiguous(), cs.contiguous(), h.contiguous(), D.float().contiguous()
         Cr = _rows_in_layout(Cc)
-        b, c, g, r, Q, p = X.shape
-        n = Cc.shape[-1]
-        with _no_autocast(X):
+        b, c, g, r, Q = cs.shape
+        l, p, n = x.shape[1], x.shape[-1], Cc.shape[-1]
+        with _no_autocast(x):
             S = (Cc.float() @ Bc.float().transpose(-1, -2)).contiguous()  # C_t . B_s, fp32 (b, c, g, Q, Q)
-        y = _laid_out_as(X)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         bt, launch = _settings(FWD_TILE, Q)
-        _chunk_fwd[(b * c * g * r, Q // bt)](X, u, S, cs, Cr, h, D, y, r, g * r, n, *_layout(X), *Cr.stride()[1:4],
-                                              Q=Q, P=p, BT=bt, NP=max(16, triton.next_power_of_2(n)),
-                                              PRECISION=_precision(X), **launch)
-        ctx.save_for_backward(X, u, Bc, Cc, cs, S, h, D)
+        _chunk_fwd[(b * c * g * r, Q // bt)](x, dt, S, cs, Cr, h, D, y, l, c, r, g * r, n, *_strides(x), *_strides(y),
+                                              *Cr.stride()[1:4], Q=Q, P=p, BT=bt, NP=max(16, triton.next_power_of_2(n)),
+                                              PRECISION=_precision(x), **launch)
+        ctx.save_for_backward(x, dt, Bc, Cc, cs, S, h, D)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        X, u, Bc, Cc, cs, S, h, D = ctx.saved_tensors
-        dX, dB, dC, dcs = _diagonal_backward(dy, X, Bc, Cc, cs, S)
-        b, c, g, r, Q, p = X.shape
-        n = Cc.shape[-1]
-        with _no_autocast(X):
-            dye = (dy.float() * torch.exp(cs)[..., None]).to(X.dtype)  # exp(cs_t) dy_t (b, c, g, r, Q, p)
+        x, dt, Bc, Cc, cs, S, h, D = ctx.saved_tensors
+        dy = _addressable(dy)
+        du, ddt, dB, dC, dcs = _diagonal_backward(dy, x, dt, D, Bc, Cc, cs, S)
+        b, c, g, r, Q = cs.shape
+        p, n = x.shape[-1], Cc.shape[-1]
+        with _no_autocast(x):
+            dyc = _chunked_view(dy, Q, g)  # (b, c, g, r, Q, p)
+            dye = (dyc.float() * torch.exp(cs)[..., None]).to(x.dtype)  # exp(cs_t) dy_t
             dye_heads = dye.permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, Q, r * p)  # (b, c, g, Q, r p)
             dh = (dye_heads.transpose(-1, -2) @ Cc).reshape(b, c, g, r, p, n)  # (b, c, g, r, p, n)
-            hs = h.to(X.dtype).reshape(b, c, g, r * p, n)  # (b, c, g, r p, n)
+            hs = h.to(x.dtype).reshape(b, c, g, r * p, n)  # (b, c, g, r p, n)
             dC_out = dye_heads @ hs  # (b, c, g, Q, n)
             read_out = (Cc @ hs.transpose(-1, -2)).reshape(b, c, g, Q, r, p).transpose(3, 4)  # C_t . h, by head
             dcs_out = (dye.float() * read_out.float()).sum(-1)  # (b, c, g, r, Q)
-            dD = (dy.float() * u.float()).sum((0, 1, 4, 5)).reshape(-1)  # (g r,)
-            du = (dy.float() * D.reshape(g, r)[:, :, None, None]).to(u.dtype)
-        return dX, du, dB, (dC.float() + dC_out.float()).to(Cc.dtype), dcs + dcs_out, dh.float(), dD
+            dD = (dy.float() * x.float()).sum((0, 1, 3))  # (h,)
+        return du, ddt, dB, (dC.float() + dC_out.float()).to(Cc.dtype), dcs + dcs_out, dh.float(), dD
 
 
-def _layout(X):
-    """(chunk, head, position) strides of X (b, c, g, r, Q, p) for the kernels, which number a block over (batch,
-    chunk) and the g r heads: batch and chunk must merge, group and head too, and p be contiguous (`_in_layout`)."""
-    sb, sc, sg, sr, sq, sp = X.stride()
-    return sc, sr, sq
+class ChunkStates(torch.autograd.Function):
+    """The state entering each chunk and the final state, in one kernel over the chunks (`_states_fwd`): x = u
+    (b, l, h, p) where it lies, dt (b, c Q, h) fp32 zero on the padding, Bc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32,
+    h0 (b, g r, p, n) fp32 -> h (b, c, g, r, p, n) and the final state (b, g r, p, n), fp32. The backward runs the
+    recurrence backward over the chunks in fp32, then each chunk's state's gradient through its products with
+    X = dt u and B, in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, dt, Bc, cs, h0):
+        x, dt, cs, h0 = _addressable(x), dt.contiguous(), cs.contiguous(), h0.float().contiguous()
+        Br = _rows_in_layout(Bc)
+        b, c, g, r, Q = cs.shape
+        l, p, n = x.shape[1], x.shape[-1], Bc.shape[-1]
+        h = torch.empty(b, c, g, r, p, n, dtype=torch.float32, device=x.device)
+        last = torch.empty_like(h0)
+        tile = dict(STATES_TILE)
+        bp, bq = min(tile.pop("BP"), p), min(tile.pop("BQ"), Q)
+        bn = min(tile.pop("BN"), max(16, triton.next_power_of_2(n)))
+        _states_fwd[(b * g * r, p // bp, triton.cdiv(n, bn))](x, dt, Br, cs, h0, h, last, l, c, g * r, r, n,
+                                                              *_strides(x), *Br.stride()[1:4], Q=Q, P=p, BP=bp, BN=bn,
+                                                              BQ=bq, PRECISION=_precision(x), **tile)
+        ctx.save_for_backward(x, dt, Bc, cs, h)
+        return h, last
+
+    @staticmethod
+    def backward(ctx, dh, dlast):
+        x, dt, Bc, cs, h = ctx.saved_tensors
+        b, c, g, r, Q = cs.shape
+        l, p, n = x.shape[1], x.shape[-1], Bc.shape[-1]
+        decay = torch.exp(cs[..., -1])  # each chunk's decay (b, c, g, r)
+        grad = dlast.float().reshape(b, g, r, p, n)  # the gradient of the state leaving chunk k, from the last
+        dstates, ddecay = [None] * c, [None] * c
+        for k in reversed(range(c)):
+            dstates[k], ddecay[k] = grad, (grad * h[:, k]).sum((-1, -2))
+            grad = decay[:, k, ..., None, None] * grad + dh[:, k].float()
+        dstates = torch.stack(dstates, 1).to(x.dtype).reshape(b, c, g, r * p, n)  # (b, c, g, r p, n)
+        u = _chunked_view(x, Q, g).float()  # (b, c, g, r, Q, p)
+        dtc = dt.reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2)[..., None]  # (b, c, g, r, Q, 1)
+        X = (u * dtc).to(x.dtype).float()  # X = dt u as the kernel rounds it
+        w = torch.exp(cs[..., -1:] - cs)  # exp(cs_end - cs_s) (b, c, g, r, Q)
+        with _no_autocast(x):
+            Xd = (X * w[..., None]).to(x.dtype).transpose(3, 4).reshape(b, c, g, Q, r * p)  # decayed (b, c, g, Q, r p)
+            dB = Xd @ dstates  # (b, c, g, Q, n)
+            dXd = (Bc @ dstates.transpose(-1, -2)).reshape(b, c, g, Q, r, p).transpose(3, 4).float()  # (b,c,g,r,Q,p)
+        dX = dXd * w[..., None]
+        dw = (dXd * X).sum(-1) * w  # (b, c, g, r, Q)
+        dcs = -dw
+        dcs[..., -1] += dw.sum(-1) + torch.stack(ddecay, 1) * decay
+        du = _from_chunks((dX * dtc).to(x.dtype), l)
+        ddt = (dX * u).sum(-1).permute(0, 1, 4, 2, 3).reshape(b, c * Q, g * r)  # (b, c Q, h)
+        return du, ddt, dB, dcs, grad.reshape(b, g * r, p, n)
 
 
-def _in_layout(X):
-    """X as it lies where the kernels can address it (`_layout`), else a contiguous copy."""
-    b, c, g, r, Q, p = X.shape
-    sb, sc, sg, sr, sq, sp = X.stride()
-    return X if (sp == 1 and sb == c * sc and sg == r * sr) else X.contiguous()
+def _chunked_view(t, Q, g):
+    """A (b, l, h, p) tensor padded with zeros to whole chunks of Q and viewed as (b, c, g, r, Q, p)."""
+    b, l, h, p = t.shape
+    c = -(-l // Q)
+    return F.pad(t, (0, 0, 0, 0, 0, c * Q - l)).reshape(b, c, Q, g, h // g, p).permute(0, 1, 3, 4, 2, 5)
+
+
+def _from_chunks(t, l):
+    """(b, c, g, r, Q, p) -> (b, l, h, p), the padding dropped."""
+    b, c, g, r, Q, p = t.shape
+    return t.permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, g * r, p)[:, :l]
 
 
 def _rows_in_layout(Cc):
@@ -211,20 +330,15 @@ def _rows_in_layout(Cc):
     return Cc if (sn == 1 and sb == Cc.shape[1] * sc) else Cc.contiguous()
 
 
-def _laid_out_as(X):
-    """An empty tensor with X's shape, strides and dtype."""
-    return torch.empty_strided(X.shape, X.stride(), dtype=X.dtype, device=X.device)
-
-
 def _settings(tile, Q):
     """(rows a program, the other launch settings) of a kernel's tile for chunks of Q."""
     rest = dict(tile)
     return min(rest.pop("BT"), Q), rest
 
 
-def _precision(X):
+def _precision(x):
     """tl.dot's precision: fp32 products for fp32 inputs (16-bit inputs multiply in their own dtype)."""
-    return "ieee" if X.dtype == torch.float32 else "tf32"
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def fits(chunk, headdim):
@@ -232,12 +346,26 @@ def fits(chunk, headdim):
     return all(v >= 16 and not v & (v - 1) for v in (chunk, headdim))
 
 
-def chunk_outputs(X, u, Bc, Cc, cs, h, D):
-    """Every chunk's output (`ChunkOutputs`): X = dt u and u (b, c, g, r, Q, p), Bc, Cc (b, c, g, Q, n), cs
-    (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) the states entering the chunks, D (h,) -> y (b, c, g, r, Q, p) in u's
-    layout and dtype, for sizes that `fits`."""
-    Q, p = X.shape[-2:]
+def _check(Q, p):
     if not fits(Q, p):
         raise ValueError(f"the SSD kernels need the chunk and headdim to be powers of two of at least 16 (here {Q}, "
                          f"{p}): use ssd_chunked_fast")
-    return ChunkOutputs.apply(X, u, Bc, Cc, cs, h, D)
+
+
+def chunk_states(x, dt, Bc, cs, h0=None):
+    """The state entering each chunk and the final state (`ChunkStates`): x (b, l, h, p), dt (b, c Q, h) fp32 zero on
+    the padding, Bc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32, h0 (b, h, p, n) the initial state or None (zeros) ->
+    (b, c, g, r, p, n) and (b, h, p, n), fp32, for sizes that `fits`."""
+    b, l, h, p = x.shape
+    _check(cs.shape[-1], p)
+    if h0 is None:
+        h0 = torch.zeros(b, h, p, Bc.shape[-1], dtype=torch.float32, device=x.device)
+    return ChunkStates.apply(x, dt, Bc, cs, h0)
+
+
+def chunk_outputs(x, dt, Bc, Cc, cs, h, D):
+    """Every chunk's output (`ChunkOutputs`): x (b, l, h, p), dt (b, c Q, h) fp32 zero on the padding, Bc, Cc
+    (b, c, g, Q, n), cs (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) the states entering the chunks, D (h,) ->
+    y (b, l, h, p) in x's dtype, for sizes that `fits`."""
+    _check(cs.shape[-1], x.shape[-1])
+    return ChunkOutputs.apply(x, dt, Bc, Cc, cs, h, D)

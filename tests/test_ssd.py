@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fast_ssd import SSD_FORMS, ssd_chunked_fast
 from ssd import (segsum, ssd, ssd_chunked, ssd_quadratic, ssd_recurrent, ssd_step, ssm_conv,
@@ -410,38 +411,89 @@ def test_triton_form_is_chunked_fast_where_its_tiles_do_not_fit():
     want = ssd_chunked_fast(x, dt, A, B, C, 16, D=D, initial_state=s0)
     got = fast_ssd.ssd_triton(x, dt, A, B, C, 16, D=D, initial_state=s0)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    X, BC = torch.zeros(1, 1, 1, 1, 16, 3), torch.zeros(1, 1, 1, 16, 16)
+    x, dt, cs = torch.zeros(1, 16, 1, 3), torch.zeros(1, 16, 1), torch.zeros(1, 1, 1, 1, 16)
+    BC = torch.zeros(1, 1, 1, 16, 16)
     with pytest.raises(ValueError, match="powers of two of at least 16 \\(here 16, 3\\): use ssd_chunked_fast"):
-        ssd_kernel.chunk_outputs(X, X, BC, BC, torch.zeros(1, 1, 1, 1, 16), torch.zeros(1, 1, 1, 1, 3, 16),
-                                 torch.zeros(1))
+        ssd_kernel.chunk_outputs(x, dt, BC, BC, cs, torch.zeros(1, 1, 1, 1, 3, 16), torch.zeros(1))
+    with pytest.raises(ValueError, match="powers of two of at least 16 \\(here 16, 3\\): use ssd_chunked_fast"):
+        ssd_kernel.chunk_states(x, dt, BC, cs)
 
 
-def test_triton_chunk_outputs_read_and_write_the_models_layout_in_place():
-    """ssd_kernel's chunk outputs on X and u as ssd_chunked_fast hands them over (a (b, c, g, r, Q, p) view of the
-    model's (b, l, h, p) tensor) take them without a copy, write y and dX in that layout, and give the bits they give
-    on contiguous copies; a view they cannot address (p not contiguous) is copied first and gives them too."""
+def test_triton_kernels_read_x_and_dy_where_they_lie():
+    """ssd_kernel's chunk states and outputs take x as the mixer hands it over (a (b, l, h, p) view into a wider
+    tensor, its positions h p + 2 g n values apart) and dy as a view too, without a copy; they write y (b, l, h, p)
+    without the padding, and give the bits they give on a contiguous x; an x they cannot address (p not contiguous)
+    is copied first and gives them too."""
     device = triton_device()
     import ssd_kernel
-    b, c, Q, g, r, p, n = 2, 3, 16, 2, 3, 16, 8
+    b, l, Q, g, r, p, n = 2, 40, 16, 2, 3, 16, 8
+    c, h = -(-l // Q), g * r
     gen = torch.Generator().manual_seed(0)
-    X, u = (torch.randn(b, c * Q, g * r, p, generator=gen).to(device).reshape(b, c, Q, g, r, p)
-            .permute(0, 1, 3, 4, 2, 5) for _ in range(2))  # (b, c, g, r, Q, p) views of (b, l, h, p), not contiguous
+    wide = torch.randn(b, l, h * p + 2 * g * n, generator=gen).to(device)  # x, B, C side by side, as in the mixer
+    dt = F.pad(torch.rand(b, l, h, generator=gen), (0, 0, 0, c * Q - l)).to(device)
     Bc, Cc = (torch.randn(b, c, g, Q, n, generator=gen).to(device) for _ in range(2))
     cs = torch.cumsum(-torch.rand(b, c, g, r, Q, generator=gen), -1).to(device)
-    h = torch.randn(b, c, g, r, p, n, generator=gen).to(device)
-    D = torch.randn(g * r, generator=gen).to(device)
-    dy = torch.randn(X.shape, generator=gen).to(device)
-    assert ssd_kernel._in_layout(X) is X
+    h0 = torch.randn(b, h, p, n, generator=gen).to(device)
+    D = torch.randn(h, generator=gen).to(device)
+    dy = torch.randn(b, l, h * p + 8, generator=gen).to(device)[..., :h * p].view(b, l, h, p)  # a view, not contiguous
+    x = wide[..., :h * p].view(b, l, h, p)
+    assert ssd_kernel._addressable(x) is x and ssd_kernel._addressable(dy) is dy
     runs = []
     for layout in (lambda t: t, torch.Tensor.contiguous, lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)):
-        leaves = [t.clone().requires_grad_() for t in (layout(X), layout(u), Bc, Cc, cs, h, D)]
-        y = ssd_kernel.chunk_outputs(*leaves)
-        y.backward(dy)
-        runs.append((y.detach(), *[t.grad for t in leaves]))
-    assert runs[0][0].stride() == X.stride() and runs[0][1].stride() == X.stride()
-    assert runs[0][0].abs().max() > 0
+        source = wide.clone().requires_grad_()
+        leaves = [t.clone().requires_grad_() for t in (dt, Bc, Cc, cs, h0, D)]
+        states, last = ssd_kernel.chunk_states(layout(source[..., :h * p].view(b, l, h, p)), leaves[0], leaves[1],
+                                               leaves[3], leaves[4])
+        y = ssd_kernel.chunk_outputs(layout(source[..., :h * p].view(b, l, h, p)), *leaves[:4], states, leaves[5])
+        torch.autograd.backward([y, last], [dy, torch.ones_like(last)])
+        runs.append((y.detach(), last.detach(), source.grad, *[t.grad for t in leaves]))
+    assert runs[0][0].shape == (b, l, h, p) and runs[0][0].is_contiguous() and runs[0][0].abs().max() > 0
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_eq3_triton_chunk_states_equal_the_recurrence_position_by_position(monkeypatch):
+    """ssd_kernel.chunk_states (the state entering each chunk and the final state, from a non-zero state) in fp32
+    equals eq. 3's recurrence run position by position in float64, h_t = exp(cs_t - cs_{t-1}) h_{t-1} + dt_t x_t B_t^T,
+    and so do the gradients of x, dt, B, cs and the initial state: within 1e-5 of each one's largest value. Tiles
+    smaller than the state and the chunk (two p-tiles, two n-tiles, the last one short, two steps a chunk), two groups
+    of three heads, a length that pads the last chunk."""
+    device = triton_device()
+    import ssd_kernel
+    monkeypatch.setattr(ssd_kernel, "STATES_TILE", {**ssd_kernel.STATES_TILE, "BP": 16, "BN": 16, "BQ": 16})
+    b, c, Q, g, r, p, n = 2, 3, 32, 2, 3, 32, 24
+    l = c * Q - 5
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, l, g * r, p, generator=gen)
+    dt = F.pad(torch.rand(b, l, g * r, generator=gen), (0, 0, 0, c * Q - l))  # zero on the padding
+    Bc = torch.randn(b, c, g, Q, n, generator=gen)
+    cs = torch.cumsum(-0.1 * torch.rand(b, c, g, r, Q, generator=gen), -1)
+    h0 = torch.randn(b, g * r, p, n, generator=gen)
+    weights = [torch.randn(b, c, g, r, p, n, generator=gen, dtype=f64), torch.randn(b, g * r, p, n, generator=gen,
+                                                                                      dtype=f64)]
+
+    def recurrence(x, dt, Bc, cs, h0):
+        X = (F.pad(x, (0, 0, 0, 0, 0, c * Q - l)) * dt[..., None]).reshape(b, c, Q, g, r, p)
+        h, entering = h0.reshape(b, g, r, p, n), []
+        for k in range(c):
+            entering.append(h)
+            before = torch.zeros_like(cs[:, k, ..., 0])  # (b, g, r)
+            for t in range(Q):
+                decay = torch.exp(cs[:, k, ..., t] - before)[..., None, None]
+                h = decay * h + X[:, k, t, :, :, :, None] * Bc[:, k, :, None, t, None, :]  # (b, g, r, p, n)
+                before = cs[:, k, ..., t]
+        return torch.stack(entering, 1), h.reshape(b, g * r, p, n)
+
+    results = []
+    for fn, dtype, dev in ((recurrence, f64, "cpu"), (ssd_kernel.chunk_states, torch.float32, device)):
+        leaves = [t.to(dev, dtype, copy=True).requires_grad_() for t in (x, dt, Bc, cs, h0)]
+        entering, last = fn(*leaves)
+        ((entering * weights[0].to(dev, dtype)).sum() + (last * weights[1].to(dev, dtype)).sum()).backward()
+        results.append([entering.detach(), last.detach()] + [t.grad for t in leaves])
+    for name, want, got in zip(["entering", "final", "dx", "ddt", "dB", "dcs", "dh0"], *results):
+        assert got.dtype == torch.float32 and want.abs().max() > 0.1, name
+        error = (got.double().cpu() - want).abs().max() / want.abs().max()
+        assert error < 1e-5, f"{name}: {float(error):.2e} of its largest value"
 
 
 @pytest.mark.gpu
