@@ -1,7 +1,7 @@
 """The SSD's faster forms, and how a model's mixers are given one (`use_ssd`): `ssd_chunked` (ssd.py) arranged for a
-GPU, the same with each chunk's output from Triton kernels (`ssd_triton`, ssd_kernel.py), and mamba-ssm's Triton kernel
-where it is installed (`find_kernel`). The values equal the teaching scan's within the inputs' precision
-(tests/test_ssd.py).
+GPU, the same with the chunk states and each chunk's output from Triton kernels (`ssd_triton`, ssd_kernel.py), and
+mamba-ssm's Triton kernel where it is installed (`find_kernel`). The values equal the teaching scan's within the
+inputs' precision (tests/test_ssd.py).
 
 train.py, evaluate.py and benchmark.py choose the SSD in their main(): on CUDA, mamba-ssm's kernel where it is
 installed, else `ssd_chunked_fast`, and `ssd_triton` in train.py's compiled blocks; generate.py takes
