@@ -47,7 +47,7 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
       elementwise in fp32 (also under autocast), where ssd_chunked multiplies by the (c+1, c+1) matrix of decays.
     Returns (y (b, l, h, p) in x's dtype, final_state (b, h, p, n) in fp32)."""
     l, h = x.shape[1:3]
-    _, X, Bc, Cc, cs = _in_chunks(x, dt, A, B, C, chunk_size)
+    X, Bc, Cc, cs = _in_chunks(x, dt, A, B, C, chunk_size)
     f = cs.dtype  # the compute dtype: fp32, or fp64 for fp64 inputs
 
     # 1. diagonal blocks: L[t, s] = exp(cs_t - cs_s) for s <= t, times C_t . B_s, times X
@@ -68,17 +68,15 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
 
 def _in_chunks(x, dt, A, B, C, Q):
-    """The inputs padded to whole chunks of Q and viewed by chunk: u = x (b, c, g, r, Q, p) and X = dt x in the
-    inputs' dtype, views of (b, l + pad, h, p) tensors; Bc, Cc (b, c, g, Q, n); cs (b, c, g, r, Q), the cumulative
-    sum of dt A within each chunk, fp32."""
+    """The inputs padded to whole chunks of Q and viewed by chunk: X = dt x (b, c, g, r, Q, p) in the inputs' dtype,
+    a view of a (b, l + pad, h, p) tensor; Bc, Cc (b, c, g, Q, n); cs (b, c, g, r, Q), the cumulative sum of dt A
+    within each chunk, fp32."""
     b, l, h, p = x.shape
     g = B.shape[-2]
     dtf, Bc, Cc, cs = _chunked(dt, A, B, C, Q, S._compute_dtype(x))
     c = dtf.shape[1] // Q
-    x = F.pad(x, (0, 0, 0, 0, 0, c * Q - l))
-    X = (x.to(dtf.dtype) * dtf[..., None]).to(x.dtype)  # dt_s x_s (b, l + pad, h, p), in the inputs' dtype
-    u, X = (t.reshape(b, c, Q, g, h // g, p).permute(0, 1, 3, 4, 2, 5) for t in (x, X))  # (b, c, g, r, Q, p), views
-    return u, X, Bc, Cc, cs
+    X = (F.pad(x, (0, 0, 0, 0, 0, c * Q - l)).to(dtf.dtype) * dtf[..., None]).to(x.dtype)  # dt_s x_s (b, l + pad, h, p)
+    return X.reshape(b, c, Q, g, h // g, p).permute(0, 1, 3, 4, 2, 5), Bc, Cc, cs  # (b, c, g, r, Q, p), a view
 
 
 def _chunked(dt, A, B, C, Q, f):
