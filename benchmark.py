@@ -1095,7 +1095,6 @@ def bench_ssd_backward(args, backends):
             for t in leaves:
                 t.grad = None
         return run
-    dev = "cuda"
     print(f"SSD forward + backward, {shape}, model chunk {chunk}:")
     runs = {SSD_PATHS[k]: (fast_ssd.SSD_FORMS[k], chunk) for k in backends}
     runs.update({f"ssd_chunked_fast, chunk {q}": (fast_ssd.ssd_chunked_fast, q) for q in args.chunk_sweep})
@@ -1105,7 +1104,7 @@ def bench_ssd_backward(args, backends):
     base = None
     for name, (fn, q) in runs.items():
         try:
-            t = seconds(fwd_bwd(fn, q), 5, dev, grad=True)
+            t = seconds(fwd_bwd(fn, q), 5, x.device.type, grad=True)
         except Exception as e:
             print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}", flush=True)
             continue
