@@ -738,6 +738,17 @@ def bench_answers(args):
               f"{1000 * times[1] / args.questions:.1f} |", flush=True)
 
 
+def peak_mb(fn):
+    """The CUDA memory fn() takes at its peak above what was allocated before it, MB (autograd off)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
 def bench_scaling(args):
     """Prefill and decoding against the number of image tokens: our Mamba-2 LM and a Transformer LM of the same
     size (transformers' Phi-2 architecture, 2.7B, sdpa attention; TinyLLaVA's LM) in one run, bf16, batch 1,
@@ -757,16 +768,6 @@ def bench_scaling(args):
     k, k_ours = args.decode_tokens, args.our_decode_tokens  # ours is fast: more tokens for the same precision
 
     timed = partial(seconds, repeats=2, device=dev)
-
-    def peak_mb(fn):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with torch.no_grad():
-            fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-
     print(f"scaling with the image tokens on {torch.cuda.get_device_name()}, bf16, batch 1: ours = Mamba-2 "
           f"{args.size} ({params['ours'] / 1e9:.2f}B, decoding on CUDA graphs, the default step), Transformer = Phi-2 "
           f"architecture ({params['phi'] / 1e9:.2f}B, transformers {transformers.__version__}, sdpa, its default "
