@@ -92,10 +92,11 @@ def _chunk_fwd(x_ptr, dt_ptr, s_ptr, cs_ptr, c_ptr, h_ptr, d_ptr, y_ptr, L, C, R
 
 
 @triton.jit
-def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, L, C, R, H, sb, sl, sh, gb, gl, gh,
-                xb, xl, xh, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
+def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, dd_ptr, L, C, R, H, sb, sl, sh, gb, gl,
+                gh, xb, xl, xh, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, head) and s-block: dX_s = sum_{t >= s} M[t, s]^T dy_t, then through X = dt u:
-    du_s = dt_s dX_s + D dy_s (with D's term) and ddt_s = sum_p dX_s u_s; fp32 until the stores."""
+    du_s = dt_s dX_s + D dy_s (with D's term) and ddt_s = sum_p dX_s u_s, and the block's part of dD, sum dy_s u_s;
+    fp32 until the stores."""
     bh = tl.program_id(0)
     sb_ = tl.program_id(1)
     s, p = sb_ * BT + tl.arange(0, BT), tl.arange(0, P)
@@ -114,6 +115,7 @@ def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, L,
     at, position = _rows(bh, s, H, C, Q, xb, xl, xh)
     tl.store(dx_ptr + at[:, None] + p[None, :], du.to(dx_ptr.dtype.element_ty), mask=position[:, None] < L)
     tl.store(ddt_ptr + ((bh // H) * Q + s) * H + bh % H, tl.sum(dX * u_s.to(tl.float32), axis=1))
+    tl.store(dd_ptr + bh * (Q // BT) + sb_, tl.sum(dY_s.to(tl.float32) * u_s.to(tl.float32)))
 
 
 @triton.jit
@@ -187,15 +189,17 @@ def _addressable(x):
 
 
 def _diagonal_backward(dy, x, dt, D, Bc, Cc, cs, S):
-    """The diagonal blocks' gradients (du with D's term, ddt's part, dB, dC, dcs) from dy, by the backward's two
-    kernels."""
+    """The diagonal blocks' gradients (du with D's term, ddt's part, dB, dC, dcs) and dD from dy, by the backward's
+    two kernels."""
     b, c, g, r, Q = cs.shape
     l, p = x.shape[1], x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ddt = torch.empty_like(dt)  # (b, c Q, h) fp32
     bt, launch = _settings(BWD_X_TILE, Q)
-    _diag_bwd_x[(b * c * g * r, Q // bt)](x, dt, S, cs, D, dy, dx, ddt, l, c, r, g * r, *_strides(x), *_strides(dy),
-                                           *_strides(dx), Q=Q, P=p, BT=bt, PRECISION=_precision(x), **launch)
+    dD = torch.empty(b, c, g * r, Q // bt, dtype=torch.float32, device=x.device)  # each block's part
+    _diag_bwd_x[(b * c * g * r, Q // bt)](x, dt, S, cs, D, dy, dx, ddt, dD, l, c, r, g * r, *_strides(x),
+                                           *_strides(dy), *_strides(dx), Q=Q, P=p, BT=bt, PRECISION=_precision(x),
+                                           **launch)
     bt, launch = _settings(BWD_S_TILE, Q)
     heads, blocks = launch.pop("HEADS"), Q // bt
     parts = triton.cdiv(r, heads)
@@ -210,7 +214,7 @@ def _diagonal_backward(dy, x, dt, D, Bc, Cc, cs, S):
         dC = dS @ Bc.float()  # (b, c, g, Q, n)
         dB = dS.transpose(-1, -2) @ Cc.float()  # (b, c, g, Q, n)
     dcs = rows.sum(-2) - cols.sum(-2)  # (b, c, g, r, Q)
-    return dx, ddt, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs
+    return dx, ddt, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs, dD.sum((0, 1, 3))
 
 
 class ChunkOutputs(torch.autograd.Function):
@@ -218,9 +222,9 @@ class ChunkOutputs(torch.autograd.Function):
     decayed from the chunk's start, plus D u. x = u (b, l, h, p) where it lies, dt (b, c Q, h) fp32 zero on the
     padding, Bc, Cc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) fp32, D (h,) fp32 -> y (b, l, h, p)
     in x's dtype; the kernels form X = dt u as they read x. The backward: the diagonal blocks' kernels (which also
-    give D's du and the part of ddt from X), and the read-out's and D's gradients as products in x's dtype:
-    dh = (exp(cs) dy)^T C, dC += sum over the group's heads of exp(cs) dy h, dcs += sum_p exp(cs) dy (C h^T),
-    dD = sum dy u."""
+    give D's gradients, du = D dy and dD = sum dy u, and the part of ddt from X), and the read-out's gradients as
+    products in x's dtype: dh = (exp(cs) dy)^T C, dC += sum over the group's heads of exp(cs) dy h,
+    dcs += sum_p exp(cs) dy (C h^T)."""
 
     @staticmethod
     def forward(ctx, x, dt, Bc, Cc, cs, h, D):
@@ -242,7 +246,7 @@ class ChunkOutputs(torch.autograd.Function):
     def backward(ctx, dy):
         x, dt, Bc, Cc, cs, S, h, D = ctx.saved_tensors
         dy = _addressable(dy)
-        du, ddt, dB, dC, dcs = _diagonal_backward(dy, x, dt, D, Bc, Cc, cs, S)
+        du, ddt, dB, dC, dcs, dD = _diagonal_backward(dy, x, dt, D, Bc, Cc, cs, S)
         b, c, g, r, Q = cs.shape
         p, n = x.shape[-1], Cc.shape[-1]
         with _no_autocast(x):
@@ -254,7 +258,6 @@ class ChunkOutputs(torch.autograd.Function):
             dC_out = dye_heads @ hs  # (b, c, g, Q, n)
             read_out = (Cc @ hs.transpose(-1, -2)).reshape(b, c, g, Q, r, p).transpose(3, 4)  # C_t . h, by head
             dcs_out = (dye.float() * read_out.float()).sum(-1)  # (b, c, g, r, Q)
-            dD = (dy.float() * x.float()).sum((0, 1, 3))  # (h,)
         return du, ddt, dB, (dC.float() + dC_out.float()).to(Cc.dtype), dcs + dcs_out, dh.float(), dD
 
 
