@@ -1172,7 +1172,7 @@ def bench_ssd_tiles(args):
     D, dY = torch.randn(c.nheads, device=dev, generator=gen), torch.randn_like(x)
 
     def forward():
-        return ssd_kernel.chunk_outputs(x, dt, Bc, Cc, cs, ssd_kernel.chunk_states(x, dt, Bc, cs)[0], D)
+        return ssd_kernel.chunk_scan(x, dt, Bc, Cc, cs, D)[0]
 
     def forward_backward():
         torch.autograd.backward(forward(), dY)

@@ -172,9 +172,8 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     if not ssd_kernel.fits(chunk_size, x.shape[-1]):
         return ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
     dtf, Bc, Cc, cs = _chunked(dt, A, B, C, chunk_size, torch.float32)
-    states, final_state = ssd_kernel.chunk_states(x, dtf, Bc, cs, initial_state)  # (b, c, g, r, p, n), (b, h, p, n)
     D = torch.zeros(x.shape[2], dtype=torch.float32, device=x.device) if D is None else D
-    return ssd_kernel.chunk_outputs(x, dtf, Bc, Cc, cs, states, D), final_state  # (b, l, h, p), fp32 (b, h, p, n)
+    return ssd_kernel.chunk_scan(x, dtf, Bc, Cc, cs, D, initial_state)  # (b, l, h, p), fp32 (b, h, p, n)
 
 
 def kernel(x, dt, A, B, C, chunk_size, D=None, initial_state=None):

@@ -1,16 +1,17 @@
 """Eq. 3 by chunks as Triton kernels that keep the (Q, Q) tiles on chip, forward and backward: what
-`fast_ssd.ssd_chunked_fast` computes with (Q, Q) tensors in memory, for `fast_ssd.ssd_triton`.
+`fast_ssd.ssd_chunked_fast` computes with (Q, Q) tensors in memory, for `fast_ssd.ssd_triton` (`chunk_scan`).
 
-    h_{k+1} = exp(cs_end) h_k + sum_s exp(cs_end - cs_s) X_s B_s^T      (the states between chunks: `chunk_states`)
-    y_t = sum_{s <= t} exp(cs_t - cs_s) (C_t . B_s) X_s  +  exp(cs_t) C_t . h_k  +  D u_t    (`chunk_outputs`)
+    h_{k+1} = exp(cs_end) h_k + sum_s exp(cs_end - cs_s) X_s B_s^T     (the states between chunks: `_states_fwd`)
+    y_t = sum_{s <= t} exp(cs_t - cs_s) (C_t . B_s) X_s  +  exp(cs_t) C_t . h_k  +  D u_t    (`_chunk_fwd`)
           (the diagonal block)                              (the state entering chunk k, read out by C)
 
 per (batch, chunk, group, head), u = x, X = dt u, cs the cumulative sum of dt A within the chunk; fp32 until the one
 store of y, and the states in fp32. S = C B^T is the same for every head of a group: it is one product per (batch,
-chunk, group), in fp32, before the kernels, which multiply it by each head's decays L. The diagonal block's
-backward, with M = S * L: dX_s = sum_t M[t, s] dy_t; dM = dy X^T; dS = sum over the group's heads of dM * L, then
-dC = dS B and dB = dS^T C; dcs_t = sum_s dM M and dcs_s = -sum_t dM M. The states' and the read-out's backward are
-products in PyTorch (`ChunkStates.backward`, `ChunkOutputs.backward`). The products with X and dy run in the inputs'
+chunk, group), in fp32, before the kernels, which multiply it by each head's decays L. The backward, with M = S * L
+and dh_k the gradient of the state leaving chunk k: dX_s = sum_t M[t, s] dy_t + exp(cs_end - cs_s) B_s . dh_k^T;
+dM = dy X^T; dS = sum over the group's heads of dM * L, then dC = dS B and dB = dS^T C; dcs_t = sum_s dM M and
+dcs_s = -sum_t dM M (`_diag_bwd_x`, `_diag_bwd_s`). The read-out's gradients, the recurrence between chunks backward
+and B's gradient through the states are PyTorch (`ChunkScan.backward`). The products with X and dy run in the inputs'
 dtype with fp32 accumulation; S, dS and the decays are fp32. No program adds to another's output, so every gradient
 is the same from run to run.
 
@@ -92,14 +93,16 @@ def _chunk_fwd(x_ptr, dt_ptr, s_ptr, cs_ptr, c_ptr, h_ptr, d_ptr, y_ptr, L, C, R
 
 
 @triton.jit
-def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, dd_ptr, L, C, R, H, sb, sl, sh, gb, gl,
-                gh, xb, xl, xh, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (batch, chunk, group, head) and s-block: dX_s = sum_{t >= s} M[t, s]^T dy_t, then through X = dt u:
-    du_s = dt_s dX_s + D dy_s (with D's term) and ddt_s = sum_p dX_s u_s, and the block's part of dD, sum dy_s u_s;
-    fp32 until the stores."""
+def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, b_ptr, dst_ptr, dy_ptr, dx_ptr, ddt_ptr, dw_ptr, dd_ptr, L, C, R,
+                H, N, sb, sl, sh, gb, gl, gh, xb, xl, xh, b_chunk_stride, b_group_stride, b_row_stride,
+                Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (batch, chunk, group, head) and s-block: X's gradient from the diagonal block, sum_{t >= s} M[t, s]^T dy_t,
+    plus from the state leaving the chunk, w_s B_s . dh^T with w_s = exp(cs_end - cs_s) and dh that state's gradient
+    (P, N); then through X = dt u: du_s = dt_s dX_s + D dy_s and ddt_s = sum_p dX_s u_s; dw_s = w_s sum_p (B_s . dh^T)
+    X_s (for cs's gradient) and the block's part of dD, sum dy_s u_s; fp32 until the stores."""
     bh = tl.program_id(0)
     sb_ = tl.program_id(1)
-    s, p = sb_ * BT + tl.arange(0, BT), tl.arange(0, P)
+    s, p, n = sb_ * BT + tl.arange(0, BT), tl.arange(0, P), tl.arange(0, NP)
     dX = tl.zeros((BT, P), dtype=tl.float32)
     for tb in range(sb_, Q // BT):
         t = tb * BT + tl.arange(0, BT)
@@ -107,7 +110,14 @@ def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, dd
         dY_t = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)  # (BT, P)
         M = _matrix(s_ptr + (bh // R) * Q * Q, cs_ptr + bh * Q, t, s, Q)
         dX += tl.dot(tl.trans(M).to(dY_t.dtype), dY_t, input_precision=PRECISION)
-    _, u_s = _X(x_ptr, dt_ptr, bh, s, p, L, H, C, Q, sb, sl, sh)
+    B_s = tl.load(b_ptr + (bh // H) * b_chunk_stride + ((bh % H) // R) * b_group_stride + s[:, None] * b_row_stride
+                  + n[None, :], mask=n[None, :] < N, other=0.0)  # (BT, NP), zeros past N
+    dh_T = tl.load(dst_ptr + bh * P * N + p[None, :] * N + n[:, None], mask=n[:, None] < N, other=0.0)  # (NP, P)
+    from_state = tl.dot(B_s, dh_T.to(B_s.dtype), input_precision=PRECISION)  # B_s . dh^T (BT, P) fp32
+    w = tl.exp(tl.load(cs_ptr + bh * Q + Q - 1) - tl.load(cs_ptr + bh * Q + s))  # (BT,)
+    X_s, u_s = _X(x_ptr, dt_ptr, bh, s, p, L, H, C, Q, sb, sl, sh)
+    tl.store(dw_ptr + bh * Q + s, w * tl.sum(from_state * X_s.to(tl.float32), axis=1))
+    dX += w[:, None] * from_state
     at, position = _rows(bh, s, H, C, Q, gb, gl, gh)
     dY_s = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)
     dt_s = tl.load(dt_ptr + ((bh // H) * Q + s) * H + bh % H)
@@ -188,17 +198,20 @@ def _addressable(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _diagonal_backward(dy, x, dt, D, Bc, Cc, cs, S):
-    """The diagonal blocks' gradients (du with D's term, ddt's part, dB, dC, dcs) and dD from dy, by the backward's
-    two kernels."""
+def _kernels_backward(dy, dstates, x, dt, D, Bc, Cc, cs, S):
+    """The backward's two kernels: du and ddt's part (the diagonal blocks and the states), dB and dC from dS, dcs from
+    the diagonal blocks, dw (the states' decays' part of dcs) and dD."""
     b, c, g, r, Q = cs.shape
-    l, p = x.shape[1], x.shape[-1]
+    l, p, n = x.shape[1], x.shape[-1], Bc.shape[-1]
+    Br = _rows_in_layout(Bc)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ddt = torch.empty_like(dt)  # (b, c Q, h) fp32
+    dw = torch.empty_like(cs)  # (b, c, g, r, Q) fp32
     bt, launch = _settings(BWD_X_TILE, Q)
     dD = torch.empty(b, c, g * r, Q // bt, dtype=torch.float32, device=x.device)  # each block's part
-    _diag_bwd_x[(b * c * g * r, Q // bt)](x, dt, S, cs, D, dy, dx, ddt, dD, l, c, r, g * r, *_strides(x),
-                                           *_strides(dy), *_strides(dx), Q=Q, P=p, BT=bt, PRECISION=_precision(x),
+    _diag_bwd_x[(b * c * g * r, Q // bt)](x, dt, S, cs, D, Br, dstates, dy, dx, ddt, dw, dD, l, c, r, g * r, n,
+                                           *_strides(x), *_strides(dy), *_strides(dx), *Br.stride()[1:4], Q=Q, P=p,
+                                           BT=bt, NP=max(16, triton.next_power_of_2(n)), PRECISION=_precision(x),
                                            **launch)
     bt, launch = _settings(BWD_S_TILE, Q)
     heads, blocks = launch.pop("HEADS"), Q // bt
@@ -213,22 +226,65 @@ def _diagonal_backward(dy, x, dt, D, Bc, Cc, cs, S):
         dS = dS.sum(3)  # (b, c, g, Q, Q)
         dC = dS @ Bc.float()  # (b, c, g, Q, n)
         dB = dS.transpose(-1, -2) @ Cc.float()  # (b, c, g, Q, n)
-    dcs = rows.sum(-2) - cols.sum(-2)  # (b, c, g, r, Q)
-    return dx, ddt, dB.to(Bc.dtype), dC.to(Cc.dtype), dcs, dD.sum((0, 1, 3))
+    return dx, ddt, dB, dC, rows.sum(-2) - cols.sum(-2), dw, dD.sum((0, 1, 3))
 
 
-class ChunkOutputs(torch.autograd.Function):
-    """Each chunk's whole output in one kernel: its diagonal block, plus the state entering it read out by C and
-    decayed from the chunk's start, plus D u. x = u (b, l, h, p) where it lies, dt (b, c Q, h) fp32 zero on the
-    padding, Bc, Cc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) fp32, D (h,) fp32 -> y (b, l, h, p)
-    in x's dtype; the kernels form X = dt u as they read x. The backward: the diagonal blocks' kernels (which also
-    give D's gradients, du = D dy and dD = sum dy u, and the part of ddt from X), and the read-out's gradients as
-    products in x's dtype: dh = (exp(cs) dy)^T C, dC += sum over the group's heads of exp(cs) dy h,
-    dcs += sum_p exp(cs) dy (C h^T)."""
+def _readout_backward(dy, Cc, cs, h):
+    """The read-out exp(cs_t) C_t . h's gradients, products in dy's dtype: dh = (exp(cs) dy)^T C (b, c, g, r, p, n),
+    dC = sum over the group's heads of exp(cs) dy h (b, c, g, Q, n), dcs = sum_p exp(cs) dy (C h^T) (b, c, g, r, Q)."""
+    b, c, g, r, Q = cs.shape
+    p, n = dy.shape[-1], Cc.shape[-1]
+    with _no_autocast(dy):
+        dye = (_chunked_view(dy, Q, g).float() * torch.exp(cs)[..., None]).to(dy.dtype)  # exp(cs_t) dy_t
+        dye_heads = dye.permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, Q, r * p)  # (b, c, g, Q, r p)
+        dh = (dye_heads.transpose(-1, -2) @ Cc).reshape(b, c, g, r, p, n)
+        hs = h.to(dy.dtype).reshape(b, c, g, r * p, n)  # (b, c, g, r p, n)
+        dC = dye_heads @ hs
+        read_out = (Cc @ hs.transpose(-1, -2)).reshape(b, c, g, Q, r, p).transpose(3, 4)  # C_t . h, by head
+        dcs = (dye.float() * read_out.float()).sum(-1)
+    return dh.float(), dC, dcs
+
+
+def _recurrence_backward(dh, dlast, h, cs):
+    """The recurrence between chunks, h_{k+1} = exp(cs_end) h_k + state_k, backward in fp32: the gradient of the state
+    leaving each chunk (b, c, g, r, p, n), dcs's part at each chunk's end (b, c, g, r) and the initial state's
+    gradient (b, g r, p, n)."""
+    b, c, g, r, p, n = h.shape
+    decay = torch.exp(cs[..., -1])  # (b, c, g, r)
+    grad = dlast.float().reshape(b, g, r, p, n)  # the gradient of the state leaving chunk k, from the last
+    leaving, ddecay = [None] * c, [None] * c
+    for k in reversed(range(c)):
+        leaving[k], ddecay[k] = grad, (grad * h[:, k]).sum((-1, -2))
+        grad = decay[:, k, ..., None, None] * grad + dh[:, k]
+    return torch.stack(leaving, 1), torch.stack(ddecay, 1) * decay, grad.reshape(b, g * r, p, n)
+
+
+def _states_dB(x, dt, cs, dstates):
+    """B's gradient through the chunk states, sum over the group's heads of exp(cs_end - cs_s) X_s . dh, a product in
+    x's dtype (b, c, g, Q, n)."""
+    b, c, g, r, Q = cs.shape
+    p, n = x.shape[-1], dstates.shape[-1]
+    dtc = dt.reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2)[..., None]  # (b, c, g, r, Q, 1)
+    X = (_chunked_view(x, Q, g).float() * dtc).to(x.dtype)  # X = dt u as the kernels round it
+    w = torch.exp(cs[..., -1:] - cs)[..., None]  # (b, c, g, r, Q, 1)
+    with _no_autocast(x):
+        Xd = (X.float() * w).to(x.dtype).transpose(3, 4).reshape(b, c, g, Q, r * p)  # (b, c, g, Q, r p)
+        return Xd @ dstates.to(x.dtype).reshape(b, c, g, r * p, n)
+
+
+class ChunkScan(torch.autograd.Function):
+    """Eq. 3 by chunks in two kernels: the states entering the chunks (`chunk_states`), then each chunk's whole
+    output: its diagonal block, plus the entering state read out by C and decayed from the chunk's start, plus D u.
+    x = u (b, l, h, p) where it lies, dt (b, c Q, h) fp32 zero on the padding, Bc, Cc (b, c, g, Q, n), cs
+    (b, c, g, r, Q) fp32, h0 (b, g r, p, n) and D (h,) fp32 -> y (b, l, h, p) in x's dtype and the final state
+    (b, g r, p, n) fp32. The backward: the read-out's gradients and the recurrence between chunks in PyTorch, then
+    the kernels, which give X's whole gradient (the diagonal blocks' and the states') through to du and ddt, and dS;
+    B's gradient through the states is one more product."""
 
     @staticmethod
-    def forward(ctx, x, dt, Bc, Cc, cs, h, D):
-        x, dt, cs, h, D = _addressable(x), dt.contiguous(), cs.contiguous(), h.contiguous(), D.float().contiguous()
+    def forward(ctx, x, dt, Bc, Cc, cs, h0, D):
+        x, dt, cs, D = _addressable(x), dt.contiguous(), cs.contiguous(), D.float().contiguous()
+        h, last = chunk_states(x, dt, Bc, cs, h0)
         Cr = _rows_in_layout(Cc)
         b, c, g, r, Q = cs.shape
         l, p, n = x.shape[1], x.shape[-1], Cc.shape[-1]
@@ -240,78 +296,19 @@ class ChunkOutputs(torch.autograd.Function):
                                               *Cr.stride()[1:4], Q=Q, P=p, BT=bt, NP=max(16, triton.next_power_of_2(n)),
                                               PRECISION=_precision(x), **launch)
         ctx.save_for_backward(x, dt, Bc, Cc, cs, S, h, D)
-        return y
+        return y, last
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dlast):
         x, dt, Bc, Cc, cs, S, h, D = ctx.saved_tensors
         dy = _addressable(dy)
-        du, ddt, dB, dC, dcs, dD = _diagonal_backward(dy, x, dt, D, Bc, Cc, cs, S)
-        b, c, g, r, Q = cs.shape
-        p, n = x.shape[-1], Cc.shape[-1]
-        with _no_autocast(x):
-            dyc = _chunked_view(dy, Q, g)  # (b, c, g, r, Q, p)
-            dye = (dyc.float() * torch.exp(cs)[..., None]).to(x.dtype)  # exp(cs_t) dy_t
-            dye_heads = dye.permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, Q, r * p)  # (b, c, g, Q, r p)
-            dh = (dye_heads.transpose(-1, -2) @ Cc).reshape(b, c, g, r, p, n)  # (b, c, g, r, p, n)
-            hs = h.to(x.dtype).reshape(b, c, g, r * p, n)  # (b, c, g, r p, n)
-            dC_out = dye_heads @ hs  # (b, c, g, Q, n)
-            read_out = (Cc @ hs.transpose(-1, -2)).reshape(b, c, g, Q, r, p).transpose(3, 4)  # C_t . h, by head
-            dcs_out = (dye.float() * read_out.float()).sum(-1)  # (b, c, g, r, Q)
-        return du, ddt, dB, (dC.float() + dC_out.float()).to(Cc.dtype), dcs + dcs_out, dh.float(), dD
-
-
-class ChunkStates(torch.autograd.Function):
-    """The state entering each chunk and the final state, in one kernel over the chunks (`_states_fwd`): x = u
-    (b, l, h, p) where it lies, dt (b, c Q, h) fp32 zero on the padding, Bc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32,
-    h0 (b, g r, p, n) fp32 -> h (b, c, g, r, p, n) and the final state (b, g r, p, n), fp32. The backward runs the
-    recurrence backward over the chunks in fp32, then each chunk's state's gradient through its products with
-    X = dt u and B, in x's dtype."""
-
-    @staticmethod
-    def forward(ctx, x, dt, Bc, cs, h0):
-        x, dt, cs, h0 = _addressable(x), dt.contiguous(), cs.contiguous(), h0.float().contiguous()
-        Br = _rows_in_layout(Bc)
-        b, c, g, r, Q = cs.shape
-        l, p, n = x.shape[1], x.shape[-1], Bc.shape[-1]
-        h = torch.empty(b, c, g, r, p, n, dtype=torch.float32, device=x.device)
-        last = torch.empty_like(h0)
-        tile = dict(STATES_TILE)
-        bp, bq = min(tile.pop("BP"), p), min(tile.pop("BQ"), Q)
-        bn = min(tile.pop("BN"), max(16, triton.next_power_of_2(n)))
-        _states_fwd[(b * g * r, p // bp, triton.cdiv(n, bn))](x, dt, Br, cs, h0, h, last, l, c, g * r, r, n,
-                                                              *_strides(x), *Br.stride()[1:4], Q=Q, P=p, BP=bp, BN=bn,
-                                                              BQ=bq, PRECISION=_precision(x), **tile)
-        ctx.save_for_backward(x, dt, Bc, cs, h)
-        return h, last
-
-    @staticmethod
-    def backward(ctx, dh, dlast):
-        x, dt, Bc, cs, h = ctx.saved_tensors
-        b, c, g, r, Q = cs.shape
-        l, p, n = x.shape[1], x.shape[-1], Bc.shape[-1]
-        decay = torch.exp(cs[..., -1])  # each chunk's decay (b, c, g, r)
-        grad = dlast.float().reshape(b, g, r, p, n)  # the gradient of the state leaving chunk k, from the last
-        dstates, ddecay = [None] * c, [None] * c
-        for k in reversed(range(c)):
-            dstates[k], ddecay[k] = grad, (grad * h[:, k]).sum((-1, -2))
-            grad = decay[:, k, ..., None, None] * grad + dh[:, k].float()
-        dstates = torch.stack(dstates, 1).to(x.dtype).reshape(b, c, g, r * p, n)  # (b, c, g, r p, n)
-        u = _chunked_view(x, Q, g).float()  # (b, c, g, r, Q, p)
-        dtc = dt.reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2)[..., None]  # (b, c, g, r, Q, 1)
-        X = (u * dtc).to(x.dtype).float()  # X = dt u as the kernel rounds it
-        w = torch.exp(cs[..., -1:] - cs)  # exp(cs_end - cs_s) (b, c, g, r, Q)
-        with _no_autocast(x):
-            Xd = (X * w[..., None]).to(x.dtype).transpose(3, 4).reshape(b, c, g, Q, r * p)  # decayed (b, c, g, Q, r p)
-            dB = Xd @ dstates  # (b, c, g, Q, n)
-            dXd = (Bc @ dstates.transpose(-1, -2)).reshape(b, c, g, Q, r, p).transpose(3, 4).float()  # (b,c,g,r,Q,p)
-        dX = dXd * w[..., None]
-        dw = (dXd * X).sum(-1) * w  # (b, c, g, r, Q)
-        dcs = -dw
-        dcs[..., -1] += dw.sum(-1) + torch.stack(ddecay, 1) * decay
-        du = _from_chunks((dX * dtc).to(x.dtype), l)
-        ddt = (dX * u).sum(-1).permute(0, 1, 4, 2, 3).reshape(b, c * Q, g * r)  # (b, c Q, h)
-        return du, ddt, dB, dcs, grad.reshape(b, g * r, p, n)
+        dh, dC_out, dcs_out = _readout_backward(dy, Cc, cs, h)
+        dstates, dcs_end, dh0 = _recurrence_backward(dh, dlast, h, cs)
+        du, ddt, dB, dC, dcs, dw, dD = _kernels_backward(dy, dstates, x, dt, D, Bc, Cc, cs, S)
+        dB = dB + _states_dB(x, dt, cs, dstates).float()
+        dcs = dcs + dcs_out - dw
+        dcs[..., -1] += dw.sum(-1) + dcs_end
+        return du, ddt, dB.to(Bc.dtype), (dC + dC_out.float()).to(Cc.dtype), dcs, dh0, dD
 
 
 def _chunked_view(t, Q, g):
@@ -319,12 +316,6 @@ def _chunked_view(t, Q, g):
     b, l, h, p = t.shape
     c = -(-l // Q)
     return F.pad(t, (0, 0, 0, 0, 0, c * Q - l)).reshape(b, c, Q, g, h // g, p).permute(0, 1, 3, 4, 2, 5)
-
-
-def _from_chunks(t, l):
-    """(b, c, g, r, Q, p) -> (b, l, h, p), the padding dropped."""
-    b, c, g, r, Q, p = t.shape
-    return t.permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, g * r, p)[:, :l]
 
 
 def _rows_in_layout(Cc):
@@ -356,19 +347,34 @@ def _check(Q, p):
 
 
 def chunk_states(x, dt, Bc, cs, h0=None):
-    """The state entering each chunk and the final state (`ChunkStates`): x (b, l, h, p), dt (b, c Q, h) fp32 zero on
-    the padding, Bc (b, c, g, Q, n), cs (b, c, g, r, Q) fp32, h0 (b, h, p, n) the initial state or None (zeros) ->
-    (b, c, g, r, p, n) and (b, h, p, n), fp32, for sizes that `fits`."""
+    """The state entering each chunk and the final state, from one kernel over the chunks (`_states_fwd`; no
+    gradients: `ChunkScan` gives them): x (b, l, h, p), dt (b, c Q, h) fp32 zero on the padding, Bc (b, c, g, Q, n),
+    cs (b, c, g, r, Q) fp32, h0 (b, h, p, n) the initial state or None (zeros) -> (b, c, g, r, p, n) and
+    (b, h, p, n), fp32, for sizes that `fits`."""
+    b, c, g, r, Q = cs.shape
+    l, h_, p = x.shape[1:]
+    n = Bc.shape[-1]
+    _check(Q, p)
+    x, dt, cs = _addressable(x), dt.contiguous(), cs.contiguous()
+    h0 = torch.zeros(b, h_, p, n, dtype=torch.float32, device=x.device) if h0 is None else h0.float().contiguous()
+    Br = _rows_in_layout(Bc)
+    h = torch.empty(b, c, g, r, p, n, dtype=torch.float32, device=x.device)
+    last = torch.empty_like(h0)
+    tile = dict(STATES_TILE)
+    bp, bq = min(tile.pop("BP"), p), min(tile.pop("BQ"), Q)
+    bn = min(tile.pop("BN"), max(16, triton.next_power_of_2(n)))
+    _states_fwd[(b * g * r, p // bp, triton.cdiv(n, bn))](x, dt, Br, cs, h0, h, last, l, c, g * r, r, n, *_strides(x),
+                                                          *Br.stride()[1:4], Q=Q, P=p, BP=bp, BN=bn, BQ=bq,
+                                                          PRECISION=_precision(x), **tile)
+    return h, last
+
+
+def chunk_scan(x, dt, Bc, Cc, cs, D, h0=None):
+    """Eq. 3 by chunks (`ChunkScan`): x (b, l, h, p), dt (b, c Q, h) fp32 zero on the padding, Bc, Cc
+    (b, c, g, Q, n), cs (b, c, g, r, Q) fp32, D (h,), h0 (b, h, p, n) the initial state or None (zeros) ->
+    y (b, l, h, p) in x's dtype and the final state (b, h, p, n) fp32, for sizes that `fits`."""
     b, l, h, p = x.shape
     _check(cs.shape[-1], p)
     if h0 is None:
         h0 = torch.zeros(b, h, p, Bc.shape[-1], dtype=torch.float32, device=x.device)
-    return ChunkStates.apply(x, dt, Bc, cs, h0)
-
-
-def chunk_outputs(x, dt, Bc, Cc, cs, h, D):
-    """Every chunk's output (`ChunkOutputs`): x (b, l, h, p), dt (b, c Q, h) fp32 zero on the padding, Bc, Cc
-    (b, c, g, Q, n), cs (b, c, g, r, Q) fp32, h (b, c, g, r, p, n) the states entering the chunks, D (h,) ->
-    y (b, l, h, p) in x's dtype, for sizes that `fits`."""
-    _check(cs.shape[-1], x.shape[-1])
-    return ChunkOutputs.apply(x, dt, Bc, Cc, cs, h, D)
+    return ChunkScan.apply(x, dt, Bc, Cc, cs, h0, D)
