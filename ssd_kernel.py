@@ -8,12 +8,13 @@
 per (batch, chunk, group, head), u = x, X = dt u, cs the cumulative sum of dt A within the chunk; fp32 until the one
 store of y, and the states in fp32. S = C B^T is the same for every head of a group: it is one product per (batch,
 chunk, group), in fp32, before the kernels, which multiply it by each head's decays L. The backward, with M = S * L
-and dh_k the gradient of the state leaving chunk k: dX_s = sum_t M[t, s] dy_t + exp(cs_end - cs_s) B_s . dh_k^T;
-dM = dy X^T; dS = sum over the group's heads of dM * L, then dC = dS B and dB = dS^T C; dcs_t = sum_s dM M and
-dcs_s = -sum_t dM M (`_diag_bwd_x`, `_diag_bwd_s`). The read-out's gradients, the recurrence between chunks backward
-and B's gradient through the states are PyTorch (`ChunkScan.backward`). The products with X and dy run in the inputs'
-dtype with fp32 accumulation; S, dS and the decays are fp32. No program adds to another's output, so every gradient
-is the same from run to run.
+and dh_k the gradient of the state leaving chunk k:
+    dX_s = sum_t M[t, s] dy_t + exp(cs_end - cs_s) B_s . dh_k^T;  dM = dy X^T;
+    dS = sum over the group's heads of dM * L, then dC = dS B and dB = dS^T C;
+    dcs_t = sum_s dM M and dcs_s = -sum_t dM M      (`_diag_bwd_x`, `_diag_bwd_s`).
+The read-out's gradients for h and C, the recurrence between chunks backward and B's gradient through the states are
+PyTorch (`ChunkScan.backward`). The products with X and dy run in the inputs' dtype with fp32 accumulation; S, dS
+and the decays are fp32. No program adds to another's output, so every gradient is the same from run to run.
 
 x, dy, y and dx are read and written where they lie, as (b, l, h, p) tensors whose p are contiguous (x may be a view
 into the in_proj's output): the kernels form X = dt u as they read x, take the rows past l as zeros and store none of
@@ -93,13 +94,15 @@ def _chunk_fwd(x_ptr, dt_ptr, s_ptr, cs_ptr, c_ptr, h_ptr, d_ptr, y_ptr, L, C, R
 
 
 @triton.jit
-def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, b_ptr, dst_ptr, dy_ptr, dx_ptr, ddt_ptr, dw_ptr, dd_ptr, L, C, R,
-                H, N, sb, sl, sh, gb, gl, gh, xb, xl, xh, b_chunk_stride, b_group_stride, b_row_stride,
-                Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr):
+def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, b_ptr, c_ptr, h_ptr, dst_ptr, dy_ptr, dx_ptr, ddt_ptr, dw_ptr,
+                dro_ptr, dd_ptr, L, C, R, H, N, sb, sl, sh, gb, gl, gh, xb, xl, xh, b_chunk_stride, b_group_stride,
+                b_row_stride, c_chunk_stride, c_group_stride, c_row_stride, Q: tl.constexpr, P: tl.constexpr,
+                BT: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, head) and s-block: X's gradient from the diagonal block, sum_{t >= s} M[t, s]^T dy_t,
     plus from the state leaving the chunk, w_s B_s . dh^T with w_s = exp(cs_end - cs_s) and dh that state's gradient
     (P, N); then through X = dt u: du_s = dt_s dX_s + D dy_s and ddt_s = sum_p dX_s u_s; dw_s = w_s sum_p (B_s . dh^T)
-    X_s (for cs's gradient) and the block's part of dD, sum dy_s u_s; fp32 until the stores."""
+    X_s and the read-out's dro_s = exp(cs_s) sum_p dy_s (C_s . h^T), h the state entering the chunk (cs's gradient);
+    the block's part of dD, sum dy_s u_s; fp32 until the stores."""
     bh = tl.program_id(0)
     sb_ = tl.program_id(1)
     s, p, n = sb_ * BT + tl.arange(0, BT), tl.arange(0, P), tl.arange(0, NP)
@@ -120,6 +123,12 @@ def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, b_ptr, dst_ptr, dy_ptr, dx_
     dX += w[:, None] * from_state
     at, position = _rows(bh, s, H, C, Q, gb, gl, gh)
     dY_s = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)
+    C_s = tl.load(c_ptr + (bh // H) * c_chunk_stride + ((bh % H) // R) * c_group_stride + s[:, None] * c_row_stride
+                  + n[None, :], mask=n[None, :] < N, other=0.0)  # (BT, NP)
+    h_T = tl.load(h_ptr + bh * P * N + p[None, :] * N + n[:, None], mask=n[:, None] < N, other=0.0)  # (NP, P)
+    read_out = tl.dot(C_s, h_T.to(C_s.dtype), input_precision=PRECISION)  # C_s . h^T (BT, P) fp32
+    dro = tl.exp(tl.load(cs_ptr + bh * Q + s)) * tl.sum(dY_s.to(tl.float32) * read_out, axis=1)
+    tl.store(dro_ptr + bh * Q + s, dro)
     dt_s = tl.load(dt_ptr + ((bh // H) * Q + s) * H + bh % H)
     du = dX * dt_s[:, None] + tl.load(d_ptr + bh % H) * dY_s.to(tl.float32)
     at, position = _rows(bh, s, H, C, Q, xb, xl, xh)
@@ -198,21 +207,22 @@ def _addressable(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _kernels_backward(dy, dstates, x, dt, D, Bc, Cc, cs, S):
-    """The backward's two kernels: du and ddt's part (the diagonal blocks and the states), dB and dC from dS, dcs from
-    the diagonal blocks, dw (the states' decays' part of dcs) and dD."""
+def _kernels_backward(dy, h, dstates, x, dt, D, Bc, Cc, cs, S):
+    """The backward's two kernels: du and ddt's part (the diagonal blocks and the states), dB and dC from dS, dcs's
+    parts from the diagonal blocks, the read-out and the states' decays (dw, whose sum also goes to each chunk's
+    end), and dD."""
     b, c, g, r, Q = cs.shape
     l, p, n = x.shape[1], x.shape[-1], Bc.shape[-1]
-    Br = _rows_in_layout(Bc)
+    Br, Cr = _rows_in_layout(Bc), _rows_in_layout(Cc)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ddt = torch.empty_like(dt)  # (b, c Q, h) fp32
-    dw = torch.empty_like(cs)  # (b, c, g, r, Q) fp32
+    dw, dro = torch.empty_like(cs), torch.empty_like(cs)  # (b, c, g, r, Q) fp32
     bt, launch = _settings(BWD_X_TILE, Q)
     dD = torch.empty(b, c, g * r, Q // bt, dtype=torch.float32, device=x.device)  # each block's part
-    _diag_bwd_x[(b * c * g * r, Q // bt)](x, dt, S, cs, D, Br, dstates, dy, dx, ddt, dw, dD, l, c, r, g * r, n,
-                                           *_strides(x), *_strides(dy), *_strides(dx), *Br.stride()[1:4], Q=Q, P=p,
-                                           BT=bt, NP=max(16, triton.next_power_of_2(n)), PRECISION=_precision(x),
-                                           **launch)
+    _diag_bwd_x[(b * c * g * r, Q // bt)](x, dt, S, cs, D, Br, Cr, h, dstates, dy, dx, ddt, dw, dro, dD, l, c, r,
+                                           g * r, n, *_strides(x), *_strides(dy), *_strides(dx), *Br.stride()[1:4],
+                                           *Cr.stride()[1:4], Q=Q, P=p, BT=bt, NP=max(16, triton.next_power_of_2(n)),
+                                           PRECISION=_precision(x), **launch)
     bt, launch = _settings(BWD_S_TILE, Q)
     heads, blocks = launch.pop("HEADS"), Q // bt
     parts = triton.cdiv(r, heads)
@@ -226,23 +236,21 @@ def _kernels_backward(dy, dstates, x, dt, D, Bc, Cc, cs, S):
         dS = dS.sum(3)  # (b, c, g, Q, Q)
         dC = dS @ Bc.float()  # (b, c, g, Q, n)
         dB = dS.transpose(-1, -2) @ Cc.float()  # (b, c, g, Q, n)
-    return dx, ddt, dB, dC, rows.sum(-2) - cols.sum(-2), dw, dD.sum((0, 1, 3))
+    return dx, ddt, dB, dC, rows.sum(-2) - cols.sum(-2) + dro, dw, dD.sum((0, 1, 3))
 
 
 def _readout_backward(dy, Cc, cs, h):
-    """The read-out exp(cs_t) C_t . h's gradients, products in dy's dtype: dh = (exp(cs) dy)^T C (b, c, g, r, p, n),
-    dC = sum over the group's heads of exp(cs) dy h (b, c, g, Q, n), dcs = sum_p exp(cs) dy (C h^T) (b, c, g, r, Q)."""
+    """The read-out exp(cs_t) C_t . h's gradients for h and C, products in dy's dtype: dh = (exp(cs) dy)^T C
+    (b, c, g, r, p, n) fp32 and dC = sum over the group's heads of exp(cs) dy h (b, c, g, Q, n); cs's is the
+    kernel's."""
     b, c, g, r, Q = cs.shape
     p, n = dy.shape[-1], Cc.shape[-1]
     with _no_autocast(dy):
         dye = (_chunked_view(dy, Q, g).float() * torch.exp(cs)[..., None]).to(dy.dtype)  # exp(cs_t) dy_t
         dye_heads = dye.permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, Q, r * p)  # (b, c, g, Q, r p)
         dh = (dye_heads.transpose(-1, -2) @ Cc).reshape(b, c, g, r, p, n)
-        hs = h.to(dy.dtype).reshape(b, c, g, r * p, n)  # (b, c, g, r p, n)
-        dC = dye_heads @ hs
-        read_out = (Cc @ hs.transpose(-1, -2)).reshape(b, c, g, Q, r, p).transpose(3, 4)  # C_t . h, by head
-        dcs = (dye.float() * read_out.float()).sum(-1)
-    return dh.float(), dC, dcs
+        dC = dye_heads @ h.to(dy.dtype).reshape(b, c, g, r * p, n)
+    return dh.float(), dC
 
 
 def _recurrence_backward(dh, dlast, h, cs):
@@ -277,9 +285,9 @@ class ChunkScan(torch.autograd.Function):
     output: its diagonal block, plus the entering state read out by C and decayed from the chunk's start, plus D u.
     x = u (b, l, h, p) where it lies, dt (b, c Q, h) fp32 zero on the padding, Bc, Cc (b, c, g, Q, n), cs
     (b, c, g, r, Q) fp32, h0 (b, g r, p, n) and D (h,) fp32 -> y (b, l, h, p) in x's dtype and the final state
-    (b, g r, p, n) fp32. The backward: the read-out's gradients and the recurrence between chunks in PyTorch, then
-    the kernels, which give X's whole gradient (the diagonal blocks' and the states') through to du and ddt, and dS;
-    B's gradient through the states is one more product."""
+    (b, g r, p, n) fp32. The backward: the read-out's gradients for h and C and the recurrence between chunks in
+    PyTorch, then the kernels, which give X's whole gradient (the diagonal blocks' and the states') through to du and
+    ddt, cs's parts and dS; B's gradient through the states is one more product."""
 
     @staticmethod
     def forward(ctx, x, dt, Bc, Cc, cs, h0, D):
@@ -302,11 +310,11 @@ class ChunkScan(torch.autograd.Function):
     def backward(ctx, dy, dlast):
         x, dt, Bc, Cc, cs, S, h, D = ctx.saved_tensors
         dy = _addressable(dy)
-        dh, dC_out, dcs_out = _readout_backward(dy, Cc, cs, h)
+        dh, dC_out = _readout_backward(dy, Cc, cs, h)
         dstates, dcs_end, dh0 = _recurrence_backward(dh, dlast, h, cs)
-        du, ddt, dB, dC, dcs, dw, dD = _kernels_backward(dy, dstates, x, dt, D, Bc, Cc, cs, S)
+        du, ddt, dB, dC, dcs, dw, dD = _kernels_backward(dy, h, dstates, x, dt, D, Bc, Cc, cs, S)
         dB = dB + _states_dB(x, dt, cs, dstates).float()
-        dcs = dcs + dcs_out - dw
+        dcs = dcs - dw
         dcs[..., -1] += dw.sum(-1) + dcs_end
         return du, ddt, dB.to(Bc.dtype), (dC + dC_out.float()).to(Cc.dtype), dcs, dh0, dD
 
