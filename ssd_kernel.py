@@ -12,8 +12,9 @@ and dh_k the gradient of the state leaving chunk k:
     dX_s = sum_t M[t, s] dy_t + exp(cs_end - cs_s) B_s . dh_k^T;  dM = dy X^T;
     dS = sum over the group's heads of dM * L, then dC = dS B and dB = dS^T C;
     dcs_t = sum_s dM M and dcs_s = -sum_t dM M      (`_diag_bwd_x`, `_diag_bwd_s`).
-The read-out's gradients for h and C, the recurrence between chunks backward and B's gradient through the states are
-PyTorch (`ChunkScan.backward`). The products with X and dy run in the inputs' dtype with fp32 accumulation; S, dS
+The recurrence between chunks runs backward in a kernel too (`_states_bwd`), which adds the read-out's gradient for
+each entering state; C's gradient through the read-out and B's through the states are PyTorch products
+(`ChunkScan.backward`). The products with X and dy run in the inputs' dtype with fp32 accumulation; S, dS
 and the decays are fp32. No program adds to another's output, so every gradient is the same from run to run.
 
 x, dy, y and dx are read and written where they lie, as (b, l, h, p) tensors whose p are contiguous (x may be a view
@@ -192,6 +193,38 @@ def _states_fwd(x_ptr, dt_ptr, b_ptr, cs_ptr, h0_ptr, h_ptr, last_ptr, L, C, H, 
     tl.store(last_ptr + bh0 * P * N + tile, h, mask=inside)
 
 
+@triton.jit
+def _states_bwd(dy_ptr, c_ptr, cs_ptr, h_ptr, dlast_ptr, dst_ptr, dec_ptr, dh0_ptr, L, C, H, R, N, gb, gl, gh,
+                c_chunk_stride, c_group_stride, c_row_stride, Q: tl.constexpr, P: tl.constexpr, BP: tl.constexpr,
+                BN: tl.constexpr, BQ: tl.constexpr, PRECISION: tl.constexpr):
+    """The recurrence between chunks backward per (batch, head) and (BP, BN) tile of the state, from the last chunk:
+    dst stores the gradient g of the state leaving chunk k, dec its part of dcs at the chunk's end before the decay's
+    factor (sum g h_k over the tile), then g <- exp(cs_end) g + dh_k with dh_k = sum_t exp(cs_t) dy_t^T C_t, the
+    read-out's gradient for the state entering chunk k (BQ positions at a time); dh0 gets the last g. fp32."""
+    bh0, pb, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # bh0 over (batch, g r heads)
+    batch, head = bh0 // H, bh0 % H
+    p, n, q = pb * BP + tl.arange(0, BP), nb * BN + tl.arange(0, BN), tl.arange(0, BQ)
+    tile = p[:, None] * N + n[None, :]  # (BP, BN) offsets in a (P, N) state
+    inside = n[None, :] < N
+    g = tl.load(dlast_ptr + bh0 * P * N + tile, mask=inside, other=0.0)  # (BP, BN) fp32
+    for kk in range(C):
+        k = C - 1 - kk
+        bh = (batch * C + k) * H + head  # the (batch, chunk, head) block
+        tl.store(dst_ptr + bh * P * N + tile, g, mask=inside)
+        h = tl.load(h_ptr + bh * P * N + tile, mask=inside, other=0.0)
+        tl.store(dec_ptr + (bh * tl.num_programs(1) + pb) * tl.num_programs(2) + nb, tl.sum(g * h))
+        dh = tl.zeros((BP, BN), dtype=tl.float32)
+        for q0 in range(0, Q, BQ):
+            at, position = _rows(bh, q0 + q, H, C, Q, gb, gl, gh)
+            dY = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)  # (BQ, BP)
+            dYe = (dY.to(tl.float32) * tl.exp(tl.load(cs_ptr + bh * Q + q0 + q))[:, None]).to(dY.dtype)
+            C_q = tl.load(c_ptr + (bh // H) * c_chunk_stride + (head // R) * c_group_stride
+                          + (q0 + q)[:, None] * c_row_stride + n[None, :], mask=inside, other=0.0)  # (BQ, BN)
+            dh += tl.dot(tl.trans(dYe), C_q, input_precision=PRECISION)
+        g = tl.exp(tl.load(cs_ptr + bh * Q + Q - 1)) * g + dh
+    tl.store(dh0_ptr + bh0 * P * N + tile, g, mask=inside)
+
+
 def _no_autocast(x):
     """The products of S, dC and dB in fp32, also under autocast."""
     return torch.autocast(x.device.type, enabled=False)
@@ -239,32 +272,33 @@ def _kernels_backward(dy, h, dstates, x, dt, D, Bc, Cc, cs, S):
     return dx, ddt, dB, dC, rows.sum(-2) - cols.sum(-2) + dro, dw, dD.sum((0, 1, 3))
 
 
-def _readout_backward(dy, Cc, cs, h):
-    """The read-out exp(cs_t) C_t . h's gradients for h and C, products in dy's dtype: dh = (exp(cs) dy)^T C
-    (b, c, g, r, p, n) fp32 and dC = sum over the group's heads of exp(cs) dy h (b, c, g, Q, n); cs's is the
-    kernel's."""
+def _readout_dC(dy, Cc, cs, h):
+    """C's gradient through the read-out exp(cs_t) C_t . h: sum over the group's heads of exp(cs_t) dy_t h, a product
+    in dy's dtype (b, c, g, Q, n)."""
     b, c, g, r, Q = cs.shape
     p, n = dy.shape[-1], Cc.shape[-1]
     with _no_autocast(dy):
         dye = (_chunked_view(dy, Q, g).float() * torch.exp(cs)[..., None]).to(dy.dtype)  # exp(cs_t) dy_t
-        dye_heads = dye.permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, Q, r * p)  # (b, c, g, Q, r p)
-        dh = (dye_heads.transpose(-1, -2) @ Cc).reshape(b, c, g, r, p, n)
-        dC = dye_heads @ h.to(dy.dtype).reshape(b, c, g, r * p, n)
-    return dh.float(), dC
+        return dye.permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, Q, r * p) @ h.to(dy.dtype).reshape(b, c, g, r * p, n)
 
 
-def _recurrence_backward(dh, dlast, h, cs):
-    """The recurrence between chunks, h_{k+1} = exp(cs_end) h_k + state_k, backward in fp32: the gradient of the state
-    leaving each chunk (b, c, g, r, p, n), dcs's part at each chunk's end (b, c, g, r) and the initial state's
-    gradient (b, g r, p, n)."""
+def _recurrence_backward(dy, dlast, Cc, cs, h):
+    """The recurrence between chunks, h_{k+1} = exp(cs_end) h_k + state_k, backward by `_states_bwd`, with the
+    read-out's gradient for each entering state: the gradient of the state leaving each chunk (b, c, g, r, p, n),
+    dcs's part at each chunk's end (b, c, g, r) and the initial state's gradient (b, g r, p, n), fp32."""
     b, c, g, r, p, n = h.shape
-    decay = torch.exp(cs[..., -1])  # (b, c, g, r)
-    grad = dlast.float().reshape(b, g, r, p, n)  # the gradient of the state leaving chunk k, from the last
-    leaving, ddecay = [None] * c, [None] * c
-    for k in reversed(range(c)):
-        leaving[k], ddecay[k] = grad, (grad * h[:, k]).sum((-1, -2))
-        grad = decay[:, k, ..., None, None] * grad + dh[:, k]
-    return torch.stack(leaving, 1), torch.stack(ddecay, 1) * decay, grad.reshape(b, g * r, p, n)
+    Q, l = cs.shape[-1], dy.shape[1]
+    Cr = _rows_in_layout(Cc)
+    tile = dict(STATES_TILE)
+    bp, bq = min(tile.pop("BP"), p), min(tile.pop("BQ"), Q)
+    bn = min(tile.pop("BN"), max(16, triton.next_power_of_2(n)))
+    grid = (b * g * r, p // bp, triton.cdiv(n, bn))
+    leaving = torch.empty_like(h)
+    dec = torch.empty(b, c, g, r, grid[1] * grid[2], dtype=torch.float32, device=h.device)  # each tile's part
+    dh0 = torch.empty(b, g * r, p, n, dtype=torch.float32, device=h.device)
+    _states_bwd[grid](dy, Cr, cs, h, dlast.float().contiguous(), leaving, dec, dh0, l, c, g * r, r, n, *_strides(dy),
+                      *Cr.stride()[1:4], Q=Q, P=p, BP=bp, BN=bn, BQ=bq, PRECISION=_precision(dy), **tile)
+    return leaving, dec.sum(-1) * torch.exp(cs[..., -1]), dh0
 
 
 def _states_dB(x, dt, cs, dstates):
@@ -285,9 +319,9 @@ class ChunkScan(torch.autograd.Function):
     output: its diagonal block, plus the entering state read out by C and decayed from the chunk's start, plus D u.
     x = u (b, l, h, p) where it lies, dt (b, c Q, h) fp32 zero on the padding, Bc, Cc (b, c, g, Q, n), cs
     (b, c, g, r, Q) fp32, h0 (b, g r, p, n) and D (h,) fp32 -> y (b, l, h, p) in x's dtype and the final state
-    (b, g r, p, n) fp32. The backward: the read-out's gradients for h and C and the recurrence between chunks in
-    PyTorch, then the kernels, which give X's whole gradient (the diagonal blocks' and the states') through to du and
-    ddt, cs's parts and dS; B's gradient through the states is one more product."""
+    (b, g r, p, n) fp32. The backward: the recurrence between chunks backward (`_states_bwd`), then the kernels,
+    which give X's whole gradient (the diagonal blocks' and the states') through to du and ddt, cs's parts and dS;
+    C's gradient through the read-out and B's through the states are two more products."""
 
     @staticmethod
     def forward(ctx, x, dt, Bc, Cc, cs, h0, D):
@@ -310,8 +344,8 @@ class ChunkScan(torch.autograd.Function):
     def backward(ctx, dy, dlast):
         x, dt, Bc, Cc, cs, S, h, D = ctx.saved_tensors
         dy = _addressable(dy)
-        dh, dC_out = _readout_backward(dy, Cc, cs, h)
-        dstates, dcs_end, dh0 = _recurrence_backward(dh, dlast, h, cs)
+        dstates, dcs_end, dh0 = _recurrence_backward(dy, dlast, Cc, cs, h)
+        dC_out = _readout_dC(dy, Cc, cs, h)
         du, ddt, dB, dC, dcs, dw, dD = _kernels_backward(dy, h, dstates, x, dt, D, Bc, Cc, cs, S)
         dB = dB + _states_dB(x, dt, cs, dstates).float()
         dcs = dcs - dw

@@ -350,22 +350,25 @@ def triton_device():
     return device
 
 
-@pytest.mark.parametrize("l,chunk,h,g,p,n,heads,rows", [(37, 16, 4, 2, 16, 24, 16, (64, 64, 64)),
-                                                         (300, 128, 8, 1, 32, 32, 3, (64, 32, 16)),
-                                                         (45, 32, 6, 3, 16, 64, 16, (16, 32, 32))])
+@pytest.mark.parametrize("l,chunk,h,g,p,n,heads,rows,state_tile", [
+    (37, 16, 4, 2, 16, 24, 16, (64, 64, 64), (16, 16, 16)), (300, 128, 8, 1, 32, 32, 3, (64, 32, 16), (16, 16, 32)),
+    (45, 32, 6, 3, 16, 64, 16, (16, 32, 32), None)])
 def test_eq3_triton_chunk_outputs_equal_the_recurrence_values_state_and_gradients(l, chunk, h, g, p, n, heads, rows,
-                                                                                   monkeypatch):
+                                                                                   state_tile, monkeypatch):
     """Eq. 3 by ssd_triton (each chunk's output from ssd_kernel.py's Triton kernels, forward and backward; on the CPU
     in Triton's interpreter) in fp32 equals the float64 recurrence from a non-zero state:
     outputs, final state and every input's gradient within 2e-5 of each one's largest value. The shapes take one to
     eight blocks of rows a chunk, each kernel its own (the forward's, dX's and dS's rows a program), one, two and
-    eight heads a group (in parts of 3, the last one short, in the backward), and a d_state that is not a power of
-    two."""
+    eight heads a group (in parts of 3, the last one short, in the backward), a d_state that is not a power of two,
+    and the states' kernels on tiles smaller than the state and the chunk (several p- and n-tiles and steps)."""
     device = triton_device()
     import ssd_kernel
     for name, bt in zip(("FWD_TILE", "BWD_X_TILE", "BWD_S_TILE"), rows):
         monkeypatch.setattr(ssd_kernel, name, {**getattr(ssd_kernel, name), "BT": bt})
     monkeypatch.setattr(ssd_kernel, "BWD_S_TILE", {**ssd_kernel.BWD_S_TILE, "HEADS": heads})
+    if state_tile:
+        monkeypatch.setattr(ssd_kernel, "STATES_TILE", {**ssd_kernel.STATES_TILE, **dict(zip(("BP", "BN", "BQ"),
+                                                                                             state_tile))})
     inputs = random_ssd_inputs(l=l, h=h, g=g, p=p, n=n)
     weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=f64)
     results = []
