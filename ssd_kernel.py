@@ -13,8 +13,8 @@ and dh_k the gradient of the state leaving chunk k:
     dS = sum over the group's heads of dM * L, then dC = dS B and dB = dS^T C;
     dcs_t = sum_s dM M and dcs_s = -sum_t dM M      (`_diag_bwd_x`, `_diag_bwd_s`).
 The recurrence between chunks runs backward in a kernel too (`_states_bwd`), which adds the read-out's gradient for
-each entering state; C's gradient through the read-out and B's through the states are PyTorch products
-(`ChunkScan.backward`). The products with X and dy run in the inputs' dtype with fp32 accumulation; S, dS
+each entering state, and one more sums C's gradient through the read-out and B's through the states over a group's
+heads (`_group_bwd`). The products with X and dy run in the inputs' dtype with fp32 accumulation; S, dS
 and the decays are fp32. No program adds to another's output, so every gradient is the same from run to run.
 
 x, dy, y and dx are read and written where they lie, as (b, l, h, p) tensors whose p are contiguous (x may be a view
@@ -23,7 +23,6 @@ them, so no padded copy is made. dt comes padded to whole chunks with zeros (b, 
 """
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -35,6 +34,7 @@ BWD_X_TILE = dict(BT=128, num_warps=4, num_stages=1)  # _diag_bwd_x
 BWD_S_TILE = dict(BT=64, HEADS=32, num_warps=4, num_stages=3)  # _diag_bwd_s
 # _states_fwd: a program's (BP, BN) tile of a head's state, the BQ positions of a chunk it takes at a time
 STATES_TILE = dict(BP=32, BN=128, BQ=64, num_warps=4, num_stages=3)
+GROUP_TILE = dict(BT=64, HEADS=16, num_warps=4, num_stages=2)  # _group_bwd, not yet timed
 
 
 @triton.jit
@@ -225,6 +225,34 @@ def _states_bwd(dy_ptr, c_ptr, cs_ptr, h_ptr, dlast_ptr, dst_ptr, dec_ptr, dh0_p
     tl.store(dh0_ptr + bh0 * P * N + tile, g, mask=inside)
 
 
+@triton.jit
+def _group_bwd(x_ptr, dt_ptr, cs_ptr, h_ptr, dst_ptr, dy_ptr, db_ptr, dc_ptr, L, C, R, HEADS, H, N, sb, sl, sh, gb, gl,
+               gh, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (batch, chunk, group, HEADS of its R heads) and s-block, the heads' sums of B's gradient through the state
+    leaving the chunk, exp(cs_end - cs_s) X_s . dh (dh its gradient), and of C's through the read-out,
+    exp(cs_s) dy_s . h (h the state entering the chunk), into their parts (BT, N); products in the inputs' dtype."""
+    parts = tl.cdiv(R, HEADS)
+    group, first = tl.program_id(0) // parts, (tl.program_id(0) % parts) * HEADS  # over (batch, chunk, group, part)
+    s, p, n = tl.program_id(1) * BT + tl.arange(0, BT), tl.arange(0, P), tl.arange(0, NP)
+    state = p[:, None] * N + n[None, :]  # (P, NP) offsets in a (P, N) state
+    dB = tl.zeros((BT, NP), dtype=tl.float32)
+    dC = tl.zeros((BT, NP), dtype=tl.float32)
+    for bh in range(group * R + first, group * R + tl.minimum(first + HEADS, R)):
+        X_s, _ = _X(x_ptr, dt_ptr, bh, s, p, L, H, C, Q, sb, sl, sh)  # (BT, P)
+        cs_s = tl.load(cs_ptr + bh * Q + s)
+        Xd = (X_s.to(tl.float32) * tl.exp(tl.load(cs_ptr + bh * Q + Q - 1) - cs_s)[:, None]).to(X_s.dtype)
+        dh = tl.load(dst_ptr + bh * P * N + state, mask=n[None, :] < N, other=0.0)  # (P, NP) fp32
+        dB += tl.dot(Xd, dh.to(Xd.dtype), input_precision=PRECISION)
+        at, position = _rows(bh, s, H, C, Q, gb, gl, gh)
+        dY = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)  # (BT, P)
+        dYe = (dY.to(tl.float32) * tl.exp(cs_s)[:, None]).to(dY.dtype)
+        h = tl.load(h_ptr + bh * P * N + state, mask=n[None, :] < N, other=0.0)  # (P, NP) fp32
+        dC += tl.dot(dYe, h.to(dYe.dtype), input_precision=PRECISION)
+    out = tl.program_id(0) * Q * N + s[:, None] * N + n[None, :]
+    tl.store(db_ptr + out, dB, mask=n[None, :] < N)
+    tl.store(dc_ptr + out, dC, mask=n[None, :] < N)
+
+
 def _no_autocast(x):
     """The products of S, dC and dB in fp32, also under autocast."""
     return torch.autocast(x.device.type, enabled=False)
@@ -272,16 +300,6 @@ def _kernels_backward(dy, h, dstates, x, dt, D, Bc, Cc, cs, S):
     return dx, ddt, dB, dC, rows.sum(-2) - cols.sum(-2) + dro, dw, dD.sum((0, 1, 3))
 
 
-def _readout_dC(dy, Cc, cs, h):
-    """C's gradient through the read-out exp(cs_t) C_t . h: sum over the group's heads of exp(cs_t) dy_t h, a product
-    in dy's dtype (b, c, g, Q, n)."""
-    b, c, g, r, Q = cs.shape
-    p, n = dy.shape[-1], Cc.shape[-1]
-    with _no_autocast(dy):
-        dye = (_chunked_view(dy, Q, g).float() * torch.exp(cs)[..., None]).to(dy.dtype)  # exp(cs_t) dy_t
-        return dye.permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, Q, r * p) @ h.to(dy.dtype).reshape(b, c, g, r * p, n)
-
-
 def _recurrence_backward(dy, dlast, Cc, cs, h):
     """The recurrence between chunks, h_{k+1} = exp(cs_end) h_k + state_k, backward by `_states_bwd`, with the
     read-out's gradient for each entering state: the gradient of the state leaving each chunk (b, c, g, r, p, n),
@@ -301,17 +319,20 @@ def _recurrence_backward(dy, dlast, Cc, cs, h):
     return leaving, dec.sum(-1) * torch.exp(cs[..., -1]), dh0
 
 
-def _states_dB(x, dt, cs, dstates):
-    """B's gradient through the chunk states, sum over the group's heads of exp(cs_end - cs_s) X_s . dh, a product in
-    x's dtype (b, c, g, Q, n)."""
+def _group_sums(x, dt, cs, h, dstates, dy, n):
+    """B's gradient through the states and C's through the read-out, each a sum over the group's heads
+    (`_group_bwd`): (b, c, g, Q, n) fp32 each."""
     b, c, g, r, Q = cs.shape
-    p, n = x.shape[-1], dstates.shape[-1]
-    dtc = dt.reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2)[..., None]  # (b, c, g, r, Q, 1)
-    X = (_chunked_view(x, Q, g).float() * dtc).to(x.dtype)  # X = dt u as the kernels round it
-    w = torch.exp(cs[..., -1:] - cs)[..., None]  # (b, c, g, r, Q, 1)
-    with _no_autocast(x):
-        Xd = (X.float() * w).to(x.dtype).transpose(3, 4).reshape(b, c, g, Q, r * p)  # (b, c, g, Q, r p)
-        return Xd @ dstates.to(x.dtype).reshape(b, c, g, r * p, n)
+    l, p = x.shape[1], x.shape[-1]
+    bt, launch = _settings(GROUP_TILE, Q)
+    heads = launch.pop("HEADS")
+    parts = triton.cdiv(r, heads)
+    dB = torch.empty(b, c, g, parts, Q, n, dtype=torch.float32, device=x.device)  # each part's heads' sum
+    dC = torch.empty_like(dB)
+    _group_bwd[(b * c * g * parts, Q // bt)](x, dt, cs, h, dstates, dy, dB, dC, l, c, r, heads, g * r, n,
+                                              *_strides(x), *_strides(dy), Q=Q, P=p, BT=bt,
+                                              NP=max(16, triton.next_power_of_2(n)), PRECISION=_precision(x), **launch)
+    return dB.sum(3), dC.sum(3)
 
 
 class ChunkScan(torch.autograd.Function):
@@ -320,8 +341,8 @@ class ChunkScan(torch.autograd.Function):
     x = u (b, l, h, p) where it lies, dt (b, c Q, h) fp32 zero on the padding, Bc, Cc (b, c, g, Q, n), cs
     (b, c, g, r, Q) fp32, h0 (b, g r, p, n) and D (h,) fp32 -> y (b, l, h, p) in x's dtype and the final state
     (b, g r, p, n) fp32. The backward: the recurrence between chunks backward (`_states_bwd`), then the kernels,
-    which give X's whole gradient (the diagonal blocks' and the states') through to du and ddt, cs's parts and dS;
-    C's gradient through the read-out and B's through the states are two more products."""
+    which give X's whole gradient (the diagonal blocks' and the states') through to du and ddt, cs's parts and dS,
+    and C's gradient through the read-out and B's through the states (`_group_bwd`)."""
 
     @staticmethod
     def forward(ctx, x, dt, Bc, Cc, cs, h0, D):
@@ -345,19 +366,12 @@ class ChunkScan(torch.autograd.Function):
         x, dt, Bc, Cc, cs, S, h, D = ctx.saved_tensors
         dy = _addressable(dy)
         dstates, dcs_end, dh0 = _recurrence_backward(dy, dlast, Cc, cs, h)
-        dC_out = _readout_dC(dy, Cc, cs, h)
         du, ddt, dB, dC, dcs, dw, dD = _kernels_backward(dy, h, dstates, x, dt, D, Bc, Cc, cs, S)
-        dB = dB + _states_dB(x, dt, cs, dstates).float()
+        dB_states, dC_out = _group_sums(x, dt, cs, h, dstates, dy, Bc.shape[-1])
+        dB = dB + dB_states
         dcs = dcs - dw
         dcs[..., -1] += dw.sum(-1) + dcs_end
-        return du, ddt, dB.to(Bc.dtype), (dC + dC_out.float()).to(Cc.dtype), dcs, dh0, dD
-
-
-def _chunked_view(t, Q, g):
-    """A (b, l, h, p) tensor padded with zeros to whole chunks of Q and viewed as (b, c, g, r, Q, p)."""
-    b, l, h, p = t.shape
-    c = -(-l // Q)
-    return F.pad(t, (0, 0, 0, 0, 0, c * Q - l)).reshape(b, c, Q, g, h // g, p).permute(0, 1, 3, 4, 2, 5)
+        return du, ddt, dB.to(Bc.dtype), (dC + dC_out).to(Cc.dtype), dcs, dh0, dD
 
 
 def _rows_in_layout(Cc):

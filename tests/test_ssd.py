@@ -359,13 +359,15 @@ def test_eq3_triton_chunk_outputs_equal_the_recurrence_values_state_and_gradient
     in Triton's interpreter) in fp32 equals the float64 recurrence from a non-zero state:
     outputs, final state and every input's gradient within 2e-5 of each one's largest value. The shapes take one to
     eight blocks of rows a chunk, each kernel its own (the forward's, dX's and dS's rows a program), one, two and
-    eight heads a group (in parts of 3, the last one short, in the backward), a d_state that is not a power of two,
-    and the states' kernels on tiles smaller than the state and the chunk (several p- and n-tiles and steps)."""
+    eight heads a group (in parts of 3, the last one short, in the backward's sums over a group), a d_state that is
+    not a power of two, and the states' kernels on tiles smaller than the state and the chunk (several p- and n-tiles
+    and steps)."""
     device = triton_device()
     import ssd_kernel
     for name, bt in zip(("FWD_TILE", "BWD_X_TILE", "BWD_S_TILE"), rows):
         monkeypatch.setattr(ssd_kernel, name, {**getattr(ssd_kernel, name), "BT": bt})
     monkeypatch.setattr(ssd_kernel, "BWD_S_TILE", {**ssd_kernel.BWD_S_TILE, "HEADS": heads})
+    monkeypatch.setattr(ssd_kernel, "GROUP_TILE", {**ssd_kernel.GROUP_TILE, "BT": rows[2], "HEADS": heads})
     if state_tile:
         monkeypatch.setattr(ssd_kernel, "STATES_TILE", {**ssd_kernel.STATES_TILE, **dict(zip(("BP", "BN", "BQ"),
                                                                                              state_tile))})
