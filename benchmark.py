@@ -1143,14 +1143,16 @@ def bench_ssd_step(args):
             print(f"  {us / 1e3:.3f} ms  x{count}  {key[:110]}", flush=True)
 
 
-SSD_TILES = {  # ssd_kernel.py's tiles that `ssd-tiles` sweeps: (BT, num_warps, num_stages), dS's with HEADS after BT,
-    # the states' (BP, BN, BQ, num_warps, num_stages)
+SSD_TILES = {  # ssd_kernel.py's tiles that `ssd-tiles` sweeps: (BT, num_warps, num_stages), dS's and the group sums'
+    # with HEADS after BT, the states' (BP, BN, BQ, num_warps, num_stages)
     "STATES_TILE": [(64, 64, 64, 4, 2)] + list(itertools.product((32, 64), (64, 128), (32, 64), (4, 8), (2, 3))),
     "FWD_TILE": [(64, 4, 3)] + list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3))),
     "BWD_X_TILE": [(64, 4, 3)] + list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3))),
-    "BWD_S_TILE": [(64, 16, 4, 3)] + list(itertools.product((32, 64, 128), (8, 16, 32), (4, 8), (2, 3)))}
+    "BWD_S_TILE": [(64, 16, 4, 3)] + list(itertools.product((32, 64, 128), (8, 16, 32), (4, 8), (2, 3))),
+    "GROUP_TILE": [(64, 16, 4, 2)] + list(itertools.product((32, 64), (8, 16, 32), (4, 8), (2, 3)))}
 SSD_TILE_KEYS = {"STATES_TILE": ("BP", "BN", "BQ", "num_warps", "num_stages"),
-                 "BWD_S_TILE": ("BT", "HEADS", "num_warps", "num_stages")}
+                 "BWD_S_TILE": ("BT", "HEADS", "num_warps", "num_stages"),
+                 "GROUP_TILE": ("BT", "HEADS", "num_warps", "num_stages")}
 
 
 def bench_ssd_tiles(args):
