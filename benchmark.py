@@ -1146,20 +1146,38 @@ def bench_ssd_step(args):
 SSD_TILES = {  # ssd_kernel.py's tiles that `ssd-tiles` sweeps: (BT, num_warps, num_stages), dS's and the group sums'
     # with HEADS after BT, the states' (BP, BN, BQ, num_warps, num_stages)
     "STATES_TILE": [(64, 64, 64, 4, 2)] + list(itertools.product((32, 64), (64, 128), (32, 64), (4, 8), (2, 3))),
+    "STATES_BWD_TILE": [(32, 128, 64, 4, 3)] + list(itertools.product((32, 64), (64, 128), (32, 64), (4, 8), (2, 3))),
     "FWD_TILE": [(64, 4, 3)] + list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3))),
     "BWD_X_TILE": [(64, 4, 3)] + list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3))),
     "BWD_S_TILE": [(64, 16, 4, 3)] + list(itertools.product((32, 64, 128), (8, 16, 32), (4, 8), (2, 3))),
     "GROUP_TILE": [(64, 16, 4, 2)] + list(itertools.product((32, 64), (8, 16, 32), (4, 8), (2, 3)))}
 SSD_TILE_KEYS = {"STATES_TILE": ("BP", "BN", "BQ", "num_warps", "num_stages"),
+                 "STATES_BWD_TILE": ("BP", "BN", "BQ", "num_warps", "num_stages"),
                  "BWD_S_TILE": ("BT", "HEADS", "num_warps", "num_stages"),
                  "GROUP_TILE": ("BT", "HEADS", "num_warps", "num_stages")}
 
 
+def kernel_seconds(run, repeats):
+    """The GPU time of all the CUDA kernels of one run() (autograd on), the least of `repeats` profiled runs after a
+    warm-up: free of the host's launch times, which vary more between runs than a tile changes the kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    best = float("inf")
+    with torch.enable_grad():
+        run()
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+            best = min(best, sum(e.self_device_time_total for e in prof.key_averages()) / 1e6)
+    return best
+
+
 def bench_ssd_tiles(args):
     """ssd_kernel.py's launch settings at the training step's shape (b, 729 + text tokens, Mamba-2's heads and
-    chunk, x, B, C bf16): for each kernel in turn, the chunk states and outputs timed with each candidate (the
-    forward's tiles by the forward, the backward's by the forward and backward), the fastest kept for the next
-    kernel's sweep."""
+    chunk, x, B, C bf16): for each kernel in turn, the GPU time of the chunk states and outputs' kernels with each
+    candidate (the forward's tiles by the forward, the backward's by the forward and backward), the fastest kept
+    for the next kernel's sweep."""
     import ssd_kernel
     from mamba2 import mamba2_preset
     c, dev = mamba2_preset(args.size), "cuda"
@@ -1185,10 +1203,9 @@ def bench_ssd_tiles(args):
         if args.only and name not in args.only:
             continue
         keys = SSD_TILE_KEYS.get(name, ("BT", "num_warps", "num_stages"))
-        run, what = (forward, "forward") if name in ("STATES_TILE", "FWD_TILE") else (forward_backward,
-                                                                                     "forward and backward")
-        sweep_tile(ssd_kernel, name, keys, candidates,
-                   lambda: seconds(run, args.repeats, dev, grad=run is forward_backward), what)
+        run, what = ((forward, "the forward's kernels") if name in ("STATES_TILE", "FWD_TILE")
+                     else (forward_backward, "the forward and backward's kernels"))
+        sweep_tile(ssd_kernel, name, keys, candidates, lambda: kernel_seconds(run, args.repeats), what)
 
 
 # the subcommands with no CPU form

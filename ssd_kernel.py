@@ -34,6 +34,7 @@ BWD_X_TILE = dict(BT=128, num_warps=4, num_stages=1)  # _diag_bwd_x
 BWD_S_TILE = dict(BT=64, HEADS=32, num_warps=4, num_stages=3)  # _diag_bwd_s
 # _states_fwd: a program's (BP, BN) tile of a head's state, the BQ positions of a chunk it takes at a time
 STATES_TILE = dict(BP=32, BN=128, BQ=64, num_warps=4, num_stages=3)
+STATES_BWD_TILE = dict(BP=32, BN=128, BQ=64, num_warps=4, num_stages=3)  # _states_bwd, not yet timed
 GROUP_TILE = dict(BT=64, HEADS=16, num_warps=4, num_stages=2)  # _group_bwd, not yet timed
 
 
@@ -307,7 +308,7 @@ def _recurrence_backward(dy, dlast, Cc, cs, h):
     b, c, g, r, p, n = h.shape
     Q, l = cs.shape[-1], dy.shape[1]
     Cr = _rows_in_layout(Cc)
-    tile = dict(STATES_TILE)
+    tile = dict(STATES_BWD_TILE)
     bp, bq = min(tile.pop("BP"), p), min(tile.pop("BQ"), Q)
     bn = min(tile.pop("BN"), max(16, triton.next_power_of_2(n)))
     grid = (b * g * r, p // bp, triton.cdiv(n, bn))
