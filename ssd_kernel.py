@@ -167,16 +167,21 @@ def _diag_bwd_s(x_ptr, dt_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr
 
 
 @triton.jit
+def _state_tile(H, N, BP: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr):
+    """A states' program's place: its (batch, head) over the g r heads, batch, head, its p and n (a (BP, BN) tile of
+    the state), BQ positions, the tile's offsets in a (P, N) state and which of them lie inside it (n < N)."""
+    bh0, pb, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p, n = pb * BP + tl.arange(0, BP), nb * BN + tl.arange(0, BN)
+    return bh0, bh0 // H, bh0 % H, p, n, tl.arange(0, BQ), p[:, None] * N + n[None, :], n[None, :] < N
+
+
+@triton.jit
 def _states_fwd(x_ptr, dt_ptr, b_ptr, cs_ptr, h0_ptr, h_ptr, last_ptr, L, C, H, R, N, sb, sl, sh, b_chunk_stride,
                 b_group_stride, b_row_stride, Q: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                 BQ: tl.constexpr, PRECISION: tl.constexpr):
     """Eq. 3 from chunk to chunk per (batch, head) and (BP, BN) tile of the state: h stores the state entering each
     chunk k, then h <- exp(cs_end) h + sum_s exp(cs_end - cs_s) X_s B_s^T over the chunk's Q positions; fp32."""
-    bh0, pb, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # bh0 over (batch, g r heads)
-    batch, head = bh0 // H, bh0 % H
-    p, n, q = pb * BP + tl.arange(0, BP), nb * BN + tl.arange(0, BN), tl.arange(0, BQ)
-    tile = p[:, None] * N + n[None, :]  # (BP, BN) offsets in a (P, N) state
-    inside = n[None, :] < N
+    bh0, batch, head, p, n, q, tile, inside = _state_tile(H, N, BP, BN, BQ)
     h = tl.load(h0_ptr + bh0 * P * N + tile, mask=inside, other=0.0)  # (BP, BN) fp32
     for k in range(C):
         bh = (batch * C + k) * H + head  # the (batch, chunk, head) block
@@ -202,18 +207,15 @@ def _states_bwd(dy_ptr, c_ptr, cs_ptr, h_ptr, dlast_ptr, dst_ptr, dec_ptr, dh0_p
     dst stores the gradient g of the state leaving chunk k, dec its part of dcs at the chunk's end before the decay's
     factor (sum g h_k over the tile), then g <- exp(cs_end) g + dh_k with dh_k = sum_t exp(cs_t) dy_t^T C_t, the
     read-out's gradient for the state entering chunk k (BQ positions at a time); dh0 gets the last g. fp32."""
-    bh0, pb, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # bh0 over (batch, g r heads)
-    batch, head = bh0 // H, bh0 % H
-    p, n, q = pb * BP + tl.arange(0, BP), nb * BN + tl.arange(0, BN), tl.arange(0, BQ)
-    tile = p[:, None] * N + n[None, :]  # (BP, BN) offsets in a (P, N) state
-    inside = n[None, :] < N
+    bh0, batch, head, p, n, q, tile, inside = _state_tile(H, N, BP, BN, BQ)
     g = tl.load(dlast_ptr + bh0 * P * N + tile, mask=inside, other=0.0)  # (BP, BN) fp32
     for kk in range(C):
         k = C - 1 - kk
         bh = (batch * C + k) * H + head  # the (batch, chunk, head) block
         tl.store(dst_ptr + bh * P * N + tile, g, mask=inside)
         h = tl.load(h_ptr + bh * P * N + tile, mask=inside, other=0.0)
-        tl.store(dec_ptr + (bh * tl.num_programs(1) + pb) * tl.num_programs(2) + nb, tl.sum(g * h))
+        part = (bh * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)  # this tile's
+        tl.store(dec_ptr + part, tl.sum(g * h))
         dh = tl.zeros((BP, BN), dtype=tl.float32)
         for q0 in range(0, Q, BQ):
             at, position = _rows(bh, q0 + q, H, C, Q, gb, gl, gh)
