@@ -27,15 +27,15 @@ import triton
 import triton.language as tl
 
 # Each kernel's launch settings: BT a chunk's rows per program (fewer in a shorter chunk), warps, pipeline stages;
-# HEADS a group's heads per program of the backward's dS (their parts are summed after it). The fastest of
-# `python benchmark.py ssd-tiles` at Mamba-2 2.7B's training shape (docs/speed.md).
+# HEADS a group's heads per program of the backward's dS and group sums (their parts are summed after it). The
+# fastest of `python benchmark.py ssd-tiles` at Mamba-2 2.7B's training shape (docs/speed.md).
 FWD_TILE = dict(BT=64, num_warps=4, num_stages=2)  # _chunk_fwd
-BWD_X_TILE = dict(BT=128, num_warps=4, num_stages=1)  # _diag_bwd_x
+BWD_X_TILE = dict(BT=128, num_warps=8, num_stages=1)  # _diag_bwd_x
 BWD_S_TILE = dict(BT=64, HEADS=32, num_warps=4, num_stages=3)  # _diag_bwd_s
 # _states_fwd: a program's (BP, BN) tile of a head's state, the BQ positions of a chunk it takes at a time
 STATES_TILE = dict(BP=32, BN=128, BQ=64, num_warps=4, num_stages=3)
-STATES_BWD_TILE = dict(BP=32, BN=128, BQ=64, num_warps=4, num_stages=3)  # _states_bwd, not yet timed
-GROUP_TILE = dict(BT=64, HEADS=16, num_warps=4, num_stages=2)  # _group_bwd, not yet timed
+STATES_BWD_TILE = dict(BP=32, BN=128, BQ=64, num_warps=4, num_stages=3)  # _states_bwd
+GROUP_TILE = dict(BT=64, HEADS=16, num_warps=4, num_stages=2)  # _group_bwd
 
 
 @triton.jit
