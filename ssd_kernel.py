@@ -271,13 +271,12 @@ def _addressable(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _kernels_backward(dy, h, dstates, x, dt, D, Bc, Cc, cs, S):
+def _kernels_backward(dy, h, dstates, x, dt, D, Br, Cr, cs, S):
     """The backward's two kernels: du and ddt's part (the diagonal blocks and the states), dB and dC from dS, dcs's
     parts from the diagonal blocks, the read-out and the states' decays (dw, whose sum also goes to each chunk's
-    end), and dD."""
+    end), and dD. Br, Cr: B and C as `_rows_in_layout` gives them."""
     b, c, g, r, Q = cs.shape
-    l, p, n = x.shape[1], x.shape[-1], Bc.shape[-1]
-    Br, Cr = _rows_in_layout(Bc), _rows_in_layout(Cc)
+    l, p, n = x.shape[1], x.shape[-1], Br.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ddt = torch.empty_like(dt)  # (b, c Q, h) fp32
     dw, dro = torch.empty_like(cs), torch.empty_like(cs)  # (b, c, g, r, Q) fp32
@@ -285,7 +284,7 @@ def _kernels_backward(dy, h, dstates, x, dt, D, Bc, Cc, cs, S):
     dD = torch.empty(b, c, g * r, Q // bt, dtype=torch.float32, device=x.device)  # each block's part
     _diag_bwd_x[(b * c * g * r, Q // bt)](x, dt, S, cs, D, Br, Cr, h, dstates, dy, dx, ddt, dw, dro, dD, l, c, r,
                                            g * r, n, *_strides(x), *_strides(dy), *_strides(dx), *Br.stride()[1:4],
-                                           *Cr.stride()[1:4], Q=Q, P=p, BT=bt, NP=max(16, triton.next_power_of_2(n)),
+                                           *Cr.stride()[1:4], Q=Q, P=p, BT=bt, NP=_n_tile(n),
                                            PRECISION=_precision(x), **launch)
     bt, launch = _settings(BWD_S_TILE, Q)
     heads, blocks = launch.pop("HEADS"), Q // bt
@@ -298,27 +297,24 @@ def _kernels_backward(dy, h, dstates, x, dt, D, Bc, Cc, cs, S):
                                                      PRECISION=_precision(x), **launch)
     with _no_autocast(x):
         dS = dS.sum(3)  # (b, c, g, Q, Q)
-        dC = dS @ Bc.float()  # (b, c, g, Q, n)
-        dB = dS.transpose(-1, -2) @ Cc.float()  # (b, c, g, Q, n)
+        dC = dS @ Br.float()  # (b, c, g, Q, n)
+        dB = dS.transpose(-1, -2) @ Cr.float()  # (b, c, g, Q, n)
     return dx, ddt, dB, dC, rows.sum(-2) - cols.sum(-2) + dro, dw, dD.sum((0, 1, 3))
 
 
-def _recurrence_backward(dy, dlast, Cc, cs, h):
+def _recurrence_backward(dy, dlast, Cr, cs, h):
     """The recurrence between chunks, h_{k+1} = exp(cs_end) h_k + state_k, backward by `_states_bwd`, with the
-    read-out's gradient for each entering state: the gradient of the state leaving each chunk (b, c, g, r, p, n),
-    dcs's part at each chunk's end (b, c, g, r) and the initial state's gradient (b, g r, p, n), fp32."""
+    read-out's gradient for each entering state (Cr: C as `_rows_in_layout` gives it): the gradient of the state
+    leaving each chunk (b, c, g, r, p, n), dcs's part at each chunk's end (b, c, g, r) and the initial state's
+    gradient (b, g r, p, n), fp32."""
     b, c, g, r, p, n = h.shape
     Q, l = cs.shape[-1], dy.shape[1]
-    Cr = _rows_in_layout(Cc)
-    tile = dict(STATES_BWD_TILE)
-    bp, bq = min(tile.pop("BP"), p), min(tile.pop("BQ"), Q)
-    bn = min(tile.pop("BN"), max(16, triton.next_power_of_2(n)))
-    grid = (b * g * r, p // bp, triton.cdiv(n, bn))
+    grid, tile = _state_launch(STATES_BWD_TILE, b * g * r, p, n, Q)
     leaving = torch.empty_like(h)
     dec = torch.empty(b, c, g, r, grid[1] * grid[2], dtype=torch.float32, device=h.device)  # each tile's part
     dh0 = torch.empty(b, g * r, p, n, dtype=torch.float32, device=h.device)
     _states_bwd[grid](dy, Cr, cs, h, dlast.float().contiguous(), leaving, dec, dh0, l, c, g * r, r, n, *_strides(dy),
-                      *Cr.stride()[1:4], Q=Q, P=p, BP=bp, BN=bn, BQ=bq, PRECISION=_precision(dy), **tile)
+                      *Cr.stride()[1:4], Q=Q, P=p, PRECISION=_precision(dy), **tile)
     return leaving, dec.sum(-1) * torch.exp(cs[..., -1]), dh0
 
 
@@ -334,7 +330,7 @@ def _group_sums(x, dt, cs, h, dstates, dy, n):
     dC = torch.empty_like(dB)
     _group_bwd[(b * c * g * parts, Q // bt)](x, dt, cs, h, dstates, dy, dB, dC, l, c, r, heads, g * r, n,
                                               *_strides(x), *_strides(dy), Q=Q, P=p, BT=bt,
-                                              NP=max(16, triton.next_power_of_2(n)), PRECISION=_precision(x), **launch)
+                                              NP=_n_tile(n), PRECISION=_precision(x), **launch)
     return dB.sum(3), dC.sum(3)
 
 
@@ -350,8 +346,8 @@ class ChunkScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, Bc, Cc, cs, h0, D):
         x, dt, cs, D = _addressable(x), dt.contiguous(), cs.contiguous(), D.float().contiguous()
-        h, last = chunk_states(x, dt, Bc, cs, h0)
-        Cr = _rows_in_layout(Cc)
+        Br, Cr = _rows_in_layout(Bc), _rows_in_layout(Cc)
+        h, last = chunk_states(x, dt, Br, cs, h0)
         b, c, g, r, Q = cs.shape
         l, p, n = x.shape[1], x.shape[-1], Cc.shape[-1]
         with _no_autocast(x):
@@ -359,22 +355,22 @@ class ChunkScan(torch.autograd.Function):
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         bt, launch = _settings(FWD_TILE, Q)
         _chunk_fwd[(b * c * g * r, Q // bt)](x, dt, S, cs, Cr, h, D, y, l, c, r, g * r, n, *_strides(x), *_strides(y),
-                                              *Cr.stride()[1:4], Q=Q, P=p, BT=bt, NP=max(16, triton.next_power_of_2(n)),
+                                              *Cr.stride()[1:4], Q=Q, P=p, BT=bt, NP=_n_tile(n),
                                               PRECISION=_precision(x), **launch)
-        ctx.save_for_backward(x, dt, Bc, Cc, cs, S, h, D)
+        ctx.save_for_backward(x, dt, Br, Cr, cs, S, h, D)
         return y, last
 
     @staticmethod
     def backward(ctx, dy, dlast):
-        x, dt, Bc, Cc, cs, S, h, D = ctx.saved_tensors
+        x, dt, Br, Cr, cs, S, h, D = ctx.saved_tensors
         dy = _addressable(dy)
-        dstates, dcs_end, dh0 = _recurrence_backward(dy, dlast, Cc, cs, h)
-        du, ddt, dB, dC, dcs, dw, dD = _kernels_backward(dy, h, dstates, x, dt, D, Bc, Cc, cs, S)
-        dB_states, dC_out = _group_sums(x, dt, cs, h, dstates, dy, Bc.shape[-1])
+        dstates, dcs_end, dh0 = _recurrence_backward(dy, dlast, Cr, cs, h)
+        du, ddt, dB, dC, dcs, dw, dD = _kernels_backward(dy, h, dstates, x, dt, D, Br, Cr, cs, S)
+        dB_states, dC_out = _group_sums(x, dt, cs, h, dstates, dy, Br.shape[-1])
         dB = dB + dB_states
         dcs = dcs - dw
         dcs[..., -1] += dw.sum(-1) + dcs_end
-        return du, ddt, dB.to(Bc.dtype), (dC + dC_out).to(Cc.dtype), dcs, dh0, dD
+        return du, ddt, dB.to(Br.dtype), (dC + dC_out).to(Cr.dtype), dcs, dh0, dD
 
 
 def _rows_in_layout(Cc):
@@ -387,6 +383,19 @@ def _settings(tile, Q):
     """(rows a program, the other launch settings) of a kernel's tile for chunks of Q."""
     rest = dict(tile)
     return min(rest.pop("BT"), Q), rest
+
+
+def _n_tile(n):
+    """The state's n as the kernels tile it: a power of two of at least 16 (tl.dot's tiles), masked past n."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _state_launch(tile, programs, p, n, Q):
+    """A states' kernel's grid, over `programs` (batch, head) pairs and the (BP, BN) tiles of a (p, n) state, and its
+    launch settings: the tile's, no larger than the state or the chunk."""
+    rest = dict(tile)
+    bp, bq, bn = min(rest.pop("BP"), p), min(rest.pop("BQ"), Q), min(rest.pop("BN"), _n_tile(n))
+    return (programs, p // bp, triton.cdiv(n, bn)), dict(BP=bp, BN=bn, BQ=bq, **rest)
 
 
 def _precision(x):
@@ -419,12 +428,9 @@ def chunk_states(x, dt, Bc, cs, h0=None):
     Br = _rows_in_layout(Bc)
     h = torch.empty(b, c, g, r, p, n, dtype=torch.float32, device=x.device)
     last = torch.empty_like(h0)
-    tile = dict(STATES_TILE)
-    bp, bq = min(tile.pop("BP"), p), min(tile.pop("BQ"), Q)
-    bn = min(tile.pop("BN"), max(16, triton.next_power_of_2(n)))
-    _states_fwd[(b * g * r, p // bp, triton.cdiv(n, bn))](x, dt, Br, cs, h0, h, last, l, c, g * r, r, n, *_strides(x),
-                                                          *Br.stride()[1:4], Q=Q, P=p, BP=bp, BN=bn, BQ=bq,
-                                                          PRECISION=_precision(x), **tile)
+    grid, tile = _state_launch(STATES_TILE, b * g * r, p, n, Q)
+    _states_fwd[grid](x, dt, Br, cs, h0, h, last, l, c, g * r, r, n, *_strides(x), *Br.stride()[1:4], Q=Q, P=p,
+                      PRECISION=_precision(x), **tile)
     return h, last
 
 
@@ -433,7 +439,6 @@ def chunk_scan(x, dt, Bc, Cc, cs, D, h0=None):
     (b, c, g, Q, n), cs (b, c, g, r, Q) fp32, D (h,), h0 (b, h, p, n) the initial state or None (zeros) ->
     y (b, l, h, p) in x's dtype and the final state (b, h, p, n) fp32, for sizes that `fits`."""
     b, l, h, p = x.shape
-    _check(cs.shape[-1], p)
     if h0 is None:
         h0 = torch.zeros(b, h, p, Bc.shape[-1], dtype=torch.float32, device=x.device)
     return ChunkScan.apply(x, dt, Bc, Cc, cs, h0, D)
