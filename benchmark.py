@@ -868,7 +868,7 @@ KERNEL_CLASSES = (  # (class, words in a CUDA kernel's name), first match wins
     ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "magma", "cublas", "sm90_", "sm80_")),
     ("optimizer and gradient clipping", ("multi_tensor_apply", "adam")),
     ("SSD scans and decays (compiled)", ("cumsum", "segsum")),
-    ("SSD chunk kernels (ssd_kernel.py)", ("_chunk_fwd", "_states_", "_diag_")),
+    ("SSD chunk kernels (ssd_kernel.py)", ("_chunk_fwd", "_states_", "_diag_", "_group_bwd")),
     ("compiled elementwise and reductions", ("triton_",)),
     ("copies and casts", ("copy", "cat", "fill")),
     ("other elementwise and reductions", ("",)),
