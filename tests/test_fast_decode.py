@@ -107,6 +107,7 @@ def assert_fused_steps_equal_plain_steps(shape, batch, fused_step=FS.model_step)
         torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b.conv_state, a.conv_state, rtol=1e-6, atol=1e-6)
     assert fused.seqlen_offset == plain.seqlen_offset == 12
+    assert FS._sync_counts(model.embedding.weight.device).tolist() == [0, 0]  # in_proj_state_update's, reset
     assert expected.abs().max() > 0.1 and plain.layers[0].ssm_state.abs().max() > 1e-3
 
 
