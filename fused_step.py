@@ -1,4 +1,4 @@
-"""The decoding step as three Triton kernels per layer: the fast path of `Mamba2Block.step` (mamba2.py), eq. 3.
+"""The decoding step as two or three Triton kernels per layer: the fast path of `Mamba2Block.step` (mamba2.py), eq. 3.
 
 A decoding step at batch 1 reads every weight once and does little else: per layer, two matrix-vector products
 (in_proj and out_proj, 80 MB at 2.7B in bf16) around a small state update. Here each layer is three kernels, and
@@ -10,14 +10,17 @@ everything between the products happens in the products' own kernels:
                    the state updated in place, kept in fp32 or bf16), then the gate v = y * SiLU(z)
     gated_matvec   out_proj(RMSNorm(v)) added to the residual in place, one norm per group
 
-The LM head is norm_matvec again, with no conv or dt rows. A matvec program takes a block of weight rows and every
+Below DOT_MIN_BATCH sequences the first two are one kernel, `in_proj_state_update`: its first programs compute the
+rows every head reads (B, C, dt), each later one a few rows of one head's z and x, then those rows of the head's
+state, so the update runs while the rest of in_proj streams in. The LM head is norm_matvec again, with no conv or dt
+rows. A matvec program takes a block of weight rows and every
 sequence of the batch, so each weight is read once a step. It reads its input rows (a few KB, from L2) in the same
 pass as its weight tile: a norm's 1 / RMS is one factor of a sequence's whole row, so the program sums the squares
 alongside the product (x * g) . W^T (g the norm's weight) and scales the product at the end. Values are rounded to
 the model's dtype where the plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of
 another summation order (tests/test_fast_decode.py).
 
-On GPUs from Hopper on the three kernels overlap (programmatic dependent launch, PDL): each is launched while the
+On GPUs from Hopper on the kernels overlap (programmatic dependent launch, PDL): each is launched while the
 one before it runs, asks the L2 cache for the start of its weight tile and loads what it needs of no predecessor
 (the SSM state, written a step ago), then waits for the kernel before it and reads that kernel's output.
 
@@ -230,11 +233,11 @@ def _in_proj_state_kernel(res_ptr, norm_w_ptr, w_ptr, proj_ptr, conv_state_ptr, 
                           PDL: tl.constexpr, PREFETCH_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """norm_matvec and state_update as one kernel. The first n_shared programs compute in_proj's rows that every head
-    reads (B, C, dt: the rows from 2 d_inner on) into proj, then count themselves done in sync[0]. Each later program
-    computes BLOCK_R / 2 rows of one head's z and the same rows of its x (in turn, z first), waits until sync[0]
-    counts every shared program, updates those rows of the head's state (eq. 3) and stores v = y * SiLU(z) for them;
-    the last to finish sets sync back to zeros. The wait relies on a grid's programs starting in the order of their
-    ids, as CUDA starts a grid's blocks: the shared programs come first."""
+    reads (B, C, dt: the rows from 2 d_inner on) into proj, then count themselves done in sync. Each later program
+    computes BLOCK_R / 2 rows of one head's z and the same rows of its x (in turn, z first), waits until sync counts
+    every shared program, updates those rows of the head's state (eq. 3) and stores v = y * SiLU(z) for them. The
+    next kernel (gated_matvec) sets sync back to zero once this one has ended. The wait relies on a grid's programs
+    starting in the order of their ids, as CUDA starts a grid's blocks: the shared programs come first."""
     BLOCK_P: tl.constexpr = BLOCK_R // 2
     pid = tl.program_id(0)
     shared = pid < n_shared
@@ -269,9 +272,6 @@ def _in_proj_state_kernel(res_ptr, norm_w_ptr, w_ptr, proj_ptr, conv_state_ptr, 
             seen = tl.atomic_add(sync_ptr, 0, sem="acquire")
         _head_update(proj_ptr, s.to(tl.float32), state, s_ok, a_log_ptr, d_ptr, v_ptr, x, z, head, p, seqs, seq_ok,
                      n_rows, d_inner, n_conv, heads_per_group, HEADDIM, D_STATE, Y_DTYPE, BLOCK_N)
-        if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tl.num_programs(0) - n_shared - 1:  # all past the wait
-            tl.atomic_xchg(sync_ptr, 0)
-            tl.atomic_xchg(sync_ptr + 1, 0)
 
 
 @triton.jit
@@ -299,16 +299,21 @@ def _head_update(proj_ptr, s, state, s_ok, a_log_ptr, d_ptr, v_ptr, x, z, head, 
 
 
 @triton.jit
-def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, eps,
+def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, sync_ptr, n_rows, eps,
                          D_IN: tl.constexpr, GROUP_SIZE: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, RESET_SYNC: tl.constexpr, PDL: tl.constexpr,
+                         PREFETCH_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
     """res[:, rows] += RMSNorm(v) . W[rows]^T with one norm per group of GROUP_SIZE channels, v = y * SiLU(z) (B, D_IN)
-    fp32; each group's 1 / RMS applied to its part of the product."""
+    fp32; each group's 1 / RMS applied to its part of the product. RESET_SYNC: the kernel before was
+    _in_proj_state_kernel, whose count the first program sets back to zero."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     seqs = tl.arange(0, BLOCK_B)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
     _wait_for_predecessor(w_ptr, D_IN, rows, row_ok, PDL, PREFETCH_K)
+    if RESET_SYNC:
+        if tl.program_id(0) == 0:
+            tl.store(sync_ptr, 0)
     out = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
     for start in range(0, D_IN, GROUP_SIZE):
         acc, squares = _weighted_product(v_ptr, D_IN, norm_w_ptr, w_ptr, D_IN, rows, row_ok, seqs, seq_ok, start,
@@ -438,15 +443,16 @@ def state_update(proj, ssm_state, mixer, z=None, overlap=False):
 
 
 @functools.cache
-def _sync_counts(device):
-    """The two int32 counters through which `_in_proj_state_kernel`'s programs wait for each other on a device
-    (zeros between launches; the kernels of one stream take turns with them)."""
-    return torch.zeros(2, dtype=torch.int32, device=device)
+def _sync_count(device):
+    """The int32 count through which `_in_proj_state_kernel`'s programs wait for each other on a device (zero between
+    a layer's two kernels and the next layer's; the kernels of one stream take turns with it)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def in_proj_state_update(block, residual, conv_state, ssm_state):
     """norm_matvec (with in_proj's epilogue) and state_update in one kernel, for fewer than DOT_MIN_BATCH sequences:
-    returns v = y * SiLU(z) (b, d_inner) fp32; conv_state and ssm_state are updated in place."""
+    returns v = y * SiLU(z) (b, d_inner) fp32; conv_state and ssm_state are updated in place. The next launch on the
+    stream must be `gated_matvec(..., sync=True)`, which sets the kernel's count back to zero."""
     mixer, c = block.mixer, block.mixer.config
     b, d_in = residual.shape
     w = mixer.in_proj.weight
@@ -462,7 +468,7 @@ def in_proj_state_update(block, residual, conv_state, ssm_state):
     _in_proj_state_kernel[grid](
         residual, block.norm.weight, w, proj, conv_state, mixer.conv1d.weight,
         conv_b if conv_b is not None else w, mixer.dt_bias, ssm_state, mixer.A_log, mixer.D, v,
-        _sync_counts(residual.device), n_rows, c.d_inner, c.conv_dim, n_shared, c.nheads, c.nheads // c.ngroups,
+        _sync_count(residual.device), n_rows, c.d_inner, c.conv_dim, n_shared, c.nheads, c.nheads // c.ngroups,
         block.norm.eps, float(c.dt_limit[0]), float(c.dt_limit[1]), D_IN=d_in, HAS_CONV_BIAS=conv_b is not None,
         D_CONV=c.d_conv, WINDOW=triton.next_power_of_2(c.d_conv), HEADDIM=c.headdim, D_STATE=c.d_state,
         Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_N=triton.next_power_of_2(c.d_state),
@@ -481,19 +487,21 @@ def block_step(block, residual, conv_state, ssm_state):
         assert t.is_contiguous()
     if b < DOT_MIN_BATCH:
         v = in_proj_state_update(block, residual, conv_state, ssm_state)  # y * SiLU(z)
-    else:
-        proj = norm_matvec(residual, block.norm, w_in, residual.new_empty(b, w_in.shape[0], dtype=torch.float32),
-                           conv_state, mixer)  # (b, z | xBC | dt)
-        v = state_update(proj, ssm_state, mixer, overlap=True)  # y * SiLU(z)
+        return gated_matvec(v, mixer, residual, sync=True)
+    proj = norm_matvec(residual, block.norm, w_in, residual.new_empty(b, w_in.shape[0], dtype=torch.float32),
+                       conv_state, mixer)  # (b, z | xBC | dt)
+    v = state_update(proj, ssm_state, mixer, overlap=True)  # y * SiLU(z)
     return gated_matvec(v, mixer, residual)
 
 
-def gated_matvec(v, mixer, residual):
-    """residual (b, d_model) += out_proj(mixer.norm(v)) in place, v = y * SiLU(z) (b, d_inner) fp32: one kernel."""
+def gated_matvec(v, mixer, residual, sync=False):
+    """residual (b, d_model) += out_proj(mixer.norm(v)) in place, v = y * SiLU(z) (b, d_inner) fp32: one kernel.
+    sync: v comes from `in_proj_state_update`, whose count this kernel sets back to zero."""
     c, w_out = mixer.config, mixer.out_proj.weight
     args, grid = _tiling(v.shape[0], w_out, GATED_TILE, "gated_matvec")
-    _gated_matvec_kernel[grid](v, mixer.norm.weight, w_out, residual, c.d_model, mixer.norm.eps,
-                               D_IN=c.d_inner, GROUP_SIZE=c.d_inner // c.ngroups, **args)
+    _gated_matvec_kernel[grid](v, mixer.norm.weight, w_out, residual, _sync_count(v.device), c.d_model,
+                               mixer.norm.eps, D_IN=c.d_inner, GROUP_SIZE=c.d_inner // c.ngroups, RESET_SYNC=sync,
+                               **args)
     return residual
 
 

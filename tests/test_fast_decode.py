@@ -87,6 +87,22 @@ def test_each_matvec_kernel_takes_its_own_prefetch(monkeypatch):
     assert launched == want
 
 
+def test_the_fused_kernel_counts_each_shared_program_once():
+    """in_proj_state_update's head programs wait on a count that each program of B, C and dt rows raises by one (one
+    atomic a program, not one a thread); the next kernel, gated_matvec(sync=True), sets it back to zero."""
+    model = fused_model(3, **SHAPES["odd sizes, dt_limit"])
+    block, c = model.layers[0], model.config
+    cache = fast_decode.allocate_cache(model, 2)
+    count = FS._sync_count(model.embedding.weight.device)
+    with torch.no_grad():
+        residual = model.embedding(torch.tensor([1, 2], device=DEVICE))
+        v = FS.in_proj_state_update(block, residual, cache.layers[0].conv_state, cache.layers[0].ssm_state)
+        n_rows = block.mixer.in_proj.weight.shape[0]
+        assert count.item() == -(-(n_rows - 2 * c.d_inner) // FS.MATVEC_TILE["BLOCK_R"]) > 1
+        FS.gated_matvec(v, block.mixer, residual, sync=True)
+    assert count.item() == 0
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_the_step_with_cublas_products_equals_the_plain_step(shape):
     """Eq. 3 as above with the products as nn.Linear computes them (`cublas_model_step`: the norms, in_proj's
@@ -107,7 +123,7 @@ def assert_fused_steps_equal_plain_steps(shape, batch, fused_step=FS.model_step)
         torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b.conv_state, a.conv_state, rtol=1e-6, atol=1e-6)
     assert fused.seqlen_offset == plain.seqlen_offset == 12
-    assert FS._sync_counts(model.embedding.weight.device).tolist() == [0, 0]  # in_proj_state_update's, reset
+    assert FS._sync_count(model.embedding.weight.device).item() == 0  # in_proj_state_update's, set back
     assert expected.abs().max() > 0.1 and plain.layers[0].ssm_state.abs().max() > 1e-3
 
 
