@@ -323,20 +323,24 @@ PRODUCTS = {"auto": None, "tiles": 2 ** 31, "cublas": 1}  # fused_step.CUBLAS_FR
 
 def step_forms(args):
     """(kernels, state, fused_step settings, label) of each generation that bench_decode times: the products and
-    programmatic dependent launch matter to the fused step only. --prefetch-k sets both matvec kernels'."""
-    prefetch = args.prefetch_k or [None]  # None: fused_step.PREFETCH_K as it is
+    programmatic dependent launch matter to the fused step only. --prefetch-k sets both matvec kernels'; without
+    --prefetch-k or --fused-update, fused_step's settings stay as they are (None)."""
+    prefetch = args.prefetch_k or [None]
     fused = [(dict(CUBLAS_FROM_BATCH=PRODUCTS[p], PDL=pdl == "on",
+                   FUSED_UPDATE=None if u is None else u == "on",
                    PREFETCH_K=None if k is None else dict(norm_matvec=k, gated_matvec=k)),
-              f" ({p} products, PDL {pdl}" + (f", prefetch {k})" if pdl == "on" and k is not None else ")"))
-             for p in args.products for pdl in args.pdl for k in (prefetch if pdl == "on" else [0])]
+              f" ({p} products, PDL {pdl}" + (f", prefetch {k}" if pdl == "on" and k is not None else "")
+              + (f", fused update {u})" if u is not None else ")"))
+             for p in args.products for pdl in args.pdl for k in (prefetch if pdl == "on" else [0])
+             for u in args.fused_update or [None]]
     return [(k, s, settings, label) for k in args.kernels for settings, label in (fused if k == "fused" else [({}, "")])
             for s in args.states]
 
 
 @contextlib.contextmanager
 def step_settings(model, **settings):
-    """fused_step's module settings (CUBLAS_FROM_BATCH, PDL, PREFETCH_K; None: as it is) inside the block, the model's
-    captured decoder made anew on the way in and out."""
+    """fused_step's module settings (CUBLAS_FROM_BATCH, PDL, PREFETCH_K, FUSED_UPDATE; None: as it is) inside the
+    block, the model's captured decoder made anew on the way in and out."""
     import fused_step
     kept = {name: getattr(fused_step, name) for name in settings}
     for name, value in settings.items():
@@ -458,8 +462,9 @@ def profile_fused_step(model, batch=1):
 
 def fused_step_parts(model):
     """{part: step(token, cache) -> logits} of the fused Triton step (below fused_step.CUBLAS_FROM_BATCH sequences),
-    each with the final norm and the LM head: the whole step; its two products a layer without the state update
-    between them (out_proj's input v all ones); in_proj's kernels alone; out_proj's alone. Timing only: the parts
+    each with the final norm and the LM head: the whole step; the whole step with in_proj and the state update in
+    one kernel (fused_step.FUSED_UPDATE's form); its two products a layer without the state update between them
+    (out_proj's input v all ones); in_proj's kernels alone; out_proj's alone. Timing only: the parts
     other than the whole step compute no decoding step."""
     import fused_step
 
@@ -479,8 +484,13 @@ def fused_step_parts(model):
     def both(*args):
         in_proj(*args)
         out_proj(*args)
+
+    def fused_update(block, residual, conv_state, ssm_state):
+        v = fused_step.in_proj_state_update(block, residual, conv_state, ssm_state)
+        fused_step.gated_matvec(v, block.mixer, residual, sync=True)
     return {name: partial(fused_step.model_step, model, layer_step=layer_step) for name, layer_step in (
-        ("the whole step", None), ("both products, no state update", both), ("in_proj's kernels alone", in_proj),
+        ("the whole step", None), ("the whole step, in_proj and the state update in one kernel", fused_update),
+        ("both products, no state update", both), ("in_proj's kernels alone", in_proj),
         ("out_proj's kernels alone", out_proj))}
 
 
@@ -1266,6 +1276,9 @@ def make_parser():
     p.add_argument("--prefetch-k", type=int, nargs="+", choices=[0, 256, 512, 1024, 2048],
                    help="with PDL: weight columns each matvec program asks L2 for before it waits, the same for both "
                         "matvec kernels (default: fused_step.PREFETCH_K, each kernel's own)")
+    p.add_argument("--fused-update", nargs="+", choices=["off", "on"],
+                   help="below fused_step.DOT_MIN_BATCH sequences, in_proj and the state update as one kernel "
+                        "(default: fused_step.FUSED_UPDATE)")
     p.add_argument("--compile", action="store_true",
                    help="the LM blocks through torch.compile for our prefills (fast_decode.compile_blocks)")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")

@@ -10,10 +10,10 @@ everything between the products happens in the products' own kernels:
                    the state updated in place, kept in fp32 or bf16), then the gate v = y * SiLU(z)
     gated_matvec   out_proj(RMSNorm(v)) added to the residual in place, one norm per group
 
-Below DOT_MIN_BATCH sequences the first two are one kernel, `in_proj_state_update`: its first programs compute the
-rows every head reads (B, C, dt), each later one a few rows of one head's z and x, then those rows of the head's
-state, so the update runs while the rest of in_proj streams in. The LM head is norm_matvec again, with no conv or dt
-rows. A matvec program takes a block of weight rows and every
+With FUSED_UPDATE, below DOT_MIN_BATCH sequences, the first two are one kernel, `in_proj_state_update`: its first
+programs compute the rows every head reads (B, C, dt), each later one a few rows of one head's z and x, then those
+rows of the head's state, so the update runs while the rest of in_proj streams in. The LM head is norm_matvec again,
+with no conv or dt rows. A matvec program takes a block of weight rows and every
 sequence of the batch, so each weight is read once a step. It reads its input rows (a few KB, from L2) in the same
 pass as its weight tile: a norm's 1 / RMS is one factor of a sequence's whole row, so the program sums the squares
 alongside the product (x * g) . W^T (g the norm's weight) and scales the product at the end. Values are rounded to
@@ -58,6 +58,10 @@ CUBLAS_FROM_BATCH = 8  # from this many sequences the products go to cuBLAS (`cu
 # two of at least 64, or 0.
 PDL = True
 PREFETCH_K = dict(norm_matvec=512, gated_matvec=1024)
+# Below DOT_MIN_BATCH sequences: in_proj and the state update as one kernel (`in_proj_state_update`, two kernels a
+# layer) instead of norm_matvec then state_update. Off by default: no GPU has timed it; `python benchmark.py decode
+# --fused-update off on` times both forms in one run.
+FUSED_UPDATE = False
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -477,15 +481,15 @@ def in_proj_state_update(block, residual, conv_state, ssm_state):
 
 
 def block_step(block, residual, conv_state, ssm_state):
-    """`Mamba2Block.step` as two kernels (`in_proj_state_update`, `gated_matvec`) below DOT_MIN_BATCH sequences and
-    three from there (`norm_matvec`, `state_update`, `gated_matvec`): residual (b, d_model) is updated in place and
-    returned, conv_state (b, conv_dim, d_conv - 1) and ssm_state (b, h, p, n) fp32 (or bf16) too."""
+    """`Mamba2Block.step` as three kernels (`norm_matvec`, `state_update`, `gated_matvec`), or two with FUSED_UPDATE
+    below DOT_MIN_BATCH sequences (`in_proj_state_update`, `gated_matvec`): residual (b, d_model) is updated in place
+    and returned, conv_state (b, conv_dim, d_conv - 1) and ssm_state (b, h, p, n) fp32 (or bf16) too."""
     mixer = block.mixer
     b = residual.shape[0]
     w_in, w_out = mixer.in_proj.weight, mixer.out_proj.weight
     for t in (residual, conv_state, ssm_state, w_in, w_out):
         assert t.is_contiguous()
-    if b < DOT_MIN_BATCH:
+    if FUSED_UPDATE and b < DOT_MIN_BATCH:
         v = in_proj_state_update(block, residual, conv_state, ssm_state)  # y * SiLU(z)
         return gated_matvec(v, mixer, residual, sync=True)
     proj = norm_matvec(residual, block.norm, w_in, residual.new_empty(b, w_in.shape[0], dtype=torch.float32),

@@ -265,7 +265,8 @@ def test_a_tile_sweep_leaves_the_fastest_set_and_passes_over_a_failing_tile(caps
 
 def test_decode_benchmark_forms_set_the_prefetch_of_both_matvec_kernels():
     """benchmark.step_forms: --prefetch-k K gives both matvec kernels K columns (fused_step.PREFETCH_K's keys), PDL
-    off prefetches nothing, and without --prefetch-k each kernel keeps its own (None: PREFETCH_K as it is)."""
+    off prefetches nothing, and without --prefetch-k each kernel keeps its own (None: PREFETCH_K as it is);
+    --fused-update off on gives one form each."""
     import fused_step
     parse = benchmark.make_parser().parse_args
     forms = benchmark.step_forms(parse(["decode", "--kernels", "fused", "--pdl", "off", "on", "--prefetch-k", "256",
@@ -276,4 +277,8 @@ def test_decode_benchmark_forms_set_the_prefetch_of_both_matvec_kernels():
     assert all(set(s["PREFETCH_K"]) == set(fused_step.PREFETCH_K) for _, _, s, _ in forms)
     assert forms[2][3] == " (auto products, PDL on, prefetch 1024)"
     (_, _, settings, label), = benchmark.step_forms(parse(["decode", "--kernels", "fused"]))
-    assert settings["PREFETCH_K"] is None and label == " (auto products, PDL on)"
+    assert settings["PREFETCH_K"] is None and settings["FUSED_UPDATE"] is None and label == " (auto products, PDL on)"
+    forms = benchmark.step_forms(parse(["decode", "--kernels", "fused", "--fused-update", "off", "on"]))
+    assert [(s["FUSED_UPDATE"], label) for _, _, s, label in forms] == [
+        (False, " (auto products, PDL on, fused update off)"), (True, " (auto products, PDL on, fused update on)")]
+    assert set(forms[0][2]) <= set(vars(fused_step))  # each setting is one of fused_step's

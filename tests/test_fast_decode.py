@@ -47,19 +47,23 @@ def prefilled_caches(model, ids, n):
     return caches
 
 
-@pytest.mark.parametrize("batch", [3, FS.DOT_MIN_BATCH])
+@pytest.mark.parametrize("batch,fused_update", [(3, False), (3, True), (FS.DOT_MIN_BATCH, False)])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fused_step_equals_the_plain_step(shape, batch):
+def test_fused_step_equals_the_plain_step(monkeypatch, shape, batch, fused_update):
     """Eq. 3, one token at a time: three fused steps (norm + in_proj + conv + softplus, the state update, the gated
-    norm + out_proj + residual) from a prefilled cache give the plain step's logits, conv windows and SSM states
-    (fp32, several heads and groups, sizes that are not powers of two, a clamped dt; broadcast products and, from
-    DOT_MIN_BATCH sequences, tl.dot)."""
+    norm + out_proj + residual; with FUSED_UPDATE the first two as one kernel) from a prefilled cache give the plain
+    step's logits, conv windows and SSM states (fp32, several heads and groups, sizes that are not powers of two, a
+    clamped dt; broadcast products and, from DOT_MIN_BATCH sequences, tl.dot)."""
+    monkeypatch.setattr(FS, "FUSED_UPDATE", fused_update)
     assert_fused_steps_equal_plain_steps(shape, batch)
 
 
-def test_fused_step_over_several_weight_tiles_equals_the_plain_step(monkeypatch):
+@pytest.mark.parametrize("fused_update", [False, True])
+def test_fused_step_over_several_weight_tiles_equals_the_plain_step(monkeypatch, fused_update):
     """Eq. 3 as above with tiles narrower than the rows: 16 columns over 36 (in_proj) and over groups of 24
-    (out_proj), 8 rows of a head's 12 (the state update), the last tile partial."""
+    (out_proj), 8 rows of a head's 12 (the state update; with FUSED_UPDATE, 2 rows of a head's z and x a program),
+    the last tile partial."""
+    monkeypatch.setattr(FS, "FUSED_UPDATE", fused_update)
     monkeypatch.setattr(FS, "MATVEC_TILE", dict(BLOCK_R=4, BLOCK_K=16, num_warps=4))
     monkeypatch.setattr(FS, "GATED_TILE", dict(BLOCK_R=2, BLOCK_K=16, num_warps=4))
     monkeypatch.setattr(FS, "STATE_TILE", dict(BLOCK_P=8, num_warps=2))
@@ -132,13 +136,16 @@ def assert_fused_steps_equal_plain_steps(shape, batch, fused_step=FS.model_step)
 DOT_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
-@pytest.mark.parametrize("batch,dtype,fused_step", [(2, torch.bfloat16, FS.model_step),
-                                                    (FS.DOT_MIN_BATCH, DOT_DTYPE, FS.model_step),
-                                                    (2, torch.bfloat16, FS.cublas_model_step)])
-def test_fused_step_in_16_bits_rounds_like_the_plain_step(batch, dtype, fused_step):
+@pytest.mark.parametrize("batch,dtype,fused_step,fused_update", [(2, torch.bfloat16, FS.model_step, False),
+                                                                 (2, torch.bfloat16, FS.model_step, True),
+                                                                 (FS.DOT_MIN_BATCH, DOT_DTYPE, FS.model_step, False),
+                                                                 (2, torch.bfloat16, FS.cublas_model_step, False)])
+def test_fused_step_in_16_bits_rounds_like_the_plain_step(monkeypatch, batch, dtype, fused_step, fused_update):
     """16-bit weights: the fused and the plain step are both off the fp32 step of the same weights by rounding,
     and by as much as each other (the fused step rounds where the plain one does); a batch of DOT_MIN_BATCH takes
-    the tensor-core path; `cublas_model_step` the products as nn.Linear."""
+    the tensor-core path; `cublas_model_step` the products as nn.Linear; FUSED_UPDATE in_proj and the update as one
+    kernel."""
+    monkeypatch.setattr(FS, "FUSED_UPDATE", fused_update)
     model16 = fused_model(2, ngroups=2).to(dtype)
     model32 = copy.deepcopy(model16).float()
     ids = torch.randint(0, 100, (batch, 10), device=DEVICE)
@@ -308,11 +315,13 @@ def test_fused_step_at_the_2_7b_widths_in_bf16(batch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused_update", [False, True])
 @pytest.mark.parametrize("batch,state", [(1, torch.float32), (3, torch.bfloat16)])
-def test_programmatic_dependent_launch_changes_no_bit(monkeypatch, batch, state):
+def test_programmatic_dependent_launch_changes_no_bit(monkeypatch, batch, state, fused_update):
     """fused_step.PDL (each kernel launched while the one before it runs, the weights prefetched, the state loaded
     before the wait) at Mamba-2 2.7B's widths, four layers, bf16, on CUDA graphs: 24 steps give the same logits and
-    leave the same cache, to the bit, as the kernels launched one after the other."""
+    leave the same cache, to the bit, as the kernels launched one after the other; with FUSED_UPDATE too."""
+    monkeypatch.setattr(FS, "FUSED_UPDATE", fused_update)
     torch.manual_seed(0)
     model = Mamba2LMHeadModel(Mamba2Config(d_model=2560, n_layer=4, vocab_size=50277)).cuda().to(torch.bfloat16)
     if not FS._has_pdl(torch.device("cuda")):
@@ -380,23 +389,26 @@ def test_the_fused_step_with_a_bf16_state_equals_the_plain_step_with_one():
 
 
 def test_the_fused_step_s_parts_compute_what_they_name():
-    """benchmark.fused_step_parts (benchmark.py decode --parts), fp32, two groups: the whole step is fused_step's;
-    with in_proj's kernels alone the residual stays the embedding, so the logits are the head's of the embedding;
-    with out_proj's alone each layer adds out_proj(RMSNorm(v)) to the residual, v all ones (one norm per group)."""
+    """benchmark.fused_step_parts (benchmark.py decode --parts), fp32, two groups: the whole step is fused_step's, and
+    with in_proj and the state update in one kernel it gives the same logits within rounding; with in_proj's kernels
+    alone the residual stays the embedding, so the logits are the head's of the embedding; with out_proj's alone
+    each layer adds out_proj(RMSNorm(v)) to the residual, v all ones (one norm per group)."""
     import torch.nn.functional as F
 
     import benchmark
     model = fused_model(0, ngroups=2)
     token = torch.tensor([3, 7], device=DEVICE)
     parts = benchmark.fused_step_parts(model)
-    assert list(parts) == ["the whole step", "both products, no state update", "in_proj's kernels alone",
-                           "out_proj's kernels alone"]
+    assert list(parts) == ["the whole step", "the whole step, in_proj and the state update in one kernel",
+                           "both products, no state update", "in_proj's kernels alone", "out_proj's kernels alone"]
 
     def head(residual):
         return F.linear(model.norm_f(residual), model.lm_head.weight)
     with torch.no_grad():
-        assert torch.equal(parts["the whole step"](token, model.allocate_cache(2)),
-                           FS.model_step(model, token, model.allocate_cache(2)))
+        whole = parts["the whole step"](token, model.allocate_cache(2))
+        assert torch.equal(whole, FS.model_step(model, token, model.allocate_cache(2)))
+        torch.testing.assert_close(parts["the whole step, in_proj and the state update in one kernel"](
+            token, model.allocate_cache(2)), whole, rtol=1e-5, atol=1e-5)
         residual = model.embedding(token)
         torch.testing.assert_close(parts["in_proj's kernels alone"](token, model.allocate_cache(2)), head(residual),
                                    rtol=1e-5, atol=1e-5)
