@@ -403,7 +403,7 @@ def bench_calls(args):
 def bench_tiles(args):
     """fused_step's tiles: decode ms/token of the 2.7B model for each (rows, reduction width, warps) of
     norm_matvec (in_proj, LM head), then of gated_matvec (out_proj) with the best of the first, at batch 1; then of
-    the tensor-core tile and of state_update (rows of the state, warps) at batch 8, then of the two matvec kernels'
+    the tensor-core tile at batch 8, then of state_update (rows of the state, warps) and of the two matvec kernels'
     L2 prefetch under PDL (PREFETCH_K's columns) at batch 1. Ends with the kernels' times in one batch-1 step
     (profiled). args.only: the tiles swept (default: all)."""
     import fused_step as FS
@@ -414,8 +414,7 @@ def bench_tiles(args):
         for name, candidates in TILES.items():
             if args.only and name not in args.only:
                 continue
-            batch = 8 if name in ("DOT_TILE", "STATE_TILE") else 1  # below DOT_MIN_BATCH no state_update runs
-            ids = torch.randint(0, cfg.vocab_size, (batch, 128), device="cuda")
+            ids = torch.randint(0, cfg.vocab_size, (8 if name == "DOT_TILE" else 1, 128), device="cuda")
 
             def per_step():
                 fast_decode.forget_decoder(model)  # the new tiles are captured anew
