@@ -56,6 +56,12 @@ def _rows(bh, t, H, C, Q, batch_stride, row_stride, head_stride):
 
 
 @triton.jit
+def _real_rows(bh, H, C, Q, L):
+    """How many of the Q rows of block bh's chunk lie before the padding (the last chunk's may not all)."""
+    return tl.minimum(L - ((bh // H) % C) * Q, Q)
+
+
+@triton.jit
 def _X(x_ptr, dt_ptr, bh, t, p, L, H, C, Q, sb, sl, sh):
     """Rows t of block bh of u = x and of X = dt u, in x's dtype (zeros on the padding): (BT, P), (BT, P)."""
     at, position = _rows(bh, t, H, C, Q, sb, sl, sh)
@@ -75,24 +81,27 @@ def _chunk_fwd(x_ptr, dt_ptr, s_ptr, cs_ptr, c_ptr, h_ptr, d_ptr, y_ptr, L, C, R
                c_chunk_stride, c_group_stride, c_row_stride, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
                NP: tl.constexpr, PRECISION: tl.constexpr):
     """Eq. 3 per (batch, chunk, group, head) and t-block: y_t = sum_{s <= t} M[t, s] X_s + exp(cs_t) C_t . h + D u_t,
-    with h (P, N) fp32 the state entering the chunk; fp32 until the store of the rows before the padding."""
+    with h (P, N) fp32 the state entering the chunk; fp32 until the store of the rows before the padding. A block of
+    rows wholly in the padding has nothing to store and computes nothing."""
     bh = tl.program_id(0)  # over (batch, chunk, group, head)
     tb = tl.program_id(1)
-    t, p, n = tb * BT + tl.arange(0, BT), tl.arange(0, P), tl.arange(0, NP)
-    acc = tl.zeros((BT, P), dtype=tl.float32)
-    for sb_ in range(0, tb + 1):
-        s = sb_ * BT + tl.arange(0, BT)
-        X_s, _ = _X(x_ptr, dt_ptr, bh, s, p, L, H, C, Q, sb, sl, sh)  # (BT, P)
-        M = _matrix(s_ptr + (bh // R) * Q * Q, cs_ptr + bh * Q, t, s, Q)  # (BT, BT) fp32
-        acc += tl.dot(M.to(X_s.dtype), X_s, input_precision=PRECISION)
-    C_t = tl.load(c_ptr + (bh // H) * c_chunk_stride + ((bh % H) // R) * c_group_stride + t[:, None] * c_row_stride
-                  + n[None, :], mask=n[None, :] < N, other=0.0)  # (BT, NP), zeros past N
-    h_T = tl.load(h_ptr + bh * P * N + p[None, :] * N + n[:, None], mask=n[:, None] < N, other=0.0)  # (NP, P)
-    acc += tl.exp(tl.load(cs_ptr + bh * Q + t))[:, None] * tl.dot(C_t, h_T.to(C_t.dtype), input_precision=PRECISION)
-    _, u_t = _X(x_ptr, dt_ptr, bh, t, p, L, H, C, Q, sb, sl, sh)
-    acc += tl.load(d_ptr + bh % H) * u_t.to(tl.float32)
-    at, position = _rows(bh, t, H, C, Q, yb, yl, yh)
-    tl.store(y_ptr + at[:, None] + p[None, :], acc.to(y_ptr.dtype.element_ty), mask=position[:, None] < L)
+    if tb * BT < _real_rows(bh, H, C, Q, L):
+        t, p, n = tb * BT + tl.arange(0, BT), tl.arange(0, P), tl.arange(0, NP)
+        acc = tl.zeros((BT, P), dtype=tl.float32)
+        for sb_ in range(0, tb + 1):
+            s = sb_ * BT + tl.arange(0, BT)
+            X_s, _ = _X(x_ptr, dt_ptr, bh, s, p, L, H, C, Q, sb, sl, sh)  # (BT, P)
+            M = _matrix(s_ptr + (bh // R) * Q * Q, cs_ptr + bh * Q, t, s, Q)  # (BT, BT) fp32
+            acc += tl.dot(M.to(X_s.dtype), X_s, input_precision=PRECISION)
+        C_t = tl.load(c_ptr + (bh // H) * c_chunk_stride + ((bh % H) // R) * c_group_stride
+                      + t[:, None] * c_row_stride + n[None, :], mask=n[None, :] < N, other=0.0)  # (BT, NP)
+        h_T = tl.load(h_ptr + bh * P * N + p[None, :] * N + n[:, None], mask=n[:, None] < N, other=0.0)  # (NP, P)
+        acc += tl.exp(tl.load(cs_ptr + bh * Q + t))[:, None] * tl.dot(C_t, h_T.to(C_t.dtype),
+                                                                      input_precision=PRECISION)
+        _, u_t = _X(x_ptr, dt_ptr, bh, t, p, L, H, C, Q, sb, sl, sh)
+        acc += tl.load(d_ptr + bh % H) * u_t.to(tl.float32)
+        at, position = _rows(bh, t, H, C, Q, yb, yl, yh)
+        tl.store(y_ptr + at[:, None] + p[None, :], acc.to(y_ptr.dtype.element_ty), mask=position[:, None] < L)
 
 
 @triton.jit
@@ -104,12 +113,13 @@ def _diag_bwd_x(x_ptr, dt_ptr, s_ptr, cs_ptr, d_ptr, b_ptr, c_ptr, h_ptr, dst_pt
     plus from the state leaving the chunk, w_s B_s . dh^T with w_s = exp(cs_end - cs_s) and dh that state's gradient
     (P, N); then through X = dt u: du_s = dt_s dX_s + D dy_s and ddt_s = sum_p dX_s u_s; dw_s = w_s sum_p (B_s . dh^T)
     X_s and the read-out's dro_s = exp(cs_s) sum_p dy_s (C_s . h^T), h the state entering the chunk (cs's gradient);
-    the block's part of dD, sum dy_s u_s; fp32 until the stores."""
+    the block's part of dD, sum dy_s u_s; fp32 until the stores. Blocks of t wholly in the padding (dy = 0) are not
+    read."""
     bh = tl.program_id(0)
     sb_ = tl.program_id(1)
     s, p, n = sb_ * BT + tl.arange(0, BT), tl.arange(0, P), tl.arange(0, NP)
     dX = tl.zeros((BT, P), dtype=tl.float32)
-    for tb in range(sb_, Q // BT):
+    for tb in range(sb_, tl.cdiv(_real_rows(bh, H, C, Q, L), BT)):
         t = tb * BT + tl.arange(0, BT)
         at, position = _rows(bh, t, H, C, Q, gb, gl, gh)
         dY_t = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)  # (BT, P)
@@ -144,16 +154,17 @@ def _diag_bwd_s(x_ptr, dt_ptr, s_ptr, cs_ptr, dy_ptr, ds_ptr, rows_ptr, cols_ptr
                 gl, gh, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, HEADS of its R heads) and (t-block, s-block): the heads' sum of dM * L into their
     part of dS[t, s]; each head's sum_s dM M into rows[head, s-block, t] and sum_t dM M into cols[head, t-block, s].
-    Zeros where s-block > t-block."""
+    Zeros where s-block > t-block, and where the t-block lies wholly in the padding (dy = 0)."""
     parts = tl.cdiv(R, HEADS)
     group, first = tl.program_id(0) // parts, (tl.program_id(0) % parts) * HEADS  # over (batch, chunk, group, part)
     tb, sb_ = tl.program_id(1), tl.program_id(2)
     t, s, p = tb * BT + tl.arange(0, BT), sb_ * BT + tl.arange(0, BT), tl.arange(0, P)
     dS = tl.zeros((BT, BT), dtype=tl.float32)
     S_ts = tl.load(s_ptr + group * Q * Q + t[:, None] * Q + s[None, :])  # (BT, BT) fp32
+    last = tl.where(tb * BT < _real_rows(group * R, H, C, Q, L), tb, -1)  # the last s-block to compute
     for bh in range(group * R + first, group * R + tl.minimum(first + HEADS, R)):
         row_sums, col_sums = tl.zeros((BT,), dtype=tl.float32), tl.zeros((BT,), dtype=tl.float32)
-        if sb_ <= tb:
+        if sb_ <= last:
             at, position = _rows(bh, t, H, C, Q, gb, gl, gh)
             dY_t = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)
             X_s, _ = _X(x_ptr, dt_ptr, bh, s, p, L, H, C, Q, sb, sl, sh)
@@ -180,7 +191,8 @@ def _states_fwd(x_ptr, dt_ptr, b_ptr, cs_ptr, h0_ptr, h_ptr, last_ptr, L, C, H, 
                 b_group_stride, b_row_stride, Q: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                 BQ: tl.constexpr, PRECISION: tl.constexpr):
     """Eq. 3 from chunk to chunk per (batch, head) and (BP, BN) tile of the state: h stores the state entering each
-    chunk k, then h <- exp(cs_end) h + sum_s exp(cs_end - cs_s) X_s B_s^T over the chunk's Q positions; fp32."""
+    chunk k, then h <- exp(cs_end) h + sum_s exp(cs_end - cs_s) X_s B_s^T over the chunk's positions before the
+    padding; fp32."""
     bh0, batch, head, p, n, q, tile, inside = _state_tile(H, N, BP, BN, BQ)
     h = tl.load(h0_ptr + bh0 * P * N + tile, mask=inside, other=0.0)  # (BP, BN) fp32
     for k in range(C):
@@ -189,7 +201,7 @@ def _states_fwd(x_ptr, dt_ptr, b_ptr, cs_ptr, h0_ptr, h_ptr, last_ptr, L, C, H, 
         cs = cs_ptr + bh * Q
         cs_end = tl.load(cs + Q - 1)
         chunk = tl.zeros((BP, BN), dtype=tl.float32)
-        for q0 in range(0, Q, BQ):
+        for q0 in range(0, _real_rows(bh, H, C, Q, L), BQ):
             X, _ = _X(x_ptr, dt_ptr, bh, q0 + q, p, L, H, C, Q, sb, sl, sh)  # (BQ, BP)
             Xd = (X.to(tl.float32) * tl.exp(cs_end - tl.load(cs + q0 + q))[:, None]).to(X.dtype)  # decayed to the end
             B = tl.load(b_ptr + (bh // H) * b_chunk_stride + (head // R) * b_group_stride
@@ -206,7 +218,8 @@ def _states_bwd(dy_ptr, c_ptr, cs_ptr, h_ptr, dlast_ptr, dst_ptr, dec_ptr, dh0_p
     """The recurrence between chunks backward per (batch, head) and (BP, BN) tile of the state, from the last chunk:
     dst stores the gradient g of the state leaving chunk k, dec its part of dcs at the chunk's end before the decay's
     factor (sum g h_k over the tile), then g <- exp(cs_end) g + dh_k with dh_k = sum_t exp(cs_t) dy_t^T C_t, the
-    read-out's gradient for the state entering chunk k (BQ positions at a time); dh0 gets the last g. fp32."""
+    read-out's gradient for the state entering chunk k (BQ positions at a time, up to the padding); dh0 gets the
+    last g. fp32."""
     bh0, batch, head, p, n, q, tile, inside = _state_tile(H, N, BP, BN, BQ)
     g = tl.load(dlast_ptr + bh0 * P * N + tile, mask=inside, other=0.0)  # (BP, BN) fp32
     for kk in range(C):
@@ -217,7 +230,7 @@ def _states_bwd(dy_ptr, c_ptr, cs_ptr, h_ptr, dlast_ptr, dst_ptr, dec_ptr, dh0_p
         part = (bh * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)  # this tile's
         tl.store(dec_ptr + part, tl.sum(g * h))
         dh = tl.zeros((BP, BN), dtype=tl.float32)
-        for q0 in range(0, Q, BQ):
+        for q0 in range(0, _real_rows(bh, H, C, Q, L), BQ):
             at, position = _rows(bh, q0 + q, H, C, Q, gb, gl, gh)
             dY = tl.load(dy_ptr + at[:, None] + p[None, :], mask=position[:, None] < L, other=0.0)  # (BQ, BP)
             dYe = (dY.to(tl.float32) * tl.exp(tl.load(cs_ptr + bh * Q + q0 + q))[:, None]).to(dY.dtype)
@@ -233,14 +246,16 @@ def _group_bwd(x_ptr, dt_ptr, cs_ptr, h_ptr, dst_ptr, dy_ptr, db_ptr, dc_ptr, L,
                gh, Q: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr):
     """Per (batch, chunk, group, HEADS of its R heads) and s-block, the heads' sums of B's gradient through the state
     leaving the chunk, exp(cs_end - cs_s) X_s . dh (dh its gradient), and of C's through the read-out,
-    exp(cs_s) dy_s . h (h the state entering the chunk), into their parts (BT, N); products in the inputs' dtype."""
+    exp(cs_s) dy_s . h (h the state entering the chunk), into their parts (BT, N); products in the inputs' dtype.
+    Zeros for an s-block wholly in the padding (X = dy = 0)."""
     parts = tl.cdiv(R, HEADS)
     group, first = tl.program_id(0) // parts, (tl.program_id(0) % parts) * HEADS  # over (batch, chunk, group, part)
     s, p, n = tl.program_id(1) * BT + tl.arange(0, BT), tl.arange(0, P), tl.arange(0, NP)
     state = p[:, None] * N + n[None, :]  # (P, NP) offsets in a (P, N) state
     dB = tl.zeros((BT, NP), dtype=tl.float32)
     dC = tl.zeros((BT, NP), dtype=tl.float32)
-    for bh in range(group * R + first, group * R + tl.minimum(first + HEADS, R)):
+    heads = tl.where(tl.program_id(1) * BT < _real_rows(group * R, H, C, Q, L), tl.minimum(first + HEADS, R), first)
+    for bh in range(group * R + first, group * R + heads):
         X_s, _ = _X(x_ptr, dt_ptr, bh, s, p, L, H, C, Q, sb, sl, sh)  # (BT, P)
         cs_s = tl.load(cs_ptr + bh * Q + s)
         Xd = (X_s.to(tl.float32) * tl.exp(tl.load(cs_ptr + bh * Q + Q - 1) - cs_s)[:, None]).to(X_s.dtype)
