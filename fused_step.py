@@ -235,14 +235,13 @@ def _in_proj_state_kernel(res_ptr, norm_w_ptr, w_ptr, proj_ptr, conv_state_ptr, 
                           D_IN: tl.constexpr, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
                           WINDOW: tl.constexpr, HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
                           PDL: tl.constexpr, PREFETCH_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """norm_matvec and state_update as one kernel. The first n_shared programs compute in_proj's rows that every head
     reads (B, C, dt: the rows from 2 d_inner on) into proj, then count themselves done in sync. Each later program
-    computes BLOCK_R / 2 rows of one head's z and the same rows of its x (in turn, z first), waits until sync counts
-    every shared program, updates those rows of the head's state (eq. 3) and stores v = y * SiLU(z) for them. The
-    next kernel (gated_matvec) sets sync back to zero once this one has ended. The wait relies on a grid's programs
-    starting in the order of their ids, as CUDA starts a grid's blocks: the shared programs come first."""
-    BLOCK_P: tl.constexpr = BLOCK_R // 2
+    computes BLOCK_P = BLOCK_R / 2 rows of one head's z and the same rows of its x (in turn, z first), waits until
+    sync counts every shared program, updates those rows of the head's state (eq. 3) and stores v = y * SiLU(z) for
+    them. The next kernel (gated_matvec) sets sync back to zero once this one has ended. The wait relies on a grid's
+    programs starting in the order of their ids, as CUDA starts a grid's blocks: the shared programs come first."""
     pid = tl.program_id(0)
     shared = pid < n_shared
     head = (pid - n_shared) // tl.cdiv(HEADDIM, BLOCK_P)
@@ -475,7 +474,7 @@ def in_proj_state_update(block, residual, conv_state, ssm_state):
         _sync_count(residual.device), n_rows, c.d_inner, c.conv_dim, n_shared, c.nheads, c.nheads // c.ngroups,
         block.norm.eps, float(c.dt_limit[0]), float(c.dt_limit[1]), D_IN=d_in, HAS_CONV_BIAS=conv_b is not None,
         D_CONV=c.d_conv, WINDOW=triton.next_power_of_2(c.d_conv), HEADDIM=c.headdim, D_STATE=c.d_state,
-        Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_N=triton.next_power_of_2(c.d_state),
+        Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(c.d_state),
         **{k: a for k, a in args.items() if k != "DOT_PRECISION"})
     return v
 
