@@ -13,12 +13,12 @@ everything between the products happens in the products' own kernels:
 With FUSED_UPDATE, below DOT_MIN_BATCH sequences, the first two are one kernel, `in_proj_state_update`: its first
 programs compute the rows every head reads (B, C, dt), each later one a few rows of one head's z and x, then those
 rows of the head's state, so the update runs while the rest of in_proj streams in. The LM head is norm_matvec again,
-with no conv or dt rows. A matvec program takes a block of weight rows and every
-sequence of the batch, so each weight is read once a step. It reads its input rows (a few KB, from L2) in the same
-pass as its weight tile: a norm's 1 / RMS is one factor of a sequence's whole row, so the program sums the squares
-alongside the product (x * g) . W^T (g the norm's weight) and scales the product at the end. Values are rounded to
-the model's dtype where the plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of
-another summation order (tests/test_fast_decode.py).
+with no conv or dt rows. A matvec program takes a block of weight rows and every sequence of the batch, so each
+weight is read once a step. It reads its input rows (a few KB, from L2) in the same pass as its weight tile: a
+norm's 1 / RMS is one factor of a sequence's whole row, so the program sums the squares alongside the product
+(x * g) . W^T (g the norm's weight) and scales the product at the end. Values are rounded to the model's dtype where the
+plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of another summation order
+(tests/test_fast_decode.py).
 
 On GPUs from Hopper on the kernels overlap (programmatic dependent launch, PDL): each is launched while the
 one before it runs, asks the L2 cache for the start of its weight tile and loads what it needs of no predecessor
