@@ -1246,6 +1246,13 @@ def make_parser():
     parser = argparse.ArgumentParser(allow_abbrev=False,
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
+    for add_parsers in (_ssd_parsers, _decoding_parsers, _answer_parsers, _training_parsers):
+        add_parsers(sub)
+    return parser
+
+
+def _ssd_parsers(sub):
+    """The SSD's benchmarks: its three forms, its kernels' tiles, its step at the training shape."""
     p = sub.add_parser("ssd", allow_abbrev=False, help="the three SSD forms: time and peak memory against the length")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--max-quadratic", type=int, default=4096, help="skip the quadratic form above this length")
@@ -1256,6 +1263,25 @@ def make_parser():
                    help="64 suits a CPU; the checkpoints' 256 suits the GPU kernels")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p = sub.add_parser("ssd-tiles", allow_abbrev=False,
+                       help="ssd_kernel.py's launch settings at the training step's shape: time for each candidate")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--text-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--only", nargs="+", choices=list(SSD_TILES), help="sweep these tiles alone (default: all)")
+    p = sub.add_parser("ssd-step", allow_abbrev=False,
+                       help="the SSD as train.py's compiled blocks run it, at the training step's shape: time and "
+                            "each kernel's")
+    p.add_argument("--size", default="2.7b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--text-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--kernels", type=int, default=25, help="the longest kernels printed")
+
+
+def _decoding_parsers(sub):
+    """The decoding step's benchmarks: the step's forms, calls in a row, the fused step's tiles."""
     p = sub.add_parser("decode", allow_abbrev=False,
                        help="Mamba-2 generation speed on the GPU against mamba-ssm and the bound")
     p.add_argument("--size", default="2.7b")
@@ -1295,21 +1321,10 @@ def make_parser():
                        help="fused_step's tiles (products, state update, L2 prefetch): decode time for each candidate")
     p.add_argument("--size", default="2.7b")
     p.add_argument("--only", nargs="+", choices=list(TILES), help="sweep these tiles alone (default: all)")
-    p = sub.add_parser("ssd-tiles", allow_abbrev=False,
-                       help="ssd_kernel.py's launch settings at the training step's shape: time for each candidate")
-    p.add_argument("--size", default="2.7b")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--text-tokens", type=int, default=96)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--only", nargs="+", choices=list(SSD_TILES), help="sweep these tiles alone (default: all)")
-    p = sub.add_parser("ssd-step", allow_abbrev=False,
-                       help="the SSD as train.py's compiled blocks run it, at the training step's shape: time and "
-                            "each kernel's")
-    p.add_argument("--size", default="2.7b")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--text-tokens", type=int, default=96)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--kernels", type=int, default=25, help="the longest kernels printed")
+
+
+def _answer_parsers(sub):
+    """Whole answers' benchmarks: a cold start, loading, batched answers, one answer, scaling."""
     p = sub.add_parser("coldstart", allow_abbrev=False,
                        help="python generate.py on a random paper-size model: load, first token, wall")
     p.add_argument("--size", default="2.7b")
@@ -1326,12 +1341,6 @@ def make_parser():
     p.add_argument("--batch", type=int, nargs="+", default=[32, 1])
     p.add_argument("--max-new-tokens", type=int, default=10, help="evaluate.py's default")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="as evaluate.py's option")
-    p = sub.add_parser("vision", allow_abbrev=False,
-                       help="SigLIP and DINOv2 at 384 px: ours vs transformers, same weights")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p = sub.add_parser("pipeline", allow_abbrev=False,
                        help="the whole ML-Mamba answer at the paper's configuration, vs mamba-ssm")
     p.add_argument("--size", default="2.7b")
@@ -1346,6 +1355,16 @@ def make_parser():
     p.add_argument("--decode-tokens", type=int, default=32, help="new tokens timed for the Transformer")
     p.add_argument("--our-decode-tokens", type=int, default=256, help="new tokens timed for ours")
     p.add_argument("--plot", help="write a plot here (needs matplotlib)")
+
+
+def _training_parsers(sub):
+    """Training's benchmarks: the vision encoders, the training step."""
+    p = sub.add_parser("vision", allow_abbrev=False,
+                       help="SigLIP and DINOv2 at 384 px: ours vs transformers, same weights")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p = sub.add_parser("train", allow_abbrev=False,
                        help="a stage-2 training step at the paper's configuration; the SSD fwd + bwd")
     p.add_argument("--size", default="2.7b")
@@ -1381,7 +1400,6 @@ def make_parser():
     p.add_argument("--parts", action="store_true",
                    help="then each path's step by part, each part timed alone: the encoders, the connector, the LM, "
                         "clipping and AdamW, AdamW with the clipping inside")
-    return parser
 
 
 if __name__ == "__main__":
