@@ -1004,19 +1004,22 @@ def _time_step_parts(model, opt, trainable, pixels, ids, labels, repeats=3, devi
 
 
 def _train_forms(args, backends, n_layer):
-    """[(row name, (SSD path, blocks compiled, blocks checkpointed, in_proj's product kept, connector compiled,
-    encoders compiled))]: the forms of the training step that args ask for."""
+    """[(row name, (SSD path, blocks compiled, blocks checkpointed, what each block keeps (False, "in_proj" or "ssd":
+    in_proj's product, and the SSD's forward too), connector compiled, encoders compiled))]: the forms of the
+    training step that args ask for."""
     forms = [(b, c, n, False, False, False) for b, c, n in itertools.product(
         backends, (False, True) if args.compile else (False,), args.checkpoint_blocks or [n_layer])
         if c or not args.no_eager]
-    forms += [(b, True, 0, True, False, False) for b in backends if args.keep_in_proj]
-    forms += [(b, True, 0, True, True, False) for b in backends if args.compile_connector]
-    forms += [(b, True, 0, True, True, True) for b in backends if args.compile_encoders]
+    forms += [(b, True, 0, "in_proj", False, False) for b in backends if args.keep_in_proj]
+    forms += [(b, True, 0, "in_proj", True, False) for b in backends if args.compile_connector]
+    forms += [(b, True, 0, "in_proj", True, True) for b in backends if args.compile_encoders]
+    forms += [(b, True, 0, "ssd", True, True) for b in backends if args.keep_ssd]
     named = []
     for backend, compiled, n_ckpt, kept, connector, encoders in forms:
         name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
                 + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer and not kept else "")
                 + (", every block keeping in_proj's product (selective recomputation)" if kept else "")
+                + (" and running its SSD's forward once" if kept == "ssd" else "")
                 + (", the connector compiled" if connector else "")
                 + (", the encoders compiled" if encoders else "")
                 + (f", sums over more than {args.whole_sums_up_to} values split"
@@ -1056,8 +1059,8 @@ def bench_train(args):
         try:
             fast_decode.compile_encoders(model.vision, encoders)
             fast_decode.compile_connector(model.connector, connector)
-            fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=kept, tune_kernels=args.tune_kernels,
-                                       whole_sums_up_to=args.whole_sums_up_to)
+            fast_decode.compile_blocks(model.lm, compiled, in_proj_kept=bool(kept), tune_kernels=args.tune_kernels,
+                                       whole_sums_up_to=args.whole_sums_up_to, ssd_kept=kept == "ssd")
             times[name] = _time_train_step(model, opt, trainable, backend, args, name, flops,
                                            None if kept else recomputed * n_ckpt / n_layer, peak, dev)
         except Exception as e:  # a path that cannot run here (a compiler error): say so, measure the others
@@ -1386,6 +1389,9 @@ def _training_parsers(sub):
     p.add_argument("--compile-encoders", action="store_true",
                    help="each path also with compiled blocks that keep in_proj's product, the connector and the frozen "
                         "encoders compiled (fast_decode.compile_encoders): train.py --compile's step")
+    p.add_argument("--keep-ssd", action="store_true",
+                   help="then train.py --compile's step with each block's SSD outside its recomputation "
+                        "(fast_decode.compile_blocks(ssd_kept=True)): the SSD's forward runs once")
     p.add_argument("--no-eager", action="store_true", help="skip the rows with eager LM blocks")
     p.add_argument("--tune-kernels", action="store_true",
                    help="compiled blocks with their fused kernels' settings timed, as train.py --compile does "

@@ -401,16 +401,50 @@ def forward_keeping_in_proj(block, residual, cache=None, length=None):
                       context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
 
 
+def forward_keeping_ssd(block, residual, cache=None, length=None):
+    """`Mamba2Block.forward` in three parts when it trains, so that the SSD's forward runs once: the norm, in_proj,
+    the conv and dt (`_before_ssd`), checkpointed with `keep_in_proj` as the policy; the SSD (eq. 3), not
+    checkpointed, so its own saved tensors stay for the backward; the gated norm, out_proj and the residual add
+    (`_after_ssd`), checkpointed. A block keeps in_proj's product, the SSD's inputs, states and output."""
+    if not (block.training and torch.is_grad_enabled()) or cache is not None or length is not None:
+        return Mamba2Block.forward(block, residual, cache, length)
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    policy = functools.partial(keep_in_proj, width=block.mixer.in_proj.out_features)
+    context = functools.partial(create_selective_checkpoint_contexts, policy)
+    mixer = block.mixer
+    z, x, B, C, dt = checkpoint(_before_ssd, block, residual, use_reentrant=False, context_fn=context)
+    A, D = mixer.A_and_D()
+    y, _ = mixer.ssd(x, dt, A, B, C, mixer.config.chunk_size, D)  # eq. 3, (b, l, h, p)
+    return checkpoint(_after_ssd, block, residual, y, z, use_reentrant=False, context_fn=context)
+
+
+def _before_ssd(block, residual):
+    """`Mamba2Mixer.forward` of the block's normed input up to the SSD, without a cache: z, x, B, C and dt."""
+    mixer = block.mixer
+    z, xBC, dt = mixer.split_projection(block.norm(residual))  # (b, l, d_inner), (b, l, conv_dim), (b, l, h)
+    x, B, C = mixer.split_xBC(mixer.causal_conv(xBC, None))  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
+    return z, x, B, C, mixer.positive_dt(dt)
+
+
+def _after_ssd(block, residual, y, z):
+    """The rest of `Mamba2Block.forward` from the SSD's output y (b, l, h, p): the gated norm, out_proj, the
+    residual add."""
+    mixer = block.mixer
+    return residual + mixer.out_proj(mixer.norm(y.flatten(-2), gate=z).to(mixer.out_proj.weight.dtype))
+
+
 @functools.cache
-def compiled_block_forward(in_proj_kept=False):
+def compiled_block_forward(in_proj_kept=False, ssd_kept=False):
     """`Mamba2Block.forward` through torch.compile, for training at scale and long prefills: per block, the norms, the
     conv, dt, the gated norm and the residual become a few fused kernels around the matrix products. One compilation
     serves every block (the block is an input); mamba-ssm's kernel, when it runs, stays outside the compiled graph.
-    in_proj_kept: `forward_keeping_in_proj` (selective recomputation) compiled instead."""
-    return torch.compile(forward_keeping_in_proj if in_proj_kept else Mamba2Block.forward)
+    in_proj_kept: `forward_keeping_in_proj` (selective recomputation) compiled instead; ssd_kept:
+    `forward_keeping_ssd`."""
+    forward = forward_keeping_ssd if ssd_kept else forward_keeping_in_proj if in_proj_kept else Mamba2Block.forward
+    return torch.compile(forward)
 
 
-def compile_blocks(lm, on=True, in_proj_kept=False, tune_kernels=False, whole_sums_up_to=None):
+def compile_blocks(lm, on=True, in_proj_kept=False, tune_kernels=False, whole_sums_up_to=None, ssd_kept=False):
     """Each block of a Mamba2LMHeadModel through `compiled_block_forward` (on=False: eager again). The block's own
     __call__ still runs it, so module hooks (FSDP's gathers) and gradient checkpointing work as before. Makes
     `whole_scans` Inductor's heuristics on the calling thread for the rest of the process: both torch forms of eq. 3
@@ -421,13 +455,14 @@ def compile_blocks(lm, on=True, in_proj_kept=False, tune_kernels=False, whole_su
     at compile time, on this thread (their recomputed sums need `whole_scans`). tune_kernels: Inductor times each
     fused kernel's launch settings as it compiles (coordinate descent), for the rest of the process: minutes more at
     the first call, a faster step after (docs/speed.md). whole_sums_up_to: `whole_scans`' up_to (None: no sum split;
-    sums over a chunk need it at 256 or more)."""
+    sums over a chunk need it at 256 or more). ssd_kept: `forward_keeping_ssd` instead of `forward_keeping_in_proj`,
+    the SSD's forward run once and its saved tensors kept (more memory, less recomputation)."""
     if on:
-        use_whole_scans(whole_sums_up_to, lower_backward_now=in_proj_kept)
+        use_whole_scans(whole_sums_up_to, lower_backward_now=in_proj_kept or ssd_kept)
         if tune_kernels:
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True
-    forward = compiled_block_forward(in_proj_kept) if on else None
+    forward = compiled_block_forward(in_proj_kept, ssd_kept) if on else None
     for block in lm.layers:
         _run_through(block, "forward", forward)
 

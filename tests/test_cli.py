@@ -230,17 +230,20 @@ def test_train_parts_time_each_part_and_the_update_moves_only_what_trains():
 
 def test_train_benchmark_forms_follow_the_options():
     """benchmark._train_forms: each SSD path eager and compiled with --compile (--no-eager drops the eager rows), a
-    row per number of checkpointed blocks, and --compile-encoders adds train.py --compile's step (blocks keeping
-    in_proj's product, connector and encoders compiled) under a name that says so."""
+    row per number of checkpointed blocks, --compile-encoders adds train.py --compile's step (blocks keeping
+    in_proj's product, connector and encoders compiled) under a name that says so, and --keep-ssd that step with
+    each block's SSD run once."""
     parse = benchmark.make_parser().parse_args
     forms = benchmark._train_forms(parse(["train", "--backends", "triton", "torch", "--compile",
                                           "--checkpoint-blocks", "64", "32"]), ["triton", "torch"], 64)
     assert [f for _, f in forms[:4]] == [("triton", c, n, False, False, False) for c in (False, True) for n in (64, 32)]
     assert forms[1][0].endswith("32 of 64 blocks checkpointed") and len(forms) == 8
     forms = benchmark._train_forms(parse(["train", "--backends", "triton", "torch", "--no-eager",
-                                          "--compile-encoders"]), ["triton", "torch"], 64)
-    assert [f for _, f in forms] == [(b, True, 0, True, True, True) for b in ("triton", "torch")]
+                                          "--compile-encoders", "--keep-ssd"]), ["triton", "torch"], 64)
+    assert [f for _, f in forms] == [(b, True, 0, kept, True, True) for kept in ("in_proj", "ssd")
+                                     for b in ("triton", "torch")]
     assert all(name.endswith("the connector compiled, the encoders compiled") for name, _ in forms)
+    assert ["SSD's forward once" in name for name, _ in forms] == [False, False, True, True]
 
 
 def test_a_tile_sweep_leaves_the_fastest_set_and_passes_over_a_failing_tile(capsys):

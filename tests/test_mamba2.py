@@ -384,8 +384,10 @@ def test_gradient_checkpointing_recomputes_each_block_and_keeps_the_gradients():
 def test_blocks_keeping_in_proj_recompute_the_rest_and_keep_the_gradients():
     """Selective recomputation (fast_decode.forward_keeping_in_proj, what compile_blocks(in_proj_kept=True)
     compiles): each block, checkpointed by itself, keeps in_proj's product, so its backward computes fewer FLOPs
-    than whole-block checkpointing by exactly that product's forward FLOPs (out_proj's is recomputed by neither),
-    and every gradient equals the one without checkpointing."""
+    than whole-block checkpointing by exactly that product's forward FLOPs (out_proj's is recomputed by neither).
+    With the SSD outside the checkpoints (fast_decode.forward_keeping_ssd, compile_blocks(ssd_kept=True)) the
+    backward computes fewer still, by exactly the SSD's forward FLOPs (eq. 3 run once). Every gradient equals the
+    one without checkpointing."""
     import types
 
     import fast_decode
@@ -393,25 +395,48 @@ def test_blocks_keeping_in_proj_recompute_the_rest_and_keep_the_gradients():
     model = tiny_model(seed=4).train()
     ids = torch.randint(0, 100, (2, 21))
 
-    def run(checkpointing, kept):
+    def run(checkpointing, forward=None):
         model.gradient_checkpointing = checkpointing
         for layer in model.layers:
             layer.__dict__.pop("forward", None)
-            if kept:
-                layer.forward = types.MethodType(fast_decode.forward_keeping_in_proj, layer)
+            if forward is not None:
+                layer.forward = types.MethodType(forward, layer)
         model.zero_grad()
         loss = model(ids).logsumexp(-1).mean()
         with FlopCounterMode(display=False) as flops:
             loss.backward()
         return flops.get_total_flops(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    (_, plain), (f_whole, _), (f_kept, kept) = run(False, False), run(True, False), run(False, True)
+    (_, plain), (f_whole, _) = run(False), run(True)
+    (f_kept, kept), (f_ssd, ssd_kept) = run(False, fast_decode.forward_keeping_in_proj), run(
+        False, fast_decode.forward_keeping_ssd)
     for layer in model.layers:
         layer.__dict__.pop("forward", None)
     c = model.config
     in_proj = 2 * ids.numel() * c.d_model * model.layers[0].mixer.in_proj.out_features * c.n_layer
     assert f_whole - f_kept == in_proj
+    assert f_kept - f_ssd == ssd_forward_flops(model, ids) > 0
     for name in plain:
         torch.testing.assert_close(kept[name], plain[name], rtol=1e-6, atol=1e-8, msg=name)
+        torch.testing.assert_close(ssd_kept[name], plain[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def ssd_forward_flops(model, ids):
+    """The FLOPs of every mixer's SSD in one forward of ids: the model's forward FLOPs less those with each SSD
+    replaced by zeros of its outputs' shapes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def zeros(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+        return torch.zeros_like(x), x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[-1])
+    counts, kept = [], [layer.mixer.ssd for layer in model.layers]
+    for ssds in (kept, [zeros] * len(kept)):
+        for layer, ssd in zip(model.layers, ssds):
+            layer.mixer.ssd = ssd
+        with torch.no_grad(), FlopCounterMode(display=False) as flops:
+            model(ids)
+        counts.append(flops.get_total_flops())
+    for layer, ssd in zip(model.layers, kept):
+        layer.mixer.ssd = ssd
+    return counts[0] - counts[1]
 
 
 def test_causal_conv_equals_conv1d_over_a_left_padded_window():
@@ -598,15 +623,17 @@ def test_compile_blocks_makes_inductor_split_no_scan(monkeypatch):
         fast_decode.compile_blocks(model, False)
 
 
-@pytest.mark.parametrize("checkpointing,kernel_importable,in_proj_kept",
-                         [(False, False, False), (True, False, False), (False, True, False), (False, False, True)])
+@pytest.mark.parametrize("checkpointing,kernel_importable,in_proj_kept,ssd_kept",
+                         [(False, False, False, False), (True, False, False, False), (False, True, False, False),
+                          (False, False, True, False), (False, False, True, True)])
 def test_compiled_blocks_are_one_graph_and_train_as_the_eager_blocks(monkeypatch, fake_mamba_ssm, checkpointing,
-                                                                     kernel_importable, in_proj_kept):
+                                                                     kernel_importable, in_proj_kept, ssd_kept):
     """fast_decode.compile_blocks (train.py --compile): every block's forward runs through one compiled function, whose
     loss and gradients equal the eager blocks', with and without gradient checkpointing, with each block keeping
     in_proj's product and recomputing the rest (selective recomputation, train.py --compile --gradient-checkpointing),
-    and with mamba-ssm's kernel found by use_ssd("auto") (CPU tensors never run it); compile_blocks(False) undoes it.
-    (Dynamo with the eager backend, so no compiler is needed here.)"""
+    also with its SSD's forward run once (ssd_kept), and with mamba-ssm's kernel found by use_ssd("auto") (CPU
+    tensors never run it); compile_blocks(False) undoes it. (Dynamo with the eager backend, so no compiler is needed
+    here.)"""
     import torch._functorch.config as functorch_config
     from torch._dynamo.utils import counters
 
@@ -618,16 +645,17 @@ def test_compiled_blocks_are_one_graph_and_train_as_the_eager_blocks(monkeypatch
         fast_ssd.use_ssd(model, "auto")
     torch._dynamo.reset()
     counters.clear()
-    forward = fast_decode.forward_keeping_in_proj if in_proj_kept else Mamba2Block.forward
+    forward = (fast_decode.forward_keeping_ssd if ssd_kept else fast_decode.forward_keeping_in_proj if in_proj_kept
+               else Mamba2Block.forward)
     compiled = torch.compile(forward, backend="eager")
     monkeypatch.setattr(fast_decode, "compiled_block_forward",
-                        lambda kept=False: compiled if kept == in_proj_kept else None)
+                        lambda kept=False, ssd=False: compiled if (kept, ssd) == (in_proj_kept, ssd_kept) else None)
     model.gradient_checkpointing = checkpointing
     ids = torch.randint(0, 100, (2, 19))
     results = []
     with functorch_config.patch(force_non_lazy_backward_lowering=False):  # in_proj_kept sets it
         for on in (False, True, False):
-            fast_decode.compile_blocks(model, on, in_proj_kept)
+            fast_decode.compile_blocks(model, on, in_proj_kept, ssd_kept=ssd_kept)
             model.zero_grad()
             loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             loss.backward()

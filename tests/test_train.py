@@ -572,7 +572,8 @@ def test_compile_with_gradient_checkpointing_keeps_in_proj_and_trains_as_whole_b
     from vision import ViT, ViTBlock
     compiled = {}
 
-    def compiled_block_forward(kept=False):
+    def compiled_block_forward(kept=False, ssd_kept=False):
+        assert not ssd_kept
         forward = fast_decode.forward_keeping_in_proj if kept else Mamba2Block.forward
         return compiled.setdefault(kept, torch.compile(forward, backend="eager"))
     monkeypatch.setattr(fast_decode, "compiled_block_forward", compiled_block_forward)
