@@ -53,7 +53,7 @@ def kernels():
     return [
         ("fused_step", FS._norm_matvec_kernel, matvec, launch(FS.MATVEC_TILE)),
         ("fused_step", FS._norm_matvec_kernel, dot, launch(FS.DOT_TILE)),
-        ("fused_step", FS._in_proj_state_kernel, fused, launch(FS.MATVEC_TILE)),
+        ("fused_step", FS._in_proj_state_kernel, fused, dict(launch(FS.MATVEC_TILE), maxnreg=FS.FUSED_MAXNREG)),
         ("fused_step", FS._state_update_kernel, state, launch(FS.STATE_TILE)),
         ("fused_step", FS._gated_matvec_kernel, gated, launch(FS.GATED_TILE)),
         ("fused_step", FS._epilogue_kernel, dict(BATCH=8, BLOCK_B=8, BLOCK_R=64, **conv), {}),
