@@ -459,12 +459,12 @@ def profile_fused_step(model, batch=1):
         print(f"  {name}: {n} launches, {t / 1e3:.3f} ms in all, {t / n:.1f} us each")
 
 
-def fused_step_parts(model):
-    """{part: step(token, cache) -> logits} of the fused Triton step (below fused_step.CUBLAS_FROM_BATCH sequences),
-    each with the final norm and the LM head: the whole step; the whole step with in_proj and the state update in
-    one kernel (fused_step.FUSED_UPDATE's form); its two products a layer without the state update between them
-    (out_proj's input v all ones); in_proj's kernels alone; out_proj's alone. Timing only: the parts
-    other than the whole step compute no decoding step."""
+def fused_step_parts(model, batch=1):
+    """{part: step(token, cache) -> logits} of the fused Triton step at `batch` sequences (below
+    fused_step.CUBLAS_FROM_BATCH), each with the final norm and the LM head: the whole step; below DOT_MIN_BATCH,
+    the whole step with in_proj and the state update in one kernel (fused_step.FUSED_UPDATE's form); its two
+    products a layer without the state update between them (out_proj's input v all ones); in_proj's kernels alone;
+    out_proj's alone. Timing only: the parts other than the whole step compute no decoding step."""
     import fused_step
 
     @functools.cache
@@ -487,10 +487,12 @@ def fused_step_parts(model):
     def fused_update(block, residual, conv_state, ssm_state):
         v = fused_step.in_proj_state_update(block, residual, conv_state, ssm_state)
         fused_step.gated_matvec(v, block.mixer, residual, sync=True)
-    return {name: partial(fused_step.model_step, model, layer_step=layer_step) for name, layer_step in (
-        ("the whole step", None), ("the whole step, in_proj and the state update in one kernel", fused_update),
-        ("both products, no state update", both), ("in_proj's kernels alone", in_proj),
-        ("out_proj's kernels alone", out_proj))}
+    parts = [("the whole step", None), ("the whole step, in_proj and the state update in one kernel", fused_update),
+             ("both products, no state update", both), ("in_proj's kernels alone", in_proj),
+             ("out_proj's kernels alone", out_proj)]
+    if batch >= fused_step.DOT_MIN_BATCH:  # in_proj_state_update has no tl.dot form
+        del parts[1]
+    return {name: partial(fused_step.model_step, model, layer_step=layer_step) for name, layer_step in parts}
 
 
 def time_fused_step_parts(model, batch, repeats=50):
@@ -498,7 +500,7 @@ def time_fused_step_parts(model, batch, repeats=50):
     times (the best of 3 such runs), elsewhere called."""
     token = torch.zeros(batch, dtype=torch.long, device=model.embedding.weight.device)
     times = {}
-    for name, step in fused_step_parts(model).items():
+    for name, step in fused_step_parts(model, batch).items():
         cache = fast_decode.allocate_cache(model, batch)
         if token.is_cuda:
             graph, _ = fast_decode.capture(lambda: step(token, cache), warmup=2)

@@ -401,6 +401,8 @@ def test_the_fused_step_s_parts_compute_what_they_name():
     parts = benchmark.fused_step_parts(model)
     assert list(parts) == ["the whole step", "the whole step, in_proj and the state update in one kernel",
                            "both products, no state update", "in_proj's kernels alone", "out_proj's kernels alone"]
+    assert "the whole step, in_proj and the state update in one kernel" not in benchmark.fused_step_parts(
+        model, FS.DOT_MIN_BATCH)
 
     def head(residual):
         return F.linear(model.norm_f(residual), model.lm_head.weight)
