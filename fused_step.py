@@ -311,7 +311,7 @@ def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, sync_ptr, n_rows, ep
                          PREFETCH_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     """res[:, rows] += RMSNorm(v) . W[rows]^T with one norm per group of GROUP_SIZE channels, v = y * SiLU(z) (B, D_IN)
-    fp32; each group's 1 / RMS applied to its part of the product. RESET_SYNC: the kernel before was
+    fp32; each group's 1 / RMS applied to its part of the product. RESET_SYNC: the kernel before it is
     _in_proj_state_kernel, whose count the first program sets back to zero."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     seqs = tl.arange(0, BLOCK_B)
