@@ -473,7 +473,8 @@ def train(cfg, on_step=None):
     if cfg.compile:
         from fast_decode import compile_blocks, compile_connector, compile_encoders
         compile_connector(model.connector)
-        compile_blocks(model.lm, in_proj_kept=cfg.gradient_checkpointing, tune_kernels=True)
+        kept = cfg.gradient_checkpointing  # each block keeps in_proj's product and runs its SSD's forward once
+        compile_blocks(model.lm, in_proj_kept=kept, tune_kernels=True, ssd_kept=kept)
         encoders = not on_device_steps(cfg, proc)  # DeviceSteps runs the frozen encoders once, before the first step
         if encoders:
             compile_encoders(model.vision)

@@ -561,9 +561,10 @@ def test_two_gpus_over_nccl_match_one_gpu(default_world, tmp_path, parallel, cap
 def test_compile_with_gradient_checkpointing_keeps_in_proj_and_trains_as_whole_block_checkpointing(world, tmp_path,
                                                                                                   monkeypatch):
     """train.py --compile --gradient-checkpointing: the connector and the frozen encoders are compiled, the compiled
-    blocks checkpoint themselves, keeping in_proj's product (fast_decode.forward_keeping_in_proj, selective
-    recomputation), Inductor times its kernels' settings, the LM's whole-block checkpointing stays off, and two steps
-    end at the weights of an eager model with whole-block checkpointing. (Dynamo's eager backend: no compiler here.)"""
+    blocks checkpoint themselves, keeping in_proj's product and running the SSD's forward once
+    (fast_decode.forward_keeping_ssd, selective recomputation), Inductor times its kernels' settings, the LM's
+    whole-block checkpointing stays off, and two steps end at the weights of an eager model with whole-block
+    checkpointing. (Dynamo's eager backend: no compiler here.)"""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
@@ -573,9 +574,9 @@ def test_compile_with_gradient_checkpointing_keeps_in_proj_and_trains_as_whole_b
     compiled = {}
 
     def compiled_block_forward(kept=False, ssd_kept=False):
-        assert not ssd_kept
-        forward = fast_decode.forward_keeping_in_proj if kept else Mamba2Block.forward
-        return compiled.setdefault(kept, torch.compile(forward, backend="eager"))
+        forward = (fast_decode.forward_keeping_ssd if ssd_kept else fast_decode.forward_keeping_in_proj if kept
+                   else Mamba2Block.forward)
+        return compiled.setdefault((kept, ssd_kept), torch.compile(forward, backend="eager"))
     monkeypatch.setattr(fast_decode, "compiled_block_forward", compiled_block_forward)
     monkeypatch.setattr(fast_decode, "compiled_connector_forward",
                         lambda cls: compiled.setdefault(cls, torch.compile(cls.forward, backend="eager")))
@@ -586,9 +587,9 @@ def test_compile_with_gradient_checkpointing_keeps_in_proj_and_trains_as_whole_b
             inductor_config.patch(coordinate_descent_tuning=False):  # compile_blocks sets both
         kept = T.train(args_for(world, tmp_path / "kept", "--compile", *argv))
         assert inductor_config.coordinate_descent_tuning is True
-    assert list(compiled) == [type(kept.connector), True, "vit"] and kept.lm.gradient_checkpointing is False
+    assert list(compiled) == [type(kept.connector), (True, True), "vit"] and kept.lm.gradient_checkpointing is False
     assert kept.connector.forward.__func__ is compiled[type(kept.connector)]
-    assert all(block.forward.__func__ is compiled[True] for block in kept.lm.layers)
+    assert all(block.forward.__func__ is compiled[True, True] for block in kept.lm.layers)
     for encoder in kept.vision.encoders.values():
         assert encoder.embed.__func__ is compiled["vit"][0]
         assert all(block.forward.__func__ is compiled["vit"][1] for block in encoder.blocks)
