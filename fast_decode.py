@@ -395,9 +395,14 @@ def forward_keeping_in_proj(block, residual, cache=None, length=None):
     """`Mamba2Block.forward`, checkpointed by itself when it trains, with `keep_in_proj` as the policy."""
     if not (block.training and torch.is_grad_enabled()) or cache is not None:
         return Mamba2Block.forward(block, residual, cache, length)
+    return _checkpoint_keeping_in_proj(block, Mamba2Block.forward, block, residual, cache, length)
+
+
+def _checkpoint_keeping_in_proj(block, function, *args):
+    """function(*args) checkpointed (non-reentrant) with `keep_in_proj` as the policy, at block's in_proj width."""
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
     policy = functools.partial(keep_in_proj, width=block.mixer.in_proj.out_features)
-    return checkpoint(Mamba2Block.forward, block, residual, cache, length, use_reentrant=False,
+    return checkpoint(function, *args, use_reentrant=False,
                       context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
 
 
@@ -408,14 +413,11 @@ def forward_keeping_ssd(block, residual, cache=None, length=None):
     (`_after_ssd`), checkpointed. A block keeps in_proj's product, the SSD's inputs, states and output."""
     if not (block.training and torch.is_grad_enabled()) or cache is not None or length is not None:
         return Mamba2Block.forward(block, residual, cache, length)
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-    policy = functools.partial(keep_in_proj, width=block.mixer.in_proj.out_features)
-    context = functools.partial(create_selective_checkpoint_contexts, policy)
     mixer = block.mixer
-    z, x, B, C, dt = checkpoint(_before_ssd, block, residual, use_reentrant=False, context_fn=context)
+    z, x, B, C, dt = _checkpoint_keeping_in_proj(block, _before_ssd, block, residual)
     A, D = mixer.A_and_D()
     y, _ = mixer.ssd(x, dt, A, B, C, mixer.config.chunk_size, D)  # eq. 3, (b, l, h, p)
-    return checkpoint(_after_ssd, block, residual, y, z, use_reentrant=False, context_fn=context)
+    return _checkpoint_keeping_in_proj(block, _after_ssd, block, residual, y, z)
 
 
 def _before_ssd(block, residual):
