@@ -59,8 +59,8 @@ CUBLAS_FROM_BATCH = 8  # from this many sequences the products go to cuBLAS (`cu
 PDL = True
 PREFETCH_K = dict(norm_matvec=512, gated_matvec=1024)
 # Below DOT_MIN_BATCH sequences: in_proj and the state update as one kernel (`in_proj_state_update`, two kernels a
-# layer) instead of norm_matvec then state_update. Off by default: no GPU has timed it; `python benchmark.py decode
-# --fused-update off on` times both forms in one run.
+# layer) instead of norm_matvec then state_update. Off: slower on one H100 (4.14 against 2.41 ms a step at batch 1,
+# docs/speed.md); `python benchmark.py decode --fused-update off on` times both forms in one run.
 FUSED_UPDATE = False
 # in_proj_state_update's registers a thread: norm_matvec's count, so that as many of its programs stream weights on an
 # SM; left free, ptxas gives the kernel 102, and at 64 it spills none (Triton 3.9 for sm_90, ptxas -v)
@@ -464,7 +464,8 @@ def in_proj_state_update(block, residual, conv_state, ssm_state):
     w = mixer.in_proj.weight
     n_rows = w.shape[0]
     args, _ = _tiling(b, w, MATVEC_TILE, "norm_matvec")
-    assert not args.pop("USE_DOT") and args["BLOCK_R"] >= 2
+    use_dot, _ = args.pop("USE_DOT"), args.pop("DOT_PRECISION")  # the kernel multiplies without tl.dot
+    assert not use_dot and args["BLOCK_R"] >= 2
     block_p = args["BLOCK_R"] // 2  # rows of a head's state a program: its z rows and its x rows
     n_shared = triton.cdiv(n_rows - 2 * c.d_inner, args["BLOCK_R"])  # programs of B, C and dt rows
     proj = residual.new_empty(b, n_rows, dtype=torch.float32)  # only B, C and dt are stored
@@ -478,7 +479,7 @@ def in_proj_state_update(block, residual, conv_state, ssm_state):
         block.norm.eps, float(c.dt_limit[0]), float(c.dt_limit[1]), D_IN=d_in, HAS_CONV_BIAS=conv_b is not None,
         D_CONV=c.d_conv, WINDOW=triton.next_power_of_2(c.d_conv), HEADDIM=c.headdim, D_STATE=c.d_state,
         Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(c.d_state),
-        maxnreg=FUSED_MAXNREG, **{k: a for k, a in args.items() if k != "DOT_PRECISION"})
+        maxnreg=FUSED_MAXNREG, **args)
     return v
 
 
