@@ -397,10 +397,12 @@ def _pdl_args(device, overlap=True):
 
 def _tiling(batch, weight, tile, kernel):
     """(kernel arguments for the batch and tile, grid over row blocks) for a weight (rows, d_in) of the matvec
-    kernel named `kernel` (PREFETCH_K's key)."""
+    kernel named `kernel` (PREFETCH_K's key). Below DOT_MIN_BATCH, `tile` is the batch-1 tile: b sequences (a power
+    of two) reduce BLOCK_K / b columns at a time."""
     use_dot = batch >= DOT_MIN_BATCH
-    tile = DOT_TILE if use_dot else tile
     block_b = max(16, triton.next_power_of_2(batch)) if use_dot else triton.next_power_of_2(batch)
+    # broadcast products: the program's (B, R, K) fp32 sums stay the batch-1 tile's size, as do its registers
+    tile = DOT_TILE if use_dot else dict(tile, BLOCK_K=max(16, tile["BLOCK_K"] // block_b))
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"  # tf32 applies to fp32 inputs only
     args = dict(BATCH=batch, USE_DOT=use_dot, DOT_PRECISION=precision, BLOCK_B=block_b,
                 PREFETCH_K=PREFETCH_K[kernel], **_pdl_args(weight.device), **tile)

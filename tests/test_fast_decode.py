@@ -70,6 +70,20 @@ def test_fused_step_over_several_weight_tiles_equals_the_plain_step(monkeypatch,
     assert_fused_steps_equal_plain_steps("odd sizes, dt_limit", 3)
 
 
+def test_broadcast_tiles_keep_the_batch_one_sums_per_program():
+    """Below DOT_MIN_BATCH, b sequences reduce BLOCK_K / b columns at a time (b a power of two), so a program's
+    (B, R, K) fp32 sums, and its registers, stay those of the batch-1 tile; from DOT_MIN_BATCH on, DOT_TILE."""
+    weight = torch.empty(40, 64)
+    for tile, name in ((FS.MATVEC_TILE, "norm_matvec"), (FS.GATED_TILE, "gated_matvec")):
+        for batch, block_b in ((1, 1), (2, 2), (3, 4), (4, 4)):
+            args, grid = FS._tiling(batch, weight, tile, name)
+            assert (args["BLOCK_B"], args["BLOCK_R"], args["BLOCK_K"]) == (block_b, tile["BLOCK_R"],
+                                                                         tile["BLOCK_K"] // block_b)
+            assert grid == (-(-40 // tile["BLOCK_R"]),) and not args["USE_DOT"]
+        args, _ = FS._tiling(FS.DOT_MIN_BATCH, weight, tile, name)
+        assert args["USE_DOT"] and args["BLOCK_K"] == FS.DOT_TILE["BLOCK_K"]
+
+
 def test_each_matvec_kernel_takes_its_own_prefetch(monkeypatch):
     """fused_step.PREFETCH_K is per kernel: in a step, in_proj's and the LM head's norm_matvec launch with
     norm_matvec's columns and out_proj's gated_matvec with gated_matvec's."""
