@@ -59,12 +59,10 @@ CUBLAS_FROM_BATCH = 8  # from this many sequences the products go to cuBLAS (`cu
 PDL = True
 PREFETCH_K = dict(norm_matvec=512, gated_matvec=1024)
 # Below DOT_MIN_BATCH sequences: in_proj and the state update as one kernel (`in_proj_state_update`, two kernels a
-# layer) instead of norm_matvec then state_update. Off: slower on one H100 (4.14 against 2.41 ms a step at batch 1,
-# docs/speed.md); `python benchmark.py decode --fused-update off on` times both forms in one run.
+# layer) instead of norm_matvec then state_update. Off: with its registers capped at 64 a thread, where ptxas spills,
+# it makes the step slower on one H100 (4.09 against 2.38 ms at batch 1, docs/speed.md); this form, uncapped (96
+# registers, as norm_matvec), is not timed. `python benchmark.py decode --fused-update off on` times both forms.
 FUSED_UPDATE = False
-# in_proj_state_update's registers a thread: norm_matvec's count, so that as many of its programs stream weights on an
-# SM; left free, ptxas gives the kernel 102, and at 64 it spills none (Triton 3.9 for sm_90, ptxas -v)
-FUSED_MAXNREG = 64
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -481,7 +479,7 @@ def in_proj_state_update(block, residual, conv_state, ssm_state):
         block.norm.eps, float(c.dt_limit[0]), float(c.dt_limit[1]), D_IN=d_in, HAS_CONV_BIAS=conv_b is not None,
         D_CONV=c.d_conv, WINDOW=triton.next_power_of_2(c.d_conv), HEADDIM=c.headdim, D_STATE=c.d_state,
         Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(c.d_state),
-        maxnreg=FUSED_MAXNREG, **args)
+        **args)
     return v
 
 
