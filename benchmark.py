@@ -487,11 +487,11 @@ def fused_step_parts(model, batch=1):
     def fused_update(block, residual, conv_state, ssm_state):
         v = fused_step.in_proj_state_update(block, residual, conv_state, ssm_state)
         fused_step.gated_matvec(v, block.mixer, residual, sync=True)
-    parts = [("the whole step", None), ("the whole step, in_proj and the state update in one kernel", fused_update),
-             ("both products, no state update", both), ("in_proj's kernels alone", in_proj),
-             ("out_proj's kernels alone", out_proj)]
-    if batch >= fused_step.DOT_MIN_BATCH:  # in_proj_state_update has no tl.dot form
-        del parts[1]
+    parts = [("the whole step", None)]
+    if batch < fused_step.DOT_MIN_BATCH:  # in_proj_state_update has no tl.dot form
+        parts.append(("the whole step, in_proj and the state update in one kernel", fused_update))
+    parts += [("both products, no state update", both), ("in_proj's kernels alone", in_proj),
+              ("out_proj's kernels alone", out_proj)]
     return {name: partial(fused_step.model_step, model, layer_step=layer_step) for name, layer_step in parts}
 
 

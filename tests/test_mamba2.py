@@ -605,7 +605,7 @@ def test_compile_blocks_makes_inductor_split_no_scan(monkeypatch):
     from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
     monkeypatch.setattr(fast_decode, "compiled_block_forward",
-                        lambda kept=False, ssd=False: Mamba2Block.forward)  # not compiled
+                        lambda kept=False, ssd_kept=False: Mamba2Block.forward)  # not compiled
     model, cpu = tiny_model(), torch.device("cpu")
     own = InductorChoices.reduction_split_factor
     V.set_choices_handler(InductorChoices())
