@@ -324,22 +324,19 @@ PRODUCTS = {"auto": None, "tiles": 2 ** 31, "cublas": 1}  # fused_step.CUBLAS_FR
 def step_forms(args):
     """(kernels, state, fused_step settings, label) of each generation that bench_decode times: the products and
     programmatic dependent launch matter to the fused step only. --prefetch-k sets both matvec kernels'; without
-    --prefetch-k or --fused-update, fused_step's settings stay as they are (None)."""
+    --prefetch-k, fused_step's settings stay as they are (None)."""
     prefetch = args.prefetch_k or [None]
     fused = [(dict(CUBLAS_FROM_BATCH=PRODUCTS[p], PDL=pdl == "on",
-                   FUSED_UPDATE=None if u is None else u == "on",
                    PREFETCH_K=None if k is None else dict(norm_matvec=k, gated_matvec=k)),
-              f" ({p} products, PDL {pdl}" + (f", prefetch {k}" if pdl == "on" and k is not None else "")
-              + (f", fused update {u})" if u is not None else ")"))
-             for p in args.products for pdl in args.pdl for k in (prefetch if pdl == "on" else [0])
-             for u in args.fused_update or [None]]
+              f" ({p} products, PDL {pdl}" + (f", prefetch {k})" if pdl == "on" and k is not None else ")"))
+             for p in args.products for pdl in args.pdl for k in (prefetch if pdl == "on" else [0])]
     return [(k, s, settings, label) for k in args.kernels for settings, label in (fused if k == "fused" else [({}, "")])
             for s in args.states]
 
 
 @contextlib.contextmanager
 def step_settings(model, **settings):
-    """fused_step's module settings (CUBLAS_FROM_BATCH, PDL, PREFETCH_K, FUSED_UPDATE; None: as it is) inside the
+    """fused_step's module settings (CUBLAS_FROM_BATCH, PDL, PREFETCH_K; None: as it is) inside the
     block, the model's captured decoder made anew on the way in and out."""
     import fused_step
     kept = {name: getattr(fused_step, name) for name in settings}
@@ -461,10 +458,8 @@ def profile_fused_step(model, batch=1):
 
 def fused_step_parts(model, batch=1):
     """{part: step(token, cache) -> logits} of the fused Triton step at `batch` sequences (below
-    fused_step.CUBLAS_FROM_BATCH), each with the final norm and the LM head: the whole step; below DOT_MIN_BATCH,
-    the whole step with in_proj and the state update in one kernel (fused_step.FUSED_UPDATE's form); its two
-    products a layer without the state update between them (out_proj's input v all ones); in_proj's kernels alone;
-    out_proj's alone. Timing only: the parts other than the whole step compute no decoding step."""
+    fused_step.CUBLAS_FROM_BATCH), each with the final norm and the LM head: the whole step; its two products a layer
+    without the state update between them (out_proj's input v all ones); in_proj's kernels alone; out_proj's alone. Timing only: the parts other than the whole step compute no decoding step."""
     import fused_step
 
     @functools.cache
@@ -483,15 +478,8 @@ def fused_step_parts(model, batch=1):
     def both(*args):
         in_proj(*args)
         out_proj(*args)
-
-    def fused_update(block, residual, conv_state, ssm_state):
-        v = fused_step.in_proj_state_update(block, residual, conv_state, ssm_state)
-        fused_step.gated_matvec(v, block.mixer, residual, sync=True)
-    parts = [("the whole step", None)]
-    if batch < fused_step.DOT_MIN_BATCH:  # in_proj_state_update has no tl.dot form
-        parts.append(("the whole step, in_proj and the state update in one kernel", fused_update))
-    parts += [("both products, no state update", both), ("in_proj's kernels alone", in_proj),
-              ("out_proj's kernels alone", out_proj)]
+    parts = [("the whole step", None), ("both products, no state update", both), ("in_proj's kernels alone", in_proj),
+             ("out_proj's kernels alone", out_proj)]
     return {name: partial(fused_step.model_step, model, layer_step=layer_step) for name, layer_step in parts}
 
 
@@ -1005,6 +993,11 @@ def _time_step_parts(model, opt, trainable, pixels, ids, labels, repeats=3, devi
     return times
 
 
+def _chosen(flag, backends):
+    """The backends an option of optional backends names: none where it is not given, all where it names none."""
+    return [] if flag is None else [b for b in backends if not flag or b in flag]
+
+
 def _train_forms(args, backends, n_layer):
     """[(row name, (SSD path, blocks compiled, blocks checkpointed, what each block keeps (False, "in_proj" or "ssd":
     in_proj's product, and the SSD's forward too), connector compiled, encoders compiled))]: the forms of the
@@ -1014,8 +1007,8 @@ def _train_forms(args, backends, n_layer):
         if c or not args.no_eager]
     forms += [(b, True, 0, "in_proj", False, False) for b in backends if args.keep_in_proj]
     forms += [(b, True, 0, "in_proj", True, False) for b in backends if args.compile_connector]
-    forms += [(b, True, 0, "in_proj", True, True) for b in backends if args.compile_encoders]
-    forms += [(b, True, 0, "ssd", True, True) for b in backends if args.keep_ssd]
+    forms += [(b, True, 0, "in_proj", True, True) for b in _chosen(args.compile_encoders, backends)]
+    forms += [(b, True, 0, "ssd", True, True) for b in _chosen(args.keep_ssd, backends)]
     named = []
     for backend, compiled, n_ckpt, kept, connector, encoders in forms:
         name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
@@ -1306,9 +1299,6 @@ def _decoding_parsers(sub):
     p.add_argument("--prefetch-k", type=int, nargs="+", choices=[0, 256, 512, 1024, 2048],
                    help="with PDL: weight columns each matvec program asks L2 for before it waits, the same for both "
                         "matvec kernels (default: fused_step.PREFETCH_K, each kernel's own)")
-    p.add_argument("--fused-update", nargs="+", choices=["off", "on"],
-                   help="below fused_step.DOT_MIN_BATCH sequences, in_proj and the state update as one kernel "
-                        "(default: fused_step.FUSED_UPDATE)")
     p.add_argument("--compile", action="store_true",
                    help="the LM blocks through torch.compile for our prefills (fast_decode.compile_blocks)")
     p.add_argument("--profile", action="store_true", help="then each kernel's time in one fused step at each batch")
@@ -1388,12 +1378,12 @@ def _training_parsers(sub):
     p.add_argument("--compile-connector", action="store_true",
                    help="each path also with compiled blocks that keep in_proj's product and the connector compiled "
                         "(fast_decode.compile_connector)")
-    p.add_argument("--compile-encoders", action="store_true",
-                   help="each path also with compiled blocks that keep in_proj's product, the connector and the frozen "
-                        "encoders compiled (fast_decode.compile_encoders): train.py --compile's step")
-    p.add_argument("--keep-ssd", action="store_true",
-                   help="then train.py --compile's step with each block's SSD outside its recomputation "
-                        "(fast_decode.compile_blocks(ssd_kept=True)): the SSD's forward runs once")
+    p.add_argument("--compile-encoders", nargs="*", choices=list(SSD_PATHS), metavar="PATH",
+                   help="each path (or these of --backends) also with compiled blocks that keep in_proj's product, the "
+                        "connector and the frozen encoders compiled (fast_decode.compile_encoders)")
+    p.add_argument("--keep-ssd", nargs="*", choices=list(SSD_PATHS), metavar="PATH",
+                   help="then each path (or these of --backends) in train.py --compile's step, each block's SSD "
+                        "outside its recomputation (fast_decode.compile_blocks(ssd_kept=True)): its forward runs once")
     p.add_argument("--no-eager", action="store_true", help="skip the rows with eager LM blocks")
     p.add_argument("--tune-kernels", action="store_true",
                    help="compiled blocks with their fused kernels' settings timed, as train.py --compile does "

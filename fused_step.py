@@ -1,4 +1,4 @@
-"""The decoding step as two or three Triton kernels per layer: the fast path of `Mamba2Block.step` (mamba2.py), eq. 3.
+"""The decoding step as three Triton kernels per layer: the fast path of `Mamba2Block.step` (mamba2.py), eq. 3.
 
 A decoding step at batch 1 reads every weight once and does little else: per layer, two matrix-vector products
 (in_proj and out_proj, 80 MB at 2.7B in bf16) around a small state update. Here each layer is three kernels, and
@@ -10,11 +10,8 @@ everything between the products happens in the products' own kernels:
                    the state updated in place, kept in fp32 or bf16), then the gate v = y * SiLU(z)
     gated_matvec   out_proj(RMSNorm(v)) added to the residual in place, one norm per group
 
-With FUSED_UPDATE, below DOT_MIN_BATCH sequences, the first two are one kernel, `in_proj_state_update`: its first
-programs compute the rows every head reads (B, C, dt), each later one a few rows of one head's z and x, then those
-rows of the head's state, so the update runs while the rest of in_proj streams in. The LM head is norm_matvec again,
-with no conv or dt rows. A matvec program takes a block of weight rows and every sequence of the batch, so each
-weight is read once a step. It reads its input rows (a few KB, from L2) in the same pass as its weight tile: a
+The LM head is norm_matvec again, with no conv or dt rows. A matvec program takes a block of weight rows and every
+sequence of the batch, so each weight is read once a step. It reads its input rows (a few KB, from L2) in the same pass as its weight tile: a
 norm's 1 / RMS is one factor of a sequence's whole row, so the program sums the squares alongside the product
 (x * g) . W^T (g the norm's weight) and scales the product at the end. Values are rounded to the model's dtype where the
 plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of another summation order
@@ -58,11 +55,6 @@ CUBLAS_FROM_BATCH = 8  # from this many sequences the products go to cuBLAS (`cu
 # two of at least 64, or 0.
 PDL = True
 PREFETCH_K = dict(norm_matvec=512, gated_matvec=1024)
-# Below DOT_MIN_BATCH sequences: in_proj and the state update as one kernel (`in_proj_state_update`, two kernels a
-# layer) instead of norm_matvec then state_update. Off: with its registers capped at 64 a thread, where ptxas spills,
-# it makes the step slower on one H100 (4.09 against 2.38 ms at batch 1, docs/speed.md); this form, uncapped (96
-# registers, as norm_matvec), is not timed. `python benchmark.py decode --fused-update off on` times both forms.
-FUSED_UPDATE = False
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -230,94 +222,16 @@ def _state_update_kernel(proj_ptr, z_ptr, state_ptr, a_log_ptr, d_ptr, v_ptr, n_
 
 
 @triton.jit
-def _in_proj_state_kernel(res_ptr, norm_w_ptr, w_ptr, proj_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dt_bias_ptr,
-                          state_ptr, a_log_ptr, d_ptr, v_ptr, sync_ptr, n_rows, d_inner, n_conv, n_shared, n_heads,
-                          heads_per_group, eps, dt_min, dt_max,
-                          D_IN: tl.constexpr, BATCH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, D_CONV: tl.constexpr,
-                          WINDOW: tl.constexpr, HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
-                          PDL: tl.constexpr, PREFETCH_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """norm_matvec and state_update as one kernel. The first n_shared programs compute in_proj's rows that every head
-    reads (B, C, dt: the rows from 2 d_inner on) into proj, then count themselves done in sync. Each later program
-    computes BLOCK_P = BLOCK_R / 2 rows of one head's z and the same rows of its x (in turn, z first), waits until
-    sync counts every shared program, updates those rows of the head's state (eq. 3) and stores v = y * SiLU(z) for
-    them. The next kernel (gated_matvec) sets sync back to zero once this one has ended. The wait relies on a grid's
-    programs starting in the order of their ids, as CUDA starts a grid's blocks: the shared programs come first."""
-    pid = tl.program_id(0)
-    shared = pid < n_shared
-    head = (pid - n_shared) // tl.cdiv(HEADDIM, BLOCK_P)
-    p0 = (pid - n_shared) % tl.cdiv(HEADDIM, BLOCK_P) * BLOCK_P
-    i = tl.arange(0, BLOCK_R)
-    head_rows = tl.where(i % 2 == 0, 0, d_inner) + head * HEADDIM + p0 + i // 2  # z, x, z, x, ... (R,)
-    shared_rows = 2 * d_inner + pid * BLOCK_R + i
-    rows = tl.where(shared, shared_rows, head_rows)
-    row_ok = tl.where(shared, shared_rows < n_rows, p0 + i // 2 < HEADDIM)
-    seqs = tl.arange(0, BLOCK_B)
-    seq_ok = seqs < BATCH
-    p, n = p0 + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    state = state_ptr + (((seqs * n_heads + head) * HEADDIM)[:, None] + p[None, :])[:, :, None] * D_STATE + n
-    p_ok = tl.where(shared, False, p < HEADDIM)  # (P,): none in a shared program
-    s_ok = seq_ok[:, None, None] & p_ok[None, :, None] & (n < D_STATE)[None, None, :]
-    s = tl.load(state, mask=s_ok, other=0.0)  # (B, P, N), written a step ago: loaded before the wait
-    _wait_for_predecessor(w_ptr, D_IN, rows, row_ok, PDL, PREFETCH_K)
-    acc, squares = _weighted_product(res_ptr, D_IN, norm_w_ptr, w_ptr, D_IN, rows, row_ok, seqs, seq_ok, 0, D_IN,
-                                     False, "ieee", BLOCK_B, BLOCK_R, BLOCK_K)
-    proj = (acc * tl.rsqrt(squares / D_IN + eps)[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32)  # (B, R)
-    out = _in_proj_epilogue(proj, w_ptr, rows, row_ok, seqs, seq_ok, d_inner, n_conv, conv_state_ptr, conv_w_ptr,
-                            conv_b_ptr, dt_bias_ptr, dt_min, dt_max, HAS_CONV_BIAS, D_CONV, WINDOW)
-    if shared:
-        tl.store(proj_ptr + seqs[:, None] * n_rows + rows[None, :], out, mask=seq_ok[:, None] & row_ok[None, :])
-        tl.debug_barrier()  # every thread's stores before the count
-        tl.atomic_add(sync_ptr, 1, sem="release")
-    else:
-        z, x = tl.split(tl.reshape(out, (BLOCK_B, BLOCK_P, 2)))  # (B, P) each
-        seen = tl.atomic_add(sync_ptr, 0, sem="acquire")
-        while seen < n_shared:
-            seen = tl.atomic_add(sync_ptr, 0, sem="acquire")
-        _head_update(proj_ptr, s.to(tl.float32), state, s_ok, a_log_ptr, d_ptr, v_ptr, x, z, head, p, seqs, seq_ok,
-                     n_rows, d_inner, n_conv, heads_per_group, HEADDIM, D_STATE, Y_DTYPE, BLOCK_N)
-
-
-@triton.jit
-def _head_update(proj_ptr, s, state, s_ok, a_log_ptr, d_ptr, v_ptr, x, z, head, p, seqs, seq_ok, n_rows, d_inner,
-                 n_conv, heads_per_group, HEADDIM: tl.constexpr, D_STATE: tl.constexpr, Y_DTYPE: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """Eq. 3 for one token on rows p of one head's state s (B, P, N) fp32, every sequence: h = exp(dt A) h + dt x B^T
-    stored at `state` in the state's dtype, y = C h + D x rounded to Y_DTYPE, then v = y * SiLU(z) fp32. x, z (B, P)
-    fp32; B, C and dt come from proj, written by other programs of the kernel (so read past the L1 cache)."""
-    g = head // heads_per_group
-    n = tl.arange(0, BLOCK_N)
-    A = -tl.exp(tl.load(a_log_ptr + head).to(tl.float32))  # A = -exp(A_log), fp32
-    D = tl.load(d_ptr + head).to(tl.float32)
-    row = proj_ptr + seqs * n_rows  # (B,): columns z (d_inner) | x (d_inner), B, C (n_conv - d_inner) | dt
-    bc = row[:, None] + 2 * d_inner + g * D_STATE + n[None, :]
-    bc_ok = seq_ok[:, None] & (n < D_STATE)[None, :]
-    B = tl.load(bc, mask=bc_ok, other=0.0, cache_modifier=".cg")  # (B, N)
-    C = tl.load(bc + (n_conv - d_inner) // 2, mask=bc_ok, other=0.0, cache_modifier=".cg")
-    dt = tl.load(row + d_inner + n_conv + head, mask=seq_ok, other=0.0, cache_modifier=".cg")  # (B,)
-    s = s * tl.exp(dt * A)[:, None, None] + (dt[:, None] * x)[:, :, None] * B[:, None, :]  # eq. 3
-    tl.store(state, s.to(state.dtype.element_ty), mask=s_ok)
-    y = (tl.sum(s * C[:, None, :], axis=2) + D * x).to(Y_DTYPE).to(tl.float32)  # y = C h + D x, (B, P)
-    tl.store(v_ptr + seqs[:, None] * d_inner + head * HEADDIM + p[None, :], y * (z * tl.sigmoid(z)),
-             mask=seq_ok[:, None] & (p < HEADDIM)[None, :])
-
-
-@triton.jit
-def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, sync_ptr, n_rows, eps,
+def _gated_matvec_kernel(v_ptr, norm_w_ptr, w_ptr, res_ptr, n_rows, eps,
                          D_IN: tl.constexpr, GROUP_SIZE: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, RESET_SYNC: tl.constexpr, PDL: tl.constexpr,
-                         PREFETCH_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """res[:, rows] += RMSNorm(v) . W[rows]^T with one norm per group of GROUP_SIZE channels, v = y * SiLU(z) (B, D_IN)
-    fp32; each group's 1 / RMS applied to its part of the product. RESET_SYNC: the kernel before it is
-    _in_proj_state_kernel, whose count the first program sets back to zero."""
+    fp32; each group's 1 / RMS applied to its part of the product."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     seqs = tl.arange(0, BLOCK_B)
     row_ok, seq_ok = rows < n_rows, seqs < BATCH
     _wait_for_predecessor(w_ptr, D_IN, rows, row_ok, PDL, PREFETCH_K)
-    if RESET_SYNC:
-        if tl.program_id(0) == 0:
-            tl.store(sync_ptr, 0)
     out = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
     for start in range(0, D_IN, GROUP_SIZE):
         acc, squares = _weighted_product(v_ptr, D_IN, norm_w_ptr, w_ptr, D_IN, rows, row_ok, seqs, seq_ok, start,
@@ -448,67 +362,27 @@ def state_update(proj, ssm_state, mixer, z=None, overlap=False):
     return v
 
 
-@functools.cache
-def _sync_count(device):
-    """The int32 count through which `_in_proj_state_kernel`'s programs wait for each other on a device (zero between
-    a layer's two kernels and the next layer's; the kernels of one stream take turns with it)."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
-
-
-def in_proj_state_update(block, residual, conv_state, ssm_state):
-    """norm_matvec (with in_proj's epilogue) and state_update in one kernel, for fewer than DOT_MIN_BATCH sequences:
-    returns v = y * SiLU(z) (b, d_inner) fp32; conv_state and ssm_state are updated in place. The next launch on the
-    stream must be `gated_matvec(..., sync=True)`, which sets the kernel's count back to zero."""
-    mixer, c = block.mixer, block.mixer.config
-    b, d_in = residual.shape
-    w = mixer.in_proj.weight
-    n_rows = w.shape[0]
-    args, _ = _tiling(b, w, MATVEC_TILE, "norm_matvec")
-    use_dot, _ = args.pop("USE_DOT"), args.pop("DOT_PRECISION")  # the kernel multiplies without tl.dot
-    assert not use_dot and args["BLOCK_R"] >= 2
-    block_p = args["BLOCK_R"] // 2  # rows of a head's state a program: its z rows and its x rows
-    n_shared = triton.cdiv(n_rows - 2 * c.d_inner, args["BLOCK_R"])  # programs of B, C and dt rows
-    proj = residual.new_empty(b, n_rows, dtype=torch.float32)  # only B, C and dt are stored
-    v = residual.new_empty(b, c.d_inner, dtype=torch.float32)
-    conv_b = mixer.conv1d.bias
-    grid = (n_shared + c.nheads * triton.cdiv(c.headdim, block_p),)
-    _in_proj_state_kernel[grid](
-        residual, block.norm.weight, w, proj, conv_state, mixer.conv1d.weight,
-        conv_b if conv_b is not None else w, mixer.dt_bias, ssm_state, mixer.A_log, mixer.D, v,
-        _sync_count(residual.device), n_rows, c.d_inner, c.conv_dim, n_shared, c.nheads, c.nheads // c.ngroups,
-        block.norm.eps, float(c.dt_limit[0]), float(c.dt_limit[1]), D_IN=d_in, HAS_CONV_BIAS=conv_b is not None,
-        D_CONV=c.d_conv, WINDOW=triton.next_power_of_2(c.d_conv), HEADDIM=c.headdim, D_STATE=c.d_state,
-        Y_DTYPE=TL_DTYPES[mixer.out_proj.weight.dtype], BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(c.d_state),
-        **args)
-    return v
-
-
 def block_step(block, residual, conv_state, ssm_state):
-    """`Mamba2Block.step` as three kernels (`norm_matvec`, `state_update`, `gated_matvec`), or two with FUSED_UPDATE
-    below DOT_MIN_BATCH sequences (`in_proj_state_update`, `gated_matvec`): residual (b, d_model) is updated in place
-    and returned, conv_state (b, conv_dim, d_conv - 1) and ssm_state (b, h, p, n) fp32 (or bf16) too."""
+    """`Mamba2Block.step` as three kernels (`norm_matvec`, `state_update`, `gated_matvec`): residual (b, d_model) is
+    updated in place and returned, conv_state (b, conv_dim, d_conv - 1) and ssm_state (b, h, p, n) fp32 (or bf16)
+    too."""
     mixer = block.mixer
     b = residual.shape[0]
     w_in, w_out = mixer.in_proj.weight, mixer.out_proj.weight
     for t in (residual, conv_state, ssm_state, w_in, w_out):
         assert t.is_contiguous()
-    if FUSED_UPDATE and b < DOT_MIN_BATCH:
-        v = in_proj_state_update(block, residual, conv_state, ssm_state)  # y * SiLU(z)
-        return gated_matvec(v, mixer, residual, sync=True)
     proj = norm_matvec(residual, block.norm, w_in, residual.new_empty(b, w_in.shape[0], dtype=torch.float32),
                        conv_state, mixer)  # (b, z | xBC | dt)
     v = state_update(proj, ssm_state, mixer, overlap=True)  # y * SiLU(z)
     return gated_matvec(v, mixer, residual)
 
 
-def gated_matvec(v, mixer, residual, sync=False):
-    """residual (b, d_model) += out_proj(mixer.norm(v)) in place, v = y * SiLU(z) (b, d_inner) fp32: one kernel.
-    sync: v comes from `in_proj_state_update`, whose count this kernel sets back to zero."""
+def gated_matvec(v, mixer, residual):
+    """residual (b, d_model) += out_proj(mixer.norm(v)) in place, v = y * SiLU(z) (b, d_inner) fp32: one kernel."""
     c, w_out = mixer.config, mixer.out_proj.weight
     args, grid = _tiling(v.shape[0], w_out, GATED_TILE, "gated_matvec")
-    _gated_matvec_kernel[grid](v, mixer.norm.weight, w_out, residual, _sync_count(v.device), c.d_model,
-                               mixer.norm.eps, D_IN=c.d_inner, GROUP_SIZE=c.d_inner // c.ngroups, RESET_SYNC=sync,
-                               **args)
+    _gated_matvec_kernel[grid](v, mixer.norm.weight, w_out, residual, c.d_model, mixer.norm.eps, D_IN=c.d_inner,
+                               GROUP_SIZE=c.d_inner // c.ngroups, **args)
     return residual
 
 

@@ -232,7 +232,7 @@ def test_train_benchmark_forms_follow_the_options():
     """benchmark._train_forms: each SSD path eager and compiled with --compile (--no-eager drops the eager rows), a
     row per number of checkpointed blocks, --compile-encoders adds train.py --compile's step (blocks keeping
     in_proj's product, connector and encoders compiled) under a name that says so, and --keep-ssd that step with
-    each block's SSD run once."""
+    each block's SSD run once; either option given SSD paths adds its rows for those alone."""
     parse = benchmark.make_parser().parse_args
     forms = benchmark._train_forms(parse(["train", "--backends", "triton", "torch", "--compile",
                                           "--checkpoint-blocks", "64", "32"]), ["triton", "torch"], 64)
@@ -244,6 +244,10 @@ def test_train_benchmark_forms_follow_the_options():
                                      for b in ("triton", "torch")]
     assert all(name.endswith("the connector compiled, the encoders compiled") for name, _ in forms)
     assert ["SSD's forward once" in name for name, _ in forms] == [False, False, True, True]
+    args = parse(["train", "--backends", "triton", "torch", "--no-eager", "--compile-encoders", "torch",
+                  "--keep-ssd", "triton"])
+    forms = benchmark._train_forms(args, ["triton", "torch"], 64)
+    assert [f for _, f in forms] == [("torch", True, 0, "in_proj", True, True), ("triton", True, 0, "ssd", True, True)]
 
 
 def test_a_tile_sweep_leaves_the_fastest_set_and_passes_over_a_failing_tile(capsys):
@@ -268,8 +272,7 @@ def test_a_tile_sweep_leaves_the_fastest_set_and_passes_over_a_failing_tile(caps
 
 def test_decode_benchmark_forms_set_the_prefetch_of_both_matvec_kernels():
     """benchmark.step_forms: --prefetch-k K gives both matvec kernels K columns (fused_step.PREFETCH_K's keys), PDL
-    off prefetches nothing, and without --prefetch-k each kernel keeps its own (None: PREFETCH_K as it is);
-    --fused-update off on gives one form each."""
+    off prefetches nothing, and without --prefetch-k each kernel keeps its own (None: PREFETCH_K as it is)."""
     import fused_step
     parse = benchmark.make_parser().parse_args
     forms = benchmark.step_forms(parse(["decode", "--kernels", "fused", "--pdl", "off", "on", "--prefetch-k", "256",
@@ -280,8 +283,5 @@ def test_decode_benchmark_forms_set_the_prefetch_of_both_matvec_kernels():
     assert all(set(s["PREFETCH_K"]) == set(fused_step.PREFETCH_K) for _, _, s, _ in forms)
     assert forms[2][3] == " (auto products, PDL on, prefetch 1024)"
     (_, _, settings, label), = benchmark.step_forms(parse(["decode", "--kernels", "fused"]))
-    assert settings["PREFETCH_K"] is None and settings["FUSED_UPDATE"] is None and label == " (auto products, PDL on)"
-    forms = benchmark.step_forms(parse(["decode", "--kernels", "fused", "--fused-update", "off", "on"]))
-    assert [(s["FUSED_UPDATE"], label) for _, _, s, label in forms] == [
-        (False, " (auto products, PDL on, fused update off)"), (True, " (auto products, PDL on, fused update on)")]
-    assert set(forms[0][2]) <= set(vars(fused_step))  # each setting is one of fused_step's
+    assert settings["PREFETCH_K"] is None and label == " (auto products, PDL on)"
+    assert set(settings) <= set(vars(fused_step))  # each setting is one of fused_step's

@@ -47,23 +47,19 @@ def prefilled_caches(model, ids, n):
     return caches
 
 
-@pytest.mark.parametrize("batch,fused_update", [(3, False), (3, True), (FS.DOT_MIN_BATCH, False)])
+@pytest.mark.parametrize("batch", [3, FS.DOT_MIN_BATCH])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fused_step_equals_the_plain_step(monkeypatch, shape, batch, fused_update):
+def test_fused_step_equals_the_plain_step(shape, batch):
     """Eq. 3, one token at a time: three fused steps (norm + in_proj + conv + softplus, the state update, the gated
-    norm + out_proj + residual; with FUSED_UPDATE the first two as one kernel) from a prefilled cache give the plain
-    step's logits, conv windows and SSM states (fp32, several heads and groups, sizes that are not powers of two, a
-    clamped dt; broadcast products and, from DOT_MIN_BATCH sequences, tl.dot)."""
-    monkeypatch.setattr(FS, "FUSED_UPDATE", fused_update)
+    norm + out_proj + residual) from a prefilled cache give the plain step's logits, conv windows and SSM states
+    (fp32, several heads and groups, sizes that are not powers of two, a clamped dt; broadcast products and, from
+    DOT_MIN_BATCH sequences, tl.dot)."""
     assert_fused_steps_equal_plain_steps(shape, batch)
 
 
-@pytest.mark.parametrize("fused_update", [False, True])
-def test_fused_step_over_several_weight_tiles_equals_the_plain_step(monkeypatch, fused_update):
+def test_fused_step_over_several_weight_tiles_equals_the_plain_step(monkeypatch):
     """Eq. 3 as above with tiles narrower than the rows: 16 columns over 36 (in_proj) and over groups of 24
-    (out_proj), 8 rows of a head's 12 (the state update; with FUSED_UPDATE, 2 rows of a head's z and x a program),
-    the last tile partial."""
-    monkeypatch.setattr(FS, "FUSED_UPDATE", fused_update)
+    (out_proj), 8 rows of a head's 12 (the state update), the last tile partial."""
     monkeypatch.setattr(FS, "MATVEC_TILE", dict(BLOCK_R=4, BLOCK_K=16, num_warps=4))
     monkeypatch.setattr(FS, "GATED_TILE", dict(BLOCK_R=2, BLOCK_K=16, num_warps=4))
     monkeypatch.setattr(FS, "STATE_TILE", dict(BLOCK_P=8, num_warps=2))
@@ -105,22 +101,6 @@ def test_each_matvec_kernel_takes_its_own_prefetch(monkeypatch):
     assert launched == want
 
 
-def test_the_fused_kernel_counts_each_shared_program_once():
-    """in_proj_state_update's head programs wait on a count that each program of B, C and dt rows raises by one (one
-    atomic a program, not one a thread); the next kernel, gated_matvec(sync=True), sets it back to zero."""
-    model = fused_model(3, **SHAPES["odd sizes, dt_limit"])
-    block, c = model.layers[0], model.config
-    cache = fast_decode.allocate_cache(model, 2)
-    count = FS._sync_count(model.embedding.weight.device)
-    with torch.no_grad():
-        residual = model.embedding(torch.tensor([1, 2], device=DEVICE))
-        v = FS.in_proj_state_update(block, residual, cache.layers[0].conv_state, cache.layers[0].ssm_state)
-        n_rows = block.mixer.in_proj.weight.shape[0]
-        assert count.item() == -(-(n_rows - 2 * c.d_inner) // FS.MATVEC_TILE["BLOCK_R"]) > 1
-        FS.gated_matvec(v, block.mixer, residual, sync=True)
-    assert count.item() == 0
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_the_step_with_cublas_products_equals_the_plain_step(shape):
     """Eq. 3 as above with the products as nn.Linear computes them (`cublas_model_step`: the norms, in_proj's
@@ -141,7 +121,6 @@ def assert_fused_steps_equal_plain_steps(shape, batch, fused_step=FS.model_step)
         torch.testing.assert_close(b.ssm_state, a.ssm_state, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b.conv_state, a.conv_state, rtol=1e-6, atol=1e-6)
     assert fused.seqlen_offset == plain.seqlen_offset == 12
-    assert FS._sync_count(model.embedding.weight.device).item() == 0  # in_proj_state_update's, set back
     assert expected.abs().max() > 0.1 and plain.layers[0].ssm_state.abs().max() > 1e-3
 
 
@@ -150,16 +129,13 @@ def assert_fused_steps_equal_plain_steps(shape, batch, fused_step=FS.model_step)
 DOT_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
-@pytest.mark.parametrize("batch,dtype,fused_step,fused_update", [(2, torch.bfloat16, FS.model_step, False),
-                                                                 (2, torch.bfloat16, FS.model_step, True),
-                                                                 (FS.DOT_MIN_BATCH, DOT_DTYPE, FS.model_step, False),
-                                                                 (2, torch.bfloat16, FS.cublas_model_step, False)])
-def test_fused_step_in_16_bits_rounds_like_the_plain_step(monkeypatch, batch, dtype, fused_step, fused_update):
+@pytest.mark.parametrize("batch,dtype,fused_step", [(2, torch.bfloat16, FS.model_step),
+                                                    (FS.DOT_MIN_BATCH, DOT_DTYPE, FS.model_step),
+                                                    (2, torch.bfloat16, FS.cublas_model_step)])
+def test_fused_step_in_16_bits_rounds_like_the_plain_step(batch, dtype, fused_step):
     """16-bit weights: the fused and the plain step are both off the fp32 step of the same weights by rounding,
     and by as much as each other (the fused step rounds where the plain one does); a batch of DOT_MIN_BATCH takes
-    the tensor-core path; `cublas_model_step` the products as nn.Linear; FUSED_UPDATE in_proj and the update as one
-    kernel."""
-    monkeypatch.setattr(FS, "FUSED_UPDATE", fused_update)
+    the tensor-core path; `cublas_model_step` the products as nn.Linear."""
     model16 = fused_model(2, ngroups=2).to(dtype)
     model32 = copy.deepcopy(model16).float()
     ids = torch.randint(0, 100, (batch, 10), device=DEVICE)
@@ -329,13 +305,11 @@ def test_fused_step_at_the_2_7b_widths_in_bf16(batch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused_update", [False, True])
 @pytest.mark.parametrize("batch,state", [(1, torch.float32), (3, torch.bfloat16)])
-def test_programmatic_dependent_launch_changes_no_bit(monkeypatch, batch, state, fused_update):
+def test_programmatic_dependent_launch_changes_no_bit(monkeypatch, batch, state):
     """fused_step.PDL (each kernel launched while the one before it runs, the weights prefetched, the state loaded
     before the wait) at Mamba-2 2.7B's widths, four layers, bf16, on CUDA graphs: 24 steps give the same logits and
-    leave the same cache, to the bit, as the kernels launched one after the other; with FUSED_UPDATE too."""
-    monkeypatch.setattr(FS, "FUSED_UPDATE", fused_update)
+    leave the same cache, to the bit, as the kernels launched one after the other."""
     torch.manual_seed(0)
     model = Mamba2LMHeadModel(Mamba2Config(d_model=2560, n_layer=4, vocab_size=50277)).cuda().to(torch.bfloat16)
     if not FS._has_pdl(torch.device("cuda")):
@@ -413,18 +387,14 @@ def test_the_fused_step_s_parts_compute_what_they_name():
     model = fused_model(0, ngroups=2)
     token = torch.tensor([3, 7], device=DEVICE)
     parts = benchmark.fused_step_parts(model)
-    assert list(parts) == ["the whole step", "the whole step, in_proj and the state update in one kernel",
-                           "both products, no state update", "in_proj's kernels alone", "out_proj's kernels alone"]
-    assert "the whole step, in_proj and the state update in one kernel" not in benchmark.fused_step_parts(
-        model, FS.DOT_MIN_BATCH)
+    assert list(parts) == ["the whole step", "both products, no state update", "in_proj's kernels alone",
+                           "out_proj's kernels alone"]
 
     def head(residual):
         return F.linear(model.norm_f(residual), model.lm_head.weight)
     with torch.no_grad():
-        whole = parts["the whole step"](token, model.allocate_cache(2))
-        assert torch.equal(whole, FS.model_step(model, token, model.allocate_cache(2)))
-        torch.testing.assert_close(parts["the whole step, in_proj and the state update in one kernel"](
-            token, model.allocate_cache(2)), whole, rtol=1e-5, atol=1e-5)
+        assert torch.equal(parts["the whole step"](token, model.allocate_cache(2)),
+                           FS.model_step(model, token, model.allocate_cache(2)))
         residual = model.embedding(token)
         torch.testing.assert_close(parts["in_proj's kernels alone"](token, model.allocate_cache(2)), head(residual),
                                    rtol=1e-5, atol=1e-5)
