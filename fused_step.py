@@ -1,8 +1,8 @@
 """The decoding step as three Triton kernels per layer: the fast path of `Mamba2Block.step` (mamba2.py), eq. 3.
 
 A decoding step at batch 1 reads every weight once and does little else: per layer, two matrix-vector products
-(in_proj and out_proj, 80 MB at 2.7B in bf16) around a small state update. Here each layer is three kernels, and
-everything between the products happens in the products' own kernels:
+(in_proj and out_proj, 80 MB at 2.7B in bf16) around a small state update. Here each layer is three kernels, the
+norms, the conv and dt's softplus inside the products' own kernels:
 
     norm_matvec    in_proj(RMSNorm(residual)), then per output row: z as it is; xBC through the causal conv (the
                    window shifted in place) and SiLU; dt through softplus(dt + dt_bias), fp32
