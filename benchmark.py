@@ -459,7 +459,8 @@ def profile_fused_step(model, batch=1):
 def fused_step_parts(model, batch=1):
     """{part: step(token, cache) -> logits} of the fused Triton step at `batch` sequences (below
     fused_step.CUBLAS_FROM_BATCH), each with the final norm and the LM head: the whole step; its two products a layer
-    without the state update between them (out_proj's input v all ones); in_proj's kernels alone; out_proj's alone. Timing only: the parts other than the whole step compute no decoding step."""
+    without the state update between them (out_proj's input v all ones); in_proj's kernels alone; out_proj's alone.
+    Timing only: the parts other than the whole step compute no decoding step."""
     import fused_step
 
     @functools.cache

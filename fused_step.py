@@ -11,11 +11,11 @@ norms, the conv and dt's softplus inside the products' own kernels:
     gated_matvec   out_proj(RMSNorm(v)) added to the residual in place, one norm per group
 
 The LM head is norm_matvec again, with no conv or dt rows. A matvec program takes a block of weight rows and every
-sequence of the batch, so each weight is read once a step. It reads its input rows (a few KB, from L2) in the same pass as its weight tile: a
-norm's 1 / RMS is one factor of a sequence's whole row, so the program sums the squares alongside the product
-(x * g) . W^T (g the norm's weight) and scales the product at the end. Values are rounded to the model's dtype where the
-plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of another summation order
-(tests/test_fast_decode.py).
+sequence of the batch, so each weight is read once a step. It reads its input rows (a few KB, from L2) in the same
+pass as its weight tile: a norm's 1 / RMS is one factor of a sequence's whole row, so the program sums the squares
+alongside the product (x * g) . W^T (g the norm's weight) and scales the product at the end. Values are rounded to
+the model's dtype where the plain step rounds them, so the results equal `Mamba2Block.step`'s within the rounding of
+another summation order (tests/test_fast_decode.py).
 
 On GPUs from Hopper on the kernels overlap (programmatic dependent launch, PDL): each is launched while the
 one before it runs, asks the L2 cache for the start of its weight tile and loads what it needs of no predecessor
