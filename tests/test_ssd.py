@@ -249,6 +249,18 @@ def test_chunked_float32_keeps_fp32_state_and_is_accurate():
     torch.testing.assert_close(st.double(), st64, rtol=1e-4, atol=1e-4)
 
 
+def test_eq3_chunked_in_fp32_at_mamba2s_chunk_of_256_with_strong_decay():
+    """Eq. 3 in fp32 with chunks of 256, as Mamba-2's configs have them, and decays strong enough that a chunk's
+    sum of dt A reaches 215: y and the final state within 1e-5 of the float64 recurrence, relative to their largest
+    values (the segment sums' cancellation inside a chunk stays below that)."""
+    x, dt, A, B, C, D, s0 = random_ssd_inputs(l=300, h=4, g=2, n=16, p=8)
+    assert torch.cumsum(dt[:, :256] * A, 1).abs().max() > 200
+    y64, st64 = ssd_recurrent(x, dt, A, B, C, D, initial_state=s0)
+    y, st = ssd_chunked(*(t.float() for t in (x, dt, A, B, C)), 256, D.float(), initial_state=s0.float())
+    assert float((y.double() - y64).abs().max() / y64.abs().max()) < 1e-5
+    assert float((st.double() - st64).abs().max() / st64.abs().max()) < 1e-5
+
+
 def mixed_precision_run(form, x, dt, A, B, C, D, state):
     """(y, final state) of one SSD form; "step" runs ssd_step token by token; "quadratic" starts from zero."""
     if form == "step":
