@@ -336,8 +336,8 @@ def step_forms(args):
 
 @contextlib.contextmanager
 def step_settings(model, **settings):
-    """fused_step's module settings (CUBLAS_FROM_BATCH, PDL, PREFETCH_K; None: as it is) inside the
-    block, the model's captured decoder made anew on the way in and out."""
+    """fused_step's module settings (CUBLAS_FROM_BATCH, PDL, PREFETCH_K; None: as it is) inside the block, the
+    model's captured decoder made anew on the way in and out."""
     import fused_step
     kept = {name: getattr(fused_step, name) for name in settings}
     for name, value in settings.items():
@@ -1006,8 +1006,8 @@ def _train_forms(args, backends, n_layer):
     forms = [(b, c, n, False, False, False) for b, c, n in itertools.product(
         backends, (False, True) if args.compile else (False,), args.checkpoint_blocks or [n_layer])
         if c or not args.no_eager]
-    forms += [(b, True, 0, "in_proj", False, False) for b in backends if args.keep_in_proj]
-    forms += [(b, True, 0, "in_proj", True, False) for b in backends if args.compile_connector]
+    forms += [(b, True, 0, "in_proj", False, False) for b in _chosen(args.keep_in_proj, backends)]
+    forms += [(b, True, 0, "in_proj", True, False) for b in _chosen(args.compile_connector, backends)]
     forms += [(b, True, 0, "in_proj", True, True) for b in _chosen(args.compile_encoders, backends)]
     forms += [(b, True, 0, "ssd", True, True) for b in _chosen(args.keep_ssd, backends)]
     named = []
@@ -1371,14 +1371,14 @@ def _training_parsers(sub):
     p.add_argument("--chunk-sweep", type=int, nargs="*", default=[], help="ssd_chunked_fast at these chunk sizes too")
     p.add_argument("--checkpoint-blocks", type=int, nargs="*", default=[],
                    help="each path with gradient checkpointing of this many LM blocks (the first ones; default: all)")
-    p.add_argument("--keep-in-proj", action="store_true",
-                   help="each path also with compiled blocks that keep in_proj's product and recompute the rest "
-                        "(fast_decode.compile_blocks(in_proj_kept=True))")
+    p.add_argument("--keep-in-proj", nargs="*", choices=list(SSD_PATHS), metavar="PATH",
+                   help="each path (or these of --backends) also with compiled blocks that keep in_proj's product and "
+                        "recompute the rest (fast_decode.compile_blocks(in_proj_kept=True))")
     p.add_argument("--compile", action="store_true",
                    help="each path also with the LM blocks compiled, and torch.compile(ssd_chunked_fast) alone")
-    p.add_argument("--compile-connector", action="store_true",
-                   help="each path also with compiled blocks that keep in_proj's product and the connector compiled "
-                        "(fast_decode.compile_connector)")
+    p.add_argument("--compile-connector", nargs="*", choices=list(SSD_PATHS), metavar="PATH",
+                   help="each path (or these of --backends) also with compiled blocks that keep in_proj's product and "
+                        "the connector compiled (fast_decode.compile_connector)")
     p.add_argument("--compile-encoders", nargs="*", choices=list(SSD_PATHS), metavar="PATH",
                    help="each path (or these of --backends) also with compiled blocks that keep in_proj's product, the "
                         "connector and the frozen encoders compiled (fast_decode.compile_encoders)")

@@ -232,7 +232,8 @@ def test_train_benchmark_forms_follow_the_options():
     """benchmark._train_forms: each SSD path eager and compiled with --compile (--no-eager drops the eager rows), a
     row per number of checkpointed blocks, --compile-encoders adds train.py --compile's step (blocks keeping
     in_proj's product, connector and encoders compiled) under a name that says so, and --keep-ssd that step with
-    each block's SSD run once; either option given SSD paths adds its rows for those alone."""
+    each block's SSD run once; --keep-in-proj, --compile-connector, --compile-encoders or --keep-ssd given SSD paths
+    adds its rows for those alone."""
     parse = benchmark.make_parser().parse_args
     forms = benchmark._train_forms(parse(["train", "--backends", "triton", "torch", "--compile",
                                           "--checkpoint-blocks", "64", "32"]), ["triton", "torch"], 64)
@@ -248,6 +249,10 @@ def test_train_benchmark_forms_follow_the_options():
                   "--keep-ssd", "triton"])
     forms = benchmark._train_forms(args, ["triton", "torch"], 64)
     assert [f for _, f in forms] == [("torch", True, 0, "in_proj", True, True), ("triton", True, 0, "ssd", True, True)]
+    forms = benchmark._train_forms(parse(["train", "--backends", "triton", "torch", "--no-eager", "--keep-in-proj",
+                                          "--compile-connector", "triton"]), ["triton", "torch"], 64)
+    assert [f for _, f in forms] == [("triton", True, 0, "in_proj", False, False), ("torch", True, 0, "in_proj", False,
+                                     False), ("triton", True, 0, "in_proj", True, False)]
 
 
 def test_a_tile_sweep_leaves_the_fastest_set_and_passes_over_a_failing_tile(capsys):
