@@ -35,8 +35,9 @@ def diagonal_blocks(X, Bc, Cc, cs):
 def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """Eq. 3 by `ssd_chunked`'s algorithm, arranged for a GPU: the same values within the inputs' precision (tests
     check it), fewer passes over the (Q, Q) tensors, which dominate its time.
-    - The segment sums inside a chunk, cs_t - cs_s in fp32 as in ssd_chunked and mamba-ssm's kernel, are one (Q, Q)
-      tensor, masked and exponentiated in place.
+    - The segment sums inside a chunk are differences of the chunk's cumulative sum, cs_t - cs_s (as mamba-ssm's
+      kernel computes them): one (Q, Q) tensor, masked and exponentiated in place, instead of the masked cumsum's
+      five. The sums are in fp32; within a chunk of up to 256 steps the cancellation costs ~1e-6 of |cs|.
     - The products with x, B and C run in the inputs' dtype (bf16 on tensor cores, fp32 accumulation), as the kernel
       does; the decays, their sums, the chunk states and the recurrence between chunks stay in fp32 (under autocast,
       torch runs every matrix product in bf16, here as in ssd_chunked).
