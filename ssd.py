@@ -125,8 +125,7 @@ def segsum(x):
     """Segment sums: x (..., T) -> (..., T, T) with out[..., i, j] = x_{j+1} + ... + x_i for i >= j, -inf above.
 
     exp(segsum(dt A)) is the 1-semiseparable mask L of the dual form: L[i, j] = prod_{k=j+1..i} exp(dt_k A).
-    Built by a masked cumulative sum rather than cumsum[i] - cumsum[j], which would lose precision to cancellation
-    over a whole sequence (`ssd_chunked` takes the difference only inside a chunk).
+    Built by a masked cumulative sum rather than cumsum[i] - cumsum[j], which would lose precision to cancellation.
     """
     T = x.shape[-1]
     x = x[..., None].expand(*x.shape, T)  # (..., T, T): x[..., i, j] = x_i
@@ -222,11 +221,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     logA = (dtf * A.to(f)).reshape(b, c, Q, g, r).permute(0, 1, 3, 4, 2)  # log A_bar_t = dt_t A  (b, c, g, r, Q)
     logA_cs = torch.cumsum(logA, dim=-1)  # (b, c, g, r, Q)
 
-    # 1. diagonal blocks (intra-chunk outputs): (L o C B^T) X inside each chunk, L[t, s] = exp(cs_t - cs_s) for t >= s,
-    # each segment sum the difference of two cumulative sums as in the Mamba-2 paper's listing 1 (fp32: inside a chunk
-    # the cancellation costs about 1e-7 of |cs|; `segsum`'s masked cumulative sum would run over every (Q, Q) block)
-    causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device))  # (Q, Q)
-    L = torch.exp((logA_cs[..., :, None] - logA_cs[..., None, :]).masked_fill(~causal, float("-inf")))  # (b,c,g,r,Q,Q)
+    # 1. diagonal blocks (intra-chunk outputs): (L o C B^T) X inside each chunk
+    L = torch.exp(segsum(logA))  # (b, c, g, r, Q, Q), per head
     CB = torch.einsum("bcqgn,bcsgn->bcgqs", Cc, Bc)  # C_t . B_s  (b, c, g, Q, Q), per group
     Y_diag = torch.einsum("bcgrqs,bcsgrp->bcqgrp", L * CB[:, :, :, None], X)  # (b, c, Q, g, r, p)
 
