@@ -908,12 +908,32 @@ SSD_PATHS = {"torch": "ssd_chunked (torch)", "torch-fast": "ssd_chunked_fast (to
              "mamba_ssm": "mamba_chunk_scan_combined (kernel)"}
 
 
+def ssd_chunked_at(Q):
+    """ssd.ssd_chunked at chunks of at most Q, whatever chunk the mixer passes: the same values at any chunk, the
+    (Q, Q) work per position growing with Q."""
+    def ssd_at_chunk(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+        return S.ssd_chunked(x, dt, A, B, C, min(chunk_size, Q), D=D, initial_state=initial_state)
+    return ssd_at_chunk
+
+
+def use_ssd(model, backend, teaching_chunk=None):
+    """fast_ssd.use_ssd, with the teaching form at chunks of teaching_chunk where one is given."""
+    from mamba2 import Mamba2Mixer
+    fast_ssd.use_ssd(model, backend)
+    if backend == "torch" and teaching_chunk:
+        form = ssd_chunked_at(teaching_chunk)
+        for module in model.modules():
+            if isinstance(module, Mamba2Mixer):
+                module.ssd = form
+    return model
+
+
 def _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak, dev):
     """Seconds per training step with this SSD path, at the largest batch up to args.batch that fits; prints a row.
     recomputed: the FLOPs a sample's recomputation adds (HFU), None where they are not counted."""
     import fast_train
     import train
-    fast_ssd.use_ssd(model, backend)
+    use_ssd(model, backend, args.teaching_chunk)
     update = fast_train.clip_in_update if args.clip_in_update else train.clip_and_update
     batch = args.batch
     while batch >= 1:
@@ -1012,7 +1032,8 @@ def _train_forms(args, backends, n_layer):
     forms += [(b, True, 0, "ssd", True, True) for b in _chosen(args.keep_ssd, backends)]
     named = []
     for backend, compiled, n_ckpt, kept, connector, encoders in forms:
-        name = (SSD_PATHS[backend] + (", blocks compiled" if compiled else "")
+        name = (SSD_PATHS[backend] + (f" at chunks of {args.teaching_chunk}" if backend == "torch"
+                                      and args.teaching_chunk else "") + (", blocks compiled" if compiled else "")
                 + (f", {n_ckpt} of {n_layer} blocks checkpointed" if n_ckpt != n_layer and not kept else "")
                 + (", every block keeping in_proj's product (selective recomputation)" if kept else "")
                 + (" and running its SSD's forward once" if kept == "ssd" else "")
@@ -1107,6 +1128,8 @@ def bench_ssd_backward(args, backends):
         return run
     print(f"SSD forward + backward, {shape}, model chunk {chunk}:")
     runs = {SSD_PATHS[k]: (fast_ssd.SSD_FORMS[k], chunk) for k in backends}
+    if "torch" in backends and args.teaching_chunk:
+        runs[f"{SSD_PATHS['torch']} at chunks of {args.teaching_chunk}"] = (S.ssd_chunked, args.teaching_chunk)
     runs.update({f"ssd_chunked_fast, chunk {q}": (fast_ssd.ssd_chunked_fast, q) for q in args.chunk_sweep})
     if args.compile:
         compiled = torch.compile(fast_ssd.ssd_chunked_fast, dynamic=False)
@@ -1369,6 +1392,8 @@ def _training_parsers(sub):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--backends", nargs="+", default=list(SSD_PATHS), choices=list(SSD_PATHS))
     p.add_argument("--chunk-sweep", type=int, nargs="*", default=[], help="ssd_chunked_fast at these chunk sizes too")
+    p.add_argument("--teaching-chunk", type=int, metavar="Q",
+                   help="the teaching form (torch) at chunks of Q, not the model's (the same values at any chunk)")
     p.add_argument("--checkpoint-blocks", type=int, nargs="*", default=[],
                    help="each path with gradient checkpointing of this many LM blocks (the first ones; default: all)")
     p.add_argument("--keep-in-proj", nargs="*", choices=list(SSD_PATHS), metavar="PATH",

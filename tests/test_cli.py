@@ -255,6 +255,36 @@ def test_train_benchmark_forms_follow_the_options():
                                      False), ("triton", True, 0, "in_proj", True, False)]
 
 
+def test_the_teaching_form_at_another_chunk_gives_the_same_loss(monkeypatch):
+    """benchmark.py train --teaching-chunk: benchmark.use_ssd gives every mixer (the LM's, the connector's) ssd_chunked
+    at chunks of at most Q, the loss equals the one at the model's chunk, the rows of the teaching form say the chunk
+    and the other forms keep their SSD."""
+    import fast_ssd
+    import ssd
+    from conftest import tiny_config
+    from model import MLMamba
+    model = MLMamba(tiny_config())  # chunks of 16
+    model.image_token_id = model.config.lm.vocab_size - 1
+    pixels = {name: torch.randn(2, 3, 42, 42) for name in model.config.vision}
+    slots = torch.full((2, model.num_image_tokens), model.image_token_id)
+    ids = torch.cat([torch.randint(0, 200, (2, 3)), slots, torch.randint(0, 200, (2, 20))], dim=1)
+    chunks, plain = [], ssd.ssd_chunked
+    monkeypatch.setattr(ssd, "ssd_chunked", lambda *a, **k: chunks.append(a[5]) or plain(*a, **k))
+    benchmark.use_ssd(model, "torch")  # the model's chunk
+    want = model(pixels, ids, ids)[1].item()
+    for q in (4, 64):
+        chunks.clear()
+        benchmark.use_ssd(model, "torch", q)
+        assert abs(model(pixels, ids, ids)[1].item() - want) < 1e-5
+        assert len(chunks) == 2 * 2 + 2 and set(chunks) == {min(16, q)}  # 2 MSC blocks of 2 directions, 2 LM blocks
+    benchmark.use_ssd(model, "torch-fast", 4)
+    assert {m.ssd for m in model.modules() if hasattr(m, "ssd")} == {fast_ssd.ssd_chunked_fast}
+    args = benchmark.make_parser().parse_args(["train", "--backends", "triton", "torch", "--no-eager",
+                                               "--compile-encoders", "--teaching-chunk", "128"])
+    names = [name for name, _ in benchmark._train_forms(args, ["triton", "torch"], 64)]
+    assert ["at chunks of 128" in name for name in names] == [False, True]
+
+
 def test_a_tile_sweep_leaves_the_fastest_set_and_passes_over_a_failing_tile(capsys):
     """benchmark.sweep_tile (benchmark.py tiles, ssd-tiles): each candidate is set as the module's tile before it is
     measured; one that fails is printed as failed and skipped; the fastest stays set and is compared to the first."""
