@@ -37,7 +37,8 @@ def ssd_chunked_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     check it), fewer passes over the (Q, Q) tensors, which dominate its time.
     - The segment sums inside a chunk are differences of the chunk's cumulative sum, cs_t - cs_s (as mamba-ssm's
       kernel computes them): one (Q, Q) tensor, masked and exponentiated in place, instead of the masked cumsum's
-      five. The sums are in fp32; within a chunk of up to 256 steps the cancellation costs ~1e-6 of |cs|.
+      five. The sums are in fp32; within a chunk of up to 256 steps the cancellation costs ~1e-6 of |cs|, and the
+      gradients of dt and A, which subtract sums of that size, stay within 1e-4 of float64's (ssd_chunked's: 1e-5).
     - The products with x, B and C run in the inputs' dtype (bf16 on tensor cores, fp32 accumulation), as the kernel
       does; the decays, their sums, the chunk states and the recurrence between chunks stay in fp32 (under autocast,
       torch runs every matrix product in bf16, here as in ssd_chunked).

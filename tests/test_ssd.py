@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fast_ssd import SSD_FORMS, ssd_chunked_fast
+from fast_ssd import FAST_CHUNK, SSD_FORMS, ssd_chunked_fast
 from ssd import (segsum, ssd, ssd_chunked, ssd_quadratic, ssd_recurrent, ssd_step, ssm_conv,
                  ssm_conv_kernel,
                  zoh_discretize)
@@ -261,22 +261,38 @@ def test_eq3_chunked_in_fp32_at_mamba2s_chunk_of_256_with_strong_decay():
     assert float((st.double() - st64).abs().max() / st64.abs().max()) < 1e-5
 
 
+def fp32_errors_at_strong_decay(scan):
+    """scan(x, dt, A, B, C, D, initial_state) in fp32 against the float64 recurrence, on inputs whose first 256
+    positions sum dt A to 215: the errors of y, the final state and the gradient of every input, each relative to
+    its largest value."""
+    inputs = random_ssd_inputs(l=300, h=4, g=2, n=16, p=8)
+    weights = torch.randn(2, 300, 4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for dtype, fn in ((torch.float64, lambda *a: ssd_recurrent(*a[:6], initial_state=a[6])), (torch.float32, scan)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        y, st = fn(*leaves)
+        ((y * weights.to(dtype)).sum() + (st * 0.5).sum()).backward()
+        results.append([y.detach().double(), st.detach().double()] + [t.grad.double() for t in leaves])
+    names = ("y", "state", "x", "dt", "A", "B", "C", "D", "initial state")
+    return {name: float((got - want).abs().max() / want.abs().max()) for name, got, want in zip(names, *results)}
+
+
 def test_eq3_chunked_gradients_in_fp32_at_mamba2s_chunk_of_256_with_strong_decay():
     """The gradients of eq. 3's chunked form in fp32, chunks of 256, a chunk's sum of dt A up to 215: every input's
     gradient within 1e-5 of the float64 recurrence's, relative to its largest value. `segsum` builds each segment
     sum from its own terms; as the difference cs_t - cs_s of two cumulative sums, the gradients of dt and A would
     subtract sums of the size of |cs| and miss this bound (2.7e-5 for A on these inputs)."""
-    inputs = random_ssd_inputs(l=300, h=4, g=2, n=16, p=8)
-    weights = torch.randn(2, 300, 4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = []
-    for dtype, fn in ((torch.float64, lambda *a: ssd_recurrent(*a[:6], initial_state=a[6])),
-                      (torch.float32, lambda *a: ssd_chunked(*a[:5], 256, a[5], initial_state=a[6]))):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
-        y, st = fn(*leaves)
-        ((y * weights.to(dtype)).sum() + (st * 0.5).sum()).backward()
-        grads.append([t.grad.double() for t in leaves])
-    for name, g32, g64 in zip(("x", "dt", "A", "B", "C", "D", "state"), *grads):
-        assert float((g32 - g64).abs().max() / g64.abs().max()) < 1e-5, name
+    errors = fp32_errors_at_strong_decay(lambda *a: ssd_chunked(*a[:5], 256, a[5], initial_state=a[6]))
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_eq3_chunked_fast_in_fp32_at_its_chunk_with_strong_decay():
+    """ssd_chunked_fast in fp32 at its chunk (fast_ssd.FAST_CHUNK), a chunk's sum of dt A up to 215: y, the final
+    state and the gradients of x, B, C, D and the initial state within 1e-5 of the float64 recurrence; the gradients
+    of dt and A, which pass through its segment sums cs_t - cs_s, within 1e-4."""
+    errors = fp32_errors_at_strong_decay(lambda *a: ssd_chunked_fast(*a[:5], FAST_CHUNK, a[5], initial_state=a[6]))
+    assert max(e for name, e in errors.items() if name not in ("dt", "A")) < 1e-5, errors
+    assert errors["dt"] < 1e-4 and errors["A"] < 1e-4, errors
 
 
 def mixed_precision_run(form, x, dt, A, B, C, D, state):
