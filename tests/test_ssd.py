@@ -415,7 +415,8 @@ def test_eq3_triton_chunk_outputs_equal_the_recurrence_values_state_and_gradient
     monkeypatch.setattr(ssd_kernel, "BWD_S_TILE", {**ssd_kernel.BWD_S_TILE, "HEADS": heads})
     monkeypatch.setattr(ssd_kernel, "GROUP_TILE", {**ssd_kernel.GROUP_TILE, "BT": rows[2], "HEADS": heads})
     for name in ("STATES_TILE", "STATES_BWD_TILE") if state_tile else ():
-        monkeypatch.setattr(ssd_kernel, name, {**getattr(ssd_kernel, name), **dict(zip(("BP", "BN", "BQ"), state_tile))})
+        tile = dict(zip(("BP", "BN", "BQ"), state_tile))
+        monkeypatch.setattr(ssd_kernel, name, {**getattr(ssd_kernel, name), **tile})
     inputs = random_ssd_inputs(l=l, h=h, g=g, p=p, n=n)
     weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=f64)
     results = []
