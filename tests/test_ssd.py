@@ -219,7 +219,8 @@ def test_quadratic_and_chunked_equal_the_recurrence(l, h, g, use_D):
 def test_heads_must_be_a_multiple_of_groups():
     x, dt, A, B, C, D, _ = random_ssd_inputs(h=6, g=4, l=5)
     message = r"^the number of heads \(6\) must be a multiple of the number of groups \(4\)$"
-    for form in (ssd_recurrent, ssd_quadratic, lambda *a: ssd_chunked(*a[:5], 4, *a[5:])):
+    for form in (ssd_recurrent, ssd_quadratic, lambda *a: ssd_chunked(*a[:5], 4, *a[5:]),
+                 lambda *a: ssd_chunked_fast(*a[:5], 4, *a[5:])):
         with pytest.raises(ValueError, match=message):
             form(x, dt, A, B, C, D)
 
@@ -596,25 +597,35 @@ def test_prefill_then_steps_equals_the_full_scan():
     torch.testing.assert_close(state, st_full, rtol=1e-10, atol=1e-10)
 
 
-def test_ssd_entry_point_on_cpu_uses_the_chunked_scan():
-    """ssd.ssd on the CPU is ssd_chunked; fast_ssd's forms give the same values, or say why they cannot run; a
-    model's mixers take a form by name (fast_ssd.use_ssd)."""
+def test_ssd_entry_point_on_cpu_uses_the_chunked_scan(monkeypatch):
+    """ssd.ssd on the CPU is ssd_chunked; fast_ssd's forms give the same values, from a given state and from zero,
+    or say why they cannot run; a model's mixers take a form by name (fast_ssd.use_ssd, "auto" by default, which
+    looks mamba-ssm's kernel up before any call; the other torch forms do not)."""
+    import fast_ssd
     from fast_ssd import use_ssd
     from mamba2 import Mamba2Config, Mamba2LMHeadModel
-    x, dt, A, B, C, D, s0 = random_ssd_inputs(l=20)
+    x, dt, A, B, C, D, s0 = random_ssd_inputs(l=20)  # two sequences
     y, st = ssd(x, dt, A, B, C, 8, D, initial_state=s0)
     y_ref, st_ref = ssd_chunked(x, dt, A, B, C, 8, D, initial_state=s0)
     assert torch.equal(y, y_ref) and torch.equal(st, st_ref)
+    y_zero, st_zero = ssd_chunked(x, dt, A, B, C, 8, D)
     for form in ("auto", "torch-fast"):
-        y_fast, _ = SSD_FORMS[form](x, dt, A, B, C, 8, D, initial_state=s0)
-        torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
+        for state, want in ((s0, (y_ref, st_ref)), (None, (y_zero, st_zero))):
+            got = SSD_FORMS[form](x, dt, A, B, C, 8, D, initial_state=state)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     with pytest.raises(RuntimeError, match="mamba-ssm"):
         SSD_FORMS["mamba_ssm"](x, dt, A, B, C, 8, D)
     model = Mamba2LMHeadModel(Mamba2Config(d_model=16, n_layer=2, vocab_size=10, d_state=4, headdim=4))
     assert all(layer.mixer.ssd is ssd for layer in model.layers)
+    monkeypatch.setattr(fast_ssd, "_looked_up", False)
     use_ssd(model, "torch-fast")
-    assert all(layer.mixer.ssd is ssd_chunked_fast for layer in model.layers)
-    with pytest.raises(ValueError, match="unknown SSD form"):
+    assert all(layer.mixer.ssd is ssd_chunked_fast for layer in model.layers) and not fast_ssd._looked_up
+    use_ssd(model)
+    assert all(layer.mixer.ssd is fast_ssd.ssd_fast for layer in model.layers) and fast_ssd._looked_up
+    monkeypatch.setattr(fast_ssd, "_looked_up", False)
+    use_ssd(model, "mamba_ssm")
+    assert fast_ssd._looked_up
+    with pytest.raises(ValueError, match="unknown SSD form 'cuda': use one of plain, torch, torch-fast,"):
         use_ssd(model, "cuda")
 
 
