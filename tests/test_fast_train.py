@@ -68,6 +68,21 @@ def test_align_and_finetune_share_one_device_data(world, tmp_path, monkeypatch):
     assert len(built) == 1
 
 
+def test_device_data_is_kept_per_encoders_device_and_precision(world, tmp_path, monkeypatch):
+    """DeviceData.cached builds once per dataset for the same encoders, device and precision, and again when one of
+    them changes: bf16 features, or another model's encoders."""
+    built = []
+    monkeypatch.setattr(FT.DeviceData, "build", classmethod(lambda cls, *args: built.append(args) or object()))
+    cfg = args_for(world, tmp_path)
+    model, other = (T.build_model(cfg, world_files(world)) for _ in range(2))
+    dataset = T.dataset_for(model, world / "train.json", world)
+    first = FT.DeviceData.cached(model, dataset, "cpu", False)
+    assert FT.DeviceData.cached(model, dataset, "cpu", False) is first and len(built) == 1
+    in_bf16 = FT.DeviceData.cached(model, dataset, "cpu", True)
+    assert in_bf16 is not first and FT.DeviceData.cached(other, dataset, "cpu", True) is not in_bf16
+    assert [args[0] for args in built] == [model, model, other]
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "align", "finetune"])
 def test_fast_steps_equal_the_plain_loops(world, tmp_path, stage):
     """--fast on (on the CPU: DeviceData, static_loss, eager steps) and --fast off take the same steps: the same
