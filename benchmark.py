@@ -918,14 +918,7 @@ def ssd_chunked_at(Q):
 
 def use_ssd(model, backend, teaching_chunk=None):
     """fast_ssd.use_ssd, with the teaching form at chunks of teaching_chunk where one is given."""
-    from mamba2 import Mamba2Mixer
-    fast_ssd.use_ssd(model, backend)
-    if backend == "torch" and teaching_chunk:
-        form = ssd_chunked_at(teaching_chunk)
-        for module in model.modules():
-            if isinstance(module, Mamba2Mixer):
-                module.ssd = form
-    return model
+    return fast_ssd.use_ssd(model, ssd_chunked_at(teaching_chunk) if backend == "torch" and teaching_chunk else backend)
 
 
 def _time_train_step(model, opt, trainable, backend, args, name, flops, recomputed, peak, dev):
@@ -1129,7 +1122,7 @@ def bench_ssd_backward(args, backends):
     print(f"SSD forward + backward, {shape}, model chunk {chunk}:")
     runs = {SSD_PATHS[k]: (fast_ssd.SSD_FORMS[k], chunk) for k in backends}
     if "torch" in backends and args.teaching_chunk:
-        runs[f"{SSD_PATHS['torch']} at chunks of {args.teaching_chunk}"] = (S.ssd_chunked, args.teaching_chunk)
+        runs[f"{SSD_PATHS['torch']} at chunks of {args.teaching_chunk}"] = (ssd_chunked_at(args.teaching_chunk), chunk)
     runs.update({f"ssd_chunked_fast, chunk {q}": (fast_ssd.ssd_chunked_fast, q) for q in args.chunk_sweep})
     if args.compile:
         compiled = torch.compile(fast_ssd.ssd_chunked_fast, dynamic=False)

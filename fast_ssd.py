@@ -193,12 +193,14 @@ SSD_FORMS = {"plain": S.ssd, "torch": S.ssd_chunked, "torch-fast": ssd_chunked_f
 
 def use_ssd(model, form="auto"):
     """Every Mamba-2 mixer of `model` (its LM's, the connector's) computes eq. 3 with the named SSD form ("plain":
-    `ssd.ssd` again). "auto" and "mamba_ssm" look mamba-ssm's kernel up first (`find_kernel`)."""
-    if form not in SSD_FORMS:
+    `ssd.ssd` again), or with `form` itself where it is a function called as `ssd.ssd` is. "auto" and "mamba_ssm"
+    look mamba-ssm's kernel up first (`find_kernel`)."""
+    if not callable(form) and form not in SSD_FORMS:
         raise ValueError(f"unknown SSD form {form!r}: use one of {', '.join(SSD_FORMS)}")
     if form in ("auto", "mamba_ssm"):
         find_kernel()
+    ssd = form if callable(form) else SSD_FORMS[form]
     for module in model.modules():
         if isinstance(module, Mamba2Mixer):  # the release's BiMamba2 too
-            module.ssd = SSD_FORMS[form]
+            module.ssd = ssd
     return model

@@ -625,6 +625,11 @@ def test_ssd_entry_point_on_cpu_uses_the_chunked_scan(monkeypatch):
     monkeypatch.setattr(fast_ssd, "_looked_up", False)
     use_ssd(model, "mamba_ssm")
     assert fast_ssd._looked_up
+
+    def own_form(*args, **kwargs):  # called as ssd.ssd is
+        return ssd_chunked(*args, **kwargs)
+    use_ssd(model, own_form)
+    assert all(layer.mixer.ssd is own_form for layer in model.layers)
     with pytest.raises(ValueError, match="unknown SSD form 'cuda': use one of plain, torch, torch-fast,"):
         use_ssd(model, "cuda")
 
