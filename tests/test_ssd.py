@@ -250,23 +250,13 @@ def test_chunked_float32_keeps_fp32_state_and_is_accurate():
     torch.testing.assert_close(st.double(), st64, rtol=1e-4, atol=1e-4)
 
 
-def test_eq3_chunked_in_fp32_at_mamba2s_chunk_of_256_with_strong_decay():
-    """Eq. 3 in fp32 with chunks of 256, as Mamba-2's configs have them, and decays strong enough that a chunk's
-    sum of dt A reaches 215: y and the final state within 1e-5 of the float64 recurrence, relative to their largest
-    values (the segment sums' cancellation inside a chunk stays below that)."""
-    x, dt, A, B, C, D, s0 = random_ssd_inputs(l=300, h=4, g=2, n=16, p=8)
-    assert torch.cumsum(dt[:, :256] * A, 1).abs().max() > 200
-    y64, st64 = ssd_recurrent(x, dt, A, B, C, D, initial_state=s0)
-    y, st = ssd_chunked(*(t.float() for t in (x, dt, A, B, C)), 256, D.float(), initial_state=s0.float())
-    assert float((y.double() - y64).abs().max() / y64.abs().max()) < 1e-5
-    assert float((st.double() - st64).abs().max() / st64.abs().max()) < 1e-5
-
-
 def fp32_errors_at_strong_decay(scan):
     """scan(x, dt, A, B, C, D, initial_state) in fp32 against the float64 recurrence, on inputs whose first 256
     positions sum dt A to 215: the errors of y, the final state and the gradient of every input, each relative to
     its largest value."""
     inputs = random_ssd_inputs(l=300, h=4, g=2, n=16, p=8)
+    dt, A = inputs[1:3]
+    assert torch.cumsum(dt[:, :256] * A, 1).abs().max() > 200
     weights = torch.randn(2, 300, 4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     results = []
     for dtype, fn in ((torch.float64, lambda *a: ssd_recurrent(*a[:6], initial_state=a[6])), (torch.float32, scan)):
@@ -278,11 +268,12 @@ def fp32_errors_at_strong_decay(scan):
     return {name: float((got - want).abs().max() / want.abs().max()) for name, got, want in zip(names, *results)}
 
 
-def test_eq3_chunked_gradients_in_fp32_at_mamba2s_chunk_of_256_with_strong_decay():
-    """The gradients of eq. 3's chunked form in fp32, chunks of 256, a chunk's sum of dt A up to 215: every input's
-    gradient within 1e-5 of the float64 recurrence's, relative to its largest value. `segsum` builds each segment
-    sum from its own terms; as the difference cs_t - cs_s of two cumulative sums, the gradients of dt and A would
-    subtract sums of the size of |cs| and miss this bound (2.7e-5 for A on these inputs)."""
+def test_eq3_chunked_in_fp32_at_mamba2s_chunk_of_256_with_strong_decay():
+    """Eq. 3 in fp32 with chunks of 256, as Mamba-2's configs have them, and decays strong enough that a chunk's sum
+    of dt A reaches 215: y, the final state and every input's gradient within 1e-5 of the float64 recurrence's,
+    relative to their largest values. `segsum` builds each segment sum from its own terms; as the difference
+    cs_t - cs_s of two cumulative sums, the gradients of dt and A would subtract sums of the size of |cs| and miss
+    this bound (2.7e-5 for A on these inputs)."""
     errors = fp32_errors_at_strong_decay(lambda *a: ssd_chunked(*a[:5], 256, a[5], initial_state=a[6]))
     assert max(errors.values()) < 1e-5, errors
 
